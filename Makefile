@@ -1,0 +1,44 @@
+# The README's two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test migrate openapi lint bench clean
+
+# Bootstrap the virtual environment once (and again whenever pyproject.toml changes).
+# `make run` installs only what the proxy needs, plus the bundled engine when
+# A1111_PROXY_BACKEND=diffusers (bring your own torch build first for a GPU: see the README).
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# Tests also run the engine on tiny models: torch 2.13.0 first (here a CPU build on local disk;
+# a bare `torch` requirement would pull GBs of CUDA build), then the test and engine extras.
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,engine]'
+	touch $@
+
+run: $(BIN)/.installed
+	@if [ "$$A1111_PROXY_BACKEND" = diffusers ]; then $(BIN)/pip install --quiet -e '.[engine]'; fi
+	$(BIN)/a1111-proxy up
+
+test: $(BIN)/.installed-test
+	@# The Swagger UI test drives a headless Chromium; install it where we can (else it is skipped).
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| echo "note: no chromium; the Swagger UI browser test will be skipped"
+	$(BIN)/python -m pytest
+
+migrate: $(BIN)/.installed
+	$(BIN)/a1111-proxy migrate
+
+openapi: $(BIN)/.installed
+	$(BIN)/a1111-proxy openapi > openapi/openapi.json
+
+bench: $(BIN)/.installed-test
+	$(BIN)/python bench/load.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

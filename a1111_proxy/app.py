@@ -1,0 +1,66 @@
+"""The API application: routes, middleware, error handlers and a lifespan that owns resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TypedDict
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from a1111_proxy.catalogue import CatalogueStore
+from a1111_proxy.db.engine import Database
+from a1111_proxy.errors import EXCEPTION_HANDLERS
+from a1111_proxy.jobs import JobRepository
+from a1111_proxy.middleware import BodyLimit, TokenAuth
+from a1111_proxy.migrate import head_revision
+from a1111_proxy.model_info import ModelInfoStore
+from a1111_proxy.routes import ROUTES
+from a1111_proxy.settings import Settings
+from a1111_proxy.waiter import JobWaiter
+from a1111_proxy.wakeup import make_wakeup
+
+
+class State(TypedDict):
+    settings: Settings
+    repo: JobRepository
+    catalogue: CatalogueStore
+    model_info: ModelInfoStore
+    waiter: JobWaiter
+    schema_head: str
+
+
+def make_lifespan(
+    settings: Settings,
+) -> Callable[[Starlette], AbstractAsyncContextManager[State]]:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        # The engine is made here so that it binds to the server's event loop.
+        db = Database(settings.database_url)
+        repo = JobRepository(
+            db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds
+        )
+        waiter = JobWaiter(repo, make_wakeup(settings.database_url, settings.poll_seconds))
+        try:
+            yield {"settings": settings, "repo": repo, "catalogue": CatalogueStore(db),
+                   "model_info": ModelInfoStore(db),
+                   "waiter": waiter, "schema_head": head_revision()}
+        finally:
+            await waiter.close()
+            await db.dispose()
+
+    return lifespan
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+    return Starlette(
+        routes=ROUTES,
+        middleware=[
+            Middleware(TokenAuth, tokens=settings.api_tokens),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=make_lifespan(settings),
+    )

@@ -1,0 +1,209 @@
+"""A1111Backend: the one owner of A1111's HTTP API on the worker's side."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from a1111_proxy import __version__
+from a1111_proxy.backends.base import (
+    BackendProtocolError,
+    BackendRejected,
+    BackendUnavailable,
+    Progress,
+)
+
+GATEWAY_STATUSES = frozenset({502, 503, 504})
+# Where each job type goes on A1111. Generations return images we keep apart; the others return
+# small answers kept as they are.
+PATHS = {
+    "txt2img": "/sdapi/v1/txt2img",
+    "img2img": "/sdapi/v1/img2img",
+    "extra-single-image": "/sdapi/v1/extra-single-image",
+    "extra-batch-images": "/sdapi/v1/extra-batch-images",
+    "interrogate": "/sdapi/v1/interrogate",
+    "controlnet-detect": "/controlnet/detect",
+}
+GENERATIONS = frozenset({"txt2img", "img2img"})
+# Generation may take many minutes: no read timeout on it. Control calls are short.
+GENERATE_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=120.0, pool=None)
+CONTROL_TIMEOUT = httpx.Timeout(5.0)
+# Refreshing checkpoints takes A1111's queue lock: it waits behind a running generation.
+REFRESH_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=30.0, pool=None)
+
+
+class A1111Backend:
+    """One backend slot: one A1111 server that runs one job at a time."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: tuple[str, str] | None = None,
+        connect_retries: int = 3,
+        retry_wait: float = 0.5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = url.rstrip("/")
+        self.connect_retries = connect_retries
+        self.retry_wait = retry_wait
+        self._client = httpx.AsyncClient(
+            base_url=self.name,
+            auth=auth,
+            transport=transport,
+            headers={"user-agent": f"a1111-proxy/{__version__}"},
+            follow_redirects=False,
+        )
+
+    async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST the job; retry only what cannot have started a generation (connect errors,
+        gateway statuses). Raises BackendUnavailable, BackendRejected or BackendProtocolError."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_NotStarted),
+            stop=stop_after_attempt(self.connect_retries),
+            wait=wait_random_exponential(multiplier=self.retry_wait, max=8.0),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._post_once(kind, payload)
+        except _NotStarted as exc:
+            raise BackendUnavailable(
+                f"A1111 at {self.name} is unavailable: {exc} "
+                f"(tried {self.connect_retries} times)",
+                status=exc.status,
+            ) from None
+        raise AssertionError("unreachable")
+
+    async def _post_once(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        path = PATHS[kind]
+        try:
+            response = await self._client.post(path, json=payload, timeout=GENERATE_TIMEOUT)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise _NotStarted(f"cannot connect ({_describe(exc)})") from exc
+        except httpx.HTTPError as exc:
+            # The request may have reached A1111: never retried here, the job is re-queued.
+            raise BackendUnavailable(
+                f"A1111 at {self.name} dropped the {kind} request: {_describe(exc)}"
+            ) from exc
+        if response.status_code in GATEWAY_STATUSES:
+            raise _NotStarted(f"HTTP {response.status_code}", status=response.status_code)
+        return self._parse_generation(kind, response)
+
+    def _parse_generation(self, kind: str, response: httpx.Response) -> dict[str, Any]:
+        body = _json_or_none(response)
+        if response.status_code != 200:
+            if response.status_code >= 500 and not _is_a1111_error(body):
+                raise BackendUnavailable(
+                    f"A1111 at {self.name} answered {kind} with HTTP {response.status_code}: "
+                    f"{_snippet(response)}",
+                    status=response.status_code,
+                    body=body if body is not None else response.text[:2000],
+                )
+            raise BackendRejected(
+                f"A1111 at {self.name} rejected the {kind} request with HTTP "
+                f"{response.status_code}: {_a1111_message(body) or _snippet(response)}",
+                status=response.status_code,
+                body=body if body is not None else response.text[:2000],
+            )
+        expected_images = kind not in GENERATIONS or isinstance(body, dict) and isinstance(
+            body.get("images"), list | None
+        )
+        if not isinstance(body, dict) or not expected_images:
+            raise BackendProtocolError(
+                f"A1111 at {self.name} answered {kind} with something that is not an A1111 "
+                f"response (first bytes: {_snippet(response)}); is that URL really A1111 "
+                "started with --api?",
+                status=response.status_code,
+            )
+        return body
+
+    async def progress(self, *, with_image: bool = False) -> Progress:
+        response = await self._client.get(
+            "/sdapi/v1/progress",
+            params={"skip_current_image": "false" if with_image else "true"},
+            timeout=CONTROL_TIMEOUT,
+        )
+        body = response.json()
+        state = body.get("state") or {}
+        job_count = state.get("job_count") or 0
+        value = float(body.get("progress") or 0.0)
+        eta = body.get("eta_relative")
+        image = body.get("current_image")
+        return Progress(
+            progress=max(0.0, min(1.0, value)),
+            eta_relative=float(eta) if isinstance(eta, int | float) else None,
+            started=job_count != 0 or value > 0,
+            current_image=image if isinstance(image, str) and image else None,
+            step=_int_or_none(state.get("sampling_step")),
+            steps=_int_or_none(state.get("sampling_steps")),
+        )
+
+    async def interrupt(self) -> None:
+        await self._client.post("/sdapi/v1/interrupt", timeout=CONTROL_TIMEOUT)
+
+    async def skip(self) -> None:
+        await self._client.post("/sdapi/v1/skip", timeout=CONTROL_TIMEOUT)
+
+    async def fetch(self, path: str) -> Any:
+        response = await self._client.get(path, timeout=CONTROL_TIMEOUT)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    async def post(self, path: str, body: Any) -> Any:
+        response = await self._client.post(path, json=body, timeout=REFRESH_TIMEOUT)
+        response.raise_for_status()
+        return _json_or_none(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _NotStarted(Exception):
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _is_a1111_error(body: Any) -> bool:
+    return isinstance(body, dict) and "error" in body and "errors" in body
+
+
+def _a1111_message(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    if _is_a1111_error(body):
+        parts = [str(body.get(k)) for k in ("error", "detail", "errors") if body.get(k)]
+        return ": ".join(parts) or None
+    detail = body.get("detail")
+    return json.dumps(detail) if detail is not None else None
+
+
+def _snippet(response: httpx.Response) -> str:
+    return repr(response.content[:200].decode("utf-8", "replace"))

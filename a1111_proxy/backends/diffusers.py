@@ -1,0 +1,136 @@
+"""DiffusersBackend: the bundled engine as a backend slot (imports torch through the engine).
+
+One slot runs one job at a time on one device. The blocking pipeline runs in a single engine
+thread, so a job that was cancelled while its thread still runs (shutdown) can never overlap the
+next one. Progress comes from the engine's per-step callback; interrupt stops at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import Any
+
+import torch
+
+from a1111_proxy.backends.base import BackendRejected, Progress
+from a1111_proxy.engine.catalog import Catalog, Checkpoint
+from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.models import Models, free_memory
+from a1111_proxy.engine.params import InvalidParams, Params
+from a1111_proxy.engine.pipeline import Canceled, RunState, generate
+from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES
+
+log = logging.getLogger("a1111_proxy.engine")
+
+
+def _sd_model(catalog: Catalog, checkpoint: Checkpoint) -> dict[str, Any]:
+    """An /sd-models entry as A1111 shows it (the hash once known; hashing is not done here)."""
+    sha = catalog.known_hash(checkpoint)
+    title = f"{checkpoint.name} [{sha[:10]}]" if sha else checkpoint.name
+    return {"title": title, "model_name": checkpoint.model_name,
+            "hash": sha[:10] if sha else None, "sha256": sha,
+            "filename": str(checkpoint.path), "config": None}
+
+
+class DiffusersBackend:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.models = Models(config, Catalog(config.models_dir))
+        self.name = f"diffusers:{self.models.device}"
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._lock = asyncio.Lock()
+        self._state: RunState | None = None
+
+    async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            params = Params.from_payload(kind, payload)
+        except InvalidParams as exc:
+            raise BackendRejected(
+                f"the diffusers engine refused the {kind} request: {exc}"
+            ) from None
+        async with self._lock:
+            state = self._state = RunState()
+            run = asyncio.get_running_loop().run_in_executor(self._thread, self._run, params, state)
+            try:
+                return await asyncio.shield(run)
+            except asyncio.CancelledError:
+                state.cancel.set()  # stop the thread at its next step before giving the slot up
+                await asyncio.gather(run, return_exceptions=True)
+                raise
+            finally:
+                self._state = None
+
+    def _run(self, params: Params, state: RunState) -> dict[str, Any]:
+        try:
+            return generate(self.models, self.config, params, state)
+        except InvalidParams as exc:
+            raise BackendRejected(
+                f"the diffusers engine refused the {params.kind} request: {exc}"
+            ) from None
+        except Canceled:
+            raise BackendRejected("canceled while running") from None
+        except torch.cuda.OutOfMemoryError:
+            free_memory()
+            raise BackendRejected(
+                f"the GPU ran out of memory for {params.batch_size} image(s) of "
+                f"{params.width}x{params.height} on {self.models.device}; lower batch_size or the "
+                "size, or set A1111_PROXY_ENGINE_CPU_OFFLOAD=true (memory was freed)"
+            ) from None
+        except Exception as exc:  # A1111 answers 500 with the error; this ends the job likewise
+            log.exception("the diffusers engine failed")
+            raise BackendRejected(
+                f"the diffusers engine failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def progress(self, *, with_image: bool = False) -> Progress:
+        state = self._state
+        if state is None:
+            return Progress(progress=0.0, eta_relative=None, started=False)
+        return Progress(
+            progress=state.progress,
+            eta_relative=state.eta,
+            started=True,
+            current_image=state.current_image if with_image else None,
+        )
+
+    async def interrupt(self) -> None:
+        state = self._state
+        if state is not None:
+            state.interrupt.set()
+
+    async def skip(self) -> None:
+        """A1111 skips the current batch; the engine has no batch boundary to stop at yet."""
+        log.info("skip is not supported by the diffusers engine; the job runs on")
+
+    async def fetch(self, path: str) -> Any:
+        """The catalogue as A1111 would answer it, from MODELS_DIR and the engine's tables."""
+        catalog = self.models.catalog
+        if path == "/sdapi/v1/sd-models":
+            catalog.checkpoints = catalog.scan()
+            return [_sd_model(catalog, c) for c in catalog.checkpoints if not c.pickled]
+        if path == "/sdapi/v1/samplers":
+            return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+        if path == "/sdapi/v1/schedulers":
+            return [{"name": key, "label": label, "aliases": None, "default_rho": -1.0,
+                     "need_inner_model": False} for key, label in SCHEDULES.items()]
+        if path == "/sdapi/v1/options":
+            first = next((c for c in catalog.checkpoints if not c.pickled), None)
+            return {"sd_model_checkpoint": first.name if first else None,
+                    "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+        if path == "/sdapi/v1/scripts":
+            return {"txt2img": [], "img2img": []}
+        return None
+
+    async def post(self, path: str, body: Any) -> Any:
+        if path.startswith("/sdapi/v1/refresh-"):
+            self.models.catalog.checkpoints = self.models.catalog.scan()
+        return None
+
+    async def aclose(self) -> None:
+        state = self._state
+        if state is not None:
+            state.cancel.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
+        self.models.unload_all()

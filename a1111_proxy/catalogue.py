@@ -1,0 +1,119 @@
+"""CatalogueStore: what the worker learned from its backends, and the small controls the API leaves
+for the worker (default checkpoint, options to apply, refresh requests). The only SQL for the
+`catalogue` and `controls` tables."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from a1111_proxy.db.engine import Database
+from a1111_proxy.db.tables import catalogue, controls
+
+# What the worker fetches from a backend, by catalogue name: (method, path). Names are the
+# paths the API answers under /sdapi/v1 (or /controlnet).
+ENTRIES: dict[str, str] = {
+    "sd-models": "/sdapi/v1/sd-models",
+    "loras": "/sdapi/v1/loras",
+    "samplers": "/sdapi/v1/samplers",
+    "schedulers": "/sdapi/v1/schedulers",
+    "upscalers": "/sdapi/v1/upscalers",
+    "latent-upscale-modes": "/sdapi/v1/latent-upscale-modes",
+    "sd-vae": "/sdapi/v1/sd-vae",
+    "scripts": "/sdapi/v1/scripts",
+    "script-info": "/sdapi/v1/script-info",
+    "embeddings": "/sdapi/v1/embeddings",
+    "prompt-styles": "/sdapi/v1/prompt-styles",
+    "hypernetworks": "/sdapi/v1/hypernetworks",
+    "face-restorers": "/sdapi/v1/face-restorers",
+    "realesrgan-models": "/sdapi/v1/realesrgan-models",
+    "extensions": "/sdapi/v1/extensions",
+    "memory": "/sdapi/v1/memory",
+    "cmd-flags": "/sdapi/v1/cmd-flags",
+    "options": "/sdapi/v1/options",
+    "controlnet-version": "/controlnet/version",
+    "controlnet-model_list": "/controlnet/model_list",
+    "controlnet-module_list": "/controlnet/module_list",
+}
+
+DEFAULT_CHECKPOINT = "default_checkpoint"
+PENDING_OPTIONS = "pending_options"  # {"version": n, "options": {...}}
+REFRESH_REQUESTED = "refresh_requested"  # {"at": unix seconds, "what": [...]}
+
+
+class CatalogueStore:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    async def get(self, name: str) -> Any:
+        """The stored answer for `name`, or None if no worker has fetched it yet."""
+        async with self.db.reading() as conn:
+            body = (
+                await conn.execute(select(catalogue.c.body).where(catalogue.c.name == name))
+            ).scalar_one_or_none()
+        return None if body is None else json.loads(body)
+
+    async def put(self, name: str, body: Any, backend: str) -> None:
+        await self._upsert(catalogue, catalogue.c.name, name,
+                           {"body": json.dumps(body), "backend": backend, "fetched_at": self.clock()})
+
+    async def get_control(self, key: str) -> Any:
+        async with self.db.reading() as conn:
+            value = (
+                await conn.execute(select(controls.c.value).where(controls.c.key == key))
+            ).scalar_one_or_none()
+        return None if value is None else json.loads(value)
+
+    async def set_control(self, key: str, value: Any) -> None:
+        await self._upsert(controls, controls.c.key, key,
+                           {"value": json.dumps(value), "updated_at": self.clock()})
+
+    async def merge_pending_options(self, options: dict[str, Any]) -> int:
+        """Add options for the worker to apply to every backend between jobs; return the version."""
+        async with self.db.writing() as conn:
+            row = (
+                await conn.execute(select(controls.c.value).where(controls.c.key == PENDING_OPTIONS))
+            ).scalar_one_or_none()
+            current = json.loads(row) if row else {"version": 0, "options": {}}
+            merged = {"version": current["version"] + 1,
+                      "options": {**current["options"], **options}}
+            values = {"value": json.dumps(merged), "updated_at": self.clock()}
+            if row is None:
+                await conn.execute(insert(controls).values(key=PENDING_OPTIONS, **values))
+            else:
+                await conn.execute(
+                    update(controls).where(controls.c.key == PENDING_OPTIONS).values(**values)
+                )
+        return int(merged["version"])
+
+    async def _upsert(self, table: Any, key_column: Any, key: str, values: dict[str, Any]) -> None:
+        async with self.db.writing() as conn:
+            done = await conn.execute(update(table).where(key_column == key).values(**values))
+            if done.rowcount == 0:
+                await conn.execute(insert(table).values({key_column.name: key, **values}))
+
+
+def checkpoint_titles(models: Any) -> list[str]:
+    return [m["title"] for m in models or [] if isinstance(m, dict) and m.get("title")]
+
+
+def find_checkpoint(models: Any, wanted: str) -> dict[str, Any] | None:
+    """A1111's checkpoint aliases: title, model_name, file name, short/long hash, 'name [hash]'."""
+    wanted = wanted.strip()
+    for model in models or []:
+        if not isinstance(model, dict):
+            continue
+        filename = str(model.get("filename") or "")
+        names = {
+            model.get("title"), model.get("model_name"), model.get("hash"), model.get("sha256"),
+            filename.rsplit("/", 1)[-1], filename.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+            (model.get("sha256") or "")[:10] or None,
+        }
+        if wanted in {n for n in names if n}:
+            return model
+    return None

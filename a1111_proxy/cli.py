@@ -1,0 +1,147 @@
+"""`a1111-proxy serve | worker | migrate | up | openapi`: the only place settings are read."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from a1111_proxy.settings import Settings
+
+log = logging.getLogger("a1111_proxy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="a1111-proxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the API server")
+    serve.add_argument("--host", help="overrides A1111_PROXY_HOST")
+    serve.add_argument("--port", type=int, help="overrides A1111_PROXY_PORT")
+    commands.add_parser("worker", help="run the worker (claims and runs jobs)")
+    commands.add_parser("migrate", help="bring the database schema up to date")
+    up = commands.add_parser("up", help="migrate, then run the API server and a worker")
+    up.add_argument("--host", help="overrides A1111_PROXY_HOST")
+    up.add_argument("--port", type=int, help="overrides A1111_PROXY_PORT")
+    commands.add_parser("openapi", help="print the OpenAPI document")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings(**_overrides(args))
+    except ValidationError as exc:
+        print(f"a1111-proxy: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    handler = {"serve": serve_api, "worker": run_worker, "migrate": migrate, "up": up_all,
+               "openapi": print_openapi}[args.command]
+    return handler(settings)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
+
+
+# Loggers that write every SQL statement's parameters (webhook secrets, image data) at DEBUG.
+PARAMETER_LOGGERS = ("aiosqlite", "sqlalchemy.engine")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for name in PARAMETER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # httpx logs every request at INFO: the worker's progress polls would flood the log (and
+    # cost CPU on every job); our own lines say what happened to each job.
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tune_gc() -> None:
+    """Long-lived imports and app objects out of the collector's way: without this, full
+    collections that free nothing stall every request for ~50 ms every second or so."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
+def serve_api(settings: Settings) -> int:
+    import uvicorn
+
+    from a1111_proxy.app import create_app
+
+    if problem := settings.auth_problem():
+        print(f"a1111-proxy: refusing to start: {problem}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    tune_gc()
+    uvicorn.run(
+        app, host=settings.host, port=settings.port,
+        log_level=settings.log_level.lower(), proxy_headers=True, timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def run_worker(settings: Settings) -> int:
+    from worker.main import run
+
+    tune_gc()
+    return asyncio.run(run(settings))
+
+
+def migrate(settings: Settings) -> int:
+    from a1111_proxy.migrate import upgrade
+
+    upgrade(settings.database_url)
+    log.info("database schema is up to date")
+    return 0
+
+
+def print_openapi(settings: Settings) -> int:
+    from a1111_proxy.openapi import build_spec
+
+    print(json.dumps(build_spec(), indent=2))
+    return 0
+
+
+def up_all(settings: Settings) -> int:
+    """Migrate, then run `serve` and `worker` as two processes; Ctrl-C stops both."""
+    if problem := settings.auth_problem():
+        print(f"a1111-proxy: refusing to start: {problem}", file=sys.stderr)
+        return 2
+    migrate(settings)
+    env = {**os.environ, "A1111_PROXY_HOST": settings.host, "A1111_PROXY_PORT": str(settings.port)}
+    me = [sys.executable, "-m", "a1111_proxy"]
+    # Own sessions: a terminal's Ctrl-C reaches only us, and we forward it exactly once.
+    children = [
+        subprocess.Popen([*me, command], env=env, start_new_session=True)
+        for command in ("serve", "worker")
+    ]
+    print(f"a1111-proxy: API on http://{settings.host}:{settings.port} (docs at /doc), worker "
+          f"on {', '.join(settings.a1111_urls)}; Ctrl-C stops both", file=sys.stderr)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while all(child.poll() is None for child in children):
+        try:
+            children[0].wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    forward(signal.SIGTERM, None)
+    codes = [child.wait() for child in children]
+    return max(abs(code) for code in codes if code is not None)

@@ -1,0 +1,222 @@
+"""The schema. Times are unix seconds (float) so comparisons are index-friendly on both databases."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# BIGINT on PostgreSQL, but SQLite only makes a rowid alias of "INTEGER PRIMARY KEY".
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+STATUSES = ("queued", "processing", "completed", "error", "canceled")
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("type", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("request", Text, nullable=False),
+    Column("result", Text, nullable=True),
+    Column("image_count", Integer, nullable=False, server_default=text("0")),
+    Column("error", Text, nullable=True),
+    Column("progress", Double, nullable=False, server_default=text("0")),
+    Column("eta_relative", Double, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False),
+    Column("run_after", Double, nullable=False),
+    Column("lease_owner", String(200), nullable=True),
+    Column("lease_token", String(36), nullable=True),
+    Column("lease_expires_at", Double, nullable=True),
+    Column("backend", String(500), nullable=True),
+    Column("cancel_requested_at", Double, nullable=True),
+    Column("skip_requested_at", Double, nullable=True),
+    Column("checkpoint", String(500), nullable=True),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("webhook_url", Text, nullable=True),
+    Column("webhook_secret", Text, nullable=True),
+    Column("webhook_events", Text, nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("started_at", Double, nullable=True),
+    Column("completed_at", Double, nullable=True),
+    Column("updated_at", Double, nullable=False),
+    CheckConstraint(f"status IN {STATUSES!r}", name="status"),
+    CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
+    Index("ix_jobs_queue", "priority", "seq", postgresql_where=text("status = 'queued'"),
+          sqlite_where=text("status = 'queued'")),
+    Index("ix_jobs_leases", "lease_expires_at", postgresql_where=text("status = 'processing'"),
+          sqlite_where=text("status = 'processing'")),
+    Index("ix_jobs_status_seq", "status", "seq"),
+    Index("ix_jobs_type_seq", "type", "seq"),
+    Index("ix_jobs_completed_at", "completed_at"),
+    Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
+)
+
+# The full A1111 body (input images included) that the worker sends; kept apart so that
+# listing jobs never reads image data.
+job_payloads = Table(
+    "job_payloads",
+    metadata,
+    Column("job_seq", SeqType, ForeignKey("jobs.seq", ondelete="CASCADE"), primary_key=True),
+    Column("body", Text, nullable=False),
+)
+
+job_images = Table(
+    "job_images",
+    metadata,
+    Column("job_seq", SeqType, ForeignKey("jobs.seq", ondelete="CASCADE"), primary_key=True),
+    Column("n", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
+# The latest live preview of a running job (base64, as A1111's /progress gives it).
+job_previews = Table(
+    "job_previews",
+    metadata,
+    Column("job_seq", SeqType, ForeignKey("jobs.seq", ondelete="CASCADE"), primary_key=True),
+    Column("image", Text, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+
+# What the worker last fetched from its backends (sd-models, samplers, options, ...), so the API
+# answers these without waiting on a backend.
+catalogue = Table(
+    "catalogue",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("backend", String(500), nullable=True),
+    Column("fetched_at", Double, nullable=False),
+)
+
+# Small shared state between API and worker processes: the default checkpoint, options waiting to
+# be applied to the backends, refresh requests.
+controls = Table(
+    "controls",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("started_at", Double, nullable=False),
+    Column("heartbeat_at", Double, nullable=False),
+    Column("slots", Text, nullable=False),
+)
+
+# The webhook outbox: one row per message (a job's event), written in the same transaction as the
+# state change that causes it. `id` is the Standard Webhooks `webhook-id`, stable across retries;
+# `data` is a snapshot of the job's columns at that moment (never its webhook secret).
+DELIVERY_STATUSES = ("pending", "sending", "delivered", "failed", "superseded")
+DELIVERY_EVENTS = ("started", "progress", "completed")
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("job_seq", SeqType, ForeignKey("jobs.seq", ondelete="CASCADE"), nullable=False),
+    Column("event", String(16), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("data", Text, nullable=False),
+    Column("occurred_at", Double, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("trigger", String(16), nullable=False, server_default=text("'scheduled'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Double, nullable=True),
+    Column("lease_token", String(36), nullable=True),
+    Column("lease_expires_at", Double, nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("delivered_at", Double, nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    CheckConstraint(f"status IN {DELIVERY_STATUSES!r}", name="status"),
+    CheckConstraint(f"event IN {DELIVERY_EVENTS!r}", name="event"),
+    CheckConstraint("trigger IN ('scheduled', 'manual')", name="trigger"),
+    Index("ix_webhook_deliveries_due", "next_attempt_at",
+          postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
+    Index("ix_webhook_deliveries_leases", "lease_expires_at",
+          postgresql_where=text("status = 'sending'"), sqlite_where=text("status = 'sending'")),
+    Index("ix_webhook_deliveries_job", "job_seq", "seq"),
+)
+
+# The delivery log: one row per HTTP attempt.
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("delivery_seq", SeqType, ForeignKey("webhook_deliveries.seq", ondelete="CASCADE"),
+           nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("trigger", String(16), nullable=False),
+    Column("started_at", Double, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("response_body", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("address", String(64), nullable=True),
+    Index("ix_webhook_attempts_delivery", "delivery_seq", "seq"),
+)
+
+# Hashes of model files under MODELS_DIR, by path, size and mtime: a restart never hashes a file
+# again. Workers on several machines share the table without disturbing one another: a file that
+# changed (or differs between machines) gets a row of its own; rows no worker has seen for a month
+# go. `kind` is checkpoint or lora; `rel` the path inside its folder (Stable-diffusion/, Lora/),
+# which is how catalogue entries find their file.
+model_files = Table(
+    "model_files",
+    metadata,
+    Column("path", String(1024), primary_key=True),
+    Column("size", BigInteger, primary_key=True),
+    Column("mtime_ns", BigInteger, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("rel", String(1024), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("autov3", String(12), nullable=True),
+    Column("hashed_at", Double, nullable=False),
+    Column("seen_at", Double, nullable=False),
+)
+
+# Civitai's by-hash answers, by the hash asked (lower case): `body` is the summary the API shows
+# as `civitai`, or null when Civitai has no such version (404). Asked again after `expires_at`.
+civitai_lookups = Table(
+    "civitai_lookups",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("found", Boolean, nullable=False),
+    Column("body", Text, nullable=True),
+    Column("fetched_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+)

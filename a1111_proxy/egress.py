@@ -1,0 +1,247 @@
+"""Outbound requests to addresses users chose (webhook URLs), made safely.
+
+The SSRF guard resolves the host once, keeps only addresses that are allowed and connects to the
+address it checked: the URL is rewritten to that IP, with the original `Host` header and, for
+https, the original name as TLS SNI and certificate name (httpcore's `sni_hostname` request
+extension). So a DNS answer that changes between check and connect (rebinding) cannot redirect
+the request. `ipaddress.is_global` alone is not enough (it calls NAT64- and 6to4-wrapped
+loopback, 192.0.0.8 and multicast global), hence the explicit blocklist, applied after unwrapping
+IPv4-mapped addresses.
+
+Redirects are never followed; answers are read up to 64 KiB; one attempt takes at most 15 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import Any
+
+import httpx
+
+from a1111_proxy import __version__
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+TOTAL_TIMEOUT_SECONDS = 15.0
+MAX_RESPONSE_BYTES = 64 * 1024
+
+BLOCKED_NETWORKS = tuple(ip_network(net) for net in (
+    # IPv4: this network, private, CGNAT, loopback, link-local (cloud metadata), IETF protocol
+    # assignments (192.0.0.8 ...), documentation, 6to4 relay, benchmarking, multicast, reserved.
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    # IPv6: unspecified, loopback, IPv4-compatible and -translated, NAT64 (well-known and
+    # local-use), discard, Teredo, documentation, 6to4, unique-local, link-local, multicast.
+    "::/128", "::1/128", "::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48",
+    "100::/64", "2001::/32", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
+))
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+class Blocked(Exception):
+    """The webhook URL's host resolves only to addresses that are not allowed."""
+
+
+class Unresolvable(Exception):
+    """The webhook URL's host name could not be resolved."""
+
+
+def address_allowed(address: str) -> bool:
+    """True for a public unicast address; False for anything internal, however it is written."""
+    ip: IPv4Address | IPv6Address = ip_address(address.split("%", 1)[0])
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not ip.is_global:
+        return False
+    return not any(ip in net for net in BLOCKED_NETWORKS if net.version == ip.version)
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except socket.gaierror as exc:
+        raise Unresolvable(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one request really goes: a checked address, and the names the server expects."""
+
+    url: httpx.URL  # the original URL with its host replaced by `address`
+    address: str
+    host_header: str
+    sni_hostname: str | None
+
+
+async def pin(url: str, *, allow_private: bool, resolve: Resolver = system_resolve) -> list[Target]:
+    """Resolve the URL's host; one target per allowed address. Raises Blocked, Unresolvable."""
+    parsed = httpx.URL(url)
+    host, port = parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+    addresses = await resolve(host, port)
+    allowed = [a.split("%", 1)[0] for a in addresses if allow_private or address_allowed(a)]
+    if not allowed:
+        raise Blocked(
+            f"{host} resolves to {', '.join(addresses) or 'nothing'}, which a1111-proxy may not "
+            "reach (loopback, private, link-local or otherwise internal); set "
+            "A1111_PROXY_WEBHOOK_ALLOW_PRIVATE=true for hosts on your own network"
+        )
+    return [
+        Target(url=parsed.copy_with(host=address), address=address,
+               host_header=parsed.netloc.decode("ascii"),
+               sni_hostname=host if parsed.scheme == "https" else None)
+        for address in allowed
+    ]
+
+
+def pinned_request(client: httpx.AsyncClient, target: Target, body: bytes,
+                   headers: dict[str, str]) -> httpx.Request:
+    extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+    return client.build_request(
+        "POST", target.url, content=body, extensions=extensions,
+        headers={**headers, "Host": target.host_header, "Content-Type": "application/json",
+                 "Accept-Encoding": "identity"},
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one POST got: an HTTP answer, or an error (then `status_code` is None)."""
+
+    started_at: float
+    duration_ms: int
+    status_code: int | None = None
+    body: str | None = None
+    retry_after: float | None = None
+    error: str | None = None
+    blocked: bool = False
+    address: str | None = None
+
+
+def make_client() -> httpx.AsyncClient:
+    """One client per sender. No keep-alive: a pooled connection is keyed by IP, and must not be
+    reused for another host name (its TLS certificate was checked for the first one)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(TOTAL_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+        limits=httpx.Limits(max_keepalive_connections=0),
+        follow_redirects=False,
+        trust_env=False,
+        headers={"User-Agent": f"a1111-proxy/{__version__}"},
+    )
+
+
+async def post(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str], *,
+    allow_private: bool, resolve: Resolver = system_resolve,
+    timeout: float = TOTAL_TIMEOUT_SECONDS,
+) -> Answer:
+    """POST `body` to `url` through the guard; never raises for network trouble."""
+    started, clock = time.time(), time.monotonic()
+    tried: list[str] = []
+
+    def answer(**fields: Any) -> Answer:
+        duration = int((time.monotonic() - clock) * 1000)
+        return Answer(started, duration, address=tried[-1] if tried else None, **fields)
+
+    try:
+        async with asyncio.timeout(timeout):
+            targets = await pin(url, allow_private=allow_private, resolve=resolve)
+            status, text, retry_after = await _post_first(client, targets, body, headers, tried)
+    except Blocked as exc:
+        return answer(error=f"blocked: {exc}", blocked=True)
+    except Unresolvable as exc:
+        return answer(error=f"dns: {exc}")
+    except TimeoutError:
+        return answer(error=f"timeout: no complete answer within {timeout:g} s")
+    except httpx.ConnectTimeout:
+        return answer(error=f"timeout: could not connect within {CONNECT_TIMEOUT_SECONDS:g} s")
+    except httpx.HTTPError as exc:
+        return answer(error=f"{type(exc).__name__}: {exc or 'connection failed'}")
+    return answer(status_code=status, body=text, retry_after=retry_after)
+
+
+async def _post_first(
+    client: httpx.AsyncClient, targets: list[Target], body: bytes, headers: dict[str, str],
+    tried: list[str],
+) -> tuple[int, str, float | None]:
+    """POST to the first address that accepts a connection (a dual-stack host may have a dead
+    IPv6 address); an error from the last one is raised."""
+    for target in targets:
+        tried.append(target.address)
+        try:
+            response = await client.send(pinned_request(client, target, body, headers),
+                                         stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if target is targets[-1]:
+                raise
+            continue
+        try:
+            text = await _read_limited(response)
+        finally:
+            await response.aclose()
+        return response.status_code, text, parse_retry_after(response.headers.get("retry-after"))
+    raise AssertionError("pin() returns at least one target")
+
+
+async def fetch(url: str, *, allow_private: bool, max_bytes: int,
+                resolve: Resolver = system_resolve) -> bytes:
+    """GET `url` through the guard (an input image a client gave by URL). Raises ValueError
+    with a message for the client when it cannot be had."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("only http(s) URLs can be fetched")
+    try:
+        async with asyncio.timeout(TOTAL_TIMEOUT_SECONDS), make_client() as client:
+            target = (await pin(url, allow_private=allow_private, resolve=resolve))[0]
+            extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+            request = client.build_request("GET", target.url, extensions=extensions,
+                                           headers={"Host": target.host_header})
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    raise ValueError(f"fetching it answered HTTP {response.status_code}")
+                data = b""
+                async for chunk in response.aiter_raw():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise ValueError(f"it is larger than {max_bytes} bytes")
+                return data
+            finally:
+                await response.aclose()
+    except (Blocked, Unresolvable) as exc:
+        raise ValueError(str(exc)) from None
+    except TimeoutError:
+        raise ValueError(f"no complete answer within {TOTAL_TIMEOUT_SECONDS:g} s") from None
+    except httpx.HTTPError as exc:
+        raise ValueError(f"it could not be fetched ({type(exc).__name__})") from None
+
+
+async def _read_limited(response: httpx.Response) -> str:
+    data = b""
+    async for chunk in response.aiter_raw():
+        data += chunk
+        if len(data) >= MAX_RESPONSE_BYTES:
+            break
+    return data[:MAX_RESPONSE_BYTES].decode("utf-8", "replace")
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a `Retry-After` header (delay-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

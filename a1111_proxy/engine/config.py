@@ -1,0 +1,21 @@
+"""How the engine runs: device, precision, speed-ups, model cache (plain data, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    models_dir: Path
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32
+    cached_models: int = 1  # checkpoints kept loaded
+    compile: bool = False  # torch.compile the UNet (slow first run per image size)
+    cpu_offload: bool = False  # move idle components to the CPU (CUDA only; for small GPUs)
+    vae_tiling_pixels: int = 1536 * 1536  # decode larger images in tiles
+    preview_steps: int = 5  # a cheap live preview every N steps (0: none)
+    # Architecture -> diffusers config folder for single-file checkpoints; the package's own
+    # skeletons when absent (tests point these at tiny models).
+    skeletons: dict[str, Path] = field(default_factory=dict)

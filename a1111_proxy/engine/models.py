@@ -1,0 +1,168 @@
+"""Loading checkpoints into diffusers pipelines, and the small cache of loaded ones (torch).
+
+Single-file checkpoints load with `from_single_file(config=<skeleton>)`, so nothing is fetched
+from the hub; diffusers folders with `from_pretrained`. Each loaded model is placed on the device
+once, with the speed-ups decided once (channels_last, SDPA by default, optional torch.compile or
+CPU offload); runs then share its components.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from a1111_proxy.engine.catalog import Catalog, Checkpoint, architecture
+from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.infotext import ModelInfo
+from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.skeletons import skeleton
+
+log = logging.getLogger("a1111_proxy.engine")
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass
+class Loaded:
+    checkpoint: Checkpoint
+    architecture: str
+    pipe: Any  # a StableDiffusionPipeline or StableDiffusionXLPipeline
+    sha256: str | None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.architecture.startswith("sdxl")
+
+    @property
+    def inpainting(self) -> bool:
+        return self.architecture.endswith("_inpaint")
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.checkpoint.stem, self.sha256[:10] if self.sha256 else None)
+
+
+def pick_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"A1111_PROXY_ENGINE_DEVICE={config.device} but torch sees no CUDA device"
+        )
+    return device
+
+
+def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }[config.dtype]
+
+
+class Models:
+    """Loaded checkpoints, least recently used dropped first. Used from one thread at a time."""
+
+    def __init__(self, config: EngineConfig, catalog: Catalog) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.device = pick_device(config)
+        self.dtype = pick_dtype(config, self.device)
+        self._loaded: OrderedDict[str, Loaded] = OrderedDict()
+        self._current: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self, wanted: str | None) -> Loaded:
+        """The checkpoint asked for; None: the one used last (A1111's current model)."""
+        with self._lock:
+            name = wanted or self._current
+            checkpoint = self.catalog.find(name)
+            if checkpoint.name not in self._loaded:
+                self._make_room()
+                self._loaded[checkpoint.name] = self._load(checkpoint)
+            self._loaded.move_to_end(checkpoint.name)
+            self._current = checkpoint.name
+            return self._loaded[checkpoint.name]
+
+    def unload_all(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+            free_memory()
+
+    def _make_room(self) -> None:
+        while len(self._loaded) >= max(self.config.cached_models, 1):
+            name, _ = self._loaded.popitem(last=False)
+            log.info("unloading %s", name)
+            free_memory()
+
+    def _load(self, checkpoint: Checkpoint) -> Loaded:
+        arch = architecture(checkpoint)
+        cls = StableDiffusionXLPipeline if arch.startswith("sdxl") else StableDiffusionPipeline
+        log.info("loading %s (%s) on %s as %s", checkpoint.name, arch, self.device, self.dtype)
+        try:
+            pipe = self._from_files(cls, checkpoint, arch)
+        except InvalidParams:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise InvalidParams(
+                f"cannot load checkpoint {checkpoint.name} as {arch}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._place(pipe)
+        return Loaded(checkpoint, arch, pipe, self.catalog.sha256(checkpoint))
+
+    def _from_files(self, cls: Any, checkpoint: Checkpoint, arch: str) -> Any:
+        extra: dict[str, Any] = {}
+        if not arch.startswith("sdxl"):
+            extra = {
+                "safety_checker": None,
+                "feature_extractor": None,
+                "requires_safety_checker": False,
+            }
+        if checkpoint.folder:
+            return cls.from_pretrained(
+                checkpoint.path, local_files_only=True, dtype=self.dtype, **extra
+            )
+        config = self.config.skeletons.get(arch) or skeleton(arch)
+        return cls.from_single_file(
+            str(checkpoint.path),
+            config=str(config),
+            local_files_only=True,
+            dtype=self.dtype,
+            **extra,
+        )
+
+    def _place(self, pipe: Any) -> None:
+        pipe.set_progress_bar_config(disable=True)
+        cuda = self.device.type == "cuda"
+        if self.config.cpu_offload and cuda:
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        if cuda:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if self.config.compile:
+            pipe.unet = torch.compile(pipe.unet, dynamic=False)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

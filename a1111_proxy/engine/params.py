@@ -1,0 +1,271 @@
+"""What one txt2img/img2img job asks the engine for, checked and with A1111's defaults filled in.
+
+Plain Python (no torch): the API uses `problems()` to refuse a request at submit time, and the
+engine uses `Params.from_payload()` to run it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from a1111_proxy.engine.samplers import Resolved, UnknownSampler, resolve
+from a1111_proxy.schemas import REQUEST_MODELS, Txt2ImgRequest
+
+MAX_SEED = 4294967294
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+# The txt2img-only fields A1111's img2img body does not have (our schema shares one base class).
+TXT2IMG_ONLY = frozenset(
+    {
+        "enable_hr",
+        "firstphase_width",
+        "firstphase_height",
+        "hr_scale",
+        "hr_upscaler",
+        "hr_second_pass_steps",
+        "hr_resize_x",
+        "hr_resize_y",
+        "hr_checkpoint_name",
+        "hr_sampler_name",
+        "hr_scheduler",
+        "hr_prompt",
+        "hr_negative_prompt",
+        "firstpass_image",
+    }
+)
+
+
+class InvalidParams(ValueError):
+    """The request cannot run on this engine; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Params:
+    kind: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    subseed: int
+    subseed_strength: float
+    seed_resize_from_w: int
+    seed_resize_from_h: int
+    sampler: Resolved
+    batch_size: int
+    n_iter: int
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    eta: float | None
+    denoising_strength: float | None
+    clip_skip: int
+    checkpoint: str | None
+    randn_source: str  # "GPU" (A1111's default: noise drawn on the device) or "CPU"
+    eta_noise_seed_delta: int
+    send_images: bool
+    styles: list[str]
+    parameters: dict[str, Any]  # the request as A1111 echoes it
+    init_images: tuple[str, ...] = ()
+    resize_mode: int = 0
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.batch_size * self.n_iter
+
+    def all_seeds(self) -> list[int]:
+        """A1111: seed + i per image, unless a variation strength is set (then all share it)."""
+        step = 1 if self.subseed_strength == 0 else 0
+        return [self.seed + i * step for i in range(self.count)]
+
+    def all_subseeds(self) -> list[int]:
+        return [self.subseed + i for i in range(self.count)]
+
+    @classmethod
+    def from_payload(
+        cls, kind: str, payload: dict[str, Any], *, rng: random.Random | None = None
+    ) -> Params:
+        """Parse as A1111 does and fix random seeds. Raises InvalidParams."""
+        request = _validate(kind, payload)
+        _refuse_unsupported(request)
+        sampler = _sampler(request)
+        settings = request.override_settings or {}
+        rng = rng or random.Random()
+        common: dict[str, Any] = dict(
+            kind=kind,
+            prompt=request.prompt or "",
+            negative_prompt=request.negative_prompt or "",
+            seed=_fixed_seed(request.seed, rng),
+            subseed=_fixed_seed(request.subseed, rng),
+            subseed_strength=float(request.subseed_strength or 0.0),
+            seed_resize_from_w=request.seed_resize_from_w or -1,
+            seed_resize_from_h=request.seed_resize_from_h or -1,
+            sampler=sampler,
+            batch_size=request.batch_size or 1,
+            n_iter=request.n_iter or 1,
+            steps=request.steps or 50,
+            cfg_scale=7.0 if request.cfg_scale is None else float(request.cfg_scale),
+            width=_multiple_of_8("width", 512 if request.width is None else request.width),
+            height=_multiple_of_8("height", 512 if request.height is None else request.height),
+            eta=request.eta,
+            denoising_strength=request.denoising_strength,
+            clip_skip=_int_setting(settings, "CLIP_stop_at_last_layers", 1, low=1, high=12),
+            checkpoint=settings.get("sd_model_checkpoint") or None,
+            randn_source=_randn_source(settings),
+            eta_noise_seed_delta=_int_setting(
+                settings, "eta_noise_seed_delta", 0, low=0, high=2**32
+            ),
+            send_images=request.send_images,
+            styles=list(request.styles or []),
+            parameters=echo_parameters(kind, request),
+        )
+        if kind == "img2img":
+            common.update(_img2img_fields(request))
+        return cls(**common)
+
+
+def problems(kind: str, payload: dict[str, Any]) -> list[str]:
+    """Why the engine would refuse this request (empty when it would run it)."""
+    try:
+        Params.from_payload(kind, payload)
+    except InvalidParams as exc:
+        return [str(exc)]
+    return []
+
+
+def echo_parameters(kind: str, request: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111's `parameters`: every field of its request model, defaults filled in, in order;
+    unknown keys dropped; img2img's images left out unless include_init_images."""
+    fields = [f for f in type(request).model_fields if kind == "txt2img" or f not in TXT2IMG_ONLY]
+    echoed = {name: getattr(request, name) for name in fields}
+    if kind == "img2img" and not echoed.get("include_init_images"):
+        echoed["init_images"] = None
+        echoed["mask"] = None
+    return echoed
+
+
+def _validate(kind: str, payload: dict[str, Any]) -> Txt2ImgRequest:
+    try:
+        return REQUEST_MODELS[kind].model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidParams(f"{where}: {first['msg']}") from None
+
+
+def _refuse_unsupported(request: Txt2ImgRequest) -> None:
+    refused = {
+        "enable_hr": "hires fix (enable_hr) is",
+        "restore_faces": "face restoration (restore_faces) is",
+        "tiling": "tiling is",
+        "refiner_checkpoint": "a refiner (refiner_checkpoint) is",
+        "script_name": "scripts (script_name) are",
+    }
+    for name, what in refused.items():
+        if getattr(request, name, None):
+            raise InvalidParams(f"{what} not supported by the diffusers engine; leave {name} unset")
+    for script, value in (request.alwayson_scripts or {}).items():
+        args = value.get("args") if isinstance(value, dict) else value
+        if args:
+            raise InvalidParams(
+                f"alwayson_scripts {script!r} is not supported by the diffusers engine; "
+                "remove it (or send it with empty args)"
+            )
+    for text in (request.prompt or "", request.negative_prompt or ""):
+        found = EXTRA_NETWORK.search(text)
+        if found and not request.disable_extra_networks:
+            raise InvalidParams(
+                f"extra networks such as {found.group(0)!r} (LoRA, hypernetworks) are not "
+                "supported by the diffusers engine yet; remove them from the prompt"
+            )
+
+
+def _sampler(request: Txt2ImgRequest) -> Resolved:
+    try:
+        return resolve(request.sampler_name or request.sampler_index, request.scheduler)
+    except UnknownSampler as exc:
+        raise InvalidParams(str(exc)) from None
+
+
+def _fixed_seed(seed: int | None, rng: random.Random) -> int:
+    if seed is None or seed == -1:
+        return rng.randrange(MAX_SEED)
+    if seed < 0:
+        raise InvalidParams(f"seed {seed} is negative; use -1 for a random seed or 0..{MAX_SEED}")
+    return int(seed)
+
+
+def _multiple_of_8(name: str, value: int) -> int:
+    if value < 64 or value % 8:
+        lower = max(64, value - value % 8)
+        raise InvalidParams(
+            f"{name} must be a multiple of 8 and at least 64 (got {value}); "
+            f"try {lower} or {lower + 8}"
+        )
+    return value
+
+
+def _int_setting(settings: dict[str, Any], key: str, default: int, *, low: int, high: int) -> int:
+    value = settings.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidParams(
+            f"override_settings.{key} must be a whole number (got {value!r})"
+        ) from None
+    if not low <= number <= high:
+        raise InvalidParams(f"override_settings.{key} must be from {low} to {high} (got {number})")
+    return number
+
+
+def _randn_source(settings: dict[str, Any]) -> str:
+    value = str(settings.get("randn_source", "GPU"))
+    if value not in ("GPU", "CPU"):
+        raise InvalidParams(
+            f"override_settings.randn_source {value!r} is not supported; use 'GPU' (the default) "
+            "or 'CPU' (A1111's 'NV' is not)"
+        )
+    return value
+
+
+def _img2img_fields(request: Any) -> dict[str, Any]:
+    strength = request.denoising_strength
+    if not 0.0 <= strength <= 1.0:
+        raise InvalidParams(f"denoising_strength must be from 0 to 1 (got {strength})")
+    if request.resize_mode not in (0, 1, 2, 3, None):
+        raise InvalidParams(f"resize_mode must be 0, 1, 2 or 3 (got {request.resize_mode})")
+    fill = 1 if request.inpainting_fill is None else request.inpainting_fill
+    if fill not in (0, 1, 2, 3):
+        raise InvalidParams(f"inpainting_fill must be 0, 1, 2 or 3 (got {fill})")
+    for image in [*request.init_images, request.mask or ""]:
+        if image.startswith(("http://", "https://")):
+            raise InvalidParams(
+                "the diffusers engine does not fetch image URLs; send init_images and mask as "
+                "base64 or data: URIs"
+            )
+    blur = request.mask_blur
+    return dict(
+        init_images=tuple(request.init_images),
+        resize_mode=request.resize_mode or 0,
+        mask=request.mask or None,
+        mask_blur_x=_or_default(request.mask_blur_x, 4) if blur is None else blur,
+        mask_blur_y=_or_default(request.mask_blur_y, 4) if blur is None else blur,
+        inpainting_fill=fill,
+        inpaint_full_res=bool(request.inpaint_full_res),
+        inpaint_full_res_padding=request.inpaint_full_res_padding or 0,
+        inpainting_mask_invert=bool(request.inpainting_mask_invert),
+    )
+
+
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value

@@ -1,0 +1,317 @@
+"""One txt2img/img2img job on a loaded model, with A1111's semantics (torch, diffusers).
+
+`generate()` is blocking; the backend runs it in its one engine thread. It reports steps into a
+`RunState` and obeys its interrupt (stop at the next step, keep what was made, as A1111 does)
+and cancel (stop at the next step, keep nothing).
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import diffusers
+import torch
+from PIL import Image
+
+from a1111_proxy.engine import images, noise, previews, schedulers, text
+from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.infotext import Generation
+from a1111_proxy.engine.models import Loaded, Models
+from a1111_proxy.engine.params import Params
+
+_TASKS = {
+    (False, "txt2img"): "StableDiffusionPipeline",
+    (False, "img2img"): "StableDiffusionImg2ImgPipeline",
+    (False, "inpaint"): "StableDiffusionInpaintPipeline",
+    (True, "txt2img"): "StableDiffusionXLPipeline",
+    (True, "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    (True, "inpaint"): "StableDiffusionXLInpaintPipeline",
+}
+
+
+class Canceled(Exception):
+    """The job was canceled mid-run; nothing is returned."""
+
+
+@dataclass
+class RunState:
+    """Shared between the engine thread (writes) and the event loop (reads)."""
+
+    interrupt: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started_at: float = field(default_factory=time.monotonic)
+    job_count: int = 1
+    job_no: int = 0
+    step: int = 0
+    steps: int = 0
+    current_image: str | None = None
+
+    @property
+    def progress(self) -> float:
+        within = self.step / self.steps if self.steps else 0.0
+        return min(1.0, (self.job_no + within) / max(self.job_count, 1))
+
+    @property
+    def eta(self) -> float | None:
+        done = self.progress
+        if done <= 0:
+            return None
+        elapsed = time.monotonic() - self.started_at
+        return max(elapsed / done - elapsed, 0.0)
+
+
+@dataclass
+class _Inputs:
+    """img2img's images, prepared once for all batches."""
+
+    init: Image.Image | None = None  # what the pipeline starts from, at the job's size
+    mask: Image.Image | None = None  # blurred, at the job's size
+    original: Image.Image | None = None  # for pasting back and the final overlay
+    original_mask: Image.Image | None = None
+    crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
+
+
+def generate(
+    models: Models, config: EngineConfig, params: Params, state: RunState
+) -> dict[str, Any]:
+    loaded = models.get(params.checkpoint)
+    seeds, subseeds = params.all_seeds(), params.all_subseeds()
+    generation = Generation(params, loaded.info, seeds, subseeds)
+    inputs = _prepare_inputs(params, generation)
+    generation.is_using_inpainting_conditioning = loaded.inpainting
+    embeds = text.encode(
+        loaded.pipe,
+        params.prompt,
+        params.negative_prompt,
+        clip_skip=params.clip_skip,
+        sdxl=loaded.sdxl,
+    )
+    state.job_count = params.n_iter
+    made: list[Image.Image] = []
+    for batch in range(params.n_iter):
+        if state.interrupt.is_set():
+            break
+        state.job_no, state.step = batch, 0
+        window = slice(batch * params.batch_size, (batch + 1) * params.batch_size)
+        made += _run_batch(
+            models, config, loaded, params, embeds, inputs, state, seeds[window], subseeds[window]
+        )
+    state.job_no, state.step = params.n_iter, 0
+    made = [_finish_image(image, inputs) for image in made]
+    encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
+    return {
+        "images": [base64.b64encode(png).decode("ascii") for png in encoded]
+        if params.send_images
+        else [],
+        "parameters": params.parameters,
+        "info": generation.info(len(made)),
+    }
+
+
+def _prepare_inputs(params: Params, generation: Generation) -> _Inputs:
+    if params.kind != "img2img":
+        return _Inputs()
+    original = images.decode(params.init_images[0], "init_images[0]").convert("RGB")
+    if params.mask is None:
+        return _Inputs(
+            init=images.resize(original, params.resize_mode, params.width, params.height)
+        )
+    mask = images.prepare_mask(
+        images.decode(params.mask, "mask"),
+        invert=params.inpainting_mask_invert,
+        blur_x=params.mask_blur_x,
+        blur_y=params.mask_blur_y,
+    )
+    mask = mask.resize(original.size) if mask.size != original.size else mask
+    blur = params.mask_blur_x if params.mask_blur_x == params.mask_blur_y else None
+    generation.extra["Mask blur"] = (
+        blur if blur is not None else f"{params.mask_blur_x}x{params.mask_blur_y}"
+    )
+    filled = _fill(original, mask, params)
+    box = (
+        images.mask_box(mask, params.inpaint_full_res_padding) if params.inpaint_full_res else None
+    )
+    if box is not None:
+        generation.extra["Inpaint area"] = "Only masked"
+        generation.extra["Masked area padding"] = params.inpaint_full_res_padding
+        box = images.expand_to_ratio(box, params.width, params.height, original.size)
+        size = (params.width, params.height)
+        return _Inputs(
+            init=filled.crop(box).resize(size, Image.Resampling.LANCZOS),
+            mask=mask.crop(box).resize(size, Image.Resampling.LANCZOS),
+            original=original,
+            original_mask=mask,
+            crop=box,
+        )
+    mode, w, h = params.resize_mode, params.width, params.height
+    return _Inputs(
+        init=images.resize(filled, mode, w, h),
+        mask=images.resize(mask, mode, w, h),
+        original=images.resize(original, mode, w, h),
+        original_mask=images.resize(mask, mode, w, h),
+    )
+
+
+def _fill(image: Image.Image, mask: Image.Image, params: Params) -> Image.Image:
+    """A1111's "masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing (the last
+    two approximated in pixel space: random colours, mid grey)."""
+    if params.inpainting_fill == 0:
+        return images.fill_masked(image, mask)
+    if params.inpainting_fill == 2:
+        generator = torch.Generator().manual_seed(params.seed)
+        pixels = torch.randint(0, 256, (image.height, image.width, 3), generator=generator)
+        return Image.composite(Image.fromarray(pixels.byte().numpy()), image, mask)
+    if params.inpainting_fill == 3:
+        return Image.composite(Image.new("RGB", image.size, (127, 127, 127)), image, mask)
+    return image
+
+
+def _finish_image(image: Image.Image, inputs: _Inputs) -> Image.Image:
+    if inputs.original is None or inputs.original_mask is None:
+        return image
+    if inputs.crop is not None:
+        left, top, right, bottom = inputs.crop
+        pasted = inputs.original.copy()
+        pasted.paste(
+            image.resize((right - left, bottom - top), Image.Resampling.LANCZOS), (left, top)
+        )
+        image = pasted
+    return images.overlay(image, inputs.original, inputs.original_mask)
+
+
+def _run_batch(
+    models: Models,
+    config: EngineConfig,
+    loaded: Loaded,
+    params: Params,
+    embeds: text.Embeds,
+    inputs: _Inputs,
+    state: RunState,
+    seeds: list[int],
+    subseeds: list[int],
+) -> list[Image.Image]:
+    task = _task(params, loaded, inputs)
+    scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler)
+    tracking = schedulers.Tracking(scheduler)
+    pipe = _task_pipeline(loaded, task, scheduler)
+    size = len(seeds)
+    resize_from = (
+        (params.seed_resize_from_w, params.seed_resize_from_h)
+        if params.seed_resize_from_w > 0 and params.seed_resize_from_h > 0
+        else None
+    )
+    drawn = noise.make(
+        seeds,
+        subseeds,
+        subseed_strength=params.subseed_strength,
+        shape=(4, params.height // 8, params.width // 8),
+        device=models.device,
+        source=params.randn_source,
+        ensd=params.eta_noise_seed_delta,
+        resize_from=resize_from,
+    )
+    tracking.generators = drawn.generators  # step noise continues from A1111's generators
+    kwargs = _call_kwargs(pipe, params, embeds, size, models.dtype)
+    kwargs["generator"] = [
+        torch.Generator(drawn.generators[0].device).manual_seed(s) for s in seeds
+    ]
+    strength = params.denoising_strength if task != "txt2img" else None
+    if task == "txt2img":
+        kwargs["latents"] = drawn.latents.to(models.dtype)
+    elif task == "img2img":
+        kwargs.update(image=[inputs.init] * size, strength=strength)
+        tracking.noise = drawn.latents
+    else:
+        whole = inputs.init or Image.new("RGB", (params.width, params.height), (127, 127, 127))
+        mask = inputs.mask or Image.new("L", (params.width, params.height), 255)
+        strength = 1.0 if strength is None else strength
+        kwargs.update(
+            image=[whole] * size,
+            mask_image=[mask] * size,
+            strength=strength,
+            height=params.height,
+            width=params.width,
+        )
+        if strength >= 1.0:
+            kwargs["latents"] = drawn.latents.to(models.dtype)
+        tracking.noise = drawn.latents
+    kwargs["callback_on_step_end"] = _callback(state, tracking, config, loaded.sdxl)
+    pixels = params.width * params.height
+    if pixels > config.vae_tiling_pixels:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
+    with torch.inference_mode():
+        return list(pipe(**kwargs).images)
+
+
+def _task(params: Params, loaded: Loaded, inputs: _Inputs) -> str:
+    if loaded.inpainting or inputs.mask is not None:
+        return "inpaint"  # an inpainting UNet always takes a mask (all white for txt2img)
+    return params.kind
+
+
+def _task_pipeline(loaded: Loaded, task: str, scheduler: Any) -> Any:
+    """A pipeline of the task's class sharing the loaded model's weights, with this run's
+    scheduler."""
+    cls = getattr(diffusers, _TASKS[(loaded.sdxl, task)])
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    parts = {k: v for k, v in loaded.pipe.components.items() if k in accepted}
+    parts["scheduler"] = scheduler
+    for key, value in (("requires_safety_checker", False), ("add_watermarker", False)):
+        if key in accepted:
+            parts[key] = value
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call_kwargs(
+    pipe: Any, params: Params, embeds: text.Embeds, size: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    def batch(z: torch.Tensor) -> torch.Tensor:
+        return z.expand(size, *z.shape[1:]).to(dtype)
+
+    kwargs: dict[str, Any] = dict(
+        prompt_embeds=batch(embeds.cond),
+        negative_prompt_embeds=batch(embeds.uncond),
+        num_inference_steps=params.steps,
+        guidance_scale=params.cfg_scale,
+        output_type="pil",
+    )
+    if params.kind == "txt2img":
+        kwargs.update(height=params.height, width=params.width)
+    if embeds.pooled is not None and embeds.uncond_pooled is not None:
+        kwargs.update(
+            pooled_prompt_embeds=batch(embeds.pooled),
+            negative_pooled_prompt_embeds=batch(embeds.uncond_pooled),
+        )
+    if params.eta is not None:
+        kwargs["eta"] = params.eta
+    return kwargs
+
+
+def _callback(
+    state: RunState, tracking: schedulers.Tracking, config: EngineConfig, sdxl: bool
+) -> Any:
+    def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        state.step, state.steps = i + 1, getattr(pipe, "num_timesteps", 0) or state.steps
+        x0 = tracking.last_x0
+        if config.preview_steps and (i + 1) % config.preview_steps == 0:
+            state.current_image = previews.cheap_png_base64(
+                (x0 if x0 is not None else tensors["latents"])[0], sdxl=sdxl
+            )
+        if state.cancel.is_set():
+            raise Canceled()
+        if state.interrupt.is_set():
+            if x0 is not None and x0.shape == tensors["latents"].shape:
+                tensors["latents"] = x0  # A1111 keeps the current x0 estimate
+            pipe._interrupt = True  # no more UNet steps; the VAE still decodes
+        return tensors
+
+    return on_step_end

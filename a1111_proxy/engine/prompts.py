@@ -1,0 +1,117 @@
+"""A1111's prompt syntax, parsed (no torch): attention weights and 75-token chunks.
+
+Written from the documented behaviour of A1111's `prompt_parser.parse_prompt_attention` and its
+CLIP chunking (A1111 is AGPL; this is not its code). `(text)` weighs 1.1, `[text]` 1/1.1,
+`(text:1.3)` 1.3; `\\(` is a literal bracket; `BREAK` starts a new chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CHUNK = 75
+COMMA_BACKTRACK = 20
+_TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+BREAK = "BREAK"
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """'a (b:1.3) [c]' -> [('a ', 1.0), ('b', 1.3), (' ', 1.0), ('c', 0.909...)];
+    a BREAK is the pair ('BREAK', -1)."""
+    res: list[list[Any]] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for item in res[start:]:
+            item[1] *= factor
+
+    for match in _TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            res.append([token[1:], 1.0])
+        elif token == "(":
+            round_open.append(len(res))
+        elif token == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            scale(round_open.pop(), 1.1)
+        elif token == "]" and square_open:
+            scale(square_open.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i:
+                    res.append([BREAK, -1])
+                res.append([part, 1.0])
+    for start in round_open:
+        scale(start, 1.1)
+    for start in square_open:
+        scale(start, 1 / 1.1)
+    return _merge(res or [["", 1.0]])
+
+
+def _merge(res: list[list[Any]]) -> list[tuple[str, float]]:
+    merged = [res[0]]
+    for text, weight in res[1:]:
+        if weight == merged[-1][1]:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return [(text, weight) for text, weight in merged]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    ids: list[int]  # BOS + 75 tokens + EOS = 77
+    weights: list[float]
+
+
+def chunks(
+    parsed: Sequence[tuple[str, float]],
+    token_ids: Sequence[Sequence[int]],
+    *,
+    bos: int,
+    eos: int,
+    comma: int | None,
+) -> list[Chunk]:
+    """Pack each fragment's token ids into 75-token chunks as A1111 does: a BREAK closes a
+    chunk; a full chunk moves the words after its last comma (within 20 tokens) to the next."""
+    out: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        pad = CHUNK - len(ids)
+        out.append(Chunk([bos, *ids, *[eos] * (pad + 1)], [1.0, *weights, *[1.0] * (pad + 1)]))
+        ids, weights, last_comma = [], [], -1
+
+    for (text, weight), tokens in zip(parsed, token_ids, strict=True):
+        if weight == -1 and text == BREAK:
+            close()
+            continue
+        for token in tokens:
+            if token == comma:
+                last_comma = len(ids)
+            elif (
+                len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK
+            ):
+                cut = last_comma + 1
+                moved_ids, moved_weights = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                close()
+                ids, weights = moved_ids, moved_weights
+            if len(ids) == CHUNK:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not out:
+        close()
+    return out

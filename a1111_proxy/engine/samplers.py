@@ -1,0 +1,203 @@
+"""A1111 sampler and schedule names, and the diffusers scheduler each one maps to.
+
+Plain data, no torch: the API checks names with it at submit time. A1111 >= 1.9 splits
+"DPM++ 2M Karras" into sampler "DPM++ 2M" and schedule "Karras"; "Automatic" means the
+sampler's own default schedule, not the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UnknownSampler(ValueError):
+    """A sampler or schedule name the engine cannot run; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    scheduler_class: str  # a diffusers scheduler class name
+    default_schedule: str  # what "Automatic" means for this sampler
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    # Schedules whose sigma flags this class accepts; others run only with their default.
+    sigma_schedules: bool = True
+
+
+SAMPLERS: tuple[Sampler, ...] = (
+    Sampler(
+        "DPM++ 2M",
+        "DPMSolverMultistepScheduler",
+        "karras",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        ("k_dpmpp_2m",),
+    ),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", "karras", {}, ("k_dpmpp_sde",)),
+    Sampler(
+        "DPM++ 2M SDE",
+        "DPMSolverMultistepScheduler",
+        "exponential",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+        ("k_dpmpp_2m_sde",),
+    ),
+    Sampler(
+        "DPM++ 2M SDE Heun",
+        "DPMSolverMultistepScheduler",
+        "exponential",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
+        ("k_dpmpp_2m_sde_heun",),
+    ),
+    # diffusers has no ancestral 2S; the single-step solver is the nearest (an approximation).
+    Sampler(
+        "DPM++ 2S a",
+        "DPMSolverSinglestepScheduler",
+        "karras",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        ("k_dpmpp_2s_a",),
+    ),
+    Sampler(
+        "DPM++ 3M SDE",
+        "DPMSolverMultistepScheduler",
+        "exponential",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        ("k_dpmpp_3m_sde",),
+    ),
+    Sampler(
+        "Euler a",
+        "EulerAncestralDiscreteScheduler",
+        "uniform",
+        {},
+        ("k_euler_a", "k_euler_ancestral"),
+        sigma_schedules=False,
+    ),
+    Sampler("Euler", "EulerDiscreteScheduler", "uniform", {}, ("k_euler",)),
+    Sampler("LMS", "LMSDiscreteScheduler", "uniform", {}, ("k_lms",)),
+    Sampler("Heun", "HeunDiscreteScheduler", "uniform", {}, ("k_heun",)),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", "karras", {}, ("k_dpm_2",)),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", "karras", {}, ("k_dpm_2_a",)),
+    Sampler(
+        "DDIM",
+        "DDIMScheduler",
+        "ddim",
+        {"set_alpha_to_one": False},
+        ("ddim",),
+        sigma_schedules=False,
+    ),
+    Sampler(
+        "PLMS", "PNDMScheduler", "ddim", {"skip_prk_steps": True}, ("plms",), sigma_schedules=False
+    ),
+    # A1111 defaults to uni_pc_order 3 and variant "bh1"; diffusers' bh1 gave NaN images in our
+    # tests (diffusers 0.42.1), so this runs its default "bh2".
+    Sampler(
+        "UniPC",
+        "UniPCMultistepScheduler",
+        "uniform",
+        {"solver_type": "bh2", "solver_order": 3},
+        ("unipc",),
+    ),
+    Sampler("LCM", "LCMScheduler", "uniform", {}, ("k_lcm", "lcm"), sigma_schedules=False),
+)
+
+# A1111 schedule name -> label; the ones diffusers can follow.
+SCHEDULES: dict[str, str] = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "normal": "Normal",
+    "ddim": "DDIM",
+    "beta": "Beta",
+}
+SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}
+UNSUPPORTED_SAMPLERS = ("DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
+UNSUPPORTED_SCHEDULES = ("polyexponential", "kl_optimal", "align_your_steps")
+SIGMA_SCHEDULES = frozenset({"karras", "exponential", "beta"})
+
+_BY_NAME = {s.name.lower(): s for s in SAMPLERS} | {
+    alias.lower(): s for s in SAMPLERS for alias in s.aliases
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    sampler: Sampler
+    schedule: str  # a key of SCHEDULES, never "automatic"
+
+    @property
+    def schedule_label(self) -> str:
+        """What A1111 writes as "Schedule type": Automatic when it is the sampler's default."""
+        if self.schedule == self.sampler.default_schedule:
+            return "Automatic"
+        return SCHEDULES[self.schedule]
+
+
+def resolve(sampler_name: str | None, schedule: str | None = None) -> Resolved:
+    """A1111's sampler (and optional schedule suffix) and schedule names -> what to run.
+
+    Raises UnknownSampler naming the valid choices.
+    """
+    name = (sampler_name or "Euler").strip()
+    found = _schedule_key(schedule) if schedule else "automatic"
+    sampler = _BY_NAME.get(name.lower())
+    if sampler is None:
+        name, suffix = _split_suffix(name)
+        sampler = _BY_NAME.get(name.lower())
+        if sampler is not None and suffix and found == "automatic":
+            found = suffix
+    if sampler is None:
+        raise UnknownSampler(
+            f"unknown sampler {sampler_name!r}; the diffusers engine runs: "
+            f"{', '.join(s.name for s in SAMPLERS)} (each optionally with a schedule such as "
+            f"'Karras': {', '.join(SCHEDULES.values())})"
+            + (
+                " - A1111's DPM fast, DPM adaptive, Restart and DDIM CFG++ have no diffusers "
+                "equivalent"
+                if name in UNSUPPORTED_SAMPLERS
+                else ""
+            )
+        )
+    if found == "automatic":
+        found = sampler.default_schedule
+    if (
+        found in SIGMA_SCHEDULES
+        and not sampler.sigma_schedules
+        and found != sampler.default_schedule
+    ):
+        raise UnknownSampler(
+            f"sampler {sampler.name!r} cannot use the {SCHEDULES[found]!r} schedule in diffusers; "
+            "use schedule 'Automatic' (or 'Uniform', 'SGM Uniform', 'Simple') or another sampler"
+        )
+    return Resolved(sampler, found)
+
+
+def _schedule_key(schedule: str) -> str:
+    key = schedule.strip().lower().replace(" ", "_")
+    key = SCHEDULE_ALIASES.get(key, key)
+    if key in SCHEDULES:
+        return key
+    raise UnknownSampler(
+        f"unknown schedule type {schedule!r}; the diffusers engine runs: "
+        f"{', '.join(SCHEDULES.values())}"
+        + (
+            " (A1111's Polyexponential, KL Optimal and Align Your Steps are not supported)"
+            if key in UNSUPPORTED_SCHEDULES
+            else ""
+        )
+    )
+
+
+def _split_suffix(name: str) -> tuple[str, str | None]:
+    """'DPM++ 2M Karras' -> ('DPM++ 2M', 'karras')."""
+    labels = {label.lower(): key for key, label in SCHEDULES.items() if key != "automatic"}
+    for label in sorted(labels, key=len, reverse=True):
+        if name.lower().endswith(" " + label):
+            return name[: -len(label) - 1], labels[label]
+    return name, None
+
+
+def sampler_names() -> list[str]:
+    return [s.name for s in SAMPLERS]

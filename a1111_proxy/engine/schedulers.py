@@ -1,0 +1,84 @@
+"""A1111 sampler + schedule -> a fresh diffusers scheduler for one run (diffusers).
+
+Schedulers hold state, so every run gets its own, built from the model's scheduler config (its
+betas and prediction type) plus the sampler's settings. The run's scheduler also remembers its
+last x0 estimate (for previews and A1111-style interrupts), takes A1111's initial noise where an
+img2img pipeline would draw its own, and draws step noise from A1111's per-image generators
+(the pipeline gets throw-away generators for what it draws itself).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import diffusers
+import torch
+
+from a1111_proxy.engine.samplers import Resolved
+
+_SPACING = {"sgm_uniform": "trailing", "simple": "trailing", "ddim": "leading"}
+_SIGMA_FLAGS = {
+    "karras": "use_karras_sigmas",
+    "exponential": "use_exponential_sigmas",
+    "beta": "use_beta_sigmas",
+}
+
+
+def make(base_config: Any, resolved: Resolved) -> Any:
+    sampler = resolved.sampler
+    cls = getattr(diffusers, sampler.scheduler_class)
+    wanted: dict[str, Any] = dict(sampler.kwargs)
+    wanted["timestep_spacing"] = _SPACING.get(resolved.schedule, "linspace")
+    if resolved.schedule == "ddim":  # A1111's timesteps samplers: t = range(0, 1000, 1000 // n) + 1
+        wanted["steps_offset"] = 1
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    config = {k: v for k, v in dict(base_config).items() if k in accepted}
+    for flag in _SIGMA_FLAGS.values():
+        if flag in accepted:
+            config[flag] = False
+    flag = _SIGMA_FLAGS.get(resolved.schedule)
+    if flag is not None:
+        if flag not in accepted:
+            raise ValueError(f"{sampler.name} cannot use the {resolved.schedule} schedule")
+        wanted[flag] = True
+    config.update({k: v for k, v in wanted.items() if k in accepted})
+    return cls.from_config(config)
+
+
+class Tracking:
+    """Hooks on one run's scheduler: its last x0 estimate, and A1111's noise for add_noise."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.last_x0: torch.Tensor | None = None
+        self.noise: torch.Tensor | None = None  # A1111's initial noise, for add_noise
+        self.generators: list[torch.Generator] | None = None  # A1111's, for the step noise
+        self._step, self._add_noise = scheduler.step, scheduler.add_noise
+        # On this instance only; wraps() keeps the signatures, which pipelines inspect to decide
+        # whether to pass `generator` and `eta`.
+        scheduler.step = functools.wraps(self._step)(lambda *a, **k: self.step(*a, **k))
+        scheduler.add_noise = functools.wraps(self._add_noise)(
+            lambda *a, **k: self.add_noise(*a, **k)
+        )
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", True)
+        if self.generators is not None and "generator" in kwargs:
+            kwargs["generator"] = self.generators
+        out = self._step(*args, return_dict=True, **kwargs)
+        x0 = getattr(out, "pred_original_sample", None)
+        if x0 is None:
+            x0 = getattr(out, "denoised", None)
+        if x0 is None and getattr(self.scheduler, "model_outputs", None):
+            x0 = self.scheduler.model_outputs[-1]
+        self.last_x0 = x0
+        return out if return_dict else (out.prev_sample,)
+
+    def add_noise(
+        self, original: torch.Tensor, noise: torch.Tensor, timesteps: Any
+    ) -> torch.Tensor:
+        if self.noise is not None and self.noise.shape == noise.shape:
+            noise = self.noise.to(device=noise.device, dtype=noise.dtype)
+        return self._add_noise(original, noise, timesteps)

@@ -1,0 +1,120 @@
+"""Prompt encoding with A1111's semantics (torch): 75-token chunks, attention weights with
+mean restore ("Original" emphasis), clip skip for SD1, SDXL's two encoders and pooled output.
+
+We encode ourselves because diffusers' own `clip_skip` breaks with transformers >= 5.6
+(CLIPTextModel lost `.text_model`), and because A1111's weighting and chunking are not diffusers'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from a1111_proxy.engine.prompts import Chunk, chunks, parse_attention
+
+
+@dataclass
+class Embeds:
+    cond: torch.Tensor  # (1, 77*k, C)
+    uncond: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL only, (1, P)
+    uncond_pooled: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def encode(pipe: Any, prompt: str, negative: str, *, clip_skip: int, sdxl: bool) -> Embeds:
+    if sdxl:
+        cond, pooled = _encode_sdxl(pipe, prompt)
+        uncond, uncond_pooled = _encode_sdxl(pipe, negative)
+        empty = _encode_sdxl(pipe, "")[0] if cond.shape[1] != uncond.shape[1] else None
+    else:
+        cond = _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, clip_skip)[0]
+        uncond = _encode_one(pipe.tokenizer, pipe.text_encoder, negative, clip_skip)[0]
+        pooled = uncond_pooled = None
+        empty = (
+            _encode_one(pipe.tokenizer, pipe.text_encoder, "", clip_skip)[0]
+            if cond.shape[1] != uncond.shape[1]
+            else None
+        )
+    if empty is not None:  # A1111 pads the shorter one with empty-prompt chunks
+        cond, uncond = _pad(cond, empty, uncond.shape[1]), _pad(uncond, empty, cond.shape[1])
+    return Embeds(cond, uncond, pooled, uncond_pooled)
+
+
+def _pad(z: torch.Tensor, empty: torch.Tensor, length: int) -> torch.Tensor:
+    while z.shape[1] < length:
+        z = torch.cat([z, empty], dim=1)
+    return z
+
+
+def _encode_sdxl(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # SDXL: both encoders' penultimate hidden states, no final LayerNorm; A1111 ignores clip skip.
+    first, _ = _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, 2, final_norm=False)
+    second, pooled = _encode_one(
+        pipe.tokenizer_2,
+        pipe.text_encoder_2,
+        prompt,
+        2,
+        final_norm=False,
+        pad_after_eos=pipe.tokenizer_2.pad_token_id,
+    )
+    return torch.cat([first, second], dim=-1), pooled
+
+
+def _encode_one(
+    tokenizer: Any,
+    encoder: Any,
+    prompt: str,
+    clip_skip: int,
+    *,
+    final_norm: bool = True,
+    pad_after_eos: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    parts = _chunks(tokenizer, prompt)
+    zs, pooled = [], None
+    for index, chunk in enumerate(parts):
+        ids = torch.tensor([chunk.ids], device=encoder.device)
+        if pad_after_eos is not None and pad_after_eos != tokenizer.eos_token_id:
+            ids[0, chunk.ids.index(tokenizer.eos_token_id) + 1 :] = pad_after_eos
+        out = encoder(ids, output_hidden_states=clip_skip > 1)
+        if clip_skip <= 1:
+            z = out.last_hidden_state
+        elif final_norm:
+            z = getattr(encoder, "text_model", encoder).final_layer_norm(
+                out.hidden_states[-clip_skip]
+            )
+        else:
+            z = out.hidden_states[-clip_skip]
+        if index == 0 and getattr(out, "text_embeds", None) is not None:
+            pooled = out.text_embeds
+        zs.append(_emphasis(z, chunk.weights))
+    return torch.cat(zs, dim=1), pooled
+
+
+def _chunks(tokenizer: Any, prompt: str) -> list[Chunk]:
+    parsed = parse_attention(prompt)
+    token_ids = tokenizer(
+        [text for text, _ in parsed], add_special_tokens=False, truncation=False
+    ).input_ids
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    return chunks(
+        parsed,
+        token_ids,
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        comma=comma if comma != tokenizer.unk_token_id else None,
+    )
+
+
+def _emphasis(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """A1111's "Original" emphasis: scale by the weights, then restore the original mean."""
+    if all(w == 1.0 for w in weights):
+        return z
+    before = z.float().mean()
+    z = z * torch.tensor(weights, device=z.device, dtype=z.dtype)[None, :, None]
+    after = z.float().mean()
+    if after.abs() > 1e-6:  # a tiny random CLIP can have mean ~0: avoid 0/0
+        z = z * (before / after).to(z.dtype)
+    return z

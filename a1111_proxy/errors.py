@@ -1,0 +1,123 @@
+"""Errors a client can meet, and the one place they become HTTP responses.
+
+Validation errors answer 422 `{"detail": [{"loc", "msg", "type"}]}` as A1111 (FastAPI) does;
+every other error answers in A1111's own shape `{"error", "detail", "body", "errors"}`, plus a
+stable `code`. The docstring of each class is its default message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger("a1111_proxy")
+
+
+class ProxyError(Exception):
+    """Unexpected error in a1111-proxy."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        super().__init__(self.message)
+
+
+class JobNotFound(ProxyError):
+    """No job has this id. List jobs with GET /sdapi/v1/jobs."""
+
+    status_code = 404
+    code = "job_not_found"
+
+
+class ImageNotFound(ProxyError):
+    """This job has no image with that index."""
+
+    status_code = 404
+    code = "image_not_found"
+
+
+class DeliveryNotFound(ProxyError):
+    """This job has no such webhook delivery to send again."""
+
+    status_code = 404
+    code = "delivery_not_found"
+
+
+class IdempotencyKeyReused(ProxyError):
+    """This Idempotency-Key was already used with a different request body. Use a new key for a
+    new request, or send the original body to get the original job back."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+class BodyTooLarge(ProxyError):
+    """The request body is larger than A1111_PROXY_MAX_BODY_BYTES allows."""
+
+    status_code = 413
+    code = "body_too_large"
+
+
+class NotAuthenticated(ProxyError):
+    """Not authenticated"""
+
+    status_code = 401
+    code = "not_authenticated"
+
+
+class InvalidRequest(ProxyError):
+    """The request is not valid."""
+
+    status_code = 422
+    code = "invalid_request"
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+
+def a1111_error(
+    status_code: int, error: str, detail: Any, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": error, "detail": detail, "body": "", "errors": "", "code": code}
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def validation_detail(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> list[dict[str, Any]]:
+    return [
+        {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+async def handle_proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    if isinstance(exc, InvalidRequest):
+        return JSONResponse({"detail": exc.errors}, status_code=422)
+    headers = {"WWW-Authenticate": 'Basic realm="a1111-proxy", Bearer'} if exc.status_code == 401 else None
+    return a1111_error(exc.status_code, "HTTPException", exc.message, exc.code, headers)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    # Starlette raises these for unknown routes (404) and wrong methods (405): keep FastAPI's shape.
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return a1111_error(500, type(exc).__name__, "internal error; see the server log", "internal_error")
+
+
+EXCEPTION_HANDLERS = {
+    ProxyError: handle_proxy_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,689 @@
+"""JobRepository: the only code that issues job SQL.
+
+The state machine (ARCHITECTURE.md, "Job"):
+
+    queued --claim--> processing --complete--> completed
+      |  ^                |  |----fail------> error
+      |  +--requeue/------+  |----canceled---> canceled   (cancel requested while running)
+      |     release/reap     +--reap, attempts exhausted--> error ("worker lost")
+      +--cancel--> canceled
+
+Every write after the claim is fenced by the lease token (`WHERE lease_token = :token AND status =
+'processing'`), so a worker that lost its lease can no longer change the job: its write touches no
+row and it learns that it must stop. Transactions are short and never span network I/O.
+
+Webhook messages are written by the same transaction as the change that causes them (the outbox,
+`deliveries.py`): the claim writes `started`, a progress update `progress` (at most 2 a second),
+and every move to a terminal status `completed`, each when the job's `webhook_events` asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Row,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from a1111_proxy.db.engine import Database
+from a1111_proxy.db.tables import controls, job_images, job_payloads, job_previews, jobs, workers
+from a1111_proxy.deliveries import DeliveryRepository, wants
+from a1111_proxy.errors import IdempotencyKeyReused
+
+TERMINAL = frozenset({"completed", "error", "canceled"})
+NOTIFY_CHANNEL = "a1111_proxy_jobs"
+
+# Columns the API shows; never the payload, the secret or image data.
+JOB_COLUMNS = tuple(
+    c
+    for c in jobs.c
+    if c.name not in {"webhook_secret", "lease_token", "request_hash", "idempotency_key"}
+)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    type: str
+    request: str  # the stored body shown to users (input images and secrets removed), JSON
+    payload: str  # the full body the backend receives, JSON
+    priority: int = 0
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_events: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    checkpoint: str | None = None  # override_settings.sd_model_checkpoint, if the body has one
+
+
+GENERATIONS = frozenset({"txt2img", "img2img"})
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker holds the lease on."""
+
+    seq: int
+    id: str
+    type: str
+    token: str
+    attempts: int
+    max_attempts: int
+    backend: str
+    checkpoint: str | None = None
+    payload: str = "{}"  # the body to send, JSON
+
+
+@dataclass(frozen=True)
+class Touch:
+    alive: bool  # False: the lease is lost, stop and touch nothing
+    cancel_requested: bool
+    skip_requested: bool = False
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Row[Any]
+    replayed: bool
+
+
+def retry_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """Durable backoff before attempt `attempt + 1`: about 2 s, 8 s, 32 s, capped at 60 s."""
+    base = min(60.0, 2.0 * 4 ** max(0, attempt - 1))
+    return base * (0.8 + 0.4 * rng())
+
+
+def error_json(code: str, message: str, **extra: Any) -> str:
+    return json.dumps({"code": code, "message": message, **extra})
+
+
+class JobRepository:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_attempts: int = 3,
+        lease_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.deliveries = DeliveryRepository(db, clock=clock)
+        self._batch: list[tuple[NewJob, asyncio.Future[Row[Any]]]] = []
+        self._batch_task: asyncio.Task[None] | None = None
+
+    # --- submit ---------------------------------------------------------------------------
+
+    async def submit(self, new: NewJob) -> Submitted:
+        """Store a new job durably; return once it is committed.
+
+        Submits without an idempotency key are committed in groups: each request still waits for
+        its own commit, but concurrent requests share one transaction.
+        """
+        if new.idempotency_key is not None:
+            return await self._submit_idempotent(new)
+        future: asyncio.Future[Row[Any]] = asyncio.get_running_loop().create_future()
+        self._batch.append((new, future))
+        if self._batch_task is None or self._batch_task.done():
+            self._batch_task = asyncio.create_task(self._drain_batches())
+        return Submitted(await future, replayed=False)
+
+    async def _drain_batches(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch[:256], self._batch[256:]
+            try:
+                rows = await self._insert_many([new for new, _ in batch])
+            except Exception as exc:  # every waiter hears about it; none is left hanging
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), row in zip(batch, rows, strict=True):
+                if not future.done():
+                    future.set_result(row)
+
+    async def _insert_many(self, batch: Sequence[NewJob]) -> list[Row[Any]]:
+        now = self.clock()
+        rows = [self._job_values(new, now) for new in batch]
+        async with self.db.writing() as conn:
+            if any(row["checkpoint"] is None and row["type"] in GENERATIONS for row in rows):
+                # Read in the same transaction: a job takes the default set before it was stored.
+                default = await self._default_checkpoint(conn)
+                for row in rows:
+                    if row["checkpoint"] is None and row["type"] in GENERATIONS:
+                        row["checkpoint"] = default
+            inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
+            by_id = {row.id: row for row in inserted}
+            await conn.execute(
+                insert(job_payloads),
+                [{"job_seq": by_id[r["id"]].seq, "body": n.payload} for r, n in zip(rows, batch)],
+            )
+            await self._notify(conn)
+        return [by_id[r["id"]] for r in rows]
+
+    async def _submit_idempotent(self, new: NewJob) -> Submitted:
+        try:
+            [row] = await self._insert_many([new])
+            return Submitted(row, replayed=False)
+        except IntegrityError:
+            pass  # the key exists: replay the job it made, if the body is the same
+        async with self.db.reading() as conn:
+            existing = (
+                await conn.execute(
+                    select(*JOB_COLUMNS, jobs.c.request_hash).where(
+                        jobs.c.idempotency_key == new.idempotency_key
+                    )
+                )
+            ).one_or_none()
+        if existing is None:  # deleted between our insert and read: try once more
+            [row] = await self._insert_many([new])
+            return Submitted(row, replayed=False)
+        if existing.request_hash != new.request_hash:
+            raise IdempotencyKeyReused()
+        return Submitted(existing, replayed=True)
+
+    async def _default_checkpoint(self, conn: AsyncConnection) -> str | None:
+        query = select(controls.c.value).where(controls.c.key == "default_checkpoint")
+        value = (await conn.execute(query)).scalar_one_or_none()
+        return json.loads(value) if value else None
+
+    def _job_values(self, new: NewJob, now: float) -> dict[str, Any]:
+        return {
+            "id": str(uuid.uuid4()),
+            "type": new.type,
+            "status": "queued",
+            "priority": new.priority,
+            "request": new.request,
+            "progress": 0.0,
+            "attempts": 0,
+            "image_count": 0,
+            "max_attempts": self.max_attempts,
+            "run_after": now,
+            "idempotency_key": new.idempotency_key,
+            "request_hash": new.request_hash,
+            "webhook_url": new.webhook_url,
+            "webhook_secret": new.webhook_secret,
+            "webhook_events": new.webhook_events,
+            "checkpoint": new.checkpoint,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    async def _notify(self, conn: AsyncConnection) -> None:
+        if not self.db.is_sqlite:
+            await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Row[Any] | None:
+        async with self.db.reading() as conn:
+            return (
+                await conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id))
+            ).one_or_none()
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        type: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[Row[Any]]:
+        query = select(*JOB_COLUMNS).order_by(jobs.c.seq.desc()).limit(limit)
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        if type is not None:
+            query = query.where(jobs.c.type == type)
+        if before_seq is not None:
+            query = query.where(jobs.c.seq < before_seq)
+        async with self.db.reading() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def images(self, seq: int) -> list[bytes]:
+        query = select(job_images.c.data).where(job_images.c.job_seq == seq).order_by(job_images.c.n)
+        async with self.db.reading() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def image(self, seq: int, n: int) -> bytes | None:
+        query = select(job_images.c.data).where(job_images.c.job_seq == seq, job_images.c.n == n)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    async def payload(self, seq: int) -> str:
+        async with self.db.reading() as conn:
+            query = select(job_payloads.c.body).where(job_payloads.c.job_seq == seq)
+            return (await conn.execute(query)).scalar_one()
+
+    async def webhook_secret(self, seq: int) -> str | None:
+        """The job's own signing secret, for the webhook sender only; never shown."""
+        query = select(jobs.c.webhook_secret).where(jobs.c.seq == seq)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    async def has_due_job(self) -> bool:
+        query = (
+            select(jobs.c.seq)
+            .where(jobs.c.status == "queued", jobs.c.run_after <= self.clock())
+            .limit(1)
+        )
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def running(self) -> list[Row[Any]]:
+        query = select(*JOB_COLUMNS).where(jobs.c.status == "processing").order_by(jobs.c.started_at)
+        async with self.db.reading() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def preview(self, seq: int) -> str | None:
+        query = select(job_previews.c.image).where(job_previews.c.job_seq == seq)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    async def statuses(self, ids: list[str]) -> dict[str, str]:
+        query = select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(ids))
+        async with self.db.reading() as conn:
+            return {row.id: row.status for row in (await conn.execute(query)).all()}
+
+    async def counts(self) -> dict[str, int]:
+        query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        async with self.db.reading() as conn:
+            found = {status: n for status, n in (await conn.execute(query)).all()}
+        return {status: found.get(status, 0) for status in ("queued", "processing")} | found
+
+    # --- cancel ---------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Row[Any] | None:
+        """Cancel a queued job at once; ask the worker to interrupt a running one.
+
+        A terminal job is left as it is. Returns the job, or None if there is no such job.
+        """
+        now = self.clock()
+        async with self.db.writing() as conn:
+            canceled = (await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == "queued")
+                .values(status="canceled", completed_at=now, updated_at=now,
+                        error=error_json("canceled", "canceled before it started"))
+                .returning(*_WEBHOOK)
+            )).one_or_none()
+            if canceled is not None:
+                await self._announce(conn, canceled, "completed", now)
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == "processing",
+                       jobs.c.cancel_requested_at.is_(None))
+                .values(cancel_requested_at=now, updated_at=now)
+            )
+            row = (
+                await conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id))
+            ).one_or_none()
+            await self._notify(conn)
+        return row
+
+    async def interrupt_running(self) -> int:
+        """A1111's /interrupt over our jobs: every running job is asked to stop."""
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None))
+            .values(cancel_requested_at=now, updated_at=now)
+        )
+        async with self.db.writing() as conn:
+            return (await conn.execute(stmt)).rowcount
+
+    async def skip_running(self) -> int:
+        """A1111's /skip over our jobs: each running job skips its current batch."""
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(jobs.c.status == "processing")
+            .values(skip_requested_at=now, updated_at=now)
+        )
+        async with self.db.writing() as conn:
+            return (await conn.execute(stmt)).rowcount
+
+    # --- the worker's side ----------------------------------------------------------------
+
+    async def claim_next(self, owner: str, backend: str) -> Claim | None:
+        """Take the next due job for one slot (see `claim`)."""
+        claimed = await self.claim(owner, [(backend, None)])
+        return claimed[0][1] if claimed else None
+
+    async def claim(
+        self, owner: str, slots: Sequence[tuple[str, str | None]]
+    ) -> list[tuple[int, Claim]]:
+        """Lease up to one due job per free slot (highest priority, then oldest) to `owner`.
+
+        `slots` are (backend name, checkpoint it last ran). A job goes to a slot that last ran
+        its checkpoint when there is one, else to the first free slot. One short transaction
+        claims, assigns and reads the payloads. Returns (slot index, claim) pairs.
+        """
+        now = self.clock()
+        due = (
+            select(jobs.c.seq)
+            .where(jobs.c.status == "queued", jobs.c.run_after <= now)
+            .order_by(jobs.c.priority.desc(), jobs.c.seq)
+            .limit(len(slots))
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
+        # One random prefix per claim plus the job's seq: a token no other claim ever had.
+        prefix = uuid.uuid4().hex[:16] + ":"
+        stmt = (
+            update(jobs)
+            # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
+            .where(jobs.c.seq == due.c.seq, jobs.c.status == "queued")
+            .values(
+                status="processing",
+                attempts=jobs.c.attempts + 1,
+                lease_owner=owner,
+                lease_token=literal(prefix) + cast(jobs.c.seq, String),
+                lease_expires_at=now + self.lease_seconds,
+                progress=0.0,
+                eta_relative=None,
+                started_at=func.coalesce(jobs.c.started_at, now),
+                updated_at=now,
+            )
+            .returning(jobs.c.id, jobs.c.type, jobs.c.attempts, jobs.c.max_attempts,
+                       jobs.c.checkpoint, jobs.c.priority, jobs.c.lease_token, *_WEBHOOK)
+        )
+        async with self.db.writing() as conn:
+            rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
+            if not rows:
+                return []
+            placed = _place(rows, slots)
+            await conn.execute(
+                update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
+                [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
+            )
+            payloads = dict((await conn.execute(
+                select(job_payloads.c.job_seq, job_payloads.c.body)
+                .where(job_payloads.c.job_seq.in_([row.seq for row in rows]))
+            )).all())
+            announced = [await self._announce(conn, row, "started", now) for row in rows]
+            if any(announced):
+                await self._notify(conn)
+        return [
+            (index, Claim(row.seq, row.id, row.type, row.lease_token, row.attempts,
+                          row.max_attempts, slots[index][0], row.checkpoint, payloads[row.seq]))
+            for index, row in placed
+        ]
+
+    def _fenced(self, claim: Claim) -> Any:
+        return and_(
+            jobs.c.seq == claim.seq,
+            jobs.c.lease_token == claim.token,
+            jobs.c.status == "processing",
+        )
+
+    async def touch(
+        self,
+        claim: Claim,
+        *,
+        progress: float | None = None,
+        eta: float | None = None,
+        preview: str | None = None,
+    ) -> Touch:
+        """Renew the lease (and store progress and the live preview); learn whether a cancel
+        or a skip was asked for."""
+        now = self.clock()
+        values: dict[str, Any] = {"lease_expires_at": now + self.lease_seconds, "updated_at": now}
+        if progress is not None:
+            values["progress"] = max(0.0, min(1.0, progress))
+            values["eta_relative"] = eta
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(**values)
+            .returning(jobs.c.cancel_requested_at, jobs.c.skip_requested_at, *_WEBHOOK)
+        )
+        async with self.db.writing() as conn:
+            row = (await conn.execute(stmt)).one_or_none()
+            if row is not None and progress is not None:
+                if await self._announce(conn, row, "progress", now):
+                    await self._notify(conn)
+            if row is not None and preview is not None:
+                await conn.execute(delete(job_previews).where(job_previews.c.job_seq == claim.seq))
+                await conn.execute(
+                    insert(job_previews).values(job_seq=claim.seq, image=preview, updated_at=now)
+                )
+        return _touch(row)
+
+    async def requests(self, claim: Claim) -> Touch:
+        """A read-only look at what was asked of a running job (cancel, skip)."""
+        query = select(jobs.c.cancel_requested_at, jobs.c.skip_requested_at).where(
+            self._fenced(claim)
+        )
+        async with self.db.reading() as conn:
+            return _touch((await conn.execute(query)).one_or_none())
+
+    async def cancel_requested(self, claim: Claim) -> bool | None:
+        """True/False, or None when the lease is gone."""
+        touch = await self.requests(claim)
+        return touch.cancel_requested if touch.alive else None
+
+    async def clear_skip(self, claim: Claim) -> None:
+        stmt = update(jobs).where(self._fenced(claim)).values(skip_requested_at=None)
+        async with self.db.writing() as conn:
+            await conn.execute(stmt)
+
+    async def complete(
+        self, claim: Claim, result: Any, images: list[bytes], *, status: str = "completed",
+        error: str | None = None,
+    ) -> bool:
+        """Store the backend's answer (its images apart, in `images`) and end the job
+        `completed` (or `canceled` with the partial answer A1111 gave on interrupt).
+        False: nothing was written, because the lease was lost or (for `completed`) a cancel
+        was asked for meanwhile; `requests()` tells which."""
+        now = self.clock()
+        fenced = self._fenced(claim)
+        if status == "completed":
+            fenced = and_(fenced, jobs.c.cancel_requested_at.is_(None))
+        async with self.db.writing() as conn:
+            done = (await conn.execute(
+                update(jobs)
+                .where(fenced)
+                .values(
+                    status=status,
+                    result=json.dumps(result),
+                    image_count=len(images),
+                    progress=1.0 if status == "completed" else jobs.c.progress,
+                    eta_relative=0.0,
+                    error=error,
+                    completed_at=now,
+                    updated_at=now,
+                    **_NO_LEASE,
+                )
+                .returning(*_WEBHOOK)
+            )).one_or_none()
+            if done is None:
+                return False  # nothing was written
+            await conn.execute(delete(job_images).where(job_images.c.job_seq == claim.seq))
+            if images:
+                await conn.execute(
+                    insert(job_images),
+                    [{"job_seq": claim.seq, "n": n, "data": data} for n, data in enumerate(images)],
+                )
+            await self._announce(conn, done, "completed", now)
+            await self._notify(conn)
+        return True
+
+    async def finish(self, claim: Claim, status: str, error: str | None) -> bool:
+        """End the job `error` or `canceled`. False: the lease was lost."""
+        assert status in ("error", "canceled")
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(status=status, error=error, completed_at=now, updated_at=now, **_NO_LEASE)
+            .returning(*_WEBHOOK)
+        )
+        async with self.db.writing() as conn:
+            ended = (await conn.execute(stmt)).one_or_none()
+            if ended is not None:
+                await self._announce(conn, ended, "completed", now)
+            await self._notify(conn)
+        return ended is not None
+
+    async def requeue(self, claim: Claim, delay: float, error: str | None) -> bool:
+        """Put the job back in the queue to run again after `delay` seconds (durable backoff)."""
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(status="queued", run_after=now + delay, error=error, progress=0.0,
+                    eta_relative=None, updated_at=now, **_NO_LEASE)
+        )
+        async with self.db.writing() as conn:
+            done = (await conn.execute(stmt)).rowcount == 1
+            await self._notify(conn)
+        return done
+
+    async def release(self, claim: Claim) -> bool:
+        """Give the job back at once without counting the attempt (graceful shutdown)."""
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(status="queued", run_after=now, attempts=jobs.c.attempts - 1, progress=0.0,
+                    eta_relative=None, updated_at=now, **_NO_LEASE)
+        )
+        async with self.db.writing() as conn:
+            done = (await conn.execute(stmt)).rowcount == 1
+            await self._notify(conn)
+        return done
+
+    async def reap_expired(self) -> list[tuple[str, str]]:
+        """Jobs whose lease ran out: back to the queue, or `error` once attempts are used up.
+
+        A job whose cancel was asked for ends `canceled` instead. Returns (id, new status) pairs.
+        """
+        now = self.clock()
+        exhausted = jobs.c.attempts >= jobs.c.max_attempts
+        canceling = jobs.c.cancel_requested_at.is_not(None)
+        new_status = case((canceling, "canceled"), (exhausted, "error"), else_="queued")
+        lost = error_json(
+            "worker_lost",
+            "worker lost: the worker running this job stopped renewing its lease "
+            "(it crashed or was killed) and the attempt limit is reached",
+        )
+        stmt = (
+            update(jobs)
+            .where(jobs.c.status == "processing", jobs.c.lease_expires_at < now)
+            .values(
+                status=new_status,
+                error=case((canceling, jobs.c.error), (exhausted, literal(lost)),
+                           else_=jobs.c.error),
+                completed_at=case((canceling | exhausted, now), else_=None),
+                run_after=now,
+                progress=case((canceling | exhausted, jobs.c.progress), else_=0.0),
+                updated_at=now,
+                **_NO_LEASE,
+            )
+            .returning(jobs.c.id, jobs.c.status, *_WEBHOOK)
+        )
+        async with self.db.writing() as conn:
+            rows = (await conn.execute(stmt)).all()
+            for row in rows:
+                if row.status in TERMINAL:
+                    await self._announce(conn, row, "completed", now)
+            if rows:
+                await self._notify(conn)
+        return [(row.id, row.status) for row in rows]
+
+    # --- the webhook outbox ---------------------------------------------------------------
+
+    async def _announce(self, conn: AsyncConnection, job: Row[Any], event: str, now: float) -> bool:
+        """Queue the webhook message for `event` in this transaction, if the job asked for it.
+
+        `job` carries the columns of `_WEBHOOK`. Progress is throttled per job. True: queued.
+        """
+        if not job.webhook_url or not wants(job.webhook_events, event):
+            return False
+        if event == "progress" and not await self.deliveries.progress_due(conn, job.seq, now):
+            return False
+        snapshot = (await conn.execute(select(*JOB_COLUMNS).where(jobs.c.seq == job.seq))).one()
+        await self.deliveries.add(conn, dict(snapshot._mapping), event, now)
+        return True
+
+    # --- workers --------------------------------------------------------------------------
+
+    async def beat_worker(self, worker_id: str, started_at: float, slots: list[dict[str, Any]]) -> None:
+        now = self.clock()
+        body = json.dumps(slots)
+        async with self.db.writing() as conn:
+            done = await conn.execute(
+                update(workers).where(workers.c.id == worker_id).values(heartbeat_at=now, slots=body)
+            )
+            if done.rowcount == 0:
+                await conn.execute(
+                    insert(workers).values(id=worker_id, started_at=started_at,
+                                           heartbeat_at=now, slots=body)
+                )
+            # Forget workers that stopped long ago, so health reflects the living.
+            await conn.execute(delete(workers).where(workers.c.heartbeat_at < now - 86400))
+
+    async def forget_worker(self, worker_id: str) -> None:
+        async with self.db.writing() as conn:
+            await conn.execute(delete(workers).where(workers.c.id == worker_id))
+
+    async def live_workers(self, stale_after: float) -> list[Row[Any]]:
+        query = select(workers).where(workers.c.heartbeat_at >= self.clock() - stale_after)
+        async with self.db.reading() as conn:
+            return list((await conn.execute(query.order_by(workers.c.id))).all())
+
+    async def ping(self) -> None:
+        async with self.db.reading() as conn:
+            await conn.execute(text("SELECT 1"))
+
+
+_NO_LEASE = {"lease_owner": None, "lease_token": None, "lease_expires_at": None,
+             "skip_requested_at": None}
+
+
+def _place(rows: list[Any], slots: Sequence[tuple[str, str | None]]) -> list[tuple[int, Any]]:
+    """Give each claimed job (in queue order) a slot, preferring one that has its checkpoint."""
+    free = list(range(len(slots)))
+    placed = []
+    for row in rows:
+        match = next((i for i in free if row.checkpoint and slots[i][1] == row.checkpoint), free[0])
+        free.remove(match)
+        placed.append((match, row))
+    return placed
+
+
+def _touch(row: Any) -> Touch:
+    if row is None:
+        return Touch(alive=False, cancel_requested=False)
+    return Touch(alive=True, cancel_requested=row.cancel_requested_at is not None,
+                 skip_requested=row.skip_requested_at is not None)
+
+
+_WEBHOOK = (jobs.c.seq, jobs.c.webhook_url, jobs.c.webhook_events)
+
+
+def encode_images(images: list[bytes]) -> list[str]:
+    return [base64.b64encode(data).decode("ascii") for data in images]

@@ -1,0 +1,108 @@
+"""ASGI middleware: bearer/basic token auth and the request body limit."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import Iterable
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from a1111_proxy.errors import BodyTooLarge, a1111_error
+
+OPEN_PATHS = ("/health", "/ready", "/doc", "/openapi.json", "/metrics")
+
+
+class TokenAuth:
+    """`Authorization: Bearer <token>`, or HTTP Basic with the token as the password (so A1111
+    clients configured for `--api-auth` work). Tokens are compared in constant time."""
+
+    def __init__(self, app: ASGIApp, tokens: Iterable[str]) -> None:
+        self.app = app
+        self.tokens = [token.encode() for token in tokens]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.tokens or _is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        presented = _presented_token(Headers(scope=scope).get("authorization"))
+        if presented is None:
+            detail = "Not authenticated"
+        elif self._valid(presented):
+            await self.app(scope, receive, send)
+            return
+        else:
+            detail = "Incorrect username or password"
+        response = a1111_error(
+            401, "HTTPException", detail, "not_authenticated",
+            {"WWW-Authenticate": 'Bearer realm="a1111-proxy", Basic realm="a1111-proxy"'},
+        )
+        await response(scope, receive, send)
+
+    def _valid(self, presented: bytes) -> bool:
+        # Compare against every token so the time taken does not tell which one matched.
+        found = False
+        for token in self.tokens:
+            found |= hmac.compare_digest(presented, token)
+        return found
+
+
+def _is_open(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS)
+
+
+def _presented_token(header: str | None) -> bytes | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return value.strip().encode()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return b""
+        return decoded.partition(b":")[2]
+    return b""
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, whether announced or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _too_large(self.max_bytes)(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge(_too_large_text(self.max_bytes))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _too_large_text(max_bytes: int) -> str:
+    return (
+        f"The request body is larger than {max_bytes} bytes. Send smaller images, or raise "
+        "A1111_PROXY_MAX_BODY_BYTES."
+    )
+
+
+def _too_large(max_bytes: int):  # type: ignore[no-untyped-def]
+    return a1111_error(413, "HTTPException", _too_large_text(max_bytes), "body_too_large")

@@ -1,0 +1,220 @@
+"""The OpenAPI 3.1 document, built with apispec from one explicit table of operations and the
+pydantic models. `tests/test_openapi.py` checks that every route is in the table and that
+`openapi/openapi.json` is this document."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from apispec import APISpec
+from pydantic import BaseModel
+
+from a1111_proxy import __version__
+from a1111_proxy import schemas as s
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Op:
+    method: str
+    path: str
+    summary: str
+    tag: str
+    responses: dict[int | str, type[BaseModel] | str | None]
+    body: str | type[BaseModel] | None = None
+    params: list[dict[str, Any]] = field(default_factory=list)
+    description: str = ""
+    open: bool = False  # needs no token
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {"in": "header", "name": name, "required": False, "schema": {"type": "string"},
+            "description": description}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"in": "query", "name": name, "required": False, "schema": schema,
+            "description": description}
+
+
+def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"in": "path", "name": name, "required": True, "schema": schema or {"type": "string"}}
+
+
+PREFER = _header("Prefer", "`wait` (until done), `wait=N` (seconds) or `respond-async`; the "
+                 "deployment default is A1111_PROXY_RESPONSE_MODE")
+IDEMPOTENCY = _header("Idempotency-Key", "a retry with the same key returns the same job")
+JOB_ID = _path("job_id")
+ANY_JSON: dict[str, Any] = {}
+# In wait mode a job that failed answers with A1111's own status and body ("default").
+SUBMIT: dict[int | str, Any] = {200: s.A1111Result, 202: s.Job, 413: s.A1111Error,
+                                422: "any", "default": "any"}
+WAITED: dict[int | str, Any] = {200: "any", 202: s.Job, 413: s.A1111Error, 422: "any",
+                                "default": "any"}
+CIVITAI = _query("civitai", {"type": "boolean"}, "false: leave out the civitai key")
+CATALOGUE_LISTS = ("samplers", "schedulers", "upscalers",
+                   "latent-upscale-modes", "sd-vae", "script-info", "prompt-styles",
+                   "hypernetworks", "face-restorers", "realesrgan-models", "extensions")
+CATALOGUE_OBJECTS = ("scripts", "embeddings", "memory", "cmd-flags")
+
+OPERATIONS: list[Op] = [
+    Op("post", "/sdapi/v1/txt2img", "Queue a txt2img job", "generation", SUBMIT,
+       body="Txt2ImgSubmit", params=[PREFER, IDEMPOTENCY],
+       description="A1111's body (all its fields, parsed as leniently as A1111 does; unknown "
+       "keys are passed on) plus the proxy's fields. 202 with the job, or in wait mode 200 with "
+       "A1111's own answer. A1111's own error status and body come back as they are."),
+    Op("post", "/sdapi/v1/img2img", "Queue an img2img job", "generation", SUBMIT,
+       body="Img2ImgSubmit", params=[PREFER, IDEMPOTENCY]),
+    Op("get", "/sdapi/v1/jobs", "List jobs, newest first (never image data)", "jobs",
+       {200: s.JobList, 422: s.ValidationFailed},
+       params=[_query("status", {"type": "string", "enum": ["queued", "processing", "completed",
+                                                            "error", "canceled"]}, "only these"),
+               _query("type", {"type": "string"}, "only this job type"),
+               _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size"),
+               _query("cursor", {"type": "string"}, "next_cursor of the previous page")]),
+    Op("get", "/sdapi/v1/jobs/{job_id}", "One job, with A1111's answer once completed", "jobs",
+       {200: s.Job, 404: s.A1111Error}, params=[JOB_ID]),
+    Op("post", "/sdapi/v1/jobs/{job_id}/cancel", "Cancel a job", "jobs",
+       {200: s.Job, 404: s.A1111Error}, params=[JOB_ID],
+       description="A queued job ends at once; a running one is interrupted on its A1111; a "
+       "finished one is left as it is."),
+    Op("get", "/sdapi/v1/jobs/{job_id}/images/{n}", "One result image", "jobs",
+       {200: "image", 404: s.A1111Error},
+       params=[JOB_ID, _path("n", {"type": "integer", "minimum": 0})]),
+    Op("get", "/sdapi/v1/jobs/{job_id}/webhooks", "The job's webhook deliveries and attempts",
+       "webhooks", {200: s.DeliveryList, 404: s.A1111Error}, params=[JOB_ID]),
+    Op("post", "/sdapi/v1/jobs/{job_id}/webhooks/redeliver", "Send a webhook again", "webhooks",
+       {202: s.Delivery, 404: s.A1111Error, 422: s.ValidationFailed}, params=[JOB_ID],
+       body="object",
+       description="The same `webhook-id`, a fresh signature, one manual attempt. Body "
+       '(optional): `{"delivery_id": "msg_..."}`; without it, the latest `job.completed`.'),
+    Op("get", "/sdapi/v1/progress", "A1111's progress, over the proxy's jobs", "a1111",
+       {200: s.ProgressResponse},
+       params=[_query("skip_current_image", {"type": "boolean"}, "leave the live preview out")]),
+    Op("post", "/sdapi/v1/interrupt", "Interrupt every running job", "a1111", {200: "object"}),
+    Op("post", "/sdapi/v1/skip", "Skip the current batch of every running job", "a1111",
+       {200: "null"}),
+    Op("get", "/sdapi/v1/options", "The options (with the proxy's default checkpoint)",
+       "a1111", {200: "object"}),
+    Op("post", "/sdapi/v1/options", "Set options", "a1111",
+       {200: "null", 422: "any", 503: s.A1111Error}, body="object",
+       description="`sd_model_checkpoint` becomes the checkpoint of jobs submitted afterwards; "
+       "other options reach each backend between its jobs."),
+    *(Op("get", f"/sdapi/v1/{name}", f"A1111's {name}, each with its Civitai metadata when known",
+         "models", {200: "array"}, params=[CIVITAI]) for name in ("sd-models", "loras")),
+    *(Op("get", f"/sdapi/v1/{name}/{{name}}", f"One of A1111's {name}, by {how}", "models",
+         {200: "object", 404: s.A1111Error}, params=[_path("name"), CIVITAI])
+      for name, how in (("sd-models", "title, name or hash"), ("loras", "name or alias"))),
+    *(Op("get", f"/sdapi/v1/{name}", f"A1111's {name} (from the worker's catalogue)", "a1111",
+         {200: "array"}) for name in CATALOGUE_LISTS),
+    *(Op("get", f"/sdapi/v1/{name}", f"A1111's {name} (from the worker's catalogue)", "a1111",
+         {200: "object"}) for name in CATALOGUE_OBJECTS),
+    *(Op("post", f"/sdapi/v1/refresh-{what}", f"Ask the backends to rescan {what}", "a1111",
+         {200: "null"}) for what in ("checkpoints", "loras", "vae", "embeddings")),
+    Op("post", "/sdapi/v1/png-info", "Read a PNG's generation parameters", "a1111",
+       {200: s.PngInfoResponse, 413: s.A1111Error, 422: "any"}, body=s.PngInfoRequest),
+    *(Op("post", f"/sdapi/v1/{kind}", f"A1111's {kind}, run as a job on a backend slot",
+         "a1111", WAITED, body="object", params=[PREFER])
+      for kind in ("interrogate", "extra-single-image", "extra-batch-images")),
+    Op("post", "/controlnet/detect", "ControlNet's detect, run as a job on a backend slot",
+       "controlnet", WAITED, body="object", params=[PREFER]),
+    *(Op("get", f"/controlnet/{name}", f"ControlNet's {name} (from the catalogue)", "controlnet",
+         {200: "object", 404: s.A1111Error}) for name in ("version", "model_list", "module_list")),
+    Op("get", "/health", "Liveness, with details", "operations",
+       {200: s.Health, 503: s.Health}, open=True),
+    Op("get", "/ready", "Readiness: the database is reachable and migrated", "operations",
+       {200: s.Ready, 503: s.Ready}, open=True),
+]
+
+MODELS: list[type[BaseModel]] = [
+    s.Txt2ImgRequest, s.Img2ImgRequest, s.ProxyFields, s.Job, s.JobList, s.A1111Result,
+    s.ValidationFailed, s.A1111Error, s.ProgressResponse, s.PngInfoRequest, s.PngInfoResponse,
+    s.Health, s.Ready, s.DeliveryList, s.Delivery,
+]
+
+
+def build_spec() -> dict[str, Any]:
+    spec = APISpec(
+        title="a1111-proxy",
+        version=__version__,
+        openapi_version="3.1.0",
+        info={"description": "An asynchronous, durable front door for Stable Diffusion that "
+              "speaks the AUTOMATIC1111 API. Fields marked 'a1111-proxy extension' are ours; "
+              "everything else is A1111's."},
+    )
+    _register_models(spec)
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("basic", {
+        "type": "http", "scheme": "basic",
+        "description": "any user name, the token as the password (A1111's --api-auth clients)"})
+    for op in OPERATIONS:
+        spec.path(path=op.path, operations={op.method: _operation(op)})
+    return spec.to_dict()
+
+
+def _register_models(spec: APISpec) -> None:
+    for model in MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}",
+                                         mode="serialization" if model in _OUTPUTS else "validation")
+        for name, sub in schema.pop("$defs", {}).items():
+            if name not in spec.components.schemas:
+                spec.components.schema(name, sub)
+        if model.__name__ not in spec.components.schemas:
+            spec.components.schema(model.__name__, schema)
+    for kind in ("Txt2Img", "Img2Img"):
+        spec.components.schema(f"{kind}Submit", {"allOf": [
+            {"$ref": f"#/components/schemas/{kind}Request"},
+            {"$ref": "#/components/schemas/ProxyFields"},
+        ]})
+
+
+_OUTPUTS = {s.Job, s.JobList, s.A1111Result, s.ValidationFailed, s.A1111Error,
+            s.ProgressResponse, s.PngInfoResponse, s.Health, s.Ready, s.DeliveryList,
+            s.Delivery}
+
+
+def _operation(op: Op) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": op.summary,
+        "tags": [op.tag],
+        "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('-', '_')}"
+                       .replace("{", "").replace("}", ""),
+        "responses": {str(code): _response(code, kind) for code, kind in op.responses.items()},
+    }
+    if op.description:
+        operation["description"] = op.description
+    if op.params:
+        operation["parameters"] = op.params
+    if op.body is not None:
+        operation["requestBody"] = {"required": True,
+                                    "content": {JSON: {"schema": _schema(op.body)}}}
+    if op.open:
+        operation["security"] = []
+    else:
+        operation["security"] = [{"bearer": []}, {"basic": []}, {}]
+        operation["responses"].setdefault("401", _response(401, s.A1111Error))
+    return operation
+
+
+def _response(code: int | str, kind: type[BaseModel] | str | None) -> dict[str, Any]:
+    description = {200: "OK", 202: "Accepted: the job", 401: "No or wrong token",
+                   404: "Not found", 413: "Body too large", 422: "Invalid request",
+                   503: "Unavailable", "default": "A1111's own error status and body (wait "
+                   "mode), or an error in A1111's shape"}.get(code, "")
+    if kind == "image":
+        return {"description": description,
+                "content": {m: {"schema": {"type": "string", "contentMediaType": m}}
+                            for m in ("image/png", "image/jpeg", "image/webp")}}
+    return {"description": description or "OK", "content": {JSON: {"schema": _schema(kind)}}}
+
+
+def _schema(kind: type[BaseModel] | str | None) -> dict[str, Any]:
+    if isinstance(kind, type):
+        return {"$ref": f"#/components/schemas/{kind.__name__}"}
+    if kind in ("object", "array", "null"):
+        return {"type": kind}
+    if kind in ("any", None):
+        return ANY_JSON
+    return {"$ref": f"#/components/schemas/{kind}"}

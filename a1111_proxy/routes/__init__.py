@@ -1,0 +1,54 @@
+"""Every route of the API, in one list."""
+
+from __future__ import annotations
+
+from starlette.routing import Mount, Route
+
+from a1111_proxy.routes import a1111, docs, health, jobs, models, webhooks
+
+CATALOGUE = (
+    "samplers", "schedulers", "upscalers", "latent-upscale-modes",
+    "sd-vae", "scripts", "script-info", "embeddings", "prompt-styles", "hypernetworks",
+    "face-restorers", "realesrgan-models", "extensions", "memory", "cmd-flags",
+)
+QUEUED = ("interrogate", "extra-single-image", "extra-batch-images")
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+ROUTES = [
+    Route("/sdapi/v1/txt2img", jobs.txt2img, methods=["POST"]),
+    Route("/sdapi/v1/img2img", jobs.img2img, methods=["POST"]),
+    Route("/sdapi/v1/jobs", jobs.list_jobs, methods=["GET"]),
+    Route("/sdapi/v1/jobs/{job_id}", jobs.get_job, methods=["GET"]),
+    Route("/sdapi/v1/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
+    Route("/sdapi/v1/jobs/{job_id}/images/{n:int}", jobs.get_image, methods=["GET"]),
+    Route("/sdapi/v1/jobs/{job_id}/webhooks", webhooks.list_deliveries, methods=["GET"]),
+    Route("/sdapi/v1/jobs/{job_id}/webhooks/redeliver", webhooks.redeliver, methods=["POST"]),
+    Route("/sdapi/v1/progress", a1111.progress, methods=["GET"]),
+    Route("/sdapi/v1/interrupt", a1111.interrupt, methods=["POST"]),
+    Route("/sdapi/v1/skip", a1111.skip, methods=["POST"]),
+    Route("/sdapi/v1/options", a1111.get_options, methods=["GET"]),
+    Route("/sdapi/v1/options", a1111.set_options, methods=["POST"]),
+    Route("/sdapi/v1/sd-models", models.list_sd_models, methods=["GET"]),
+    Route("/sdapi/v1/sd-models/{name:path}", models.get_sd_model, methods=["GET"]),
+    Route("/sdapi/v1/loras", models.list_loras, methods=["GET"]),
+    Route("/sdapi/v1/loras/{name:path}", models.get_lora, methods=["GET"]),
+    *(Route(f"/sdapi/v1/{name}", a1111.catalogue_entry, methods=["GET"]) for name in CATALOGUE),
+    Route("/sdapi/v1/refresh-checkpoints", a1111.refresh_checkpoints, methods=["POST"]),
+    Route("/sdapi/v1/refresh-loras", a1111.refresh_loras, methods=["POST"]),
+    Route("/sdapi/v1/refresh-vae", a1111.refresh_other, methods=["POST"]),
+    Route("/sdapi/v1/refresh-embeddings", a1111.refresh_other, methods=["POST"]),
+    Route("/sdapi/v1/png-info", a1111.png_info, methods=["POST"]),
+    *(Route(f"/sdapi/v1/{kind}", a1111.queued_route(kind), methods=["POST"]) for kind in QUEUED),
+    Route("/controlnet/detect", a1111.queued_route("controlnet-detect"), methods=["POST"]),
+    Route("/controlnet/version", a1111.controlnet_entry, methods=["GET"]),
+    Route("/controlnet/model_list", a1111.controlnet_entry, methods=["GET"]),
+    Route("/controlnet/module_list", a1111.controlnet_entry, methods=["GET"]),
+    Route("/health", health.health, methods=["GET"]),
+    Route("/ready", health.ready, methods=["GET"]),
+    Route("/openapi.json", docs.openapi_json, methods=["GET"]),
+    Route("/doc", docs.doc, methods=["GET"]),
+    Mount("/doc/static", app=docs.swagger_assets(), name="doc-static"),
+    # Last: whatever else is asked of A1111's API gets a clear 404 (or 405).
+    Route("/sdapi/v1/{rest:path}", a1111.unsupported, methods=ANY_METHOD),
+    Route("/controlnet/{rest:path}", a1111.unsupported, methods=ANY_METHOD),
+]

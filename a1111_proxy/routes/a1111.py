@@ -1,0 +1,261 @@
+"""The rest of A1111's /sdapi/v1, answered over the proxy's jobs and the worker's catalogue.
+
+Nothing here waits on a backend: progress and control act on jobs in the database, and the
+catalogue (models, samplers, options, ...) is what the worker last fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
+
+from a1111_proxy.catalogue import (
+    DEFAULT_CHECKPOINT,
+    PENDING_OPTIONS,
+    REFRESH_REQUESTED,
+    CatalogueStore,
+    checkpoint_titles,
+    find_checkpoint,
+)
+from a1111_proxy.errors import ProxyError
+from a1111_proxy.jobs import JobRepository
+from a1111_proxy.pnginfo import decode_image, parse_infotext, text_chunks
+from a1111_proxy.routes.jobs import read_json_object, submit
+
+IDLE_STATE = {
+    "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+    "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+}
+
+# What each catalogue path answers before any worker has fetched it.
+CATALOGUE_EMPTY: dict[str, Any] = {
+    "sd-models": [], "loras": [], "samplers": [], "schedulers": [], "upscalers": [],
+    "latent-upscale-modes": [], "sd-vae": [], "hypernetworks": [], "face-restorers": [],
+    "realesrgan-models": [], "prompt-styles": [], "extensions": [], "script-info": [],
+    "scripts": {"txt2img": [], "img2img": []}, "embeddings": {"loaded": {}, "skipped": {}},
+    "memory": {}, "cmd-flags": {},
+}
+
+
+class UnknownCheckpoint(ProxyError):
+    """No checkpoint has that name."""
+
+    status_code = 422
+    code = "unknown_checkpoint"
+
+
+class CatalogueNotReady(ProxyError):
+    """No worker has fetched the backends' model list yet: start `a1111-proxy worker` and make
+    sure it reaches an A1111 (see /health)."""
+
+    status_code = 503
+    code = "catalogue_not_ready"
+
+
+class UnsupportedRoute(ProxyError):
+    """a1111-proxy does not offer this A1111 route."""
+
+    status_code = 404
+    code = "unsupported_route"
+
+
+class ControlNetMissing(ProxyError):
+    """The backends have no ControlNet extension (or no worker has looked yet)."""
+
+    status_code = 404
+    code = "controlnet_missing"
+
+
+def _repo(request: Request) -> JobRepository:
+    return request.state.repo  # type: ignore[no-any-return]
+
+
+def _store(request: Request) -> CatalogueStore:
+    return request.state.catalogue  # type: ignore[no-any-return]
+
+
+# --- progress and control ---------------------------------------------------------------
+
+
+async def progress(request: Request) -> Response:
+    """A1111's global /progress over our jobs: the oldest running job, and job_count counting
+    every queued and running job (0 and progress 0.0 when idle)."""
+    repo = _repo(request)
+    running = await repo.running()
+    counts = await repo.counts()
+    job_count = counts.get("queued", 0) + counts.get("processing", 0)
+    if not running:
+        return JSONResponse({"progress": 0.0, "eta_relative": 0.0,
+                             "state": {**IDLE_STATE, "job_count": job_count},
+                             "current_image": None, "textinfo": None})
+    job = running[0]
+    skip_image = request.query_params.get("skip_current_image", "false").lower() in ("true", "1")
+    steps = _steps(job)
+    state = {
+        **IDLE_STATE,
+        "interrupted": job.cancel_requested_at is not None,
+        "job": f"scripts_{job.type}",
+        "job_count": job_count,
+        "job_timestamp": datetime.fromtimestamp(job.started_at or job.created_at, UTC).strftime(
+            "%Y%m%d%H%M%S"),
+        "sampling_step": round(job.progress * steps),
+        "sampling_steps": steps,
+    }
+    return JSONResponse({
+        "progress": job.progress,
+        "eta_relative": job.eta_relative or 0.0,
+        "state": state,
+        "current_image": None if skip_image else await repo.preview(job.seq),
+        "textinfo": None,
+    })
+
+
+def _steps(job: Any) -> int:
+    try:
+        steps = json.loads(job.request).get("steps")
+        return int(steps) if steps else 50
+    except (ValueError, TypeError, AttributeError):
+        return 50
+
+
+async def interrupt(request: Request) -> Response:
+    """Stops every running job after its current step (A1111 answers `{}`)."""
+    await _repo(request).interrupt_running()
+    return JSONResponse({})
+
+
+async def skip(request: Request) -> Response:
+    """Skips the current batch of every running job (A1111 answers `null`)."""
+    await _repo(request).skip_running()
+    return JSONResponse(None)
+
+
+# --- the catalogue ----------------------------------------------------------------------
+
+
+async def catalogue_entry(request: Request) -> Response:
+    name = request.url.path.rsplit("/", 1)[-1]
+    body = await _store(request).get(name)
+    return JSONResponse(CATALOGUE_EMPTY.get(name) if body is None else body)
+
+
+async def get_options(request: Request) -> Response:
+    store = _store(request)
+    options = dict(await store.get("options") or {})
+    pending = await store.get_control(PENDING_OPTIONS)
+    if pending:
+        options.update(pending["options"])
+    default = await store.get_control(DEFAULT_CHECKPOINT)
+    if default:
+        model = find_checkpoint(await store.get("sd-models"), default) or {}
+        options["sd_model_checkpoint"] = default
+        options["sd_checkpoint_hash"] = model.get("sha256") or options.get("sd_checkpoint_hash")
+    return JSONResponse(options)
+
+
+async def set_options(request: Request) -> Response:
+    """`sd_model_checkpoint` becomes the default for jobs submitted from now on (applied per job,
+    so it never races a running one); other options reach the backends between jobs."""
+    body = await read_json_object(request)
+    store = _store(request)
+    checkpoint = body.pop("sd_model_checkpoint", None)
+    if checkpoint is not None:
+        await store.set_control(DEFAULT_CHECKPOINT, await _resolve_checkpoint(store, checkpoint))
+    if body:
+        await store.merge_pending_options(body)
+    return JSONResponse(None)
+
+
+async def _resolve_checkpoint(store: CatalogueStore, wanted: Any) -> str:
+    models = await store.get("sd-models")
+    if models is None:
+        raise CatalogueNotReady()
+    model = find_checkpoint(models, str(wanted))
+    if model is None:
+        titles = checkpoint_titles(models)
+        raise UnknownCheckpoint(
+            f"No checkpoint is called {wanted!r}. Known checkpoints: {', '.join(titles) or 'none'}"
+            " (GET /sdapi/v1/sd-models; POST /sdapi/v1/refresh-checkpoints after adding files)."
+        )
+    return str(model["title"])
+
+
+async def refresh_checkpoints(request: Request) -> Response:
+    await _request_refresh(request, ["checkpoints"])
+    return JSONResponse(None)
+
+
+async def refresh_loras(request: Request) -> Response:
+    await _request_refresh(request, ["loras"])
+    return JSONResponse(None)
+
+
+async def refresh_other(request: Request) -> Response:
+    await _request_refresh(request, [])
+    return JSONResponse(None)
+
+
+async def _request_refresh(request: Request, what: list[str]) -> None:
+    await _store(request).set_control(REFRESH_REQUESTED, {"at": time.time(), "what": what})
+
+
+async def controlnet_entry(request: Request) -> Response:
+    name = "controlnet-" + request.url.path.rsplit("/", 1)[-1]
+    body = await _store(request).get(name)
+    if body is None:
+        raise ControlNetMissing()
+    return JSONResponse(body)
+
+
+# --- other A1111 routes -----------------------------------------------------------------
+
+
+async def png_info(request: Request) -> Response:
+    """Answered locally, exactly: the PNG's text chunks and its parsed infotext."""
+    body = await read_json_object(request)
+    try:
+        chunks = text_chunks(decode_image(str(body.get("image") or "")))
+    except ValueError as exc:
+        raise UnknownImage(str(exc)) from None
+    info = chunks.pop("parameters", "")
+    return JSONResponse({"info": info, "items": chunks,
+                         "parameters": parse_infotext(info) if info else {}})
+
+
+class UnknownImage(ProxyError):
+    """The image could not be read."""
+
+    status_code = 422
+    code = "invalid_image"
+
+
+def queued_route(kind: str):  # type: ignore[no-untyped-def]
+    """Routes that need a backend run as jobs on a slot, like generations, and answer in wait
+    mode by default (these clients expect the answer in the response)."""
+
+    async def endpoint(request: Request) -> Response:
+        return await submit(request, kind, wait_by_default=True)
+
+    endpoint.__name__ = kind.replace("-", "_")
+    return endpoint
+
+
+async def unsupported(request: Request) -> Response:
+    """405 when the path exists with another method; otherwise a 404 that says what is offered."""
+    for route in request.app.router.routes:
+        if getattr(route, "endpoint", None) is unsupported:
+            continue
+        match, _ = route.matches({**request.scope, "method": "__none__"})
+        if match is Match.PARTIAL:
+            return JSONResponse({"detail": "Method Not Allowed"}, status_code=405)
+    raise UnsupportedRoute(
+        f"a1111-proxy does not offer {request.method} {request.url.path}. It offers txt2img, "
+        "img2img, the job API (/sdapi/v1/jobs), progress, interrupt, skip, options, the model "
+        "catalogue, png-info, interrogate, extras and ControlNet's detect; see /doc."
+    )

@@ -1,0 +1,67 @@
+"""Liveness with details, and readiness."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from a1111_proxy.jobs import JobRepository
+from a1111_proxy.migrate import current_revision
+
+
+async def health(request: Request) -> Response:
+    """200 when the database answers, a worker is alive and a backend slot is usable; else 503
+    with the reasons."""
+    repo: JobRepository = request.state.repo
+    stale_after: float = request.state.settings.worker_stale_seconds
+    problems: list[str] = []
+    report: dict[str, Any] = {"database": "ok", "workers": [], "backends": [], "queue": None}
+    try:
+        await repo.ping()
+        workers = await repo.live_workers(stale_after)
+        report["queue"] = await repo.counts()
+    except Exception as exc:
+        report["database"] = f"unreachable: {type(exc).__name__}: {exc}"
+        problems.append("the database does not answer")
+        workers = []
+    now = time.time()
+    for row in workers:
+        slots = json.loads(row.slots)
+        report["workers"].append(
+            {"id": row.id, "heartbeat_age_seconds": round(now - row.heartbeat_at, 3), "slots": slots}
+        )
+        report["backends"] += slots
+    if report["database"] == "ok" and not workers:
+        problems.append(
+            f"no worker has sent a heartbeat in the last {stale_after:.0f} s: start one with "
+            "`a1111-proxy worker`"
+        )
+    if workers and all(slot["state"] == "down" for slot in report["backends"]):
+        problems.append("every backend slot is down: " + "; ".join(
+            f"{s['backend']}: {s['last_error']}" for s in report["backends"]))
+    report["status"] = "ok" if not problems else "unhealthy"
+    report["problems"] = problems
+    return JSONResponse(report, status_code=200 if not problems else 503)
+
+
+async def ready(request: Request) -> Response:
+    """200 once the database is reachable and migrated to this version's schema."""
+    head: str = request.state.schema_head
+    try:
+        revision = await current_revision(request.state.repo.db)
+    except Exception as exc:
+        return JSONResponse(
+            {"ready": False, "reason": f"database unreachable: {type(exc).__name__}: {exc}"}, 503
+        )
+    if revision != head:
+        return JSONResponse(
+            {"ready": False,
+             "reason": f"database schema is at {revision}, this version needs {head}: "
+                       "run `a1111-proxy migrate`"},
+            503,
+        )
+    return JSONResponse({"ready": True, "schema": revision})

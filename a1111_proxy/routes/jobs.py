@@ -1,0 +1,306 @@
+"""Submitting jobs and reading, listing and canceling them."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+from typing import Any
+
+import anyio.to_thread
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, validation_detail
+from a1111_proxy import egress
+from a1111_proxy.images import ImageRules, check_images, fetch_image_urls
+from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
+from a1111_proxy.schemas import (
+    PROXY_FIELDS,
+    REQUEST_MODELS,
+    ProxyFields,
+    omit_images,
+    render_job,
+)
+from a1111_proxy.db.tables import STATUSES
+
+MAX_PAGE = 200
+
+
+def _repo(request: Request) -> JobRepository:
+    return request.state.repo  # type: ignore[no-any-return]
+
+
+async def txt2img(request: Request) -> Response:
+    return await submit(request, "txt2img")
+
+
+async def img2img(request: Request) -> Response:
+    return await submit(request, "img2img")
+
+
+async def submit(request: Request, kind: str, *, wait_by_default: bool = False) -> Response:
+    """Store the job, then answer 202 with it, or (wait mode) A1111's own answer once done."""
+    body = await read_json_object(request)
+    a1111_body = {key: value for key, value in body.items() if key not in PROXY_FIELDS}
+    proxy = validate_submission(kind, body, a1111_body)
+    if request.state.settings.backend == "diffusers":
+        refuse_what_the_engine_cannot_run(kind, a1111_body)
+    await check_input_images(request, kind, a1111_body)
+    key = idempotency_key(request)
+    wait = wait_preference(request, default_wait=wait_by_default)
+    new = NewJob(
+        type=kind,
+        request=json.dumps(omit_images(a1111_body)),
+        payload=json.dumps(a1111_body),
+        priority=proxy.priority,
+        webhook_url=proxy.webhook_url,
+        webhook_secret=proxy.webhook_secret,
+        webhook_events=json.dumps(proxy.webhook_events) if proxy.webhook_url else None,
+        idempotency_key=key,
+        request_hash=_fingerprint(body) if key else None,
+        checkpoint=_requested_checkpoint(a1111_body),
+    )
+    submitted = await _repo(request).submit(new)
+    headers = {"Location": f"/sdapi/v1/jobs/{submitted.job.id}", "X-Job-Id": submitted.job.id}
+    if submitted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if wait is not None:
+        return await answer_when_done(request, submitted.job, wait, headers)
+    status = 200 if submitted.replayed else 202
+    return JSONResponse(render_job(submitted.job), status_code=status, headers=headers)
+
+
+def _requested_checkpoint(body: dict[str, Any]) -> str | None:
+    overrides = body.get("override_settings")
+    if isinstance(overrides, dict) and isinstance(overrides.get("sd_model_checkpoint"), str):
+        return overrides["sd_model_checkpoint"] or None
+    return None
+
+
+class Wait:
+    def __init__(self, seconds: float, applied: str | None) -> None:
+        self.seconds = seconds
+        self.applied = applied  # the Preference-Applied value, when asked for in Prefer
+
+
+def wait_preference(request: Request, *, default_wait: bool = False) -> Wait | None:
+    """RFC 7240: `Prefer: wait` (until done), `wait=N` (N seconds), `respond-async` (202)."""
+    settings = request.state.settings
+    tokens = [t.strip().lower() for t in request.headers.get("prefer", "").split(",")]
+    for token in tokens:
+        name, _, value = token.partition("=")
+        if name.strip() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value:
+            return Wait(settings.wait_seconds_max, "wait")
+        try:
+            seconds = min(float(value), settings.wait_seconds_max)
+        except ValueError:
+            break
+        return Wait(max(0.0, seconds), f"wait={value}")
+    if "respond-async" in tokens:
+        return None
+    if default_wait or settings.response_mode == "wait":
+        return Wait(settings.wait_seconds_max, None)
+    return None
+
+
+async def answer_when_done(request: Request, row: Any, wait: Wait, headers: dict[str, str]) -> Response:
+    """Hold the request until the job ends, then answer exactly as A1111 would. A client that
+    goes away does not cancel its job; at the deadline the answer is 202 with the job."""
+    repo = _repo(request)
+    if wait.applied:
+        headers = {**headers, "Preference-Applied": wait.applied, "Vary": "Prefer"}
+    deadline = asyncio.get_running_loop().time() + wait.seconds
+    done = row.status in TERMINAL
+    while not done:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0 or await request.is_disconnected():
+            break
+        done = await request.state.waiter.wait(row.id, min(left, DISCONNECT_CHECK_SECONDS))
+    row = await repo.get(row.id)
+    if row.status not in TERMINAL:
+        return JSONResponse(render_job(row), status_code=202, headers=headers)
+    return a1111_answer(row, await repo.images(row.seq), headers)
+
+
+def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Response:
+    """A finished job as A1111's own response: its body on success, its error otherwise."""
+    if row.result is not None and row.status in ("completed", "canceled"):
+        return JSONResponse(render_job(row, images)["result"], headers=headers)
+    error = json.loads(row.error) if row.error else {"code": "canceled", "message": "canceled"}
+    if error.get("backend_status") and error.get("backend_body") is not None:
+        body = error["backend_body"]
+        if isinstance(body, str):
+            return Response(body, status_code=error["backend_status"], headers=headers)
+        return JSONResponse(body, status_code=error["backend_status"], headers=headers)
+    status = ERROR_STATUS.get(error.get("code", ""), 500)
+    body = {"error": error.get("code", "error"), "detail": error.get("message", ""), "body": "",
+            "errors": error.get("message", ""), "code": error.get("code"), "job_id": row.id}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+ERROR_STATUS = {"backend_unavailable": 503, "backend_bad_response": 502, "canceled": 409,
+                "worker_lost": 500, "internal_error": 500}
+DISCONNECT_CHECK_SECONDS = 1.0
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(
+            [{"loc": ["body"], "msg": f"the body is not valid JSON: {exc}", "type": "json_invalid"}]
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            [{"loc": ["body"], "msg": "the body must be a JSON object", "type": "dict_type"}]
+        )
+    return body
+
+
+def validate_submission(kind: str, body: dict[str, Any], a1111_body: dict[str, Any]) -> ProxyFields:
+    """Check the A1111 part as A1111 would and our own fields; report every problem at once."""
+    errors: list[dict[str, Any]] = []
+    model = REQUEST_MODELS.get(kind)
+    try:
+        if model is not None:
+            model.model_validate(a1111_body)
+    except ValidationError as exc:
+        errors += validation_detail(exc)
+    try:
+        proxy = ProxyFields.model_validate(body)
+    except ValidationError as exc:
+        errors += validation_detail(exc)
+    if errors:
+        raise InvalidRequest(errors)
+    return proxy
+
+
+async def check_input_images(request: Request, kind: str, body: dict[str, Any]) -> None:
+    """Decode, check and (when too large) resize the body's images, off the event loop."""
+    if kind == "txt2img" and not body.get("alwayson_scripts"):
+        return
+    settings = request.state.settings
+    rules = ImageRules(settings.image_max_pixels, settings.image_max_side, settings.image_urls)
+    problems = []
+    if rules.allow_urls:
+        fetch = functools.partial(egress.fetch, allow_private=settings.webhook_allow_private)
+        problems = await fetch_image_urls(kind, body, fetch, settings.max_body_bytes)
+    problems += await anyio.to_thread.run_sync(check_images, kind, body, rules)
+    if problems:
+        raise InvalidRequest([{"loc": ["body", *p.loc], "msg": p.message, "type": "image"}
+                              for p in problems])
+
+
+def refuse_what_the_engine_cannot_run(kind: str, a1111_body: dict[str, Any]) -> None:
+    """With the bundled engine, refuse at once what it would fail on (bad size, unknown sampler,
+    unsupported features) instead of queueing a job that can only end in error."""
+    from a1111_proxy.engine.params import problems  # plain Python: no torch in the API
+
+    found = problems(kind, a1111_body)
+    if found:
+        raise InvalidRequest(
+            [{"loc": ["body"], "msg": msg, "type": "value_error"} for msg in found]
+        )
+
+
+def idempotency_key(request: Request) -> str | None:
+    raw = request.headers.get("idempotency-key")
+    if raw is None:
+        return None
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':  # the draft's sf-string form
+        key = key[1:-1]
+    if not key or len(key) > 255 or not key.isprintable():
+        raise InvalidRequest(
+            [{"loc": ["header", "Idempotency-Key"],
+              "msg": "must be 1 to 255 printable characters (a UUID is a good key)",
+              "type": "value_error"}]
+        )
+    return key
+
+
+def _fingerprint(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def get_job(request: Request) -> Response:
+    repo = _repo(request)
+    row = await _find(repo, request.path_params["job_id"])
+    images = await repo.images(row.seq) if row.status == "completed" else None
+    return JSONResponse(render_job(row, images))
+
+
+async def list_jobs(request: Request) -> Response:
+    params = request.query_params
+    status = _choice(params.get("status"), STATUSES, "status")
+    kind = _choice(params.get("type"), tuple(REQUEST_MODELS), "type")
+    limit = _int_param(params.get("limit"), "limit", default=50, low=1, high=MAX_PAGE)
+    cursor = _int_param(params.get("cursor"), "cursor", default=None, low=1, high=2**62)
+    rows = await _repo(request).list(status=status, type=kind, before_seq=cursor, limit=limit)
+    next_cursor = str(rows[-1].seq) if len(rows) == limit else None
+    return JSONResponse(
+        {"jobs": [render_job(row, with_result=False) for row in rows], "next_cursor": next_cursor}
+    )
+
+
+async def cancel_job(request: Request) -> Response:
+    row = await _repo(request).cancel(request.path_params["job_id"])
+    if row is None:
+        raise JobNotFound()
+    return JSONResponse(render_job(row, with_result=False))
+
+
+async def get_image(request: Request) -> Response:
+    repo = _repo(request)
+    row = await _find(repo, request.path_params["job_id"])
+    n = request.path_params["n"]
+    data = await repo.image(row.seq, n) if row.status == "completed" else None
+    if data is None:
+        raise ImageNotFound(
+            f"Job {row.id} has no image {n}: it is {row.status} with {row.image_count} image(s) "
+            "(numbered from 0)."
+        )
+    return Response(data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=86400"})
+
+
+async def _find(repo: JobRepository, job_id: str) -> Any:
+    row = await repo.get(job_id)
+    if row is None:
+        raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
+    return row
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], name: str) -> str | None:
+    if value is None or value in allowed:
+        return value
+    raise InvalidRequest(
+        [{"loc": ["query", name], "msg": f"must be one of {', '.join(allowed)}", "type": "enum"}]
+    )
+
+
+def _int_param(value: str | None, name: str, *, default: int | None, low: int, high: int) -> int | None:
+    if value is None:
+        return default
+    if value.isdigit() and low <= int(value) <= high:
+        return int(value)
+    raise InvalidRequest(
+        [{"loc": ["query", name], "msg": f"must be a whole number from {low} to {high}",
+          "type": "int_parsing"}]
+    )
+
+
+def _media_type(data: bytes) -> str:
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/png"

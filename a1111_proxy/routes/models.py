@@ -1,0 +1,88 @@
+"""Checkpoints and LoRAs: A1111's `/sd-models` and `/loras` exactly as the worker last fetched them,
+each entry with a `civitai` key added (last) when Civitai knows its file, and one entry by name.
+
+Everything comes from the database: a listing never waits on a backend or on Civitai.
+`?civitai=false` leaves the enrichment out (A1111's answer, byte for byte in content).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from a1111_proxy.catalogue import CatalogueStore
+from a1111_proxy.errors import ProxyError
+from a1111_proxy.model_info import (
+    CATALOGUE_KINDS,
+    FileIndex,
+    ModelInfoStore,
+    find_entry,
+    known_names,
+)
+from a1111_proxy.settings import Settings
+
+FALSE_WORDS = ("false", "0", "no", "off")
+LISTS = {"checkpoint": "GET /sdapi/v1/sd-models", "lora": "GET /sdapi/v1/loras"}
+
+
+class ModelNotFound(ProxyError):
+    """No model has that name."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+async def list_sd_models(request: Request) -> Response:
+    entries, _ = await _entries(request, "sd-models")
+    return JSONResponse(entries)
+
+
+async def list_loras(request: Request) -> Response:
+    entries, _ = await _entries(request, "loras")
+    return JSONResponse(entries)
+
+
+async def get_sd_model(request: Request) -> Response:
+    """One checkpoint by title, name, model name, file name, or hash (short or full)."""
+    return JSONResponse(await _one(request, "sd-models"))
+
+
+async def get_lora(request: Request) -> Response:
+    """One LoRA by name or alias (or hash)."""
+    return JSONResponse(await _one(request, "loras"))
+
+
+async def _one(request: Request, name: str) -> dict[str, Any]:
+    wanted = request.path_params["name"]
+    kind = CATALOGUE_KINDS[name]
+    entries, index = await _entries(request, name)
+    found = find_entry(kind, entries, wanted, index)
+    if found is None:
+        known = ", ".join(repr(n) for n in known_names(kind, entries)) or "none yet"
+        raise ModelNotFound(f"No {kind} is called {wanted!r}. Known: {known} ({LISTS[kind]}).")
+    return found
+
+
+async def _entries(request: Request, name: str) -> tuple[list[Any], FileIndex]:
+    entries = await _catalogue(request).get(name) or []
+    info = _info(request)
+    index = FileIndex(await info.files())
+    if not _wants_civitai(request):
+        return entries, index
+    return await info.with_civitai(CATALOGUE_KINDS[name], entries, index), index
+
+
+def _wants_civitai(request: Request) -> bool:
+    settings: Settings = request.state.settings
+    asked = request.query_params.get("civitai", "true").strip().lower()
+    return settings.civitai_enabled and asked not in FALSE_WORDS
+
+
+def _catalogue(request: Request) -> CatalogueStore:
+    return request.state.catalogue  # type: ignore[no-any-return]
+
+
+def _info(request: Request) -> ModelInfoStore:
+    return request.state.model_info  # type: ignore[no-any-return]

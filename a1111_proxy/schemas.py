@@ -1,0 +1,396 @@
+"""The API contract: A1111 request bodies (parsed as leniently as A1111 does), our proxy fields,
+and the job as clients see it."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from a1111_proxy.jobs import encode_images
+from a1111_proxy.signatures import signing_key
+
+
+def _truncate_float(value: Any) -> Any:
+    # A1111 runs pydantic v1, which turns 512.5 into 512; pydantic v2 would refuse it.
+    if isinstance(value, float) and value.is_integer() is False and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+LooseInt = Annotated[int, BeforeValidator(_truncate_float)]
+
+
+MAX_PROMPT = 50_000  # characters; A1111 splits prompts into 75-token chunks, this is far beyond
+
+
+class _Lenient(BaseModel):
+    # Unknown keys are kept and passed on to A1111; numbers become strings where A1111 wants
+    # strings ("prompt": 123), as pydantic v1 did.
+    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True, populate_by_name=True)
+
+
+class Txt2ImgRequest(_Lenient):
+    """The body of A1111's `POST /sdapi/v1/txt2img` (A1111 v1.10.1 field set and defaults)."""
+
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT)] | None = ""
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT)] | None = ""
+    styles: list[str] | None = None
+    seed: LooseInt | None = -1
+    subseed: LooseInt | None = -1
+    subseed_strength: float | None = 0
+    seed_resize_from_h: LooseInt | None = -1
+    seed_resize_from_w: LooseInt | None = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: Annotated[LooseInt, Field(ge=1, le=64)] | None = 1
+    n_iter: Annotated[LooseInt, Field(ge=1, le=100)] | None = 1
+    steps: Annotated[LooseInt, Field(ge=1, le=500)] | None = 50
+    cfg_scale: Annotated[float, Field(ge=0, le=100)] | None = 7.0
+    width: Annotated[LooseInt, Field(ge=8, le=8192)] | None = 512
+    height: Annotated[LooseInt, Field(ge=8, le=8192)] | None = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool | None = False
+    do_not_save_grid: bool | None = False
+    eta: float | None = None
+    denoising_strength: Annotated[float, Field(ge=0, le=1)] | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool | None = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool | None = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    enable_hr: bool | None = False
+    firstphase_width: LooseInt | None = 0
+    firstphase_height: LooseInt | None = 0
+    hr_scale: float | None = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: LooseInt | None = 0
+    hr_resize_x: LooseInt | None = 0
+    hr_resize_y: LooseInt | None = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = ""
+    hr_negative_prompt: str | None = ""
+    force_task_id: str | None = None
+    sampler_index: str = "Euler"
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    infotext: str | None = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """The body of A1111's `POST /sdapi/v1/img2img` (A1111 v1.10.1 field set and defaults)."""
+
+    denoising_strength: Annotated[float, Field(ge=0, le=1)] = 0.75  # type: ignore[assignment]
+    init_images: list[str] = Field(
+        min_length=1, description="input images: raw base64 or data: URIs (required)")
+    resize_mode: LooseInt | None = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: LooseInt | None = 4
+    mask_blur_y: LooseInt | None = 4
+    mask_blur: LooseInt | None = None
+    mask_round: bool | None = True
+    inpainting_fill: LooseInt | None = 0
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: LooseInt | None = 0
+    inpainting_mask_invert: LooseInt | None = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+REQUEST_MODELS: dict[str, type[Txt2ImgRequest]] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest}
+
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+class ProxyFields(BaseModel):
+    """Fields a1111-proxy adds to A1111's body; they are never sent on to A1111."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    webhook_url: str | None = Field(
+        None, max_length=2048,
+        description="a1111-proxy extension: http(s) URL called when the job starts/progresses/ends")
+    webhook_secret: str | None = Field(
+        None, min_length=1, max_length=1024,
+        description="a1111-proxy extension: key that signs this job's webhooks (never shown back)")
+    webhook_events: list[WebhookEvent] = Field(
+        ["completed"], description="a1111-proxy extension: which webhook events to send")
+    priority: LooseInt = Field(
+        0, ge=-100, le=100, description="a1111-proxy extension: higher runs first, then older first")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry a user name or password; use webhook_secret to sign")
+        if not url.isprintable() or " " in url:
+            raise ValueError("must not contain spaces or control characters")
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0..65535
+        return url
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _usable_secret(cls, secret: str | None) -> str | None:
+        if secret is not None:
+            signing_key(secret)  # raises ValueError for a whsec_ secret that is not base64
+        return secret
+
+
+PROXY_FIELDS = frozenset(ProxyFields.model_fields)
+
+_BASE64ISH = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
+
+
+def omit_images(value: Any) -> Any:
+    """The body with inline images replaced by a short note, for storing and listing."""
+    if isinstance(value, dict):
+        return {key: omit_images(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [omit_images(item) for item in value]
+    if isinstance(value, str) and len(value) > 1024:
+        if value.startswith("data:") or _BASE64ISH.match(value[:4096]):
+            return f"<image: {len(value)} characters omitted>"
+    return value
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool = True) -> dict[str, Any]:
+    """A job as the API shows it. `images` fills the result's image list (detail view only)."""
+    result = None
+    if with_result and row.result is not None:
+        result = json.loads(row.result)
+        if images is not None and "images" in result:
+            result["images"] = encode_images(images)
+    webhook = None
+    if row.webhook_url:
+        webhook = {"url": row.webhook_url, "events": json.loads(row.webhook_events or "[]")}
+    base = f"/sdapi/v1/jobs/{row.id}"
+    return {
+        "id": row.id,
+        "type": row.type,
+        "status": row.status,
+        "progress": row.progress,
+        "eta_relative": row.eta_relative,
+        "priority": row.priority,
+        "attempts": row.attempts,
+        "max_attempts": row.max_attempts,
+        "backend": row.backend,
+        "created_at": iso(row.created_at),
+        "started_at": iso(row.started_at),
+        "completed_at": iso(row.completed_at),
+        "error": json.loads(row.error) if row.error else None,
+        "request": json.loads(row.request),
+        "result": result,
+        "image_urls": [f"{base}/images/{n}" for n in range(row.image_count)],
+        "webhook": webhook,
+        "links": {"self": base, "cancel": f"{base}/cancel"},
+    }
+
+
+# --- responses (documented in the OpenAPI document) --------------------------------------
+
+
+class JobError(BaseModel):
+    code: str = Field(description="stable: backend_rejected, backend_unavailable, "
+                      "backend_bad_response, worker_lost, canceled, internal_error")
+    message: str
+    backend: str | None = None
+    backend_status: int | None = Field(None, description="A1111's HTTP status, when it answered")
+    backend_body: Any = Field(None, description="A1111's answer, when it answered")
+
+
+class JobWebhook(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+
+
+class JobLinks(BaseModel):
+    self: str
+    cancel: str
+
+
+class A1111Result(BaseModel):
+    """A1111's own txt2img/img2img response."""
+
+    model_config = ConfigDict(extra="allow")
+
+    images: list[str] | None = Field(None, description="raw base64 PNGs (no data: prefix)")
+    parameters: dict[str, Any] = {}
+    info: str = Field("", description="a JSON *string*, as A1111 sends it")
+
+
+class Job(BaseModel):
+    """A job: the A1111 request, where it is, and A1111's answer once completed."""
+
+    id: str = Field(description="UUID")
+    type: str = Field(description="txt2img, img2img, interrogate, extra-single-image, "
+                      "extra-batch-images or controlnet-detect")
+    status: Literal["queued", "processing", "completed", "error", "canceled"]
+    progress: float = Field(ge=0, le=1)
+    eta_relative: float | None = Field(description="seconds left, from A1111")
+    priority: int
+    attempts: int
+    max_attempts: int
+    backend: str | None = Field(description="the A1111 URL that ran (or runs) it")
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    error: JobError | None = Field(description="why it failed; while queued after a failed "
+                                   "attempt, the last attempt's error")
+    request: dict[str, Any] = Field(description="the body as stored: input images replaced by a "
+                                    "short note, secrets removed")
+    result: Any = Field(description="A1111's answer exactly (detail view, once completed); "
+                        "null in lists")
+    image_urls: list[str]
+    webhook: JobWebhook | None
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page")
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationFailed(BaseModel):
+    """422: what is wrong with the request, field by field (FastAPI's and so A1111's shape)."""
+
+    detail: list[ValidationIssue]
+
+
+class A1111Error(BaseModel):
+    """Every other error, in A1111's shape plus a stable `code`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    detail: Any
+    body: Any = ""
+    errors: Any = ""
+    code: str | None = None
+
+
+class RouteError(BaseModel):
+    """404/405 for paths outside the API, as FastAPI answers them."""
+
+    detail: str
+
+
+class ProgressState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    skipped: bool
+    interrupted: bool
+    stopping_generation: bool
+    job: str
+    job_count: int
+    job_timestamp: str
+    job_no: int
+    sampling_step: int
+    sampling_steps: int
+
+
+class ProgressResponse(BaseModel):
+    """A1111's /progress, over the proxy's jobs."""
+
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None
+    textinfo: str | None
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field(description="raw base64 or a data: URI")
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok", "unhealthy"]
+    database: str
+    workers: list[dict[str, Any]]
+    backends: list[dict[str, Any]]
+    queue: dict[str, int] | None
+    problems: list[str]
+
+
+class Ready(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    ready: bool
+    reason: str | None = None
+    schema_: str | None = Field(None, alias="schema")
+
+
+class DeliveryAttempt(BaseModel):
+    number: int
+    trigger: str
+    started_at: str | None
+    duration_ms: int | None
+    status_code: int | None
+    response_body: str | None = Field(description="the first bytes of the receiver's answer")
+    error: str | None
+    address: str | None = Field(description="the IP address that was connected to")
+
+
+class Delivery(BaseModel):
+    id: str = Field(description="the webhook-id header, stable across attempts")
+    type: str
+    url: str
+    status: str
+    trigger: str
+    attempt_count: int
+    created_at: str | None
+    next_attempt_at: str | None
+    delivered_at: str | None
+    last_status_code: int | None
+    last_error: str | None
+    attempts: list[DeliveryAttempt]
+
+
+class DeliveryList(BaseModel):
+    job_id: str
+    deliveries: list[Delivery]

@@ -1,0 +1,125 @@
+"""The one `Settings` object. Built by the CLI and passed down; nothing reads it at import."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting, read from `A1111_PROXY_*` environment variables and `.env`."""
+
+    model_config = SettingsConfigDict(env_prefix="A1111_PROXY_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./data/a1111_proxy.db"
+    host: str = "127.0.0.1"
+    port: int = Field(7861, ge=0, le=65535)
+    api_tokens: CommaList = []
+    backend: Literal["a1111", "diffusers"] = "a1111"
+    a1111_urls: CommaList = ["http://127.0.0.1:7860"]
+    a1111_auth: SecretStr = SecretStr("")
+    models_dir: str = "./models"
+    response_mode: Literal["async", "wait"] = "async"
+    webhook_secret: SecretStr = SecretStr("")
+    webhook_allow_private: bool = False
+    webhook_images: Literal["base64", "url", "none"] = "base64"
+    public_url: str = Field("", description="this API's address as receivers reach it")
+    civitai_enabled: bool = True
+    civitai_url: str = "https://civitai.com"
+    civitai_token: SecretStr = SecretStr("")
+    civitai_ttl_seconds: float = Field(604800.0, gt=0, description="how long Civitai answers last")
+    retention_seconds: int = Field(604800, ge=60)
+
+    # Input images (img2img, masks, ControlNet units, extras).
+    image_max_pixels: int = Field(40_000_000, ge=1)
+    image_max_side: int = Field(2048, ge=64)
+    image_urls: bool = False
+
+    # Job execution and durability.
+    max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    max_attempts: int = Field(3, ge=1, le=20)
+    lease_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    reap_seconds: float = Field(5.0, gt=0)
+    poll_seconds: float = Field(0.005, gt=0, description="how often an idle worker checks for work")
+    progress_seconds: float = Field(0.5, gt=0, description="how often a running job's progress is read")
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    interrupt_grace_seconds: float = Field(30.0, ge=0)
+    stall_seconds: float = Field(600.0, gt=0, description="requeue a job whose A1111 shows no generation this long")
+    connect_retries: int = Field(3, ge=1, le=10)
+    worker_stale_seconds: float = Field(30.0, gt=0)
+    catalogue_seconds: float = Field(300.0, gt=0, description="how often the worker refetches models, samplers, options")
+    wait_seconds_max: float = Field(3600.0, gt=0, description="the longest a request may wait in wait mode")
+    log_level: str = "info"
+
+    # The bundled diffusers engine (BACKEND=diffusers).
+    engine_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    engine_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    engine_cached_models: int = Field(1, ge=1, le=16, description="checkpoints kept loaded")
+    engine_compile: bool = Field(False, description="torch.compile the UNet (slow first run)")
+    engine_cpu_offload: bool = Field(False, description="offload idle parts to the CPU (CUDA only)")
+    engine_preview_steps: int = Field(5, ge=0, description="a live preview every N steps; 0: none")
+
+    @field_validator("api_tokens", "a1111_urls", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("a1111_urls")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [url.rstrip("/") for url in urls]
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_http(cls, url: str) -> str:
+        if url and not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL (e.g. https://sd.example.com)")
+        return url
+
+    def host_is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def auth_problem(self) -> str | None:
+        """Why `serve` must refuse to start, or None."""
+        if self.api_tokens or self.host_is_loopback():
+            return None
+        return (
+            f"A1111_PROXY_API_TOKENS is empty but A1111_PROXY_HOST={self.host} is not a loopback "
+            "address, so anyone on the network could use this server. Set "
+            "A1111_PROXY_API_TOKENS=<token>[,<token>...] or A1111_PROXY_HOST=127.0.0.1."
+        )
+
+    def a1111_basic_auth(self) -> tuple[str, str] | None:
+        raw = self.a1111_auth.get_secret_value()
+        if not raw:
+            return None
+        user, _, password = raw.partition(":")
+        return user, password
+
+    def public_base_url(self) -> str:
+        """PUBLIC_URL, or the address the API listens on."""
+        return self.public_url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,105 @@
+"""Shared fixtures: a clean environment, real databases (SQLite file, PostgreSQL), the fake A1111."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from a1111_proxy.migrate import upgrade
+from a1111_proxy.settings import Settings
+from tests.fakes.a1111 import FakeA1111
+from tests.servers import serve
+
+PG_ADMIN = "postgresql://root@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (`pytest.mark.anyio`) run on asyncio, as the server and worker do."""
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("A1111_PROXY_"):
+            monkeypatch.delenv(name)
+
+
+def _pg(statement: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(PG_ADMIN, timeout=3)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database for this test session, migrated; dropped afterwards."""
+    name = f"a1111_proxy_test_{uuid.uuid4().hex[:10]}"
+    try:
+        _pg(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({type(exc).__name__}: {exc})")
+    url = f"postgresql+asyncpg://root@127.0.0.1:5432/{name}"
+    upgrade(url)
+    yield url
+    _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _truncate_pg(url: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            await conn.execute("TRUNCATE jobs, job_payloads, job_images, workers CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database: a SQLite file, then the real PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/jobs.db"
+        upgrade(url)
+        return url
+    url: str = request.getfixturevalue("postgres_url")
+    _truncate_pg(url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path}/jobs.db"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def make(**values: object) -> Settings:
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def fake_a1111() -> Iterator[tuple[FakeA1111, str]]:
+    fake = FakeA1111(service_time=0.05)
+    with serve(fake.app) as url:
+        yield fake, url

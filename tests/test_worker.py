@@ -1,0 +1,293 @@
+"""The worker against a fake A1111 that is a real HTTP server, on a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from a1111_proxy.backends.a1111 import A1111Backend
+from a1111_proxy.db.engine import Database
+from a1111_proxy.jobs import JobRepository, NewJob
+from a1111_proxy.wakeup import make_wakeup
+from tests.fakes.a1111 import FakeA1111
+from tests.servers import serve
+from worker.execute import Timing
+from worker.loop import Worker
+
+pytestmark = pytest.mark.anyio
+
+FAST = Timing(progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seconds=5,
+              stall_seconds=0.5)
+
+
+
+@pytest.fixture
+async def repo(database_url: str) -> AsyncIterator[JobRepository]:
+    db = Database(database_url)
+    yield JobRepository(db, max_attempts=3, lease_seconds=5)
+    await db.dispose()
+
+
+@pytest.fixture
+def fakes() -> AsyncIterator[list[tuple[FakeA1111, str]]]:
+    """Three fake A1111 servers (tests use as many as they need)."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        made = []
+        for i in range(3):
+            fake = FakeA1111(service_time=0.05, name=f"fake{i}")
+            made.append((fake, stack.enter_context(serve(fake.app))))
+        yield made
+
+
+def make_worker(repo: JobRepository, urls: list[str], database_url: str) -> Worker:
+    backends = [A1111Backend(url, connect_retries=2, retry_wait=0.01) for url in urls]
+    return Worker(repo=repo, backends=list(backends), wakeup=make_wakeup(database_url, 0.005),
+                  timing=FAST, reap_seconds=0.2, shutdown_grace_seconds=0.3, rest_seconds=0.05)
+
+
+async def submit(repo: JobRepository, priority: int = 0, **body: object) -> str:
+    body = {"prompt": "a cat", "steps": 20, **body}
+    text = json.dumps(body)
+    return (await repo.submit(NewJob("txt2img", request=text, payload=text, priority=priority))).job.id
+
+
+async def wait_until(check: Callable[[], object], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():  # type: ignore[misc]
+            await asyncio.sleep(0.01)
+
+
+async def test_a_job_completes_with_a1111s_response_stored_exactly(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    job_id = await submit(repo, seed=7, unknown_extension_field={"kept": True})
+    await make_worker(repo, [url], database_url).run_until_empty()
+
+    row = await repo.get(job_id)
+    assert row.status == "completed" and row.attempts == 1 and row.progress == 1.0
+    [sent] = fake.generation_requests()
+    assert sent.body == {"prompt": "a cat", "steps": 20, "seed": 7,
+                         "unknown_extension_field": {"kept": True}}
+    result = json.loads(row.result)
+    assert result["parameters"] == sent.body
+    info = json.loads(result["info"])
+    assert info["seed"] == 7 and info["all_seeds"] == [7]
+    [image] = await repo.images(row.seq)
+    assert image.startswith(b"\x89PNG") and b"Seed: 7" in image
+
+
+async def test_progress_is_stored_while_the_generation_runs(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    job_id = await submit(repo, fake_seconds=1.0)
+    worker = make_worker(repo, [url], database_url)
+    run = asyncio.create_task(worker.run_until_empty())
+    seen: list[float] = []
+
+    async def progressed() -> bool:
+        row = await repo.get(job_id)
+        if row.status == "processing" and row.progress > 0:
+            seen.append(row.progress)
+        return len(seen) >= 3 and seen[-1] > seen[0]
+
+    await wait_until(progressed)
+    row = await repo.get(job_id)
+    assert row.eta_relative is not None and row.eta_relative > 0
+    await run
+    assert (await repo.get(job_id)).status == "completed"
+
+
+async def test_canceling_a_running_job_interrupts_its_slot_and_ends_it_canceled(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    job_id = await submit(repo, fake_seconds=30)
+    run = asyncio.create_task(make_worker(repo, [url], database_url).run_until_empty())
+    await wait_until(lambda: _status_is(repo, job_id, "processing"))
+    await wait_until(lambda: _async(fake.current is not None))
+    await repo.cancel(job_id)
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    assert row.status == "canceled" and fake.interrupts == 1 and fake.completed == []
+    # What A1111 answered after the interrupt is kept, as A1111 would have returned it.
+    assert json.loads(json.loads(row.result)["info"])["fake_generation"] == 1
+
+
+async def test_gateway_errors_are_retried_then_the_job_runs(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    fake.fail_next(1, status=503)  # one in-process retry absorbs it
+    job_id = await submit(repo)
+    await make_worker(repo, [url], database_url).run_until_empty()
+    row = await repo.get(job_id)
+    assert row.status == "completed" and row.attempts == 1
+    assert len(fake.generation_requests()) == 2
+
+
+async def test_an_unavailable_backend_requeues_durably_then_errors_naming_backend_and_cause(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    fake.fail_next(6, status=502)  # 2 tries per attempt x 3 attempts
+    job_id = await submit(repo)
+    worker = make_worker(repo, [url], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
+    row = await repo.get(job_id)
+    assert row.run_after > row.updated_at  # durable backoff, visible in the store
+    assert json.loads(row.error)["code"] == "backend_unavailable"
+    # Skip the backoff rather than sleep through it.
+    await _make_due(repo, job_id)
+    await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=2))
+    await _make_due(repo, job_id)
+    await wait_until(lambda: _status_is(repo, job_id, "error"))
+    worker.stop()
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    error = json.loads(row.error)
+    assert row.status == "error" and row.attempts == 3
+    assert url in error["message"] and "502" in error["message"]
+    assert error["backend"] == url
+
+
+async def test_a1111_rejecting_a_job_ends_it_with_a1111s_own_detail(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    a1111_body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
+                  "errors": ""}
+    fake.fail_next(1, status=422, body=a1111_body)
+    job_id = await submit(repo, script_name="nope")
+    await make_worker(repo, [url], database_url).run_until_empty()
+    row = await repo.get(job_id)
+    error = json.loads(row.error)
+    assert row.status == "error" and row.attempts == 1
+    assert "Script 'nope' not found" in error["message"]
+    assert error["backend_status"] == 422 and error["backend_body"] == a1111_body
+
+
+async def test_a_garbage_answer_ends_the_job_with_a_clear_error(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    fake.garbage_next()
+    job_id = await submit(repo)
+    await make_worker(repo, [url], database_url).run_until_empty()
+    error = json.loads((await repo.get(job_id)).error)
+    assert error["code"] == "backend_bad_response" and "not an A1111 response" in error["message"]
+
+
+async def test_a_hung_a1111_that_shows_no_generation_gets_the_job_requeued(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    fake.hang_next()
+    job_id = await submit(repo)
+    worker = make_worker(repo, [url], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
+    assert "shown no generation running" in (await repo.get(job_id)).error
+    await _make_due(repo, job_id)
+    await wait_until(lambda: _status_is(repo, job_id, "completed"))
+    worker.stop()
+    await asyncio.wait_for(run, 5)
+    assert len(fake.generation_requests()) == 2
+
+
+async def test_an_unreachable_backend_keeps_jobs_queued_and_says_why(
+    repo: JobRepository, database_url: str
+) -> None:
+    from tests.servers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    first = await submit(repo)
+    second = await submit(repo)
+    worker = make_worker(repo, [dead], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, first, "queued", attempts=1))
+    await asyncio.sleep(0.5)
+    worker.stop()
+    await run
+    row = await repo.get(first)
+    assert "cannot connect" in json.loads(row.error)["message"] and dead in row.error
+    untouched = await repo.get(second)
+    assert untouched.status == "queued" and untouched.attempts == 0  # not burnt while down
+    assert worker.slots[0].state == "down"
+
+
+async def test_several_slots_run_jobs_in_parallel(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    ids = [await submit(repo, fake_seconds=0.4) for _ in range(3)]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await make_worker(repo, [url for _, url in fakes], database_url).run_until_empty()
+    elapsed = loop.time() - started
+    rows = [await repo.get(job_id) for job_id in ids]
+    assert {row.status for row in rows} == {"completed"}
+    assert {row.backend for row in rows} == {url for _, url in fakes}
+    assert all(len(fake.completed) == 1 for fake, _ in fakes)
+    assert elapsed < 1.0  # three 0.4 s jobs side by side, not one after another
+
+
+async def test_stopping_the_worker_releases_running_jobs_for_another_worker(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    job_id = await submit(repo, fake_seconds=30)
+    worker = make_worker(repo, [url], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, job_id, "processing"))
+    worker.stop()
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    assert row.status == "queued" and row.attempts == 0 and row.run_after <= row.updated_at
+    assert fake.interrupts == 1
+
+
+async def _status_is(repo: JobRepository, job_id: str, status: str, attempts: int | None = None) -> bool:
+    row = await repo.get(job_id)
+    return row.status == status and (attempts is None or row.attempts == attempts)
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+async def _make_due(repo: JobRepository, job_id: str) -> None:
+    from sqlalchemy import update
+
+    from a1111_proxy.db.tables import jobs
+
+    async with repo.db.writing() as conn:
+        await conn.execute(update(jobs).where(jobs.c.id == job_id).values(run_after=0))
+
+
+
+async def test_a_job_goes_to_the_slot_that_last_ran_its_checkpoint(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    async def submit_for(checkpoint: str) -> str:
+        body = json.dumps({"prompt": checkpoint, "override_settings": {"sd_model_checkpoint": checkpoint}})
+        new = NewJob("txt2img", request=body, payload=body, checkpoint=checkpoint)
+        return (await repo.submit(new)).job.id
+
+    urls = [url for _, url in fakes[:2]]
+    first = [await submit_for("model-a"), await submit_for("model-b")]
+    worker = make_worker(repo, urls, database_url)
+    await worker._run_until_empty()
+    slot_of = {(await repo.get(i)).checkpoint: (await repo.get(i)).backend for i in first}
+    # Now the other order: each job still finds the slot that has its model loaded.
+    second = [await submit_for("model-b"), await submit_for("model-a")]
+    await worker.run_until_empty()
+    for job_id in second:
+        row = await repo.get(job_id)
+        assert row.backend == slot_of[row.checkpoint]

@@ -1,0 +1,1 @@
+"""The worker process: claims jobs, drives backends, reaps lost leases."""

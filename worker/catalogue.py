@@ -1,0 +1,80 @@
+"""CatalogueKeeper: keeps what the API tells clients about the backends (models, LoRAs, samplers,
+options, ...) fresh in the database, so the API never waits on a busy or dead backend."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from a1111_proxy.backends import Backend
+from a1111_proxy.catalogue import ENTRIES, PENDING_OPTIONS, REFRESH_REQUESTED, CatalogueStore
+
+log = logging.getLogger("a1111_proxy.worker")
+
+SECRET_WORDS = ("auth", "token", "password", "secret", "key")
+REFRESH_CALLS = {"checkpoints": "/sdapi/v1/refresh-checkpoints", "loras": "/sdapi/v1/refresh-loras"}
+
+
+class CatalogueKeeper:
+    def __init__(self, store: CatalogueStore, *, interval: float = 300.0) -> None:
+        self.store = store
+        self.interval = interval
+        self.last_full = float("-inf")
+        self.refresh_seen: float | None = None
+        self.options_version = 0
+        self.options: dict[str, Any] = {}
+
+    async def tick(self, usable: list[Backend]) -> None:
+        """Refresh when asked or when stale; pick up options waiting to be applied."""
+        await self._read_pending_options()
+        request = await self.store.get_control(REFRESH_REQUESTED)
+        if self.refresh_seen is None:  # do not redo a request older than this worker
+            self.refresh_seen = request["at"] if request else 0.0
+        elif request and request["at"] != self.refresh_seen:
+            self.refresh_seen = request["at"]
+            await self._refresh_backends(usable, request.get("what") or list(REFRESH_CALLS))
+            await self.fetch_all(usable)
+            return
+        if time.monotonic() - self.last_full >= self.interval:
+            await self.fetch_all(usable)
+
+    async def fetch_all(self, usable: list[Backend]) -> None:
+        if not usable:
+            return
+        backend = usable[0]
+        fetched = 0
+        for name, path in ENTRIES.items():
+            try:
+                body = await backend.fetch(path)
+            except Exception as exc:
+                log.debug("catalogue %s from %s failed: %s", name, backend.name, exc)
+                continue
+            if body is not None:
+                await self.store.put(name, redact(body) if name == "cmd-flags" else body, backend.name)
+                fetched += 1
+        self.last_full = time.monotonic()
+        log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
+
+    async def _refresh_backends(self, usable: list[Backend], what: list[str]) -> None:
+        for backend in usable:
+            for item in what:
+                try:
+                    await backend.post(REFRESH_CALLS[item], None)
+                except Exception as exc:
+                    log.warning("refresh %s on %s failed: %s", item, backend.name, exc)
+
+    async def _read_pending_options(self) -> None:
+        pending = await self.store.get_control(PENDING_OPTIONS)
+        if pending and pending["version"] != self.options_version:
+            self.options_version, self.options = pending["version"], pending["options"]
+
+
+def redact(value: Any) -> Any:
+    """cmd-flags without credentials (A1111 leaks --api-auth and --gradio-auth there)."""
+    if not isinstance(value, dict):
+        return value
+    return {
+        key: ("<redacted>" if item and any(w in key.lower() for w in SECRET_WORDS) else item)
+        for key, item in value.items()
+    }

@@ -1,0 +1,293 @@
+"""Worker: one claimer per process handing jobs to backend slots, plus its side tasks.
+
+Each slot (one backend URL) runs one job at a time. The dispatcher claims a job only for a free,
+healthy slot. A slot whose backend was unavailable rests and is probed before it claims again, so
+while a backend is down its jobs wait in the queue instead of burning their attempts. Side tasks
+publish the worker's heartbeat (for /health) and reap expired leases of crashed workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.exc import OperationalError
+
+from a1111_proxy.backends import Backend
+from a1111_proxy.jobs import Claim, JobRepository
+from a1111_proxy.wakeup import Wakeup
+from worker.catalogue import CatalogueKeeper
+from worker.execute import Timing, execute
+
+log = logging.getLogger("a1111_proxy.worker")
+
+IDLE_RECHECK_SECONDS = 1.0  # look for due jobs at least this often (retries scheduled later)
+WORKER_BEAT_SECONDS = 5.0
+
+
+class Chore(Protocol):
+    """Background work beside the jobs (hashing model files, Civitai lookups): `tick` runs every
+    `interval` seconds in a task of its own, so a slow chore never delays a job."""
+
+    interval: float
+
+    async def tick(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class Slot:
+    backend: Backend
+    task: asyncio.Task[str] | None = None
+    claim: Claim | None = None
+    state: str = "idle"  # idle | busy | down
+    last_error: str | None = None
+    rest_until: float = 0.0
+    failures: int = 0
+    jobs_done: int = 0
+    checkpoint: str | None = None  # the checkpoint its last job asked for (likely still loaded)
+    options_version: int = 0  # the pending options it has applied
+
+    def free(self, now: float) -> bool:
+        return self.task is None and (self.state != "down" or now >= self.rest_until)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend.name,
+            "state": self.state,
+            "job_id": self.claim.id if self.claim else None,
+            "last_error": self.last_error,
+            "jobs_done": self.jobs_done,
+            "checkpoint": self.checkpoint,
+        }
+
+
+@dataclass
+class Worker:
+    repo: JobRepository
+    backends: list[Backend]
+    wakeup: Wakeup
+    timing: Timing = field(default_factory=Timing)
+    reap_seconds: float = 5.0
+    shutdown_grace_seconds: float = 30.0
+    rest_seconds: float = 2.0  # a failing slot rests rest_seconds x failures (at most 30 s)
+    keeper: CatalogueKeeper | None = None
+    catalogue_check_seconds: float = 2.0
+    chores: list[Chore] = field(default_factory=list)
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    )
+
+    def __post_init__(self) -> None:
+        self.slots = [Slot(backend) for backend in self.backends]
+        self._stop = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self.started_at = time.time()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Claim and run jobs until stop(); then drain gracefully."""
+        await self.wakeup.start()
+        side = [
+            asyncio.create_task(self._every(WORKER_BEAT_SECONDS, self._beat), name="beat"),
+            asyncio.create_task(self._every(self.reap_seconds, self._reap), name="reap"),
+        ]
+        if self.keeper is not None:
+            side.append(asyncio.create_task(
+                self._every(self.catalogue_check_seconds, self._keep_catalogue, at_once=True),
+                name="catalogue",
+            ))
+        side += [asyncio.create_task(self._every(c.interval, c.tick, at_once=True),
+                                     name=type(c).__name__) for c in self.chores]
+        log.info("worker %s: %d slot(s): %s", self.worker_id, len(self.slots),
+                 ", ".join(s.backend.name for s in self.slots))
+        try:
+            await self._dispatch()
+            await self._drain()
+        finally:
+            for task in side:
+                task.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.repo.forget_worker(self.worker_id)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.wakeup.close()
+        for backend in self.backends:
+            await backend.aclose()
+        for chore in self.chores:
+            await chore.aclose()
+
+    async def run_until_empty(self) -> None:
+        """Run until no job is due and every slot is idle, then close (tests, batch use)."""
+        try:
+            await self._run_until_empty()
+        finally:
+            await self.aclose()
+
+    async def _run_until_empty(self) -> None:
+        while True:
+            await self._fill_slots()
+            running = [s.task for s in self.slots if s.task is not None]
+            if running:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            elif not await self.repo.has_due_job():
+                return
+            else:  # due jobs, but every slot is resting
+                await asyncio.sleep(0.01)
+
+    async def _dispatch(self) -> None:
+        for first in (self._reap, self._beat):
+            with contextlib.suppress(OperationalError):  # retried by their side tasks
+                await first()
+        while not self._stop.is_set():
+            try:
+                if await self._fill_slots():
+                    continue
+            except OperationalError as exc:
+                # Locked by a stuck process, or the database is away: keep trying, never die.
+                log.warning("database unavailable while claiming (%s); retrying in 1 s",
+                            exc.orig or exc)
+                await _first_of(self._stop.wait(), timeout=1.0)
+                continue
+            self._slot_freed.clear()
+            waiters = [self._stop.wait(), self._slot_freed.wait()]
+            if any(slot.free(time.monotonic()) for slot in self.slots):
+                waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
+            await _first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
+
+    async def _fill_slots(self) -> bool:
+        """Claim a job for every free slot, in one transaction. True if any was claimed."""
+        if self._stop.is_set():
+            return False
+        usable = await self._usable_slots()
+        if not usable:
+            return False
+        for slot in usable:
+            await self._apply_options(slot)
+        claimed = await self.repo.claim(
+            self.worker_id, [(slot.backend.name, slot.checkpoint) for slot in usable]
+        )
+        for index, claim in claimed:
+            self._start(usable[index], claim)
+        return bool(claimed)
+
+    async def _usable_slots(self) -> list[Slot]:
+        usable = []
+        for slot in self.slots:
+            if not slot.free(time.monotonic()):
+                continue
+            if slot.state == "down" and not await self._probe(slot):
+                continue
+            usable.append(slot)
+        return usable
+
+    async def _apply_options(self, slot: Slot) -> None:
+        """Options set through the API reach each backend between its jobs, never during one."""
+        keeper = self.keeper
+        if keeper is None or slot.options_version == keeper.options_version:
+            return
+        slot.options_version = keeper.options_version
+        try:
+            await slot.backend.post("/sdapi/v1/options", keeper.options)
+            log.info("applied options %s to %s", sorted(keeper.options), slot.backend.name)
+        except Exception as exc:
+            log.warning("could not apply options to %s: %s", slot.backend.name, exc)
+
+    async def _keep_catalogue(self) -> None:
+        assert self.keeper is not None
+        usable = [s.backend for s in self.slots if s.state != "down"]
+        await self.keeper.tick(usable)
+
+    def _start(self, slot: Slot, claim: Claim) -> None:
+        log.info("job %s: attempt %d on %s", claim.id, claim.attempts, slot.backend.name)
+        slot.claim, slot.state = claim, "busy"
+        slot.checkpoint = claim.checkpoint or slot.checkpoint
+        slot.task = asyncio.create_task(
+            execute(claim, slot.backend, self.repo, self.timing), name=f"job {claim.id}"
+        )
+        slot.task.add_done_callback(lambda task: self._finished(slot, task))
+
+    def _finished(self, slot: Slot, task: asyncio.Task[str]) -> None:
+        outcome = "cancelled" if task.cancelled() else (
+            "crashed" if task.exception() else task.result()
+        )
+        if outcome == "crashed":
+            log.error("job %s: worker bug", slot.claim.id if slot.claim else "?",
+                      exc_info=task.exception())
+        slot.task, slot.claim = None, None
+        if outcome == "requeued":  # the backend was unavailable: rest this slot, then probe
+            slot.failures += 1
+            slot.state = "down"
+            slot.rest_until = time.monotonic() + self._rest(slot)
+            slot.last_error = "unavailable"
+        else:
+            slot.state, slot.failures = "idle", 0
+            slot.jobs_done += outcome == "completed"
+        self._slot_freed.set()
+
+    def _rest(self, slot: Slot) -> float:
+        return min(30.0, self.rest_seconds * slot.failures)
+
+    async def _probe(self, slot: Slot) -> bool:
+        try:
+            await slot.backend.progress()
+        except Exception as exc:
+            slot.failures += 1
+            slot.rest_until = time.monotonic() + self._rest(slot)
+            slot.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+        log.info("backend %s is reachable again", slot.backend.name)
+        slot.state, slot.failures, slot.last_error = "idle", 0, None
+        return True
+
+    async def _drain(self) -> None:
+        running = [s.task for s in self.slots if s.task is not None]
+        if not running:
+            return
+        log.info("stopping: waiting up to %.0f s for %d running job(s)",
+                 self.shutdown_grace_seconds, len(running))
+        _, pending = await asyncio.wait(running, timeout=self.shutdown_grace_seconds)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _beat(self) -> None:
+        await self.repo.beat_worker(
+            self.worker_id, self.started_at, [slot.describe() for slot in self.slots]
+        )
+
+    async def _reap(self) -> None:
+        for job_id, status in await self.repo.reap_expired():
+            log.warning("job %s: its worker stopped renewing the lease; now %s", job_id, status)
+
+    async def _every(self, seconds: float, action: Any, at_once: bool = False) -> None:
+        while True:
+            if not at_once:
+                await asyncio.sleep(seconds)
+            at_once = False
+            try:
+                await action()
+            except Exception:
+                log.exception("%s failed; trying again in %.0f s", action.__qualname__, seconds)
+
+
+async def _first_of(*aws: Any, timeout: float) -> None:
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

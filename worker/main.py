@@ -1,0 +1,132 @@
+"""Build a Worker from Settings and run it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from a1111_proxy.backends import Backend
+from a1111_proxy.backends.a1111 import A1111Backend
+from a1111_proxy.catalogue import CatalogueStore
+from a1111_proxy.civitai import CivitaiClient
+from a1111_proxy.db.engine import Database
+from a1111_proxy.jobs import JobRepository
+from a1111_proxy.model_info import ModelInfoStore
+from a1111_proxy.settings import Settings
+from a1111_proxy.wakeup import make_wakeup
+from worker.catalogue import CatalogueKeeper
+from worker.enricher import CivitaiEnricher
+from worker.execute import Timing
+from worker.hasher import ModelHasher
+from worker.loop import Chore, Worker
+from worker.sender import SenderConfig, WebhookSender
+
+log = logging.getLogger("a1111_proxy.worker")
+
+
+def build_worker(settings: Settings, db: Database) -> Worker:
+    repo = JobRepository(db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds)
+    backends: list[Backend]
+    if settings.backend == "diffusers":
+        backends = [_diffusers_backend(settings)]
+    else:
+        auth, retries = settings.a1111_basic_auth(), settings.connect_retries
+        backends = [
+            A1111Backend(url, auth=auth, connect_retries=retries) for url in settings.a1111_urls
+        ]
+    return Worker(
+        repo=repo,
+        backends=list(backends),
+        wakeup=make_wakeup(settings.database_url, settings.poll_seconds),
+        timing=Timing(
+            progress_seconds=settings.progress_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            interrupt_grace_seconds=settings.interrupt_grace_seconds,
+            stall_seconds=settings.stall_seconds,
+        ),
+        reap_seconds=settings.reap_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        keeper=CatalogueKeeper(CatalogueStore(db), interval=settings.catalogue_seconds),
+        chores=build_chores(settings, db),
+    )
+
+
+def build_sender(settings: Settings, repo: JobRepository) -> WebhookSender:
+    config = SenderConfig(
+        default_secret=settings.webhook_secret.get_secret_value(),
+        allow_private=settings.webhook_allow_private,
+        images=settings.webhook_images,
+        public_url=settings.public_base_url(),
+    )
+    # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
+    wakeup = make_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
+    return WebhookSender(repo, wakeup, config)
+
+
+def build_chores(settings: Settings, db: Database) -> list[Chore]:
+    """The model hasher (it idles while MODELS_DIR is missing) and, unless Civitai is turned off,
+    the Civitai enricher."""
+    info = ModelInfoStore(db)
+    chores: list[Chore] = [ModelHasher(info, Path(settings.models_dir))]
+    if settings.civitai_enabled:
+        client = CivitaiClient(settings.civitai_url, settings.civitai_token.get_secret_value())
+        chores.append(CivitaiEnricher(CatalogueStore(db), info, client,
+                                      ttl=settings.civitai_ttl_seconds))
+    return chores
+
+
+def _diffusers_backend(settings: Settings) -> Backend:
+    """One slot on the bundled engine; torch is imported only here, never by the API."""
+    try:
+        from a1111_proxy.backends.diffusers import DiffusersBackend
+        from a1111_proxy.engine.config import EngineConfig
+    except ImportError as exc:
+        raise SystemExit(
+            f"a1111-proxy: A1111_PROXY_BACKEND=diffusers needs the engine extra ({exc}); "
+            "install it with: pip install 'a1111-proxy[engine]'"
+        ) from None
+    return DiffusersBackend(EngineConfig(
+        models_dir=Path(settings.models_dir),
+        device=settings.engine_device,
+        dtype=settings.engine_dtype,
+        cached_models=settings.engine_cached_models,
+        compile=settings.engine_compile,
+        cpu_offload=settings.engine_cpu_offload,
+        preview_steps=settings.engine_preview_steps,
+    ))
+
+
+async def run(settings: Settings) -> int:
+    db = Database(settings.database_url)
+    worker = build_worker(settings, db)
+    sender = build_sender(settings, worker.repo)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _stopper(worker, signum))
+    try:
+        await run_with_sender(worker, sender)
+    finally:
+        await db.dispose()
+    return 0
+
+
+async def run_with_sender(worker: Worker, sender: WebhookSender) -> None:
+    """Run both; the sender stops after the worker, so jobs that end while it drains are
+    announced too (what is left is sent by the next worker process)."""
+    sending = asyncio.create_task(sender.run(), name="webhooks")
+    try:
+        await worker.run()
+    finally:
+        sender.stop()
+        await sending
+
+
+def _stopper(worker: Worker, signum: int):  # type: ignore[no-untyped-def]
+    def stop() -> None:
+        log.info("%s: no new jobs; finishing running ones (then releasing them)",
+                 signal.Signals(signum).name)
+        worker.stop()
+
+    return stop
