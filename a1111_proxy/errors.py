@@ -107,8 +107,10 @@ async def handle_proxy_error(request: Request, exc: Exception) -> Response:
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    # Starlette raises these for unknown routes (404) and wrong methods (405): keep FastAPI's shape.
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    # Starlette raises these for unknown routes (404) and wrong methods (405). `detail` keeps
+    # FastAPI's text ("Not Found"), so A1111 clients read it as before; the rest is our error shape.
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return a1111_error(exc.status_code, "HTTPException", exc.detail, code, exc.headers)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:

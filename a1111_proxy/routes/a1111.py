@@ -23,7 +23,7 @@ from a1111_proxy.catalogue import (
     checkpoint_titles,
     find_checkpoint,
 )
-from a1111_proxy.errors import ProxyError
+from a1111_proxy.errors import ProxyError, a1111_error
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.pnginfo import decode_image, parse_infotext, text_chunks
 from a1111_proxy.routes.jobs import read_json_object, submit
@@ -253,7 +253,7 @@ async def unsupported(request: Request) -> Response:
             continue
         match, _ = route.matches({**request.scope, "method": "__none__"})
         if match is Match.PARTIAL:
-            return JSONResponse({"detail": "Method Not Allowed"}, status_code=405)
+            return a1111_error(405, "HTTPException", "Method Not Allowed", "method_not_allowed")
     raise UnsupportedRoute(
         f"a1111-proxy does not offer {request.method} {request.url.path}. It offers txt2img, "
         "img2img, the job API (/sdapi/v1/jobs), progress, interrupt, skip, options, the model "
