@@ -67,7 +67,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def make_backend(models_dir: Path, **options: Any) -> DiffusersBackend:
     config = EngineConfig(
-        models_dir=models_dir / "models",
+        models_dir=options.pop("folder", models_dir / "models"),
         device="cpu",
         skeletons={kind: models_dir / "configs" / kind for kind in ("sd15", "sdxl")},
         **options,
@@ -370,6 +370,70 @@ async def test_progress_advances_with_previews_and_interrupt_stops_at_the_next_s
         assert seen[-1].progress < 0.5
     finally:
         await backend.aclose()
+
+
+async def wait_until(backend: DiffusersBackend, run: asyncio.Task, done: Any) -> Any:
+    """Poll the backend's progress (as the worker does) until `done(progress)`."""
+    while not done(progress := await backend.progress(with_image=True)):
+        assert not run.done(), run  # it must still be running (and not have failed)
+        await asyncio.sleep(0.01)
+    return progress
+
+
+async def test_skip_ends_the_current_batch_with_its_image_and_the_next_batch_runs(
+    backend: DiffusersBackend,
+) -> None:
+    body = {"prompt": "a cat", **SMALL, "steps": 500, "n_iter": 2}
+    run = asyncio.create_task(backend.generate("txt2img", body))
+    await wait_until(backend, run, lambda p: p.progress > 0)
+    await backend.skip()
+    second = await wait_until(backend, run, lambda p: p.progress > 0.5)  # batch 2 of 2 runs
+    await backend.interrupt()
+    result = await asyncio.wait_for(run, 30)
+    assert len(result["images"]) == 2 and second.progress < 0.75
+    assert json.loads(result["info"])["all_seeds"] == [7, 8]
+
+
+async def test_previews_are_full_size_when_taesd_weights_are_in_the_models_folder(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "models"
+    (own / "Stable-diffusion").mkdir(parents=True)
+    (own / "Stable-diffusion" / "tiny15.safetensors").symlink_to(
+        models_dir / "models" / "Stable-diffusion" / "tiny15.safetensors"
+    )
+    tiny_sd.taesd(own / "VAE-approx" / "taesd")
+    backend = make_backend(models_dir, preview_steps=1, folder=own)
+    try:
+        run = asyncio.create_task(
+            backend.generate("txt2img", {"prompt": "a cat", **SMALL, "steps": 500})
+        )
+        progress = await wait_until(backend, run, lambda p: p.current_image)
+        await backend.interrupt()
+        await asyncio.wait_for(run, 30)
+        preview = Image.open(io.BytesIO(base64.b64decode(progress.current_image)))
+        assert preview.size == (64, 64)  # TAESD decodes to the image's size, not the latent's
+    finally:
+        await backend.aclose()
+
+
+async def test_several_init_images_make_a_batch_with_one_image_each(
+    backend: DiffusersBackend,
+) -> None:
+    red, blue = (png_b64(Image.new("RGB", (64, 64), c)) for c in ((230, 20, 20), (20, 20, 230)))
+    body = {"prompt": "a cat", **SMALL, "init_images": [red, blue], "denoising_strength": 0.1}
+    result = await backend.generate("img2img", {**body, "batch_size": 2})
+    # Image n is what init image n alone gives with seed + n.
+    alone = [
+        await backend.generate("img2img", {**body, "init_images": [image], "seed": seed})
+        for image, seed in ((red, 7), (blue, 8))
+    ]
+    assert np.abs(pixels(result, 0) - pixels(alone[0])).max() <= 2
+    assert np.abs(pixels(result, 1) - pixels(alone[1])).max() <= 2
+    assert np.abs(pixels(result, 0) - pixels(result, 1)).max() > 10
+    with pytest.raises(BackendRejected) as raised:
+        await backend.generate("img2img", body)  # batch_size 1 for two images
+    assert "bad number of images passed: 2; expecting 1 or less" in raised.value.message
 
 
 async def test_cancelling_a_running_generate_frees_the_slot_for_the_next_job(

@@ -101,8 +101,10 @@ class DiffusersBackend:
             state.interrupt.set()
 
     async def skip(self) -> None:
-        """A1111 skips the current batch; the engine has no batch boundary to stop at yet."""
-        log.info("skip is not supported by the diffusers engine; the job runs on")
+        """As A1111: the current batch ends at the next step with what it has; the next runs."""
+        state = self._state
+        if state is not None:
+            state.skip.set()
 
     async def fetch(self, path: str) -> Any:
         """The catalogue as A1111 would answer it, from MODELS_DIR and the engine's tables."""

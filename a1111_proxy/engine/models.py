@@ -24,6 +24,7 @@ from a1111_proxy.engine.catalog import Catalog, Checkpoint, architecture
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.infotext import ModelInfo
 from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.previews import Previews
 from a1111_proxy.engine.skeletons import skeleton
 
 log = logging.getLogger("a1111_proxy.engine")
@@ -85,6 +86,7 @@ class Models:
         self.catalog = catalog
         self.device = pick_device(config)
         self.dtype = pick_dtype(config, self.device)
+        self.previews = Previews(config.models_dir, self.device, self.dtype)
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._current: str | None = None
         self._lock = threading.Lock()

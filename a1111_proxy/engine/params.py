@@ -131,6 +131,7 @@ class Params:
         )
         if kind == "img2img":
             common.update(_img2img_fields(request))
+            common["batch_size"] = _batch_for_images(common["batch_size"], request.init_images)
         return cls(**common)
 
 
@@ -265,6 +266,19 @@ def _img2img_fields(request: Any) -> dict[str, Any]:
         inpaint_full_res_padding=request.inpaint_full_res_padding or 0,
         inpainting_mask_invert=bool(request.inpainting_mask_invert),
     )
+
+
+def _batch_for_images(batch_size: int, init_images: list[str]) -> int:
+    """A1111: several init images make a batch of that many, one image each; more images than
+    batch_size is refused."""
+    if len(init_images) <= 1:
+        return batch_size
+    if len(init_images) > batch_size:
+        raise InvalidParams(
+            f"bad number of images passed: {len(init_images)}; expecting {batch_size} or less "
+            "(set batch_size to the number of init_images)"
+        )
+    return len(init_images)
 
 
 def _or_default(value: int | None, default: int) -> int:

@@ -1,7 +1,8 @@
 """One txt2img/img2img job on a loaded model, with A1111's semantics (torch, diffusers).
 
 `generate()` is blocking; the backend runs it in its one engine thread. It reports steps into a
-`RunState` and obeys its interrupt (stop at the next step, keep what was made, as A1111 does)
+`RunState` and obeys its interrupt (stop at the next step, keep what was made, as A1111 does),
+skip (end the current batch at the next step as interrupt would, then go on with the next batch)
 and cancel (stop at the next step, keep nothing).
 """
 
@@ -18,7 +19,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from a1111_proxy.engine import images, noise, previews, schedulers, text
+from a1111_proxy.engine import images, noise, schedulers, text
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models
@@ -44,6 +45,7 @@ class RunState:
 
     interrupt: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
+    skip: threading.Event = field(default_factory=threading.Event)
     started_at: float = field(default_factory=time.monotonic)
     job_count: int = 1
     job_no: int = 0
@@ -67,7 +69,7 @@ class RunState:
 
 @dataclass
 class _Inputs:
-    """img2img's images, prepared once for all batches."""
+    """One img2img input image (with its mask), prepared once for all batches."""
 
     init: Image.Image | None = None  # what the pipeline starts from, at the job's size
     mask: Image.Image | None = None  # blurred, at the job's size
@@ -82,7 +84,8 @@ def generate(
     loaded = models.get(params.checkpoint)
     seeds, subseeds = params.all_seeds(), params.all_subseeds()
     generation = Generation(params, loaded.info, seeds, subseeds)
-    inputs = _prepare_inputs(params, generation)
+    inputs = [_prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
+    inputs = inputs or [_Inputs()]
     generation.is_using_inpainting_conditioning = loaded.inpainting
     embeds = text.encode(
         loaded.pipe,
@@ -97,12 +100,13 @@ def generate(
         if state.interrupt.is_set():
             break
         state.job_no, state.step = batch, 0
+        state.skip.clear()  # a skip ends one batch (A1111 clears it as each batch starts)
         window = slice(batch * params.batch_size, (batch + 1) * params.batch_size)
         made += _run_batch(
             models, config, loaded, params, embeds, inputs, state, seeds[window], subseeds[window]
         )
     state.job_no, state.step = params.n_iter, 0
-    made = [_finish_image(image, inputs) for image in made]
+    made = [_finish_image(image, inputs[i % len(inputs)]) for i, image in enumerate(made)]
     encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
     return {
         "images": [base64.b64encode(png).decode("ascii") for png in encoded]
@@ -113,10 +117,9 @@ def generate(
     }
 
 
-def _prepare_inputs(params: Params, generation: Generation) -> _Inputs:
-    if params.kind != "img2img":
-        return _Inputs()
-    original = images.decode(params.init_images[0], "init_images[0]").convert("RGB")
+def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
+    """init_images[n]; with several, image n is the n-th of each batch (batch_size = their count)."""
+    original = images.decode(params.init_images[n], f"init_images[{n}]").convert("RGB")
     if params.mask is None:
         return _Inputs(
             init=images.resize(original, params.resize_mode, params.width, params.height)
@@ -190,12 +193,12 @@ def _run_batch(
     loaded: Loaded,
     params: Params,
     embeds: text.Embeds,
-    inputs: _Inputs,
+    inputs: list[_Inputs],
     state: RunState,
     seeds: list[int],
     subseeds: list[int],
 ) -> list[Image.Image]:
-    task = _task(params, loaded, inputs)
+    task = _task(params, loaded, inputs[0])
     scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler)
     tracking = schedulers.Tracking(scheduler)
     pipe = _task_pipeline(loaded, task, scheduler)
@@ -220,19 +223,19 @@ def _run_batch(
     kwargs["generator"] = [
         torch.Generator(drawn.generators[0].device).manual_seed(s) for s in seeds
     ]
-    strength = params.denoising_strength if task != "txt2img" else None
+    strength = _strength(params) if task != "txt2img" else None
     if task == "txt2img":
         kwargs["latents"] = drawn.latents.to(models.dtype)
     elif task == "img2img":
-        kwargs.update(image=[inputs.init] * size, strength=strength)
+        kwargs.update(image=_per_image(inputs, size, "init"), strength=strength)
         tracking.noise = drawn.latents
     else:
-        whole = inputs.init or Image.new("RGB", (params.width, params.height), (127, 127, 127))
-        mask = inputs.mask or Image.new("L", (params.width, params.height), 255)
+        grey = Image.new("RGB", (params.width, params.height), (127, 127, 127))
+        white = Image.new("L", (params.width, params.height), 255)
         strength = 1.0 if strength is None else strength
         kwargs.update(
-            image=[whole] * size,
-            mask_image=[mask] * size,
+            image=[image or grey for image in _per_image(inputs, size, "init")],
+            mask_image=[mask or white for mask in _per_image(inputs, size, "mask")],
             strength=strength,
             height=params.height,
             width=params.width,
@@ -240,7 +243,7 @@ def _run_batch(
         if strength >= 1.0:
             kwargs["latents"] = drawn.latents.to(models.dtype)
         tracking.noise = drawn.latents
-    kwargs["callback_on_step_end"] = _callback(state, tracking, config, loaded.sdxl)
+    kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()
@@ -248,6 +251,18 @@ def _run_batch(
         pipe.vae.disable_tiling()
     with torch.inference_mode():
         return list(pipe(**kwargs).images)
+
+
+def _strength(params: Params) -> float | None:
+    """A1111 runs at least one step however low the strength (diffusers would run none and fail)."""
+    if params.denoising_strength is None:
+        return None
+    return max(params.denoising_strength, 1 / params.steps)
+
+
+def _per_image(inputs: list[_Inputs], size: int, name: str) -> list[Any]:
+    """The batch's `name` images: the one input repeated, or one input per batch position."""
+    return [getattr(inputs[i % len(inputs)], name) for i in range(size)]
 
 
 def _task(params: Params, loaded: Loaded, inputs: _Inputs) -> str:
@@ -297,18 +312,22 @@ def _call_kwargs(
 
 
 def _callback(
-    state: RunState, tracking: schedulers.Tracking, config: EngineConfig, sdxl: bool
+    state: RunState,
+    tracking: schedulers.Tracking,
+    config: EngineConfig,
+    models: Models,
+    sdxl: bool,
 ) -> Any:
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         state.step, state.steps = i + 1, getattr(pipe, "num_timesteps", 0) or state.steps
         x0 = tracking.last_x0
         if config.preview_steps and (i + 1) % config.preview_steps == 0:
-            state.current_image = previews.cheap_png_base64(
+            state.current_image = models.previews.png_base64(
                 (x0 if x0 is not None else tensors["latents"])[0], sdxl=sdxl
             )
         if state.cancel.is_set():
             raise Canceled()
-        if state.interrupt.is_set():
+        if state.interrupt.is_set() or state.skip.is_set():
             if x0 is not None and x0.shape == tensors["latents"].shape:
                 tensors["latents"] = x0  # A1111 keeps the current x0 estimate
             pipe._interrupt = True  # no more UNet steps; the VAE still decodes

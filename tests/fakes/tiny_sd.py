@@ -89,6 +89,21 @@ def vae() -> AutoencoderKL:
     )
 
 
+def taesd(folder: Path, seed: int = 0) -> None:
+    """A random-weight TAESD (AutoencoderTiny) saved as a diffusers folder: like the real one,
+    it decodes a latent to 8x its size."""
+    torch.manual_seed(seed)
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    ).save_pretrained(folder)
+
+
 def sd15(folder: Path, *, inpaint: bool = False, seed: int = 0) -> StableDiffusionPipeline:
     """SD1.5's layout (attention in the first blocks, none in the last), tiny."""
     torch.manual_seed(seed)
