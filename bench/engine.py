@@ -4,12 +4,14 @@ Runs the real DiffusersBackend (the same code path a job takes) offline on model
 
   tiny   the tests' tiny random-weight SD1.5 (single-file checkpoint), 64x64: measures the
          engine's own overhead per step and per image (prompt encoding, PNG, infotext).
-  real   (--real) a random-weight model with real SD1.5 shapes (860M UNet) built from the shipped
-         config skeleton, 512x512 - on a GPU this gives the real it/s; on a CPU it is very slow.
+  real   (--real) random-weight models with real SD1.5 (512x512) and SDXL (1024x1024) shapes built
+         from the shipped config skeletons - on a GPU this gives the real it/s (timing equals real
+         weights); on a CPU it is very slow.
 
-For each: load time, then it/s (denoising steps per second, CFG on) and per-image latency for
-batch 1 and batch 4, median of a few runs after a warm-up. Uses CUDA when torch sees it
-(`--device cpu` to force), fp16 there, fp32 on the CPU.
+For each: it/s (denoising steps per second, CFG on) and per-image latency of our engine against a
+bare diffusers pipeline call with the same weights, device, precision, sampler, size and steps in
+the same process, and their ratio (target >= 0.97); median of a few runs after a warm-up. Uses
+CUDA when torch sees it (`--device cpu` to force), fp16 there, fp32 on the CPU.
 
 Run: `.venv/bin/python bench/engine.py [--real] [--steps 20] [--runs 3] [--device cuda]`.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import statistics
@@ -33,6 +36,7 @@ import torch
 
 from a1111_proxy.backends.diffusers import DiffusersBackend
 from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.models import free_memory
 
 
 def build_tiny(root: Path) -> dict[str, Path]:
@@ -43,100 +47,112 @@ def build_tiny(root: Path) -> dict[str, Path]:
     return {"sd15": root / "configs" / "sd15"}
 
 
-def build_real(root: Path, dtype: torch.dtype) -> None:
-    """Real SD1.5 shapes, random weights, saved as a diffusers folder (no download)."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def build_real(arch: str, folder: Path, dtype: torch.dtype) -> None:
+    """Real SD1.5 or SDXL shapes with random weights (timing equals real weights), saved as a
+    diffusers folder from the shipped config skeleton: nothing is downloaded."""
+    import diffusers
+    import transformers
 
     from a1111_proxy.engine.skeletons import skeleton
 
-    config = skeleton("sd15")
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
-        tokenizer=CLIPTokenizer.from_pretrained(config / "tokenizer"),
-        scheduler=EulerDiscreteScheduler.from_pretrained(config / "scheduler"),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
+    config = skeleton(arch)
+    index = json.loads((config / "model_index.json").read_text())
+    parts: dict[str, object] = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[1] is None:
+            continue
+        library, cls_name = value
+        cls = getattr(diffusers if library == "diffusers" else transformers, cls_name)
+        if name.startswith("tokenizer") or name == "scheduler":
+            parts[name] = cls.from_pretrained(config / name)
+        elif library == "transformers":
+            parts[name] = cls(cls.config_class.from_pretrained(config / name))
+        else:
+            parts[name] = cls.from_config(cls.load_config(config / name))
+    pipeline = getattr(diffusers, index["_class_name"])
+    accepted = set(inspect.signature(pipeline.__init__).parameters)
+    extra: dict[str, object] = {k: None for k in ("safety_checker", "feature_extractor",
+                                                  "image_encoder") if k in accepted}
+    if "requires_safety_checker" in accepted:
+        extra["requires_safety_checker"] = False
+    pipe = pipeline(**parts, **extra)
+    pipe.to(dtype).save_pretrained(folder)
+
+
+BODY = {
+    "prompt": "a lighthouse at dusk, (oil painting:1.2)",
+    "negative_prompt": "blurry",
+    "seed": 1,
+    "sampler_name": "Euler a",
+}
+
+
+async def measure_ours(
+    backend: DiffusersBackend, checkpoint: str, size: int, steps: int, runs: int, batch: int = 1
+) -> float:
+    """Seconds per job, median: the real backend path (A1111 parsing, encoding, PNG, infotext)."""
+    body = {**BODY, "steps": steps, "width": size, "height": size, "batch_size": batch,
+            "override_settings": {"sd_model_checkpoint": checkpoint}}
+    await backend.generate("txt2img", {**body, "steps": 2})  # load + warm up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        result = await backend.generate("txt2img", body)
+        times.append(time.perf_counter() - t)
+        assert len(result["images"]) == batch and json.loads(result["info"])["seed"] == 1
+    return statistics.median(times)
+
+
+def measure_plain(
+    folder: Path, device: torch.device, dtype: torch.dtype, size: int, steps: int, runs: int
+) -> float:
+    """Seconds per image, median: a bare diffusers pipeline call on the same weights, device,
+    precision, sampler, size and steps (no A1111 semantics, no PNG): the baseline."""
+    import diffusers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(
+        folder, local_files_only=True, dtype=dtype
     )
-    pipe.to(dtype).save_pretrained(root / "models" / "Stable-diffusion" / "real15")
-
-
-async def measure(backend: DiffusersBackend, label: str, size: int, steps: int, runs: int) -> None:
-    body = {
-        "prompt": "a lighthouse at dusk, (oil painting:1.2)",
-        "negative_prompt": "blurry",
-        "steps": steps,
-        "width": size,
-        "height": size,
-        "seed": 1,
-        "sampler_name": "Euler a",
-    }
-    started = time.perf_counter()
-    await backend.generate("txt2img", {**body, "steps": 2})  # loads the model, warms up
-    print(
-        f"{label}: load + warm-up {time.perf_counter() - started:.2f} s "
-        f"({backend.name}, {backend.models.dtype})"
-    )
-    for batch in (1, 4):
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            result = await backend.generate("txt2img", {**body, "batch_size": batch})
-            times.append(time.perf_counter() - t)
-            assert len(result["images"]) == batch and json.loads(result["info"])["seed"] == 1
-        median = statistics.median(times)
-        print(
-            f"  {label} {size}x{size} batch {batch}, {steps} steps: {steps / median:6.2f} it/s, "
-            f"{median / batch * 1000:8.1f} ms per image, {median:.3f} s per job (median of {runs})"
-        )
-
-
-def measure_plain_diffusers(folder: Path, device: str, steps: int, runs: int) -> None:
-    """The same tiny model through a bare diffusers pipeline: the engine's overhead baseline."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if device == "auto"
-        else device
-    )
-    call = dict(
-        prompt="a lighthouse at dusk, oil painting",
-        negative_prompt="blurry",
-        num_inference_steps=steps,
-        height=64,
-        width=64,
-    )
+    pipe.to(device)
+    call = dict(prompt="a lighthouse at dusk, oil painting", negative_prompt="blurry",
+                num_inference_steps=steps, height=size, width=size, guidance_scale=7.0)
     pipe(**{**call, "num_inference_steps": 2})
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        pipe(**call)
+        pipe(**call, generator=torch.Generator(device).manual_seed(1))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    median = statistics.median(times)
-    print(
-        f"  plain diffusers 64x64 batch 1, {steps} steps: {steps / median:6.2f} it/s, "
-        f"{median * 1000:8.1f} ms per image (baseline, no A1111 semantics, no PNG)"
-    )
+    del pipe
+    free_memory()
+    return statistics.median(times)
+
+
+async def compare(
+    backend: DiffusersBackend, label: str, checkpoint: str, folder: Path, size: int,
+    args: argparse.Namespace,
+) -> None:
+    ours = await measure_ours(backend, checkpoint, size, args.steps, args.runs)
+    four = await measure_ours(backend, checkpoint, size, args.steps, args.runs, batch=4)
+    backend.models.unload_all()
+    plain = measure_plain(folder, backend.models.device, backend.models.dtype, size, args.steps,
+                          args.runs)
+    print(f"{label} {size}x{size}, {args.steps} steps, Euler a, batch 1 ({backend.name}, "
+          f"{backend.models.dtype}):")
+    print(f"  a1111-proxy engine: {args.steps / ours:7.2f} it/s, {ours * 1000:9.1f} ms per image")
+    print(f"  plain diffusers:    {args.steps / plain:7.2f} it/s, {plain * 1000:9.1f} ms per image")
+    print(f"  ratio (ours / plain it/s): {plain / ours:.3f}   (target >= 0.97)")
+    print(f"  batch 4: {four / 4 * 1000:.1f} ms per image, {args.steps / four:.2f} it/s")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--real", action="store_true", help="also a real-size SD1.5 at 512x512")
+    parser.add_argument("--real", action="store_true",
+                        help="also real-size SD1.5 at 512x512 and SDXL at 1024x1024 (GPU)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")
@@ -160,14 +176,14 @@ async def main() -> None:
             )
         )
         try:
-            await measure(backend, "tiny", 64, args.steps, args.runs)
-            measure_plain_diffusers(skeletons["sd15"], args.device, args.steps, args.runs)
+            await compare(backend, "tiny SD1.5", "tiny15", skeletons["sd15"], 64, args)
             if args.real:
-                build_real(root, backend.models.dtype)
-                backend.models.catalog.checkpoints = backend.models.catalog.scan()
-                backend.models.unload_all()
-                backend.models._current = "real15"
-                await measure(backend, "real-size SD1.5", 512, args.steps, args.runs)
+                for arch, name, size in (("sd15", "real15", 512), ("sdxl", "realxl", 1024)):
+                    folder = root / "models" / "Stable-diffusion" / name
+                    build_real(arch, folder, backend.models.dtype)
+                    backend.models.catalog.checkpoints = backend.models.catalog.scan()
+                    label = "real-size SD1.5" if arch == "sd15" else "real-size SDXL"
+                    await compare(backend, label, name, folder, size, args)
         finally:
             await backend.aclose()
 
