@@ -68,8 +68,20 @@ class Settings(BaseSettings):
     engine_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     engine_cached_models: int = Field(1, ge=1, le=16, description="checkpoints kept loaded")
     engine_compile: bool = Field(False, description="torch.compile the UNet (slow first run)")
-    engine_cpu_offload: bool = Field(False, description="offload idle parts to the CPU (CUDA only)")
+    engine_cpu_offload: Literal["auto", "true", "false"] = Field(
+        "auto", description="offload idle parts to the CPU (CUDA only); auto: when VRAM is short")
     engine_preview_steps: int = Field(5, ge=0, description="a live preview every N steps; 0: none")
+
+    @field_validator("engine_cpu_offload", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: object) -> object:
+        words = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false",
+                 "off": "false"}
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, str):
+            return words.get(value.strip().lower(), value.strip().lower())
+        return value
 
     @field_validator("api_tokens", "a1111_urls", mode="before")
     @classmethod

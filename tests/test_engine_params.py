@@ -350,3 +350,22 @@ def test_the_api_answers_422_for_what_the_engine_cannot_run(engine_api: httpx.Cl
     assert (
         engine_api.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 504}).status_code == 202
     )
+
+
+def test_cpu_offload_is_chosen_only_when_the_free_gpu_memory_cannot_hold_model_and_work() -> None:
+    pytest.importorskip("torch", reason="the engine's model loader needs the engine extra")
+    from a1111_proxy.engine.models import vram_is_short
+
+    gib = 2**30
+    assert not vram_is_short(5 * gib, 24 * gib)  # SDXL fp16 on a 24 GB card
+    assert vram_is_short(5 * gib, 7 * gib)  # ... on an 8 GB card with 7 free
+    assert vram_is_short(2 * gib, 3 * gib)  # SD1.5 needs at least 2 GiB of room besides
+
+
+def test_the_cpu_offload_setting_takes_auto_or_a_boolean_in_any_usual_spelling() -> None:
+    from a1111_proxy.settings import Settings
+
+    for given, meant in (("auto", "auto"), ("True", "true"), ("0", "false"), ("no", "false")):
+        assert Settings(_env_file=None, engine_cpu_offload=given).engine_cpu_offload == meant
+    with pytest.raises(ValueError, match="engine_cpu_offload"):
+        Settings(_env_file=None, engine_cpu_offload="sometimes")

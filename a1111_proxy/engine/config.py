@@ -13,7 +13,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32
     cached_models: int = 1  # checkpoints kept loaded
     compile: bool = False  # torch.compile the UNet (slow first run per image size)
-    cpu_offload: bool = False  # move idle components to the CPU (CUDA only; for small GPUs)
+    # Move idle components to the CPU (CUDA only): "auto" when the GPU's free memory cannot hold
+    # the model plus working room (decided once, at load), "true" always, "false" never.
+    cpu_offload: str = "auto"
     vae_tiling_pixels: int = 1536 * 1536  # decode larger images in tiles
     preview_steps: int = 5  # a cheap live preview every N steps (0: none)
     # Architecture -> diffusers config folder for single-file checkpoints; the package's own

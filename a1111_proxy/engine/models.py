@@ -153,7 +153,7 @@ class Models:
     def _place(self, pipe: Any) -> None:
         pipe.set_progress_bar_config(disable=True)
         cuda = self.device.type == "cuda"
-        if self.config.cpu_offload and cuda:
+        if cuda and self._offload(pipe):
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
@@ -162,6 +162,32 @@ class Models:
             pipe.vae.to(memory_format=torch.channels_last)
         if self.config.compile:
             pipe.unet = torch.compile(pipe.unet, dynamic=False)
+
+
+    def _offload(self, pipe: Any) -> bool:
+        if self.config.cpu_offload != "auto":
+            return self.config.cpu_offload == "true"
+        free, _ = torch.cuda.mem_get_info(self.device)
+        weights = sum(
+            p.numel() * p.element_size()
+            for part in pipe.components.values()
+            if isinstance(part, torch.nn.Module)
+            for p in part.parameters()
+        )
+        short = vram_is_short(weights, free)
+        if short:
+            log.warning(
+                "model CPU offload on: %.1f GiB of weights, %.1f GiB of GPU memory free "
+                "(slower; set A1111_PROXY_ENGINE_CPU_OFFLOAD=false to refuse it)",
+                weights / 2**30, free / 2**30,
+            )
+        return short
+
+
+def vram_is_short(weight_bytes: int, free_bytes: int) -> bool:
+    """Whether the weights plus working room for a generation (activations, the VAE decode;
+    half the weights, at least 2 GiB) exceed the free GPU memory."""
+    return weight_bytes + max(weight_bytes // 2, 2 * 2**30) > free_bytes
 
 
 def free_memory() -> None:
