@@ -18,11 +18,11 @@ import diffusers
 import torch
 from PIL import Image
 
-from a1111_proxy.engine import images, noise, previews, schedulers, text
+from a1111_proxy.engine import conditioning, images, noise, previews, schedulers, text, upscale
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models
-from a1111_proxy.engine.params import Params
+from a1111_proxy.engine.params import InvalidParams, Params
 
 _TASKS = {
     (False, "txt2img"): "StableDiffusionPipeline",
@@ -74,6 +74,7 @@ class _Inputs:
     original: Image.Image | None = None  # for pasting back and the final overlay
     original_mask: Image.Image | None = None
     crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
+    batch: upscale.Batch | None = None  # hires fix: each image's own start (images or latents)
 
 
 def generate(
@@ -84,24 +85,34 @@ def generate(
     generation = Generation(params, loaded.info, seeds, subseeds)
     inputs = _prepare_inputs(params, generation)
     generation.is_using_inpainting_conditioning = loaded.inpainting
-    embeds = text.encode(
+    embeds = conditioning.encode(
         loaded.pipe,
         params.prompt,
         params.negative_prompt,
+        steps=conditioning.total_steps(params.sampler, params.steps),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
     )
-    state.job_count = params.n_iter
+    passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
+    if params.hires:
+        _check_hires(params, loaded, generation)
+    state.job_count = params.n_iter * passes
     made: list[Image.Image] = []
     for batch in range(params.n_iter):
         if state.interrupt.is_set():
             break
-        state.job_no, state.step = batch, 0
+        state.job_no, state.step = batch * passes, 0
         window = slice(batch * params.batch_size, (batch + 1) * params.batch_size)
-        made += _run_batch(
-            models, config, loaded, params, embeds, inputs, state, seeds[window], subseeds[window]
+        first = _run_batch(
+            models, config, loaded, params, embeds, inputs, state, seeds[window], subseeds[window],
+            output="latent" if params.hires and params.hires.latent else "pil",
         )
-    state.job_no, state.step = params.n_iter, 0
+        made += (
+            _hires(models, config, loaded, params, state, first, seeds[window], subseeds[window])
+            if params.hires
+            else first
+        )
+    state.job_no, state.step = state.job_count, 0
     made = [_finish_image(image, inputs) for image in made]
     encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
     return {
@@ -111,6 +122,50 @@ def generate(
         "parameters": params.parameters,
         "info": generation.info(len(made)),
     }
+
+
+def _check_hires(params: Params, loaded: Loaded, generation: Generation) -> None:
+    if loaded.inpainting:
+        raise InvalidParams(
+            "hires fix (enable_hr) does not run on an inpainting checkpoint; pick a regular "
+            "checkpoint in override_settings.sd_model_checkpoint or leave enable_hr unset"
+        )
+    assert params.hires is not None
+    generation.extra.update(params.hires.infotext(params.prompt, params.negative_prompt))
+
+
+def _hires(
+    models: Models,
+    config: EngineConfig,
+    loaded: Loaded,
+    params: Params,
+    state: RunState,
+    first: Any,
+    seeds: list[int],
+    subseeds: list[int],
+) -> list[Image.Image]:
+    """Hires fix's second pass (engine/hires.py, engine/upscale.py): upscale the first pass,
+    then denoise it again at the new size, as img2img with its own noise from the same seeds."""
+    hires = params.hires
+    assert hires is not None
+    if state.interrupt.is_set():  # A1111 skips the second pass once interrupted
+        return upscale.as_images(loaded.pipe, first)
+    state.job_no, state.step = state.job_no + 1, 0
+    start = upscale.upscale(first, hires)
+    second = upscale.second_pass_params(params, hires)
+    if second is None:
+        return upscale.as_images(loaded.pipe, start)
+    embeds = conditioning.encode(
+        loaded.pipe,
+        hires.prompt,
+        hires.negative_prompt,
+        steps=conditioning.total_steps(params.sampler, params.steps),
+        hires_steps=conditioning.total_steps(hires.sampler, hires.steps or params.steps),
+        clip_skip=params.clip_skip,
+        sdxl=loaded.sdxl,
+    )
+    inputs = _Inputs(batch=start)
+    return _run_batch(models, config, loaded, second, embeds, inputs, state, seeds, subseeds)
 
 
 def _prepare_inputs(params: Params, generation: Generation) -> _Inputs:
@@ -189,12 +244,13 @@ def _run_batch(
     config: EngineConfig,
     loaded: Loaded,
     params: Params,
-    embeds: text.Embeds,
+    embeds: conditioning.Conditioning,
     inputs: _Inputs,
     state: RunState,
     seeds: list[int],
     subseeds: list[int],
-) -> list[Image.Image]:
+    output: str = "pil",  # "latent" for hires fix's latent upscalers
+) -> list[Any]:
     task = _task(params, loaded, inputs)
     scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler)
     tracking = schedulers.Tracking(scheduler)
@@ -216,7 +272,8 @@ def _run_batch(
         resize_from=resize_from,
     )
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
-    kwargs = _call_kwargs(pipe, params, embeds, size, models.dtype)
+    kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
+    kwargs["output_type"] = output
     kwargs["generator"] = [
         torch.Generator(drawn.generators[0].device).manual_seed(s) for s in seeds
     ]
@@ -224,7 +281,8 @@ def _run_batch(
     if task == "txt2img":
         kwargs["latents"] = drawn.latents.to(models.dtype)
     elif task == "img2img":
-        kwargs.update(image=[inputs.init] * size, strength=strength)
+        start = inputs.batch if inputs.batch is not None else [inputs.init] * size
+        kwargs.update(image=start, strength=strength)
         tracking.noise = drawn.latents
     else:
         whole = inputs.init or Image.new("RGB", (params.width, params.height), (127, 127, 127))
@@ -241,6 +299,7 @@ def _run_batch(
             kwargs["latents"] = drawn.latents.to(models.dtype)
         tracking.noise = drawn.latents
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, loaded.sdxl)
+    embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()
