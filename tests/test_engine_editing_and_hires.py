@@ -164,6 +164,18 @@ async def test_hires_second_pass_takes_its_own_prompt_sampler_and_upscaler(
     assert "Hires sampler: DPM++ 2M, Hires prompt: a [dog|cow], Hires upscale: 1.5" in text
 
 
+async def test_hires_with_no_denoising_returns_the_first_pass_upscaled(
+    backend: DiffusersBackend,
+) -> None:
+    plain = await image(backend, prompt="a cat")
+    body = {**SMALL, "prompt": "a cat", **HIRES, "denoising_strength": 0.0}
+    lanczos = await backend.generate("txt2img", {**body, "hr_upscaler": "Lanczos"})
+    upscaled = Image.fromarray(plain.astype(np.uint8)).resize((128, 128), Image.Resampling.LANCZOS)
+    assert np.array_equal(pixels(lanczos), np.asarray(upscaled, dtype=np.int16))
+    latent = await backend.generate("txt2img", {**body, "hr_upscaler": "Latent (bicubic)"})
+    assert pixels(latent).shape == (128, 128, 3)
+
+
 async def test_progress_counts_both_passes_and_interrupt_stops_the_second(
     backend: DiffusersBackend,
 ) -> None:

@@ -53,7 +53,7 @@ class Conditioning:
         if self._pick is None:
             return
         inner = kwargs["callback_on_step_end"]
-        names = ["latents", "prompt_embeds"]
+        names = [*kwargs.get("callback_on_step_end_tensor_inputs", ["latents"]), "prompt_embeds"]
         if self.first.pooled is not None:
             names.append("add_text_embeds")
 
@@ -70,7 +70,7 @@ class Conditioning:
             return tensors
 
         kwargs["callback_on_step_end"] = on_step_end
-        kwargs["callback_on_step_end_tensor_inputs"] = names
+        kwargs["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys(names))
 
 
 def _batch(

@@ -277,7 +277,8 @@ def _run_batch(
     kwargs["generator"] = [
         torch.Generator(drawn.generators[0].device).manual_seed(s) for s in seeds
     ]
-    strength = params.denoising_strength if task != "txt2img" else None
+    # Only img2img has a strength: txt2img bodies carry hires fix's (webuiapi always sends 0.7).
+    strength = params.denoising_strength if params.kind == "img2img" else None
     if task == "txt2img":
         kwargs["latents"] = drawn.latents.to(models.dtype)
     elif task == "img2img":
