@@ -109,7 +109,8 @@ def from_request(request: Any, *, width: int, height: int, sampler: Resolved) ->
         )
     upscaler = _upscaler(request.hr_upscaler)
     scale = 2.0 if request.hr_scale is None else float(request.hr_scale)
-    resize_x, resize_y = _non_negative(request, "hr_resize_x"), _non_negative(request, "hr_resize_y")
+    resize_x = _non_negative(request, "hr_resize_x")
+    resize_y = _non_negative(request, "hr_resize_y")
     target = _target(width, height, scale, resize_x, resize_y)
     steps = _non_negative(request, "hr_second_pass_steps")
     if steps > 500:

@@ -50,7 +50,8 @@ def prompt_schedule(
     prompt: str, steps: int, hires_steps: int | None = None
 ) -> list[tuple[int, str]]:
     """-> [(end_at_step, text), ...]. With hires_steps (the hires fix pass), `when` counts on
-    from the first pass: a whole number N is step N - steps, a fraction F is (F - 1) * hires_steps."""
+    from the first pass: a whole number N is step N - steps, a fraction F is
+    (F - 1) * hires_steps."""
     try:
         nodes = _parse(prompt)
     except _Unparsable:
@@ -186,7 +187,8 @@ def _render(nodes: list[Node], step: int, total: int, offsets: tuple[float, floa
             out.append("(" + _render(node.nodes, step, total, offsets) + ")")
         elif isinstance(node, Square):
             inner = [_render(part, step, total, offsets) for part in node.parts]
-            out.append("[" + inner[0] + "".join(s + t for s, t in zip(node.seps, inner[1:])) + "]")
+            joined = "".join(s + t for s, t in zip(node.seps, inner[1:], strict=True))
+            out.append("[" + inner[0] + joined + "]")
         elif isinstance(node, Alternate):
             out.append(_render(node.options[(step - 1) % len(node.options)], step, total, offsets))
         else:
