@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
+from a1111_proxy.engine import conditioning, text  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from tests.fakes import tiny_sd  # noqa: E402
 
@@ -95,6 +96,25 @@ async def test_an_edit_at_the_last_step_is_the_first_prompt_and_at_step_0_the_se
     for made in (halfway, alternating):
         assert not np.array_equal(made, cat) and not np.array_equal(made, dog)
     assert not np.array_equal(halfway, alternating)
+
+
+def test_each_step_gets_the_text_a1111_schedules_for_it(backend: DiffusersBackend) -> None:
+    pipe = backend.models.get("tiny15").pipe
+    long = ", ".join(["a very detailed cat"] * 8)  # two 75-token chunks
+
+    def plain(prompt: str, negative: str = "") -> text.Embeds:
+        return text.encode(pipe, prompt, negative, clip_skip=1, sdxl=False)
+
+    edited = conditioning.encode(pipe, f"[{long}:dog:2]", "", steps=4, clip_skip=1, sdxl=False)
+    assert edited.scheduled
+    for step, expected in [(0, plain(long)), (2, plain(long)), (3, plain("dog"))]:
+        got = edited.at(step)  # A1111: entry i while the 0-based step <= its end_at_step
+        assert torch.equal(got.cond, expected.cond) and torch.equal(got.uncond, expected.uncond)
+    assert edited.at(0).uncond.shape[1] == 154 and edited.at(3).uncond.shape[1] == 77
+    for prompt in ["a (cat:1.2) [dog] \\[x:3\\]", "a BREAK b", "[cat:dog:1.0]"]:
+        fixed = conditioning.encode(pipe, prompt, "blurry", steps=4, clip_skip=1, sdxl=False)
+        expected = plain(prompt.replace("[cat:dog:1.0]", "cat"), "blurry")
+        assert not fixed.scheduled and torch.equal(fixed.first.cond, expected.cond)
 
 
 async def test_the_negative_prompt_is_edited_per_step_too(backend: DiffusersBackend) -> None:
@@ -194,3 +214,17 @@ async def test_progress_counts_both_passes_and_interrupt_stops_the_second(
     await backend.interrupt()
     result = await asyncio.wait_for(run, 60)
     assert pixels(result).shape == (128, 128, 3)  # what the second pass had, upscaled size
+
+
+async def test_cancel_during_the_second_pass_stops_the_job_and_frees_the_slot(
+    backend: DiffusersBackend,
+) -> None:
+    body = {**SMALL, "prompt": "a cat", **HIRES, "steps": 2, "hr_second_pass_steps": 400}
+    run = asyncio.create_task(backend.generate("txt2img", body))
+    while (await backend.progress()).progress <= 0.5:
+        assert not run.done(), run
+        await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 60)
+    assert (await image(backend, prompt="a cat")).shape == (64, 64, 3)
