@@ -74,7 +74,6 @@ def test_width_and_height_must_be_multiples_of_8_and_the_message_says_what_to_us
 
 def test_unsupported_features_are_refused_by_name() -> None:
     for field, value in [
-        ("enable_hr", True),
         ("restore_faces", True),
         ("script_name", "x/y/z plot"),
     ]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress
+from a1111_proxy.engine import hires
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.models import Models, free_memory
@@ -121,6 +122,10 @@ class DiffusersBackend:
             first = next((c for c in catalog.checkpoints if not c.pickled), None)
             return {"sd_model_checkpoint": first.name if first else None,
                     "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+        if path == "/sdapi/v1/upscalers":  # hires fix's image upscalers
+            return hires.upscalers()
+        if path == "/sdapi/v1/latent-upscale-modes":
+            return hires.latent_upscale_modes()
         if path == "/sdapi/v1/scripts":
             return {"txt2img": [], "img2img": []}
         return None

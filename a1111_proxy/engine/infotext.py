@@ -52,7 +52,9 @@ class Generation:
             "Variation seed": self.subseeds[index] if p.subseed_strength else None,
             "Variation seed strength": p.subseed_strength or None,
             "Seed resize from": _seed_resize(p),
-            "Denoising strength": p.denoising_strength if p.kind == "img2img" else None,
+            "Denoising strength": (
+                p.denoising_strength if p.kind == "img2img" or p.hires else None
+            ),
             "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
             "ENSD": p.eta_noise_seed_delta or None,
             "RNG": p.randn_source if p.randn_source != "GPU" else None,

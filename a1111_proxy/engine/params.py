@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from a1111_proxy.engine import hires as hires_fix
 from a1111_proxy.engine.samplers import Resolved, UnknownSampler, resolve
 from a1111_proxy.schemas import REQUEST_MODELS, Txt2ImgRequest
 
@@ -78,6 +79,7 @@ class Params:
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: bool = False
+    hires: hires_fix.Hires | None = None  # txt2img's hires fix (engine/hires.py)
 
     @property
     def count(self) -> int:
@@ -132,6 +134,8 @@ class Params:
         if kind == "img2img":
             common.update(_img2img_fields(request))
             common["batch_size"] = _batch_for_images(common["batch_size"], request.init_images)
+        else:
+            common.update(_hires_fields(request, common))
         return cls(**common)
 
 
@@ -166,7 +170,6 @@ def _validate(kind: str, payload: dict[str, Any]) -> Txt2ImgRequest:
 
 def _refuse_unsupported(request: Txt2ImgRequest) -> None:
     refused = {
-        "enable_hr": "hires fix (enable_hr) is",
         "restore_faces": "face restoration (restore_faces) is",
         "tiling": "tiling is",
         "refiner_checkpoint": "a refiner (refiner_checkpoint) is",
@@ -237,6 +240,18 @@ def _randn_source(settings: dict[str, Any]) -> str:
             "or 'CPU' (A1111's 'NV' is not)"
         )
     return value
+
+
+def _hires_fields(request: Any, common: dict[str, Any]) -> dict[str, Any]:
+    try:
+        found = hires_fix.from_request(
+            request, width=common["width"], height=common["height"], sampler=common["sampler"]
+        )
+    except hires_fix.HiresError as exc:
+        raise InvalidParams(str(exc)) from None
+    if found is None:
+        return {}
+    return {"hires": found, "denoising_strength": found.denoising_strength}
 
 
 def _img2img_fields(request: Any) -> dict[str, Any]:

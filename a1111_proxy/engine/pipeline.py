@@ -19,11 +19,11 @@ import diffusers
 import torch
 from PIL import Image
 
-from a1111_proxy.engine import images, noise, schedulers, text
+from a1111_proxy.engine import conditioning, images, noise, schedulers, text, upscale
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models
-from a1111_proxy.engine.params import Params
+from a1111_proxy.engine.params import InvalidParams, Params
 
 _TASKS = {
     (False, "txt2img"): "StableDiffusionPipeline",
@@ -76,6 +76,7 @@ class _Inputs:
     original: Image.Image | None = None  # for pasting back and the final overlay
     original_mask: Image.Image | None = None
     crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
+    batch: upscale.Batch | None = None  # hires fix: each image's own start (images or latents)
 
 
 def generate(
@@ -87,25 +88,35 @@ def generate(
     inputs = [_prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
     inputs = inputs or [_Inputs()]
     generation.is_using_inpainting_conditioning = loaded.inpainting
-    embeds = text.encode(
+    embeds = conditioning.encode(
         loaded.pipe,
         params.prompt,
         params.negative_prompt,
+        steps=conditioning.total_steps(params.sampler, params.steps),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
     )
-    state.job_count = params.n_iter
+    passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
+    if params.hires:
+        _check_hires(params, loaded, generation)
+    state.job_count = params.n_iter * passes
     made: list[Image.Image] = []
     for batch in range(params.n_iter):
         if state.interrupt.is_set():
             break
-        state.job_no, state.step = batch, 0
+        state.job_no, state.step = batch * passes, 0
         state.skip.clear()  # a skip ends one batch (A1111 clears it as each batch starts)
         window = slice(batch * params.batch_size, (batch + 1) * params.batch_size)
-        made += _run_batch(
-            models, config, loaded, params, embeds, inputs, state, seeds[window], subseeds[window]
+        first = _run_batch(
+            models, config, loaded, params, embeds, inputs, state, seeds[window], subseeds[window],
+            output="latent" if params.hires and params.hires.latent else "pil",
         )
-    state.job_no, state.step = params.n_iter, 0
+        made += (
+            _hires(models, config, loaded, params, state, first, seeds[window], subseeds[window])
+            if params.hires
+            else first
+        )
+    state.job_no, state.step = state.job_count, 0
     made = [_finish_image(image, inputs[i % len(inputs)]) for i, image in enumerate(made)]
     encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
     return {
@@ -115,6 +126,50 @@ def generate(
         "parameters": params.parameters,
         "info": generation.info(len(made)),
     }
+
+
+def _check_hires(params: Params, loaded: Loaded, generation: Generation) -> None:
+    if loaded.inpainting:
+        raise InvalidParams(
+            "hires fix (enable_hr) does not run on an inpainting checkpoint; pick a regular "
+            "checkpoint in override_settings.sd_model_checkpoint or leave enable_hr unset"
+        )
+    assert params.hires is not None
+    generation.extra.update(params.hires.infotext(params.prompt, params.negative_prompt))
+
+
+def _hires(
+    models: Models,
+    config: EngineConfig,
+    loaded: Loaded,
+    params: Params,
+    state: RunState,
+    first: Any,
+    seeds: list[int],
+    subseeds: list[int],
+) -> list[Image.Image]:
+    """Hires fix's second pass (engine/hires.py, engine/upscale.py): upscale the first pass,
+    then denoise it again at the new size, as img2img with its own noise from the same seeds."""
+    hires = params.hires
+    assert hires is not None
+    if state.interrupt.is_set() or state.skip.is_set():  # no second pass once interrupted
+        return upscale.as_images(loaded.pipe, first)
+    state.job_no, state.step = state.job_no + 1, 0
+    start = upscale.upscale(first, hires)
+    second = upscale.second_pass_params(params, hires)
+    if second is None:
+        return upscale.as_images(loaded.pipe, start)
+    embeds = conditioning.encode(
+        loaded.pipe,
+        hires.prompt,
+        hires.negative_prompt,
+        steps=conditioning.total_steps(params.sampler, params.steps),
+        hires_steps=conditioning.total_steps(hires.sampler, hires.steps or params.steps),
+        clip_skip=params.clip_skip,
+        sdxl=loaded.sdxl,
+    )
+    inputs = [_Inputs(batch=start)]
+    return _run_batch(models, config, loaded, second, embeds, inputs, state, seeds, subseeds)
 
 
 def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
@@ -192,12 +247,13 @@ def _run_batch(
     config: EngineConfig,
     loaded: Loaded,
     params: Params,
-    embeds: text.Embeds,
+    embeds: conditioning.Conditioning,
     inputs: list[_Inputs],
     state: RunState,
     seeds: list[int],
     subseeds: list[int],
-) -> list[Image.Image]:
+    output: str = "pil",  # "latent" for hires fix's latent upscalers
+) -> list[Any]:
     task = _task(params, loaded, inputs[0])
     scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler)
     tracking = schedulers.Tracking(scheduler)
@@ -219,15 +275,18 @@ def _run_batch(
         resize_from=resize_from,
     )
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
-    kwargs = _call_kwargs(pipe, params, embeds, size, models.dtype)
+    kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
+    kwargs["output_type"] = output
     kwargs["generator"] = [
         torch.Generator(drawn.generators[0].device).manual_seed(s) for s in seeds
     ]
-    strength = _strength(params) if task != "txt2img" else None
+    # Only img2img has a strength: txt2img bodies carry hires fix's (webuiapi always sends 0.7).
+    strength = _strength(params) if params.kind == "img2img" else None
     if task == "txt2img":
         kwargs["latents"] = drawn.latents.to(models.dtype)
     elif task == "img2img":
-        kwargs.update(image=_per_image(inputs, size, "init"), strength=strength)
+        start = inputs[0].batch if inputs[0].batch is not None else _per_image(inputs, size, "init")
+        kwargs.update(image=start, strength=strength)
         tracking.noise = drawn.latents
     else:
         grey = Image.new("RGB", (params.width, params.height), (127, 127, 127))
@@ -244,6 +303,7 @@ def _run_batch(
             kwargs["latents"] = drawn.latents.to(models.dtype)
         tracking.noise = drawn.latents
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
+    embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()

@@ -118,3 +118,17 @@ def _emphasis(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
     if after.abs() > 1e-6:  # a tiny random CLIP can have mean ~0: avoid 0/0
         z = z * (before / after).to(z.dtype)
     return z
+
+
+# Used by engine/conditioning.py (prompt editing: one text at a time, paired per step).
+@torch.no_grad()
+def encode_one(
+    pipe: Any, prompt: str, *, clip_skip: int, sdxl: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prompt's embeddings (and SDXL's pooled output), unpadded."""
+    if sdxl:
+        return _encode_sdxl(pipe, prompt)
+    return _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, clip_skip)[0], None
+
+
+pad = _pad
