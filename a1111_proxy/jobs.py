@@ -758,9 +758,12 @@ class JobRepository:
         number of free pages left. PostgreSQL: autovacuum does this; nothing to do."""
         if not self.db.is_sqlite:
             return 0
-        async with self.db.writing() as conn:
-            # Each step frees one page; the pragma must be stepped until done (fetchall).
-            (await conn.exec_driver_sql(f"PRAGMA incremental_vacuum({int(pages)})")).fetchall()
+        async with self.db.write_engine.connect() as conn:
+            # The pragma frees one page per step, and the driver's execute() steps once: run it
+            # as a script, which steps it to the end (its own short write transaction).
+            raw = (await conn.get_raw_connection()).driver_connection
+            await raw.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+        async with self.db.reading() as conn:
             return int((await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one())
 
     # --- the webhook outbox ---------------------------------------------------------------

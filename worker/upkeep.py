@@ -52,7 +52,11 @@ class Retention:
         self.interval = interval
         self.clock = clock
 
-    async def tick(self) -> int:
+    async def tick(self) -> None:
+        await self.purge()
+
+    async def purge(self) -> int:
+        """One round: returns how many jobs were deleted."""
         if self.seconds <= 0:
             return 0  # RETENTION_SECONDS=0: keep forever
         cutoff = self.clock() - self.seconds
