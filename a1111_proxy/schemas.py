@@ -291,6 +291,44 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page")
 
 
+class QueuedJob(BaseModel):
+    position: int = Field(ge=1, description="1 = claimed next (priority, then age)")
+    id: str
+    type: str
+    priority: int
+    attempts: int
+    created_at: str
+    retry_at: str | None = Field(description="waiting out a retry backoff until then")
+    deadline_at: str | None
+    estimated_start_seconds: float | None = Field(description="null until a job has completed")
+
+
+class RunningJob(BaseModel):
+    backend: str | None = Field(description="the slot (A1111 URL) it runs on")
+    id: str
+    type: str
+    priority: int
+    attempts: int
+    progress: float
+    eta_relative: float | None
+    started_at: str | None
+    deadline_at: str | None
+
+
+class QueueView(BaseModel):
+    """The queue: waiting jobs in claim order, running jobs by slot, counts and estimates."""
+
+    queued: list[QueuedJob] = Field(description="the first `limit` waiting jobs")
+    queued_total: int
+    running: list[RunningJob]
+    counts: dict[str, int] = Field(description="jobs by status")
+    slots: int = Field(description="usable backend slots of live workers (at least 1)")
+    estimated_wait_seconds: float | None = Field(
+        description="until a job submitted now, behind every queued one, starts")
+    mean_run_seconds: float | None = Field(description="of the last 20 jobs completed in 24 h")
+    sample_size: int
+
+
 class ValidationIssue(BaseModel):
     loc: list[str | int]
     msg: str

@@ -3,6 +3,7 @@ with a clock the tests move."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -230,3 +231,31 @@ def _checkpoint(path: object) -> None:
     """Move the WAL into the main file, so that its size is what the data takes."""
     with sqlite3.connect(path) as conn:  # type: ignore[arg-type]
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+# --- following jobs (the event streams' source) -----------------------------------------
+
+
+async def test_a_follower_sees_changes_and_once_it_leaves_nothing_is_kept_or_polled(
+    repo: JobRepository, database_url: str
+) -> None:
+    from a1111_proxy.waiter import JobWaiter
+    from a1111_proxy.wakeup import make_wakeup
+
+    job_id = await submit(repo)
+    waiter = JobWaiter(repo, make_wakeup(database_url, 0.005))
+    try:
+        with waiter.watch(job_id) as watch, waiter.watch(job_id) as other:
+            await asyncio.wait_for(watch.changed.wait(), 5)
+            assert watch.latest.status == "queued" and waiter.followers == 2
+            watch.changed.clear()
+            claim = await repo.claim_next("w", "slot")
+            await repo.touch(claim, progress=0.25, preview="cHJldmlldw==")
+            while watch.latest.progress != 0.25 or watch.latest.preview_at is None:
+                await asyncio.wait_for(watch.changed.wait(), 5)
+                watch.changed.clear()
+            assert other.latest == watch.latest  # one read serves every follower
+        assert waiter.followers == 0
+        await asyncio.wait_for(asyncio.shield(waiter._pump), 5)  # the pump stops with them
+    finally:
+        await waiter.close()
