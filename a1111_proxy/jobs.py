@@ -322,11 +322,6 @@ class JobRepository:
         async with self.db.reading() as conn:
             return (await conn.execute(query)).scalar_one_or_none()
 
-    async def statuses(self, ids: list[str]) -> dict[str, str]:
-        query = select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(ids))
-        async with self.db.reading() as conn:
-            return {row.id: row.status for row in (await conn.execute(query)).all()}
-
     async def counts(self) -> dict[str, int]:
         query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
         async with self.db.reading() as conn:

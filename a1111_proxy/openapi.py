@@ -92,9 +92,9 @@ OPERATIONS: list[Op] = [
        "job without its result), `progress` (`step`, `steps`, `progress`, `eta`, `preview`: a "
        "data: URI when a new live preview exists, else null; at most every 250 ms), then one of "
        "`completed`, `error`, `canceled` with the job as GET /sdapi/v1/jobs/{job_id} shows it, "
-       "and the stream ends. Ids are `<attempt>-<status>[-<n>]`; with `Last-Event-ID` nothing "
-       "already seen is sent again, a missed final event is, and a client that has the final "
-       "event gets 204. A `: ping` comment every 15 s (A1111_PROXY_SSE_PING_SECONDS)."),
+       "and the stream ends. Ids: `<attempt>-<status>-<n>` (status: n=0, progress: n>=1), "
+       "`<attempt>-<status>` (the final event); with `Last-Event-ID` nothing already seen is "
+       "sent again, a missed final event is, and a client that has the final event gets 204. A `: ping` comment every 15 s (A1111_PROXY_SSE_PING_SECONDS)."),
     Op("get", "/sdapi/v1/queue", "The queue: positions, running jobs by slot, estimated wait",
        "jobs", {200: s.QueueView, 422: s.ValidationFailed},
        params=[_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},

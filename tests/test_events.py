@@ -112,6 +112,10 @@ def test_last_event_id_resumes_without_old_events_and_sends_a_final_event_it_mis
     # A client that saw it running but missed the end gets the end.
     missed = follow(made.api, job_id, last_event_id=last)
     assert [e.event for e in missed if e.event != "ping"] == ["status", "completed"]
+    assert [e.id for e in missed if e.event != "ping"] == ["1-completed-0", "1-completed"]
+    # One that saw the final status but not the final event gets just that event.
+    final = follow(made.api, job_id, last_event_id="1-completed-0")
+    assert [e.event for e in final if e.event != "ping"] == ["completed"]
     # One that has the final event is told there is nothing more (EventSource stops on 204).
     done = made.api.get(f"/sdapi/v1/jobs/{job_id}/events",
                         headers={"Last-Event-ID": "1-completed"})

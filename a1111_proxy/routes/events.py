@@ -6,10 +6,11 @@ every 250 ms) and one final `completed`, `error` or `canceled` carrying the job 
 `GET /sdapi/v1/jobs/{id}` shows it, after which the stream ends. A `: ping` comment keeps idle
 connections open.
 
-Event ids are `<attempt>-<status>` (status and final events) and `<attempt>-<status>-<n>`
-(progress). A client that reconnects with `Last-Event-ID` gets no `status` event for the state it
-already saw and no old progress, only what changes from then on; a final event it missed is
-sent; one that it already has is answered 204 (EventSource stops reconnecting on 204).
+Event ids: `<attempt>-<status>-0` (status), `<attempt>-<status>-<n>` (progress, n from 1) and
+`<attempt>-<status>` (the final event only). A client that reconnects with `Last-Event-ID` gets no
+`status` event for the state it already saw and no old progress, only what changes from then on;
+a final event it missed is sent (also when it saw the final `status`); one that has the final
+event is answered 204 (EventSource stops reconnecting on 204).
 
 The stream learns everything from the database through the process's one JobWaiter pump, so it
 works behind any API process; it holds no database connection while it waits.
@@ -44,16 +45,22 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class EventId:
     attempt: int
     status: str
+    final: bool = False  # the client has the final event
 
-    def render(self, n: int | None = None) -> str:
-        return f"{self.attempt}-{self.status}" + ("" if n is None else f"-{n}")
+    def render(self, n: int = 0) -> str:
+        return f"{self.attempt}-{self.status}-{n}"
+
+    def render_final(self) -> str:
+        return f"{self.attempt}-{self.status}"
 
 
 def parse_event_id(raw: str | None) -> EventId | None:
     """The state a reconnecting client last saw; None (start afresh) when absent or not ours."""
     parts = (raw or "").strip().split("-")
+    if len(parts) == 3 and not parts[2].isdigit():
+        return None
     if len(parts) in (2, 3) and parts[0].isdigit() and parts[1] in STATUSES:
-        return EventId(int(parts[0]), parts[1])
+        return EventId(int(parts[0]), parts[1], final=len(parts) == 2 and parts[1] in TERMINAL)
     return None
 
 
@@ -61,7 +68,7 @@ async def job_events(request: Request) -> Response:
     repo: JobRepository = request.state.repo
     row = await find_job(repo, request.path_params["job_id"])
     resumed = parse_event_id(request.headers.get("last-event-id"))
-    if resumed is not None and resumed.status in TERMINAL:
+    if resumed is not None and resumed.final:
         return Response(status_code=204)  # it has the final event: nothing more will come
     stream = JobStream(repo, request.state.waiter, row.id, resumed,
                        ping_seconds=request.state.settings.sse_ping_seconds,
@@ -76,7 +83,8 @@ class JobStream:
         self.repo = repo
         self.waiter = waiter
         self.job_id = job_id
-        self.state = resumed  # the status/attempt the client knows
+        self.state = resumed and EventId(resumed.attempt, resumed.status)  # what the client knows
+        self.done = False
         self.ping_seconds = ping_seconds
         self.steps = steps
         self.progress_key: tuple[Any, ...] | None = None
@@ -95,14 +103,14 @@ class JobStream:
             while snap is not None:
                 async for event in self._changes(snap):
                     yield event
-                if self.state is not None and self.state.status in TERMINAL:
+                if self.done:
                     return
                 snap, ping = await self._next(watch, snap)
                 if ping:
                     yield ": ping\n\n"
 
     async def _changes(self, snap: Any) -> AsyncIterator[str]:
-        if EventId(snap.attempts, snap.status) != self.state:
+        if EventId(snap.attempts, snap.status) != self.state or snap.status in TERMINAL:
             row = await self.repo.get(self.job_id)
             if row is None:
                 return
@@ -113,7 +121,8 @@ class JobStream:
                     self.repo, row, with_result=False))
             if row.status in TERMINAL:
                 images = await self.repo.images(row.seq) if row.status == "completed" else None
-                yield _event(row.status, now.render(), render_job(row, images))
+                self.done = True
+                yield _event(row.status, now.render_final(), render_job(row, images))
                 return
         if snap.status == "processing" and self._progress_key(snap) != self.progress_key:
             if time.monotonic() - self.progress_sent_at >= PROGRESS_INTERVAL_SECONDS:

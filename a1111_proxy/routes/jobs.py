@@ -149,7 +149,7 @@ def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Resp
 
 
 ERROR_STATUS = {"backend_unavailable": 503, "backend_bad_response": 502, "canceled": 409,
-                "worker_lost": 500, "internal_error": 500}
+                "deadline": 504, "worker_lost": 500, "internal_error": 500}
 DISCONNECT_CHECK_SECONDS = 1.0
 
 
