@@ -74,7 +74,7 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
         try:
             api = made.start_api()
             made.start_worker()
-            long = submit(api, fake_seconds=30, timeout=1.5)  # runs, but not for long
+            long = submit(api, fake_seconds=30, timeout=3)  # runs, but not for long
             made.wait_status(long, "processing")
             waiting = submit(api, {"Cancel-After": "0.5"}, webhook_url=f"{hooks}/done")
             job = made.wait_status(waiting, "canceled", timeout=10)
@@ -84,6 +84,10 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
             message = json.loads(hook.body)
             assert message["type"] == "job.completed"
             assert message["data"]["error"]["code"] == "deadline"
+            # Wait mode hears of it as a gateway timeout, in A1111's error shape.
+            waited = api.post("/sdapi/v1/txt2img", json={"prompt": "cat"},
+                              headers={"Prefer": "wait", "Cancel-After": "0.5"})
+            assert waited.status_code == 504 and waited.json()["code"] == "deadline"
             job = made.wait_status(long, "canceled", timeout=10)
             assert job["error"]["code"] == "deadline" and job["started_at"] is not None
             assert fake[0].interrupts >= 1  # its A1111 was told to stop

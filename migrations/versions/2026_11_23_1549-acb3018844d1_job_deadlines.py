@@ -12,6 +12,7 @@ Create Date: 2026-11-23 15:49:13.697974
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -42,7 +43,13 @@ def _incremental_vacuum_on_sqlite() -> None:
         return
     with op.get_context().autocommit_block():
         op.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        op.execute("VACUUM")
+        try:
+            op.execute("VACUUM")
+        except sa.exc.OperationalError as exc:  # another process holds the file: not fatal
+            logging.getLogger("alembic").warning(
+                "could not VACUUM the SQLite file (%s): deleted jobs' space will be reused but "
+                "not given back to the file system. Stop the API and worker, then run: "
+                "sqlite3 <file> 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'", exc.orig or exc)
 
 
 def downgrade() -> None:
