@@ -6,7 +6,8 @@ The state machine (ARCHITECTURE.md, "Job"):
       |  ^                |  |----fail------> error
       |  +--requeue/------+  |----canceled---> canceled   (cancel requested while running)
       |     release/reap     +--reap, attempts exhausted--> error ("worker lost")
-      +--cancel--> canceled
+      +--cancel, or its deadline passed--> canceled
+    (a running job past its deadline is asked to stop like a cancel; it ends canceled, "deadline")
 
 Every write after the claim is fenced by the lease token (`WHERE lease_token = :token AND status =
 'processing'`), so a worker that lost its lease can no longer change the job: its write touches no
