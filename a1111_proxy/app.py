@@ -8,11 +8,12 @@ from typing import TypedDict
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.db.engine import Database
 from a1111_proxy.errors import EXCEPTION_HANDLERS
-from a1111_proxy.jobs import JobRepository
+from a1111_proxy.jobs import NOTIFY_CHANNEL, PROGRESS_CHANNEL, JobRepository
 from a1111_proxy.middleware import BodyLimit, TokenAuth
 from a1111_proxy.migrate import head_revision
 from a1111_proxy.model_info import ModelInfoStore
@@ -41,7 +42,10 @@ def make_lifespan(
         repo = JobRepository(
             db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds
         )
-        waiter = JobWaiter(repo, make_wakeup(settings.database_url, settings.poll_seconds))
+        # One wakeup source per process, shared by wait mode and every event stream.
+        wakeup = make_wakeup(settings.database_url, settings.poll_seconds,
+                             channels=(NOTIFY_CHANNEL, PROGRESS_CHANNEL))
+        waiter = JobWaiter(repo, wakeup)
         try:
             yield {"settings": settings, "repo": repo, "catalogue": CatalogueStore(db),
                    "model_info": ModelInfoStore(db),
@@ -53,14 +57,29 @@ def make_lifespan(
     return lifespan
 
 
+# Headers a browser script may read from our answers, and send to us.
+EXPOSED_HEADERS = ["Location", "X-Job-Id", "Idempotent-Replayed", "Preference-Applied"]
+ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Cancel-After",
+                   "Last-Event-ID"]
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     return Starlette(
         routes=ROUTES,
-        middleware=[
-            Middleware(TokenAuth, tokens=settings.api_tokens),
-            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
-        ],
+        middleware=[*_cors(settings),
+                    Middleware(TokenAuth, tokens=settings.api_tokens),
+                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=make_lifespan(settings),
     )
+
+
+def _cors(settings: Settings) -> list[Middleware]:
+    """CORS_ORIGINS, outermost: a preflight (which carries no token) is answered before auth,
+    and 401s carry the CORS headers too, so a browser can read them."""
+    if not settings.cors_origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=ALLOWED_HEADERS,
+                       expose_headers=EXPOSED_HEADERS, max_age=600)]

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, exists, func, insert, or_, select, update
+from sqlalchemy import Row, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -114,6 +114,12 @@ class DeliveryRepository:
             data=json.dumps(dict(job)), occurred_at=now, status="pending", trigger="scheduled",
             attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
         ))
+
+    async def delete_for_jobs(self, conn: AsyncConnection, job_seqs: list[int]) -> None:
+        """Retention: drop these jobs' deliveries and their attempt log (caller's transaction)."""
+        mine = select(_d.c.seq).where(_d.c.job_seq.in_(job_seqs))
+        await conn.execute(delete(webhook_attempts).where(webhook_attempts.c.delivery_seq.in_(mine)))
+        await conn.execute(delete(_d).where(_d.c.job_seq.in_(job_seqs)))
 
     # --- the sender's side ---------------------------------------------------------------
 

@@ -6,7 +6,8 @@ The state machine (ARCHITECTURE.md, "Job"):
       |  ^                |  |----fail------> error
       |  +--requeue/------+  |----canceled---> canceled   (cancel requested while running)
       |     release/reap     +--reap, attempts exhausted--> error ("worker lost")
-      +--cancel--> canceled
+      +--cancel, or its deadline passed--> canceled
+    (a running job past its deadline is asked to stop like a cancel; it ends canceled, "deadline")
 
 Every write after the claim is fenced by the lease token (`WHERE lease_token = :token AND status =
 'processing'`), so a worker that lost its lease can no longer change the job: its write touches no
@@ -37,9 +38,11 @@ from sqlalchemy import (
     case,
     cast,
     delete,
+    exists,
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     update,
@@ -48,12 +51,28 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
-from a1111_proxy.db.tables import controls, job_images, job_payloads, job_previews, jobs, workers
+from a1111_proxy.db.tables import (
+    controls,
+    job_images,
+    job_payloads,
+    job_previews,
+    jobs,
+    webhook_deliveries,
+    workers,
+)
 from a1111_proxy.deliveries import DeliveryRepository, wants
 from a1111_proxy.errors import IdempotencyKeyReused
 
 TERMINAL = frozenset({"completed", "error", "canceled"})
 NOTIFY_CHANNEL = "a1111_proxy_jobs"
+# Progress and previews: only the API's event streams listen here, so workers are not woken
+# several times a second by every running job's progress.
+PROGRESS_CHANNEL = "a1111_proxy_progress"
+DEADLINE_ERROR = json.dumps({
+    "code": "deadline",
+    "message": "canceled: its deadline (Cancel-After header or timeout field) passed before it "
+               "finished; submit it again with a longer timeout, or none",
+})
 
 # Columns the API shows; never the payload, the secret or image data.
 JOB_COLUMNS = tuple(
@@ -75,6 +94,7 @@ class NewJob:
     idempotency_key: str | None = None
     request_hash: str | None = None
     checkpoint: str | None = None  # override_settings.sd_model_checkpoint, if the body has one
+    timeout: float | None = None  # seconds from submission until the job is canceled ("deadline")
 
 
 GENERATIONS = frozenset({"txt2img", "img2img"})
@@ -230,11 +250,12 @@ class JobRepository:
             "checkpoint": new.checkpoint,
             "created_at": now,
             "updated_at": now,
+            "deadline_at": None if new.timeout is None else now + new.timeout,
         }
 
-    async def _notify(self, conn: AsyncConnection) -> None:
+    async def _notify(self, conn: AsyncConnection, channel: str = NOTIFY_CHANNEL) -> None:
         if not self.db.is_sqlite:
-            await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+            await conn.execute(select(func.pg_notify(channel, "")))
 
     # --- reading --------------------------------------------------------------------------
 
@@ -301,11 +322,6 @@ class JobRepository:
         query = select(job_previews.c.image).where(job_previews.c.job_seq == seq)
         async with self.db.reading() as conn:
             return (await conn.execute(query)).scalar_one_or_none()
-
-    async def statuses(self, ids: list[str]) -> dict[str, str]:
-        query = select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(ids))
-        async with self.db.reading() as conn:
-            return {row.id: row.status for row in (await conn.execute(query)).all()}
 
     async def counts(self) -> dict[str, int]:
         query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
@@ -384,8 +400,8 @@ class JobRepository:
         now = self.clock()
         due = (
             select(jobs.c.seq)
-            .where(jobs.c.status == "queued", jobs.c.run_after <= now)
-            .order_by(jobs.c.priority.desc(), jobs.c.seq)
+            .where(jobs.c.status == "queued", jobs.c.run_after <= now, _not_expired(now))
+            .order_by(*QUEUE_ORDER)
             .limit(len(slots))
             .with_for_update(skip_locked=True)
             .cte("due")
@@ -470,6 +486,8 @@ class JobRepository:
                 await conn.execute(
                     insert(job_previews).values(job_seq=claim.seq, image=preview, updated_at=now)
                 )
+            if row is not None and (progress is not None or preview is not None):
+                await self._notify(conn, PROGRESS_CHANNEL)
         return _touch(row)
 
     async def requests(self, claim: Claim) -> Touch:
@@ -512,7 +530,7 @@ class JobRepository:
                     image_count=len(images),
                     progress=1.0 if status == "completed" else jobs.c.progress,
                     eta_relative=0.0,
-                    error=error,
+                    error=_cancel_error(error) if status == "canceled" else error,
                     completed_at=now,
                     updated_at=now,
                     **_NO_LEASE,
@@ -538,7 +556,8 @@ class JobRepository:
         stmt = (
             update(jobs)
             .where(self._fenced(claim))
-            .values(status=status, error=error, completed_at=now, updated_at=now, **_NO_LEASE)
+            .values(status=status, error=_cancel_error(error) if status == "canceled" else error,
+                    completed_at=now, updated_at=now, **_NO_LEASE)
             .returning(*_WEBHOOK)
         )
         async with self.db.writing() as conn:
@@ -595,7 +614,7 @@ class JobRepository:
             .where(jobs.c.status == "processing", jobs.c.lease_expires_at < now)
             .values(
                 status=new_status,
-                error=case((canceling, jobs.c.error), (exhausted, literal(lost)),
+                error=case((canceling, _cancel_error(jobs.c.error)), (exhausted, literal(lost)),
                            else_=jobs.c.error),
                 completed_at=case((canceling | exhausted, now), else_=None),
                 run_after=now,
@@ -613,6 +632,135 @@ class JobRepository:
             if rows:
                 await self._notify(conn)
         return [(row.id, row.status) for row in rows]
+
+    # --- deadlines (Cancel-After / timeout) ----------------------------------------------
+
+    async def has_expired_deadline(self) -> bool:
+        """A cheap read, so that the sweep writes only when there is something to do."""
+        query = select(jobs.c.seq).where(self._expired(self.clock())).limit(1)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    def _expired(self, now: float) -> Any:
+        waiting = jobs.c.status == "queued"
+        running = and_(jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None))
+        return and_(jobs.c.deadline_at.is_not(None), jobs.c.deadline_at <= now,
+                    or_(waiting, running))
+
+    async def expire_deadlines(self) -> tuple[list[str], list[str]]:
+        """Queued jobs past their deadline end `canceled` ("deadline"); running ones are asked to
+        stop, as a cancel would (their worker interrupts them and they end canceled, "deadline").
+        Returns (canceled ids, interrupted ids)."""
+        now = self.clock()
+        expired = and_(jobs.c.deadline_at.is_not(None), jobs.c.deadline_at <= now)
+        async with self.db.writing() as conn:
+            canceled = (await conn.execute(
+                update(jobs)
+                .where(expired, jobs.c.status == "queued")
+                .values(status="canceled", completed_at=now, updated_at=now, error=DEADLINE_ERROR)
+                .returning(jobs.c.id, *_WEBHOOK)
+            )).all()
+            for row in canceled:
+                await self._announce(conn, row, "completed", now)
+            interrupted = (await conn.execute(
+                update(jobs)
+                .where(expired, jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None))
+                .values(cancel_requested_at=now, updated_at=now)  # now >= deadline_at
+                .returning(jobs.c.id)
+            )).all()
+            if canceled or interrupted:
+                await self._notify(conn)
+        return [row.id for row in canceled], [row.id for row in interrupted]
+
+    # --- the queue view -------------------------------------------------------------------
+
+    async def queued(self, limit: int) -> tuple[list[Row[Any]], int]:
+        """The first `limit` queued jobs in claim order, and how many are queued in all."""
+        query = (select(*JOB_COLUMNS).where(jobs.c.status == "queued")
+                 .order_by(*QUEUE_ORDER).limit(limit))
+        total = select(func.count()).select_from(jobs).where(jobs.c.status == "queued")
+        async with self.db.reading() as conn:
+            rows = list((await conn.execute(query)).all())
+            return rows, int((await conn.execute(total)).scalar_one())
+
+    async def queue_position(self, row: Any) -> int | None:
+        """1 for the job that is claimed next; None unless queued. Jobs waiting out a retry
+        backoff keep their place: they are claimed in this order once due."""
+        if row.status != "queued":
+            return None
+        ahead = or_(jobs.c.priority > row.priority,
+                    and_(jobs.c.priority == row.priority, jobs.c.seq < row.seq))
+        query = select(func.count()).select_from(jobs).where(jobs.c.status == "queued", ahead)
+        async with self.db.reading() as conn:
+            return int((await conn.execute(query)).scalar_one()) + 1
+
+    async def recent_durations(self, limit: int = 20, within: float = 86400.0) -> list[float]:
+        """How long (started to completed, seconds) the last `limit` completed jobs ran."""
+        query = (
+            select(jobs.c.completed_at - jobs.c.started_at)
+            .where(jobs.c.status == "completed", jobs.c.started_at.is_not(None),
+                   jobs.c.completed_at >= self.clock() - within)
+            .order_by(jobs.c.completed_at.desc())
+            .limit(limit)
+        )
+        async with self.db.reading() as conn:
+            return [float(d) for d in (await conn.execute(query)).scalars() if d is not None]
+
+    # --- watching jobs (event streams, wait mode) -----------------------------------------
+
+    async def snapshots(self, ids: Sequence[str]) -> dict[str, Row[Any]]:
+        """What changes while a job runs, for many jobs in one short read: status, attempts,
+        progress, eta and when its live preview was last stored (never the image)."""
+        query = (
+            select(jobs.c.id, jobs.c.seq, jobs.c.status, jobs.c.attempts, jobs.c.progress,
+                   jobs.c.eta_relative, job_previews.c.updated_at.label("preview_at"))
+            .outerjoin(job_previews, job_previews.c.job_seq == jobs.c.seq)
+            .where(jobs.c.id.in_(list(ids)))
+        )
+        async with self.db.reading() as conn:
+            return {row.id: row for row in (await conn.execute(query)).all()}
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def purge_finished(self, older_than: float, batch: int = 100) -> int:
+        """Delete up to `batch` finished jobs that ended before `older_than` (unix time), with
+        their payloads, images, previews and webhook deliveries (ON DELETE CASCADE). A job
+        whose webhook is still pending or being sent is kept until that delivery ends.
+        One short transaction; returns how many jobs went."""
+        undelivered = exists().where(
+            webhook_deliveries.c.job_seq == jobs.c.seq,
+            webhook_deliveries.c.status.in_(("pending", "sending")),
+        )
+        chosen = (
+            select(jobs.c.seq)
+            .where(jobs.c.completed_at < older_than, jobs.c.status.in_(tuple(TERMINAL)),
+                   ~undelivered)
+            .order_by(jobs.c.completed_at)
+            .limit(batch)
+        )
+        async with self.db.writing() as conn:
+            seqs = list((await conn.execute(chosen)).scalars())
+            if seqs:
+                # Children first: correct even where foreign keys are not enforced.
+                for child in (job_payloads, job_images, job_previews):
+                    await conn.execute(delete(child).where(child.c.job_seq.in_(seqs)))
+                await self.deliveries.delete_for_jobs(conn, seqs)
+                await conn.execute(delete(jobs).where(jobs.c.seq.in_(seqs)))
+        return len(seqs)
+
+    async def reclaim_space(self, pages: int = 2000) -> int:
+        """SQLite: give up to `pages` free pages back to the file system (incremental vacuum;
+        the file must have auto_vacuum=INCREMENTAL, which the migrations set). Returns the
+        number of free pages left. PostgreSQL: autovacuum does this; nothing to do."""
+        if not self.db.is_sqlite:
+            return 0
+        async with self.db.write_engine.connect() as conn:
+            # The pragma frees one page per step, and the driver's execute() steps once: run it
+            # as a script, which steps it to the end (its own short write transaction).
+            raw = (await conn.get_raw_connection()).driver_connection
+            await raw.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+        async with self.db.reading() as conn:
+            return int((await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one())
 
     # --- the webhook outbox ---------------------------------------------------------------
 
@@ -683,6 +831,22 @@ def _touch(row: Any) -> Touch:
 
 
 _WEBHOOK = (jobs.c.seq, jobs.c.webhook_url, jobs.c.webhook_events)
+
+# The claim order: highest priority first, then oldest (the queue view shows the same order).
+QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.seq)
+
+
+def _not_expired(now: float) -> Any:
+    return or_(jobs.c.deadline_at.is_(None), jobs.c.deadline_at > now)
+
+
+def _cancel_error(default: Any) -> Any:
+    """A cancel the deadline sweep asked for (at or after the deadline) ends as "deadline"."""
+    if not hasattr(default, "self_group"):
+        default = literal(default, String)
+    past_deadline = and_(jobs.c.deadline_at.is_not(None), jobs.c.cancel_requested_at.is_not(None),
+                         jobs.c.cancel_requested_at >= jobs.c.deadline_at)
+    return case((past_deadline, literal(DEADLINE_ERROR)), else_=default)
 
 
 def encode_images(images: list[bytes]) -> list[str]:

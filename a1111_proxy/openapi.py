@@ -43,6 +43,8 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"in": "path", "name": name, "required": True, "schema": schema or {"type": "string"}}
 
 
+CANCEL_AFTER = _header("Cancel-After", "seconds (a positive number, e.g. 90): a job not "
+                       "finished by then ends canceled, error code deadline (same as `timeout`)")
 PREFER = _header("Prefer", "`wait` (until done), `wait=N` (seconds) or `respond-async`; the "
                  "deployment default is A1111_PROXY_RESPONSE_MODE")
 IDEMPOTENCY = _header("Idempotency-Key", "a retry with the same key returns the same job")
@@ -61,12 +63,12 @@ CATALOGUE_OBJECTS = ("scripts", "embeddings", "memory", "cmd-flags")
 
 OPERATIONS: list[Op] = [
     Op("post", "/sdapi/v1/txt2img", "Queue a txt2img job", "generation", SUBMIT,
-       body="Txt2ImgSubmit", params=[PREFER, IDEMPOTENCY],
+       body="Txt2ImgSubmit", params=[PREFER, IDEMPOTENCY, CANCEL_AFTER],
        description="A1111's body (all its fields, parsed as leniently as A1111 does; unknown "
        "keys are passed on) plus the proxy's fields. 202 with the job, or in wait mode 200 with "
        "A1111's own answer. A1111's own error status and body come back as they are."),
     Op("post", "/sdapi/v1/img2img", "Queue an img2img job", "generation", SUBMIT,
-       body="Img2ImgSubmit", params=[PREFER, IDEMPOTENCY]),
+       body="Img2ImgSubmit", params=[PREFER, IDEMPOTENCY, CANCEL_AFTER]),
     Op("get", "/sdapi/v1/jobs", "List jobs, newest first (never image data)", "jobs",
        {200: s.JobList, 422: s.ValidationFailed},
        params=[_query("status", {"type": "string", "enum": ["queued", "processing", "completed",
@@ -83,6 +85,20 @@ OPERATIONS: list[Op] = [
     Op("get", "/sdapi/v1/jobs/{job_id}/images/{n}", "One result image", "jobs",
        {200: "image", 404: s.A1111Error},
        params=[JOB_ID, _path("n", {"type": "integer", "minimum": 0})]),
+    Op("get", "/sdapi/v1/jobs/{job_id}/events", "Follow a job: status and progress as "
+       "Server-Sent Events", "jobs", {200: "event-stream", 204: "empty", 404: s.A1111Error},
+       params=[JOB_ID, _header("Last-Event-ID", "resume: the id of the last event received")],
+       description="`text/event-stream`. Events: `status` (on connect and on every change; the "
+       "job without its result), `progress` (`step`, `steps`, `progress`, `eta`, `preview`: a "
+       "data: URI when a new live preview exists, else null; at most every 250 ms), then one of "
+       "`completed`, `error`, `canceled` with the job as GET /sdapi/v1/jobs/{job_id} shows it, "
+       "and the stream ends. Ids: `<attempt>-<status>-<n>` (status: n=0, progress: n>=1), "
+       "`<attempt>-<status>` (the final event); with `Last-Event-ID` nothing already seen is "
+       "sent again, a missed final event is, and a client that has the final event gets 204. A `: ping` comment every 15 s (A1111_PROXY_SSE_PING_SECONDS)."),
+    Op("get", "/sdapi/v1/queue", "The queue: positions, running jobs by slot, estimated wait",
+       "jobs", {200: s.QueueView, 422: s.ValidationFailed},
+       params=[_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                      "how many queued jobs to list (default 100)")]),
     Op("get", "/sdapi/v1/jobs/{job_id}/webhooks", "The job's webhook deliveries and attempts",
        "webhooks", {200: s.DeliveryList, 404: s.A1111Error}, params=[JOB_ID]),
     Op("post", "/sdapi/v1/jobs/{job_id}/webhooks/redeliver", "Send a webhook again", "webhooks",
@@ -131,7 +147,7 @@ OPERATIONS: list[Op] = [
 MODELS: list[type[BaseModel]] = [
     s.Txt2ImgRequest, s.Img2ImgRequest, s.ProxyFields, s.Job, s.JobList, s.A1111Result,
     s.ValidationFailed, s.A1111Error, s.ProgressResponse, s.PngInfoRequest, s.PngInfoResponse,
-    s.Health, s.Ready, s.DeliveryList, s.Delivery,
+    s.Health, s.Ready, s.DeliveryList, s.Delivery, s.QueueView,
 ]
 
 
@@ -172,7 +188,7 @@ def _register_models(spec: APISpec) -> None:
 
 _OUTPUTS = {s.Job, s.JobList, s.A1111Result, s.ValidationFailed, s.A1111Error,
             s.ProgressResponse, s.PngInfoResponse, s.Health, s.Ready, s.DeliveryList,
-            s.Delivery}
+            s.Delivery, s.QueueView}
 
 
 def _operation(op: Op) -> dict[str, Any]:
@@ -199,10 +215,16 @@ def _operation(op: Op) -> dict[str, Any]:
 
 
 def _response(code: int | str, kind: type[BaseModel] | str | None) -> dict[str, Any]:
-    description = {200: "OK", 202: "Accepted: the job", 401: "No or wrong token",
+    description = {200: "OK", 202: "Accepted: the job", 204: "Nothing more to send",
+                   401: "No or wrong token",
                    404: "Not found", 413: "Body too large", 422: "Invalid request",
                    503: "Unavailable", "default": "A1111's own error status and body (wait "
                    "mode), or an error in A1111's shape"}.get(code, "")
+    if kind == "empty":
+        return {"description": description}
+    if kind == "event-stream":
+        return {"description": "The event stream",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}
     if kind == "image":
         return {"description": description,
                 "content": {m: {"schema": {"type": "string", "contentMediaType": m}}

@@ -136,6 +136,10 @@ class ProxyFields(BaseModel):
         ["completed"], description="a1111-proxy extension: which webhook events to send")
     priority: LooseInt = Field(
         0, ge=-100, le=100, description="a1111-proxy extension: higher runs first, then older first")
+    timeout: float | None = Field(
+        None, gt=0, le=30 * 86400, allow_inf_nan=False,
+        description="a1111-proxy extension: seconds from submission; a job not finished by then "
+        "ends canceled (error code deadline), running or not. Same as the Cancel-After header")
 
     @field_validator("webhook_url")
     @classmethod
@@ -212,7 +216,9 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
         "result": result,
         "image_urls": [f"{base}/images/{n}" for n in range(row.image_count)],
         "webhook": webhook,
-        "links": {"self": base, "cancel": f"{base}/cancel"},
+        "links": {"self": base, "cancel": f"{base}/cancel", "events": f"{base}/events"},
+        "deadline_at": iso(row.deadline_at),
+        "queue_position": None,  # filled in by the detail view while queued
     }
 
 
@@ -221,7 +227,7 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
 
 class JobError(BaseModel):
     code: str = Field(description="stable: backend_rejected, backend_unavailable, "
-                      "backend_bad_response, worker_lost, canceled, internal_error")
+                      "backend_bad_response, worker_lost, canceled, deadline, internal_error")
     message: str
     backend: str | None = None
     backend_status: int | None = Field(None, description="A1111's HTTP status, when it answered")
@@ -236,6 +242,7 @@ class JobWebhook(BaseModel):
 class JobLinks(BaseModel):
     self: str
     cancel: str
+    events: str = Field(description="its Server-Sent Events stream")
 
 
 class A1111Result(BaseModel):
@@ -273,11 +280,53 @@ class Job(BaseModel):
     image_urls: list[str]
     webhook: JobWebhook | None
     links: JobLinks
+    deadline_at: str | None = Field(
+        None, description="a1111-proxy extension: when it is canceled (\"deadline\") unless done")
+    queue_position: int | None = Field(
+        None, ge=1, description="1 = claimed next; detail view while queued, else null")
 
 
 class JobList(BaseModel):
     jobs: list[Job]
     next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page")
+
+
+class QueuedJob(BaseModel):
+    position: int = Field(ge=1, description="1 = claimed next (priority, then age)")
+    id: str
+    type: str
+    priority: int
+    attempts: int
+    created_at: str
+    retry_at: str | None = Field(description="waiting out a retry backoff until then")
+    deadline_at: str | None
+    estimated_start_seconds: float | None = Field(description="null until a job has completed")
+
+
+class RunningJob(BaseModel):
+    backend: str | None = Field(description="the slot (A1111 URL) it runs on")
+    id: str
+    type: str
+    priority: int
+    attempts: int
+    progress: float
+    eta_relative: float | None
+    started_at: str | None
+    deadline_at: str | None
+
+
+class QueueView(BaseModel):
+    """The queue: waiting jobs in claim order, running jobs by slot, counts and estimates."""
+
+    queued: list[QueuedJob] = Field(description="the first `limit` waiting jobs")
+    queued_total: int
+    running: list[RunningJob]
+    counts: dict[str, int] = Field(description="jobs by status")
+    slots: int = Field(description="usable backend slots of live workers (at least 1)")
+    estimated_wait_seconds: float | None = Field(
+        description="until a job submitted now, behind every queued one, starts")
+    mean_run_seconds: float | None = Field(description="of the last 20 jobs completed in 24 h")
+    sample_size: int
 
 
 class ValidationIssue(BaseModel):

@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     civitai_url: str = "https://civitai.com"
     civitai_token: SecretStr = SecretStr("")
     civitai_ttl_seconds: float = Field(604800.0, gt=0, description="how long Civitai answers last")
-    retention_seconds: int = Field(604800, ge=60)
+    retention_seconds: int = Field(
+        604800, ge=0, description="finished jobs older than this are deleted; 0: keep forever")
+    retention_check_seconds: float = Field(60.0, gt=0, description="how often the worker deletes expired jobs")
+    deadline_check_seconds: float = Field(1.0, gt=0, description="how often the worker enforces deadlines")
+    cors_origins: CommaList = Field([], description="browser origins allowed to call the API; empty: no CORS")
+    sse_ping_seconds: float = Field(15.0, gt=0, description="heartbeat comment interval on event streams")
 
     # Input images (img2img, masks, ControlNet units, extras).
     image_max_pixels: int = Field(40_000_000, ge=1)
@@ -83,7 +88,7 @@ class Settings(BaseSettings):
             return words.get(value.strip().lower(), value.strip().lower())
         return value
 
-    @field_validator("api_tokens", "a1111_urls", mode="before")
+    @field_validator("api_tokens", "a1111_urls", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)

@@ -1,20 +1,46 @@
-"""JobWaiter: lets requests wait for jobs to end, learning it from the database.
+"""JobWaiter: lets requests wait for jobs to end, and event streams follow them, learning both
+from the database.
 
 One pump per API process watches for database changes (SQLite's data_version, PostgreSQL's
-NOTIFY) and then reads the status of every job someone waits for in a single query. It works the
-same with several API processes: nothing is signalled in-process.
+NOTIFY) and then reads a small snapshot (status, attempts, progress, eta, preview time) of every
+job someone waits for or follows, in a single short query. It works the same with several API
+processes: nothing is signalled in-process. However many clients follow jobs, a process holds one
+wakeup source and reads with one query per change, so streams never pin database connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
 
 from a1111_proxy.jobs import TERMINAL, JobRepository
 from a1111_proxy.wakeup import Wakeup
 
+log = logging.getLogger("a1111_proxy")
+
 RECHECK_SECONDS = 1.0
+
+
+class Watch:
+    """One follower of one job: the latest snapshot, and an event set when it changes."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.latest: Any = None  # a JobRepository.snapshots row; None once the job is gone
+        self.changed = asyncio.Event()
+        self.gone = False
+
+    def offer(self, snapshot: Any) -> None:
+        if snapshot is None:
+            self.gone = True
+            self.changed.set()
+        elif snapshot != self.latest:
+            self.latest = snapshot
+            self.changed.set()
 
 
 class JobWaiter:
@@ -22,42 +48,64 @@ class JobWaiter:
         self.repo = repo
         self.wakeup = wakeup
         self._waiting: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
+        self._watching: defaultdict[str, set[Watch]] = defaultdict(set)
         self._pump: asyncio.Task[None] | None = None
         self._started = False
+
+    @property
+    def followers(self) -> int:
+        """How many event streams follow jobs in this process."""
+        return sum(len(watches) for watches in self._watching.values())
 
     async def wait(self, job_id: str, timeout: float) -> bool:
         """True once the job is terminal; False if `timeout` passed first."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[job_id].add(future)
-        if self._pump is None or self._pump.done():
-            self._pump = asyncio.create_task(self._run_pump(), name="job waiter")
+        self._ensure_pump()
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
             return True
         except TimeoutError:
             return False
         finally:
-            self._forget(job_id, future)
+            _discard(self._waiting, job_id, future)
 
-    def _forget(self, job_id: str, future: asyncio.Future[None]) -> None:
-        futures = self._waiting.get(job_id)
-        if futures is not None:
-            futures.discard(future)
-            if not futures:
-                del self._waiting[job_id]
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[Watch]:
+        """Follow a job's snapshots until the block ends (a client that goes away ends it)."""
+        watch = Watch(job_id)
+        self._watching[job_id].add(watch)
+        self._ensure_pump()
+        try:
+            yield watch
+        finally:
+            _discard(self._watching, job_id, watch)
+
+    def _ensure_pump(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run_pump(), name="job waiter")
 
     async def _run_pump(self) -> None:
         if not self._started:
             await self.wakeup.start()
             self._started = True
-        while self._waiting:
-            statuses = await self.repo.statuses(list(self._waiting))
-            for job_id, status in statuses.items():
-                if status in TERMINAL:
-                    for future in self._waiting.get(job_id, ()):
-                        if not future.done():
-                            future.set_result(None)
+        while self._waiting or self._watching:
+            try:
+                self._dispatch(await self.repo.snapshots(list({*self._waiting, *self._watching})))
+            except Exception as exc:  # a busy or unreachable database: try again shortly
+                log.warning("could not read job states (%s: %s); retrying", type(exc).__name__, exc)
             await self.wakeup.wait(RECHECK_SECONDS)
+
+    def _dispatch(self, snapshots: dict[str, Any]) -> None:
+        for job_id, futures in list(self._waiting.items()):
+            found = snapshots.get(job_id)
+            if found is not None and found.status in TERMINAL:
+                for future in futures:
+                    if not future.done():
+                        future.set_result(None)
+        for job_id, watches in list(self._watching.items()):
+            for watch in list(watches):
+                watch.offer(snapshots.get(job_id))
 
     async def close(self) -> None:
         if self._pump is not None:
@@ -66,3 +114,11 @@ class JobWaiter:
                 await self._pump
         if self._started:
             await self.wakeup.close()
+
+
+def _discard(registry: defaultdict[str, set[Any]], job_id: str, item: Any) -> None:
+    items = registry.get(job_id)
+    if items is not None:
+        items.discard(item)
+        if not items:
+            del registry[job_id]

@@ -70,8 +70,9 @@ class SqliteWakeup:
 
 
 class PostgresWakeup:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, channels: tuple[str, ...] = (NOTIFY_CHANNEL,)) -> None:
         self.dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.channels = channels
         self._event = asyncio.Event()
         self._conn: Any = None
 
@@ -79,7 +80,8 @@ class PostgresWakeup:
         import asyncpg
 
         self._conn = await asyncpg.connect(self.dsn)
-        await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        for channel in self.channels:
+            await self._conn.add_listener(channel, self._on_notify)
 
     def _on_notify(self, *_args: Any) -> None:
         self._event.set()
@@ -98,7 +100,10 @@ class PostgresWakeup:
             self._conn = None
 
 
-def make_wakeup(url: str, poll_seconds: float) -> Wakeup:
+def make_wakeup(
+    url: str, poll_seconds: float, channels: tuple[str, ...] = (NOTIFY_CHANNEL,)
+) -> Wakeup:
+    """`channels`: what PostgreSQL NOTIFY channels to listen on (SQLite sees every commit)."""
     if make_url(url).get_backend_name() == "sqlite":
         return SqliteWakeup(url, poll_seconds)
-    return PostgresWakeup(url)
+    return PostgresWakeup(url, channels)

@@ -23,6 +23,11 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        # Only takes effect before the first table is made (a new file): deleted jobs' pages
+        # can then be given back with `PRAGMA incremental_vacuum`. Older files: see acb3018844d1.
+        connection.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+        connection.commit()  # leave no transaction open: alembic would not commit its own
     context.configure(
         connection=connection,
         target_metadata=metadata,

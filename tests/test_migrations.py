@@ -33,3 +33,24 @@ def test_upgrade_to_head_leaves_no_drift_and_downgrade_undoes_it(empty_database:
     command.check(config)  # raises if autogenerate would find any difference
     command.downgrade(config, "base")
     upgrade(empty_database)  # and it goes up again cleanly
+
+
+def test_a_sqlite_file_from_an_earlier_version_is_converted_to_incremental_vacuum(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    upgrade(url, "788abb4a5cc6")  # the revision before auto-vacuum was set up
+    with sqlite3.connect(path, isolation_level=None) as conn:  # as earlier versions made files
+        conn.execute("PRAGMA auto_vacuum=NONE")
+        conn.execute("VACUUM")
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    upgrade(url)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+    fresh = tmp_path / "new.db"
+    upgrade(f"sqlite+aiosqlite:///{fresh}")
+    with sqlite3.connect(fresh) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2

@@ -22,6 +22,7 @@ from worker.execute import Timing
 from worker.hasher import ModelHasher
 from worker.loop import Chore, Worker
 from worker.sender import SenderConfig, WebhookSender
+from worker.upkeep import Deadlines, Retention
 
 log = logging.getLogger("a1111_proxy.worker")
 
@@ -49,7 +50,7 @@ def build_worker(settings: Settings, db: Database) -> Worker:
         reap_seconds=settings.reap_seconds,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
         keeper=CatalogueKeeper(CatalogueStore(db), interval=settings.catalogue_seconds),
-        chores=build_chores(settings, db),
+        chores=[*build_chores(settings, db), *build_upkeep(settings, repo)],
     )
 
 
@@ -75,6 +76,12 @@ def build_chores(settings: Settings, db: Database) -> list[Chore]:
         chores.append(CivitaiEnricher(CatalogueStore(db), info, client,
                                       ttl=settings.civitai_ttl_seconds))
     return chores
+
+
+def build_upkeep(settings: Settings, repo: JobRepository) -> list[Chore]:
+    """Deadlines and retention (RETENTION_SECONDS=0 keeps finished jobs forever)."""
+    return [Deadlines(repo, settings.deadline_check_seconds),
+            Retention(repo, settings.retention_seconds, settings.retention_check_seconds)]
 
 
 def _diffusers_backend(settings: Settings) -> Backend:

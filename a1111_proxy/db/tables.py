@@ -67,6 +67,8 @@ jobs = Table(
     Column("started_at", Double, nullable=True),
     Column("completed_at", Double, nullable=True),
     Column("updated_at", Double, nullable=False),
+    # Cancel-After / `timeout`: a job not done by then ends canceled ("deadline").
+    Column("deadline_at", Double, nullable=True),
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
     Index("ix_jobs_queue", "priority", "seq", postgresql_where=text("status = 'queued'"),
@@ -76,6 +78,9 @@ jobs = Table(
     Index("ix_jobs_status_seq", "status", "seq"),
     Index("ix_jobs_type_seq", "type", "seq"),
     Index("ix_jobs_completed_at", "completed_at"),
+    Index("ix_jobs_deadlines", "deadline_at",
+          postgresql_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
+          sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL")),
     Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
 )
 

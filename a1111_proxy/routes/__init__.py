@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import Mount, Route
 
-from a1111_proxy.routes import a1111, docs, health, jobs, models, webhooks
+from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue, webhooks
 
 CATALOGUE = (
     "samplers", "schedulers", "upscalers", "latent-upscale-modes",
@@ -21,6 +21,8 @@ ROUTES = [
     Route("/sdapi/v1/jobs/{job_id}", jobs.get_job, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
     Route("/sdapi/v1/jobs/{job_id}/images/{n:int}", jobs.get_image, methods=["GET"]),
+    Route("/sdapi/v1/jobs/{job_id}/events", events.job_events, methods=["GET"]),
+    Route("/sdapi/v1/queue", queue.queue, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/webhooks", webhooks.list_deliveries, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/webhooks/redeliver", webhooks.redeliver, methods=["POST"]),
     Route("/sdapi/v1/progress", a1111.progress, methods=["GET"]),

@@ -51,6 +51,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         refuse_what_the_engine_cannot_run(kind, a1111_body)
     await check_input_images(request, kind, a1111_body)
     key = idempotency_key(request)
+    timeout = deadline_seconds(request, proxy.timeout)
     wait = wait_preference(request, default_wait=wait_by_default)
     new = NewJob(
         type=kind,
@@ -63,6 +64,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         idempotency_key=key,
         request_hash=_fingerprint(body) if key else None,
         checkpoint=_requested_checkpoint(a1111_body),
+        timeout=timeout,
     )
     submitted = await _repo(request).submit(new)
     headers = {"Location": f"/sdapi/v1/jobs/{submitted.job.id}", "X-Job-Id": submitted.job.id}
@@ -71,6 +73,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     if wait is not None:
         return await answer_when_done(request, submitted.job, wait, headers)
     status = 200 if submitted.replayed else 202
+    # No queue_position here (a count per submit would slow bulk submits): GET the job for it.
     return JSONResponse(render_job(submitted.job), status_code=status, headers=headers)
 
 
@@ -146,7 +149,7 @@ def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Resp
 
 
 ERROR_STATUS = {"backend_unavailable": 503, "backend_bad_response": 502, "canceled": 409,
-                "worker_lost": 500, "internal_error": 500}
+                "deadline": 504, "worker_lost": 500, "internal_error": 500}
 DISCONNECT_CHECK_SECONDS = 1.0
 
 
@@ -211,6 +214,27 @@ def refuse_what_the_engine_cannot_run(kind: str, a1111_body: dict[str, Any]) -> 
         )
 
 
+MAX_TIMEOUT_SECONDS = 30 * 86400.0
+
+
+def deadline_seconds(request: Request, body_timeout: float | None) -> float | None:
+    """`Cancel-After: <seconds>` or the body's `timeout`: the earlier deadline wins."""
+    raw = request.headers.get("cancel-after")
+    if raw is None:
+        return body_timeout
+    try:
+        seconds = float(raw.strip())
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # also refuses nan and inf
+        raise InvalidRequest(
+            [{"loc": ["header", "Cancel-After"],
+              "msg": f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:.0f} "
+                     "(e.g. Cancel-After: 90)", "type": "value_error"}]
+        )
+    return seconds if body_timeout is None else min(seconds, body_timeout)
+
+
 def idempotency_key(request: Request) -> str | None:
     raw = request.headers.get("idempotency-key")
     if raw is None:
@@ -234,9 +258,16 @@ def _fingerprint(body: dict[str, Any]) -> str:
 
 async def get_job(request: Request) -> Response:
     repo = _repo(request)
-    row = await _find(repo, request.path_params["job_id"])
+    row = await find_job(repo, request.path_params["job_id"])
     images = await repo.images(row.seq) if row.status == "completed" else None
-    return JSONResponse(render_job(row, images))
+    return JSONResponse(await render_with_position(repo, row, images))
+
+
+async def render_with_position(repo: JobRepository, row: Any, images: list[bytes] | None = None,
+                               *, with_result: bool = True) -> dict[str, Any]:
+    """The job as GET /jobs/{id} shows it: with `queue_position` (1 = next) while queued."""
+    position = await repo.queue_position(row)
+    return render_job(row, images, with_result=with_result) | {"queue_position": position}
 
 
 async def list_jobs(request: Request) -> Response:
@@ -261,7 +292,7 @@ async def cancel_job(request: Request) -> Response:
 
 async def get_image(request: Request) -> Response:
     repo = _repo(request)
-    row = await _find(repo, request.path_params["job_id"])
+    row = await find_job(repo, request.path_params["job_id"])
     n = request.path_params["n"]
     data = await repo.image(row.seq, n) if row.status == "completed" else None
     if data is None:
@@ -272,7 +303,7 @@ async def get_image(request: Request) -> Response:
     return Response(data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=86400"})
 
 
-async def _find(repo: JobRepository, job_id: str) -> Any:
+async def find_job(repo: JobRepository, job_id: str) -> Any:
     row = await repo.get(job_id)
     if row is None:
         raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
