@@ -17,6 +17,8 @@ import torch
 from a1111_proxy.backends.base import BackendRejected, Progress
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.controlnet import ControlNetCatalog
+from a1111_proxy.engine.lora import LoraCatalog
 from a1111_proxy.engine.models import Models, free_memory
 from a1111_proxy.engine.params import InvalidParams, Params
 from a1111_proxy.engine.pipeline import Canceled, RunState, generate
@@ -121,7 +123,9 @@ class DiffusersBackend:
                     "samples_format": "png", "CLIP_stop_at_last_layers": 1}
         if path == "/sdapi/v1/scripts":
             return {"txt2img": [], "img2img": []}
-        return None
+        if path == "/sdapi/v1/loras":
+            return LoraCatalog(self.config.models_dir).entries()
+        return ControlNetCatalog(self.config.models_dir).catalogue(path)
 
     async def post(self, path: str, body: Any) -> Any:
         if path.startswith("/sdapi/v1/refresh-"):

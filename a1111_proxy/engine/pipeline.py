@@ -18,7 +18,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from a1111_proxy.engine import images, noise, previews, schedulers, text
+from a1111_proxy.engine import adapters, control, images, lora, noise, previews, schedulers, text
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models
@@ -74,6 +74,7 @@ class _Inputs:
     original: Image.Image | None = None  # for pasting back and the final overlay
     original_mask: Image.Image | None = None
     crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
+    control: control.Control | None = None  # the ControlNet units' models and images
 
 
 def generate(
@@ -84,10 +85,19 @@ def generate(
     generation = Generation(params, loaded.info, seeds, subseeds)
     inputs = _prepare_inputs(params, generation)
     generation.is_using_inpainting_conditioning = loaded.inpainting
+    # LoRA and ControlNet (engine/adapters.py, engine/control.py); every job sets the LoRAs.
+    hashes = adapters.activate(
+        loaded.pipe, models.config.models_dir, params.loras, sdxl=loaded.sdxl
+    )
+    if hashes:
+        generation.extra["Lora hashes"] = hashes
+    inputs.control = control.prepare(models, loaded, params)
+    if inputs.control is not None:
+        generation.extra.update(inputs.control.infotext)
     embeds = text.encode(
         loaded.pipe,
-        params.prompt,
-        params.negative_prompt,
+        lora.strip_tags(params.prompt),
+        lora.strip_tags(params.negative_prompt),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
     )
@@ -104,6 +114,8 @@ def generate(
     state.job_no, state.step = params.n_iter, 0
     made = [_finish_image(image, inputs) for image in made]
     encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
+    if inputs.control is not None and made:  # the extension appends its detected maps
+        encoded += [images.encode_png(m, None) for m in inputs.control.detected]
     return {
         "images": [base64.b64encode(png).decode("ascii") for png in encoded]
         if params.send_images
@@ -241,6 +253,9 @@ def _run_batch(
             kwargs["latents"] = drawn.latents.to(models.dtype)
         tracking.noise = drawn.latents
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, loaded.sdxl)
+    if inputs.control is not None:
+        pipe = control.with_controlnet(pipe, inputs.control)
+        kwargs.update(control.call_kwargs(inputs.control, task))
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()
