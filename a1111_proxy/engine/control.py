@@ -68,21 +68,16 @@ class ControlNets:
         if key not in self.loaded:
             while len(self.loaded) >= MAX_MODELS:
                 self.loaded.popitem(last=False)
-            self.loaded[key] = self._load(found, unet)
+            self.loaded[key] = self._load(found)
         self.loaded.move_to_end(key)
         model = self.loaded[key]
         _check_fits(found, model, unet)
         return model
 
-    def _load(self, found: ControlNetFile, unet: Any) -> Any:
+    def _load(self, found: ControlNetFile) -> Any:
         log.info("loading ControlNet %s", found.path)
         try:
-            if found.folder:
-                model = diffusers.ControlNetModel.from_pretrained(found.path, local_files_only=True)
-            else:
-                from a1111_proxy.engine.controlnet_files import load_single_file
-
-                model = load_single_file(found.path, unet)
+            model = diffusers.ControlNetModel.from_pretrained(found.path, local_files_only=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise InvalidParams(
                 f"cannot load ControlNet model {found.title}: {type(exc).__name__}: "

@@ -19,6 +19,7 @@ from a1111_proxy.engine.params import InvalidParams
 
 CONTROLNET_DIR = "ControlNet"
 API_VERSION = 2  # what the extension's /controlnet/version answers
+SINGLE_FILES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 RESIZE_MODES = {  # the extension's names and old aliases -> A1111's resize mode numbers
     "just resize": 0,
     "crop and resize": 1,
@@ -241,7 +242,7 @@ def _control_mode(value: Any, where: str) -> int:
 class ControlNetFile:
     name: str  # file stem or folder name
     path: Path
-    folder: bool  # a diffusers folder (config.json + weights)
+    folder: bool  # a diffusers folder (config.json + weights); always, for now
     hash: str | None  # the extension's short hash (A1111's old 8-digit model hash)
 
     @property
@@ -250,27 +251,30 @@ class ControlNetFile:
 
 
 class ControlNetCatalog:
-    """The models under MODELS_DIR/ControlNet: diffusers folders and .safetensors files."""
+    """The models under MODELS_DIR/ControlNet the engine can run: diffusers folders
+    (config.json + weights). Single files (A1111's .safetensors/.pth) are not listed; naming one
+    gets a message saying what to use instead."""
 
     def __init__(self, models_dir: str | os.PathLike[str]) -> None:
         self.root = Path(models_dir) / CONTROLNET_DIR
+        self.single_files: list[Path] = []
         self.models = self.scan()
 
     def scan(self) -> list[ControlNetFile]:
         found: list[ControlNetFile] = []
+        self.single_files = []
         if not self.root.is_dir():
             return found
         for dirpath, dirnames, filenames in os.walk(self.root):
             here = Path(dirpath)
             if (here / "config.json").is_file() and here != self.root:
-                found.append(ControlNetFile(here.name, here, True, None))
+                found.append(ControlNetFile(here.name, here, True, _folder_hash(here)))
                 dirnames.clear()
                 continue
             dirnames.sort()
-            for filename in sorted(filenames):
-                if filename.lower().endswith(".safetensors"):
-                    path = here / filename
-                    found.append(ControlNetFile(path.stem, path, False, short_hash(path)))
+            self.single_files += [
+                here / f for f in sorted(filenames) if f.lower().endswith(SINGLE_FILES)
+            ]
         return sorted(found, key=lambda m: m.name.lower())
 
     def find(self, wanted: str) -> ControlNetFile:
@@ -281,10 +285,19 @@ class ControlNetCatalog:
             found = self._match(wanted.strip())
             if found is not None:
                 return found
+        bare = wanted.split(" [", 1)[0].strip().lower()
+        single = next((p for p in self.single_files if p.stem.lower() == bare), None)
+        if single is not None:
+            raise InvalidParams(
+                f"ControlNet model {wanted!r} is a single file ({single.name}); the diffusers "
+                "engine loads ControlNets in diffusers' folder layout (config.json + "
+                "diffusion_pytorch_model.safetensors). Put that version of the model in "
+                f"{self.root}/<name>/"
+            )
         names = [m.title for m in self.models]
         close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        known = ", ".join(names) if names else f"none (put models in {self.root})"
+        known = ", ".join(names) if names else f"none (put diffusers folders in {self.root})"
         raise InvalidParams(
             f"ControlNet model {wanted!r} not found in {self.root}{hint} Known models: {known}"
         )
@@ -312,8 +325,12 @@ class ControlNetCatalog:
         return None
 
 
-def short_hash(path: Path) -> str:
-    """A1111's old model hash (AutoV1), which the extension shows: sha256 of 64 KiB at 1 MiB."""
-    with open(path, "rb") as f:
+def _folder_hash(folder: Path) -> str | None:
+    """The extension's short hash of the folder's weights file (A1111's old model hash, AutoV1:
+    sha256 of the 64 KiB at 1 MiB), so titles read "name [hash]" as clients expect."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return None
+    with open(weights[0], "rb") as f:
         f.seek(0x100000)
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
