@@ -59,7 +59,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tiny_sd.write_single_file(sd15, models / "Stable-diffusion" / "tiny15.safetensors")
     tiny_sd.kohya_lora(sd15, models / "Lora" / "style.safetensors", seed=1)
     tiny_sd.kohya_lora(sd15, models / "Lora" / "people" / "face.safetensors", seed=2, unet=False)
-    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(models / "Lora" / "loha.safetensors"))
+    save_file(
+        {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(models / "Lora" / "loha.safetensors")
+    )
     tiny_sd.controlnet(sd15, models / "ControlNet" / "tiny_scribble", seed=1)
     tiny_sd.controlnet(sd15, models / "ControlNet" / "tiny_canny", seed=2)
     (models / "ControlNet" / "control_v11p_sd15_canny.pth").write_bytes(b"\x80\x04pickle")
@@ -72,11 +74,13 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
-    made = DiffusersBackend(EngineConfig(
-        models_dir=models_dir / "models",
-        device="cpu",
-        skeletons={kind: models_dir / "configs" / kind for kind in ("sd15", "sdxl")},
-    ))
+    made = DiffusersBackend(
+        EngineConfig(
+            models_dir=models_dir / "models",
+            device="cpu",
+            skeletons={kind: models_dir / "configs" / kind for kind in ("sd15", "sdxl")},
+        )
+    )
     yield made
     await made.aclose()
 
@@ -125,7 +129,9 @@ async def test_lora_hashes_are_written_in_the_infotext_as_a1111_writes_them(
         "txt2img", {**SMALL, **SD15, "prompt": "a cat <lora:style:0.8>, <lora:face:0.5>"}
     )
     lora = models_dir / "models" / "Lora"
-    style, face = (hash_file(lora / p).autov3 for p in ("style.safetensors", "people/face.safetensors"))
+    style, face = (
+        hash_file(lora / p).autov3 for p in ("style.safetensors", "people/face.safetensors")
+    )
     text = infotext(result)
     assert text.startswith("a cat <lora:style:0.8>, <lora:face:0.5>\n")  # the prompt as sent
     assert f'Lora hashes: "style: {style}, face: {face}", Version: ' in text
@@ -163,8 +169,12 @@ def controlnet(*units: dict[str, Any], key: str = "ControlNet") -> dict[str, Any
     return {"alwayson_scripts": {key: {"args": list(units)}}}
 
 
-SCRIBBLE = {"enabled": True, "module": "invert (from white bg & black line)",
-            "model": "tiny_scribble", "image": sketch_b64()}
+SCRIBBLE = {
+    "enabled": True,
+    "module": "invert (from white bg & black line)",
+    "model": "tiny_scribble",
+    "image": sketch_b64(),
+}
 
 
 async def test_a_scribble_unit_steers_the_image_and_weight_0_gives_the_base_image(
@@ -199,15 +209,21 @@ async def test_the_detected_map_is_appended_unless_save_detected_map_is_false(
 async def test_two_units_run_at_once_with_their_own_modules_and_control_modes(
     backend: DiffusersBackend,
 ) -> None:
-    canny = {**SCRIBBLE, "module": "canny", "model": "tiny_canny", "threshold_a": 50,
-             "threshold_b": 100, "control_mode": "ControlNet is more important"}
+    canny = {
+        **SCRIBBLE,
+        "module": "canny",
+        "model": "tiny_canny",
+        "threshold_a": 50,
+        "threshold_b": 100,
+        "control_mode": "ControlNet is more important",
+    }
     one = await backend.generate("txt2img", {**SMALL, **SD15, **controlnet(SCRIBBLE)})
     both = await backend.generate("txt2img", {**SMALL, **SD15, **controlnet(SCRIBBLE, canny)})
     prompt_first = await backend.generate(
         "txt2img", {**SMALL, **SD15, **controlnet(SCRIBBLE, {**canny, "control_mode": 1})}
     )
     assert len(both["images"]) == 3 and differ(both, one) > 10 and differ(prompt_first, both) > 0
-    assert "ControlNet 1: \"Module: canny, Model: tiny_canny" in infotext(both)
+    assert 'ControlNet 1: "Module: canny, Model: tiny_canny' in infotext(both)
     assert "Control Mode: ControlNet is more important" in infotext(both)
     same_twice = await backend.generate(
         "txt2img", {**SMALL, **SD15, **controlnet(SCRIBBLE, {**SCRIBBLE, "control_mode": 2})}
@@ -220,9 +236,7 @@ async def test_img2img_steers_with_the_init_image_when_the_unit_has_none(
 ) -> None:
     body = {**SMALL, **SD15, "init_images": [sketch_b64()], "denoising_strength": 0.9}
     plain = await backend.generate("img2img", body)
-    steered = await backend.generate(
-        "img2img", {**body, **controlnet({**SCRIBBLE, "image": None})}
-    )
+    steered = await backend.generate("img2img", {**body, **controlnet({**SCRIBBLE, "image": None})})
     assert len(steered["images"]) == 2 and differ(steered, plain) > 10
 
 
@@ -232,24 +246,32 @@ async def test_an_sdxl_checkpoint_takes_an_sdxl_controlnet_and_refuses_an_sd15_o
     base = await backend.generate("txt2img", {**SMALL, **XL})
     unit = {**SCRIBBLE, "module": "canny", "model": "xl_canny", "threshold_a": 50}
     assert differ(await backend.generate("txt2img", {**SMALL, **XL, **controlnet(unit)}), base) > 10
-    with pytest.raises(BackendRejected, match="tiny_scribble.*does not fit the loaded checkpoint"):
+    with pytest.raises(BackendRejected, match=r"tiny_scribble.*does not fit the loaded checkpoint"):
         await backend.generate("txt2img", {**SMALL, **XL, **controlnet(SCRIBBLE)})
 
 
 async def test_an_unknown_controlnet_model_fails_the_job_listing_the_known_ones(
     backend: DiffusersBackend,
 ) -> None:
-    with pytest.raises(BackendRejected, match=r"'tiny_scribel' not found.*tiny_canny.*tiny_scribble"):
+    with pytest.raises(
+        BackendRejected, match=r"'tiny_scribel' not found.*tiny_canny.*tiny_scribble"
+    ):
         await backend.generate(
             "txt2img", {**SMALL, **SD15, **controlnet({**SCRIBBLE, "model": "tiny_scribel"})}
         )
     with pytest.raises(BackendRejected, match=r"control_v11p_sd15_canny.pth\); the diffusers"):
-        await backend.generate("txt2img", {
-            **SMALL, **SD15,
-            **controlnet({**SCRIBBLE, "model": "control_v11p_sd15_canny [d14c016b]"}),
-        })
+        await backend.generate(
+            "txt2img",
+            {
+                **SMALL,
+                **SD15,
+                **controlnet({**SCRIBBLE, "model": "control_v11p_sd15_canny [d14c016b]"}),
+            },
+        )
     with pytest.raises(BackendRejected, match=r"args\[0\].image: the ControlNet unit is enabled"):
-        await backend.generate("txt2img", {**SMALL, **SD15, **controlnet({**SCRIBBLE, "image": ""})})
+        await backend.generate(
+            "txt2img", {**SMALL, **SD15, **controlnet({**SCRIBBLE, "image": ""})}
+        )
 
 
 async def test_the_controlnet_and_lora_catalogue_routes_answer_from_the_engine(
@@ -270,7 +292,9 @@ async def test_the_controlnet_and_lora_catalogue_routes_answer_from_the_engine(
         assert api.get("/controlnet/version").json() == {"version": 2}
         loras = {entry["name"] for entry in api.get("/sdapi/v1/loras").json()}
         assert {"style", "face", "xlstyle"} <= loras
-        refused = api.post("/sdapi/v1/txt2img", json={"prompt": "x", **controlnet(
-            {**SCRIBBLE, "module": "depth_midas"})})
+        refused = api.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "x", **controlnet({**SCRIBBLE, "module": "depth_midas"})},
+        )
         assert refused.status_code == 422
         assert "depth_midas" in refused.json()["detail"][0]["msg"]

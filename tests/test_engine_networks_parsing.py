@@ -100,14 +100,29 @@ def unit(**fields: object) -> dict[str, object]:
 
 
 def test_controlnet_units_are_read_as_the_extension_reads_them() -> None:
-    units = parse_units({"controlNET": {"args": [
-        unit(),
-        {"enabled": False, "module": "depth_midas"},  # disabled: ignored, even unsupported
-        unit(module="invert (from white bg & black line)", input_image="aGk=", image=None,
-             control_mode="ControlNet is more important", resize_mode="Just Resize",
-             guidance=0.5, weight="0.5"),
-        unit(control_mode=1, resize_mode=2, module="SCRIBBLE_XDOG", threshold_a=40),
-    ]}})
+    units = parse_units(
+        {
+            "controlNET": {
+                "args": [
+                    unit(),
+                    {
+                        "enabled": False,
+                        "module": "depth_midas",
+                    },  # disabled: ignored, even unsupported
+                    unit(
+                        module="invert (from white bg & black line)",
+                        input_image="aGk=",
+                        image=None,
+                        control_mode="ControlNet is more important",
+                        resize_mode="Just Resize",
+                        guidance=0.5,
+                        weight="0.5",
+                    ),
+                    unit(control_mode=1, resize_mode=2, module="SCRIBBLE_XDOG", threshold_a=40),
+                ]
+            }
+        }
+    )
     assert [u.index for u in units] == [0, 2, 3]
     first, second, third = units
     assert (first.module.name, first.resize_mode, first.control_mode) == ("canny", 1, 0)

@@ -86,9 +86,9 @@ class Adapters:
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             self._forget(name)
             raise InvalidParams(
-                f"LoRA {lora.name!r} cannot be loaded by the diffusers engine ({type(exc).__name__}: "
-                f"{str(exc)[:300]}); it may be a format diffusers does not read (LoHa, LoKr, ...) or "
-                "made for another model family; remove it from the prompt"
+                f"LoRA {lora.name!r} cannot be loaded by the diffusers engine "
+                f"({type(exc).__name__}: {str(exc)[:300]}); it may be a format diffusers does not "
+                "read (LoHa, LoKr, ...) or made for another model family; remove it from the prompt"
             ) from None
         self.loaded[key] = name
         return name

@@ -106,8 +106,9 @@ def prepare(models: Any, loaded: Any, params: Params) -> Control | None:
         return None
     nets_of = _engines.get(models)
     if nets_of is None:
-        nets_of = _engines[models] = ControlNets(models.config.models_dir, models.device,
-                                                 models.dtype)
+        nets_of = _engines[models] = ControlNets(
+            models.config.models_dir, models.device, models.dtype
+        )
     nets, seen = [], set()
     for unit in params.controlnet_units:
         net = nets_of.get(unit.model, loaded.pipe.unet)
@@ -132,16 +133,22 @@ def control_image(unit: ControlUnit, params: Params) -> Image.Image:
     elif params.kind == "img2img" and params.init_images:
         source = images.decode(params.init_images[0], "init_images[0]")
     else:
-        raise InvalidParams(f"{where}: the ControlNet unit is enabled but has no image; send "
-                            "one (base64) in the unit")
+        raise InvalidParams(
+            f"{where}: the ControlNet unit is enabled but has no image; send "
+            "one (base64) in the unit"
+        )
     source = source.convert("RGB")
     w, h = params.width, params.height
     resolution = None
     if unit.module.resolution:
-        resolution = (preprocessors.pixel_perfect_resolution(source, unit.resize_mode, w, h)
-                      if unit.pixel_perfect else unit.resolution())
-    detected = preprocessors.detect(source, unit.module.name, resolution=resolution,
-                                    a=unit.slider(0), b=unit.slider(1))
+        resolution = (
+            preprocessors.pixel_perfect_resolution(source, unit.resize_mode, w, h)
+            if unit.pixel_perfect
+            else unit.resolution()
+        )
+    detected = preprocessors.detect(
+        source, unit.module.name, resolution=resolution, a=unit.slider(0), b=unit.slider(1)
+    )
     return preprocessors.fit(detected, unit.resize_mode, w, h)
 
 

@@ -30,7 +30,7 @@ RESIZE_MODES = {  # the extension's names and old aliases -> A1111's resize mode
     "envelope (outer fit)": 2,
 }
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
-RESOLUTION = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
+RESOLUTION: dict[str, Any] = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
 
 
 @dataclass(frozen=True)
@@ -48,24 +48,37 @@ class Module:
 
 MODULES = (
     Module("none", "none", resolution=False),
-    Module("canny", "canny", (
-        {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
-        {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255},
-    )),
+    Module(
+        "canny",
+        "canny",
+        (
+            {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
+            {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255},
+        ),
+    ),
     Module("invert", "invert (from white bg & black line)", resolution=False),
-    Module("scribble_xdog", "scribble_xdog", (
-        {"name": "XDoG Threshold", "value": 32, "min": 1, "max": 64},
-    )),
-    Module("threshold", "threshold", (
-        {"name": "Binarization Threshold", "value": 127, "min": 0, "max": 255},
-    )),
+    Module(
+        "scribble_xdog",
+        "scribble_xdog",
+        ({"name": "XDoG Threshold", "value": 32, "min": 1, "max": 64},),
+    ),
+    Module(
+        "threshold",
+        "threshold",
+        ({"name": "Binarization Threshold", "value": 127, "min": 0, "max": 255},),
+    ),
     Module("lineart_standard", "lineart_standard (from white bg & black line)"),
-    Module("blur_gaussian", "blur_gaussian", (
-        {"name": "Sigma", "value": 9.0, "min": 0.01, "max": 64.0},
-    )),
-    Module("tile_resample", "tile_resample", (
-        {"name": "Down Sampling Rate", "value": 1.0, "min": 1.0, "max": 8.0},
-    ), resolution=False),
+    Module(
+        "blur_gaussian",
+        "blur_gaussian",
+        ({"name": "Sigma", "value": 9.0, "min": 0.01, "max": 64.0},),
+    ),
+    Module(
+        "tile_resample",
+        "tile_resample",
+        ({"name": "Down Sampling Rate", "value": 1.0, "min": 1.0, "max": 8.0},),
+        resolution=False,
+    ),
 )
 _MODULE_NAMES = {key.lower(): m for m in MODULES for key in (m.name, m.label)}
 _MODULE_NAMES["scribble_threshold"] = _MODULE_NAMES["threshold"]
@@ -138,9 +151,7 @@ def parse_units(alwayson_scripts: dict[str, Any] | None) -> tuple[ControlUnit, .
             args = value.get("args") if isinstance(value, dict) else value
             if args is not None and not isinstance(args, list):
                 raise InvalidParams("alwayson_scripts.ControlNet.args must be a list of units")
-            return tuple(
-                _unit(i, arg) for i, arg in enumerate(args or []) if _enabled(i, arg)
-            )
+            return tuple(_unit(i, arg) for i, arg in enumerate(args or []) if _enabled(i, arg))
     return ()
 
 
@@ -158,13 +169,17 @@ def _unit(index: int, arg: dict[str, Any]) -> ControlUnit:
     arg = {aliases.get(k, k): v for k, v in arg.items()}
     model = str(arg.get("model") or "None")
     if model.strip().lower() == "none":
-        raise InvalidParams(f"{where}.model: the unit is enabled but has no model; name one "
-                            "from /controlnet/model_list")
+        raise InvalidParams(
+            f"{where}.model: the unit is enabled but has no model; name one "
+            "from /controlnet/model_list"
+        )
     start = _float(arg, "guidance_start", 0.0, where)
     end = _float(arg, "guidance_end", 1.0, where)
     if not 0.0 <= start <= end <= 1.0:
-        raise InvalidParams(f"{where}: guidance_start and guidance_end must satisfy "
-                            f"0 <= start <= end <= 1 (got {start} and {end})")
+        raise InvalidParams(
+            f"{where}: guidance_start and guidance_end must satisfy "
+            f"0 <= start <= end <= 1 (got {start} and {end})"
+        )
     return ControlUnit(
         index=index,
         module=find_module(str(arg.get("module") or "none")),
@@ -205,8 +220,10 @@ def _image(value: Any, where: str) -> str | None:
     if not isinstance(value, str):
         raise InvalidParams(f"{where}.image must be a base64 image")
     if value.startswith(("http://", "https://")):
-        raise InvalidParams(f"{where}.image: the diffusers engine does not fetch image URLs; "
-                            "send base64 or a data: URI")
+        raise InvalidParams(
+            f"{where}.image: the diffusers engine does not fetch image URLs; "
+            "send base64 or a data: URI"
+        )
     return value
 
 
@@ -221,8 +238,10 @@ def _resize_mode(value: Any, where: str) -> int:
 
 
 def _bad_resize(value: Any, where: str) -> int:
-    raise InvalidParams(f"{where}.resize_mode {value!r} is not one of 'Just Resize', "
-                        "'Crop and Resize', 'Resize and Fill' (or 0, 1, 2)")
+    raise InvalidParams(
+        f"{where}.resize_mode {value!r} is not one of 'Just Resize', "
+        "'Crop and Resize', 'Resize and Fill' (or 0, 1, 2)"
+    )
 
 
 def _control_mode(value: Any, where: str) -> int:
@@ -234,8 +253,10 @@ def _control_mode(value: Any, where: str) -> int:
         for i, name in enumerate(CONTROL_MODES):
             if value.strip().lower() == name.lower():
                 return i
-    raise InvalidParams(f"{where}.control_mode {value!r} is not one of "
-                        f"{', '.join(repr(m) for m in CONTROL_MODES)} (or 0, 1, 2)")
+    raise InvalidParams(
+        f"{where}.control_mode {value!r} is not one of "
+        f"{', '.join(repr(m) for m in CONTROL_MODES)} (or 0, 1, 2)"
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""LoRA as A1111 writes it in prompts, and the LoRA files in MODELS_DIR/Lora (plain Python, no torch).
+"""LoRA as A1111 writes it in prompts, and the LoRA files in MODELS_DIR/Lora (plain Python, no
+torch).
 
 `<lora:name>`, `<lora:name:w>` (text encoder and UNet both w), `<lora:name:te:unet>` and the named
 forms `te=`/`unet=`. The tags are taken out of the prompt before it is encoded, as A1111 does; the
@@ -48,7 +49,9 @@ def parse_uses(prompt: str) -> tuple[LoraUse, ...]:
 
 def other_networks(prompt: str) -> list[str]:
     """Extra-network tags the engine has no support for (hypernet, ...)."""
-    return [f"<{kind}:{body}>" for kind, body in TAG.findall(prompt) if kind.lower() not in LORA_KINDS]
+    return [
+        f"<{kind}:{body}>" for kind, body in TAG.findall(prompt) if kind.lower() not in LORA_KINDS
+    ]
 
 
 def strip_tags(prompt: str) -> str:

@@ -57,8 +57,12 @@ def _suppress_non_maxima(magnitude: Array, gx: Array, gy: Array) -> Array:
     sector = np.digitize(angle, [22.5, 67.5, 112.5, 157.5]) % 4  # 0: E-W, 1: 45, 2: N-S, 3: 135
     padded = np.pad(magnitude, 1)
     h, w = magnitude.shape
-    offsets = {0: ((0, 1), (0, -1)), 1: ((1, 1), (-1, -1)), 2: ((1, 0), (-1, 0)),
-               3: ((1, -1), (-1, 1))}
+    offsets = {
+        0: ((0, 1), (0, -1)),
+        1: ((1, 1), (-1, -1)),
+        2: ((1, 0), (-1, 0)),
+        3: ((1, -1), (-1, 1)),
+    }
     keep = np.zeros_like(magnitude, dtype=bool)
     for s, ((dy1, dx1), (dy2, dx2)) in offsets.items():
         first = padded[1 + dy1 : 1 + dy1 + h, 1 + dx1 : 1 + dx1 + w]
@@ -103,8 +107,9 @@ def tile_resample(image: Array, rate: float, b: float) -> Array:
     if rate <= 1.0:
         return image
     h, w = image.shape[:2]
-    small = Image.fromarray(image).resize((max(int(w / rate), 1), max(int(h / rate), 1)),
-                                          Image.Resampling.LANCZOS)
+    small = Image.fromarray(image).resize(
+        (max(int(w / rate), 1), max(int(h / rate), 1)), Image.Resampling.LANCZOS
+    )
     return np.asarray(small)
 
 

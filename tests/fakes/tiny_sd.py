@@ -299,8 +299,9 @@ def _vae_to_ldm(model: AutoencoderKL) -> dict[str, torch.Tensor]:
     return out
 
 
-def controlnet(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, folder: Path,
-               seed: int = 1) -> ControlNetModel:
+def controlnet(
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, folder: Path, seed: int = 1
+) -> ControlNetModel:
     """A ControlNet shaped like the pipeline's UNet, its zero convolutions made non-zero (a
     freshly initialised ControlNet adds nothing, which would hide every bug)."""
     torch.manual_seed(seed)
@@ -313,8 +314,15 @@ def controlnet(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, folder
     return model
 
 
-def kohya_lora(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, path: Path, *,
-               seed: int = 1, unet: bool = True, text: bool = True, rank: int = 4) -> None:
+def kohya_lora(
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
+    path: Path,
+    *,
+    seed: int = 1,
+    unet: bool = True,
+    text: bool = True,
+    rank: int = 4,
+) -> None:
     """A LoRA in kohya's format (`lora_unet_*`/`lora_te_*` keys with `alpha`), as A1111 users
     download them, on the UNet's attention projections and the text encoder's (out_proj
     included: diffusers cannot tell the format of a text-encoder LoRA without it)."""
@@ -324,22 +332,30 @@ def kohya_lora(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, path: 
     def add(prefix: str, layer: torch.nn.Linear) -> None:
         down = torch.randn(rank, layer.in_features, generator=generator) * 0.5
         tensors[f"{prefix}.lora_down.weight"] = down
-        tensors[f"{prefix}.lora_up.weight"] = torch.randn(layer.out_features, rank,
-                                                          generator=generator) * 0.5
+        tensors[f"{prefix}.lora_up.weight"] = (
+            torch.randn(layer.out_features, rank, generator=generator) * 0.5
+        )
         tensors[f"{prefix}.alpha"] = torch.tensor(float(rank))
 
     if unet:
         for name, module in pipe.unet.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            if isinstance(module, torch.nn.Linear) and name.endswith(
+                ("to_q", "to_k", "to_v", "to_out.0")
+            ):
                 add("lora_unet_" + name.replace(".", "_"), module)
     encoders = [("lora_te", pipe.text_encoder)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         encoders = [("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)]
     for prefix, encoder in encoders if text else []:
         for name, module in encoder.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+            if isinstance(module, torch.nn.Linear) and name.endswith(
+                ("q_proj", "k_proj", "v_proj", "out_proj")
+            ):
                 full = name if name.startswith("text_model.") else "text_model." + name
                 add(f"{prefix}_" + full.replace(".", "_"), module)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"ss_network_module": "networks.lora"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"ss_network_module": "networks.lora"},
+    )
