@@ -51,7 +51,8 @@ SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7, "prompt": "a cat"}
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """MODELS_DIR with an SD1.5 and an SDXL checkpoint, kohya LoRAs for each (one only for the
-    text encoder, one in a subfolder, one LyCORIS LoHa) and a ControlNet for each."""
+    text encoder, one in a subfolder, one LyCORIS LoHa) and ControlNets for each (diffusers
+    folders, and one as an A1111-style single file)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("networks")
     models = root / "models"
@@ -62,7 +63,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     save_file(
         {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(models / "Lora" / "loha.safetensors")
     )
-    tiny_sd.controlnet(sd15, models / "ControlNet" / "tiny_scribble", seed=1)
+    scribble = tiny_sd.controlnet(sd15, models / "ControlNet" / "tiny_scribble", seed=1)
+    tiny_sd.write_single_file_controlnet(
+        scribble, models / "ControlNet" / "a1111_scribble.safetensors"
+    )
     tiny_sd.controlnet(sd15, models / "ControlNet" / "tiny_canny", seed=2)
     (models / "ControlNet" / "control_v11p_sd15_canny.pth").write_bytes(b"\x80\x04pickle")
     sdxl = tiny_sd.sdxl(root / "configs" / "sdxl")
@@ -189,6 +193,21 @@ async def test_a_scribble_unit_steers_the_image_and_weight_0_gives_the_base_imag
     assert 'ControlNet 0: "Module: invert, Model: tiny_scribble, Weight: 1.0' in infotext(steered)
 
 
+async def test_a_single_file_controlnet_in_a1111s_layout_steers_like_its_diffusers_folder(
+    backend: DiffusersBackend,
+) -> None:
+    folder = await backend.generate("txt2img", {**SMALL, **SD15, **controlnet(SCRIBBLE)})
+    title = next(
+        m
+        for m in (await backend.fetch("/controlnet/model_list"))["model_list"]
+        if m.startswith("a1111_scribble [")
+    )
+    single = await backend.generate(
+        "txt2img", {**SMALL, **SD15, **controlnet({**SCRIBBLE, "model": title})}
+    )
+    assert differ(single, folder) <= 1
+
+
 async def test_the_detected_map_is_appended_unless_save_detected_map_is_false(
     backend: DiffusersBackend,
 ) -> None:
@@ -259,7 +278,9 @@ async def test_an_unknown_controlnet_model_fails_the_job_listing_the_known_ones(
         await backend.generate(
             "txt2img", {**SMALL, **SD15, **controlnet({**SCRIBBLE, "model": "tiny_scribel"})}
         )
-    with pytest.raises(BackendRejected, match=r"control_v11p_sd15_canny.pth\); the diffusers"):
+    with pytest.raises(
+        BackendRejected, match=r"control_v11p_sd15_canny.pth\); the diffusers engine never"
+    ):
         await backend.generate(
             "txt2img",
             {
@@ -285,7 +306,12 @@ async def test_the_controlnet_and_lora_catalogue_routes_answer_from_the_engine(
     settings = settings_for(database_url=sqlite_url, backend="diffusers")
     with serve(create_app(settings)) as url, httpx.Client(base_url=url) as api:
         models = api.get("/controlnet/model_list").json()["model_list"]
-        assert [m.split(" [")[0] for m in models] == ["tiny_canny", "tiny_scribble", "xl_canny"]
+        assert [m.split(" [")[0] for m in models] == [
+            "a1111_scribble",
+            "tiny_canny",
+            "tiny_scribble",
+            "xl_canny",
+        ]
         assert all(len(m.split(" [")[1]) == 9 for m in models)  # "name [8 hex digits]"
         modules = api.get("/controlnet/module_list").json()
         assert {"none", "canny", "invert", "scribble_xdog"} <= set(modules["module_list"])

@@ -28,63 +28,61 @@ _hashes: dict[tuple[str, int, float], str] = {}
 _lock = threading.Lock()
 
 
-def activate(pipe: Any, models_dir: Any, uses: tuple[LoraUse, ...], *, sdxl: bool) -> str | None:
+def activate(pipe: Any, models_dir: Any, uses: tuple[LoraUse, ...]) -> str | None:
     """Set the job's LoRAs on `pipe` (none: switch LoRA off). Returns the infotext's
     `Lora hashes` value, or None. Raises InvalidParams naming an unknown or unusable LoRA."""
     with _lock:
         adapters = _per_pipe.get(pipe)
         if adapters is None:
-            adapters = _per_pipe[pipe] = Adapters(pipe, sdxl)
+            adapters = _per_pipe[pipe] = Adapters()
         catalog = _catalogs.setdefault(str(models_dir), LoraCatalog(models_dir))
     files = [(catalog.find(use.name), use) for use in uses]
-    adapters.activate(files)
+    adapters.activate(pipe, files)
     return ", ".join(f"{_infotext_name(f)}: {lora_hash(f)}" for f, _ in files) or None
 
 
-def catalog_for(models_dir: Any) -> LoraCatalog:
-    with _lock:
-        return _catalogs.setdefault(str(models_dir), LoraCatalog(models_dir))
-
-
 class Adapters:
-    """The adapters loaded into one pipeline's components."""
+    """The adapters loaded into one pipeline's components. Holds no reference to the pipeline
+    (it is the key of a weak mapping, so an unloaded model takes its adapters with it)."""
 
-    def __init__(self, pipe: Any, sdxl: bool) -> None:
-        self.pipe = pipe
-        self.sdxl = sdxl
+    def __init__(self) -> None:
         self.loaded: OrderedDict[tuple[str, int, float], str] = OrderedDict()
         self.counter = 0
 
-    def activate(self, files: list[tuple[LoraFile, LoraUse]]) -> None:
+    def activate(self, pipe: Any, files: list[tuple[LoraFile, LoraUse]]) -> None:
         if not files:
             if self.loaded:
-                self.pipe.disable_lora()
+                pipe.disable_lora()
             return
-        names = [self._load(lora) for lora, _ in files]
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(names, adapter_weights=[self._weights(use) for _, use in files])
+        needed = {_file_key(lora) for lora, _ in files}
+        names = [self._load(pipe, lora, needed) for lora, _ in files]
+        parts = pipe.get_list_adapters()  # e.g. {"unet": [...], "text_encoder": [...]}
+        weights = [
+            self._weights(name, use, parts) for name, (_, use) in zip(names, files, strict=True)
+        ]
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=weights)
 
-    def _weights(self, use: LoraUse) -> dict[str, float]:
-        weights = {"unet": use.unet, "text_encoder": use.te}
-        if self.sdxl:
-            weights["text_encoder_2"] = use.te
-        return weights
+    def _weights(self, name: str, use: LoraUse, parts: dict[str, list[str]]) -> dict[str, float]:
+        """Per component, for the components this LoRA has (A1111's te and unet multipliers)."""
+        weights = {"unet": use.unet, "text_encoder": use.te, "text_encoder_2": use.te}
+        return {part: w for part, w in weights.items() if name in parts.get(part, ())}
 
-    def _load(self, lora: LoraFile) -> str:
+    def _load(self, pipe: Any, lora: LoraFile, needed: set[tuple[str, int, float]]) -> str:
         key = _file_key(lora)
         if key in self.loaded:
             self.loaded.move_to_end(key)
             return self.loaded[key]
-        while len(self.loaded) >= MAX_ADAPTERS:
-            _, old = self.loaded.popitem(last=False)
-            self.pipe.delete_adapters(old)
+        spare = [k for k in self.loaded if k not in needed]  # least recently used first
+        while len(self.loaded) >= MAX_ADAPTERS and spare:
+            pipe.delete_adapters(self.loaded.pop(spare.pop(0)))
         self.counter += 1
         name = f"lora{self.counter}"
         log.info("loading LoRA %s as %s", lora.path, name)
         try:
-            self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
+            pipe.load_lora_weights(str(lora.path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            self._forget(name)
+            _forget(pipe, name)
             raise InvalidParams(
                 f"LoRA {lora.name!r} cannot be loaded by the diffusers engine "
                 f"({type(exc).__name__}: {str(exc)[:300]}); it may be a format diffusers does not "
@@ -93,11 +91,12 @@ class Adapters:
         self.loaded[key] = name
         return name
 
-    def _forget(self, name: str) -> None:
-        try:
-            self.pipe.delete_adapters(name)
-        except (ValueError, KeyError, AttributeError):
-            pass
+
+def _forget(pipe: Any, name: str) -> None:
+    try:
+        pipe.delete_adapters(name)
+    except (ValueError, KeyError, AttributeError):
+        pass
 
 
 def lora_hash(lora: LoraFile) -> str:

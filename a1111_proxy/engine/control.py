@@ -68,16 +68,21 @@ class ControlNets:
         if key not in self.loaded:
             while len(self.loaded) >= MAX_MODELS:
                 self.loaded.popitem(last=False)
-            self.loaded[key] = self._load(found)
+            self.loaded[key] = self._load(found, unet)
         self.loaded.move_to_end(key)
         model = self.loaded[key]
         _check_fits(found, model, unet)
         return model
 
-    def _load(self, found: ControlNetFile) -> Any:
+    def _load(self, found: ControlNetFile, unet: Any) -> Any:
         log.info("loading ControlNet %s", found.path)
         try:
-            model = diffusers.ControlNetModel.from_pretrained(found.path, local_files_only=True)
+            if found.folder:
+                model = diffusers.ControlNetModel.from_pretrained(found.path, local_files_only=True)
+            else:
+                model = _from_single_file(found, unet)
+        except InvalidParams:
+            raise
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise InvalidParams(
                 f"cannot load ControlNet model {found.title}: {type(exc).__name__}: "
@@ -87,6 +92,58 @@ class ControlNets:
         model.eval()
         model.register_forward_hook(_apply_mode)
         return model
+
+
+def _from_single_file(found: ControlNetFile, unet: Any) -> Any:
+    """A single .safetensors ControlNet (A1111's LDM keys, or diffusers' keys in one file), built
+    on the loaded UNet's configuration: no config download, as real ControlNets mirror it."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import load_file
+
+    state = load_file(str(found.path))
+    if "difference" in state:
+        raise InvalidParams(
+            f"ControlNet model {found.title} is a 'difference' ControlNet (ControlNet 1.0), which "
+            "the diffusers engine does not support; use the ControlNet 1.1 version"
+        )
+    if "controlnet_cond_embedding.conv_in.weight" not in state:
+        config = {"layers_per_block": unet.config.layers_per_block}
+        converted = convert_controlnet_checkpoint(state, config)
+        prefix = "control_model." if any(k.startswith("control_model.") for k in state) else ""
+        for new, old in (("linear_1", "0.0"), ("linear_2", "0.2")):  # SDXL's added embedding
+            for kind in ("weight", "bias"):
+                if f"{prefix}label_emb.{old}.{kind}" in state:
+                    converted[f"add_embedding.{new}.{kind}"] = state[
+                        f"{prefix}label_emb.{old}.{kind}"
+                    ]
+        state = {k: v for k, v in converted.items() if v is not None}
+    with init_empty_weights():
+        model = diffusers.ControlNetModel.from_unet(
+            unet,
+            conditioning_embedding_out_channels=_embedding_channels(state),
+            load_weights_from_unet=False,
+            conditioning_channels=state["controlnet_cond_embedding.conv_in.weight"].shape[1],
+        )
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise InvalidParams(
+            f"ControlNet model {found.title} does not fit the loaded checkpoint (made for another "
+            "model family, or a 'mid'/'small' variant); pick one made for the checkpoint "
+            f"({str(exc)[:200]})"
+        ) from None
+    return model
+
+
+def _embedding_channels(state: dict[str, Any]) -> tuple[int, ...]:
+    """The conditioning embedder's widths: conv_in's, then every second block's output."""
+    channels = [state["controlnet_cond_embedding.conv_in.weight"].shape[0]]
+    block = 1
+    while f"controlnet_cond_embedding.blocks.{block}.weight" in state:
+        channels.append(state[f"controlnet_cond_embedding.blocks.{block}.weight"].shape[0])
+        block += 2
+    return tuple(channels)
 
 
 def _check_fits(found: ControlNetFile, model: Any, unet: Any) -> None:

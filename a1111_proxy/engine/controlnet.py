@@ -19,7 +19,7 @@ from a1111_proxy.engine.params import InvalidParams
 
 CONTROLNET_DIR = "ControlNet"
 API_VERSION = 2  # what the extension's /controlnet/version answers
-SINGLE_FILES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+PICKLED = (".pth", ".pt", ".ckpt", ".bin")
 RESIZE_MODES = {  # the extension's names and old aliases -> A1111's resize mode numbers
     "just resize": 0,
     "crop and resize": 1,
@@ -30,7 +30,12 @@ RESIZE_MODES = {  # the extension's names and old aliases -> A1111's resize mode
     "envelope (outer fit)": 2,
 }
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
-RESOLUTION: dict[str, Any] = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
+RESOLUTION: dict[str, Any] = {
+    "name": "Preprocessor Resolution",
+    "value": 512,
+    "min": 64,
+    "max": 2048,
+}
 
 
 @dataclass(frozen=True)
@@ -263,7 +268,7 @@ def _control_mode(value: Any, where: str) -> int:
 class ControlNetFile:
     name: str  # file stem or folder name
     path: Path
-    folder: bool  # a diffusers folder (config.json + weights); always, for now
+    folder: bool  # a diffusers folder (config.json + weights), else one .safetensors file
     hash: str | None  # the extension's short hash (A1111's old 8-digit model hash)
 
     @property
@@ -272,18 +277,18 @@ class ControlNetFile:
 
 
 class ControlNetCatalog:
-    """The models under MODELS_DIR/ControlNet the engine can run: diffusers folders
-    (config.json + weights). Single files (A1111's .safetensors/.pth) are not listed; naming one
-    gets a message saying what to use instead."""
+    """The models under MODELS_DIR/ControlNet the engine can run: diffusers folders (config.json
+    + weights) and single .safetensors files (A1111's layout or diffusers' keys). Pickled files
+    (.pth, .ckpt, ...) are not listed; naming one gets a message saying what to use instead."""
 
     def __init__(self, models_dir: str | os.PathLike[str]) -> None:
         self.root = Path(models_dir) / CONTROLNET_DIR
-        self.single_files: list[Path] = []
+        self.pickled: list[Path] = []
         self.models = self.scan()
 
     def scan(self) -> list[ControlNetFile]:
         found: list[ControlNetFile] = []
-        self.single_files = []
+        self.pickled = []
         if not self.root.is_dir():
             return found
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -293,9 +298,12 @@ class ControlNetCatalog:
                 dirnames.clear()
                 continue
             dirnames.sort()
-            self.single_files += [
-                here / f for f in sorted(filenames) if f.lower().endswith(SINGLE_FILES)
-            ]
+            for filename in sorted(filenames):
+                path = here / filename
+                if filename.lower().endswith(".safetensors"):
+                    found.append(ControlNetFile(path.stem, path, False, short_hash(path)))
+                elif filename.lower().endswith(PICKLED):
+                    self.pickled.append(path)
         return sorted(found, key=lambda m: m.name.lower())
 
     def find(self, wanted: str) -> ControlNetFile:
@@ -307,18 +315,17 @@ class ControlNetCatalog:
             if found is not None:
                 return found
         bare = wanted.split(" [", 1)[0].strip().lower()
-        single = next((p for p in self.single_files if p.stem.lower() == bare), None)
-        if single is not None:
+        pickled = next((p for p in self.pickled if p.stem.lower() == bare), None)
+        if pickled is not None:
             raise InvalidParams(
-                f"ControlNet model {wanted!r} is a single file ({single.name}); the diffusers "
-                "engine loads ControlNets in diffusers' folder layout (config.json + "
-                "diffusion_pytorch_model.safetensors). Put that version of the model in "
-                f"{self.root}/<name>/"
+                f"ControlNet model {wanted!r} is a pickled file ({pickled.name}); the diffusers "
+                "engine never unpickles files, since loading one can run arbitrary code. Put "
+                f"the .safetensors version of the model in {self.root}"
             )
         names = [m.title for m in self.models]
         close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        known = ", ".join(names) if names else f"none (put diffusers folders in {self.root})"
+        known = ", ".join(names) if names else f"none (put models in {self.root})"
         raise InvalidParams(
             f"ControlNet model {wanted!r} not found in {self.root}{hint} Known models: {known}"
         )
@@ -347,11 +354,13 @@ class ControlNetCatalog:
 
 
 def _folder_hash(folder: Path) -> str | None:
-    """The extension's short hash of the folder's weights file (A1111's old model hash, AutoV1:
-    sha256 of the 64 KiB at 1 MiB), so titles read "name [hash]" as clients expect."""
     weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        return None
-    with open(weights[0], "rb") as f:
+    return short_hash(weights[0]) if weights else None
+
+
+def short_hash(path: Path) -> str:
+    """The extension's short hash: A1111's old model hash (AutoV1), the sha256 of the 64 KiB at
+    1 MiB into the file; for a folder, of its weights file."""
+    with open(path, "rb") as f:
         f.seek(0x100000)
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

@@ -126,12 +126,12 @@ class LoraCatalog:
         raise InvalidParams(f"LoRA {name!r} not found in {self.root}{hint} Known LoRAs: {known}")
 
     def _match(self, name: str) -> LoraFile | None:
-        for lora in self.files:
+        for lora in (f for f in self.files if f.path.is_file()):  # a deleted file: rescan
             relative = lora.path.relative_to(self.root).with_suffix("").as_posix()
             if name in (lora.name, relative):
                 return lora
         lowered = name.lower()
-        return next((f for f in self.files if f.name.lower() == lowered), None)
+        return next((f for f in self.files if f.name.lower() == lowered and f.path.is_file()), None)
 
     def entries(self) -> list[dict[str, Any]]:
         """/sdapi/v1/loras as A1111 answers it (metadata from the file's header)."""

@@ -86,9 +86,7 @@ def generate(
     inputs = _prepare_inputs(params, generation)
     generation.is_using_inpainting_conditioning = loaded.inpainting
     # LoRA and ControlNet (engine/adapters.py, engine/control.py); every job sets the LoRAs.
-    hashes = adapters.activate(
-        loaded.pipe, models.config.models_dir, params.loras, sdxl=loaded.sdxl
-    )
+    hashes = adapters.activate(loaded.pipe, models.config.models_dir, params.loras)
     if hashes:
         generation.extra["Lora hashes"] = hashes
     inputs.control = control.prepare(models, loaded, params)

@@ -359,3 +359,23 @@ def kohya_lora(
         str(path),
         metadata={"ss_network_module": "networks.lora"},
     )
+
+
+def write_single_file_controlnet(model: ControlNetModel, path: Path) -> None:
+    """A ControlNet as A1111 users have it: one safetensors file with LDM key names
+    (`control_model.input_blocks...`, `zero_convs`, `input_hint_block`, `middle_block_out`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    blocks = len(model.controlnet_cond_embedding.blocks)
+    for key, value in _unet_to_ldm(model).items():  # type: ignore[arg-type]
+        parts = key.split(".")
+        if parts[0] == "controlnet_down_blocks":
+            key = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[0] == "controlnet_mid_block":
+            key = f"middle_block_out.0.{parts[1]}"
+        elif parts[0] == "controlnet_cond_embedding":
+            index = {"conv_in": 0, "conv_out": 2 * (blocks + 1)}.get(parts[1])
+            index = 2 * (int(parts[2]) + 1) if index is None else index
+            key = f"input_hint_block.{index}.{parts[-1]}"
+        tensors["control_model." + key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
