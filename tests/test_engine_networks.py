@@ -27,6 +27,7 @@ from a1111_proxy.backends import BackendRejected  # noqa: E402
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.catalogue import CatalogueStore  # noqa: E402
 from a1111_proxy.db.engine import Database  # noqa: E402
+from a1111_proxy.engine import adapters  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.hashes import hash_file  # noqa: E402
 from tests.fakes import tiny_sd  # noqa: E402
@@ -140,6 +141,21 @@ async def test_lora_hashes_are_written_in_the_infotext_as_a1111_writes_them(
     assert text.startswith("a cat <lora:style:0.8>, <lora:face:0.5>\n")  # the prompt as sent
     assert f'Lora hashes: "style: {style}, face: {face}", Version: ' in text
     assert "Lora hashes" not in infotext(await backend.generate("txt2img", {**SMALL, **SD15}))
+
+
+async def test_loaded_loras_are_bounded_and_an_evicted_one_comes_back_the_same(
+    backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapters, "MAX_ADAPTERS", 1)
+    styled = await backend.generate("txt2img", {**SMALL, **SD15, "prompt": "a <lora:style:1>"})
+    both = await backend.generate(
+        "txt2img", {**SMALL, **SD15, "prompt": "a <lora:style:1> <lora:face:1>"}
+    )  # one job's own LoRAs are never evicted for each other
+    await backend.generate("txt2img", {**SMALL, **SD15, "prompt": "a <lora:face:1>"})
+    again = await backend.generate("txt2img", {**SMALL, **SD15, "prompt": "a <lora:style:1>"})
+    pipe = backend.models.get("tiny15").pipe
+    assert [len(names) for names in pipe.get_list_adapters().values()] == [1, 1]  # unet, te
+    assert differ(again, styled) == 0 and differ(both, styled) > 0
 
 
 async def test_an_unknown_or_unsupported_lora_fails_the_job_naming_it(

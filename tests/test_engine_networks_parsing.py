@@ -3,6 +3,9 @@ scipy only; no torch, no models)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 np = pytest.importorskip("numpy", reason="the preprocessors need the engine extra (numpy)")
@@ -161,3 +164,15 @@ def test_the_module_list_names_only_preprocessors_the_engine_runs(tmp_path) -> N
     assert set(answer["module_list"]) == set(preprocessors.PREPROCESSORS)
     assert answer["module_detail"]["canny"]["sliders"][1]["name"] == "Canny Low Threshold"
     assert ControlNetCatalog(tmp_path).catalogue("/controlnet/version") == {"version": 2}
+
+
+def test_checking_lora_and_controlnet_requests_needs_neither_torch_nor_numpy() -> None:
+    code = (
+        "import sys, a1111_proxy.engine.params as p; "
+        "unit = {'enabled': True, 'module': 'canny', 'model': 'm', 'image': 'aGk='}; "
+        "assert p.problems('txt2img', {'prompt': 'a <lora:x:1>', "
+        "'alwayson_scripts': {'ControlNet': {'args': [unit]}}}) == []; "
+        "heavy = {'torch', 'diffusers', 'numpy', 'scipy'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

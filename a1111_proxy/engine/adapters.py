@@ -54,8 +54,8 @@ class Adapters:
             if self.loaded:
                 pipe.disable_lora()
             return
-        needed = {_file_key(lora) for lora, _ in files}
-        names = [self._load(pipe, lora, needed) for lora, _ in files]
+        names = [self._load(pipe, lora) for lora, _ in files]
+        self._trim(pipe, keep=set(names))
         parts = pipe.get_list_adapters()  # e.g. {"unet": [...], "text_encoder": [...]}
         weights = [
             self._weights(name, use, parts) for name, (_, use) in zip(names, files, strict=True)
@@ -63,19 +63,23 @@ class Adapters:
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=weights)
 
+    def _trim(self, pipe: Any, keep: set[str]) -> None:
+        """Down to MAX_ADAPTERS, least recently used first; never the job's own."""
+        for key in [k for k, name in self.loaded.items() if name not in keep]:
+            if len(self.loaded) <= MAX_ADAPTERS:
+                break
+            pipe.delete_adapters(self.loaded.pop(key))
+
     def _weights(self, name: str, use: LoraUse, parts: dict[str, list[str]]) -> dict[str, float]:
         """Per component, for the components this LoRA has (A1111's te and unet multipliers)."""
         weights = {"unet": use.unet, "text_encoder": use.te, "text_encoder_2": use.te}
         return {part: w for part, w in weights.items() if name in parts.get(part, ())}
 
-    def _load(self, pipe: Any, lora: LoraFile, needed: set[tuple[str, int, float]]) -> str:
+    def _load(self, pipe: Any, lora: LoraFile) -> str:
         key = _file_key(lora)
         if key in self.loaded:
             self.loaded.move_to_end(key)
             return self.loaded[key]
-        spare = [k for k in self.loaded if k not in needed]  # least recently used first
-        while len(self.loaded) >= MAX_ADAPTERS and spare:
-            pipe.delete_adapters(self.loaded.pop(spare.pop(0)))
         self.counter += 1
         name = f"lora{self.counter}"
         log.info("loading LoRA %s as %s", lora.path, name)
