@@ -340,3 +340,27 @@ async def test_the_controlnet_and_lora_catalogue_routes_answer_from_the_engine(
         )
         assert refused.status_code == 422
         assert "depth_midas" in refused.json()["detail"][0]["msg"]
+        detect = {"controlnet_module": "depth_midas", "controlnet_input_images": [sketch_b64()]}
+        refused = api.post("/controlnet/detect", json=detect)
+        assert refused.status_code == 422 and "depth_midas" in refused.json()["detail"][0]["msg"]
+        refused = api.post("/sdapi/v1/interrogate", json={"image": sketch_b64()})
+        assert refused.status_code == 422
+        assert "interrogate is not supported by the diffusers engine" in refused.text
+
+
+async def test_controlnet_detect_runs_the_preprocessor_at_its_resolution(
+    backend: DiffusersBackend,
+) -> None:
+    body = {
+        "controlnet_module": "canny",
+        "controlnet_input_images": [sketch_b64()] * 2,
+        "controlnet_processor_res": 128,
+        "controlnet_threshold_a": 50,
+    }
+    result = await backend.generate("controlnet-detect", body)
+    assert result["info"] == "Success" and len(result["images"]) == 2
+    edges = Image.open(io.BytesIO(base64.b64decode(result["images"][0])))
+    assert edges.size == (192, 128)  # the short side at processor_res
+    assert set(np.unique(np.asarray(edges))) == {0, 255}
+    with pytest.raises(BackendRejected, match="controlnet_input_images must be a non-empty list"):
+        await backend.generate("controlnet-detect", {"controlnet_module": "canny"})

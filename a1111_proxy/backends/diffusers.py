@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress
+from a1111_proxy.engine import detect
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.controlnet import ControlNetCatalog
 from a1111_proxy.engine.lora import LoraCatalog
 from a1111_proxy.engine.models import Models, free_memory
-from a1111_proxy.engine.params import InvalidParams, Params
+from a1111_proxy.engine.params import InvalidParams, Params, problems
 from a1111_proxy.engine.pipeline import Canceled, RunState, generate
 from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES
 
@@ -46,6 +47,8 @@ class DiffusersBackend:
         self._state: RunState | None = None
 
     async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        if kind not in ("txt2img", "img2img"):
+            return await self._other_job(kind, payload)
         try:
             params = Params.from_payload(kind, payload)
         except InvalidParams as exc:
@@ -63,6 +66,20 @@ class DiffusersBackend:
                 raise
             finally:
                 self._state = None
+
+    async def _other_job(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """ControlNet's detect with the weight-free preprocessors; the rest is refused."""
+        found = problems(kind, payload)
+        if found:
+            raise BackendRejected(f"the diffusers engine refused the {kind} request: {found[0]}")
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(self._thread, detect.run, payload)
+            except InvalidParams as exc:
+                raise BackendRejected(
+                    f"the diffusers engine refused the {kind} request: {exc}"
+                ) from None
 
     def _run(self, params: Params, state: RunState) -> dict[str, Any]:
         try:

@@ -138,11 +138,25 @@ class Params:
 
 def problems(kind: str, payload: dict[str, Any]) -> list[str]:
     """Why the engine would refuse this request (empty when it would run it)."""
+    if kind not in REQUEST_MODELS:
+        return _other_job_problems(kind, payload)
     try:
         Params.from_payload(kind, payload)
     except InvalidParams as exc:
         return [str(exc)]
     return []
+
+
+def _other_job_problems(kind: str, payload: dict[str, Any]) -> list[str]:
+    """ControlNet's detect runs on the engine (engine/detect.py); interrogate and extras do not."""
+    if kind == "controlnet-detect":
+        from a1111_proxy.engine import detect
+
+        return detect.problems(payload)
+    return [
+        f"{kind} is not supported by the diffusers engine (it has no interrogator, upscaler or "
+        "face restoration models); run it on an A1111 backend"
+    ]
 
 
 def echo_parameters(kind: str, request: Txt2ImgRequest) -> dict[str, Any]:
