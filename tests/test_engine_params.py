@@ -79,10 +79,10 @@ def test_unsupported_features_are_refused_by_name() -> None:
     ]:
         with pytest.raises(InvalidParams, match=field):
             params(**{field: value})
-    with pytest.raises(InvalidParams, match="lora"):
-        params(prompt="a cat <lora:foo:0.7>")
-    with pytest.raises(InvalidParams, match="ControlNet"):
-        params(alwayson_scripts={"ControlNet": {"args": [{"enabled": True}]}})
+    with pytest.raises(InvalidParams, match="hypernet"):
+        params(prompt="a cat <hypernet:foo:0.7>")
+    with pytest.raises(InvalidParams, match="ADetailer"):
+        params(alwayson_scripts={"ADetailer": {"args": [True]}})
     params(alwayson_scripts={"ControlNet": {"args": []}})  # what webuiapi sends: fine
 
 

@@ -15,11 +15,13 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress
-from a1111_proxy.engine import hires
+from a1111_proxy.engine import detect, hires
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.controlnet import ControlNetCatalog
+from a1111_proxy.engine.lora import LoraCatalog
 from a1111_proxy.engine.models import Models, free_memory
-from a1111_proxy.engine.params import InvalidParams, Params
+from a1111_proxy.engine.params import InvalidParams, Params, problems
 from a1111_proxy.engine.pipeline import Canceled, RunState, generate
 from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES
 
@@ -45,6 +47,8 @@ class DiffusersBackend:
         self._state: RunState | None = None
 
     async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        if kind not in ("txt2img", "img2img"):
+            return await self._other_job(kind, payload)
         try:
             params = Params.from_payload(kind, payload)
         except InvalidParams as exc:
@@ -62,6 +66,20 @@ class DiffusersBackend:
                 raise
             finally:
                 self._state = None
+
+    async def _other_job(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """ControlNet's detect with the weight-free preprocessors; the rest is refused."""
+        found = problems(kind, payload)
+        if found:
+            raise BackendRejected(f"the diffusers engine refused the {kind} request: {found[0]}")
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(self._thread, detect.run, payload)
+            except InvalidParams as exc:
+                raise BackendRejected(
+                    f"the diffusers engine refused the {kind} request: {exc}"
+                ) from None
 
     def _run(self, params: Params, state: RunState) -> dict[str, Any]:
         try:
@@ -128,7 +146,9 @@ class DiffusersBackend:
             return hires.latent_upscale_modes()
         if path == "/sdapi/v1/scripts":
             return {"txt2img": [], "img2img": []}
-        return None
+        if path == "/sdapi/v1/loras":
+            return LoraCatalog(self.config.models_dir).entries()
+        return ControlNetCatalog(self.config.models_dir).catalogue(path)
 
     async def post(self, path: str, body: Any) -> Any:
         if path.startswith("/sdapi/v1/refresh-"):

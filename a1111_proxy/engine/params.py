@@ -7,7 +7,6 @@ engine uses `Params.from_payload()` to run it.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,6 @@ from a1111_proxy.engine.samplers import Resolved, UnknownSampler, resolve
 from a1111_proxy.schemas import REQUEST_MODELS, Txt2ImgRequest
 
 MAX_SEED = 4294967294
-EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 # The txt2img-only fields A1111's img2img body does not have (our schema shares one base class).
 TXT2IMG_ONLY = frozenset(
     {
@@ -80,6 +78,9 @@ class Params:
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: bool = False
     hires: hires_fix.Hires | None = None  # txt2img's hires fix (engine/hires.py)
+    # LoRA and ControlNet (engine/lora.py, engine/controlnet.py)
+    loras: tuple[Any, ...] = ()  # LoraUse, from the prompt's <lora:...> tags
+    controlnet_units: tuple[Any, ...] = ()  # ControlUnit, the enabled ones
 
     @property
     def count(self) -> int:
@@ -136,16 +137,31 @@ class Params:
             common["batch_size"] = _batch_for_images(common["batch_size"], request.init_images)
         else:
             common.update(_hires_fields(request, common))
+        common.update(_networks(request))
         return cls(**common)
 
 
 def problems(kind: str, payload: dict[str, Any]) -> list[str]:
     """Why the engine would refuse this request (empty when it would run it)."""
+    if kind not in REQUEST_MODELS:
+        return _other_job_problems(kind, payload)
     try:
         Params.from_payload(kind, payload)
     except InvalidParams as exc:
         return [str(exc)]
     return []
+
+
+def _other_job_problems(kind: str, payload: dict[str, Any]) -> list[str]:
+    """ControlNet's detect runs on the engine (engine/detect.py); interrogate and extras do not."""
+    if kind == "controlnet-detect":
+        from a1111_proxy.engine import detect
+
+        return detect.problems(payload)
+    return [
+        f"{kind} is not supported by the diffusers engine (it has no interrogator, upscaler or "
+        "face restoration models); run it on an A1111 backend"
+    ]
 
 
 def echo_parameters(kind: str, request: Txt2ImgRequest) -> dict[str, Any]:
@@ -180,18 +196,27 @@ def _refuse_unsupported(request: Txt2ImgRequest) -> None:
             raise InvalidParams(f"{what} not supported by the diffusers engine; leave {name} unset")
     for script, value in (request.alwayson_scripts or {}).items():
         args = value.get("args") if isinstance(value, dict) else value
-        if args:
+        if args and script.lower() != "controlnet":
             raise InvalidParams(
-                f"alwayson_scripts {script!r} is not supported by the diffusers engine; "
-                "remove it (or send it with empty args)"
+                f"alwayson_scripts {script!r} is not supported by the diffusers engine (only "
+                "ControlNet is); remove it (or send it with empty args)"
             )
+
+
+def _networks(request: Txt2ImgRequest) -> dict[str, Any]:
+    """LoRA tags and ControlNet units (engine/lora.py, engine/controlnet.py import this module,
+    hence the late import)."""
+    from a1111_proxy.engine import controlnet, lora
+
     for text in (request.prompt or "", request.negative_prompt or ""):
-        found = EXTRA_NETWORK.search(text)
-        if found and not request.disable_extra_networks:
+        others = lora.other_networks(text)
+        if others and not request.disable_extra_networks:
             raise InvalidParams(
-                f"extra networks such as {found.group(0)!r} (LoRA, hypernetworks) are not "
-                "supported by the diffusers engine yet; remove them from the prompt"
+                f"extra networks such as {others[0]!r} (hypernetworks, ...) are not supported "
+                "by the diffusers engine; only <lora:...> is. Remove it from the prompt"
             )
+    uses = () if request.disable_extra_networks else lora.parse_uses(request.prompt or "")
+    return {"loras": uses, "controlnet_units": controlnet.parse_units(request.alwayson_scripts)}
 
 
 def _sampler(request: Txt2ImgRequest) -> Resolved:

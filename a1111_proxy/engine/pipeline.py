@@ -19,7 +19,17 @@ import diffusers
 import torch
 from PIL import Image
 
-from a1111_proxy.engine import conditioning, images, noise, schedulers, text, upscale
+from a1111_proxy.engine import (
+    adapters,
+    conditioning,
+    control,
+    images,
+    lora,
+    noise,
+    schedulers,
+    text,
+    upscale,
+)
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models
@@ -77,6 +87,7 @@ class _Inputs:
     original_mask: Image.Image | None = None
     crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
     batch: upscale.Batch | None = None  # hires fix: each image's own start (images or latents)
+    control: control.Control | None = None  # the ControlNet units' models and images
 
 
 def generate(
@@ -88,10 +99,17 @@ def generate(
     inputs = [_prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
     inputs = inputs or [_Inputs()]
     generation.is_using_inpainting_conditioning = loaded.inpainting
+    # LoRA and ControlNet (engine/adapters.py, engine/control.py); every job sets the LoRAs.
+    hashes = adapters.activate(loaded.pipe, models.config.models_dir, params.loras)
+    if hashes:
+        generation.extra["Lora hashes"] = hashes
+    units = inputs[0].control = control.prepare(models, loaded, params)
+    if units is not None:
+        generation.extra.update(units.infotext)
     embeds = conditioning.encode(
         loaded.pipe,
-        params.prompt,
-        params.negative_prompt,
+        lora.strip_tags(params.prompt),
+        lora.strip_tags(params.negative_prompt),
         steps=conditioning.total_steps(params.sampler, params.steps),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
@@ -119,6 +137,8 @@ def generate(
     state.job_no, state.step = state.job_count, 0
     made = [_finish_image(image, inputs[i % len(inputs)]) for i, image in enumerate(made)]
     encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
+    if units is not None and made:  # the extension appends its detected maps
+        encoded += [images.encode_png(m, None) for m in units.detected]
     return {
         "images": [base64.b64encode(png).decode("ascii") for png in encoded]
         if params.send_images
@@ -161,8 +181,8 @@ def _hires(
         return upscale.as_images(loaded.pipe, start)
     embeds = conditioning.encode(
         loaded.pipe,
-        hires.prompt,
-        hires.negative_prompt,
+        lora.strip_tags(hires.prompt),
+        lora.strip_tags(hires.negative_prompt),
         steps=conditioning.total_steps(params.sampler, params.steps),
         hires_steps=conditioning.total_steps(hires.sampler, hires.steps or params.steps),
         clip_skip=params.clip_skip,
@@ -304,6 +324,9 @@ def _run_batch(
         tracking.noise = drawn.latents
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
     embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
+    if inputs[0].control is not None:
+        pipe = control.with_controlnet(pipe, inputs[0].control)
+        kwargs.update(control.call_kwargs(inputs[0].control, task))
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -311,3 +312,85 @@ def _vae_to_ldm(model: AutoencoderKL) -> dict[str, torch.Tensor]:
             name = f"{head}.{parts[-1]}"
         out[name] = value
     return out
+
+
+def controlnet(
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, folder: Path, seed: int = 1
+) -> ControlNetModel:
+    """A ControlNet shaped like the pipeline's UNet, its zero convolutions made non-zero (a
+    freshly initialised ControlNet adds nothing, which would hide every bug)."""
+    torch.manual_seed(seed)
+    model = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "zero_conv" in name or "controlnet_" in name or "conv_out" in name:
+                param.normal_(0, 0.3)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def kohya_lora(
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
+    path: Path,
+    *,
+    seed: int = 1,
+    unet: bool = True,
+    text: bool = True,
+    rank: int = 4,
+) -> None:
+    """A LoRA in kohya's format (`lora_unet_*`/`lora_te_*` keys with `alpha`), as A1111 users
+    download them, on the UNet's attention projections and the text encoder's (out_proj
+    included: diffusers cannot tell the format of a text-encoder LoRA without it)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(prefix: str, layer: torch.nn.Linear) -> None:
+        down = torch.randn(rank, layer.in_features, generator=generator) * 0.5
+        tensors[f"{prefix}.lora_down.weight"] = down
+        tensors[f"{prefix}.lora_up.weight"] = (
+            torch.randn(layer.out_features, rank, generator=generator) * 0.5
+        )
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(rank))
+
+    if unet:
+        for name, module in pipe.unet.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(
+                ("to_q", "to_k", "to_v", "to_out.0")
+            ):
+                add("lora_unet_" + name.replace(".", "_"), module)
+    encoders = [("lora_te", pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders = [("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)]
+    for prefix, encoder in encoders if text else []:
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(
+                ("q_proj", "k_proj", "v_proj", "out_proj")
+            ):
+                full = name if name.startswith("text_model.") else "text_model." + name
+                add(f"{prefix}_" + full.replace(".", "_"), module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"ss_network_module": "networks.lora"},
+    )
+
+
+def write_single_file_controlnet(model: ControlNetModel, path: Path) -> None:
+    """A ControlNet as A1111 users have it: one safetensors file with LDM key names
+    (`control_model.input_blocks...`, `zero_convs`, `input_hint_block`, `middle_block_out`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    blocks = len(model.controlnet_cond_embedding.blocks)
+    for key, value in _unet_to_ldm(model).items():  # type: ignore[arg-type]
+        parts = key.split(".")
+        if parts[0] == "controlnet_down_blocks":
+            key = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[0] == "controlnet_mid_block":
+            key = f"middle_block_out.0.{parts[1]}"
+        elif parts[0] == "controlnet_cond_embedding":
+            index = {"conv_in": 0, "conv_out": 2 * (blocks + 1)}.get(parts[1])
+            index = 2 * (int(parts[2]) + 1) if index is None else index
+            key = f"input_hint_block.{index}.{parts[-1]}"
+        tensors["control_model." + key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
