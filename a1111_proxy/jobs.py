@@ -54,6 +54,7 @@ from a1111_proxy.errors import IdempotencyKeyReused
 
 TERMINAL = frozenset({"completed", "error", "canceled"})
 NOTIFY_CHANNEL = "a1111_proxy_jobs"
+ADVISORY_SPACE = 7861_0001  # first key of our advisory locks (one per backend, during a claim)
 
 # Columns the API shows; never the payload, the secret or image data.
 JOB_COLUMNS = tuple(
@@ -377,11 +378,60 @@ class JobRepository:
     ) -> list[tuple[int, Claim]]:
         """Lease up to one due job per free slot (highest priority, then oldest) to `owner`.
 
-        `slots` are (backend name, checkpoint it last ran). A job goes to a slot that last ran
-        its checkpoint when there is one, else to the first free slot. One short transaction
+        `slots` are (backend name, checkpoint it last ran). A backend runs one job at a time
+        across all workers: a slot whose backend already runs a job (for any worker) gets none,
+        so several workers can share the same A1111_URLS. A job goes to a slot that last ran its
+        checkpoint when there is one, else to the first free slot. One short transaction
         claims, assigns and reads the payloads. Returns (slot index, claim) pairs.
         """
         now = self.clock()
+        async with self.db.writing() as conn:
+            open_slots = await self._idle_backends(conn, slots)
+            if not open_slots:
+                return []
+            claimed = await self._claim_in(conn, owner, [slots[i] for i in open_slots], now)
+        return [(open_slots[index], claim) for index, claim in claimed]
+
+    async def _idle_backends(
+        self, conn: AsyncConnection, slots: Sequence[tuple[str, str | None]]
+    ) -> list[int]:
+        """Indexes of `slots` whose backend runs no job now, in any worker.
+
+        SQLite serialises write transactions, so reading is enough. PostgreSQL runs claims of
+        several workers at once: each takes a transaction-scoped advisory lock per backend first
+        (without waiting: a backend another worker is claiming for right now is skipped), so two
+        claims never both see a backend idle.
+        """
+        names = sorted({name for name, _ in slots})
+        if not self.db.is_sqlite:
+            locked = (await conn.execute(
+                text("SELECT name FROM unnest(CAST(:names AS text[])) AS name "
+                     "WHERE pg_try_advisory_xact_lock(:space, hashtext(name))"),
+                {"names": names, "space": ADVISORY_SPACE},
+            )).scalars().all()
+            names = sorted(locked)
+        if not names:
+            return []
+        busy = set((await conn.execute(
+            select(jobs.c.backend).distinct()
+            .where(jobs.c.status == "processing", jobs.c.backend.in_(names))
+        )).scalars())
+        free = set(names) - busy
+        taken: set[str] = set()
+        indexes = []
+        for index, (name, _) in enumerate(slots):
+            if name in free and name not in taken:  # a URL listed twice is still one backend
+                taken.add(name)
+                indexes.append(index)
+        return indexes
+
+    async def _claim_in(
+        self,
+        conn: AsyncConnection,
+        owner: str,
+        slots: Sequence[tuple[str, str | None]],
+        now: float,
+    ) -> list[tuple[int, Claim]]:
         due = (
             select(jobs.c.seq)
             .where(jobs.c.status == "queued", jobs.c.run_after <= now)
@@ -410,22 +460,21 @@ class JobRepository:
             .returning(jobs.c.id, jobs.c.type, jobs.c.attempts, jobs.c.max_attempts,
                        jobs.c.checkpoint, jobs.c.priority, jobs.c.lease_token, *_WEBHOOK)
         )
-        async with self.db.writing() as conn:
-            rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
-            if not rows:
-                return []
-            placed = _place(rows, slots)
-            await conn.execute(
-                update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
-                [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
-            )
-            payloads = dict((await conn.execute(
-                select(job_payloads.c.job_seq, job_payloads.c.body)
-                .where(job_payloads.c.job_seq.in_([row.seq for row in rows]))
-            )).all())
-            announced = [await self._announce(conn, row, "started", now) for row in rows]
-            if any(announced):
-                await self._notify(conn)
+        rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
+        if not rows:
+            return []
+        placed = _place(rows, slots)
+        await conn.execute(
+            update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
+            [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
+        )
+        payloads = dict((await conn.execute(
+            select(job_payloads.c.job_seq, job_payloads.c.body)
+            .where(job_payloads.c.job_seq.in_([row.seq for row in rows]))
+        )).all())
+        announced = [await self._announce(conn, row, "started", now) for row in rows]
+        if any(announced):
+            await self._notify(conn)
         return [
             (index, Claim(row.seq, row.id, row.type, row.lease_token, row.attempts,
                           row.max_attempts, slots[index][0], row.checkpoint, payloads[row.seq]))
