@@ -53,6 +53,7 @@ from a1111_proxy.deliveries import DeliveryRepository, wants
 from a1111_proxy.errors import IdempotencyKeyReused
 
 TERMINAL = frozenset({"completed", "error", "canceled"})
+STATUSES = ("queued", "processing", "completed", "error", "canceled")
 NOTIFY_CHANNEL = "a1111_proxy_jobs"
 ADVISORY_SPACE = 7861_0001  # first key of our advisory locks (one per backend, during a claim)
 
@@ -94,6 +95,22 @@ class Claim:
     backend: str
     checkpoint: str | None = None
     payload: str = "{}"  # the body to send, JSON
+
+
+@dataclass(frozen=True)
+class Histogram:
+    counts: list[int]  # cumulative, one per bucket bound, then +Inf
+    total: float
+
+
+@dataclass(frozen=True)
+class JobMetrics:
+    by_status: dict[str, int]
+    due: int  # queued and due now
+    oldest_due_age: float  # seconds the oldest due job has waited; 0 when none
+    busy_backends: dict[str, int]  # backend name -> jobs running on it (0 or 1)
+    claim_latency: Histogram
+    durations: dict[str, Histogram]  # by end status
 
 
 @dataclass(frozen=True)
@@ -313,6 +330,42 @@ class JobRepository:
         async with self.db.reading() as conn:
             found = {status: n for status, n in (await conn.execute(query)).all()}
         return {status: found.get(status, 0) for status in ("queued", "processing")} | found
+
+    async def metrics(
+        self, window: float, claim_buckets: Sequence[float], duration_buckets: Sequence[float]
+    ) -> JobMetrics:
+        """What /metrics shows about jobs, read from the database so that every API replica
+        reports the same numbers. Histograms cover the last `window` seconds: claim latency
+        (created -> first started) of jobs started in it, duration (started -> ended) of jobs
+        that ended in it, by end status. Each histogram is one aggregate query."""
+        now = self.clock()
+        since = now - window
+        recent_end = and_(jobs.c.completed_at >= since, jobs.c.started_at.is_not(None))
+        waited = jobs.c.started_at - jobs.c.created_at
+        ran = jobs.c.completed_at - jobs.c.started_at
+        async with self.db.reading() as conn:
+            by_status = dict((await conn.execute(
+                select(jobs.c.status, func.count()).group_by(jobs.c.status))).all())
+            due, oldest = (await conn.execute(
+                select(func.count(), func.min(jobs.c.created_at))
+                .where(jobs.c.status == "queued", jobs.c.run_after <= now))).one()
+            busy = dict((await conn.execute(
+                select(jobs.c.backend, func.count()).where(jobs.c.status == "processing")
+                .group_by(jobs.c.backend))).all())
+            claims = (await conn.execute(_histogram(waited, claim_buckets).where(
+                (jobs.c.status == "processing") | recent_end, jobs.c.started_at >= since,
+            ))).one()
+            durations = (await conn.execute(
+                _histogram(ran, duration_buckets, jobs.c.status)
+                .where(recent_end, jobs.c.status.in_(TERMINAL)).group_by(jobs.c.status)
+            )).all()
+        return JobMetrics(
+            by_status={status: by_status.get(status, 0) for status in STATUSES},
+            due=due, oldest_due_age=now - oldest if oldest is not None else 0.0,
+            busy_backends={name: n for name, n in busy.items() if name},
+            claim_latency=_buckets(claims, claim_buckets),
+            durations={row.label: _buckets(row, duration_buckets) for row in durations},
+        )
 
     # --- cancel ---------------------------------------------------------------------------
 
@@ -722,6 +775,20 @@ def _place(rows: list[Any], slots: Sequence[tuple[str, str | None]]) -> list[tup
         free.remove(match)
         placed.append((match, row))
     return placed
+
+
+def _histogram(value: Any, bounds: Sequence[float], *label: Any) -> Any:
+    """SELECT [label,] count(value <= b) for each bound, count(*), sum(value)."""
+    columns = [func.sum(case((value <= bound, 1), else_=0)).label(f"le{i}")
+               for i, bound in enumerate(bounds)]
+    named = [column.label("label") for column in label]
+    return select(*named, *columns, func.count().label("n"),
+                  func.coalesce(func.sum(value), 0.0).label("total"))
+
+
+def _buckets(row: Any, bounds: Sequence[float]) -> Histogram:
+    counts = [int(getattr(row, f"le{i}") or 0) for i in range(len(bounds))]
+    return Histogram(counts=[*counts, int(row.n)], total=float(row.total))
 
 
 def _touch(row: Any) -> Touch:

@@ -126,6 +126,13 @@ OPERATIONS: list[Op] = [
        {200: s.Health, 503: s.Health}, open=True),
     Op("get", "/ready", "Readiness: the database is reachable and migrated", "operations",
        {200: s.Ready, 503: s.Ready}, open=True),
+    Op("get", "/metrics", "Prometheus metrics (text exposition format 0.0.4)", "operations",
+       {200: "text"},
+       description="Jobs by status, queue depth and the oldest due job's age, claim latency "
+       "and job duration (gauge histograms over the last METRICS_WINDOW_SECONDS), each "
+       "backend's state (idle, busy, down), live workers, and webhook messages by event and "
+       "outcome. Computed from the database, so every API replica reports the same numbers. "
+       "Needs the token when API_TOKENS is set."),
 ]
 
 MODELS: list[type[BaseModel]] = [
@@ -203,6 +210,9 @@ def _response(code: int | str, kind: type[BaseModel] | str | None) -> dict[str, 
                    404: "Not found", 413: "Body too large", 422: "Invalid request",
                    503: "Unavailable", "default": "A1111's own error status and body (wait "
                    "mode), or an error in A1111's shape"}.get(code, "")
+    if kind == "text":
+        return {"description": description or "OK",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}
     if kind == "image":
         return {"description": description,
                 "content": {m: {"schema": {"type": "string", "contentMediaType": m}}
