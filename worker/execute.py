@@ -27,6 +27,7 @@ from a1111_proxy.backends import (
     BackendUnavailable,
 )
 from a1111_proxy.jobs import GENERATIONS, Claim, JobRepository, error_json, retry_delay
+from a1111_proxy.logs import job_id_var
 
 log = logging.getLogger("a1111_proxy.worker")
 
@@ -47,6 +48,7 @@ class LeaseLost(Exception):
 async def execute(claim: Claim, backend: Backend, repo: JobRepository, timing: Timing) -> str:
     """Run the job to an end state and return what happened: completed, error, canceled,
     requeued or lost. On cancellation (worker shutdown) the lease is released first."""
+    job_id_var.set(claim.id)  # this task's log lines (and the backend client's) name the job
     payload = with_checkpoint(json.loads(claim.payload), claim.checkpoint)
     generation = asyncio.create_task(backend.generate(claim.type, payload))
     try:

@@ -211,7 +211,8 @@ class Worker:
         await self.keeper.tick(usable)
 
     def _start(self, slot: Slot, claim: Claim) -> None:
-        log.info("job %s: attempt %d on %s", claim.id, claim.attempts, slot.backend.name)
+        log.info("job %s: attempt %d on %s", claim.id, claim.attempts, slot.backend.name,
+                 extra={"job_id": claim.id})
         slot.claim, slot.state = claim, "busy"
         slot.checkpoint = claim.checkpoint or slot.checkpoint
         slot.task = asyncio.create_task(
@@ -224,8 +225,9 @@ class Worker:
             "crashed" if task.exception() else task.result()
         )
         if outcome == "crashed":
-            log.error("job %s: worker bug", slot.claim.id if slot.claim else "?",
-                      exc_info=task.exception())
+            job_id = slot.claim.id if slot.claim else None
+            log.error("job %s: worker bug", job_id, exc_info=task.exception(),
+                      extra={"job_id": job_id})
         slot.task, slot.claim = None, None
         if outcome == "requeued":  # the backend was unavailable: rest this slot, then probe
             slot.failures += 1
@@ -270,7 +272,8 @@ class Worker:
 
     async def _reap(self) -> None:
         for job_id, status in await self.repo.reap_expired():
-            log.warning("job %s: its worker stopped renewing the lease; now %s", job_id, status)
+            log.warning("job %s: its worker stopped renewing the lease; now %s", job_id, status,
+                        extra={"job_id": job_id})
 
     async def _every(self, seconds: float, action: Any, at_once: bool = False) -> None:
         while True:
