@@ -19,7 +19,8 @@ job_id_var: ContextVar[str | None] = ContextVar("job_id", default=None)
 # Loggers that write every SQL statement's parameters (webhook secrets, image data) at DEBUG.
 PARAMETER_LOGGERS = ("aiosqlite", "sqlalchemy.engine")
 # Attributes every LogRecord has; anything else was passed with `extra=` and is worth keeping.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message"}  # uvicorn's message again, with terminal colours
 
 
 class JobIdFilter(logging.Filter):
