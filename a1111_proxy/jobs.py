@@ -439,35 +439,35 @@ class JobRepository:
         """
         now = self.clock()
         async with self.db.writing() as conn:
-            open_slots = await self._idle_backends(conn, slots)
+            open_slots = await self._idle_backends(conn, owner, slots)
             if not open_slots:
                 return []
             claimed = await self._claim_in(conn, owner, [slots[i] for i in open_slots], now)
         return [(open_slots[index], claim) for index, claim in claimed]
 
     async def _idle_backends(
-        self, conn: AsyncConnection, slots: Sequence[tuple[str, str | None]]
+        self, conn: AsyncConnection, owner: str, slots: Sequence[tuple[str, str | None]]
     ) -> list[int]:
-        """Indexes of `slots` whose backend runs no job now, in any worker.
+        """Indexes of `slots` whose backend runs no job of another worker now.
 
+        The owner's own jobs do not count: its slots are free only when their backend has
+        answered (a job still storing its result no longer occupies the backend).
         SQLite serialises write transactions, so reading is enough. PostgreSQL runs claims of
-        several workers at once: each takes a transaction-scoped advisory lock per backend first
-        (without waiting: a backend another worker is claiming for right now is skipped), so two
-        claims never both see a backend idle.
+        several workers at once: each first takes a transaction-scoped advisory lock per
+        backend, in name order (no deadlock), so two claims never both see a backend idle.
         """
         names = sorted({name for name, _ in slots})
         if not self.db.is_sqlite:
-            locked = (await conn.execute(
-                text("SELECT name FROM unnest(CAST(:names AS text[])) AS name "
-                     "WHERE pg_try_advisory_xact_lock(:space, hashtext(name))"),
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:space, hashtext(name)) "
+                     "FROM unnest(CAST(:names AS text[])) WITH ORDINALITY AS t(name, n) "
+                     "ORDER BY n"),
                 {"names": names, "space": ADVISORY_SPACE},
-            )).scalars().all()
-            names = sorted(locked)
-        if not names:
-            return []
+            )
         busy = set((await conn.execute(
             select(jobs.c.backend).distinct()
-            .where(jobs.c.status == "processing", jobs.c.backend.in_(names))
+            .where(jobs.c.status == "processing", jobs.c.backend.in_(names),
+                   jobs.c.lease_owner != owner)
         )).scalars())
         free = set(names) - busy
         taken: set[str] = set()
