@@ -141,10 +141,12 @@ class Worker:
 
     async def _run_until_empty(self) -> None:
         while True:
+            self._slot_freed.clear()
             await self._fill_slots()
             running = self._running()
-            if running:
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            if running:  # until a job ends, or a backend answers (its slot is free then)
+                await _first_of(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED),
+                                self._slot_freed.wait(), timeout=3600)
             elif not await self.repo.has_due_job():
                 return
             else:  # due jobs, but every slot is resting
@@ -155,6 +157,7 @@ class Worker:
             with contextlib.suppress(OperationalError):  # retried by their side tasks
                 await first()
         while not self._stop.is_set():
+            self._slot_freed.clear()  # before claiming: a slot freed meanwhile is not missed
             try:
                 if await self._fill_slots():
                     continue
@@ -164,7 +167,6 @@ class Worker:
                             exc.orig or exc)
                 await _first_of(self._stop.wait(), timeout=1.0)
                 continue
-            self._slot_freed.clear()
             waiters = [self._stop.wait(), self._slot_freed.wait()]
             if any(slot.free(time.monotonic()) for slot in self.slots):
                 waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
