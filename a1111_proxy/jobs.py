@@ -454,14 +454,15 @@ class JobRepository:
         answered (a job still storing its result no longer occupies the backend).
         SQLite serialises write transactions, so reading is enough. PostgreSQL runs claims of
         several workers at once: each first takes a transaction-scoped advisory lock per
-        backend, in name order (no deadlock), so two claims never both see a backend idle.
+        backend, in the order of the lock keys (so two claims never deadlock), and so two
+        claims never both see a backend idle.
         """
         names = sorted({name for name, _ in slots})
         if not self.db.is_sqlite:
             await conn.execute(
-                text("SELECT pg_advisory_xact_lock(:space, hashtext(name)) "
-                     "FROM unnest(CAST(:names AS text[])) WITH ORDINALITY AS t(name, n) "
-                     "ORDER BY n"),
+                text("SELECT pg_advisory_xact_lock(:space, key) FROM (SELECT DISTINCT "
+                     "hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name) AS k "
+                     "ORDER BY key"),
                 {"names": names, "space": ADVISORY_SPACE},
             )
         busy = set((await conn.execute(
