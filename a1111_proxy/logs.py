@@ -83,6 +83,7 @@ def configure(level: str, log_format: str = "auto", stream: IO[str] | None = Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python's warnings become lines of the same format
     for name in PARAMETER_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # httpx logs every request at INFO: the worker's progress polls would flood the log (and

@@ -147,3 +147,24 @@ def test_supervisord_runs_both_programs_restarts_a_killed_worker_and_stops_clean
     assert "Finished server process" in out and "stopped: serve" in out
     program_lines = [line for line in out.splitlines() if line.startswith("{")]
     assert program_lines and all(json.loads(line)["message"] for line in program_lines)
+
+
+def test_compose_runs_postgresql_api_and_worker_replicas_on_the_environments_a1111_urls() -> None:
+    import yaml  # uvicorn[standard] brings PyYAML
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "migrate", "api", "worker", "lb"} <= set(services)
+    for name in ("migrate", "api", "worker"):
+        env = services[name]["environment"]
+        assert env["A1111_PROXY_DATABASE_URL"].startswith("postgresql+asyncpg://")
+        assert "@postgres:5432/" in env["A1111_PROXY_DATABASE_URL"]
+        assert env["A1111_PROXY_A1111_URLS"].startswith("${A1111_URLS:?")
+    assert services["api"]["command"] == ["a1111-proxy", "serve"]
+    assert services["worker"]["command"] == ["a1111-proxy", "worker"]
+    assert "WORKER_REPLICAS" in str(services["worker"]["deploy"]["replicas"])
+    assert "API_REPLICAS" in str(services["api"]["deploy"]["replicas"])
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == (
+            "service_completed_successfully")
+    assert (ROOT / "deploy" / "nginx.conf").exists()
