@@ -27,6 +27,7 @@ def root_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def test_lines_are_json_with_the_job_id_when_stderr_is_not_a_terminal(root_logging: None) -> None:
