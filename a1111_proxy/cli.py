@@ -15,9 +15,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from a1111_proxy import logs
 from a1111_proxy.settings import Settings
 
 log = logging.getLogger("a1111_proxy")
+PARAMETER_LOGGERS = logs.PARAMETER_LOGGERS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"a1111-proxy: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     handler = {"serve": serve_api, "worker": run_worker, "migrate": migrate, "up": up_all,
                "openapi": print_openapi}[args.command]
     return handler(settings)
@@ -49,22 +51,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
 
 
-# Loggers that write every SQL statement's parameters (webhook secrets, image data) at DEBUG.
-PARAMETER_LOGGERS = ("aiosqlite", "sqlalchemy.engine")
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for name in PARAMETER_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # httpx logs every request at INFO: the worker's progress polls would flood the log (and
-    # cost CPU on every job); our own lines say what happened to each job.
-    if logging.getLogger().level > logging.DEBUG:
-        for name in ("httpx", "httpcore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+def _configure_logging(settings: Settings) -> None:
+    logs.configure(settings.log_level, settings.log_format)
 
 
 def tune_gc() -> None:
@@ -88,6 +76,7 @@ def serve_api(settings: Settings) -> int:
     uvicorn.run(
         app, host=settings.host, port=settings.port,
         log_level=settings.log_level.lower(), proxy_headers=True, timeout_graceful_shutdown=10,
+        log_config=None,  # uvicorn's lines go through our handler (JSON or text, as configured)
     )
     return 0
 

@@ -209,6 +209,15 @@ class DeliveryRepository:
 
     # --- the API's side -------------------------------------------------------------------
 
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Deliveries by event and status (for /metrics)."""
+        query = select(_d.c.event, _d.c.status, func.count()).group_by(_d.c.event, _d.c.status)
+        found: dict[str, dict[str, int]] = {}
+        async with self.db.reading() as conn:
+            for event, status, n in (await conn.execute(query)).all():
+                found.setdefault(event, {})[status] = n
+        return found
+
     async def for_job(self, job_seq: int) -> list[tuple[Row[Any], list[Row[Any]]]]:
         """A job's deliveries, oldest first, each with its attempts."""
         query = select(_d).where(_d.c.job_seq == job_seq).order_by(_d.c.seq)

@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import (
+    STATUSES,
     controls,
     job_images,
     job_payloads,
@@ -73,6 +74,7 @@ DEADLINE_ERROR = json.dumps({
     "message": "canceled: its deadline (Cancel-After header or timeout field) passed before it "
                "finished; submit it again with a longer timeout, or none",
 })
+ADVISORY_SPACE = 7861_0001  # first key of our advisory locks (one per backend, during a claim)
 
 # Columns the API shows; never the payload, the secret or image data.
 JOB_COLUMNS = tuple(
@@ -113,6 +115,22 @@ class Claim:
     backend: str
     checkpoint: str | None = None
     payload: str = "{}"  # the body to send, JSON
+
+
+@dataclass(frozen=True)
+class Histogram:
+    counts: list[int]  # cumulative, one per bucket bound, then +Inf
+    total: float
+
+
+@dataclass(frozen=True)
+class JobMetrics:
+    by_status: dict[str, int]
+    due: int  # queued and due now
+    oldest_due_age: float  # seconds the oldest due job has waited; 0 when none
+    busy_backends: dict[str, int]  # backend name -> jobs running on it (0 or 1)
+    claim_latency: Histogram
+    durations: dict[str, Histogram]  # by end status
 
 
 @dataclass(frozen=True)
@@ -329,6 +347,42 @@ class JobRepository:
             found = {status: n for status, n in (await conn.execute(query)).all()}
         return {status: found.get(status, 0) for status in ("queued", "processing")} | found
 
+    async def metrics(
+        self, window: float, claim_buckets: Sequence[float], duration_buckets: Sequence[float]
+    ) -> JobMetrics:
+        """What /metrics shows about jobs, read from the database so that every API replica
+        reports the same numbers. Histograms cover the last `window` seconds: claim latency
+        (created -> first started) of jobs started in it, duration (started -> ended) of jobs
+        that ended in it, by end status. Each histogram is one aggregate query."""
+        now = self.clock()
+        since = now - window
+        recent_end = and_(jobs.c.completed_at >= since, jobs.c.started_at.is_not(None))
+        waited = jobs.c.started_at - jobs.c.created_at
+        ran = jobs.c.completed_at - jobs.c.started_at
+        async with self.db.reading() as conn:
+            by_status = dict((await conn.execute(
+                select(jobs.c.status, func.count()).group_by(jobs.c.status))).all())
+            due, oldest = (await conn.execute(
+                select(func.count(), func.min(jobs.c.created_at))
+                .where(jobs.c.status == "queued", jobs.c.run_after <= now))).one()
+            busy = dict((await conn.execute(
+                select(jobs.c.backend, func.count()).where(jobs.c.status == "processing")
+                .group_by(jobs.c.backend))).all())
+            claims = (await conn.execute(_histogram(waited, claim_buckets).where(
+                (jobs.c.status == "processing") | recent_end, jobs.c.started_at >= since,
+            ))).one()
+            durations = (await conn.execute(
+                _histogram(ran, duration_buckets, jobs.c.status)
+                .where(recent_end, jobs.c.status.in_(TERMINAL)).group_by(jobs.c.status)
+            )).all()
+        return JobMetrics(
+            by_status={status: by_status.get(status, 0) for status in STATUSES},
+            due=due, oldest_due_age=now - oldest if oldest is not None else 0.0,
+            busy_backends={name: n for name, n in busy.items() if name},
+            claim_latency=_buckets(claims, claim_buckets),
+            durations={row.label: _buckets(row, duration_buckets) for row in durations},
+        )
+
     # --- cancel ---------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Row[Any] | None:
@@ -393,11 +447,61 @@ class JobRepository:
     ) -> list[tuple[int, Claim]]:
         """Lease up to one due job per free slot (highest priority, then oldest) to `owner`.
 
-        `slots` are (backend name, checkpoint it last ran). A job goes to a slot that last ran
-        its checkpoint when there is one, else to the first free slot. One short transaction
+        `slots` are (backend name, checkpoint it last ran). A backend runs one job at a time
+        across all workers: a slot whose backend already runs a job (for any worker) gets none,
+        so several workers can share the same A1111_URLS. A job goes to a slot that last ran its
+        checkpoint when there is one, else to the first free slot. One short transaction
         claims, assigns and reads the payloads. Returns (slot index, claim) pairs.
         """
         now = self.clock()
+        async with self.db.writing() as conn:
+            open_slots = await self._idle_backends(conn, owner, slots)
+            if not open_slots:
+                return []
+            claimed = await self._claim_in(conn, owner, [slots[i] for i in open_slots], now)
+        return [(open_slots[index], claim) for index, claim in claimed]
+
+    async def _idle_backends(
+        self, conn: AsyncConnection, owner: str, slots: Sequence[tuple[str, str | None]]
+    ) -> list[int]:
+        """Indexes of `slots` whose backend runs no job of another worker now.
+
+        The owner's own jobs do not count: its slots are free only when their backend has
+        answered (a job still storing its result no longer occupies the backend).
+        SQLite serialises write transactions, so reading is enough. PostgreSQL runs claims of
+        several workers at once: each first takes a transaction-scoped advisory lock per
+        backend, in the order of the lock keys (so two claims never deadlock), and so two
+        claims never both see a backend idle.
+        """
+        names = sorted({name for name, _ in slots})
+        if not self.db.is_sqlite:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:space, key) FROM (SELECT DISTINCT "
+                     "hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name) AS k "
+                     "ORDER BY key"),
+                {"names": names, "space": ADVISORY_SPACE},
+            )
+        busy = set((await conn.execute(
+            select(jobs.c.backend).distinct()
+            .where(jobs.c.status == "processing", jobs.c.backend.in_(names),
+                   jobs.c.lease_owner != owner)
+        )).scalars())
+        free = set(names) - busy
+        taken: set[str] = set()
+        indexes = []
+        for index, (name, _) in enumerate(slots):
+            if name in free and name not in taken:  # a URL listed twice is still one backend
+                taken.add(name)
+                indexes.append(index)
+        return indexes
+
+    async def _claim_in(
+        self,
+        conn: AsyncConnection,
+        owner: str,
+        slots: Sequence[tuple[str, str | None]],
+        now: float,
+    ) -> list[tuple[int, Claim]]:
         due = (
             select(jobs.c.seq)
             .where(jobs.c.status == "queued", jobs.c.run_after <= now, _not_expired(now))
@@ -426,22 +530,21 @@ class JobRepository:
             .returning(jobs.c.id, jobs.c.type, jobs.c.attempts, jobs.c.max_attempts,
                        jobs.c.checkpoint, jobs.c.priority, jobs.c.lease_token, *_WEBHOOK)
         )
-        async with self.db.writing() as conn:
-            rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
-            if not rows:
-                return []
-            placed = _place(rows, slots)
-            await conn.execute(
-                update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
-                [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
-            )
-            payloads = dict((await conn.execute(
-                select(job_payloads.c.job_seq, job_payloads.c.body)
-                .where(job_payloads.c.job_seq.in_([row.seq for row in rows]))
-            )).all())
-            announced = [await self._announce(conn, row, "started", now) for row in rows]
-            if any(announced):
-                await self._notify(conn)
+        rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
+        if not rows:
+            return []
+        placed = _place(rows, slots)
+        await conn.execute(
+            update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
+            [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
+        )
+        payloads = dict((await conn.execute(
+            select(job_payloads.c.job_seq, job_payloads.c.body)
+            .where(job_payloads.c.job_seq.in_([row.seq for row in rows]))
+        )).all())
+        announced = [await self._announce(conn, row, "started", now) for row in rows]
+        if any(announced):
+            await self._notify(conn)
         return [
             (index, Claim(row.seq, row.id, row.type, row.lease_token, row.attempts,
                           row.max_attempts, slots[index][0], row.checkpoint, payloads[row.seq]))
@@ -821,6 +924,20 @@ def _place(rows: list[Any], slots: Sequence[tuple[str, str | None]]) -> list[tup
         free.remove(match)
         placed.append((match, row))
     return placed
+
+
+def _histogram(value: Any, bounds: Sequence[float], *label: Any) -> Any:
+    """SELECT [label,] count(value <= b) for each bound, count(*), sum(value)."""
+    columns = [func.sum(case((value <= bound, 1), else_=0)).label(f"le{i}")
+               for i, bound in enumerate(bounds)]
+    named = [column.label("label") for column in label]
+    return select(*named, *columns, func.count().label("n"),
+                  func.coalesce(func.sum(value), 0.0).label("total"))
+
+
+def _buckets(row: Any, bounds: Sequence[float]) -> Histogram:
+    counts = [int(getattr(row, f"le{i}") or 0) for i in range(len(bounds))]
+    return Histogram(counts=[*counts, int(row.n)], total=float(row.total))
 
 
 def _touch(row: Any) -> Touch:

@@ -12,7 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from a1111_proxy.errors import BodyTooLarge, a1111_error
 
-OPEN_PATHS = ("/health", "/ready", "/doc", "/openapi.json", "/metrics")
+# /metrics is not open: it names the backends and shows the load (Prometheus sends the token
+# with `authorization: {credentials: ...}` in its scrape config).
+OPEN_PATHS = ("/health", "/ready", "/doc", "/openapi.json")
 
 
 class TokenAuth:

@@ -142,6 +142,13 @@ OPERATIONS: list[Op] = [
        {200: s.Health, 503: s.Health}, open=True),
     Op("get", "/ready", "Readiness: the database is reachable and migrated", "operations",
        {200: s.Ready, 503: s.Ready}, open=True),
+    Op("get", "/metrics", "Prometheus metrics (text exposition format 0.0.4)", "operations",
+       {200: "text"},
+       description="Jobs by status, queue depth and the oldest due job's age, claim latency "
+       "and job duration (gauge histograms over the last METRICS_WINDOW_SECONDS), each "
+       "backend's state (idle, busy, down), live workers, and webhook messages by event and "
+       "outcome. Computed from the database, so every API replica reports the same numbers. "
+       "Needs the token when API_TOKENS is set."),
 ]
 
 MODELS: list[type[BaseModel]] = [
@@ -225,6 +232,9 @@ def _response(code: int | str, kind: type[BaseModel] | str | None) -> dict[str, 
     if kind == "event-stream":
         return {"description": "The event stream",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    if kind == "text":
+        return {"description": description or "OK",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}
     if kind == "image":
         return {"description": description,
                 "content": {m: {"schema": {"type": "string", "contentMediaType": m}}

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     catalogue_seconds: float = Field(300.0, gt=0, description="how often the worker refetches models, samplers, options")
     wait_seconds_max: float = Field(3600.0, gt=0, description="the longest a request may wait in wait mode")
     log_level: str = "info"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="json: one JSON object a line; auto: json unless stderr is a terminal")
+    metrics_window_seconds: float = Field(
+        900.0, ge=10, description="the recent window /metrics histograms describe")
 
     # The bundled diffusers engine (BACKEND=diffusers).
     engine_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

@@ -250,6 +250,8 @@ class Stack:
                     for line in proc.log_path.read_text(errors="replace").splitlines()
                     if " WARNING " in line
                     or " ERROR " in line
+                    or '"level": "warning"' in line  # JSON lines (LOG_FORMAT=auto, not a tty)
+                    or '"level": "error"' in line
                     or line.startswith(("WARNING:", "ERROR:", "Traceback"))
                 ]
                 if lines:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ class Stack:
         self.procs: list[Proc] = []
         self.api: httpx.Client | None = None
         self.api_proc: Proc | None = None
+        self.closers: list[Callable[[], object]] = []
 
     def start_api(self) -> httpx.Client:
         port = free_port()
@@ -69,6 +71,8 @@ class Stack:
         return response.json()["id"]
 
     def close(self) -> None:
+        for close in self.closers:
+            close()
         if self.api is not None:
             self.api.close()
         for proc in self.procs:

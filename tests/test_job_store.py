@@ -59,7 +59,7 @@ async def test_claims_take_the_highest_priority_first_then_the_oldest(repo: JobR
     second = (await repo.submit(new_job("second"))).job.id
     urgent = (await repo.submit(new_job("urgent", priority=10))).job.id
     order = []
-    while claim := await repo.claim_next("w", "http://slot"):
+    while claim := await repo.claim_next("w", f"http://slot{len(order)}"):
         order.append(claim.id)
     assert order == [urgent, first, second, low]
 
@@ -129,7 +129,7 @@ async def test_cancel_ends_a_queued_job_at_once_and_flags_a_running_one(
     assert claim.id == running
 
     assert (await repo.cancel(queued)).status == "canceled"
-    assert await repo.claim_next("w", "http://slot") is None  # nothing left to run
+    assert await repo.claim_next("w", "http://other") is None  # nothing left to run
 
     row = await repo.cancel(running)
     assert row.status == "processing" and row.cancel_requested_at is not None
@@ -213,11 +213,58 @@ async def test_concurrent_claimers_never_claim_the_same_job(database_url: str) -
     claimed: list[str] = []
 
     async def claimer(repo: JobRepository, name: str) -> None:
-        while claim := await repo.claim_next(name, "http://slot"):
+        while claim := await repo.claim_next(name, f"http://{name}"):
             claimed.append(claim.id)
             await repo.complete(claim, {"images": []}, [])
 
     await asyncio.gather(*(claimer(r, f"w{i}-{j}") for i, r in enumerate(repos) for j in range(3)))
     assert len(claimed) == 150 and len(set(claimed)) == 150
+    for db in dbs:
+        await db.dispose()
+
+
+async def test_a_backend_runs_one_job_at_a_time_across_workers(database_url: str) -> None:
+    """Two workers configured with the same A1111 URL never run two jobs on it at once."""
+    dbs = [Database(database_url) for _ in range(2)]
+    one, two = (JobRepository(db) for db in dbs)
+    for i in range(3):
+        await one.submit(new_job(f"p{i}"))
+    first = await one.claim_next("worker-1", "http://shared")
+    assert first is not None
+    assert await two.claim_next("worker-2", "http://shared") is None  # busy in worker-1
+    assert await two.claim_next("worker-2", "http://own") is not None  # other backends run
+    await one.complete(first, {"images": []}, [])
+    assert await two.claim_next("worker-2", "http://shared") is not None
+    for db in dbs:
+        await db.dispose()
+
+
+async def test_concurrent_claims_for_one_backend_never_overlap(database_url: str) -> None:
+    """Six workers race to claim for the same backend: at most one job runs on it at a time."""
+    dbs = [Database(database_url) for _ in range(3)]
+    repos = [JobRepository(db) for db in dbs]
+    await asyncio.gather(*(repos[0].submit(new_job(f"p{i}")) for i in range(30)))
+    running: list[str] = []
+    overlaps: list[int] = []
+    done: list[str] = []
+
+    async def worker(repo: JobRepository, name: str) -> None:
+        idle = 0
+        while idle < 50 and len(done) < 30:
+            claim = await repo.claim_next(name, "http://shared")
+            if claim is None:
+                idle += 1
+                await asyncio.sleep(0.002)
+                continue
+            running.append(claim.id)
+            overlaps.append(len(running))
+            await asyncio.sleep(0.001)
+            running.remove(claim.id)
+            await repo.complete(claim, {"images": []}, [])
+            done.append(claim.id)
+
+    await asyncio.gather(*(worker(r, f"w{i}-{j}") for i, r in enumerate(repos) for j in range(2)))
+    assert sorted(done) == sorted(set(done)) and len(done) == 30
+    assert max(overlaps) == 1
     for db in dbs:
         await db.dispose()

@@ -291,3 +291,24 @@ async def test_a_job_goes_to_the_slot_that_last_ran_its_checkpoint(
     for job_id in second:
         row = await repo.get(job_id)
         assert row.backend == slot_of[row.checkpoint]
+
+
+class SlowToStore(JobRepository):
+    """A database that takes a while to store results (a big batch of images, a busy server)."""
+
+    async def complete(self, *args: object, **kwargs: object) -> bool:
+        await asyncio.sleep(0.3)
+        return await super().complete(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_backend_starts_its_next_job_while_the_last_result_is_still_being_stored(
+    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+) -> None:
+    fake, url = fakes[0]
+    slow = SlowToStore(repo.db, max_attempts=3, lease_seconds=5)
+    first, second = await submit(slow, seed=1), await submit(slow, seed=2)
+    await make_worker(slow, [url], database_url).run_until_empty()
+    one, two = await repo.get(first), await repo.get(second)
+    assert one.status == two.status == "completed"
+    assert two.started_at < one.completed_at  # A1111 did not wait for the database
+    assert fake.max_in_flight == 1  # and still ran one job at a time

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from a1111_proxy.backends import (
     BackendUnavailable,
 )
 from a1111_proxy.jobs import GENERATIONS, Claim, JobRepository, error_json, retry_delay
+from a1111_proxy.logs import job_id_var
 
 log = logging.getLogger("a1111_proxy.worker")
 
@@ -44,9 +46,19 @@ class LeaseLost(Exception):
     """Another worker owns this job now; touch nothing more."""
 
 
-async def execute(claim: Claim, backend: Backend, repo: JobRepository, timing: Timing) -> str:
+async def execute(
+    claim: Claim,
+    backend: Backend,
+    repo: JobRepository,
+    timing: Timing,
+    on_backend_free: Callable[[], None] = lambda: None,
+) -> str:
     """Run the job to an end state and return what happened: completed, error, canceled,
-    requeued or lost. On cancellation (worker shutdown) the lease is released first."""
+    requeued or lost. On cancellation (worker shutdown) the lease is released first.
+
+    `on_backend_free` is called once the backend has answered with a result, before the
+    result is stored, so that the worker can start the backend's next job at once."""
+    job_id_var.set(claim.id)  # this task's log lines (and the backend client's) name the job
     payload = with_checkpoint(json.loads(claim.payload), claim.checkpoint)
     generation = asyncio.create_task(backend.generate(claim.type, payload))
     try:
@@ -58,6 +70,8 @@ async def execute(claim: Claim, backend: Backend, repo: JobRepository, timing: T
             with contextlib.suppress(Exception):
                 await backend.interrupt()
             return await _finish_canceled(claim, repo, generation, timing)
+        if generation.exception() is None:
+            on_backend_free()
         return await _finish(claim, repo, generation)
     except LeaseLost:
         generation.cancel()
@@ -87,7 +101,9 @@ async def _watch(
             return False
         now = time.monotonic()
         want_image = now - last_preview >= timing.preview_seconds
-        progress = await _read_progress(backend, want_image)
+        progress = await _read_progress_unless_done(backend, want_image, generation)
+        if generation.done():  # never make a finished job wait for a progress read
+            return False
         seen = (progress.progress, progress.eta_relative) if progress else None
         preview = progress.current_image if progress and want_image else None
         if want_image:
@@ -141,6 +157,20 @@ def with_checkpoint(payload: dict[str, Any], checkpoint: str | None) -> dict[str
     if overrides.get("sd_model_checkpoint"):
         return payload
     return {**payload, "override_settings": {**overrides, "sd_model_checkpoint": checkpoint}}
+
+
+async def _read_progress_unless_done(
+    backend: Backend, with_image: bool, generation: asyncio.Task[Any]
+) -> Any:
+    """The backend's progress, or None as soon as the generation ends (the read is dropped)."""
+    reading = asyncio.create_task(_read_progress(backend, with_image))
+    await asyncio.wait({reading, generation}, return_when=asyncio.FIRST_COMPLETED)
+    if not reading.done():
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        return None
+    return reading.result()
 
 
 async def _read_progress(backend: Backend, with_image: bool) -> Any:

@@ -55,6 +55,9 @@ class Slot:
     jobs_done: int = 0
     checkpoint: str | None = None  # the checkpoint its last job asked for (likely still loaded)
     options_version: int = 0  # the pending options it has applied
+    # Jobs whose backend has answered and that are storing their result while the slot's next
+    # job already runs.
+    finishing: set[asyncio.Task[str]] = field(default_factory=set)
 
     def free(self, now: float) -> bool:
         return self.task is None and (self.state != "down" or now >= self.rest_until)
@@ -138,10 +141,12 @@ class Worker:
 
     async def _run_until_empty(self) -> None:
         while True:
+            self._slot_freed.clear()
             await self._fill_slots()
-            running = [s.task for s in self.slots if s.task is not None]
-            if running:
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            running = self._running()
+            if running:  # until a job ends, or a backend answers (its slot is free then)
+                await _first_of(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED),
+                                self._slot_freed.wait(), timeout=3600)
             elif not await self.repo.has_due_job():
                 return
             else:  # due jobs, but every slot is resting
@@ -152,6 +157,7 @@ class Worker:
             with contextlib.suppress(OperationalError):  # retried by their side tasks
                 await first()
         while not self._stop.is_set():
+            self._slot_freed.clear()  # before claiming: a slot freed meanwhile is not missed
             try:
                 if await self._fill_slots():
                     continue
@@ -161,7 +167,6 @@ class Worker:
                             exc.orig or exc)
                 await _first_of(self._stop.wait(), timeout=1.0)
                 continue
-            self._slot_freed.clear()
             waiters = [self._stop.wait(), self._slot_freed.wait()]
             if any(slot.free(time.monotonic()) for slot in self.slots):
                 waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
@@ -211,21 +216,37 @@ class Worker:
         await self.keeper.tick(usable)
 
     def _start(self, slot: Slot, claim: Claim) -> None:
-        log.info("job %s: attempt %d on %s", claim.id, claim.attempts, slot.backend.name)
+        log.info("job %s: attempt %d on %s", claim.id, claim.attempts, slot.backend.name,
+                 extra={"job_id": claim.id})
         slot.claim, slot.state = claim, "busy"
         slot.checkpoint = claim.checkpoint or slot.checkpoint
-        slot.task = asyncio.create_task(
-            execute(claim, slot.backend, self.repo, self.timing), name=f"job {claim.id}"
+        task = asyncio.create_task(
+            execute(claim, slot.backend, self.repo, self.timing,
+                    on_backend_free=lambda: self._backend_free(slot, task)),
+            name=f"job {claim.id}",
         )
-        slot.task.add_done_callback(lambda task: self._finished(slot, task))
+        slot.task = task
+        task.add_done_callback(lambda done: self._finished(slot, done, claim.id))
 
-    def _finished(self, slot: Slot, task: asyncio.Task[str]) -> None:
+    def _backend_free(self, slot: Slot, task: asyncio.Task[str]) -> None:
+        """The backend answered: claim its next job while this one stores its result."""
+        if slot.task is task:
+            slot.finishing.add(task)
+            slot.task, slot.claim, slot.state, slot.failures = None, None, "idle", 0
+            self._slot_freed.set()
+
+    def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
         outcome = "cancelled" if task.cancelled() else (
             "crashed" if task.exception() else task.result()
         )
         if outcome == "crashed":
-            log.error("job %s: worker bug", slot.claim.id if slot.claim else "?",
-                      exc_info=task.exception())
+            log.error("job %s: worker bug", job_id, exc_info=task.exception(),
+                      extra={"job_id": job_id})
+        if task in slot.finishing:  # the slot moved on when the backend answered
+            slot.finishing.discard(task)
+            slot.jobs_done += outcome == "completed"
+            self._slot_freed.set()
+            return
         slot.task, slot.claim = None, None
         if outcome == "requeued":  # the backend was unavailable: rest this slot, then probe
             slot.failures += 1
@@ -252,8 +273,11 @@ class Worker:
         slot.state, slot.failures, slot.last_error = "idle", 0, None
         return True
 
+    def _running(self) -> list[asyncio.Task[str]]:
+        return [t for s in self.slots for t in (s.task, *s.finishing) if t is not None]
+
     async def _drain(self) -> None:
-        running = [s.task for s in self.slots if s.task is not None]
+        running = self._running()
         if not running:
             return
         log.info("stopping: waiting up to %.0f s for %d running job(s)",
@@ -270,7 +294,8 @@ class Worker:
 
     async def _reap(self) -> None:
         for job_id, status in await self.repo.reap_expired():
-            log.warning("job %s: its worker stopped renewing the lease; now %s", job_id, status)
+            log.warning("job %s: its worker stopped renewing the lease; now %s", job_id, status,
+                        extra={"job_id": job_id})
 
     async def _every(self, seconds: float, action: Any, at_once: bool = False) -> None:
         while True:

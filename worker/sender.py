@@ -30,6 +30,7 @@ from a1111_proxy.egress import (
     system_resolve,
 )
 from a1111_proxy.jobs import JobRepository
+from a1111_proxy.logs import job_id_var
 from a1111_proxy.signatures import webhook_headers
 from a1111_proxy.wakeup import Wakeup
 from a1111_proxy.webhooks import (
@@ -161,6 +162,7 @@ class WebhookSender:
         self._freed.set()
 
     async def _deliver(self, delivery: Delivery) -> None:
+        job_id_var.set(_job_id(delivery))  # this task's lines name the job
         try:
             async with self._hosts.slot(httpx.URL(delivery.url).netloc.decode("ascii")):
                 answer = await self._attempt(delivery)
@@ -224,3 +226,10 @@ def _log_attempt(delivery: Delivery, answer: Answer, verdict: Verdict, kept: boo
     log.log(level, "webhook %s (job.%s of job %s, attempt %d): %s; %s", delivery.id,
             delivery.event, job_id, delivery.attempt, outcome, then)
 
+
+
+def _job_id(delivery: Delivery) -> str | None:
+    try:
+        return str(json.loads(delivery.data)["id"])
+    except (ValueError, KeyError, TypeError):
+        return None

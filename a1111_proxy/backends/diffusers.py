@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 from typing import Any
 
 import torch
@@ -41,7 +42,8 @@ class DiffusersBackend:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.models = Models(config, Catalog(config.models_dir))
-        self.name = f"diffusers:{self.models.device}"
+        # A backend runs one job at a time across workers (by name): name this machine's GPU.
+        self.name = f"diffusers:{socket.gethostname()}:{self.models.device}"
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._lock = asyncio.Lock()
         self._state: RunState | None = None

@@ -47,6 +47,7 @@ ROUTES = [
     Route("/controlnet/module_list", a1111.controlnet_entry, methods=["GET"]),
     Route("/health", health.health, methods=["GET"]),
     Route("/ready", health.ready, methods=["GET"]),
+    Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", docs.openapi_json, methods=["GET"]),
     Route("/doc", docs.doc, methods=["GET"]),
     Mount("/doc/static", app=docs.swagger_assets(), name="doc-static"),

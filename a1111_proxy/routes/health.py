@@ -9,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from a1111_proxy import metrics as prometheus
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.migrate import current_revision
 
@@ -65,3 +66,12 @@ async def ready(request: Request) -> Response:
             503,
         )
     return JSONResponse({"ready": True, "schema": revision})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text, computed from the database (every API replica answers the same)."""
+    settings = request.state.settings
+    body = await prometheus.render(
+        request.state.repo, settings.metrics_window_seconds, settings.worker_stale_seconds
+    )
+    return Response(body, media_type=prometheus.CONTENT_TYPE)

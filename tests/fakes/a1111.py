@@ -96,6 +96,8 @@ class FakeA1111:
         self._lock: asyncio.Lock | None = None
         self.current: Generation | None = None
         self.skips = 0
+        self.in_flight = 0  # generation requests being answered now (A1111 runs one at a time)
+        self.max_in_flight = 0
         self.models = [dict(m) for m in MODELS]
         self.options: dict[str, Any] = {
             "sd_model_checkpoint": self.models[0]["title"], "sd_checkpoint_hash": self.models[0]["sha256"],
@@ -168,8 +170,13 @@ class FakeA1111:
             return Response(b"<html>502 Bad Gateway? no, just garbage", media_type="text/html")
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            return await self._run(kind, body)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            async with self._lock:
+                return await self._run(kind, body)
+        finally:
+            self.in_flight -= 1
 
     async def _run(self, kind: str, body: dict[str, Any]) -> Response:
         number = next(self._numbers)
