@@ -16,6 +16,26 @@ from tests.fakes.a1111 import FakeA1111
 from tests.servers import serve
 
 PG_ADMIN = "postgresql://root@127.0.0.1:5432/test"
+# Library-internal warnings in the engine's stack (numpy 2 vs diffusers' schedulers, torchsde
+# rounding, ...) are not ours to fix; every test marked `engine` ignores them.
+ENGINE_WARNINGS = (
+    "ignore::DeprecationWarning:diffusers.*",
+    "ignore::FutureWarning:diffusers.*",
+    "ignore::DeprecationWarning:transformers.*",
+    "ignore::FutureWarning:transformers.*",
+    "ignore:Should have ta>=t0:UserWarning",
+    "ignore:__array_wrap__ must accept context:DeprecationWarning",
+    "ignore::DeprecationWarning:peft.*",
+    "ignore::FutureWarning:peft.*",
+    "ignore::UserWarning:peft.*",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("engine"):
+            for warning in ENGINE_WARNINGS:
+                item.add_marker(pytest.mark.filterwarnings(warning))
 
 
 @pytest.fixture

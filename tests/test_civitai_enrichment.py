@@ -43,6 +43,7 @@ from worker.execute import Timing
 from worker.hasher import ModelHasher
 from worker.loop import Worker
 from worker.main import build_chores
+from tests.fakes.clock import Clock
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +51,6 @@ SD15, SDXL = MODELS[0]["sha256"], MODELS[1]["sha256"]
 LORA_FILE = safetensors_bytes(b"\x01\x02" * 5000, {"ss_output_name": "add_detail"})
 KOHYA_AUTOV3 = "0123456789ab"
 TTL = 7 * 24 * 3600.0
-
 
 
 @pytest.fixture
@@ -65,19 +65,11 @@ async def db(sqlite_url: str) -> AsyncIterator[Database]:
     await database.dispose()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def enricher_for(db: Database, router: respx.Router, clock: Clock | None = None,
                  **options: Any) -> CivitaiEnricher:
     sleep = RecordedSleep()
     client = CivitaiClient(CIVITAI, transport=transport(router), sleep=sleep, clock=sleep.clock)
-    clock = clock or Clock()
+    clock = clock or Clock(1_000_000.0)
     return CivitaiEnricher(CatalogueStore(db), ModelInfoStore(db, clock=clock), client, ttl=TTL,
                            rest_seconds=0, clock=clock, **options)
 
@@ -133,7 +125,7 @@ async def test_answers_are_asked_again_only_after_the_ttl(
     route = by_hash(router, SD15).mock(side_effect=[
         httpx.Response(404), httpx.Response(200, json=version(1, "Uploaded since"))])
     await put_catalogue(db, MODELS[:1])
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     enricher = enricher_for(db, router, clock)
     await enricher.tick()
     clock.now += TTL - 1

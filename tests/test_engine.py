@@ -31,17 +31,7 @@ from tests.fakes import tiny_sd  # noqa: E402
 from worker.execute import Timing  # noqa: E402
 from worker.loop import Worker  # noqa: E402
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.engine,
-    # Library-internal deprecations (numpy 2 vs diffusers' schedulers, etc.) are not ours to fix.
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:transformers.*"),
-    pytest.mark.filterwarnings("ignore:Should have ta>=t0:UserWarning"),  # torchsde rounding
-    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
-]
+pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 7}
 
 

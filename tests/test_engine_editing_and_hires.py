@@ -25,15 +25,7 @@ from a1111_proxy.engine import conditioning, text  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from tests.fakes import tiny_sd  # noqa: E402
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.engine,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:transformers.*"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
-]
+pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SD15 = {"override_settings": {"sd_model_checkpoint": "tiny15"}}
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 7, **SD15}
 XL = {"override_settings": {"sd_model_checkpoint": "tinyxl"}}

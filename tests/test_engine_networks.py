@@ -34,18 +34,7 @@ from tests.fakes import tiny_sd  # noqa: E402
 from tests.servers import serve  # noqa: E402
 from worker.catalogue import CatalogueKeeper  # noqa: E402
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.engine,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:transformers.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:peft.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:peft.*"),
-    pytest.mark.filterwarnings("ignore::UserWarning:peft.*"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
-]
+pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7, "prompt": "a cat"}
 
 

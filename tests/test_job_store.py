@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,20 +11,9 @@ import pytest
 from a1111_proxy.db.engine import Database
 from a1111_proxy.errors import IdempotencyKeyReused
 from a1111_proxy.jobs import JobRepository, NewJob
+from tests.fakes.clock import Clock
 
 pytestmark = pytest.mark.anyio
-
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

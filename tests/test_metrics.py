@@ -16,14 +16,7 @@ from a1111_proxy.app import create_app
 from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
 from tests.servers import serve
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes.clock import Clock
 
 
 def _job(prompt: str, hook: bool = False) -> NewJob:

@@ -15,21 +15,14 @@ from a1111_proxy.db.engine import Database, sqlite_path
 from a1111_proxy.db.tables import job_images, job_payloads, job_previews, webhook_deliveries
 from a1111_proxy.jobs import JobRepository, NewJob, error_json
 from worker.upkeep import Deadlines, Retention
+from tests.fakes.clock import Clock
 
 pytestmark = pytest.mark.anyio
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_000_000.0)
 
 
 @pytest.fixture
