@@ -198,6 +198,26 @@ async def test_a_scribble_unit_steers_the_image_and_weight_0_gives_the_base_imag
     assert 'ControlNet 0: "Module: invert, Model: tiny_scribble, Weight: 1.0' in infotext(steered)
 
 
+async def test_controlnet_steers_hires_fixs_second_pass_too(
+    backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import ControlNetModel
+
+    calls: list[tuple[int, ...]] = []
+    forward = ControlNetModel.forward
+
+    def counted(self: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(tuple(sample.shape[-2:]))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", counted)
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Lanczos",
+             "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    result = await backend.generate("txt2img", {**SMALL, **SD15, **hires, **controlnet(SCRIBBLE)})
+    assert Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).size == (128, 128)
+    assert calls == [(8, 8)] * 3 + [(16, 16)] * 2  # every step of both passes, at each size
+
+
 async def test_a_single_file_controlnet_in_a1111s_layout_steers_like_its_diffusers_folder(
     backend: DiffusersBackend,
 ) -> None:

@@ -209,6 +209,15 @@ def control_image(unit: ControlUnit, params: Params) -> Image.Image:
     return preprocessors.fit(detected, unit.resize_mode, w, h)
 
 
+def resized(control: Control, width: int, height: int) -> Control:
+    """The same units and models for hires fix's second pass, the images at its size."""
+    fitted = [
+        preprocessors.fit(image, unit.resize_mode, width, height)
+        for unit, image in zip(control.units, control.images, strict=True)
+    ]
+    return Control(control.units, control.nets, fitted)
+
+
 def with_controlnet(pipe: Any, control: Control) -> Any:
     """The same task as `pipe`, as its ControlNet pipeline class, sharing every component."""
     cls = getattr(diffusers, _CLASSES[type(pipe).__name__])

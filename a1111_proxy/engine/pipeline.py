@@ -130,7 +130,8 @@ def generate(
             output="latent" if params.hires and params.hires.latent else "pil",
         )
         made += (
-            _hires(models, config, loaded, params, state, first, seeds[window], subseeds[window])
+            _hires(models, config, loaded, params, state, first, seeds[window], subseeds[window],
+                   units)
             if params.hires
             else first
         )
@@ -167,6 +168,7 @@ def _hires(
     first: Any,
     seeds: list[int],
     subseeds: list[int],
+    units: control.Control | None = None,
 ) -> list[Image.Image]:
     """Hires fix's second pass (engine/hires.py, engine/upscale.py): upscale the first pass,
     then denoise it again at the new size, as img2img with its own noise from the same seeds."""
@@ -188,7 +190,9 @@ def _hires(
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
     )
-    inputs = [_Inputs(batch=start)]
+    # ControlNet steers the second pass too, its control images fitted to the new size.
+    steer = control.resized(units, second.width, second.height) if units is not None else None
+    inputs = [_Inputs(batch=start, control=steer)]
     return _run_batch(models, config, loaded, second, embeds, inputs, state, seeds, subseeds)
 
 
