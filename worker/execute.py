@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,13 +51,13 @@ async def execute(
     backend: Backend,
     repo: JobRepository,
     timing: Timing,
-    on_backend_free: Callable[[], None] = lambda: None,
+    on_backend_free: Callable[[], Awaitable[None]] | None = None,
 ) -> str:
     """Run the job to an end state and return what happened: completed, error, canceled,
     requeued or lost. On cancellation (worker shutdown) the lease is released first.
 
-    `on_backend_free` is called once the backend has answered with a result, before the
-    result is stored, so that the worker can start the backend's next job at once."""
+    `on_backend_free` is awaited once the backend has answered with a result, before the
+    result is stored, so that the worker starts the backend's next job first."""
     job_id_var.set(claim.id)  # this task's log lines (and the backend client's) name the job
     payload = with_checkpoint(json.loads(claim.payload), claim.checkpoint)
     generation = asyncio.create_task(backend.generate(claim.type, payload))
@@ -70,8 +70,8 @@ async def execute(
             with contextlib.suppress(Exception):
                 await backend.interrupt()
             return await _finish_canceled(claim, repo, generation, timing)
-        if generation.exception() is None:
-            on_backend_free()
+        if generation.exception() is None and on_backend_free is not None:
+            await on_backend_free()
         return await _finish(claim, repo, generation)
     except LeaseLost:
         generation.cancel()

@@ -93,6 +93,7 @@ class Worker:
         self.slots = [Slot(backend) for backend in self.backends]
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._claiming = asyncio.Lock()
         self.started_at = time.time()
 
     def stop(self) -> None:
@@ -174,6 +175,10 @@ class Worker:
 
     async def _fill_slots(self) -> bool:
         """Claim a job for every free slot, in one transaction. True if any was claimed."""
+        async with self._claiming:  # the dispatcher and a job's end may both ask at once
+            return await self._fill_free_slots()
+
+    async def _fill_free_slots(self) -> bool:
         if self._stop.is_set():
             return False
         usable = await self._usable_slots()
@@ -228,12 +233,19 @@ class Worker:
         slot.task = task
         task.add_done_callback(lambda done: self._finished(slot, done, claim.id))
 
-    def _backend_free(self, slot: Slot, task: asyncio.Task[str]) -> None:
-        """The backend answered: claim its next job while this one stores its result."""
-        if slot.task is task:
-            slot.finishing.add(task)
-            slot.task, slot.claim, slot.state, slot.failures = None, None, "idle", 0
-            self._slot_freed.set()
+    async def _backend_free(self, slot: Slot, task: asyncio.Task[str]) -> None:
+        """The backend answered: claim and start its next job right here, before this one
+        stores its result (on SQLite the two writes would otherwise queue the other way round,
+        and the backend would wait for the store and a dispatcher wake-up)."""
+        if slot.task is not task:
+            return
+        slot.finishing.add(task)
+        slot.task, slot.claim, slot.state, slot.failures = None, None, "idle", 0
+        self._slot_freed.set()
+        try:  # shielded: a claim made must reach _start even if this job's task is cancelled
+            await asyncio.shield(self._fill_slots())
+        except Exception as exc:  # the dispatcher tries again; the finished job goes on
+            log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
 
     def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
         outcome = "cancelled" if task.cancelled() else (
