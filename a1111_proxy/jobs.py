@@ -526,28 +526,28 @@ class JobRepository:
                 eta_relative=None,
                 started_at=func.coalesce(jobs.c.started_at, now),
                 updated_at=now,
+                # One slot (the usual case: a slot freed alone) needs no placing afterwards.
+                **({"backend": slots[0][0]} if len(slots) == 1 else {}),
             )
             .returning(jobs.c.id, jobs.c.type, jobs.c.attempts, jobs.c.max_attempts,
-                       jobs.c.checkpoint, jobs.c.priority, jobs.c.lease_token, *_WEBHOOK)
+                       jobs.c.checkpoint, jobs.c.priority, jobs.c.lease_token, *_WEBHOOK,
+                       _PAYLOAD)
         )
         rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
         if not rows:
             return []
         placed = _place(rows, slots)
-        await conn.execute(
-            update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
-            [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
-        )
-        payloads = dict((await conn.execute(
-            select(job_payloads.c.job_seq, job_payloads.c.body)
-            .where(job_payloads.c.job_seq.in_([row.seq for row in rows]))
-        )).all())
+        if len(slots) > 1:
+            await conn.execute(
+                update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
+                [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
+            )
         announced = [await self._announce(conn, row, "started", now) for row in rows]
         if any(announced):
             await self._notify(conn)
         return [
             (index, Claim(row.seq, row.id, row.type, row.lease_token, row.attempts,
-                          row.max_attempts, slots[index][0], row.checkpoint, payloads[row.seq]))
+                          row.max_attempts, slots[index][0], row.checkpoint, row.payload))
             for index, row in placed
         ]
 
@@ -913,6 +913,16 @@ class JobRepository:
 
 _NO_LEASE = {"lease_owner": None, "lease_token": None, "lease_expires_at": None,
              "skip_requested_at": None}
+
+
+# The job's A1111 body, read in the claim's own UPDATE ... RETURNING (one statement less).
+_PAYLOAD = (
+    select(job_payloads.c.body)
+    .where(job_payloads.c.job_seq == jobs.c.seq)
+    .correlate(jobs)
+    .scalar_subquery()
+    .label("payload")
+)
 
 
 def _place(rows: list[Any], slots: Sequence[tuple[str, str | None]]) -> list[tuple[int, Any]]:
