@@ -115,6 +115,7 @@ class Claim:
     backend: str
     checkpoint: str | None = None
     payload: str = "{}"  # the body to send, JSON
+    more_queued: bool = False  # other jobs were due when this one was claimed
 
 
 @dataclass(frozen=True)
@@ -502,9 +503,10 @@ class JobRepository:
         slots: Sequence[tuple[str, str | None]],
         now: float,
     ) -> list[tuple[int, Claim]]:
+        waiting = and_(jobs.c.status == "queued", jobs.c.run_after <= now, _not_expired(now))
         due = (
             select(jobs.c.seq)
-            .where(jobs.c.status == "queued", jobs.c.run_after <= now, _not_expired(now))
+            .where(waiting)
             .order_by(*QUEUE_ORDER)
             .limit(len(slots))
             .with_for_update(skip_locked=True)
@@ -545,9 +547,13 @@ class JobRepository:
         announced = [await self._announce(conn, row, "started", now) for row in rows]
         if any(announced):
             await self._notify(conn)
+        # Whether more are waiting: the worker then claims a slot's next job the moment its
+        # backend answers, and otherwise stores the result first (worker/loop.py).
+        more = (await conn.execute(select(jobs.c.seq).where(waiting).limit(1))).first()
         return [
             (index, Claim(row.seq, row.id, row.type, row.lease_token, row.attempts,
-                          row.max_attempts, slots[index][0], row.checkpoint, row.payload))
+                          row.max_attempts, slots[index][0], row.checkpoint, row.payload,
+                          more_queued=more is not None))
             for index, row in placed
         ]
 

@@ -227,21 +227,26 @@ class Worker:
         slot.checkpoint = claim.checkpoint or slot.checkpoint
         task = asyncio.create_task(
             execute(claim, slot.backend, self.repo, self.timing,
-                    on_backend_free=lambda: self._backend_free(slot, task)),
+                    on_backend_free=lambda: self._backend_free(slot, task, claim)),
             name=f"job {claim.id}",
         )
         slot.task = task
         task.add_done_callback(lambda done: self._finished(slot, done, claim.id))
 
-    async def _backend_free(self, slot: Slot, task: asyncio.Task[str]) -> None:
-        """The backend answered: claim and start its next job right here, before this one
-        stores its result (on SQLite the two writes would otherwise queue the other way round,
-        and the backend would wait for the store and a dispatcher wake-up)."""
+    async def _backend_free(self, slot: Slot, task: asyncio.Task[str], claim: Claim) -> None:
+        """The backend answered. When jobs were waiting, claim and start its next one right
+        here, before this one stores its result (on SQLite the two writes would otherwise queue
+        the other way round, and the backend would wait for the store and a dispatcher
+        wake-up); else store first, so that a lone job's result is not delayed by an empty
+        claim."""
         if slot.task is not task:
             return
         slot.finishing.add(task)
         slot.task, slot.claim, slot.state, slot.failures = None, None, "idle", 0
-        self._slot_freed.set()
+        # The dispatcher is told (_slot_freed) only once this job has stored its result
+        # (_finished): an empty claim of its own must not hold the writer before that store.
+        if not claim.more_queued:
+            return
         try:  # shielded: a claim made must reach _start even if this job's task is cancelled
             await asyncio.shield(self._fill_slots())
         except Exception as exc:  # the dispatcher tries again; the finished job goes on
