@@ -89,5 +89,6 @@ def configure(level: str, log_format: str = "auto", stream: IO[str] | None = Non
     # httpx logs every request at INFO: the worker's progress polls would flood the log (and
     # cost CPU on every job); our own lines say what happened to each job.
     if root.level > logging.DEBUG:
-        for name in ("httpx", "httpcore"):
+        # alembic.runtime.plugins announces each of its plugins at INFO on every migrate.
+        for name in ("httpx", "httpcore", "alembic.runtime.plugins"):
             logging.getLogger(name).setLevel(logging.WARNING)

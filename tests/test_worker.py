@@ -312,3 +312,29 @@ async def test_a_backend_starts_its_next_job_while_the_last_result_is_still_bein
     assert one.status == two.status == "completed"
     assert two.started_at < one.completed_at  # A1111 did not wait for the database
     assert fake.max_in_flight == 1  # and still ran one job at a time
+
+
+async def test_a_catalogue_refresh_while_a1111_is_down_warns_and_keeps_the_last_catalogue(
+    sqlite_url: str, fake_a1111: tuple[FakeA1111, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from a1111_proxy.catalogue import CatalogueStore
+    from worker.catalogue import CatalogueKeeper
+
+    db = Database(sqlite_url)
+    store = CatalogueStore(db)
+    keeper = CatalogueKeeper(store)
+    up = A1111Backend(fake_a1111[1])
+    down = A1111Backend("http://127.0.0.1:9", connect_retries=1, retry_wait=0.01)
+    try:
+        await keeper.fetch_all([up])
+        models = await store.get("sd-models")
+        with caplog.at_level(logging.INFO, logger="a1111_proxy.worker"):
+            await keeper.fetch_all([down])
+        assert "http://127.0.0.1:9 did not answer" in caplog.text and "--api" in caplog.text
+        assert models and await store.get("sd-models") == models
+    finally:
+        await up.aclose()
+        await down.aclose()
+        await db.dispose()

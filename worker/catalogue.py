@@ -43,18 +43,23 @@ class CatalogueKeeper:
         if not usable:
             return
         backend = usable[0]
-        fetched = 0
+        fetched, failure = 0, None
         for name, path in ENTRIES.items():
             try:
                 body = await backend.fetch(path)
             except Exception as exc:
                 log.debug("catalogue %s from %s failed: %s", name, backend.name, exc)
+                failure = exc
                 continue
             if body is not None:
                 await self.store.put(name, redact(body) if name == "cmd-flags" else body, backend.name)
                 fetched += 1
         self.last_full = time.monotonic()
-        log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
+        if fetched == 0 and failure is not None:
+            log.warning("catalogue: %s did not answer (%s); the API keeps serving the last "
+                        "catalogue it had; is A1111 running with --api?", backend.name, failure)
+        else:
+            log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
 
     async def _refresh_backends(self, usable: list[Backend], what: list[str]) -> None:
         for backend in usable:
