@@ -94,6 +94,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._claiming = asyncio.Lock()
+        self._side_claims: set[asyncio.Task[None]] = set()  # see _backend_free
         self.started_at = time.time()
 
     def stop(self) -> None:
@@ -234,11 +235,12 @@ class Worker:
         task.add_done_callback(lambda done: self._finished(slot, done, claim.id))
 
     async def _backend_free(self, slot: Slot, task: asyncio.Task[str], claim: Claim) -> None:
-        """The backend answered. When jobs were waiting, claim and start its next one right
-        here, before this one stores its result (on SQLite the two writes would otherwise queue
-        the other way round, and the backend would wait for the store and a dispatcher
-        wake-up); else store first, so that a lone job's result is not delayed by an empty
-        claim."""
+        """The backend answered. When jobs were waiting, start claiming its next one at once,
+        in a task of its own that takes the database before this job stores its result (on
+        SQLite, one writer, the two would otherwise queue the other way round, and the backend
+        would wait for the store and a dispatcher wake-up). The store never waits for the
+        claim itself, so a slow claim (PostgreSQL under contention) cannot hold a finished
+        result past its lease. With nothing waiting, the store goes first."""
         if slot.task is not task:
             return
         slot.finishing.add(task)
@@ -247,9 +249,15 @@ class Worker:
         # (_finished): an empty claim of its own must not hold the writer before that store.
         if not claim.more_queued:
             return
-        try:  # shielded: a claim made must reach _start even if this job's task is cancelled
-            await asyncio.shield(self._fill_slots())
-        except Exception as exc:  # the dispatcher tries again; the finished job goes on
+        claiming = asyncio.create_task(self._claim_next())
+        self._side_claims.add(claiming)
+        claiming.add_done_callback(self._side_claims.discard)
+        await asyncio.sleep(0)  # the claim runs up to its first database call
+
+    async def _claim_next(self) -> None:
+        try:
+            await self._fill_slots()
+        except Exception as exc:  # the dispatcher tries again
             log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
 
     def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
@@ -294,6 +302,7 @@ class Worker:
         return [t for s in self.slots for t in (s.task, *s.finishing) if t is not None]
 
     async def _drain(self) -> None:
+        await asyncio.gather(*self._side_claims, return_exceptions=True)  # their jobs count too
         running = self._running()
         if not running:
             return
