@@ -22,15 +22,8 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 @pytest.fixture
-def fake() -> Iterator[tuple[FakeA1111, str]]:
-    fake = FakeA1111(service_time=0.05)
-    with serve(fake.app) as url:
-        yield fake, url
-
-
-@pytest.fixture
-def stack(tmp_path: Path, fake: tuple[FakeA1111, str]) -> Iterator[Stack]:
-    made = Stack(tmp_path, [fake[1]])
+def stack(tmp_path: Path, fake_a1111: tuple[FakeA1111, str]) -> Iterator[Stack]:
+    made = Stack(tmp_path, [fake_a1111[1]])
     try:
         yield made
     finally:
@@ -38,7 +31,7 @@ def stack(tmp_path: Path, fake: tuple[FakeA1111, str]) -> Iterator[Stack]:
 
 
 def test_a_submitted_job_runs_on_a1111_and_returns_its_exact_response(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     api = stack.start_api()
     stack.start_worker()
@@ -46,7 +39,7 @@ def test_a_submitted_job_runs_on_a1111_and_returns_its_exact_response(
     job = stack.wait_status(job_id, "completed")
     assert job["attempts"] == 1 and job["progress"] == 1.0 and job["error"] is None
     assert job["started_at"] <= job["completed_at"]
-    [generation] = fake[0].completed
+    [generation] = fake_a1111[0].completed
     result = job["result"]
     assert result["parameters"] == generation["body"] == {"prompt": "cat", "steps": 10, "seed": 5,
                                                           "batch_size": 2}
@@ -60,20 +53,20 @@ def test_a_submitted_job_runs_on_a1111_and_returns_its_exact_response(
 
 
 def test_health_reports_the_worker_and_its_backend_slots(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     api = stack.start_api()
     stack.start_worker()
     health = wait_for(lambda: (r := api.get("/health")).status_code == 200 and r.json(),
                       what="a healthy /health")
-    assert health["backends"][0]["backend"] == fake[1]
+    assert health["backends"][0]["backend"] == fake_a1111[1]
     assert health["backends"][0]["state"] == "idle"
     assert health["workers"][0]["heartbeat_age_seconds"] < 10
     assert health["queue"]["queued"] == 0
 
 
 def test_cancel_ends_a_queued_job_at_once_and_interrupts_a_running_one(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     api = stack.start_api()
     stack.start_worker()
@@ -81,21 +74,21 @@ def test_cancel_ends_a_queued_job_at_once_and_interrupts_a_running_one(
     stack.wait_status(running, "processing")
     queued = stack.submit()
     assert api.post(f"/sdapi/v1/jobs/{queued}/cancel").json()["status"] == "canceled"
-    wait_for(lambda: fake[0].current is not None, what="the generation to start")
+    wait_for(lambda: fake_a1111[0].current is not None, what="the generation to start")
     api.post(f"/sdapi/v1/jobs/{running}/cancel")
     job = stack.wait_status(running, "canceled", timeout=10)
-    assert fake[0].interrupts == 1 and job["result"]["images"] == []
-    assert len(fake[0].generation_requests()) == 1  # the canceled queued job never ran
+    assert fake_a1111[0].interrupts == 1 and job["result"]["images"] == []
+    assert len(fake_a1111[0].generation_requests()) == 1  # the canceled queued job never ran
 
 
-def test_jobs_run_by_priority_then_age(stack: Stack, fake: tuple[FakeA1111, str]) -> None:
+def test_jobs_run_by_priority_then_age(stack: Stack, fake_a1111: tuple[FakeA1111, str]) -> None:
     stack.start_api()
     order = [stack.submit(prompt="low", priority=-5), stack.submit(prompt="first"),
              stack.submit(prompt="urgent", priority=50), stack.submit(prompt="second")]
     stack.start_worker()
     for job_id in order:
         stack.wait_status(job_id, "completed")
-    assert [g["body"]["prompt"] for g in fake[0].completed] == ["urgent", "first", "second", "low"]
+    assert [g["body"]["prompt"] for g in fake_a1111[0].completed] == ["urgent", "first", "second", "low"]
 
 
 def test_several_backend_slots_run_jobs_in_parallel(tmp_path: Path) -> None:
@@ -118,24 +111,24 @@ def test_several_backend_slots_run_jobs_in_parallel(tmp_path: Path) -> None:
 
 
 def test_a_worker_killed_mid_job_loses_its_lease_and_the_job_runs_again(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     stack.start_api()
     first = stack.start_worker()
     job_id = stack.submit(fake_seconds=1.0)
     stack.wait_status(job_id, "processing")
-    wait_for(lambda: fake[0].current is not None, what="the generation to start")
+    wait_for(lambda: fake_a1111[0].current is not None, what="the generation to start")
     first.kill()  # SIGKILL: no cleanup, the lease just stops being renewed
     stack.start_worker()
     job = stack.wait_status(job_id, "completed", timeout=30)
     assert job["attempts"] == 2
-    assert len(fake[0].generation_requests()) == 2
+    assert len(fake_a1111[0].generation_requests()) == 2
     assert len(job["result"]["images"]) == 1
     assert json.loads(job["result"]["info"])["fake_generation"] == 2
 
 
 def test_a_paused_worker_past_its_lease_cannot_overwrite_the_rerun(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     api = stack.start_api()
     paused = stack.start_worker()
@@ -144,7 +137,7 @@ def test_a_paused_worker_past_its_lease_cannot_overwrite_the_rerun(
     wait_for(lambda: api.get("/controlnet/model_list").status_code == 200, what="the catalogue")
     job_id = stack.submit(fake_seconds=1.5)
     stack.wait_status(job_id, "processing")
-    wait_for(lambda: fake[0].current is not None, what="the generation to start")
+    wait_for(lambda: fake_a1111[0].current is not None, what="the generation to start")
     paused.signal(signal.SIGSTOP)
     stack.start_worker()
     job = stack.wait_status(job_id, "completed", timeout=30)
@@ -157,7 +150,7 @@ def test_a_paused_worker_past_its_lease_cannot_overwrite_the_rerun(
 
 
 def test_an_api_killed_right_after_answering_202_keeps_the_job(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     stack.start_api()
     job_id = stack.submit(prompt="survivor")
@@ -170,7 +163,7 @@ def test_an_api_killed_right_after_answering_202_keeps_the_job(
 
 
 def test_sigterm_lets_a_running_job_finish_within_the_grace_period(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     stack.start_api()
     worker = stack.start_worker(A1111_PROXY_SHUTDOWN_GRACE_SECONDS="10")
@@ -182,7 +175,7 @@ def test_sigterm_lets_a_running_job_finish_within_the_grace_period(
 
 
 def test_sigterm_past_the_grace_period_releases_the_job_to_run_again_at_once(
-    stack: Stack, fake: tuple[FakeA1111, str]
+    stack: Stack, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     stack.start_api()
     worker = stack.start_worker(A1111_PROXY_SHUTDOWN_GRACE_SECONDS="0.5")
@@ -192,7 +185,7 @@ def test_sigterm_past_the_grace_period_releases_the_job_to_run_again_at_once(
     assert worker.popen.wait(timeout=15) == 0
     released = stack.job(job_id)
     assert released["status"] == "queued" and released["attempts"] == 0
-    assert fake[0].interrupts == 1
+    assert fake_a1111[0].interrupts == 1
     stack.start_worker()
     assert stack.wait_status(job_id, "completed")["attempts"] == 1
 
@@ -209,11 +202,11 @@ def test_serve_refuses_a_public_host_without_tokens_and_says_how_to_fix_it(tmp_p
 
 @pytest.mark.postgres
 def test_on_postgresql_two_apis_and_two_workers_share_the_queue_and_wait_mode_works(
-    tmp_path: Path, fake: tuple[FakeA1111, str], database_url: str
+    tmp_path: Path, fake_a1111: tuple[FakeA1111, str], database_url: str
 ) -> None:
     if not database_url.startswith("postgresql"):
         pytest.skip("a PostgreSQL-only test")
-    stack = Stack(tmp_path, [fake[1]], database_url=database_url)
+    stack = Stack(tmp_path, [fake_a1111[1]], database_url=database_url)
     try:
         stack.start_api()
         first = httpx.Client(base_url=stack.base, timeout=30)
@@ -230,7 +223,7 @@ def test_on_postgresql_two_apis_and_two_workers_share_the_queue_and_wait_mode_wo
                   for i in range(6)]
         for job_id in queued:
             stack.wait_status(job_id, "completed")
-        assert len(fake[0].generation_requests()) == 7  # each job ran exactly once
+        assert len(fake_a1111[0].generation_requests()) == 7  # each job ran exactly once
     finally:
         first.close()
         stack.close()

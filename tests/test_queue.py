@@ -4,7 +4,6 @@ and a webhook receiver on loopback; the queue on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,13 +17,6 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def fake() -> Iterator[tuple[FakeA1111, str]]:
-    fake = FakeA1111(service_time=0.05)
-    with serve(fake.app) as url:
-        yield fake, url
-
-
 def submit(api: httpx.Client, headers: dict[str, str] | None = None, **body: object) -> str:
     response = api.post("/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 10, **body},
                         headers=headers or {})
@@ -33,9 +25,9 @@ def submit(api: httpx.Client, headers: dict[str, str] | None = None, **body: obj
 
 
 def test_the_queue_shows_positions_in_claim_order_running_jobs_by_slot_and_an_estimate(
-    tmp_path: Path, database_url: str, fake: tuple[FakeA1111, str]
+    tmp_path: Path, database_url: str, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
-    made = Stack(tmp_path, [fake[1]], database_url)
+    made = Stack(tmp_path, [fake_a1111[1]], database_url)
     try:
         api = made.start_api()
         made.start_worker()
@@ -48,7 +40,7 @@ def test_the_queue_shows_positions_in_claim_order_running_jobs_by_slot_and_an_es
         assert [(q["position"], q["id"]) for q in queue["queued"]] == [
             (1, high), (2, high2), (3, mid), (4, low)]
         assert queue["queued_total"] == 4
-        assert [(r["backend"], r["id"]) for r in queue["running"]] == [(fake[1], running)]
+        assert [(r["backend"], r["id"]) for r in queue["running"]] == [(fake_a1111[1], running)]
         assert queue["counts"]["queued"] == 4 and queue["counts"]["processing"] == 1
         assert queue["counts"]["completed"] == 1 and queue["slots"] == 1
         assert queue["sample_size"] == 1 and 0.2 < queue["mean_run_seconds"] < 5
@@ -65,11 +57,11 @@ def test_the_queue_shows_positions_in_claim_order_running_jobs_by_slot_and_an_es
 
 
 def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_too_long(
-    tmp_path: Path, fake: tuple[FakeA1111, str]
+    tmp_path: Path, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
     receiver = WebhookSink()
     with serve(receiver.app) as hooks:
-        made = Stack(tmp_path, [fake[1]], A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true",
+        made = Stack(tmp_path, [fake_a1111[1]], A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true",
                      A1111_PROXY_DEADLINE_CHECK_SECONDS="0.1")
         try:
             api = made.start_api()
@@ -90,15 +82,15 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
             assert waited.status_code == 504 and waited.json()["code"] == "deadline"
             job = made.wait_status(long, "canceled", timeout=10)
             assert job["error"]["code"] == "deadline" and job["started_at"] is not None
-            assert fake[0].interrupts >= 1  # its A1111 was told to stop
+            assert fake_a1111[0].interrupts >= 1  # its A1111 was told to stop
         finally:
             made.close()
 
 
 def test_the_worker_deletes_finished_jobs_after_the_retention_period(
-    tmp_path: Path, fake: tuple[FakeA1111, str]
+    tmp_path: Path, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
-    made = Stack(tmp_path, [fake[1]], A1111_PROXY_RETENTION_SECONDS="1",
+    made = Stack(tmp_path, [fake_a1111[1]], A1111_PROXY_RETENTION_SECONDS="1",
                  A1111_PROXY_RETENTION_CHECK_SECONDS="0.2")
     try:
         api = made.start_api()
