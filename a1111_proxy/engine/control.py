@@ -12,7 +12,6 @@ hook on each ControlNet applies this, so diffusers' own guess mode is never used
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from PIL import Image
 
 from a1111_proxy.engine import images, preprocessors
 from a1111_proxy.engine.controlnet import ControlNetCatalog, ControlNetFile, ControlUnit
+from a1111_proxy.engine.models import assemble
 from a1111_proxy.engine.params import InvalidParams, Params
 
 log = logging.getLogger("a1111_proxy.engine")
@@ -221,15 +221,8 @@ def resized(control: Control, width: int, height: int) -> Control:
 def with_controlnet(pipe: Any, control: Control) -> Any:
     """The same task as `pipe`, as its ControlNet pipeline class, sharing every component."""
     cls = getattr(diffusers, _CLASSES[type(pipe).__name__])
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    parts = {k: v for k, v in pipe.components.items() if k in accepted}
-    parts["controlnet"] = control.nets[0] if len(control.nets) == 1 else list(control.nets)
-    for key, value in (("requires_safety_checker", False), ("add_watermarker", False)):
-        if key in accepted:
-            parts[key] = value
-    controlled = cls(**parts)
-    controlled.set_progress_bar_config(disable=True)
-    return controlled
+    nets = control.nets[0] if len(control.nets) == 1 else list(control.nets)
+    return assemble(cls, pipe.components, controlnet=nets)
 
 
 def call_kwargs(control: Control, task: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ CPU offload); runs then share its components.
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import threading
 from collections import OrderedDict
@@ -188,6 +189,19 @@ def vram_is_short(weight_bytes: int, free_bytes: int) -> bool:
     """Whether the weights plus working room for a generation (activations, the VAE decode;
     half the weights, at least 2 GiB) exceed the free GPU memory."""
     return weight_bytes + max(weight_bytes // 2, 2 * 2**30) > free_bytes
+
+
+def assemble(cls: Any, components: dict[str, Any], **replaced: Any) -> Any:
+    """A pipeline of class `cls` sharing `components` (no weights are copied), with `replaced`
+    parts swapped in; no safety checker, no watermarker, no progress bar."""
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    parts = {k: v for k, v in components.items() if k in accepted} | replaced
+    for key in ("requires_safety_checker", "add_watermarker"):
+        if key in accepted:
+            parts[key] = False
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def free_memory() -> None:

@@ -9,7 +9,6 @@ and cancel (stop at the next step, keep nothing).
 from __future__ import annotations
 
 import base64
-import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from a1111_proxy.engine import (
 )
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.infotext import Generation
-from a1111_proxy.engine.models import Loaded, Models
+from a1111_proxy.engine.models import Loaded, Models, assemble
 from a1111_proxy.engine.params import InvalidParams, Params
 
 _TASKS = {
@@ -362,15 +361,7 @@ def _task_pipeline(loaded: Loaded, task: str, scheduler: Any) -> Any:
     """A pipeline of the task's class sharing the loaded model's weights, with this run's
     scheduler."""
     cls = getattr(diffusers, _TASKS[(loaded.sdxl, task)])
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    parts = {k: v for k, v in loaded.pipe.components.items() if k in accepted}
-    parts["scheduler"] = scheduler
-    for key, value in (("requires_safety_checker", False), ("add_watermarker", False)):
-        if key in accepted:
-            parts[key] = value
-    pipe = cls(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble(cls, loaded.pipe.components, scheduler=scheduler)
 
 
 def _call_kwargs(
