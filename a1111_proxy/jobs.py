@@ -753,15 +753,14 @@ class JobRepository:
     def _expired(self, now: float) -> Any:
         waiting = jobs.c.status == "queued"
         running = and_(jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None))
-        return and_(jobs.c.deadline_at.is_not(None), jobs.c.deadline_at <= now,
-                    or_(waiting, running))
+        return and_(_past_deadline(now), or_(waiting, running))
 
     async def expire_deadlines(self) -> tuple[list[str], list[str]]:
         """Queued jobs past their deadline end `canceled` ("deadline"); running ones are asked to
         stop, as a cancel would (their worker interrupts them and they end canceled, "deadline").
         Returns (canceled ids, interrupted ids)."""
         now = self.clock()
-        expired = and_(jobs.c.deadline_at.is_not(None), jobs.c.deadline_at <= now)
+        expired = _past_deadline(now)
         async with self.db.writing() as conn:
             canceled = (await conn.execute(
                 update(jobs)
@@ -967,6 +966,10 @@ _WEBHOOK = (jobs.c.seq, jobs.c.webhook_url, jobs.c.webhook_events)
 
 # The claim order: highest priority first, then oldest (the queue view shows the same order).
 QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.seq)
+
+
+def _past_deadline(now: float) -> Any:
+    return and_(jobs.c.deadline_at.is_not(None), jobs.c.deadline_at <= now)
 
 
 def _not_expired(now: float) -> Any:
