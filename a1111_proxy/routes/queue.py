@@ -1,8 +1,8 @@
 """`GET /sdapi/v1/queue`: what waits, in claim order, what runs on which slot, and how long.
 
 The estimate: the mean run time (started to completed) of the last 20 jobs completed in the last
-24 hours, `mean`; `slots` the usable backend slots of live workers (at least the running jobs,
-at least 1); `busy` the time the running jobs still need (their A1111 eta, else `mean` minus
+24 hours, `mean`; `slots` the distinct usable backends of live workers (workers sharing a URL
+count it once; at least the running jobs, at least 1); `busy` the time the running jobs still need (their A1111 eta, else `mean` minus
 what they ran). The job at position p starts in about `(busy + (p - 1) * mean) / slots` seconds;
 `estimated_wait_seconds` is that for a job submitted now behind every queued one. With no
 completed job to learn from, the estimates are null.
@@ -60,9 +60,14 @@ async def queue(request: Request) -> Response:
 async def _estimate(repo: JobRepository, running: list[Any], stale_after: float) -> Estimate:
     durations = await repo.recent_durations(SAMPLE)
     mean = sum(durations) / len(durations) if durations else None
-    slots = 0
-    for worker in await repo.live_workers(stale_after):
-        slots += sum(1 for slot in json.loads(worker.slots) if slot.get("state") != "down")
+    # Workers that share a database list the same A1111 URLs, and each URL runs one job at a
+    # time across all of them: count backends, not workers' slots.
+    slots = len({
+        slot["backend"]
+        for worker in await repo.live_workers(stale_after)
+        for slot in json.loads(worker.slots)
+        if slot.get("state") != "down"
+    })
     now = time.time()
     busy = 0.0
     for row in running:
