@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.db.engine import Database
 from a1111_proxy.errors import EXCEPTION_HANDLERS
@@ -29,6 +30,7 @@ class State(TypedDict):
     catalogue: CatalogueStore
     model_info: ModelInfoStore
     waiter: JobWaiter
+    backends: BackendWatch
     schema_head: str
 
 
@@ -45,11 +47,13 @@ def make_lifespan(
         # One wakeup source per process, shared by wait mode and every event stream.
         wakeup = make_wakeup(settings.database_url, settings.poll_seconds,
                              channels=(NOTIFY_CHANNEL, PROGRESS_CHANNEL))
-        waiter = JobWaiter(repo, wakeup)
+        backends = BackendWatch(repo, grace=settings.backend_down_grace,
+                                stale_after=settings.worker_stale_seconds)
+        waiter = JobWaiter(repo, wakeup, backends)
         try:
             yield {"settings": settings, "repo": repo, "catalogue": CatalogueStore(db),
-                   "model_info": ModelInfoStore(db),
-                   "waiter": waiter, "schema_head": head_revision()}
+                   "model_info": ModelInfoStore(db), "waiter": waiter, "backends": backends,
+                   "schema_head": head_revision()}
         finally:
             await waiter.close()
             await db.dispose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -45,6 +46,12 @@ PENDING_OPTIONS = "pending_options"  # {"version": n, "options": {...}}
 REFRESH_REQUESTED = "refresh_requested"  # {"at": unix seconds, "what": [...]}
 
 
+@dataclass(frozen=True)
+class Entry:
+    body: Any
+    fetched_at: float  # unix seconds
+
+
 class CatalogueStore:
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
@@ -57,6 +64,20 @@ class CatalogueStore:
                 await conn.execute(select(catalogue.c.body).where(catalogue.c.name == name))
             ).scalar_one_or_none()
         return None if body is None else json.loads(body)
+
+    async def entry(self, name: str) -> Entry | None:
+        """The stored answer for `name` with when it was fetched, or None if never fetched."""
+        async with self.db.reading() as conn:
+            row = (await conn.execute(
+                select(catalogue.c.body, catalogue.c.fetched_at).where(catalogue.c.name == name)
+            )).one_or_none()
+        return None if row is None else Entry(json.loads(row.body), row.fetched_at)
+
+    async def ever_fetched(self) -> bool:
+        """Whether any worker ever fetched any catalogue entry from a backend."""
+        async with self.db.reading() as conn:
+            found = (await conn.execute(select(catalogue.c.name).limit(1))).first()
+        return found is not None
 
     async def put(self, name: str, body: Any, backend: str) -> None:
         await self._upsert(catalogue, catalogue.c.name, name,

@@ -393,15 +393,8 @@ class JobRepository:
         """
         now = self.clock()
         async with self.db.writing() as conn:
-            canceled = (await conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status == "queued")
-                .values(status="canceled", completed_at=now, updated_at=now,
-                        error=error_json("canceled", "canceled before it started"))
-                .returning(*_WEBHOOK)
-            )).one_or_none()
-            if canceled is not None:
-                await self._announce(conn, canceled, "completed", now)
+            await self._cancel_if_queued(
+                conn, job_id, error_json("canceled", "canceled before it started"), now)
             await conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.status == "processing",
@@ -413,6 +406,29 @@ class JobRepository:
             ).one_or_none()
             await self._notify(conn)
         return row
+
+    async def cancel_queued(self, job_id: str, code: str, message: str) -> bool:
+        """Cancel the job only if it has not started (a waiting client that went away, or no
+        backend to run it). True if it was canceled."""
+        now = self.clock()
+        async with self.db.writing() as conn:
+            done = await self._cancel_if_queued(conn, job_id, error_json(code, message), now)
+            if done:
+                await self._notify(conn)
+        return done
+
+    async def _cancel_if_queued(
+        self, conn: AsyncConnection, job_id: str, error: str, now: float
+    ) -> bool:
+        canceled = (await conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == "queued")
+            .values(status="canceled", completed_at=now, updated_at=now, error=error)
+            .returning(*_WEBHOOK)
+        )).one_or_none()
+        if canceled is not None:
+            await self._announce(conn, canceled, "completed", now)
+        return canceled is not None
 
     async def interrupt_running(self) -> int:
         """A1111's /interrupt over our jobs: every running job is asked to stop."""

@@ -45,8 +45,10 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 CANCEL_AFTER = _header("Cancel-After", "seconds (a positive number, e.g. 90): a job not "
                        "finished by then ends canceled, error code deadline (same as `timeout`)")
-PREFER = _header("Prefer", "`wait` (until done), `wait=N` (seconds) or `respond-async`; the "
-                 "deployment default is A1111_PROXY_RESPONSE_MODE")
+PREFER = _header("Prefer", "`respond-async` (202 + job at once), `wait` (until done) or "
+                 "`wait=N` (seconds). Without it the deployment's A1111_PROXY_RESPONSE_MODE "
+                 "decides; the default `auto` holds the request and answers as A1111 does, "
+                 "unless the body has a `webhook_url`")
 IDEMPOTENCY = _header("Idempotency-Key", "a retry with the same key returns the same job")
 JOB_ID = _path("job_id")
 ANY_JSON: dict[str, Any] = {}
@@ -65,8 +67,11 @@ OPERATIONS: list[Op] = [
     Op("post", "/sdapi/v1/txt2img", "Queue a txt2img job", "generation", SUBMIT,
        body="Txt2ImgSubmit", params=[PREFER, IDEMPOTENCY, CANCEL_AFTER],
        description="A1111's body (all its fields, parsed as leniently as A1111 does; unknown "
-       "keys are passed on) plus the proxy's fields. 202 with the job, or in wait mode 200 with "
-       "A1111's own answer. A1111's own error status and body come back as they are."),
+       "keys are passed on) plus the proxy's fields. By default (RESPONSE_MODE=auto) 200 with "
+       "A1111's own answer once the job ran, the job id in `Location` and `X-Job-Id`; with "
+       "`Prefer: respond-async` or a `webhook_url`, 202 with the job at once. A1111's own error "
+       "status and body come back as they are; 503 when no backend has answered for "
+       "BACKEND_DOWN_GRACE seconds (the job is then canceled)."),
     Op("post", "/sdapi/v1/img2img", "Queue an img2img job", "generation", SUBMIT,
        body="Img2ImgSubmit", params=[PREFER, IDEMPOTENCY, CANCEL_AFTER]),
     Op("get", "/sdapi/v1/jobs", "List jobs, newest first (never image data)", "jobs",
@@ -113,20 +118,21 @@ OPERATIONS: list[Op] = [
     Op("post", "/sdapi/v1/skip", "Skip the current batch of every running job", "a1111",
        {200: "null"}),
     Op("get", "/sdapi/v1/options", "The options (with the proxy's default checkpoint)",
-       "a1111", {200: "object"}),
+       "a1111", {200: "object", 503: s.A1111Error}),
     Op("post", "/sdapi/v1/options", "Set options", "a1111",
        {200: "null", 422: "any", 503: s.A1111Error}, body="object",
        description="`sd_model_checkpoint` becomes the checkpoint of jobs submitted afterwards; "
        "other options reach each backend between its jobs."),
     *(Op("get", f"/sdapi/v1/{name}", f"A1111's {name}, each with its Civitai metadata when known",
-         "models", {200: "array"}, params=[CIVITAI]) for name in ("sd-models", "loras")),
+         "models", {200: "array", 503: s.A1111Error}, params=[CIVITAI])
+      for name in ("sd-models", "loras")),
     *(Op("get", f"/sdapi/v1/{name}/{{name}}", f"One of A1111's {name}, by {how}", "models",
          {200: "object", 404: s.A1111Error}, params=[_path("name"), CIVITAI])
       for name, how in (("sd-models", "title, name or hash"), ("loras", "name or alias"))),
     *(Op("get", f"/sdapi/v1/{name}", f"A1111's {name} (from the worker's catalogue)", "a1111",
-         {200: "array"}) for name in CATALOGUE_LISTS),
+         {200: "array", 503: s.A1111Error}) for name in CATALOGUE_LISTS),
     *(Op("get", f"/sdapi/v1/{name}", f"A1111's {name} (from the worker's catalogue)", "a1111",
-         {200: "object"}) for name in CATALOGUE_OBJECTS),
+         {200: "object", 503: s.A1111Error}) for name in CATALOGUE_OBJECTS),
     *(Op("post", f"/sdapi/v1/refresh-{what}", f"Ask the backends to rescan {what}", "a1111",
          {200: "null"}) for what in ("checkpoints", "loras", "vae", "embeddings")),
     Op("post", "/sdapi/v1/png-info", "Read a PNG's generation parameters", "a1111",

@@ -30,7 +30,15 @@ class Settings(BaseSettings):
     a1111_urls: CommaList = ["http://127.0.0.1:7860"]
     a1111_auth: SecretStr = SecretStr("")
     models_dir: str = "./models"
-    response_mode: Literal["async", "wait"] = "async"
+    response_mode: Literal["auto", "async", "wait"] = Field(
+        "auto", description="auto: answer as A1111 does (hold until done) unless the request sends "
+        "`Prefer: respond-async` or a webhook_url; async: always 202 + job; wait: always hold")
+    backend_down_grace: float = Field(
+        30.0, ge=0, description="seconds with no backend answering before a waiting request "
+        "gets 503 (and its job is canceled) instead of waiting on")
+    cancel_on_disconnect: bool = Field(
+        True, description="cancel a waiting request's job when its client goes away before "
+        "the job started (a running job finishes and keeps its result)")
     webhook_secret: SecretStr = SecretStr("")
     webhook_allow_private: bool = False
     webhook_images: Literal["base64", "url", "none"] = "base64"

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+from a1111_proxy.availability import BackendWatch, Outage
 from a1111_proxy.jobs import TERMINAL, JobRepository
 from a1111_proxy.wakeup import Wakeup
 
@@ -44,10 +45,14 @@ class Watch:
 
 
 class JobWaiter:
-    def __init__(self, repo: JobRepository, wakeup: Wakeup) -> None:
+    def __init__(
+        self, repo: JobRepository, wakeup: Wakeup, backends: BackendWatch | None = None
+    ) -> None:
         self.repo = repo
         self.wakeup = wakeup
-        self._waiting: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
+        self.backends = backends
+        self.outage: Outage | None = None  # nothing can run jobs, past the grace period
+        self._waiting: defaultdict[str, set[asyncio.Future[str]]] = defaultdict(set)
         self._watching: defaultdict[str, set[Watch]] = defaultdict(set)
         self._pump: asyncio.Task[None] | None = None
         self._started = False
@@ -57,16 +62,16 @@ class JobWaiter:
         """How many event streams follow jobs in this process."""
         return sum(len(watches) for watches in self._watching.values())
 
-    async def wait(self, job_id: str, timeout: float) -> bool:
-        """True once the job is terminal; False if `timeout` passed first."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def wait(self, job_id: str, timeout: float) -> str:
+        """"done" once the job is terminal, "outage" when no backend can run jobs (see
+        `outage`), or "timeout" if `timeout` passed first."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiting[job_id].add(future)
         self._ensure_pump()
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-            return True
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, timeout))
         except TimeoutError:
-            return False
+            return "timeout"
         finally:
             _discard(self._waiting, job_id, future)
 
@@ -92,6 +97,7 @@ class JobWaiter:
         while self._waiting or self._watching:
             try:
                 self._dispatch(await self.repo.snapshots(list({*self._waiting, *self._watching})))
+                await self._check_backends()
             except Exception as exc:  # a busy or unreachable database: try again shortly
                 log.warning("could not read job states (%s: %s); retrying", type(exc).__name__, exc)
             await self.wakeup.wait(RECHECK_SECONDS)
@@ -100,12 +106,19 @@ class JobWaiter:
         for job_id, futures in list(self._waiting.items()):
             found = snapshots.get(job_id)
             if found is not None and found.status in TERMINAL:
-                for future in futures:
-                    if not future.done():
-                        future.set_result(None)
+                _resolve(futures, "done")
         for job_id, watches in list(self._watching.items()):
             for watch in list(watches):
                 watch.offer(snapshots.get(job_id))
+
+    async def _check_backends(self) -> None:
+        """Wake every waiting request once nothing can run jobs (they answer 503)."""
+        if self.backends is None or not self._waiting:
+            return
+        self.outage = await self.backends.unavailable()
+        if self.outage is not None:
+            for futures in list(self._waiting.values()):
+                _resolve(futures, "outage")
 
     async def close(self) -> None:
         if self._pump is not None:
@@ -114,6 +127,12 @@ class JobWaiter:
                 await self._pump
         if self._started:
             await self.wakeup.close()
+
+
+def _resolve(futures: set[asyncio.Future[str]], end: str) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(end)
 
 
 def _discard(registry: defaultdict[str, set[Any]], job_id: str, item: Any) -> None:

@@ -43,6 +43,10 @@ def serve(app: ASGIApp) -> Iterator[str]:
         sock.close()
 
 
+# The header a client sends to get 202 + job instead of A1111's answer (RESPONSE_MODE=auto).
+ASYNC = {"Prefer": "respond-async"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

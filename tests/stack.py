@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from a1111_proxy.migrate import upgrade
-from tests.servers import Proc, free_port, wait_for, wait_http
+from tests.servers import ASYNC, Proc, free_port, wait_for, wait_http
 
 FAST_WORKER = {
     "A1111_PROXY_LEASE_SECONDS": "2",
@@ -45,7 +45,7 @@ class Stack:
             self.api.close()
         self.api_proc = proc
         self.base = f"http://127.0.0.1:{port}"
-        self.api = httpx.Client(base_url=self.base, timeout=10)
+        self.api = httpx.Client(base_url=self.base, timeout=10, headers=ASYNC)
         return self.api
 
     def start_worker(self, **env: str) -> Proc:

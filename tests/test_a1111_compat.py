@@ -1,4 +1,4 @@
-"""Existing A1111 clients against the proxy in wait mode: the real `webuiapi` client, unchanged
+"""Existing A1111 clients against a default deployment: the real `webuiapi` client, unchanged
 but for the base URL, talking to real API and worker processes in front of a fake A1111."""
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ def fake() -> Iterator[FakeA1111]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator[Stack]:
-    made = Stack(tmp_path_factory.mktemp("compat"), [fake.url],  # type: ignore[attr-defined]
-                 A1111_PROXY_RESPONSE_MODE="wait")
+    made = Stack(tmp_path_factory.mktemp("compat"), [fake.url])  # type: ignore[attr-defined]
     try:
         api = made.start_api()
         made.start_worker()
@@ -51,9 +50,10 @@ def client(stack: Stack) -> webuiapi.WebUIApi:
 
 
 @pytest.fixture
-def api(stack: Stack) -> httpx.Client:
-    assert stack.api is not None
-    return stack.api
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    """A client as A1111 clients are: no Prefer header (stack.api asks for async)."""
+    with httpx.Client(base_url=stack.base, timeout=30) as client:
+        yield client
 
 
 def picture(color: tuple[int, int, int] = (200, 30, 30)) -> Image.Image:

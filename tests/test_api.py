@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from a1111_proxy.app import create_app
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 
 def _noise_png() -> str:
     import io
@@ -29,14 +29,14 @@ PNG = _noise_png()  # a real image, large enough to be left out of stored reques
 @pytest.fixture
 def api(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
     settings = settings_for(database_url=sqlite_url, max_body_bytes=200_000)
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as client:
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
         yield client
 
 
 @pytest.fixture
 def secured(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
     settings = settings_for(database_url=sqlite_url, api_tokens="s3cret,other-token")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as client:
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
         yield client
 
 
@@ -315,7 +315,7 @@ def test_image_urls_when_allowed_are_fetched_through_the_ssrf_guard(
                             webhook_allow_private=allow_private)
     with serve(_image_server()) as images, serve(create_app(settings)) as url:  # type: ignore[arg-type]
         response = httpx.post(f"{url}/sdapi/v1/img2img",
-                              json={"init_images": [f"{images}/cat.png"]})
+                              json={"init_images": [f"{images}/cat.png"]}, headers=ASYNC)
     if not allow_private:  # loopback is off limits, as for webhooks
         assert response.status_code == 422
         assert "may not reach" in response.json()["detail"][0]["msg"]

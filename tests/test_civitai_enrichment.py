@@ -36,7 +36,7 @@ from tests.fakes.civitai import (
     transport,
     version,
 )
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 from worker.catalogue import CatalogueKeeper
 from worker.enricher import CivitaiEnricher
 from worker.execute import Timing
@@ -216,7 +216,7 @@ async def test_the_api_shows_civitai_on_sd_models_and_loras_and_finds_one_by_nam
     by_hash(router, SDXL).respond(404)
     by_hash(router, lora_sha).respond(200, json=version(58390, "Detail Tweaker", "LORA"))
     worker = make_worker(db, sqlite_url, fake_a1111[1], models_dir, router)
-    async with httpx.AsyncClient(base_url=api_url) as api, running(worker):
+    async with httpx.AsyncClient(base_url=api_url, headers=ASYNC) as api, running(worker):
         models = await eventually(lambda: _listed_with_civitai(api, "sd-models"))
         loras = await eventually(lambda: _listed_with_civitai(api, "loras"))
         plain_models = (await api.get("/sdapi/v1/sd-models", params={"civitai": "false"})).json()
@@ -272,7 +272,7 @@ async def test_listings_and_jobs_do_not_wait_while_civitai_hangs(
     router.get(url__startswith=CIVITAI).mock(side_effect=hang)
     worker = make_worker(db, sqlite_url, fake_a1111[1], models_dir, router)
     repo = JobRepository(db, max_attempts=3, lease_seconds=5)
-    async with httpx.AsyncClient(base_url=api_url) as api:
+    async with httpx.AsyncClient(base_url=api_url, headers=ASYNC) as api:
         async with running(worker):
             await asyncio.wait_for(asked.wait(), 10)  # a Civitai request is hanging now
             during = [await _timed_listing(api) for _ in range(15)]
@@ -302,7 +302,7 @@ async def test_with_civitai_turned_off_the_api_shows_a1111s_lists_and_no_lookups
     await ModelInfoStore(db).save_lookup(SD15, {"model_name": "DreamShaper"}, TTL)
     settings = settings_for(database_url=sqlite_url, civitai_enabled=False)
     with serve(create_app(settings)) as url:
-        async with httpx.AsyncClient(base_url=url) as api:
+        async with httpx.AsyncClient(base_url=url, headers=ASYNC) as api:
             listed = (await api.get("/sdapi/v1/sd-models")).json()
     chores = build_chores(settings, db)
     for chore in chores:

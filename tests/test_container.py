@@ -21,7 +21,7 @@ import pytest
 
 from a1111_proxy.migrate import upgrade
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import ROOT, free_port, serve, wait_for
+from tests.servers import ASYNC, ROOT, free_port, serve, wait_for
 from tests.stack import FAST_WORKER
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,8 @@ def test_supervisord_runs_both_programs_restarts_a_killed_worker_and_stops_clean
     restarted = wait_for(lambda: (r := supervisor.running()) and r["worker"] != pids["worker"]
                          and r, timeout=30, what="the worker to be restarted")
     assert restarted["serve"] == pids["serve"]  # the API was left alone
-    job = httpx.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "after the restart"}).json()
+    job = httpx.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "after the restart"},
+                     headers=ASYNC).json()
     wait_for(lambda: httpx.get(f"{base}/sdapi/v1/jobs/{job['id']}").json()["status"]
              == "completed", timeout=20, what="the restarted worker to run a job")
 

@@ -31,7 +31,7 @@ from a1111_proxy.engine import adapters  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.hashes import hash_file  # noqa: E402
 from tests.fakes import tiny_sd  # noqa: E402
-from tests.servers import serve  # noqa: E402
+from tests.servers import ASYNC, serve  # noqa: E402
 from worker.catalogue import CatalogueKeeper  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
@@ -329,7 +329,7 @@ async def test_the_controlnet_and_lora_catalogue_routes_answer_from_the_engine(
     finally:
         await db.dispose()
     settings = settings_for(database_url=sqlite_url, backend="diffusers")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as api:
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as api:
         models = api.get("/controlnet/model_list").json()["model_list"]
         assert [m.split(" [")[0] for m in models] == [
             "a1111_scribble",

@@ -21,7 +21,7 @@ from a1111_proxy.engine.infotext import Generation, ModelInfo
 from a1111_proxy.engine.params import InvalidParams, Params
 from a1111_proxy.engine.prompts import chunks, parse_attention
 from a1111_proxy.engine.samplers import UnknownSampler, resolve
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 
 
 def params(kind: str = "txt2img", **body: object) -> Params:
@@ -336,7 +336,7 @@ def test_the_api_and_the_request_checks_never_import_torch() -> None:
 @pytest.fixture
 def engine_api(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
     settings = settings_for(database_url=sqlite_url, backend="diffusers")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as client:
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
         yield client
 
 

@@ -15,7 +15,7 @@ from a1111_proxy.engine.hires import IMAGE_UPSCALERS, LATENT_MODES, latent_upsca
 from a1111_proxy.engine.infotext import Generation, ModelInfo
 from a1111_proxy.engine.params import InvalidParams, Params
 from a1111_proxy.engine.schedule import prompt_schedule
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 
 ALTERNATING = [(n, "a" if n % 2 else "(b:1.1)") for n in range(1, 11)]
 # A1111's doctests (modules/prompt_parser.py), 10 steps.
@@ -140,7 +140,7 @@ def test_the_engines_upscaler_lists_have_a1111s_shape() -> None:
 @pytest.fixture
 def engine_api(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
     settings = settings_for(database_url=sqlite_url, backend="diffusers")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as client:
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
         yield client
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import serve, wait_for
+from tests.servers import ASYNC, serve, wait_for
 from tests.sse import FINAL, follow, named, parse
 from tests.stack import Stack
 
@@ -156,7 +156,7 @@ def test_many_streams_share_the_database_and_leave_the_api_responsive(
 
     async def scenario() -> list[list[str]]:
         limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(base_url=made.base, timeout=30, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=made.base, timeout=30, limits=limits, headers=ASYNC) as client:
             async def one(keep: bool) -> list[str]:
                 names = []
                 async with client.stream("GET", f"/sdapi/v1/jobs/{job_id}/events") as response:
@@ -211,7 +211,7 @@ def test_a_client_that_goes_away_is_forgotten_by_its_api_process(
     url = f"sqlite+aiosqlite:///{tmp_path}/jobs.db"
     upgrade(url)
     settings = Settings(_env_file=None, database_url=url)  # type: ignore[call-arg]
-    with serve(app_module.create_app(settings)) as base, httpx.Client(base_url=base) as client:
+    with serve(app_module.create_app(settings)) as base, httpx.Client(base_url=base, headers=ASYNC) as client:
         job_id = submit(client)
         for _ in range(3):  # one after the other, each hanging up mid-stream
             with client.stream("GET", f"/sdapi/v1/jobs/{job_id}/events") as response:

@@ -12,7 +12,7 @@ import pytest
 from a1111_proxy.app import create_app
 from a1111_proxy.migrate import upgrade
 from a1111_proxy.settings import Settings
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 
 ORIGIN = "https://studio.example"
 TOKEN = "s3cret-token"
@@ -22,7 +22,7 @@ def _serve(tmp_path: Path, **values: object) -> Iterator[httpx.Client]:
     url = f"sqlite+aiosqlite:///{tmp_path}/jobs.db"
     upgrade(url)
     settings = Settings(_env_file=None, database_url=url, **values)  # type: ignore[call-arg]
-    with serve(create_app(settings)) as base, httpx.Client(base_url=base, timeout=10) as client:
+    with serve(create_app(settings)) as base, httpx.Client(base_url=base, timeout=10, headers=ASYNC) as client:
         yield client
 
 

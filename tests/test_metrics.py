@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from a1111_proxy.app import create_app
 from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 from tests.fakes.clock import Clock
 
 
@@ -58,7 +58,7 @@ def replicas(database_url: str, settings_for) -> Iterator[list[httpx.Client]]:  
     settings = settings_for(database_url=database_url)
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(serve(create_app(settings))) for _ in range(2)]
-        yield [stack.enter_context(httpx.Client(base_url=url)) for url in urls]
+        yield [stack.enter_context(httpx.Client(base_url=url, headers=ASYNC)) for url in urls]
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -106,7 +106,7 @@ def test_every_api_replica_reports_the_same_numbers(replicas: list[httpx.Client]
 
 def test_metrics_need_the_token_when_tokens_are_set(sqlite_url: str, settings_for) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(database_url=sqlite_url, api_tokens="s3cret")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as client:
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
         assert client.get("/metrics").status_code == 401
         scraped = client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
         assert scraped.status_code == 200 and "a1111_proxy_jobs" in scraped.text

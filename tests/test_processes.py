@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import ROOT, serve, wait_for
+from tests.servers import ASYNC, ROOT, serve, wait_for
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -209,7 +209,7 @@ def test_on_postgresql_two_apis_and_two_workers_share_the_queue_and_wait_mode_wo
     stack = Stack(tmp_path, [fake_a1111[1]], database_url=database_url)
     try:
         stack.start_api()
-        first = httpx.Client(base_url=stack.base, timeout=30)
+        first = httpx.Client(base_url=stack.base, timeout=30, headers=ASYNC)
         stack.start_worker()
         stack.start_worker()
         second = stack.start_api()  # the Stack now talks to the second API

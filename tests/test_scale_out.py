@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import _truncate_pg
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import serve, wait_for
+from tests.servers import ASYNC, serve, wait_for
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -42,7 +42,7 @@ def pg_stack(tmp_path: Path, fakes: list[tuple[FakeA1111, str]], postgres_url: s
 async def _submit_all(bases: list[str], count: int) -> list[str]:
     """Submit `count` jobs, alternating between the APIs, 16 at a time."""
     limit = asyncio.Semaphore(16)
-    clients = [httpx.AsyncClient(base_url=base, timeout=30) for base in bases]
+    clients = [httpx.AsyncClient(base_url=base, timeout=30, headers=ASYNC) for base in bases]
 
     async def one(i: int) -> str:
         async with limit:
@@ -61,7 +61,7 @@ async def _submit_all(bases: list[str], count: int) -> list[str]:
 def _start_two_apis(stack: Stack) -> tuple[httpx.Client, httpx.Client]:
     """Two API processes; the Stack itself talks to the second."""
     stack.start_api()
-    first = httpx.Client(base_url=stack.base, timeout=10)
+    first = httpx.Client(base_url=stack.base, timeout=10, headers=ASYNC)
     stack.closers.append(first.close)
     return first, stack.start_api()
 

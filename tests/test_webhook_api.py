@@ -22,7 +22,7 @@ from a1111_proxy.wakeup import make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 from tests.test_worker import make_worker
 from worker.sender import SenderConfig, WebhookSender
 
@@ -50,7 +50,7 @@ def a1111() -> Iterator[str]:
 async def api(sqlite_url: str, settings_for: Any) -> AsyncIterator[httpx.AsyncClient]:
     settings = settings_for(database_url=sqlite_url, webhook_secret=DEFAULT_SECRET)
     with serve(create_app(settings)) as url:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, headers=ASYNC) as client:
             yield client
 
 

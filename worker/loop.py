@@ -50,6 +50,7 @@ class Slot:
     claim: Claim | None = None
     state: str = "idle"  # idle | busy | down
     last_error: str | None = None
+    down_since: float | None = None  # wall time of the first failure since it last answered
     rest_until: float = 0.0
     failures: int = 0
     jobs_done: int = 0
@@ -68,6 +69,7 @@ class Slot:
             "state": self.state,
             "job_id": self.claim.id if self.claim else None,
             "last_error": self.last_error,
+            "down_since": self.down_since,
             "jobs_done": self.jobs_done,
             "checkpoint": self.checkpoint,
         }
@@ -277,7 +279,8 @@ class Worker:
             slot.failures += 1
             slot.state = "down"
             slot.rest_until = time.monotonic() + self._rest(slot)
-            slot.last_error = "unavailable"
+            slot.last_error = "did not answer; its job was requeued"
+            slot.down_since = slot.down_since or time.time()
         else:
             slot.state, slot.failures = "idle", 0
             slot.jobs_done += outcome == "completed"
@@ -293,9 +296,10 @@ class Worker:
             slot.failures += 1
             slot.rest_until = time.monotonic() + self._rest(slot)
             slot.last_error = f"{type(exc).__name__}: {exc}"
+            slot.down_since = slot.down_since or time.time()
             return False
         log.info("backend %s is reachable again", slot.backend.name)
-        slot.state, slot.failures, slot.last_error = "idle", 0, None
+        slot.state, slot.failures, slot.last_error, slot.down_since = "idle", 0, None, None
         return True
 
     def _running(self) -> list[asyncio.Task[str]]:

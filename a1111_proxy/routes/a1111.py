@@ -141,13 +141,32 @@ async def skip(request: Request) -> Response:
 
 async def catalogue_entry(request: Request) -> Response:
     name = request.url.path.rsplit("/", 1)[-1]
-    body = await _store(request).get(name)
-    return JSONResponse(CATALOGUE_EMPTY.get(name) if body is None else body)
+    body, headers = await read_catalogue(request, name)
+    return JSONResponse(CATALOGUE_EMPTY.get(name) if body is None else body, headers=headers)
+
+
+async def read_catalogue(request: Request, name: str) -> tuple[Any, dict[str, str]]:
+    """The worker's last fetch of `name` and an `Age` header (seconds since that fetch); None
+    when the backends lack that entry. 503 (CatalogueNotReady) while no catalogue was ever
+    fetched: an empty list would look like a backend without models."""
+    store = _store(request)
+    entry = await store.entry(name)
+    if entry is not None:
+        return entry.body, {"Age": str(max(0, int(time.time() - entry.fetched_at)))}
+    if await store.ever_fetched():
+        return None, {}
+    outage = await request.state.backends.outage()
+    why = outage.reason if outage is not None else "the worker has not reached a backend yet"
+    raise CatalogueNotReady(
+        f"No worker has fetched the backends' catalogue (models, samplers, options) yet: {why}. "
+        "GET /health shows the workers and backends."
+    )
 
 
 async def get_options(request: Request) -> Response:
     store = _store(request)
-    options = dict(await store.get("options") or {})
+    stored, headers = await read_catalogue(request, "options")
+    options = dict(stored or {})
     pending = await store.get_control(PENDING_OPTIONS)
     if pending:
         options.update(pending["options"])
@@ -156,7 +175,7 @@ async def get_options(request: Request) -> Response:
         model = find_checkpoint(await store.get("sd-models"), default) or {}
         options["sd_model_checkpoint"] = default
         options["sd_checkpoint_hash"] = model.get("sha256") or options.get("sd_checkpoint_hash")
-    return JSONResponse(options)
+    return JSONResponse(options, headers=headers)
 
 
 async def set_options(request: Request) -> Response:

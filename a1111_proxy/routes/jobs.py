@@ -52,7 +52,8 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     await check_input_images(request, kind, a1111_body)
     key = idempotency_key(request)
     timeout = deadline_seconds(request, proxy.timeout)
-    wait = wait_preference(request, default_wait=wait_by_default)
+    wait = wait_preference(request, default_wait=wait_by_default,
+                           has_webhook=proxy.webhook_url is not None)
     new = NewJob(
         type=kind,
         request=json.dumps(omit_images(a1111_body)),
@@ -90,8 +91,15 @@ class Wait:
         self.applied = applied  # the Preference-Applied value, when asked for in Prefer
 
 
-def wait_preference(request: Request, *, default_wait: bool = False) -> Wait | None:
-    """RFC 7240: `Prefer: wait` (until done), `wait=N` (N seconds), `respond-async` (202)."""
+def wait_preference(
+    request: Request, *, default_wait: bool = False, has_webhook: bool = False
+) -> Wait | None:
+    """RFC 7240: `Prefer: wait` (until done), `wait=N` (N seconds), `respond-async` (202).
+
+    Without a preference, RESPONSE_MODE decides: `auto` holds the request as A1111 does unless
+    the body has a `webhook_url` (a webhook-driven caller never wants to hold the connection);
+    `wait` always holds; `async` answers 202 (but for the routes whose clients always expect
+    the answer in the response: extras, interrogate, ControlNet detect)."""
     settings = request.state.settings
     tokens = [t.strip().lower() for t in request.headers.get("prefer", "").split(",")]
     for token in tokens:
@@ -108,28 +116,80 @@ def wait_preference(request: Request, *, default_wait: bool = False) -> Wait | N
         return Wait(max(0.0, seconds), f"wait={value}")
     if "respond-async" in tokens:
         return None
-    if default_wait or settings.response_mode == "wait":
+    mode = settings.response_mode
+    if mode == "wait" or (mode == "auto" and not has_webhook) or (mode == "async" and default_wait):
         return Wait(settings.wait_seconds_max, None)
     return None
 
 
 async def answer_when_done(request: Request, row: Any, wait: Wait, headers: dict[str, str]) -> Response:
-    """Hold the request until the job ends, then answer exactly as A1111 would. A client that
-    goes away does not cancel its job; at the deadline the answer is 202 with the job."""
+    """Hold the request until the job ends, then answer exactly as A1111 would.
+
+    Fails fast with 503 (canceling the job) once no backend has answered for
+    BACKEND_DOWN_GRACE seconds. A client that goes away before its job started cancels it
+    (CANCEL_ON_DISCONNECT); a running job finishes and keeps its result. At the wait's deadline
+    the answer is 202 with the job."""
     repo = _repo(request)
     if wait.applied:
         headers = {**headers, "Preference-Applied": wait.applied, "Vary": "Prefer"}
-    deadline = asyncio.get_running_loop().time() + wait.seconds
-    done = row.status in TERMINAL
-    while not done:
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0 or await request.is_disconnected():
-            break
-        done = await request.state.waiter.wait(row.id, min(left, DISCONNECT_CHECK_SECONDS))
-    row = await repo.get(row.id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait.seconds
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        while row.status not in TERMINAL:
+            end = await _first(request.state.waiter.wait(row.id, deadline - loop.time()), gone)
+            if end == "gone":
+                return await _abandoned(request, row.id)
+            if end == "outage":
+                answer = await _fail_fast(request, row.id, headers)
+                if answer is not None:
+                    return answer
+            row = await repo.get(row.id)
+            if end == "timeout":
+                break
+    finally:
+        gone.cancel()
     if row.status not in TERMINAL:
         return JSONResponse(render_job(row), status_code=202, headers=headers)
     return a1111_answer(row, await repo.images(row.seq), headers)
+
+
+async def _first(waiting: Any, gone: asyncio.Future[None]) -> str:
+    """What ended the wait: "done", "outage", "timeout" (from the waiter) or "gone"."""
+    task = asyncio.ensure_future(waiting)
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        return "gone"
+    return str(task.result())
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected. The body is read by now, so the server's next
+    message is the disconnect: no polling, whatever the number of waiting clients."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _abandoned(request: Request, job_id: str) -> Response:
+    if request.state.settings.cancel_on_disconnect:
+        await _repo(request).cancel_queued(
+            job_id, "client_gone", "the waiting client went away before the job started")
+    return Response(status_code=499)  # nobody reads it
+
+
+async def _fail_fast(request: Request, job_id: str, headers: dict[str, str]) -> Response | None:
+    """503 in A1111's error shape when nothing can run the job, which is then canceled; None if
+    the job started meanwhile (then it is waited for)."""
+    outage = request.state.waiter.outage
+    if outage is None:
+        return None
+    message = f"No backend can run this job: {outage.reason}."
+    if not await _repo(request).cancel_queued(job_id, "backend_unavailable", message):
+        return None
+    body = {"error": "BackendUnavailable", "detail": message, "body": "", "errors": message,
+            "code": "backend_unavailable", "job_id": job_id}
+    return JSONResponse(body, status_code=503, headers={**headers, "Retry-After": "30"})
 
 
 def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Response:
@@ -149,8 +209,7 @@ def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Resp
 
 
 ERROR_STATUS = {"backend_unavailable": 503, "backend_bad_response": 502, "canceled": 409,
-                "deadline": 504, "worker_lost": 500, "internal_error": 500}
-DISCONNECT_CHECK_SECONDS = 1.0
+                "client_gone": 409, "deadline": 504, "worker_lost": 500, "internal_error": 500}
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
@@ -260,7 +319,11 @@ async def get_job(request: Request) -> Response:
     repo = _repo(request)
     row = await find_job(repo, request.path_params["job_id"])
     images = await repo.images(row.seq) if row.status == "completed" else None
-    return JSONResponse(await render_with_position(repo, row, images))
+    view = await render_with_position(repo, row, images)
+    if row.status == "queued":
+        outage = await request.state.backends.outage()
+        view["waiting_reason"] = outage.reason if outage is not None else None
+    return JSONResponse(view)
 
 
 async def render_with_position(repo: JobRepository, row: Any, images: list[bytes] | None = None,

@@ -21,6 +21,7 @@ from a1111_proxy.model_info import (
     find_entry,
     known_names,
 )
+from a1111_proxy.routes.a1111 import read_catalogue
 from a1111_proxy.settings import Settings
 
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -35,13 +36,17 @@ class ModelNotFound(ProxyError):
 
 
 async def list_sd_models(request: Request) -> Response:
-    entries, _ = await _entries(request, "sd-models")
-    return JSONResponse(entries)
+    return await _listing(request, "sd-models")
 
 
 async def list_loras(request: Request) -> Response:
-    entries, _ = await _entries(request, "loras")
-    return JSONResponse(entries)
+    return await _listing(request, "loras")
+
+
+async def _listing(request: Request, name: str) -> Response:
+    _, headers = await read_catalogue(request, name)  # 503 while none was ever fetched
+    entries, _ = await _entries(request, name)
+    return JSONResponse(entries, headers=headers)
 
 
 async def get_sd_model(request: Request) -> Response:
