@@ -11,7 +11,7 @@ import base64
 from typing import Any
 
 from a1111_proxy.engine.controlnet import ControlUnit, find_module
-from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.errors import InvalidParams
 
 
 def problems(body: dict[str, Any]) -> list[str]:
