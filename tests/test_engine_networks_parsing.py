@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from a1111_proxy.engine import preprocessors  # noqa: E402
 from a1111_proxy.engine.controlnet import MODULES, ControlNetCatalog, parse_units  # noqa: E402
+from a1111_proxy.engine.errors import InvalidParams  # noqa: E402
 from a1111_proxy.engine.lora import LoraUse, parse_uses, strip_tags  # noqa: E402
-from a1111_proxy.engine.params import InvalidParams, Params, problems  # noqa: E402
+from a1111_proxy.engine.params import Params, problems  # noqa: E402
 
 
 def square(size: int = 64, low: int = 40, high: int = 200) -> np.ndarray:

@@ -17,10 +17,11 @@ import pytest
 
 from a1111_proxy.app import create_app
 from a1111_proxy.engine.catalog import Catalog, architecture
+from a1111_proxy.engine.errors import InvalidParams, UnknownSampler
 from a1111_proxy.engine.infotext import Generation, ModelInfo
-from a1111_proxy.engine.params import InvalidParams, Params
+from a1111_proxy.engine.params import Params
 from a1111_proxy.engine.prompts import chunks, parse_attention
-from a1111_proxy.engine.samplers import UnknownSampler, resolve
+from a1111_proxy.engine.samplers import resolve
 from tests.servers import ASYNC, serve
 
 

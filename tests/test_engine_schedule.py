@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from a1111_proxy.app import create_app
+from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.hires import IMAGE_UPSCALERS, LATENT_MODES, latent_upscale_modes, upscalers
 from a1111_proxy.engine.infotext import Generation, ModelInfo
-from a1111_proxy.engine.params import InvalidParams, Params
+from a1111_proxy.engine.params import Params
 from a1111_proxy.engine.schedule import prompt_schedule
 from tests.servers import ASYNC, serve
 

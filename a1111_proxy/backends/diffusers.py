@@ -20,10 +20,11 @@ from a1111_proxy.engine import detect, hires
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.controlnet import ControlNetCatalog
+from a1111_proxy.engine.errors import Canceled, InvalidParams
 from a1111_proxy.engine.lora import LoraCatalog
 from a1111_proxy.engine.models import Models, free_memory
-from a1111_proxy.engine.params import InvalidParams, Params, problems
-from a1111_proxy.engine.pipeline import Canceled, RunState, generate
+from a1111_proxy.engine.params import Params, problems
+from a1111_proxy.engine.pipeline import RunState, generate
 from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES
 
 log = logging.getLogger("a1111_proxy.engine")

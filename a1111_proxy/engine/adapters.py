@@ -15,8 +15,8 @@ from collections import OrderedDict
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.lora import LoraCatalog, LoraFile, LoraUse, metadata
-from a1111_proxy.engine.params import InvalidParams
 from a1111_proxy.hashes import hash_file
 
 log = logging.getLogger("a1111_proxy.engine")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.errors import InvalidParams
 
 CHECKPOINT_DIR = "Stable-diffusion"
 SINGLE_FILE = (".safetensors",)

@@ -24,8 +24,9 @@ from PIL import Image
 
 from a1111_proxy.engine import images, preprocessors
 from a1111_proxy.engine.controlnet import ControlNetCatalog, ControlNetFile, ControlUnit
+from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.models import assemble
-from a1111_proxy.engine.params import InvalidParams, Params
+from a1111_proxy.engine.params import Params
 
 log = logging.getLogger("a1111_proxy.engine")
 MAX_MODELS = 3  # ControlNet models kept loaded

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.errors import InvalidParams
 
 CONTROLNET_DIR = "ControlNet"
 API_VERSION = 2  # what the extension's /controlnet/version answers

@@ -11,7 +11,7 @@ import base64
 from typing import Any
 
 from a1111_proxy.engine.controlnet import ControlUnit, find_module
-from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.errors import InvalidParams
 
 
 def problems(body: dict[str, Any]) -> list[str]:
@@ -25,6 +25,7 @@ def problems(body: dict[str, Any]) -> list[str]:
 
 def run(body: dict[str, Any]) -> dict[str, Any]:
     """Raises InvalidParams."""
+    # Here, not at the top: preprocessors needs numpy and scipy, which the API never imports.
     from a1111_proxy.engine import images, preprocessors
 
     unit = _unit(body)

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from a1111_proxy.engine.samplers import Resolved, UnknownSampler, resolve
+from a1111_proxy.engine.errors import HiresError, UnknownSampler
+from a1111_proxy.engine.samplers import Resolved, resolve
+from a1111_proxy.schemas import Txt2ImgRequest
 
 # A1111's shared.latent_upscale_modes: name -> (torch interpolate mode, antialias)
 LATENT_MODES: dict[str, tuple[str, bool]] = {
@@ -29,10 +31,6 @@ SAME_CHECKPOINT = (None, "", "Use same checkpoint")
 DEFAULT_STRENGTH = 0.7  # A1111's UI default; its API fails without one
 MAX_SIDE = 8192
 LATENT_FACTOR = 8
-
-
-class HiresError(ValueError):
-    """The hires fix fields cannot run; the message names the field and what to send."""
 
 
 def upscalers() -> list[dict[str, Any]]:
@@ -97,7 +95,9 @@ class Hires:
         return {key: value for key, value in fields.items() if value is not None}
 
 
-def from_request(request: Any, *, width: int, height: int, sampler: Resolved) -> Hires | None:
+def from_request(
+    request: Txt2ImgRequest, *, width: int, height: int, sampler: Resolved
+) -> Hires | None:
     """The hires fix of a txt2img request (None when enable_hr is off). Raises HiresError."""
     if not request.enable_hr:
         return None
@@ -148,7 +148,7 @@ def _upscaler(name: str | None) -> str:
     )
 
 
-def _non_negative(request: Any, name: str) -> int:
+def _non_negative(request: Txt2ImgRequest, name: str) -> int:
     value = getattr(request, name) or 0
     if value < 0:
         raise HiresError(f"{name} must be 0 or more (got {value})")
@@ -183,7 +183,7 @@ def _target(
     return to_x, to_y, truncate_x, truncate_y
 
 
-def _hr_sampler(request: Any, sampler: Resolved) -> Resolved:
+def _hr_sampler(request: Txt2ImgRequest, sampler: Resolved) -> Resolved:
     name = request.hr_sampler_name
     schedule = request.hr_scheduler
     if name in SAME and schedule in SAME:

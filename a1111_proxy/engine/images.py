@@ -13,7 +13,7 @@ import io
 
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
-from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.errors import InvalidParams
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL, LATENT_RESIZE = 0, 1, 2, 3
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from a1111_proxy.engine.catalog import read_header
-from a1111_proxy.engine.params import InvalidParams
+from a1111_proxy.engine.errors import InvalidParams
 
 LORA_DIR = "Lora"
 TAG = re.compile(r"<(\w+):([^>]+)>")

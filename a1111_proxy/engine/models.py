@@ -23,8 +23,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from a1111_proxy.engine.catalog import Catalog, Checkpoint, architecture
 from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.infotext import ModelInfo
-from a1111_proxy.engine.params import InvalidParams
 from a1111_proxy.engine.previews import Previews
 from a1111_proxy.engine.skeletons import skeleton
 
@@ -164,7 +164,6 @@ class Models:
         if self.config.compile:
             pipe.unet = torch.compile(pipe.unet, dynamic=False)
 
-
     def _offload(self, pipe: Any) -> bool:
         if self.config.cpu_offload != "auto":
             return self.config.cpu_offload == "true"
@@ -180,7 +179,8 @@ class Models:
             log.warning(
                 "model CPU offload on: %.1f GiB of weights, %.1f GiB of GPU memory free "
                 "(slower; set A1111_PROXY_ENGINE_CPU_OFFLOAD=false to refuse it)",
-                weights / 2**30, free / 2**30,
+                weights / 2**30,
+                free / 2**30,
             )
         return short
 

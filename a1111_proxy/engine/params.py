@@ -6,15 +6,24 @@ engine uses `Params.from_payload()` to run it.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from a1111_proxy.engine import controlnet, detect, lora
 from a1111_proxy.engine import hires as hires_fix
-from a1111_proxy.engine.samplers import Resolved, UnknownSampler, resolve
-from a1111_proxy.schemas import REQUEST_MODELS, Txt2ImgRequest
+from a1111_proxy.engine.controlnet import ControlUnit
+from a1111_proxy.engine.errors import HiresError, InvalidParams, UnknownSampler
+from a1111_proxy.engine.lora import LoraUse
+from a1111_proxy.engine.samplers import Resolved, resolve
+from a1111_proxy.schemas import REQUEST_MODELS, Img2ImgRequest, Txt2ImgRequest
+
+Kind = Literal["txt2img", "img2img"]
+RandnSource = Literal["GPU", "CPU"]  # where the initial noise is drawn (A1111's default: GPU)
+RANDN_SOURCES: dict[str, RandnSource] = {"GPU": "GPU", "CPU": "CPU"}
 
 MAX_SEED = 4294967294
 # The txt2img-only fields A1111's img2img body does not have (our schema shares one base class).
@@ -38,13 +47,9 @@ TXT2IMG_ONLY = frozenset(
 )
 
 
-class InvalidParams(ValueError):
-    """The request cannot run on this engine; the message says what to change."""
-
-
 @dataclass(frozen=True)
 class Params:
-    kind: str
+    kind: Kind
     prompt: str
     negative_prompt: str
     seed: int
@@ -63,7 +68,7 @@ class Params:
     denoising_strength: float | None
     clip_skip: int
     checkpoint: str | None
-    randn_source: str  # "GPU" (A1111's default: noise drawn on the device) or "CPU"
+    randn_source: RandnSource
     eta_noise_seed_delta: int
     send_images: bool
     styles: list[str]
@@ -79,8 +84,8 @@ class Params:
     inpainting_mask_invert: bool = False
     hires: hires_fix.Hires | None = None  # txt2img's hires fix (engine/hires.py)
     # LoRA and ControlNet (engine/lora.py, engine/controlnet.py)
-    loras: tuple[Any, ...] = ()  # LoraUse, from the prompt's <lora:...> tags
-    controlnet_units: tuple[Any, ...] = ()  # ControlUnit, the enabled ones
+    loras: tuple[LoraUse, ...] = ()  # from the prompt's <lora:...> tags
+    controlnet_units: tuple[ControlUnit, ...] = ()  # the enabled ones
 
     @property
     def count(self) -> int:
@@ -104,8 +109,8 @@ class Params:
         sampler = _sampler(request)
         settings = request.override_settings or {}
         rng = rng or random.Random()
-        common: dict[str, Any] = dict(
-            kind=kind,
+        params = cls(
+            kind="img2img" if isinstance(request, Img2ImgRequest) else "txt2img",
             prompt=request.prompt or "",
             negative_prompt=request.negative_prompt or "",
             seed=_fixed_seed(request.seed, rng),
@@ -132,13 +137,11 @@ class Params:
             styles=list(request.styles or []),
             parameters=echo_parameters(kind, request),
         )
-        if kind == "img2img":
-            common.update(_img2img_fields(request))
-            common["batch_size"] = _batch_for_images(common["batch_size"], request.init_images)
+        if isinstance(request, Img2ImgRequest):
+            params = _with_img2img(params, request)
         else:
-            common.update(_hires_fields(request, common))
-        common.update(_networks(request))
-        return cls(**common)
+            params = _with_hires(params, request)
+        return _with_networks(params, request)
 
 
 def problems(kind: str, payload: dict[str, Any]) -> list[str]:
@@ -155,8 +158,6 @@ def problems(kind: str, payload: dict[str, Any]) -> list[str]:
 def _other_job_problems(kind: str, payload: dict[str, Any]) -> list[str]:
     """ControlNet's detect runs on the engine (engine/detect.py); interrogate and extras do not."""
     if kind == "controlnet-detect":
-        from a1111_proxy.engine import detect
-
         return detect.problems(payload)
     return [
         f"{kind} is not supported by the diffusers engine (it has no interrogator, upscaler or "
@@ -203,11 +204,8 @@ def _refuse_unsupported(request: Txt2ImgRequest) -> None:
             )
 
 
-def _networks(request: Txt2ImgRequest) -> dict[str, Any]:
-    """LoRA tags and ControlNet units (engine/lora.py, engine/controlnet.py import this module,
-    hence the late import)."""
-    from a1111_proxy.engine import controlnet, lora
-
+def _with_networks(params: Params, request: Txt2ImgRequest) -> Params:
+    """LoRA tags and ControlNet units (engine/lora.py, engine/controlnet.py)."""
     for text in (request.prompt or "", request.negative_prompt or ""):
         others = lora.other_networks(text)
         if others and not request.disable_extra_networks:
@@ -216,7 +214,8 @@ def _networks(request: Txt2ImgRequest) -> dict[str, Any]:
                 "by the diffusers engine; only <lora:...> is. Remove it from the prompt"
             )
     uses = () if request.disable_extra_networks else lora.parse_uses(request.prompt or "")
-    return {"loras": uses, "controlnet_units": controlnet.parse_units(request.alwayson_scripts)}
+    units = controlnet.parse_units(request.alwayson_scripts)
+    return dataclasses.replace(params, loras=uses, controlnet_units=units)
 
 
 def _sampler(request: Txt2ImgRequest) -> Resolved:
@@ -257,29 +256,30 @@ def _int_setting(settings: dict[str, Any], key: str, default: int, *, low: int, 
     return number
 
 
-def _randn_source(settings: dict[str, Any]) -> str:
+def _randn_source(settings: dict[str, Any]) -> RandnSource:
     value = str(settings.get("randn_source", "GPU"))
-    if value not in ("GPU", "CPU"):
+    found = RANDN_SOURCES.get(value)
+    if found is None:
         raise InvalidParams(
             f"override_settings.randn_source {value!r} is not supported; use 'GPU' (the default) "
             "or 'CPU' (A1111's 'NV' is not)"
         )
-    return value
+    return found
 
 
-def _hires_fields(request: Any, common: dict[str, Any]) -> dict[str, Any]:
+def _with_hires(params: Params, request: Txt2ImgRequest) -> Params:
     try:
         found = hires_fix.from_request(
-            request, width=common["width"], height=common["height"], sampler=common["sampler"]
+            request, width=params.width, height=params.height, sampler=params.sampler
         )
-    except hires_fix.HiresError as exc:
+    except HiresError as exc:
         raise InvalidParams(str(exc)) from None
     if found is None:
-        return {}
-    return {"hires": found, "denoising_strength": found.denoising_strength}
+        return params
+    return dataclasses.replace(params, hires=found, denoising_strength=found.denoising_strength)
 
 
-def _img2img_fields(request: Any) -> dict[str, Any]:
+def _with_img2img(params: Params, request: Img2ImgRequest) -> Params:
     strength = request.denoising_strength
     if not 0.0 <= strength <= 1.0:
         raise InvalidParams(f"denoising_strength must be from 0 to 1 (got {strength})")
@@ -295,7 +295,8 @@ def _img2img_fields(request: Any) -> dict[str, Any]:
                 "base64 or data: URIs"
             )
     blur = request.mask_blur
-    return dict(
+    return dataclasses.replace(
+        params,
         init_images=tuple(request.init_images),
         resize_mode=request.resize_mode or 0,
         mask=request.mask or None,
@@ -305,6 +306,7 @@ def _img2img_fields(request: Any) -> dict[str, Any]:
         inpaint_full_res=bool(request.inpaint_full_res),
         inpaint_full_res_padding=request.inpaint_full_res_padding or 0,
         inpainting_mask_invert=bool(request.inpainting_mask_invert),
+        batch_size=_batch_for_images(params.batch_size, request.init_images),
     )
 
 

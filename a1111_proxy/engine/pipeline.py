@@ -30,9 +30,10 @@ from a1111_proxy.engine import (
     upscale,
 )
 from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.errors import Canceled, InvalidParams
 from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models, assemble
-from a1111_proxy.engine.params import InvalidParams, Params
+from a1111_proxy.engine.params import Params
 
 _TASKS = {
     (False, "txt2img"): "StableDiffusionPipeline",
@@ -42,10 +43,6 @@ _TASKS = {
     (True, "img2img"): "StableDiffusionXLImg2ImgPipeline",
     (True, "inpaint"): "StableDiffusionXLInpaintPipeline",
 }
-
-
-class Canceled(Exception):
-    """The job was canceled mid-run; nothing is returned."""
 
 
 @dataclass
@@ -125,12 +122,21 @@ def generate(
         state.skip.clear()  # a skip ends one batch (A1111 clears it as each batch starts)
         window = slice(batch * params.batch_size, (batch + 1) * params.batch_size)
         first = _run_batch(
-            models, config, loaded, params, embeds, inputs, state, seeds[window], subseeds[window],
+            models,
+            config,
+            loaded,
+            params,
+            embeds,
+            inputs,
+            state,
+            seeds[window],
+            subseeds[window],
             output="latent" if params.hires and params.hires.latent else "pil",
         )
         made += (
-            _hires(models, config, loaded, params, state, first, seeds[window], subseeds[window],
-                   units)
+            _hires(
+                models, config, loaded, params, state, first, seeds[window], subseeds[window], units
+            )
             if params.hires
             else first
         )
@@ -196,7 +202,8 @@ def _hires(
 
 
 def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
-    """init_images[n]; with several, image n is the n-th of each batch (batch_size = their count)."""
+    """init_images[n]; with several, image n is the n-th of each batch (batch_size is their
+    count)."""
     original = images.decode(params.init_images[n], f"init_images[{n}]").convert("RGB")
     if params.mask is None:
         return _Inputs(

@@ -47,7 +47,10 @@ def _gradients(image: Array) -> tuple[Array, Array, Array]:
     gy = np.stack([ndimage.sobel(image[..., c], axis=0, mode="nearest") for c in range(3)], -1)
     per_channel = np.abs(gx) + np.abs(gy)
     best = per_channel.argmax(axis=-1)[..., None]
-    pick = lambda a: np.take_along_axis(a, best, axis=-1)[..., 0]  # noqa: E731
+
+    def pick(a: Array) -> Array:
+        return np.take_along_axis(a, best, axis=-1)[..., 0]
+
     return pick(per_channel), pick(gx), pick(gy)
 
 
@@ -98,8 +101,9 @@ def lineart_standard(image: Array, a: float, b: float) -> Array:
 
 
 def blur_gaussian(image: Array, sigma: float, b: float) -> Array:
-    blurred = ndimage.gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0))
-    return np.clip(blurred, 0, 255).astype(np.uint8)
+    blurred: Array = ndimage.gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0))
+    clipped: Array = np.clip(blurred, 0, 255)
+    return clipped.astype(np.uint8)
 
 
 def tile_resample(image: Array, rate: float, b: float) -> Array:

@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class UnknownSampler(ValueError):
-    """A sampler or schedule name the engine cannot run; the message lists the valid ones."""
+from a1111_proxy.engine.errors import UnknownSampler
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,11 @@ def make(base_config: Any, resolved: Resolved) -> Any:
     for flag in _SIGMA_FLAGS.values():
         if flag in accepted:
             config[flag] = False
-    flag = _SIGMA_FLAGS.get(resolved.schedule)
-    if flag is not None:
-        if flag not in accepted:
+    sigma_flag = _SIGMA_FLAGS.get(resolved.schedule)
+    if sigma_flag is not None:
+        if sigma_flag not in accepted:
             raise ValueError(f"{sampler.name} cannot use the {resolved.schedule} schedule")
-        wanted[flag] = True
+        wanted[sigma_flag] = True
     config.update({k: v for k, v in wanted.items() if k in accepted})
     return cls.from_config(config)
 
@@ -81,4 +81,5 @@ class Tracking:
     ) -> torch.Tensor:
         if self.noise is not None and self.noise.shape == noise.shape:
             noise = self.noise.to(device=noise.device, dtype=noise.dtype)
-        return self._add_noise(original, noise, timesteps)
+        noisy: torch.Tensor = self._add_noise(original, noise, timesteps)
+        return noisy

@@ -25,6 +25,8 @@ class Embeds:
 
 @torch.no_grad()
 def encode(pipe: Any, prompt: str, negative: str, *, clip_skip: int, sdxl: bool) -> Embeds:
+    pooled: torch.Tensor | None
+    uncond_pooled: torch.Tensor | None
     if sdxl:
         cond, pooled = _encode_sdxl(pipe, prompt)
         uncond, uncond_pooled = _encode_sdxl(pipe, negative)
@@ -49,7 +51,7 @@ def _pad(z: torch.Tensor, empty: torch.Tensor, length: int) -> torch.Tensor:
     return z
 
 
-def _encode_sdxl(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_sdxl(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     # SDXL: both encoders' penultimate hidden states, no final LayerNorm; A1111 ignores clip skip.
     first, _ = _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, 2, final_norm=False)
     second, pooled = _encode_one(

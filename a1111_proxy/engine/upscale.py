@@ -9,7 +9,7 @@ ratio. The second pass is an img2img run at the new size: `second_pass_params` s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from PIL import Image
@@ -31,9 +31,14 @@ def upscale(first: list[Any], hires: Hires) -> Batch:
 
 
 def _stacked(batch: Batch | list[Any]) -> Batch:
-    if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
+    if _is_latents(batch):
         return torch.stack(batch)
     return batch
+
+
+def _is_latents(batch: Batch | list[Any]) -> TypeGuard[list[torch.Tensor]]:
+    """A pipeline's output_type="latent" list (one tensor per image), not images."""
+    return isinstance(batch, list) and bool(batch) and isinstance(batch[0], torch.Tensor)
 
 
 def _latents(latents: torch.Tensor, hires: Hires) -> torch.Tensor:
