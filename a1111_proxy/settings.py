@@ -21,7 +21,10 @@ def _split_commas(value: object) -> object:
 class Settings(BaseSettings):
     """Every setting, read from `A1111_PROXY_*` environment variables and `.env`."""
 
-    model_config = SettingsConfigDict(env_prefix="A1111_PROXY_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: `serve` prints a bad setting's error, and values carry secrets
+    # (API_TOKENS, a DATABASE_URL's password); messages name the setting and the reason instead.
+    model_config = SettingsConfigDict(env_prefix="A1111_PROXY_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     database_url: str = "sqlite+aiosqlite:///./data/a1111_proxy.db"
     host: str = "127.0.0.1"
