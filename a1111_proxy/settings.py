@@ -168,7 +168,7 @@ class Settings(BaseSettings):
 def parse_tokens(entries: list[str]) -> list[tuple[str, str]]:
     """`name:token` names its tenant; a plain token is its own tenant, named `token-` and the
     first 8 hex digits of its SHA-256 (stable, and it does not reveal the token)."""
-    tenants = []
+    tenants: list[tuple[str, str]] = []
     for entry in entries:
         name, colon, token = entry.partition(":")
         if not colon:

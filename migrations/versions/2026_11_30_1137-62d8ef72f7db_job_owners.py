@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = '62d8ef72f7db'
 down_revision: str | None = 'acb3018844d1'
 branch_labels: str | Sequence[str] | None = None
