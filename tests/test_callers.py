@@ -64,8 +64,7 @@ def stored(url: str, job_id: str) -> Any:
 # --- API_TOKENS ---------------------------------------------------------------------------
 
 
-def test_api_tokens_name_their_tenants_and_a_plain_token_gets_a_name_that_does_not_reveal_it(
-) -> None:
+def test_api_tokens_name_tenants_and_a_plain_token_gets_a_name_that_hides_it() -> None:
     settings = Settings(_env_file=None, api_tokens=TOKENS)  # type: ignore[call-arg]
     plain = "token-" + hashlib.sha256(b"plain-token").hexdigest()[:8]
     assert settings.tenants() == [
