@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=ROUTES,
         middleware=[*_cors(settings),
-                    Middleware(TokenAuth, tokens=settings.api_tokens),
+                    Middleware(TokenAuth, tokens=settings.tenants()),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=make_lifespan(settings),

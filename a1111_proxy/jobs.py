@@ -97,6 +97,7 @@ class NewJob:
     request_hash: str | None = None
     checkpoint: str | None = None  # override_settings.sd_model_checkpoint, if the body has one
     timeout: float | None = None  # seconds from submission until the job is canceled ("deadline")
+    owner: str | None = None  # the tenant that submitted it (token name or client address)
 
 
 GENERATIONS = frozenset({"txt2img", "img2img"})
@@ -270,6 +271,7 @@ class JobRepository:
             "created_at": now,
             "updated_at": now,
             "deadline_at": None if new.timeout is None else now + new.timeout,
+            "owner": new.owner,
         }
 
     async def _notify(self, conn: AsyncConnection, channel: str = NOTIFY_CHANNEL) -> None:
@@ -336,6 +338,28 @@ class JobRepository:
         query = select(*JOB_COLUMNS).where(jobs.c.status == "processing").order_by(jobs.c.started_at)
         async with self.db.reading() as conn:
             return list((await conn.execute(query)).all())
+
+    # --- one caller's jobs (A1111's global /progress, /interrupt, /skip, per caller) --------
+
+    async def owned(self, owner: str, job_id: str) -> Row[Any] | None:
+        """The job, if `owner` submitted it."""
+        query = select(*JOB_COLUMNS).where(jobs.c.id == job_id, jobs.c.owner == owner)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).one_or_none()
+
+    async def running_of(self, owner: str, job_id: str | None = None) -> list[Row[Any]]:
+        """`owner`'s running jobs, oldest start first (`job_id`: only that one)."""
+        query = (select(*JOB_COLUMNS).where(*_of(owner, job_id), jobs.c.status == "processing")
+                 .order_by(jobs.c.started_at))
+        async with self.db.reading() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def active_count_of(self, owner: str) -> int:
+        """How many of `owner`'s jobs are queued or running."""
+        query = (select(func.count()).select_from(jobs)
+                 .where(jobs.c.owner == owner, jobs.c.status.in_(("queued", "processing"))))
+        async with self.db.reading() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def preview(self, seq: int) -> str | None:
         query = select(job_previews.c.image).where(job_previews.c.job_seq == seq)
@@ -430,23 +454,26 @@ class JobRepository:
             await self._announce(conn, canceled, "completed", now)
         return canceled is not None
 
-    async def interrupt_running(self) -> int:
-        """A1111's /interrupt over our jobs: every running job is asked to stop."""
+    async def interrupt_running(self, *, owner: str, job_id: str | None = None) -> int:
+        """A1111's /interrupt over `owner`'s jobs: each of its running jobs (or the one
+        `job_id` names) is asked to stop."""
         now = self.clock()
         stmt = (
             update(jobs)
-            .where(jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None))
+            .where(*_of(owner, job_id), jobs.c.status == "processing",
+                   jobs.c.cancel_requested_at.is_(None))
             .values(cancel_requested_at=now, updated_at=now)
         )
         async with self.db.writing() as conn:
             return (await conn.execute(stmt)).rowcount
 
-    async def skip_running(self) -> int:
-        """A1111's /skip over our jobs: each running job skips its current batch."""
+    async def skip_running(self, *, owner: str, job_id: str | None = None) -> int:
+        """A1111's /skip over `owner`'s jobs: each of its running jobs (or the one `job_id`
+        names) skips its current batch."""
         now = self.clock()
         stmt = (
             update(jobs)
-            .where(jobs.c.status == "processing")
+            .where(*_of(owner, job_id), jobs.c.status == "processing")
             .values(skip_requested_at=now, updated_at=now)
         )
         async with self.db.writing() as conn:
@@ -982,6 +1009,14 @@ _WEBHOOK = (jobs.c.seq, jobs.c.webhook_url, jobs.c.webhook_events)
 
 # The claim order: highest priority first, then oldest (the queue view shows the same order).
 QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.seq)
+
+
+def _of(owner: str, job_id: str | None) -> list[Any]:
+    """WHERE terms: `owner`'s jobs, or only the one `job_id` names."""
+    terms = [jobs.c.owner == owner]
+    if job_id is not None:
+        terms.append(jobs.c.id == job_id)
+    return terms
 
 
 def _past_deadline(now: float) -> Any:

@@ -8,6 +8,7 @@ import hmac
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from a1111_proxy.errors import BodyTooLarge, a1111_error
@@ -19,20 +20,29 @@ OPEN_PATHS = ("/health", "/ready", "/doc", "/openapi.json")
 
 class TokenAuth:
     """`Authorization: Bearer <token>`, or HTTP Basic with the token as the password (so A1111
-    clients configured for `--api-auth` work). Tokens are compared in constant time."""
+    clients configured for `--api-auth` work). Tokens are compared in constant time.
 
-    def __init__(self, app: ASGIApp, tokens: Iterable[str]) -> None:
+    Puts the caller on the request (`request.state.caller`, read with `caller()`): the tenant
+    the token names, or with tokens off the client's address. A1111's global routes
+    (/progress, /interrupt, /skip) act on that caller's jobs only."""
+
+    def __init__(self, app: ASGIApp, tokens: Iterable[tuple[str, str]]) -> None:
         self.app = app
-        self.tokens = [token.encode() for token in tokens]
+        self.tokens = [(name, token.encode()) for name, token in tokens]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.tokens or _is_open(scope["path"]):
+        if scope["type"] != "http" or _is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if not self.tokens:
+            _set_caller(scope, _client_address(scope))
             await self.app(scope, receive, send)
             return
         presented = _presented_token(Headers(scope=scope).get("authorization"))
         if presented is None:
             detail = "Not authenticated"
-        elif self._valid(presented):
+        elif (tenant := self._tenant(presented)) is not None:
+            _set_caller(scope, tenant)
             await self.app(scope, receive, send)
             return
         else:
@@ -43,12 +53,27 @@ class TokenAuth:
         )
         await response(scope, receive, send)
 
-    def _valid(self, presented: bytes) -> bool:
+    def _tenant(self, presented: bytes) -> str | None:
         # Compare against every token so the time taken does not tell which one matched.
-        found = False
-        for token in self.tokens:
-            found |= hmac.compare_digest(presented, token)
+        found = None
+        for name, token in self.tokens:
+            if hmac.compare_digest(presented, token):
+                found = name
         return found
+
+
+def caller(request: Request) -> str:
+    """Who is calling: the token's tenant, or the client's address when tokens are off."""
+    return request.state.caller  # type: ignore[no-any-return]
+
+
+def _set_caller(scope: Scope, who: str) -> None:
+    scope.setdefault("state", {})["caller"] = who
+
+
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "local"  # no address: a Unix socket
 
 
 def _is_open(path: str) -> bool:

@@ -57,6 +57,12 @@ SUBMIT: dict[int | str, Any] = {200: s.A1111Result, 202: s.Job, 413: s.A1111Erro
                                 422: "any", "default": "any"}
 WAITED: dict[int | str, Any] = {200: "any", 202: s.Job, 413: s.A1111Error, 422: "any",
                                 "default": "any"}
+CALLERS_JOB = _query("job_id", {"type": "string"}, "a1111-proxy extension: act on this one of "
+                     "your jobs (404 when it is not yours)")
+PER_CALLER = ("A1111 has one user; behind the proxy these act on the caller's own jobs: the API "
+              "token's tenant, or the client address when tokens are off. `/progress` shows "
+              "the oldest running one; `state.job_count` counts the caller's queued and running "
+              "jobs.")
 CIVITAI = _query("civitai", {"type": "boolean"}, "false: leave out the civitai key")
 CATALOGUE_LISTS = ("samplers", "schedulers", "upscalers",
                    "latent-upscale-modes", "sd-vae", "script-info", "prompt-styles",
@@ -111,12 +117,14 @@ OPERATIONS: list[Op] = [
        body="object",
        description="The same `webhook-id`, a fresh signature, one manual attempt. Body "
        '(optional): `{"delivery_id": "msg_..."}`; without it, the latest `job.completed`.'),
-    Op("get", "/sdapi/v1/progress", "A1111's progress, over the proxy's jobs", "a1111",
-       {200: s.ProgressResponse},
-       params=[_query("skip_current_image", {"type": "boolean"}, "leave the live preview out")]),
-    Op("post", "/sdapi/v1/interrupt", "Interrupt every running job", "a1111", {200: "object"}),
-    Op("post", "/sdapi/v1/skip", "Skip the current batch of every running job", "a1111",
-       {200: "null"}),
+    Op("get", "/sdapi/v1/progress", "A1111's progress, over the caller's jobs", "a1111",
+       {200: s.ProgressResponse, 404: s.A1111Error},
+       params=[_query("skip_current_image", {"type": "boolean"}, "leave the live preview out"),
+               CALLERS_JOB], description=PER_CALLER),
+    Op("post", "/sdapi/v1/interrupt", "Interrupt the caller's running jobs", "a1111",
+       {200: "object", 404: s.A1111Error}, params=[CALLERS_JOB], description=PER_CALLER),
+    Op("post", "/sdapi/v1/skip", "Skip the current batch of the caller's running jobs", "a1111",
+       {200: "null", 404: s.A1111Error}, params=[CALLERS_JOB], description=PER_CALLER),
     Op("get", "/sdapi/v1/options", "The options (with the proxy's default checkpoint)",
        "a1111", {200: "object", 503: s.A1111Error}),
     Op("post", "/sdapi/v1/options", "Set options", "a1111",

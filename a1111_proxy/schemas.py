@@ -181,6 +181,22 @@ def omit_images(value: Any) -> Any:
     return value
 
 
+# Credentials some clients put in the body: SillyTavern's "auto" source sends `auth` (the
+# "user:password" it also sends as Basic auth), others `api_key`, `password` or `token`. They
+# are passed on to A1111 as sent, and never shown (job views, lists, webhooks).
+CREDENTIAL_KEYS = frozenset({"auth", "api_key", "password", "token"})
+
+
+def without_credentials(value: Any) -> Any:
+    """`value` with every credential key (at any depth, in any letter case) left out."""
+    if isinstance(value, dict):
+        return {key: without_credentials(item) for key, item in value.items()
+                if not (isinstance(key, str) and key.lower() in CREDENTIAL_KEYS)}
+    if isinstance(value, list):
+        return [without_credentials(item) for item in value]
+    return value
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -192,6 +208,8 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
     result = None
     if with_result and row.result is not None:
         result = json.loads(row.result)
+        if isinstance(result, dict) and "parameters" in result:  # some servers echo the body
+            result["parameters"] = without_credentials(result["parameters"])
         if images is not None and "images" in result:
             result["images"] = encode_images(images)
     webhook = None
@@ -211,8 +229,9 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
         "created_at": iso(row.created_at),
         "started_at": iso(row.started_at),
         "completed_at": iso(row.completed_at),
-        "error": json.loads(row.error) if row.error else None,
+        "error": without_credentials(json.loads(row.error)) if row.error else None,
         "request": json.loads(row.request),
+        "owner": row.owner,
         "result": result,
         "image_urls": [f"{base}/images/{n}" for n in range(row.image_count)],
         "webhook": webhook,
@@ -275,6 +294,9 @@ class Job(BaseModel):
                                    "attempt, the last attempt's error")
     request: dict[str, Any] = Field(description="the body as stored: input images replaced by a "
                                     "short note, secrets removed")
+    owner: str | None = Field(
+        None, description="who submitted it: the API token's tenant name, or the client "
+        "address when tokens are off")
     result: Any = Field(description="A1111's answer exactly (detail view, once completed); "
                         "null in lists")
     image_urls: list[str]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from typing import Annotated, Literal
 
@@ -20,7 +21,10 @@ def _split_commas(value: object) -> object:
 class Settings(BaseSettings):
     """Every setting, read from `A1111_PROXY_*` environment variables and `.env`."""
 
-    model_config = SettingsConfigDict(env_prefix="A1111_PROXY_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: `serve` prints a bad setting's error, and values carry secrets
+    # (API_TOKENS, a DATABASE_URL's password); messages name the setting and the reason instead.
+    model_config = SettingsConfigDict(env_prefix="A1111_PROXY_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     database_url: str = "sqlite+aiosqlite:///./data/a1111_proxy.db"
     host: str = "127.0.0.1"
@@ -105,6 +109,21 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
 
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_name_one_tenant_each(cls, entries: list[str]) -> list[str]:
+        tenants = parse_tokens(entries)  # raises ValueError naming the bad entry
+        by_token: dict[str, str] = {}
+        for name, token in tenants:
+            if by_token.setdefault(token, name) != name:
+                raise ValueError(f"one token is given for two tenants, {by_token[token]!r} and "
+                                 f"{name!r}; give each tenant its own token")
+        return entries
+
+    def tenants(self) -> list[tuple[str, str]]:
+        """API_TOKENS as (tenant name, token) pairs; several tokens may share a name."""
+        return parse_tokens(self.api_tokens)
+
     @field_validator("a1111_urls")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
@@ -152,3 +171,20 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def parse_tokens(entries: list[str]) -> list[tuple[str, str]]:
+    """`name:token` names its tenant; a plain token is its own tenant, named `token-` and the
+    first 8 hex digits of its SHA-256 (stable, and it does not reveal the token)."""
+    tenants: list[tuple[str, str]] = []
+    for entry in entries:
+        name, colon, token = entry.partition(":")
+        if not colon:
+            name, token = "token-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+        name, token = name.strip(), token.strip()
+        if not name or not token:
+            raise ValueError(
+                "each entry is `name:token` or a plain token, with neither part empty "
+                f"(entry {len(tenants) + 1} is not)")
+        tenants.append((name, token))
+    return tenants

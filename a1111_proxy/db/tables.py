@@ -69,6 +69,8 @@ jobs = Table(
     Column("updated_at", Double, nullable=False),
     # Cancel-After / `timeout`: a job not done by then ends canceled ("deadline").
     Column("deadline_at", Double, nullable=True),
+    # Who submitted it (the tenant: the token's name, or the client address with tokens off).
+    Column("owner", String(200), nullable=True),
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
     Index("ix_jobs_queue", "priority", "seq", postgresql_where=text("status = 'queued'"),
@@ -82,6 +84,7 @@ jobs = Table(
           postgresql_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
           sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL")),
     Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
+    Index("ix_jobs_owner_status", "owner", "status"),
 )
 
 # The full A1111 body (input images included) that the worker sends; kept apart so that

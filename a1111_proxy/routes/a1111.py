@@ -23,8 +23,9 @@ from a1111_proxy.catalogue import (
     checkpoint_titles,
     find_checkpoint,
 )
-from a1111_proxy.errors import ProxyError, a1111_error
+from a1111_proxy.errors import JobNotFound, ProxyError, a1111_error
 from a1111_proxy.jobs import JobRepository
+from a1111_proxy.middleware import caller
 from a1111_proxy.pnginfo import decode_image, parse_infotext, text_chunks
 from a1111_proxy.routes.jobs import read_json_object, submit
 
@@ -84,12 +85,13 @@ def _store(request: Request) -> CatalogueStore:
 
 
 async def progress(request: Request) -> Response:
-    """A1111's global /progress over our jobs: the oldest running job, and job_count counting
-    every queued and running job (0 and progress 0.0 when idle)."""
+    """A1111's /progress over the caller's jobs (A1111 has one user, a proxy many): the
+    caller's oldest running job, or the one `job_id` names, and job_count counting the caller's
+    queued and running jobs (0 and progress 0.0 when idle)."""
     repo = _repo(request)
-    running = await repo.running()
-    counts = await repo.counts()
-    job_count = counts.get("queued", 0) + counts.get("processing", 0)
+    owner = caller(request)
+    running = await repo.running_of(owner, await _picked_job(request, repo, owner))
+    job_count = await repo.active_count_of(owner)
     if not running:
         return JSONResponse({"progress": 0.0, "eta_relative": 0.0,
                              "state": {**IDLE_STATE, "job_count": job_count},
@@ -125,15 +127,31 @@ def _steps(job: Any) -> int:
 
 
 async def interrupt(request: Request) -> Response:
-    """Stops every running job after its current step (A1111 answers `{}`)."""
-    await _repo(request).interrupt_running()
+    """Stops the caller's running jobs (or the one `job_id` names) after their current step
+    (A1111 answers `{}`)."""
+    repo, owner = _repo(request), caller(request)
+    await repo.interrupt_running(owner=owner, job_id=await _picked_job(request, repo, owner))
     return JSONResponse({})
 
 
 async def skip(request: Request) -> Response:
-    """Skips the current batch of every running job (A1111 answers `null`)."""
-    await _repo(request).skip_running()
+    """Skips the current batch of the caller's running jobs (or of the one `job_id` names)
+    (A1111 answers `null`)."""
+    repo, owner = _repo(request), caller(request)
+    await repo.skip_running(owner=owner, job_id=await _picked_job(request, repo, owner))
     return JSONResponse(None)
+
+
+async def _picked_job(request: Request, repo: JobRepository, owner: str) -> str | None:
+    """The `job_id` query parameter, once it names one of the caller's jobs (404 otherwise)."""
+    job_id = request.query_params.get("job_id")
+    if job_id is None:
+        return None
+    if await repo.owned(owner, job_id) is None:
+        raise JobNotFound(
+            f"You have no job with the id {job_id!r} (another caller's jobs are not yours to "
+            "watch or stop). List jobs with GET /sdapi/v1/jobs.")
+    return job_id
 
 
 # --- the catalogue ----------------------------------------------------------------------

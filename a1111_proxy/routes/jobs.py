@@ -18,12 +18,14 @@ from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, valid
 from a1111_proxy import egress
 from a1111_proxy.images import ImageRules, check_images, fetch_image_urls
 from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
+from a1111_proxy.middleware import caller
 from a1111_proxy.schemas import (
     PROXY_FIELDS,
     REQUEST_MODELS,
     ProxyFields,
     omit_images,
     render_job,
+    without_credentials,
 )
 from a1111_proxy.db.tables import STATUSES
 
@@ -56,7 +58,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
                            has_webhook=proxy.webhook_url is not None)
     new = NewJob(
         type=kind,
-        request=json.dumps(omit_images(a1111_body)),
+        request=json.dumps(omit_images(without_credentials(a1111_body))),
         payload=json.dumps(a1111_body),
         priority=proxy.priority,
         webhook_url=proxy.webhook_url,
@@ -66,6 +68,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         request_hash=_fingerprint(body) if key else None,
         checkpoint=_requested_checkpoint(a1111_body),
         timeout=timeout,
+        owner=caller(request),
     )
     submitted = await _repo(request).submit(new)
     headers = {"Location": f"/sdapi/v1/jobs/{submitted.job.id}", "X-Job-Id": submitted.job.id}
