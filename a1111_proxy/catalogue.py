@@ -100,13 +100,13 @@ class CatalogueStore:
         reload names the default checkpoint set with POST /options, when there is one); return
         the request's version, which workers report once they applied it."""
         async with self.db.writing() as conn:
-            found = dict((await conn.execute(
+            found: dict[str, str] = {key: value for key, value in (await conn.execute(
                 select(controls.c.key, controls.c.value)
                 .where(controls.c.key.in_([CHECKPOINT_REQUEST, DEFAULT_CHECKPOINT]))
-            )).all())
+            )).all()}
             row = found.get(CHECKPOINT_REQUEST)
-            version = (json.loads(row)["version"] if row else 0) + 1
-            request = {"version": version, "loaded": loaded, "at": self.clock()}
+            version = int(json.loads(row)["version"] if row else 0) + 1
+            request: dict[str, Any] = {"version": version, "loaded": loaded, "at": self.clock()}
             if loaded and found.get(DEFAULT_CHECKPOINT):
                 request["checkpoint"] = json.loads(found[DEFAULT_CHECKPOINT])
             values = {"value": json.dumps(request), "updated_at": self.clock()}

@@ -231,10 +231,11 @@ class Worker:
         if keeper is None:
             return
         await keeper.read_checkpoint_request()
-        request = keeper.checkpoint_request
-        for slot in usable:
-            if slot.checkpoint_version is None:
+        if self.slots[0].checkpoint_version is None:  # its first look: say where it starts
+            for slot in self.slots:
                 slot.checkpoint_version = keeper.checkpoint_baseline
+            await self._beat()
+        request = keeper.checkpoint_request
         if request is None:
             return
         behind = [s for s in usable if (s.checkpoint_version or 0) < request["version"]]

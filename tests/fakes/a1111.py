@@ -144,6 +144,7 @@ class FakeA1111:
             Route("/sdapi/v1/memory", self._memory, methods=["GET"]),
             Route("/sdapi/v1/interrogate", self._interrogate, methods=["POST"]),
             Route("/sdapi/v1/extra-single-image", self._extra, methods=["POST"]),
+            Route("/sdapi/v1/extra-batch-images", self._extra_batch, methods=["POST"]),
             Route("/controlnet/model_list", self._cn_models, methods=["GET"]),
             Route("/controlnet/detect", self._cn_detect, methods=["POST"]),
         ]
@@ -318,6 +319,13 @@ class FakeA1111:
         self.received.append(Received(request.url.path, body, time.time()))
         return JSONResponse({"html_info": "<p>upscaled</p>",
                              "image": base64.b64encode(tiny_png("upscaled", 16)).decode()})
+
+    async def _extra_batch(self, request: Request) -> Response:
+        body = await request.json()
+        self.received.append(Received(request.url.path, body, time.time()))
+        image = base64.b64encode(tiny_png("upscaled", 16)).decode()
+        return JSONResponse({"html_info": "<p>upscaled</p>",
+                             "images": [image for _ in body.get("imageList") or []]})
 
     async def _cn_models(self, request: Request) -> Response:
         return JSONResponse({"model_list": ["control_v11p_sd15_canny [d14c016b]"]})
