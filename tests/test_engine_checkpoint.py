@@ -38,8 +38,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("engine-checkpoint")
     source = tiny_sd.sd15(root / "configs" / "sd15")
+    checkpoints = root / "models" / "Stable-diffusion"
     for name in ("a-tiny", "b-tiny"):
-        tiny_sd.write_single_file(source, root / "models" / "Stable-diffusion" / f"{name}.safetensors")
+        tiny_sd.write_single_file(source, checkpoints / f"{name}.safetensors")
     yield root
 
 

@@ -332,7 +332,7 @@ def queued_route(kind: str):  # type: ignore[no-untyped-def]
 
 
 _TRAINING = (
-    "The proxy does not run training: it holds one GPU for hours outside any queue. Train on an "
+    "The proxy does not run training, which holds a GPU for hours outside any queue. Train on an "
     "A1111 directly (its Train tab, or its own API at one of A1111_URLS), then POST "
     "/sdapi/v1/{refresh} here and use it in prompts ({listed} lists them)."
 )
