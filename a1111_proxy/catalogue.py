@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import catalogue, controls
+from a1111_proxy.jobs import NOTIFY_CHANNEL
 
 # What the worker fetches from a backend, by catalogue name: (method, path). Names are the
 # paths the API answers under /sdapi/v1 (or /controlnet).
@@ -44,6 +45,9 @@ ENTRIES: dict[str, str] = {
 DEFAULT_CHECKPOINT = "default_checkpoint"
 PENDING_OPTIONS = "pending_options"  # {"version": n, "options": {...}}
 REFRESH_REQUESTED = "refresh_requested"  # {"at": unix seconds, "what": [...]}
+# POST /sdapi/v1/unload-checkpoint and reload-checkpoint: the state every backend is asked to
+# reach between its jobs, {"version": n, "loaded": bool, "at": unix seconds}; the latest wins.
+CHECKPOINT_REQUEST = "checkpoint_request"
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,31 @@ class CatalogueStore:
                     update(controls).where(controls.c.key == PENDING_OPTIONS).values(**values)
                 )
         return int(merged["version"])
+
+    async def request_checkpoint(self, loaded: bool) -> int:
+        """Ask every backend to unload (False) or reload (True) its checkpoint between jobs (a
+        reload names the default checkpoint set with POST /options, when there is one); return
+        the request's version, which workers report once they applied it."""
+        async with self.db.writing() as conn:
+            found: dict[str, str] = {key: value for key, value in (await conn.execute(
+                select(controls.c.key, controls.c.value)
+                .where(controls.c.key.in_([CHECKPOINT_REQUEST, DEFAULT_CHECKPOINT]))
+            )).all()}
+            row = found.get(CHECKPOINT_REQUEST)
+            version = int(json.loads(row)["version"] if row else 0) + 1
+            request: dict[str, Any] = {"version": version, "loaded": loaded, "at": self.clock()}
+            if loaded and found.get(DEFAULT_CHECKPOINT):
+                request["checkpoint"] = json.loads(found[DEFAULT_CHECKPOINT])
+            values = {"value": json.dumps(request), "updated_at": self.clock()}
+            if row is None:
+                await conn.execute(insert(controls).values(key=CHECKPOINT_REQUEST, **values))
+            else:
+                await conn.execute(
+                    update(controls).where(controls.c.key == CHECKPOINT_REQUEST).values(**values)
+                )
+            if not self.db.is_sqlite:  # wake idle workers (SQLite's change counter does itself)
+                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+        return version
 
     async def _upsert(self, table: Any, key_column: Any, key: str, values: dict[str, Any]) -> None:
         async with self.db.writing() as conn:

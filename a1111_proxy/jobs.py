@@ -954,6 +954,16 @@ class JobRepository:
         async with self.db.reading() as conn:
             return list((await conn.execute(query.order_by(workers.c.id))).all())
 
+    async def busy_elsewhere(self, owner: str, backends: Sequence[str]) -> set[str]:
+        """Which of `backends` run a job of another worker now (several workers may share an
+        A1111): a control call such as unload-checkpoint must wait for it."""
+        query = select(jobs.c.backend).distinct().where(
+            jobs.c.status == "processing", jobs.c.backend.in_(list(backends)),
+            jobs.c.lease_owner != owner,
+        )
+        async with self.db.reading() as conn:
+            return set((await conn.execute(query)).scalars())
+
     async def ping(self) -> None:
         async with self.db.reading() as conn:
             await conn.execute(text("SELECT 1"))

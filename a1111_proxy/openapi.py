@@ -143,6 +143,13 @@ OPERATIONS: list[Op] = [
          {200: "object", 503: s.A1111Error}) for name in CATALOGUE_OBJECTS),
     *(Op("post", f"/sdapi/v1/refresh-{what}", f"Ask the backends to rescan {what}", "a1111",
          {200: "null"}) for what in ("checkpoints", "loras", "vae", "embeddings")),
+    *(Op("post", f"/sdapi/v1/{what}-checkpoint", summary, "a1111",
+         {200: "object"},
+         description="Applied to every backend between its jobs; answers `{}` (as A1111) once "
+         "all have applied it, or after A1111_PROXY_CHECKPOINT_WAIT_SECONDS with `X-Proxy-Note` "
+         "naming those still running a job. Backends load a model again when a job needs it.")
+      for what, summary in (("unload", "Unload the backends' checkpoint (frees GPU memory)"),
+                            ("reload", "Reload the backends' checkpoint"))),
     Op("post", "/sdapi/v1/png-info", "Read a PNG's generation parameters", "a1111",
        {200: s.PngInfoResponse, 413: s.A1111Error, 422: "any"}, body=s.PngInfoRequest),
     *(Op("post", f"/sdapi/v1/{kind}", f"A1111's {kind}, run as a job on a backend slot",

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     worker_stale_seconds: float = Field(30.0, gt=0)
     catalogue_seconds: float = Field(300.0, gt=0, description="how often the worker refetches models, samplers, options")
     wait_seconds_max: float = Field(3600.0, gt=0, description="the longest a request may wait in wait mode")
+    checkpoint_wait_seconds: float = Field(
+        10.0, ge=0, description="how long unload/reload-checkpoint wait for backends to apply it")
     log_level: str = "info"
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="json: one JSON object a line; auto: json unless stderr is a terminal")

@@ -8,12 +8,20 @@ import time
 from typing import Any
 
 from a1111_proxy.backends import Backend
-from a1111_proxy.catalogue import ENTRIES, PENDING_OPTIONS, REFRESH_REQUESTED, CatalogueStore
+from a1111_proxy.catalogue import (
+    CHECKPOINT_REQUEST,
+    ENTRIES,
+    PENDING_OPTIONS,
+    REFRESH_REQUESTED,
+    CatalogueStore,
+)
 
 log = logging.getLogger("a1111_proxy.worker")
 
 SECRET_WORDS = ("auth", "token", "password", "secret", "key")
-REFRESH_CALLS = {"checkpoints": "/sdapi/v1/refresh-checkpoints", "loras": "/sdapi/v1/refresh-loras"}
+REFRESH_CALLS = {"checkpoints": "/sdapi/v1/refresh-checkpoints", "loras": "/sdapi/v1/refresh-loras",
+                 "vae": "/sdapi/v1/refresh-vae", "embeddings": "/sdapi/v1/refresh-embeddings"}
+CHECKPOINT_READ_SECONDS = 0.1  # unload/reload requests are looked for at most this often
 
 
 class CatalogueKeeper:
@@ -24,6 +32,11 @@ class CatalogueKeeper:
         self.refresh_seen: float | None = None
         self.options_version = 0
         self.options: dict[str, Any] = {}
+        # The latest unload/reload request, and its version when this worker first looked: a
+        # request older than the worker is not applied again.
+        self.checkpoint_request: dict[str, Any] | None = None
+        self.checkpoint_baseline: int | None = None
+        self._checkpoint_read_at = float("-inf")
 
     async def tick(self, usable: list[Backend]) -> None:
         """Refresh when asked or when stale; pick up options waiting to be applied."""
@@ -60,6 +73,27 @@ class CatalogueKeeper:
                         "catalogue it had; is A1111 running with --api?", backend.name, failure)
         else:
             log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
+
+    async def read_checkpoint_request(self) -> None:
+        """Look for a new unload/reload request (cheap; at most every CHECKPOINT_READ_SECONDS)."""
+        now = time.monotonic()
+        if now - self._checkpoint_read_at < CHECKPOINT_READ_SECONDS:
+            return
+        self._checkpoint_read_at = now
+        request = await self.store.get_control(CHECKPOINT_REQUEST)
+        if self.checkpoint_baseline is None:
+            self.checkpoint_baseline = request["version"] if request else 0
+        self.checkpoint_request = request
+
+    async def refresh_memory(self, backend: Backend) -> None:
+        """Refetch /memory after an unload or reload, so it shows the memory freed or used."""
+        try:
+            body = await backend.fetch(ENTRIES["memory"])
+        except Exception as exc:
+            log.debug("memory from %s failed: %s", backend.name, exc)
+            return
+        if body is not None:
+            await self.store.put("memory", body, backend.name)
 
     async def _refresh_backends(self, usable: list[Backend], what: list[str]) -> None:
         for backend in usable:

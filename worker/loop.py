@@ -28,6 +28,8 @@ from worker.execute import Timing, execute
 
 log = logging.getLogger("a1111_proxy.worker")
 
+UNLOAD_PATH = "/sdapi/v1/unload-checkpoint"
+RELOAD_PATH = "/sdapi/v1/reload-checkpoint"
 IDLE_RECHECK_SECONDS = 1.0  # look for due jobs at least this often (retries scheduled later)
 WORKER_BEAT_SECONDS = 5.0
 
@@ -56,6 +58,9 @@ class Slot:
     jobs_done: int = 0
     checkpoint: str | None = None  # the checkpoint its last job asked for (likely still loaded)
     options_version: int = 0  # the pending options it has applied
+    # The unload/reload request it has applied (None: none looked at yet; reported in the
+    # heartbeat, so the API can tell when every backend has applied one).
+    checkpoint_version: int | None = None
     # Jobs whose backend has answered and that are storing their result while the slot's next
     # job already runs.
     finishing: set[asyncio.Task[str]] = field(default_factory=set)
@@ -72,6 +77,7 @@ class Slot:
             "down_since": self.down_since,
             "jobs_done": self.jobs_done,
             "checkpoint": self.checkpoint,
+            "checkpoint_version": self.checkpoint_version,
         }
 
 
@@ -187,6 +193,7 @@ class Worker:
         usable = await self._usable_slots()
         if not usable:
             return False
+        await self._apply_checkpoint_request(usable)
         for slot in usable:
             await self._apply_options(slot)
         claimed = await self.repo.claim(
@@ -217,6 +224,45 @@ class Worker:
             log.info("applied options %s to %s", sorted(keeper.options), slot.backend.name)
         except Exception as exc:
             log.warning("could not apply options to %s: %s", slot.backend.name, exc)
+
+    async def _apply_checkpoint_request(self, usable: list[Slot]) -> None:
+        """POST /sdapi/v1/unload-checkpoint or reload-checkpoint reach each backend between its
+        jobs, never during one (nor during another worker's job on a shared A1111); then the
+        heartbeat tells the API, which waits for it, and /memory is refetched."""
+        keeper = self.keeper
+        if keeper is None:
+            return
+        await keeper.read_checkpoint_request()
+        if self.slots[0].checkpoint_version is None:  # its first look: say where it starts
+            for slot in self.slots:
+                slot.checkpoint_version = keeper.checkpoint_baseline
+            await self._beat()
+        request = keeper.checkpoint_request
+        if request is None:
+            return
+        behind = [s for s in usable if (s.checkpoint_version or 0) < request["version"]]
+        if not behind:
+            return
+        busy = await self.repo.busy_elsewhere(self.worker_id, [s.backend.name for s in behind])
+        ready = [s for s in behind if s.backend.name not in busy]
+        await asyncio.gather(*(self._apply_checkpoint(s, request) for s in ready))
+        if ready:
+            await self._beat()
+            await keeper.refresh_memory(ready[0].backend)
+
+    async def _apply_checkpoint(self, slot: Slot, request: dict[str, Any]) -> None:
+        slot.checkpoint_version = request["version"]
+        loaded = bool(request["loaded"])
+        path = RELOAD_PATH if loaded else UNLOAD_PATH
+        # A1111 reloads its own current checkpoint and ignores the body; the engine loads this.
+        body = {"sd_model_checkpoint": request["checkpoint"]} if request.get("checkpoint") else None
+        try:
+            await slot.backend.post(path, body)
+            log.info("%s the checkpoint on %s", "reloaded" if loaded else "unloaded",
+                     slot.backend.name)
+        except Exception as exc:  # A1111 loads on demand: the next job still runs
+            log.warning("could not %s the checkpoint on %s: %s",
+                        "reload" if loaded else "unload", slot.backend.name, exc)
 
     async def _keep_catalogue(self) -> None:
         assert self.keeper is not None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress
-from a1111_proxy.engine import detect, hires
+from a1111_proxy.engine import control, detect, hires, memory
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.controlnet import ControlNetCatalog
@@ -28,6 +28,8 @@ from a1111_proxy.engine.pipeline import RunState, generate
 from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES
 
 log = logging.getLogger("a1111_proxy.engine")
+UNLOAD = "/sdapi/v1/unload-checkpoint"
+RELOAD = "/sdapi/v1/reload-checkpoint"
 
 
 def _sd_model(catalog: Catalog, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -147,6 +149,8 @@ class DiffusersBackend:
             return hires.upscalers()
         if path == "/sdapi/v1/latent-upscale-modes":
             return hires.latent_upscale_modes()
+        if path == "/sdapi/v1/memory":
+            return memory.report(self.models.device)
         if path == "/sdapi/v1/scripts":
             return {"txt2img": [], "img2img": []}
         if path == "/sdapi/v1/loras":
@@ -154,9 +158,38 @@ class DiffusersBackend:
         return ControlNetCatalog(self.config.models_dir).catalogue(path)
 
     async def post(self, path: str, body: Any) -> Any:
+        """Control calls between jobs: refresh (rescan MODELS_DIR), unload-checkpoint (free
+        every loaded model) and reload-checkpoint (load `sd_model_checkpoint` from the body,
+        else the checkpoint used last, else the first); the last two answer `{}` as A1111."""
+        if path == UNLOAD:
+            return await self._in_engine(self._unload)
+        if path == RELOAD:
+            wanted = body.get("sd_model_checkpoint") if isinstance(body, dict) else None
+            return await self._in_engine(self._reload, wanted)
         if path.startswith("/sdapi/v1/refresh-"):
             self.models.catalog.checkpoints = self.models.catalog.scan()
         return None
+
+    async def _in_engine(self, action: Any, *args: Any) -> Any:
+        """Run `action` on the engine thread, never beside a job."""
+        async with self._lock:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, action, *args)
+
+    def _unload(self) -> dict[str, Any]:
+        names = self.models.loaded()
+        control.unload(self.models)
+        self.models.unload_all()
+        log.info("unloaded %s", ", ".join(names) or "nothing (no model was loaded)")
+        return {}
+
+    def _reload(self, wanted: str | None) -> dict[str, Any]:
+        try:
+            self.models.get(wanted)
+        except InvalidParams as exc:
+            raise BackendRejected(
+                f"the diffusers engine could not reload a checkpoint: {exc}"
+            ) from None
+        return {}
 
     async def aclose(self) -> None:
         state = self._state

@@ -158,6 +158,11 @@ def _check_fits(found: ControlNetFile, model: Any, unet: Any) -> None:
 _engines: WeakKeyDictionary[Any, ControlNets] = WeakKeyDictionary()
 
 
+def unload(models: Any) -> None:
+    """Forget the ControlNet models loaded for this engine (unload-checkpoint)."""
+    _engines.pop(models, None)
+
+
 def prepare(models: Any, loaded: Any, params: Params) -> Control | None:
     """Load the units' models and make their control images (None: no enabled unit)."""
     if not params.controlnet_units:

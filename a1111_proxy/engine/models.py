@@ -105,9 +105,17 @@ class Models:
             return self._loaded[checkpoint.name]
 
     def unload_all(self) -> None:
+        """Drop every loaded model (checkpoints, preview decoders) and free their memory; the
+        next job loads what it needs again (the checkpoint used last when it names none)."""
         with self._lock:
             self._loaded.clear()
+            self.previews.unload()
             free_memory()
+
+    def loaded(self) -> list[str]:
+        """Names of the loaded checkpoints, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
 
     def _make_room(self) -> None:
         while len(self._loaded) >= max(self.config.cached_models, 1):

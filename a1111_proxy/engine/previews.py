@@ -67,6 +67,10 @@ class Previews:
                 self._decoders[sdxl] = self._load(self.folder / ("taesdxl" if sdxl else "taesd"))
             return self._decoders[sdxl]
 
+    def unload(self) -> None:
+        with self._lock:
+            self._decoders.clear()
+
     def _load(self, folder: Path) -> Any:
         if not (folder / "config.json").is_file():
             return None

@@ -9,7 +9,7 @@ from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue,
 CATALOGUE = (
     "samplers", "schedulers", "upscalers", "latent-upscale-modes",
     "sd-vae", "scripts", "script-info", "embeddings", "prompt-styles", "hypernetworks",
-    "face-restorers", "realesrgan-models", "extensions", "memory", "cmd-flags",
+    "face-restorers", "realesrgan-models", "extensions", "cmd-flags",
 )
 QUEUED = ("interrogate", "extra-single-image", "extra-batch-images")
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -37,8 +37,11 @@ ROUTES = [
     *(Route(f"/sdapi/v1/{name}", a1111.catalogue_entry, methods=["GET"]) for name in CATALOGUE),
     Route("/sdapi/v1/refresh-checkpoints", a1111.refresh_checkpoints, methods=["POST"]),
     Route("/sdapi/v1/refresh-loras", a1111.refresh_loras, methods=["POST"]),
-    Route("/sdapi/v1/refresh-vae", a1111.refresh_other, methods=["POST"]),
-    Route("/sdapi/v1/refresh-embeddings", a1111.refresh_other, methods=["POST"]),
+    Route("/sdapi/v1/refresh-vae", a1111.refresh_vae, methods=["POST"]),
+    Route("/sdapi/v1/refresh-embeddings", a1111.refresh_embeddings, methods=["POST"]),
+    Route("/sdapi/v1/memory", a1111.memory, methods=["GET"]),
+    Route("/sdapi/v1/unload-checkpoint", a1111.unload_checkpoint, methods=["POST"]),
+    Route("/sdapi/v1/reload-checkpoint", a1111.reload_checkpoint, methods=["POST"]),
     Route("/sdapi/v1/png-info", a1111.png_info, methods=["POST"]),
     *(Route(f"/sdapi/v1/{kind}", a1111.queued_route(kind), methods=["POST"]) for kind in QUEUED),
     Route("/controlnet/detect", a1111.queued_route("controlnet-detect"), methods=["POST"]),

@@ -6,7 +6,9 @@ catalogue (models, samplers, options, ...) is what the worker last fetched.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -25,9 +27,12 @@ from a1111_proxy.catalogue import (
 )
 from a1111_proxy.errors import JobNotFound, ProxyError, a1111_error
 from a1111_proxy.jobs import JobRepository
+from a1111_proxy.memory import unknown as memory_unknown
 from a1111_proxy.middleware import caller
 from a1111_proxy.pnginfo import decode_image, parse_infotext, text_chunks
 from a1111_proxy.routes.jobs import read_json_object, submit
+
+log = logging.getLogger("a1111_proxy")
 
 IDLE_STATE = {
     "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
@@ -233,13 +238,93 @@ async def refresh_loras(request: Request) -> Response:
     return JSONResponse(None)
 
 
-async def refresh_other(request: Request) -> Response:
-    await _request_refresh(request, [])
+async def refresh_vae(request: Request) -> Response:
+    await _request_refresh(request, ["vae"])
+    return JSONResponse(None)
+
+
+async def refresh_embeddings(request: Request) -> Response:
+    await _request_refresh(request, ["embeddings"])
     return JSONResponse(None)
 
 
 async def _request_refresh(request: Request, what: list[str]) -> None:
     await _store(request).set_control(REFRESH_REQUESTED, {"at": time.time(), "what": what})
+
+
+# --- checkpoint and memory --------------------------------------------------------------
+
+CHECKPOINT_POLL_SECONDS = 0.05
+NO_MEMORY_YET = (
+    "no backend has reported its memory yet: the worker reads it from its first backend with "
+    "the rest of the catalogue (is `a1111-proxy worker` running? see /health); this is the "
+    "API process's own RAM"
+)
+
+
+async def unload_checkpoint(request: Request) -> Response:
+    """Frees the backends' GPU memory (text-generation-webui calls it to share VRAM)."""
+    return await _checkpoint(request, loaded=False)
+
+
+async def reload_checkpoint(request: Request) -> Response:
+    return await _checkpoint(request, loaded=True)
+
+
+async def _checkpoint(request: Request, *, loaded: bool) -> Response:
+    """A1111 answers `{}` once it has unloaded (reloaded) its model. Here the request is
+    recorded, every worker applies it to each of its backends between jobs, and the answer
+    waits for that, up to CHECKPOINT_WAIT_SECONDS. A backend still running a job then applies
+    it after that job; the answer is `{}` all the same (as A1111's), and `X-Proxy-Note` and the
+    log say what is pending. A job submitted afterwards runs: backends load on demand."""
+    version = await _store(request).request_checkpoint(loaded)
+    note = await _await_applied(request, version)
+    if note is None:
+        return JSONResponse({})
+    what = "reload" if loaded else "unload"
+    log.warning("%s-checkpoint: %s", what, note)
+    return JSONResponse({}, headers={"X-Proxy-Note": f"{what}-checkpoint {note}"})
+
+
+async def _await_applied(request: Request, version: int) -> str | None:
+    """None once every live backend has applied request `version`; else what is pending."""
+    settings = request.state.settings
+    deadline = time.monotonic() + settings.checkpoint_wait_seconds
+    while True:
+        workers = await _repo(request).live_workers(settings.worker_stale_seconds)
+        waiting, down = _not_applied(workers, version)
+        if not workers or not waiting or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(CHECKPOINT_POLL_SECONDS)
+    if not workers:
+        return ("recorded, but no worker is running to apply it: start `a1111-proxy worker` "
+                "(a backend loads its model again when a job needs it)")
+    parts = []
+    if waiting:
+        parts.append(f"pending on {', '.join(waiting)} until its running job ends")
+    if down:
+        parts.append(f"pending on {', '.join(down)}, unreachable now")
+    return "; ".join(parts) or None
+
+
+def _not_applied(workers: list[Any], version: int) -> tuple[list[str], list[str]]:
+    """Backends of live workers that have not applied request `version`: (up, down). A slot
+    that has not looked yet (None) will start past it."""
+    waiting: set[str] = set()
+    down: set[str] = set()
+    for row in workers:
+        for slot in json.loads(row.slots):
+            applied = slot.get("checkpoint_version")
+            if applied is not None and applied < version:
+                (down if slot.get("state") == "down" else waiting).add(slot["backend"])
+    return sorted(waiting), sorted(down - waiting)
+
+
+async def memory(request: Request) -> Response:
+    """The backend's own answer (A1111's `{ram, cuda}`) as the worker last fetched it; never
+    `{}`: before any backend reported, this process's RAM and a `cuda.error` saying why."""
+    body = await _store(request).get("memory")
+    return JSONResponse(body if body else memory_unknown(NO_MEMORY_YET))
 
 
 async def controlnet_entry(request: Request) -> Response:
@@ -283,14 +368,51 @@ def queued_route(kind: str):  # type: ignore[no-untyped-def]
     return endpoint
 
 
+_TRAINING = (
+    "The proxy does not run training, which holds a GPU for hours outside any queue. Train on an "
+    "A1111 directly (its Train tab, or its own API at one of A1111_URLS), then POST "
+    "/sdapi/v1/{refresh} here and use it in prompts ({listed} lists them)."
+)
+_SERVER = (
+    "it {does} the A1111 process (A1111 offers it only with --api-server-stop). The proxy does "
+    "not let API clients stop its backends or itself: restart an A1111 on its own machine (the "
+    "worker notices when it is back; see /health), and stop or restart the proxy with its "
+    "process manager (SIGTERM to `a1111-proxy serve` and `a1111-proxy worker`, supervisorctl, "
+    "docker compose restart)."
+)
+_EMBEDDINGS = {"refresh": "refresh-embeddings", "listed": "GET /sdapi/v1/embeddings"}
+_HYPERNETWORKS = {"refresh": "refresh-checkpoints", "listed": "GET /sdapi/v1/hypernetworks"}
+# A1111 v1.10 routes (modules/api/api.py) that the proxy does not offer: what each is, why not,
+# and what to use instead. Every other A1111 route works (tests/test_a1111_routes.py).
+NOT_OFFERED: dict[str, str] = {
+    "/sdapi/v1/create/embedding": "it creates an empty textual-inversion embedding for "
+    "training. " + _TRAINING.format(**_EMBEDDINGS),
+    "/sdapi/v1/train/embedding": "it trains a textual-inversion embedding. "
+    + _TRAINING.format(**_EMBEDDINGS),
+    "/sdapi/v1/create/hypernetwork": "it creates an empty hypernetwork for training. "
+    + _TRAINING.format(**_HYPERNETWORKS),
+    "/sdapi/v1/train/hypernetwork": "it trains a hypernetwork. "
+    + _TRAINING.format(**_HYPERNETWORKS),
+    "/sdapi/v1/server-kill": _SERVER.format(does="kills"),
+    "/sdapi/v1/server-restart": _SERVER.format(does="restarts"),
+    "/sdapi/v1/server-stop": _SERVER.format(does="stops"),
+}
+
+
 async def unsupported(request: Request) -> Response:
-    """405 when the path exists with another method; otherwise a 404 that says what is offered."""
+    """405 when the path exists with another method; a 404 saying why and what to use instead
+    for the A1111 routes not offered; otherwise a 404 that says what is offered."""
     for route in request.app.router.routes:
         if getattr(route, "endpoint", None) is unsupported:
             continue
         match, _ = route.matches({**request.scope, "method": "__none__"})
         if match is Match.PARTIAL:
             return a1111_error(405, "HTTPException", "Method Not Allowed", "method_not_allowed")
+    reason = NOT_OFFERED.get(request.url.path.rstrip("/"))
+    if reason is not None:
+        raise UnsupportedRoute(
+            f"a1111-proxy does not offer {request.method} {request.url.path}: {reason}"
+        )
     raise UnsupportedRoute(
         f"a1111-proxy does not offer {request.method} {request.url.path}. It offers txt2img, "
         "img2img, the job API (/sdapi/v1/jobs), progress, interrupt, skip, options, the model "

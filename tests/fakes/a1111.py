@@ -117,8 +117,16 @@ class FakeA1111:
                            "model_url": None, "scale": 4}],
             "scripts": {"txt2img": ["x/y/z plot", "controlnet m2m"], "img2img": ["x/y/z plot"]},
             "cmd-flags": {"api": True, "api_auth": "user:hunter2", "gradio_auth": None, "port": 7860},
-            "memory": {"ram": {"free": 1, "used": 2, "total": 3}},
+            # The rest of A1111 v1.10's lists, as a fresh install answers them.
+            "latent-upscale-modes": [{"name": "Latent"}, {"name": "Latent (nearest-exact)"}],
+            "sd-vae": [], "hypernetworks": [], "realesrgan-models": [], "prompt-styles": [],
+            "face-restorers": [{"name": "CodeFormer", "cmd_dir": None}],
+            "embeddings": {"loaded": {}, "skipped": {}}, "script-info": [], "extensions": [],
         }
+        # The checkpoint's place: A1111 loads it on demand when a generation needs it.
+        self.loaded = True
+        self.timeline: list[str] = []  # unload-checkpoint, reload-checkpoint, load, txt2img...
+        self.checkpoint_calls_while_generating = 0  # A1111 would crash; the proxy never does it
         control = [
             Route("/sdapi/v1/txt2img", self._generate, methods=["POST"]),
             Route("/sdapi/v1/img2img", self._generate, methods=["POST"]),
@@ -129,8 +137,14 @@ class FakeA1111:
             Route("/sdapi/v1/options", self._get_options, methods=["GET"]),
             Route("/sdapi/v1/options", self._set_options, methods=["POST"]),
             Route("/sdapi/v1/refresh-checkpoints", self._refresh, methods=["POST"]),
+            *(Route(f"/sdapi/v1/refresh-{what}", self._refresh_other, methods=["POST"])
+              for what in ("loras", "vae", "embeddings")),
+            Route("/sdapi/v1/unload-checkpoint", self._checkpoint, methods=["POST"]),
+            Route("/sdapi/v1/reload-checkpoint", self._checkpoint, methods=["POST"]),
+            Route("/sdapi/v1/memory", self._memory, methods=["GET"]),
             Route("/sdapi/v1/interrogate", self._interrogate, methods=["POST"]),
             Route("/sdapi/v1/extra-single-image", self._extra, methods=["POST"]),
+            Route("/sdapi/v1/extra-batch-images", self._extra_batch, methods=["POST"]),
             Route("/controlnet/model_list", self._cn_models, methods=["GET"]),
             Route("/controlnet/detect", self._cn_detect, methods=["POST"]),
         ]
@@ -179,6 +193,10 @@ class FakeA1111:
             self.in_flight -= 1
 
     async def _run(self, kind: str, body: dict[str, Any]) -> Response:
+        if not self.loaded:
+            self.loaded = True
+            self.timeline.append("load")
+        self.timeline.append(kind)
         number = next(self._numbers)
         steps = int(body.get("steps") or 20)
         duration = float(body.get("fake_seconds", self.service_time))
@@ -261,6 +279,36 @@ class FakeA1111:
             self.models.append(dict(NEW_MODEL))
         return JSONResponse(None)
 
+    async def _refresh_other(self, request: Request) -> Response:
+        self.received.append(Received(request.url.path, None, time.time()))
+        return JSONResponse(None)
+
+    async def _checkpoint(self, request: Request) -> Response:
+        """A1111's unloadapi/reloadapi: `{}` once the model is off (back on) the GPU."""
+        raw = await request.body()
+        body = json.loads(raw) if raw else None
+        self.received.append(Received(request.url.path, body, time.time()))
+        what = request.url.path.rsplit("/", 1)[-1]
+        self.timeline.append(what)
+        if self.current is not None or self.in_flight:
+            self.checkpoint_calls_while_generating += 1
+        self.loaded = what == "reload-checkpoint"
+        return JSONResponse({})
+
+    async def _memory(self, request: Request) -> Response:
+        """A1111's get_memory shape; the model's 2 GiB are allocated while it is loaded."""
+        model = 2 * 2**30 if self.loaded else 0
+        pair = {"current": model, "peak": 2 * 2**30}
+        total = 24 * 2**30
+        return JSONResponse({
+            "ram": {"free": 60.0 * 2**30, "used": 4 * 2**30, "total": 64.0 * 2**30},
+            "cuda": {"system": {"free": total - model - 2**30, "used": model + 2**30,
+                                "total": total},
+                     "active": pair, "allocated": pair, "reserved": pair,
+                     "inactive": {"current": 0, "peak": 0},
+                     "events": {"retries": 0, "oom": 0}},
+        })
+
     async def _interrogate(self, request: Request) -> Response:
         body = await request.json()
         self.received.append(Received(request.url.path, body, time.time()))
@@ -271,6 +319,13 @@ class FakeA1111:
         self.received.append(Received(request.url.path, body, time.time()))
         return JSONResponse({"html_info": "<p>upscaled</p>",
                              "image": base64.b64encode(tiny_png("upscaled", 16)).decode()})
+
+    async def _extra_batch(self, request: Request) -> Response:
+        body = await request.json()
+        self.received.append(Received(request.url.path, body, time.time()))
+        image = base64.b64encode(tiny_png("upscaled", 16)).decode()
+        return JSONResponse({"html_info": "<p>upscaled</p>",
+                             "images": [image for _ in body.get("imageList") or []]})
 
     async def _cn_models(self, request: Request) -> Response:
         return JSONResponse({"model_list": ["control_v11p_sd15_canny [d14c016b]"]})
