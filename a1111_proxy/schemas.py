@@ -151,6 +151,7 @@ class Caps:
             if (value := getattr(request, name)) is not None and value > limit
         ]
 
+
 WebhookEvent = Literal["started", "progress", "completed"]
 
 
@@ -219,11 +220,11 @@ def omit_images(value: Any) -> Any:
 RESIZED_KEY = "__a1111_proxy_input_images_resized__"
 
 
-def stored_request(body: dict[str, Any], resized: list[Any]) -> dict[str, Any]:
+def stored_request(body: dict[str, Any], resized: list[dict[str, Any]]) -> dict[str, Any]:
     """The body as stored for users to see: images left out, and the resizes, if any, noted."""
     stored = omit_images(body)
     if resized:
-        stored[RESIZED_KEY] = [item.as_dict() for item in resized]
+        stored[RESIZED_KEY] = resized
     return stored
 
 

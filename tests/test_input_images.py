@@ -42,10 +42,12 @@ def png_header_only(width: int, height: int) -> str:
     """A PNG whose header claims `width` x `height` and whose pixel data is a few junk bytes: it
     can only be measured, never decoded."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"junk") + chunk(b"IEND", b"")
+    chunks = chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"junk") + chunk(b"IEND", b"")
+    raw = b"\x89PNG\r\n\x1a\n" + chunks
     return base64.b64encode(raw).decode()
 
 

@@ -27,6 +27,7 @@ from a1111_proxy.schemas import (
     stored_request,
 )
 from a1111_proxy.db.tables import STATUSES
+from a1111_proxy.settings import Settings
 
 MAX_PAGE = 200
 
@@ -56,7 +57,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     wait = wait_preference(request, default_wait=wait_by_default)
     new = NewJob(
         type=kind,
-        request=json.dumps(stored_request(a1111_body, resized)),
+        request=json.dumps(stored_request(a1111_body, [item.as_dict() for item in resized])),
         payload=json.dumps(a1111_body),
         priority=proxy.priority,
         webhook_url=proxy.webhook_url,
@@ -169,13 +170,13 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def caps(settings: Any) -> Caps:
+def caps(settings: Settings) -> Caps:
     return Caps(settings.max_steps, settings.max_n_iter, settings.max_batch_size,
                 settings.max_width_height)
 
 
 def validate_submission(
-    kind: str, body: dict[str, Any], a1111_body: dict[str, Any], limits: Caps | None = None
+    kind: str, body: dict[str, Any], a1111_body: dict[str, Any], limits: Caps
 ) -> ProxyFields:
     """Check the A1111 part as A1111 would, then the operator's caps, and our own fields;
     report every problem at once."""
@@ -183,7 +184,7 @@ def validate_submission(
     model = REQUEST_MODELS.get(kind)
     try:
         if model is not None:
-            errors += (limits or Caps()).problems(model.model_validate(a1111_body))
+            errors += limits.problems(model.model_validate(a1111_body))
     except ValidationError as exc:
         errors += validation_detail(exc)
     try:
