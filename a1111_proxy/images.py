@@ -1,9 +1,12 @@
-"""Input images in request bodies: found, checked and, when too large, resized down.
+"""Input images in request bodies: found, checked from their headers, passed on unchanged.
 
 Every image a client sends (img2img `init_images` and `mask`, ControlNet units, extras,
-interrogate) must decode as PNG, JPEG or WEBP, stay under a pixel budget (decompression bombs
-are refused before decoding), and is resized so that no side exceeds `max_side` (LANCZOS,
-keeping the aspect ratio, as the ControlNet API did). http(s) URLs are refused unless allowed.
+interrogate, ControlNet detect) is read as A1111's `decode_base64_to_image` reads it: base64,
+raw or behind a `data:image/...;base64,` prefix, of any file Pillow opens. Its size comes from
+its header and must stay within a pixel budget (decompression bombs); its pixels are not decoded,
+and the client's string goes on to A1111 unchanged. Only when the operator opts in
+(`resize_max_side`) is a larger image decoded and resized down (LANCZOS, aspect kept), and the
+caller told so. http(s) URLs are refused unless allowed.
 """
 
 from __future__ import annotations
@@ -11,20 +14,20 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import warnings
+import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+MAX_PIXELS = 16384 * 16384
 
 
 @dataclass(frozen=True)
 class ImageRules:
-    max_pixels: int = 40_000_000
-    max_side: int = 2048
+    max_pixels: int = MAX_PIXELS
+    resize_max_side: int = 0  # 0: never resize
     allow_urls: bool = False
 
 
@@ -35,6 +38,24 @@ class ImageProblem(ValueError):
         super().__init__(message)
         self.loc = loc
         self.message = message
+
+
+@dataclass(frozen=True)
+class Resized:
+    """An input image the opt-in resize changed: where, and from what size to what size."""
+
+    loc: list[str | int]
+    before: tuple[int, int]
+    after: tuple[int, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loc": self.loc, "from": list(self.before), "to": list(self.after)}
+
+
+@dataclass
+class Checked:
+    problems: list[ImageProblem] = field(default_factory=list)
+    resized: list[Resized] = field(default_factory=list)
 
 
 def image_fields(kind: str, body: dict[str, Any]) -> Iterator[tuple[list[str | int], Any, Any]]:
@@ -100,66 +121,93 @@ async def fetch_image_urls(
     return problems
 
 
-def check_images(kind: str, body: dict[str, Any], rules: ImageRules) -> list[ImageProblem]:
-    """Check (and resize in place) every image of the body; return the problems found."""
-    problems = []
+def check_images(kind: str, body: dict[str, Any], rules: ImageRules) -> Checked:
+    """Check every image of the body (resizing in place only when the rules ask for it)."""
+    checked = Checked()
     for loc, container, key in list(image_fields(kind, body)):
         value = container[key]
         if not isinstance(value, str):
             continue
         try:
-            container[key] = check_image(value, rules)
+            container[key], sizes = check_image(value, rules)
         except ValueError as exc:
-            problems.append(ImageProblem(loc, str(exc)))
-    return problems
+            checked.problems.append(ImageProblem(loc, str(exc)))
+            continue
+        if sizes is not None:
+            checked.resized.append(Resized(loc, *sizes))
+    return checked
 
 
-def check_image(value: str, rules: ImageRules) -> str:
-    """The image, checked; re-encoded only when it had to be resized."""
+def check_image(
+    value: str, rules: ImageRules
+) -> tuple[str, tuple[tuple[int, int], tuple[int, int]] | None]:
+    """The image as the client sent it, or (opt-in) resized, with (size before, size after)."""
     if value.startswith(("http://", "https://")):
         # Allowed URLs were fetched (through the SSRF guard) before we got here.
         raise ValueError("image URLs are not accepted here: send the image as base64 or a data: "
                          "URI (or set A1111_PROXY_IMAGE_URLS=true)")
-    prefix, data = _split_data_uri(value)
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not valid base64 (send raw base64 or a data:image/...;base64, URI)") from None
-    image = _open(raw, rules)
-    if max(image.size) <= rules.max_side:
-        return value
-    return prefix + base64.b64encode(_resized(image, rules.max_side)).decode("ascii")
-
-
-def _split_data_uri(value: str) -> tuple[str, str]:
-    if value.startswith("data:"):
-        head, _, data = value.partition(",")
-        return head + ",", data
-    return "", value
-
-
-def _open(raw: bytes, rules: ImageRules) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw), formats=sorted(FORMATS))
-    except Image.DecompressionBombError:
-        raise ValueError("the image has too many pixels") from None
-    except Exception:
-        raise ValueError("not an image this server reads (PNG, JPEG or WEBP)") from None
+    image = open_lazily(decode_base64(value))
     width, height = image.size
     if width * height > rules.max_pixels:
-        raise ValueError(f"the image is {width}x{height}, more than {rules.max_pixels} pixels")
+        raise ValueError(
+            f"the image is {width}x{height}, more than {rules.max_pixels} pixels; send a smaller "
+            "image (or raise A1111_PROXY_IMAGE_MAX_PIXELS)")
+    if not rules.resize_max_side or max(image.size) <= rules.resize_max_side:
+        return value, None
+    png, size = _resized(image, rules.resize_max_side)
+    prefix = "data:image/png;base64," if value.startswith("data:") else ""
+    return prefix + base64.b64encode(png).decode("ascii"), (image.size, size)
+
+
+def decode_base64(value: str) -> bytes:
+    """The bytes of a base64 image, as A1111's decode_base64_to_image finds them: after a
+    `data:image/<type>;base64,` prefix when there is one, ignoring characters outside the
+    base64 alphabet (line breaks)."""
+    data = value
+    if value.startswith("data:"):
+        parts = value.split(";")
+        if not value.startswith("data:image/") or len(parts) < 2 or "," not in parts[1]:
+            raise ValueError("a data: URI must be data:image/<type>;base64,<data> (as A1111 "
+                             "reads them), or send raw base64")
+        data = parts[1].split(",")[1]
+    try:
+        return base64.b64decode(data)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            "not valid base64 (send raw base64 or a data:image/...;base64, URI)") from None
+
+
+def open_lazily(raw: bytes) -> Image.Image:
+    """The image in `raw`, opened as `Image.open` does (format from the first bytes, size from
+    the header, pixels not decoded until `load()`), but without Pillow's process-wide
+    decompression-bomb limit: callers check the size against their own."""
+    Image.preinit()
+    Image.init()
+    prefix = raw[:16]
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        try:
+            accepted = not accept or accept(prefix)
+            if accepted and not isinstance(accepted, str):  # a str: Pillow's warning, no match
+                return factory(io.BytesIO(raw), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # as Image.open: not this one
+            continue
+        except Exception as exc:
+            raise ValueError(f"the {name} image's header is damaged ({exc})") from None
+    raise ValueError("not an image (Pillow, which A1111 decodes with, cannot identify it): "
+                     "send a PNG, JPEG, WebP or another format A1111 opens")
+
+
+def _resized(image: Image.Image, max_side: int) -> tuple[bytes, tuple[int, int]]:
     try:
         image.load()
     except Exception:
         raise ValueError("the image data is damaged or truncated") from None
-    return image
-
-
-def _resized(image: Image.Image, max_side: int) -> bytes:
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     out = io.BytesIO()
-    image.resize(size, Image.Resampling.LANCZOS).save(out, format="PNG")
-    return out.getvalue()
+    # The EXIF orientation goes along, so the image is still shown (and used) the same way up.
+    image.resize(size, Image.Resampling.LANCZOS).save(out, format="PNG", exif=image.getexif())
+    return out.getvalue(), size

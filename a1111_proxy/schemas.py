@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -25,7 +26,8 @@ def _truncate_float(value: Any) -> Any:
 LooseInt = Annotated[int, BeforeValidator(_truncate_float)]
 
 
-MAX_PROMPT = 50_000  # characters; A1111 splits prompts into 75-token chunks, this is far beyond
+def _cap(setting: str, default: int) -> str:
+    return f"at most A1111_PROXY_{setting} ({default} unless the operator changed it)"
 
 
 class _Lenient(BaseModel):
@@ -37,8 +39,8 @@ class _Lenient(BaseModel):
 class Txt2ImgRequest(_Lenient):
     """The body of A1111's `POST /sdapi/v1/txt2img` (A1111 v1.10.1 field set and defaults)."""
 
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT)] | None = ""
-    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT)] | None = ""
+    prompt: str | None = ""
+    negative_prompt: str | None = ""
     styles: list[str] | None = None
     seed: LooseInt | None = -1
     subseed: LooseInt | None = -1
@@ -47,18 +49,25 @@ class Txt2ImgRequest(_Lenient):
     seed_resize_from_w: LooseInt | None = -1
     sampler_name: str | None = None
     scheduler: str | None = None
-    batch_size: Annotated[LooseInt, Field(ge=1, le=64)] | None = 1
-    n_iter: Annotated[LooseInt, Field(ge=1, le=100)] | None = 1
-    steps: Annotated[LooseInt, Field(ge=1, le=500)] | None = 50
-    cfg_scale: Annotated[float, Field(ge=0, le=100)] | None = 7.0
-    width: Annotated[LooseInt, Field(ge=8, le=8192)] | None = 512
-    height: Annotated[LooseInt, Field(ge=8, le=8192)] | None = 512
+    # The upper bounds are the operator's (`Caps` below), not A1111's: A1111 has none.
+    batch_size: Annotated[LooseInt, Field(ge=1)] | None = Field(
+        1, description=_cap("MAX_BATCH_SIZE", 64))
+    n_iter: Annotated[LooseInt, Field(ge=1)] | None = Field(
+        1, description=_cap("MAX_N_ITER", 100))
+    steps: Annotated[LooseInt, Field(ge=1)] | None = Field(
+        50, description=_cap("MAX_STEPS", 500))
+    cfg_scale: float | None = 7.0
+    width: Annotated[LooseInt, Field(ge=8)] | None = Field(
+        512, description=_cap("MAX_WIDTH_HEIGHT", 16384))
+    height: Annotated[LooseInt, Field(ge=8)] | None = Field(
+        512, description=_cap("MAX_WIDTH_HEIGHT", 16384))
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool | None = False
     do_not_save_grid: bool | None = False
     eta: float | None = None
-    denoising_strength: Annotated[float, Field(ge=0, le=1)] | None = None
+    # A1111 reads anything above 1 as 0.999; below 0 its img2img schedule breaks.
+    denoising_strength: Annotated[float, Field(ge=0)] | None = None
     s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
@@ -97,7 +106,7 @@ class Txt2ImgRequest(_Lenient):
 class Img2ImgRequest(Txt2ImgRequest):
     """The body of A1111's `POST /sdapi/v1/img2img` (A1111 v1.10.1 field set and defaults)."""
 
-    denoising_strength: Annotated[float, Field(ge=0, le=1)] = 0.75  # type: ignore[assignment]
+    denoising_strength: Annotated[float, Field(ge=0)] = 0.75  # type: ignore[assignment]
     init_images: list[str] = Field(
         min_length=1, description="input images: raw base64 or data: URIs (required)")
     resize_mode: LooseInt | None = 0
@@ -117,6 +126,31 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 
 REQUEST_MODELS: dict[str, type[Txt2ImgRequest]] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest}
+
+
+@dataclass(frozen=True)
+class Caps:
+    """The operator's limits on one txt2img/img2img job (settings `MAX_*`). A1111 has none; the
+    defaults stop runaway jobs, not anything a client could reasonably mean."""
+
+    steps: int = 500
+    n_iter: int = 100
+    batch_size: int = 64
+    width_height: int = 16384
+
+    def problems(self, request: Txt2ImgRequest) -> list[dict[str, Any]]:
+        limits = {"steps": (self.steps, "MAX_STEPS"), "n_iter": (self.n_iter, "MAX_N_ITER"),
+                  "batch_size": (self.batch_size, "MAX_BATCH_SIZE"),
+                  "width": (self.width_height, "MAX_WIDTH_HEIGHT"),
+                  "height": (self.width_height, "MAX_WIDTH_HEIGHT")}
+        return [
+            {"loc": ["body", name], "type": "less_than_equal",
+             "msg": f"must be at most {limit} on this server (its operator can raise "
+                    f"A1111_PROXY_{setting})"}
+            for name, (limit, setting) in limits.items()
+            if (value := getattr(request, name)) is not None and value > limit
+        ]
+
 
 WebhookEvent = Literal["started", "progress", "completed"]
 
@@ -197,6 +231,19 @@ def without_credentials(value: Any) -> Any:
     return value
 
 
+# Where the stored request keeps the opt-in resizes (IMAGE_MAX_SIDE) of its input images; the
+# job view shows them as `input_images_resized`, never inside `request`.
+RESIZED_KEY = "__a1111_proxy_input_images_resized__"
+
+
+def stored_request(body: dict[str, Any], resized: list[dict[str, Any]]) -> dict[str, Any]:
+    """The body as stored for users to see: images left out, and the resizes, if any, noted."""
+    stored = omit_images(body)
+    if resized:
+        stored[RESIZED_KEY] = resized
+    return stored
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -216,6 +263,8 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
     if row.webhook_url:
         webhook = {"url": row.webhook_url, "events": json.loads(row.webhook_events or "[]")}
     base = f"/sdapi/v1/jobs/{row.id}"
+    request = json.loads(row.request)
+    resized = request.pop(RESIZED_KEY, []) if isinstance(request, dict) else []
     return {
         "id": row.id,
         "type": row.type,
@@ -230,7 +279,7 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
         "started_at": iso(row.started_at),
         "completed_at": iso(row.completed_at),
         "error": without_credentials(json.loads(row.error)) if row.error else None,
-        "request": json.loads(row.request),
+        "request": request,
         "owner": row.owner,
         "result": result,
         "image_urls": [f"{base}/images/{n}" for n in range(row.image_count)],
@@ -238,6 +287,7 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
         "links": {"self": base, "cancel": f"{base}/cancel", "events": f"{base}/events"},
         "deadline_at": iso(row.deadline_at),
         "queue_position": None,  # filled in by the detail view while queued
+        "input_images_resized": resized,
     }
 
 
@@ -251,6 +301,12 @@ class JobError(BaseModel):
     backend: str | None = None
     backend_status: int | None = Field(None, description="A1111's HTTP status, when it answered")
     backend_body: Any = Field(None, description="A1111's answer, when it answered")
+
+
+class ResizedImage(BaseModel):
+    loc: list[str | int] = Field(description="where the image is in the request body")
+    from_: list[int] = Field(alias="from", description="[width, height] as the client sent it")
+    to: list[int] = Field(description="[width, height] as A1111 received it")
 
 
 class JobWebhook(BaseModel):
@@ -306,6 +362,9 @@ class Job(BaseModel):
         None, description="a1111-proxy extension: when it is canceled (\"deadline\") unless done")
     queue_position: int | None = Field(
         None, ge=1, description="1 = claimed next; detail view while queued, else null")
+    input_images_resized: list[ResizedImage] = Field(
+        [], description="a1111-proxy extension: input images this server resized before A1111 "
+        "got them (only when its operator set A1111_PROXY_IMAGE_MAX_SIDE); empty: none changed")
 
 
 class JobList(BaseModel):

@@ -59,9 +59,16 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(15.0, gt=0, description="heartbeat comment interval on event streams")
 
     # Input images (img2img, masks, ControlNet units, extras).
-    image_max_pixels: int = Field(40_000_000, ge=1)
-    image_max_side: int = Field(2048, ge=64)
+    image_max_pixels: int = Field(
+        16384 * 16384, ge=1, description="larger input images are refused, read from the header")
+    image_max_side: int = Field(
+        0, ge=0, description="opt-in: resize input images with a longer side to this; 0: never")
     image_urls: bool = False
+    # Caps on what one txt2img/img2img job asks for (A1111 has none; these stop runaway jobs).
+    max_steps: int = Field(500, ge=1)
+    max_n_iter: int = Field(100, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    max_width_height: int = Field(16384, ge=8, description="the largest width or height")
 
     # Job execution and durability.
     max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
@@ -140,6 +147,13 @@ class Settings(BaseSettings):
         if url and not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL (e.g. https://sd.example.com)")
         return url
+
+    @field_validator("image_max_side")
+    @classmethod
+    def _off_or_a_real_size(cls, side: int) -> int:
+        if 0 < side < 64:
+            raise ValueError(f"{side} is too small to resize to: 0 (never resize) or 64 and up")
+        return side
 
     def host_is_loopback(self) -> bool:
         if self.host == "localhost":

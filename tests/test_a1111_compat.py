@@ -9,7 +9,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -279,10 +278,10 @@ def test_lenient_bodies_are_accepted_as_a1111_accepts_them(api: httpx.Client, fa
     assert json.loads(response.json()["info"])["seed"] == 42
 
 
-def test_an_image_larger_than_2048_px_is_resized_keeping_its_aspect_ratio(
+def test_a_large_input_image_reaches_a1111_as_the_client_sent_it(
     client: webuiapi.WebUIApi, fake: FakeA1111
 ) -> None:
     client.img2img(images=[Image.new("RGB", (3000, 1000), (10, 200, 10))], prompt="big", steps=2)
     sent = fake.generation_requests()[-1].body["init_images"][0]
     image = Image.open(io.BytesIO(base64.b64decode(sent.split(",", 1)[1])))
-    assert image.size == (2048, 683)
+    assert image.size == (3000, 1000)  # no resize unless the operator sets IMAGE_MAX_SIDE

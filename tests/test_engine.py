@@ -426,6 +426,26 @@ async def test_several_init_images_make_a_batch_with_one_image_each(
     assert "bad number of images passed: 2; expecting 1 or less" in raised.value.message
 
 
+async def test_img2img_reads_every_format_a1111_reads_as_it_reads_the_same_png(
+    backend: DiffusersBackend,
+) -> None:
+    red = Image.new("RGB", (64, 64), (230, 20, 20))
+    red.paste((20, 20, 230), (16, 16, 48, 48))
+    encodings = {}
+    for fmt, options in (("WEBP", {"lossless": True}), ("BMP", {}), ("TIFF", {})):
+        out = io.BytesIO()
+        red.save(out, fmt, **options)
+        encodings[fmt] = base64.b64encode(out.getvalue()).decode()
+    gif = io.BytesIO()  # two frames: A1111 (Pillow) reads the first
+    red.save(gif, "GIF", save_all=True, append_images=[Image.new("RGB", (64, 64), (0, 200, 0))])
+    encodings["GIF"] = "data:image/gif;base64," + base64.b64encode(gif.getvalue()).decode()
+    body = {"prompt": "a cat", **SMALL, "denoising_strength": 0.3}
+    expected = await backend.generate("img2img", {**body, "init_images": [png_b64(red)]})
+    for fmt, image in encodings.items():
+        result = await backend.generate("img2img", {**body, "init_images": [image]})
+        assert np.abs(pixels(result) - pixels(expected)).max() <= 2, fmt
+
+
 async def test_cancelling_a_running_generate_frees_the_slot_for_the_next_job(
     backend: DiffusersBackend,
 ) -> None:

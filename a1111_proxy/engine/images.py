@@ -7,24 +7,24 @@ not Latin-1), as A1111 writes them.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
 from a1111_proxy.engine.errors import InvalidParams
+from a1111_proxy.images import decode_base64, open_lazily
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL, LATENT_RESIZE = 0, 1, 2, 3
 
 
 def decode(data: str, what: str = "image") -> Image.Image:
-    """A base64 string or data: URI -> an RGB(A) Pillow image. Raises InvalidParams."""
-    raw = data.split(",", 1)[1] if data.startswith("data:") else data
+    """A base64 string or data: URI -> a Pillow image, in any format Pillow opens (a GIF's first
+    frame), as A1111 decodes it. The API checked its pixel count at submission, so Pillow's own
+    (lower) decompression-bomb limit is not applied again. Raises InvalidParams."""
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(raw, validate=False)))
+        image = open_lazily(decode_base64(data))
         image.load()
-    except (binascii.Error, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         raise InvalidParams(f"{what} is not a base64-encoded image ({exc})") from None
     return ImageOps.exif_transpose(image)
 

@@ -16,18 +16,20 @@ from starlette.responses import JSONResponse, Response
 
 from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, validation_detail
 from a1111_proxy import egress
-from a1111_proxy.images import ImageRules, check_images, fetch_image_urls
+from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
 from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
 from a1111_proxy.middleware import caller
 from a1111_proxy.schemas import (
     PROXY_FIELDS,
     REQUEST_MODELS,
+    Caps,
     ProxyFields,
-    omit_images,
     render_job,
     without_credentials,
+    stored_request,
 )
 from a1111_proxy.db.tables import STATUSES
+from a1111_proxy.settings import Settings
 
 MAX_PAGE = 200
 
@@ -48,17 +50,18 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     """Store the job, then answer 202 with it, or (wait mode) A1111's own answer once done."""
     body = await read_json_object(request)
     a1111_body = {key: value for key, value in body.items() if key not in PROXY_FIELDS}
-    proxy = validate_submission(kind, body, a1111_body)
+    proxy = validate_submission(kind, body, a1111_body, caps(request.state.settings))
     if request.state.settings.backend == "diffusers":
         refuse_what_the_engine_cannot_run(kind, a1111_body)
-    await check_input_images(request, kind, a1111_body)
+    resized = await check_input_images(request, kind, a1111_body)
     key = idempotency_key(request)
     timeout = deadline_seconds(request, proxy.timeout)
     wait = wait_preference(request, default_wait=wait_by_default,
                            has_webhook=proxy.webhook_url is not None)
     new = NewJob(
         type=kind,
-        request=json.dumps(omit_images(without_credentials(a1111_body))),
+        request=json.dumps(stored_request(without_credentials(a1111_body),
+                                          [item.as_dict() for item in resized])),
         payload=json.dumps(a1111_body),
         priority=proxy.priority,
         webhook_url=proxy.webhook_url,
@@ -230,13 +233,21 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def validate_submission(kind: str, body: dict[str, Any], a1111_body: dict[str, Any]) -> ProxyFields:
-    """Check the A1111 part as A1111 would and our own fields; report every problem at once."""
+def caps(settings: Settings) -> Caps:
+    return Caps(settings.max_steps, settings.max_n_iter, settings.max_batch_size,
+                settings.max_width_height)
+
+
+def validate_submission(
+    kind: str, body: dict[str, Any], a1111_body: dict[str, Any], limits: Caps
+) -> ProxyFields:
+    """Check the A1111 part as A1111 would, then the operator's caps, and our own fields;
+    report every problem at once."""
     errors: list[dict[str, Any]] = []
     model = REQUEST_MODELS.get(kind)
     try:
         if model is not None:
-            model.model_validate(a1111_body)
+            errors += limits.problems(model.model_validate(a1111_body))
     except ValidationError as exc:
         errors += validation_detail(exc)
     try:
@@ -248,20 +259,23 @@ def validate_submission(kind: str, body: dict[str, Any], a1111_body: dict[str, A
     return proxy
 
 
-async def check_input_images(request: Request, kind: str, body: dict[str, Any]) -> None:
-    """Decode, check and (when too large) resize the body's images, off the event loop."""
+async def check_input_images(request: Request, kind: str, body: dict[str, Any]) -> list[Resized]:
+    """Check the body's images from their headers (and, opt-in, resize the large ones), off the
+    event loop; return the images that were resized."""
     if kind == "txt2img" and not body.get("alwayson_scripts"):
-        return
+        return []
     settings = request.state.settings
     rules = ImageRules(settings.image_max_pixels, settings.image_max_side, settings.image_urls)
     problems = []
     if rules.allow_urls:
         fetch = functools.partial(egress.fetch, allow_private=settings.webhook_allow_private)
         problems = await fetch_image_urls(kind, body, fetch, settings.max_body_bytes)
-    problems += await anyio.to_thread.run_sync(check_images, kind, body, rules)
+    checked = await anyio.to_thread.run_sync(check_images, kind, body, rules)
+    problems += checked.problems
     if problems:
         raise InvalidRequest([{"loc": ["body", *p.loc], "msg": p.message, "type": "image"}
                               for p in problems])
+    return checked.resized
 
 
 def refuse_what_the_engine_cannot_run(kind: str, a1111_body: dict[str, Any]) -> None:
