@@ -36,6 +36,11 @@ NEW_MODEL = {"title": "dreamshaper_8.safetensors [879db523c3]", "model_name": "d
              "hash": "879db523c3", "sha256": "879db523c30d3b9017143d56705015e15a2cb5628762c11d086fed9538abd7fd",
              "filename": "/models/Stable-diffusion/dreamshaper_8.safetensors", "config": None}
 
+# What A1111 v1.10 answers on /sdapi/v1/latent-upscale-modes (shared.latent_upscale_modes).
+LATENT_UPSCALE_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)",
+                        "Latent (bicubic antialiased)", "Latent (nearest)",
+                        "Latent (nearest-exact)"]
+
 IDLE_STATE = {
     "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
     "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
@@ -115,6 +120,8 @@ class FakeA1111:
                             "default_rho": 7.0, "need_inner_model": False}],
             "upscalers": [{"name": "Lanczos", "model_name": None, "model_path": None,
                            "model_url": None, "scale": 4}],
+            "latent-upscale-modes": [{"name": name} for name in LATENT_UPSCALE_MODES],
+            "sd-vae": [],  # A1111 lists the files in models/VAE; tests add some
             "scripts": {"txt2img": ["x/y/z plot", "controlnet m2m"], "img2img": ["x/y/z plot"]},
             "cmd-flags": {"api": True, "api_auth": "user:hunter2", "gradio_auth": None, "port": 7860},
             # The rest of A1111 v1.10's lists, as a fresh install answers them.
@@ -222,6 +229,7 @@ class FakeA1111:
             "info": json.dumps({"prompt": body.get("prompt", ""), "seed": seed,
                                 "sd_model_name": self._model_for(body),
                                 "all_seeds": [seed + i for i in range(batch)],
+                                "width": body.get("width", 512), "height": body.get("height", 512),
                                 "infotexts": infotexts, "fake_generation": number}),
         }
         if not interrupted:
