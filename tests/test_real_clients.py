@@ -36,9 +36,6 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
 
-# TODO(lead, issue 13): delete this constant (and its three uses) once RESPONSE_MODE defaults to
-# `auto` on main. The replays must then run against a deployment with no response-mode setting.
-UNTIL_AUTO_IS_THE_DEFAULT: dict[str, str] = {"A1111_PROXY_RESPONSE_MODE": "wait"}
 
 VAE = {"model_name": "vae-ft-mse-840000-ema-pruned.safetensors",
        "filename": "/models/VAE/vae-ft-mse-840000-ema-pruned.safetensors"}
@@ -60,8 +57,7 @@ def fake() -> Iterator[FakeA1111]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator[Stack]:
     """A default deployment: only the A1111 address is configured."""
-    made = Stack(tmp_path_factory.mktemp("clients"), [fake.url],  # type: ignore[attr-defined]
-                 **UNTIL_AUTO_IS_THE_DEFAULT)
+    made = Stack(tmp_path_factory.mktemp("clients"), [fake.url])  # type: ignore[attr-defined]
     try:
         api = made.start_api()
         made.start_worker()
@@ -524,7 +520,7 @@ class TestTextGenerationWebUI:
 def down_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A deployment whose only A1111 refuses connections, with a short BACKEND_DOWN_GRACE."""
     made = Stack(tmp_path_factory.mktemp("down"), [f"http://127.0.0.1:{free_port()}"],
-                 A1111_PROXY_BACKEND_DOWN_GRACE="2", **UNTIL_AUTO_IS_THE_DEFAULT)
+                 A1111_PROXY_BACKEND_DOWN_GRACE="2")
     try:
         made.start_api()
         made.start_worker()
@@ -540,7 +536,8 @@ class TestNoBackendAnswers:
         assert down_stack.api is not None
         backend = down_stack.env["A1111_PROXY_A1111_URLS"]
         # Without the grace the request would wait on; the client's timeout bounds the test.
-        response = down_stack.api.post("/sdapi/v1/txt2img", json={"prompt": "cat"}, timeout=30)
+        response = httpx.post(f"{down_stack.base}/sdapi/v1/txt2img", json={"prompt": "cat"},
+                              timeout=30)  # as an A1111 client: no Prefer
         assert response.status_code == 503
         body = response.json()
         assert {"error", "detail", "body", "errors"} <= set(body)
@@ -555,7 +552,8 @@ class TestNoBackendAnswers:
         queued = down_stack.api.post("/sdapi/v1/txt2img", json={"prompt": "later"},
                                      headers={"Prefer": "respond-async"})
         assert queued.status_code == 202
-        refused = down_stack.api.post("/sdapi/v1/txt2img", json={"prompt": "now"}, timeout=30)
+        refused = httpx.post(f"{down_stack.base}/sdapi/v1/txt2img", json={"prompt": "now"},
+                             timeout=30)  # as an A1111 client: no Prefer
         assert refused.status_code == 503
         assert down_stack.job(queued.json()["id"])["status"] == "queued"
 
@@ -584,7 +582,7 @@ def token_fake() -> Iterator[FakeA1111]:
 @pytest.fixture(scope="class")
 def token_stack(tmp_path_factory: pytest.TempPathFactory, token_fake: FakeA1111) -> Iterator[Stack]:
     made = Stack(tmp_path_factory.mktemp("tokens"), [token_fake.url],  # type: ignore[attr-defined]
-                 A1111_PROXY_API_TOKENS="alice:tokA,bob:tokB", **UNTIL_AUTO_IS_THE_DEFAULT)
+                 A1111_PROXY_API_TOKENS="alice:tokA,bob:tokB")
     try:
         made.start_api()
         made.start_worker()
