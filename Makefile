@@ -37,6 +37,12 @@ migrate: $(BIN)/.installed
 openapi: $(BIN)/.installed
 	$(BIN)/a1111-proxy openapi > openapi/openapi.json
 
+# The table of settings in docs/configuration.md, from a1111_proxy/settings.py (tests/test_docs.py
+# fails when it is stale).
+.PHONY: docs
+docs: $(BIN)/.installed
+	$(BIN)/python -m a1111_proxy.settings_doc
+
 bench: $(BIN)/.installed-test
 	$(BIN)/python bench/load.py
 

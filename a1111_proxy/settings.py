@@ -26,81 +26,254 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="A1111_PROXY_", env_file=".env", extra="ignore",
                                       hide_input_in_errors=True)
 
-    database_url: str = "sqlite+aiosqlite:///./data/a1111_proxy.db"
-    host: str = "127.0.0.1"
-    port: int = Field(7861, ge=0, le=65535)
-    api_tokens: CommaList = []
-    backend: Literal["a1111", "diffusers"] = "a1111"
-    a1111_urls: CommaList = ["http://127.0.0.1:7860"]
-    a1111_auth: SecretStr = SecretStr("")
-    models_dir: str = "./models"
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./data/a1111_proxy.db",
+        description="the job database; `postgresql+asyncpg://user:pass@host/db` to scale out",
+    )
+    host: str = Field("127.0.0.1", description="where the API listens")
+    port: int = Field(7861, ge=0, le=65535, description="the API's port")
+    api_tokens: CommaList = Field(
+        [],
+        description="comma-separated; each `name:token` (a tenant) or a plain token (its own "
+        "tenant); empty disables auth, allowed only on a loopback HOST (`serve` refuses to start "
+        "otherwise and says so)",
+    )
+    backend: Literal["a1111", "diffusers"] = Field(
+        "a1111",
+        description="`a1111`: remote A1111 servers (A1111_URLS); `diffusers`: the "
+        "bundled engine (docs/engine.md)",
+    )
+    a1111_urls: CommaList = Field(
+        ["http://127.0.0.1:7860"],
+        description="comma-separated; each URL is one backend slot that runs one job at a time",
+    )
+    a1111_auth: SecretStr = Field(
+        SecretStr(""), description="`user:password` for an A1111 started with `--api-auth`"
+    )
+    models_dir: str = Field(
+        "./models",
+        description="A1111 layout (`Stable-diffusion/`, `Lora/`, `ControlNet/`): the "
+        "worker hashes the checkpoints and LoRAs there for Civitai (nothing happens while it "
+        "does not exist); also where the bundled engine finds its models",
+    )
     response_mode: Literal["auto", "async", "wait"] = Field(
-        "auto", description="auto: answer as A1111 does (hold until done) unless the request sends "
-        "`Prefer: respond-async` or a webhook_url; async: always 202 + job; wait: always hold")
+        "auto",
+        description="how generation routes answer a request that sends no `Prefer` "
+        "header: `auto` as A1111 does (200 with A1111's body once done), but 202 + job when the "
+        "body has a `webhook_url`; `async` always 202 + job; `wait` always holds (docs/api.md)",
+    )
     backend_down_grace: float = Field(
-        30.0, ge=0, description="seconds with no backend answering before a waiting request "
-        "gets 503 (and its job is canceled) instead of waiting on")
+        30.0,
+        ge=0,
+        description="seconds with no backend answering (or no worker running) before a waiting "
+        "request gets 503 and its job is canceled; async jobs wait on",
+    )
     cancel_on_disconnect: bool = Field(
-        True, description="cancel a waiting request's job when its client goes away before "
-        "the job started (a running job finishes and keeps its result)")
-    webhook_secret: SecretStr = SecretStr("")
-    webhook_allow_private: bool = False
-    webhook_images: Literal["base64", "url", "none"] = "base64"
-    public_url: str = Field("", description="this API's address as receivers reach it")
-    civitai_enabled: bool = True
-    civitai_url: str = "https://civitai.com"
-    civitai_token: SecretStr = SecretStr("")
-    civitai_ttl_seconds: float = Field(604800.0, gt=0, description="how long Civitai answers last")
+        True,
+        description="cancel a waiting request's job (error code `client_gone`) when its client "
+        "goes away before the job started; a running job finishes and keeps its result",
+    )
+    webhook_secret: SecretStr = Field(
+        SecretStr(""),
+        description="signing key for jobs that give no `webhook_secret` "
+        "(`whsec_<base64>`, or any string used as its UTF-8 bytes); empty: such jobs' webhooks "
+        "go unsigned",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="allow webhook URLs (and IMAGE_URLS) that resolve to loopback, "
+        "private and other internal addresses (receivers on your own network)",
+    )
+    webhook_images: Literal["base64", "url", "none"] = Field(
+        "base64",
+        description="images in `job.completed`: `base64` (in `data.result.images`), "
+        "`url` (left out; `data.image_urls` made absolute with PUBLIC_URL), `none` (left out)",
+    )
+    public_url: str = Field(
+        "",
+        description="this API's address as webhook receivers reach it, for "
+        "`WEBHOOK_IMAGES=url` (e.g. `https://sd.example.com`); empty: `http://<HOST>:<PORT>`",
+    )
+    civitai_enabled: bool = Field(
+        True,
+        description="Civitai metadata on `sd-models` and `loras`; `false` turns the "
+        "lookups and the `civitai` key off",
+    )
+    civitai_url: str = Field("https://civitai.com", description="the Civitai site to ask")
+    civitai_token: SecretStr = Field(
+        SecretStr(""),
+        description="a Civitai API key, sent as a bearer token (optional: "
+        "by-hash lookups are public)",
+    )
+    civitai_ttl_seconds: float = Field(
+        604800.0,
+        gt=0,
+        description="how long a Civitai answer (a 404 too) is kept before the "
+        "worker asks again (604800: 7 days)",
+    )
     retention_seconds: int = Field(
-        604800, ge=0, description="finished jobs older than this are deleted; 0: keep forever")
-    retention_check_seconds: float = Field(60.0, gt=0, description="how often the worker deletes expired jobs")
-    deadline_check_seconds: float = Field(1.0, gt=0, description="how often the worker enforces deadlines")
-    cors_origins: CommaList = Field([], description="browser origins allowed to call the API; empty: no CORS")
-    sse_ping_seconds: float = Field(15.0, gt=0, description="heartbeat comment interval on event streams")
+        604800,
+        ge=0,
+        description="the worker deletes finished jobs (completed, error, canceled) "
+        "that ended longer ago than this, with their images, payloads, previews and webhook "
+        "log; 0: keep forever (604800: 7 days)",
+    )
+    retention_check_seconds: float = Field(
+        60.0, gt=0, description="how often the worker looks for jobs to delete"
+    )
+    deadline_check_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="how often the worker ends jobs past their `Cancel-After` or "
+        "`timeout` deadline",
+    )
+    cors_origins: CommaList = Field(
+        [],
+        description="comma-separated origins allowed to call the API from a browser (`*`: "
+        "any); empty: no CORS headers",
+    )
+    sse_ping_seconds: float = Field(
+        15.0, gt=0, description="a `: ping` comment on idle event streams this often"
+    )
 
     # Input images (img2img, masks, ControlNet units, extras).
     image_max_pixels: int = Field(
-        16384 * 16384, ge=1, description="larger input images are refused, read from the header")
+        16384 * 16384,
+        ge=1,
+        description="input images with more pixels are refused, read from the image header "
+        "before anything is decoded (decompression bombs)",
+    )
     image_max_side: int = Field(
-        0, ge=0, description="opt-in: resize input images with a longer side to this; 0: never")
-    image_urls: bool = False
+        0,
+        ge=0,
+        description="opt-in: resize input images whose longer side exceeds this (LANCZOS, "
+        "aspect ratio kept; the job shows it in `input_images_resized`); 0: never, images reach "
+        "A1111 as sent",
+    )
+    image_urls: bool = Field(
+        False,
+        description="accept http(s) URLs as input images: the API fetches them through "
+        "the webhooks' SSRF guard (WEBHOOK_ALLOW_PRIVATE opens internal hosts) and checks them "
+        "like any image",
+    )
+
     # Caps on what one txt2img/img2img job asks for (A1111 has none; these stop runaway jobs).
-    max_steps: int = Field(500, ge=1)
-    max_n_iter: int = Field(100, ge=1)
-    max_batch_size: int = Field(64, ge=1)
+    max_steps: int = Field(500, ge=1, description="the most `steps` a job may ask for")
+    max_n_iter: int = Field(100, ge=1, description="the most `n_iter` a job may ask for")
+    max_batch_size: int = Field(64, ge=1, description="the largest `batch_size` a job may ask for")
     max_width_height: int = Field(16384, ge=8, description="the largest width or height")
 
     # Job execution and durability.
-    max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
-    max_attempts: int = Field(3, ge=1, le=20)
-    lease_seconds: float = Field(30.0, gt=0)
-    heartbeat_seconds: float = Field(10.0, gt=0)
-    reap_seconds: float = Field(5.0, gt=0)
-    poll_seconds: float = Field(0.005, gt=0, description="how often an idle worker checks for work")
-    progress_seconds: float = Field(0.5, gt=0, description="how often a running job's progress is read")
-    shutdown_grace_seconds: float = Field(30.0, ge=0)
-    interrupt_grace_seconds: float = Field(30.0, ge=0)
-    stall_seconds: float = Field(600.0, gt=0, description="requeue a job whose A1111 shows no generation this long")
-    connect_retries: int = Field(3, ge=1, le=10)
-    worker_stale_seconds: float = Field(30.0, gt=0)
-    catalogue_seconds: float = Field(300.0, gt=0, description="how often the worker refetches models, samplers, options")
-    wait_seconds_max: float = Field(3600.0, gt=0, description="the longest a request may wait in wait mode")
+    max_body_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024, description="larger request bodies get 413 (52428800: 50 MiB)"
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="runs of a job before it ends `error` (worker lost, backend unavailable)",
+    )
+    lease_seconds: float = Field(
+        30.0, gt=0, description="a running job's lease; a worker silent this long loses the job"
+    )
+    heartbeat_seconds: float = Field(
+        10.0, gt=0, description="how often a running job's lease is renewed, at the least"
+    )
+    reap_seconds: float = Field(5.0, gt=0, description="how often workers look for expired leases")
+    poll_seconds: float = Field(
+        0.005,
+        gt=0,
+        description="how often an idle worker checks whether the database changed "
+        "(a cheap in-memory check on SQLite)",
+    )
+    progress_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="how often a running job's progress is read from its backend "
+        "(and stored when it changed)",
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM, how long running jobs may finish before they are "
+        "given back to the queue",
+    )
+    interrupt_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="after a cancel, how long A1111 may take to stop before the job "
+        "ends `canceled` anyway",
+    )
+    stall_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="a job whose A1111 shows no generation running this long "
+        "(hung, restarted) goes back to the queue",
+    )
+    connect_retries: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="tries of a generation call that could not reach A1111, "
+        "before the job is re-queued",
+    )
+    worker_stale_seconds: float = Field(
+        30.0, gt=0, description="`/health` counts a worker alive if its heartbeat is this recent"
+    )
+    catalogue_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="how often the worker refetches models, samplers, options... from a backend",
+    )
+    wait_seconds_max: float = Field(
+        3600.0,
+        gt=0,
+        description="the longest a request is held (wait mode, `Prefer: wait`) "
+        "before it gets 202 and the job",
+    )
     checkpoint_wait_seconds: float = Field(
-        10.0, ge=0, description="how long unload/reload-checkpoint wait for backends to apply it")
-    log_level: str = "info"
+        10.0,
+        ge=0,
+        description="how long unload-/reload-checkpoint wait for the backends to apply it before "
+        "answering anyway",
+    )
+    log_level: str = Field("info", description="`debug`, `info`, `warning` or `error`")
     log_format: Literal["auto", "json", "text"] = Field(
-        "auto", description="json: one JSON object a line; auto: json unless stderr is a terminal")
+        "auto",
+        description="`json`: one JSON object a line, with `job_id`; `text`; `auto`: "
+        "JSON unless stderr is a terminal",
+    )
     metrics_window_seconds: float = Field(
-        900.0, ge=10, description="the recent window /metrics histograms describe")
+        900.0, ge=10, description="the recent window the `/metrics` histograms describe"
+    )
 
     # The bundled diffusers engine (BACKEND=diffusers).
-    engine_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    engine_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    engine_cached_models: int = Field(1, ge=1, le=16, description="checkpoints kept loaded")
-    engine_compile: bool = Field(False, description="torch.compile the UNet (slow first run)")
+    engine_device: str = Field(
+        "auto",
+        description="bundled engine: `auto` (CUDA when present, else CPU), `cpu`, "
+        "`cuda` or `cuda:N`",
+    )
+    engine_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="bundled engine: `auto` is float16 on CUDA, float32 on CPU"
+    )
+    engine_cached_models: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="bundled engine: checkpoints kept loaded (the least recently used is dropped)",
+    )
+    engine_compile: bool = Field(
+        False, description="bundled engine: `torch.compile` the UNet (slow first run per size)"
+    )
     engine_cpu_offload: Literal["auto", "true", "false"] = Field(
-        "auto", description="offload idle parts to the CPU (CUDA only); auto: when VRAM is short")
-    engine_preview_steps: int = Field(5, ge=0, description="a live preview every N steps; 0: none")
+        "auto",
+        description="bundled engine: offload idle parts to the CPU (CUDA only); `auto` "
+        "decides once per model at load: when free GPU memory is below the weights plus half "
+        "of them (at least 2 GiB) for working room; `true` always, `false` never",
+    )
+    engine_preview_steps: int = Field(
+        5, ge=0, description="bundled engine: a cheap live preview every N steps; 0: none"
+    )
 
     @field_validator("engine_cpu_offload", mode="before")
     @classmethod
@@ -133,6 +306,13 @@ class Settings(BaseSettings):
         """API_TOKENS as (tenant name, token) pairs; several tokens may share a name."""
         return parse_tokens(self.api_tokens)
 
+    @field_validator("image_max_side")
+    @classmethod
+    def _off_or_a_real_size(cls, side: int) -> int:
+        if 0 < side < 64:
+            raise ValueError(f"{side} is too small to resize to: 0 (never resize) or 64 and up")
+        return side
+
     @field_validator("a1111_urls")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
@@ -147,13 +327,6 @@ class Settings(BaseSettings):
         if url and not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL (e.g. https://sd.example.com)")
         return url
-
-    @field_validator("image_max_side")
-    @classmethod
-    def _off_or_a_real_size(cls, side: int) -> int:
-        if 0 < side < 64:
-            raise ValueError(f"{side} is too small to resize to: 0 (never resize) or 64 and up")
-        return side
 
     def host_is_loopback(self) -> bool:
         if self.host == "localhost":
