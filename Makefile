@@ -26,10 +26,13 @@ run: $(BIN)/.installed
 	$(BIN)/a1111-proxy up
 
 test: $(BIN)/.installed-test
-	@# The Swagger UI test drives a headless Chromium; install it where we can (else it is skipped).
-	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
-		|| echo "note: no chromium; the Swagger UI browser test will be skipped"
 	$(BIN)/python -m pytest
+
+# ruff (lint and format) and mypy --strict on the package and the worker; `.ci/run` runs it first.
+lint: $(BIN)/.installed-test
+	$(BIN)/ruff check a1111_proxy worker tests bench migrations
+	$(BIN)/ruff format --check a1111_proxy worker tests bench migrations
+	$(BIN)/mypy a1111_proxy worker
 
 migrate: $(BIN)/.installed
 	$(BIN)/a1111-proxy migrate

@@ -110,7 +110,7 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium on this machine "
-                    "(`apt-get install chromium`; `make test` installs it where it can)")
+                    "(install one, e.g. `apt-get install chromium`, to run the Swagger UI browser test)")
 def test_swagger_ui_lists_the_operations_and_a_txt2img_try_out_returns_a_job(
     live_api: str, tmp_path: Path
 ) -> None:
