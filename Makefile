@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 # Bootstrap the virtual environment once (and again whenever pyproject.toml changes).
 # `make run` installs only what the proxy needs, plus the bundled engine when
-# A1111_PROXY_BACKEND=diffusers (bring your own torch build first for a GPU: see the README).
+# A1111_PROXY_BACKEND=diffusers (bring your own torch build first for a GPU: see docs/engine.md).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
