@@ -296,7 +296,8 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
 
 class JobError(BaseModel):
     code: str = Field(description="stable: backend_rejected, backend_unavailable, "
-                      "backend_bad_response, worker_lost, canceled, deadline, internal_error")
+                      "backend_bad_response, worker_lost, canceled, client_gone, deadline, "
+                      "internal_error")
     message: str
     backend: str | None = None
     backend_status: int | None = Field(None, description="A1111's HTTP status, when it answered")

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         "auto",
         description="how generation routes answer a request that sends no `Prefer` "
         "header: `auto` as A1111 does (200 with A1111's body once done), but 202 + job when the "
-        "body has a `webhook_url`; `async` always 202 + job; `wait` always holds (docs/api.md)",
+        "body has a `webhook_url`; `async` 202 + job (extras, interrogate and ControlNet detect "
+        "still wait); `wait` always holds (docs/api.md)",
     )
     backend_down_grace: float = Field(
         30.0,
