@@ -92,9 +92,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator
 
 
 @pytest.fixture
-def api(stack: Stack) -> httpx.Client:
-    assert stack.api is not None
-    return stack.api
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    """A client as A1111 clients are: no Prefer header (stack.api asks for async)."""
+    with httpx.Client(base_url=stack.base, timeout=30) as client:
+        yield client
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from a1111_proxy.app import create_app
 from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 from tests.test_worker import make_worker
 
 
@@ -70,7 +70,7 @@ def make_api(sqlite_url: str, settings_for: Any) -> Iterator[Any]:
         def make(**values: Any) -> httpx.Client:
             settings = settings_for(database_url=sqlite_url, **values)
             url = stack.enter_context(serve(create_app(settings)))
-            return stack.enter_context(httpx.Client(base_url=url, timeout=30))
+            return stack.enter_context(httpx.Client(base_url=url, timeout=30, headers=ASYNC))
 
         yield make
 

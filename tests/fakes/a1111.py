@@ -125,8 +125,7 @@ class FakeA1111:
             "scripts": {"txt2img": ["x/y/z plot", "controlnet m2m"], "img2img": ["x/y/z plot"]},
             "cmd-flags": {"api": True, "api_auth": "user:hunter2", "gradio_auth": None, "port": 7860},
             # The rest of A1111 v1.10's lists, as a fresh install answers them.
-            "latent-upscale-modes": [{"name": "Latent"}, {"name": "Latent (nearest-exact)"}],
-            "sd-vae": [], "hypernetworks": [], "realesrgan-models": [], "prompt-styles": [],
+            "hypernetworks": [], "realesrgan-models": [], "prompt-styles": [],
             "face-restorers": [{"name": "CodeFormer", "cmd_dir": None}],
             "embeddings": {"loaded": {}, "skipped": {}}, "script-info": [], "extensions": [],
         }
