@@ -221,6 +221,8 @@ def test_catalogue_routes_answer_503_until_a_catalogue_was_fetched_then_say_its_
         models = wait_for(lambda: (r := client.get("/sdapi/v1/sd-models")).status_code == 200
                           and r, what="the catalogue")
         assert models.json() and int(models.headers["age"]) >= 0
-        assert client.get("/sdapi/v1/samplers").headers["age"].isdigit()
+        samplers = wait_for(lambda: "age" in (r := client.get("/sdapi/v1/samplers")).headers
+                            and r, what="the samplers (fetched after the models)")
+        assert samplers.json() and samplers.headers["age"].isdigit()
     finally:
         stack.close()
