@@ -522,8 +522,10 @@ def down_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     made = Stack(tmp_path_factory.mktemp("down"), [f"http://127.0.0.1:{free_port()}"],
                  A1111_PROXY_BACKEND_DOWN_GRACE="2")
     try:
-        made.start_api()
+        api = made.start_api()
         made.start_worker()
+        # A worker that has not started yet is reported as such; this test is about the backend.
+        wait_for(lambda: api.get("/health").json()["workers"], what="the worker's heartbeat")
         yield made
     finally:
         made.close()
