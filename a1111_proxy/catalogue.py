@@ -16,31 +16,14 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import catalogue, controls
 from a1111_proxy.jobs import NOTIFY_CHANNEL
 
-# What the worker fetches from a backend, by catalogue name: (method, path). Names are the
-# paths the API answers under /sdapi/v1 (or /controlnet).
-ENTRIES: dict[str, str] = {
-    "sd-models": "/sdapi/v1/sd-models",
-    "loras": "/sdapi/v1/loras",
-    "samplers": "/sdapi/v1/samplers",
-    "schedulers": "/sdapi/v1/schedulers",
-    "upscalers": "/sdapi/v1/upscalers",
-    "latent-upscale-modes": "/sdapi/v1/latent-upscale-modes",
-    "sd-vae": "/sdapi/v1/sd-vae",
-    "scripts": "/sdapi/v1/scripts",
-    "script-info": "/sdapi/v1/script-info",
-    "embeddings": "/sdapi/v1/embeddings",
-    "prompt-styles": "/sdapi/v1/prompt-styles",
-    "hypernetworks": "/sdapi/v1/hypernetworks",
-    "face-restorers": "/sdapi/v1/face-restorers",
-    "realesrgan-models": "/sdapi/v1/realesrgan-models",
-    "extensions": "/sdapi/v1/extensions",
-    "memory": "/sdapi/v1/memory",
-    "cmd-flags": "/sdapi/v1/cmd-flags",
-    "options": "/sdapi/v1/options",
-    "controlnet-version": "/controlnet/version",
-    "controlnet-model_list": "/controlnet/model_list",
-    "controlnet-module_list": "/controlnet/module_list",
-}
+# What the worker fetches from a backend (Backend.catalogue_entry), by the name the API answers
+# it under: /sdapi/v1/<name>, or /controlnet/<rest> for `controlnet-<rest>`.
+ENTRIES: tuple[str, ...] = (
+    "sd-models", "loras", "samplers", "schedulers", "upscalers", "latent-upscale-modes",
+    "sd-vae", "scripts", "script-info", "embeddings", "prompt-styles", "hypernetworks",
+    "face-restorers", "realesrgan-models", "extensions", "memory", "cmd-flags", "options",
+    "controlnet-version", "controlnet-model_list", "controlnet-module_list",
+)
 
 DEFAULT_CHECKPOINT = "default_checkpoint"
 PENDING_OPTIONS = "pending_options"  # {"version": n, "options": {...}}

@@ -38,10 +38,11 @@ class Settings(BaseSettings):
         "tenant); empty disables auth, allowed only on a loopback HOST (`serve` refuses to start "
         "otherwise and says so)",
     )
-    backend: Literal["a1111", "diffusers"] = Field(
+    backend: Literal["a1111", "diffusers", "fake"] = Field(
         "a1111",
         description="`a1111`: remote A1111 servers (A1111_URLS); `diffusers`: the "
-        "bundled engine (docs/engine.md)",
+        "bundled engine (docs/engine.md); `fake`: a scripted backend inside the worker that "
+        "answers like A1111 with tiny images, for demos and benchmarks (no A1111, no GPU)",
     )
     a1111_urls: CommaList = Field(
         ["http://127.0.0.1:7860"],
@@ -274,6 +275,17 @@ class Settings(BaseSettings):
     )
     engine_preview_steps: int = Field(
         5, ge=0, description="bundled engine: a cheap live preview every N steps; 0: none"
+    )
+
+    # The fake backend (BACKEND=fake).
+    fake_seconds: float = Field(
+        0.5,
+        ge=0,
+        description="fake backend: seconds each generation takes (a request's own "
+        "`fake_seconds` field wins)",
+    )
+    fake_slots: int = Field(
+        1, ge=1, le=64, description="fake backend: slots, each running one job at a time"
     )
 
     @field_validator("engine_cpu_offload", mode="before")

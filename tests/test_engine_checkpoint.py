@@ -26,7 +26,7 @@ from a1111_proxy.wakeup import make_wakeup  # noqa: E402
 from tests.fakes import tiny_sd  # noqa: E402
 from worker.catalogue import CatalogueKeeper  # noqa: E402
 from worker.execute import Timing  # noqa: E402
-from worker.loop import RELOAD_PATH, UNLOAD_PATH, Worker  # noqa: E402
+from worker.loop import Worker  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
@@ -70,7 +70,7 @@ async def test_unload_frees_the_model_and_the_next_job_loads_it_again(
     unet = unet_of(backend)
     assert backend.models.loaded() == ["a-tiny.safetensors"]
 
-    assert await backend.post(UNLOAD_PATH, None) == {}
+    await backend.unload_checkpoint()
     gc.collect()
     assert backend.models.loaded() == [] and unet() is None  # nothing holds its weights
 
@@ -84,16 +84,16 @@ async def test_reload_loads_the_checkpoint_it_names_else_the_one_used_last(
 ) -> None:
     await backend.generate("txt2img", {**SMALL, "override_settings": {
         "sd_model_checkpoint": "b-tiny"}})
-    await backend.post(UNLOAD_PATH, None)
-    assert await backend.post(RELOAD_PATH, None) == {}
+    await backend.unload_checkpoint()
+    await backend.reload_checkpoint(None)
     assert backend.models.loaded() == ["b-tiny.safetensors"]  # the one used last
-    await backend.post(UNLOAD_PATH, None)
-    assert await backend.post(RELOAD_PATH, {"sd_model_checkpoint": "a-tiny"}) == {}
+    await backend.unload_checkpoint()
+    await backend.reload_checkpoint("a-tiny")
     assert backend.models.loaded() == ["a-tiny.safetensors"]
 
 
 async def test_memory_is_answered_in_a1111s_shape(backend: DiffusersBackend) -> None:
-    memory = await backend.fetch("/sdapi/v1/memory")
+    memory = await backend.catalogue_entry("memory")
     assert set(memory) == {"ram", "cuda"}
     assert set(memory["ram"]) == {"free", "used", "total"} and memory["ram"]["used"] > 0
     assert memory["cuda"] == {"error": "unavailable (the engine runs on cpu)"}
@@ -104,12 +104,12 @@ async def test_on_cuda_unload_gives_the_gpu_memory_back(models_dir: Path) -> Non
     backend = make_backend(models_dir, device="cuda")
     try:
         await backend.generate("txt2img", SMALL)
-        before = await backend.fetch("/sdapi/v1/memory")
+        before = await backend.catalogue_entry("memory")
         assert before["cuda"]["allocated"]["current"] > 0
         assert set(before["cuda"]) == {"system", "active", "allocated", "reserved", "inactive",
                                        "events"}
-        await backend.post(UNLOAD_PATH, None)
-        after = await backend.fetch("/sdapi/v1/memory")
+        await backend.unload_checkpoint()
+        after = await backend.catalogue_entry("memory")
         assert after["cuda"]["allocated"]["current"] < before["cuda"]["allocated"]["current"]
         assert after["cuda"]["reserved"]["current"] <= before["cuda"]["reserved"]["current"]
     finally:

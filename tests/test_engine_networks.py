@@ -224,7 +224,7 @@ async def test_a_single_file_controlnet_in_a1111s_layout_steers_like_its_diffuse
     folder = await backend.generate("txt2img", {**SMALL, **SD15, **controlnet(SCRIBBLE)})
     title = next(
         m
-        for m in (await backend.fetch("/controlnet/model_list"))["model_list"]
+        for m in (await backend.catalogue_entry("controlnet-model_list"))["model_list"]
         if m.startswith("a1111_scribble [")
     )
     single = await backend.generate(

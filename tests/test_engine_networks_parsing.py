@@ -160,11 +160,11 @@ def test_a_bad_unit_is_refused_naming_the_field_and_what_to_send(
 
 
 def test_the_module_list_names_only_preprocessors_the_engine_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    answer = ControlNetCatalog(tmp_path).catalogue("/controlnet/module_list")
+    answer = ControlNetCatalog(tmp_path).module_list()
     assert answer["module_list"] == [m.name for m in MODULES]
     assert set(answer["module_list"]) == set(preprocessors.PREPROCESSORS)
     assert answer["module_detail"]["canny"]["sliders"][1]["name"] == "Canny Low Threshold"
-    assert ControlNetCatalog(tmp_path).catalogue("/controlnet/version") == {"version": 2}
+    assert ControlNetCatalog(tmp_path).version() == {"version": 2}
 
 
 def test_checking_lora_and_controlnet_requests_needs_neither_torch_nor_numpy() -> None:

@@ -1,4 +1,5 @@
-"""The worker against a fake A1111 that is a real HTTP server, on a real database."""
+"""The worker on a real database: its logic against FakeBackend (in process, scripted); what
+is about A1111's HTTP API against the fake A1111, a real HTTP server."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from a1111_proxy.backends.a1111 import A1111Backend
+from a1111_proxy.backends import Backend, BackendProtocolError, BackendRejected, BackendUnavailable
+from a1111_proxy.backends.a1111 import CATALOGUE_PATHS, A1111Backend
+from a1111_proxy.backends.fake import FakeBackend
+from a1111_proxy.catalogue import ENTRIES
 from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
 from a1111_proxy.wakeup import make_wakeup
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import serve
 from worker.execute import Timing
 from worker.loop import Worker
 
@@ -32,22 +35,18 @@ async def repo(database_url: str) -> AsyncIterator[JobRepository]:
 
 
 @pytest.fixture
-def fakes() -> AsyncIterator[list[tuple[FakeA1111, str]]]:
-    """Three fake A1111 servers (tests use as many as they need)."""
-    import contextlib
-
-    with contextlib.ExitStack() as stack:
-        made = []
-        for i in range(3):
-            fake = FakeA1111(service_time=0.05, name=f"fake{i}")
-            made.append((fake, stack.enter_context(serve(fake.app))))
-        yield made
+def fakes() -> list[FakeBackend]:
+    """Three scripted backends (tests use as many as they need)."""
+    return [FakeBackend(f"fake{i}", service_time=0.05) for i in range(3)]
 
 
-def make_worker(repo: JobRepository, urls: list[str], database_url: str) -> Worker:
-    backends = [A1111Backend(url, connect_retries=2, retry_wait=0.01) for url in urls]
-    return Worker(repo=repo, backends=list(backends), wakeup=make_wakeup(database_url, 0.005),
+def make_worker(repo: JobRepository, backends: list[Backend], database_url: str) -> Worker:
+    return Worker(repo=repo, backends=backends, wakeup=make_wakeup(database_url, 0.005),
                   timing=FAST, reap_seconds=0.2, shutdown_grace_seconds=0.3, rest_seconds=0.05)
+
+
+def a1111(url: str) -> A1111Backend:
+    return A1111Backend(url, connect_retries=2, retry_wait=0.01)
 
 
 async def submit(repo: JobRepository, priority: int = 0, **body: object) -> str:
@@ -63,19 +62,19 @@ async def wait_until(check: Callable[[], object], timeout: float = 10) -> None:
 
 
 async def test_a_job_completes_with_a1111s_response_stored_exactly(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    fake, url = fakes[0]
+    fake = fakes[0]
     job_id = await submit(repo, seed=7, unknown_extension_field={"kept": True})
-    await make_worker(repo, [url], database_url).run_until_empty()
+    await make_worker(repo, [fake], database_url).run_until_empty()
 
     row = await repo.get(job_id)
     assert row.status == "completed" and row.attempts == 1 and row.progress == 1.0
     [sent] = fake.generation_requests()
-    assert sent.body == {"prompt": "a cat", "steps": 20, "seed": 7,
-                         "unknown_extension_field": {"kept": True}}
+    assert sent == {"prompt": "a cat", "steps": 20, "seed": 7,
+                    "unknown_extension_field": {"kept": True}}
     result = json.loads(row.result)
-    assert result["parameters"] == sent.body
+    assert result["parameters"] == sent
     info = json.loads(result["info"])
     assert info["seed"] == 7 and info["all_seeds"] == [7]
     [image] = await repo.images(row.seq)
@@ -83,11 +82,11 @@ async def test_a_job_completes_with_a1111s_response_stored_exactly(
 
 
 async def test_progress_is_stored_while_the_generation_runs(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    fake, url = fakes[0]
-    job_id = await submit(repo, fake_seconds=1.0)
-    worker = make_worker(repo, [url], database_url)
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    worker = make_worker(repo, [fake], database_url)
     run = asyncio.create_task(worker.run_until_empty())
     seen: list[float] = []
 
@@ -100,45 +99,64 @@ async def test_progress_is_stored_while_the_generation_runs(
     await wait_until(progressed)
     row = await repo.get(job_id)
     assert row.eta_relative is not None and row.eta_relative > 0
+    fake.finish_current()
     await run
     assert (await repo.get(job_id)).status == "completed"
 
 
 async def test_canceling_a_running_job_interrupts_its_slot_and_ends_it_canceled(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    fake, url = fakes[0]
-    job_id = await submit(repo, fake_seconds=30)
-    run = asyncio.create_task(make_worker(repo, [url], database_url).run_until_empty())
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    run = asyncio.create_task(make_worker(repo, [fake], database_url).run_until_empty())
     await wait_until(lambda: _status_is(repo, job_id, "processing"))
     await wait_until(lambda: _async(fake.current is not None))
     await repo.cancel(job_id)
     await asyncio.wait_for(run, 5)
     row = await repo.get(job_id)
-    assert row.status == "canceled" and fake.interrupts == 1 and fake.completed == []
-    # What A1111 answered after the interrupt is kept, as A1111 would have returned it.
+    assert row.status == "canceled" and fake.interrupts == 1 and fake.completed == 0
+    # What the backend answered after the interrupt is kept, as A1111 would have returned it.
     assert json.loads(json.loads(row.result)["info"])["fake_generation"] == 1
 
 
-async def test_gateway_errors_are_retried_then_the_job_runs(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+async def test_skipping_a_running_job_ends_its_batch_and_the_next_batch_runs(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    fake, url = fakes[0]
+    fake = fakes[0]
+    body = json.dumps({"prompt": "a cat", "n_iter": 2, "fake_seconds": 600})
+    new = NewJob("txt2img", request=body, payload=body, owner="alice")
+    job_id = (await repo.submit(new)).job.id
+    run = asyncio.create_task(make_worker(repo, [fake], database_url).run_until_empty())
+    await wait_until(lambda: _async(fake.current is not None))
+    await repo.skip_running(owner="alice", job_id=job_id)
+    await wait_until(lambda: _async(fake.current is not None and fake.current.batch == 1))
+    fake.finish_current()
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    assert row.status == "completed" and fake.skips == 1
+    assert len(await repo.images(row.seq)) == 2
+
+
+async def test_gateway_errors_are_retried_then_the_job_runs(
+    repo: JobRepository, fake_a1111: tuple[FakeA1111, str], database_url: str
+) -> None:
+    fake, url = fake_a1111
     fake.fail_next(1, status=503)  # one in-process retry absorbs it
     job_id = await submit(repo)
-    await make_worker(repo, [url], database_url).run_until_empty()
+    await make_worker(repo, [a1111(url)], database_url).run_until_empty()
     row = await repo.get(job_id)
     assert row.status == "completed" and row.attempts == 1
     assert len(fake.generation_requests()) == 2
 
 
 async def test_an_unavailable_backend_requeues_durably_then_errors_naming_backend_and_cause(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    fake, url = fakes[0]
-    fake.fail_next(6, status=502)  # 2 tries per attempt x 3 attempts
+    fake = fakes[0]
+    fake.fail_next(3, "unavailable", status=502)  # one per attempt
     job_id = await submit(repo)
-    worker = make_worker(repo, [url], database_url)
+    worker = make_worker(repo, [fake], database_url)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
     row = await repo.get(job_id)
@@ -154,19 +172,34 @@ async def test_an_unavailable_backend_requeues_durably_then_errors_naming_backen
     row = await repo.get(job_id)
     error = json.loads(row.error)
     assert row.status == "error" and row.attempts == 3
-    assert url in error["message"] and "502" in error["message"]
-    assert error["backend"] == url
+    assert fake.name in error["message"] and "502" in error["message"]
+    assert error["backend"] == fake.name and error["backend_status"] == 502
 
 
-async def test_a1111_rejecting_a_job_ends_it_with_a1111s_own_detail(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+async def test_a1111_gateway_errors_past_the_retries_are_unavailable_naming_url_and_status(
+    fake_a1111: tuple[FakeA1111, str],
 ) -> None:
-    fake, url = fakes[0]
+    fake, url = fake_a1111
+    fake.fail_next(2, status=502)  # both tries
+    backend = a1111(url)
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            await backend.generate("txt2img", {"prompt": "x"})
+    finally:
+        await backend.aclose()
+    assert url in raised.value.message and "502" in raised.value.message
+    assert raised.value.status == 502 and len(fake.generation_requests()) == 2
+
+
+async def test_a_backend_rejecting_a_job_ends_it_with_the_backends_own_detail(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
     a1111_body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
                   "errors": ""}
-    fake.fail_next(1, status=422, body=a1111_body)
+    fake.fail_next(1, "rejected", status=422, body=a1111_body)
     job_id = await submit(repo, script_name="nope")
-    await make_worker(repo, [url], database_url).run_until_empty()
+    await make_worker(repo, [fake], database_url).run_until_empty()
     row = await repo.get(job_id)
     error = json.loads(row.error)
     assert row.status == "error" and row.attempts == 1
@@ -174,24 +207,57 @@ async def test_a1111_rejecting_a_job_ends_it_with_a1111s_own_detail(
     assert error["backend_status"] == 422 and error["backend_body"] == a1111_body
 
 
-async def test_a_garbage_answer_ends_the_job_with_a_clear_error(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+async def test_a1111s_own_error_answer_is_a_rejection_with_its_detail_status_and_body(
+    fake_a1111: tuple[FakeA1111, str],
 ) -> None:
-    fake, url = fakes[0]
-    fake.garbage_next()
+    fake, url = fake_a1111
+    a1111_body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
+                  "errors": ""}
+    fake.fail_next(1, status=422, body=a1111_body)
+    backend = a1111(url)
+    try:
+        with pytest.raises(BackendRejected) as raised:
+            await backend.generate("txt2img", {"script_name": "nope"})
+    finally:
+        await backend.aclose()
+    assert "Script 'nope' not found" in raised.value.message
+    assert raised.value.status == 422 and raised.value.body == a1111_body
+
+
+async def test_a_garbage_answer_ends_the_job_with_a_clear_error(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    fake.fail_next(1, "bad_response")
     job_id = await submit(repo)
-    await make_worker(repo, [url], database_url).run_until_empty()
-    error = json.loads((await repo.get(job_id)).error)
+    await make_worker(repo, [fake], database_url).run_until_empty()
+    row = await repo.get(job_id)
+    error = json.loads(row.error)
+    assert row.status == "error" and row.attempts == 1
     assert error["code"] == "backend_bad_response" and "not an A1111 response" in error["message"]
 
 
-async def test_a_hung_a1111_that_shows_no_generation_gets_the_job_requeued(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+async def test_a1111_answering_garbage_is_a_protocol_error_that_asks_about_the_url(
+    fake_a1111: tuple[FakeA1111, str],
 ) -> None:
-    fake, url = fakes[0]
+    fake, url = fake_a1111
+    fake.garbage_next()
+    backend = a1111(url)
+    try:
+        with pytest.raises(BackendProtocolError) as raised:
+            await backend.generate("txt2img", {"prompt": "x"})
+    finally:
+        await backend.aclose()
+    assert "not an A1111 response" in raised.value.message and "--api" in raised.value.message
+
+
+async def test_a_hung_backend_that_shows_no_generation_gets_the_job_requeued(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
     fake.hang_next()
     job_id = await submit(repo)
-    worker = make_worker(repo, [url], database_url)
+    worker = make_worker(repo, [fake], database_url)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
     assert "shown no generation running" in (await repo.get(job_id)).error
@@ -203,47 +269,62 @@ async def test_a_hung_a1111_that_shows_no_generation_gets_the_job_requeued(
 
 
 async def test_an_unreachable_backend_keeps_jobs_queued_and_says_why(
-    repo: JobRepository, database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    from tests.servers import free_port
-
-    dead = f"http://127.0.0.1:{free_port()}"
+    fake = fakes[0]
+    fake.down = True
     first = await submit(repo)
     second = await submit(repo)
-    worker = make_worker(repo, [dead], database_url)
+    worker = make_worker(repo, [fake], database_url)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: _status_is(repo, first, "queued", attempts=1))
     await asyncio.sleep(0.5)
     worker.stop()
     await run
     row = await repo.get(first)
-    assert "cannot connect" in json.loads(row.error)["message"] and dead in row.error
+    assert "is down" in json.loads(row.error)["message"] and fake.name in row.error
     untouched = await repo.get(second)
     assert untouched.status == "queued" and untouched.attempts == 0  # not burnt while down
     assert worker.slots[0].state == "down"
 
 
-async def test_several_slots_run_jobs_in_parallel(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+async def test_an_a1111_that_refuses_connections_is_unavailable_naming_it(
+    fake_a1111: tuple[FakeA1111, str],
 ) -> None:
-    ids = [await submit(repo, fake_seconds=0.4) for _ in range(3)]
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await make_worker(repo, [url for _, url in fakes], database_url).run_until_empty()
-    elapsed = loop.time() - started
+    from tests.servers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    backend = a1111(dead)
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            await backend.generate("txt2img", {"prompt": "x"})
+    finally:
+        await backend.aclose()
+    assert "cannot connect" in raised.value.message and dead in raised.value.message
+
+
+async def test_several_slots_run_jobs_in_parallel(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    ids = [await submit(repo, fake_seconds=300) for _ in range(3)]
+    run = asyncio.create_task(make_worker(repo, list(fakes), database_url).run_until_empty())
+    # Three jobs side by side, not one after another: each runs until all three are running.
+    await wait_until(lambda: _async(all(fake.current is not None for fake in fakes)))
+    for fake in fakes:
+        fake.finish_current()
+    await asyncio.wait_for(run, 10)
     rows = [await repo.get(job_id) for job_id in ids]
     assert {row.status for row in rows} == {"completed"}
-    assert {row.backend for row in rows} == {url for _, url in fakes}
-    assert all(len(fake.completed) == 1 for fake, _ in fakes)
-    assert elapsed < 1.0  # three 0.4 s jobs side by side, not one after another
+    assert {row.backend for row in rows} == {fake.name for fake in fakes}
+    assert all(fake.completed == 1 for fake in fakes)
 
 
 async def test_stopping_the_worker_releases_running_jobs_for_another_worker(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    fake, url = fakes[0]
-    job_id = await submit(repo, fake_seconds=30)
-    worker = make_worker(repo, [url], database_url)
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    worker = make_worker(repo, [fake], database_url)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: _status_is(repo, job_id, "processing"))
     worker.stop()
@@ -273,16 +354,15 @@ async def _make_due(repo: JobRepository, job_id: str) -> None:
 
 
 async def test_a_job_goes_to_the_slot_that_last_ran_its_checkpoint(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
     async def submit_for(checkpoint: str) -> str:
         body = json.dumps({"prompt": checkpoint, "override_settings": {"sd_model_checkpoint": checkpoint}})
         new = NewJob("txt2img", request=body, payload=body, checkpoint=checkpoint)
         return (await repo.submit(new)).job.id
 
-    urls = [url for _, url in fakes[:2]]
     first = [await submit_for("model-a"), await submit_for("model-b")]
-    worker = make_worker(repo, urls, database_url)
+    worker = make_worker(repo, list(fakes[:2]), database_url)
     await worker._run_until_empty()
     slot_of = {(await repo.get(i)).checkpoint: (await repo.get(i)).backend for i in first}
     # Now the other order: each job still finds the slot that has its model loaded.
@@ -302,20 +382,20 @@ class SlowToStore(JobRepository):
 
 
 async def test_a_backend_starts_its_next_job_while_the_last_result_is_still_being_stored(
-    repo: JobRepository, fakes: list[tuple[FakeA1111, str]], database_url: str
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
-    fake, url = fakes[0]
+    fake = fakes[0]
     slow = SlowToStore(repo.db, max_attempts=3, lease_seconds=5)
     first, second = await submit(slow, seed=1), await submit(slow, seed=2)
-    await make_worker(slow, [url], database_url).run_until_empty()
+    await make_worker(slow, [fake], database_url).run_until_empty()
     one, two = await repo.get(first), await repo.get(second)
     assert one.status == two.status == "completed"
-    assert two.started_at < one.completed_at  # A1111 did not wait for the database
+    assert two.started_at < one.completed_at  # the backend did not wait for the database
     assert fake.max_in_flight == 1  # and still ran one job at a time
 
 
-async def test_a_catalogue_refresh_while_a1111_is_down_warns_and_keeps_the_last_catalogue(
-    sqlite_url: str, fake_a1111: tuple[FakeA1111, str], caplog: pytest.LogCaptureFixture
+async def test_a_catalogue_refresh_while_a_backend_is_down_warns_and_keeps_the_last_one(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     import logging
 
@@ -325,8 +405,8 @@ async def test_a_catalogue_refresh_while_a1111_is_down_warns_and_keeps_the_last_
     db = Database(sqlite_url)
     store = CatalogueStore(db)
     keeper = CatalogueKeeper(store)
-    up = A1111Backend(fake_a1111[1])
-    down = A1111Backend("http://127.0.0.1:9", connect_retries=1, retry_wait=0.01)
+    up, down = FakeBackend("up"), FakeBackend("http://127.0.0.1:9")
+    down.down = True
     try:
         await keeper.fetch_all([up])
         models = await store.get("sd-models")
@@ -335,6 +415,31 @@ async def test_a_catalogue_refresh_while_a1111_is_down_warns_and_keeps_the_last_
         assert "http://127.0.0.1:9 did not answer" in caplog.text and "--api" in caplog.text
         assert models and await store.get("sd-models") == models
     finally:
-        await up.aclose()
-        await down.aclose()
         await db.dispose()
+
+
+async def test_the_a1111_backend_reads_every_catalogue_entry_and_sends_control_calls_to_a1111(
+    fake_a1111: tuple[FakeA1111, str],
+) -> None:
+    fake, url = fake_a1111
+    assert set(CATALOGUE_PATHS) == set(ENTRIES)
+    backend = a1111(url)
+    try:
+        answers = {name: await backend.catalogue_entry(name) for name in ENTRIES}
+        assert answers["sd-models"] == fake.models and answers["options"] == fake.options
+        assert answers["controlnet-version"] is None  # A1111 answers 404: it lacks it
+        await backend.apply_options({"CLIP_stop_at_last_layers": 2})
+        for what in ("loras", "vae", "embeddings"):
+            await backend.refresh(what)  # type: ignore[arg-type]
+        await backend.refresh("checkpoints")
+        await backend.unload_checkpoint()
+        await backend.reload_checkpoint("dreamshaper_8")
+    finally:
+        await backend.aclose()
+    assert fake.options_posted == [{"CLIP_stop_at_last_layers": 2}]
+    assert [r.path for r in fake.received][-5:] == [
+        "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-embeddings",
+        "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"]
+    assert fake.received[-1].body == {"sd_model_checkpoint": "dreamshaper_8"}
+    assert len(fake.models) == 3  # refresh-checkpoints found the new model
+    assert fake.timeline == ["unload-checkpoint", "reload-checkpoint"]

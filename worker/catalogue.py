@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from a1111_proxy.backends import Backend
+from a1111_proxy.backends import REFRESHES, Backend, Refresh
 from a1111_proxy.catalogue import (
     CHECKPOINT_REQUEST,
     ENTRIES,
@@ -19,8 +19,6 @@ from a1111_proxy.catalogue import (
 log = logging.getLogger("a1111_proxy.worker")
 
 SECRET_WORDS = ("auth", "token", "password", "secret", "key")
-REFRESH_CALLS = {"checkpoints": "/sdapi/v1/refresh-checkpoints", "loras": "/sdapi/v1/refresh-loras",
-                 "vae": "/sdapi/v1/refresh-vae", "embeddings": "/sdapi/v1/refresh-embeddings"}
 CHECKPOINT_READ_SECONDS = 0.1  # unload/reload requests are looked for at most this often
 
 
@@ -46,7 +44,7 @@ class CatalogueKeeper:
             self.refresh_seen = request["at"] if request else 0.0
         elif request and request["at"] != self.refresh_seen:
             self.refresh_seen = request["at"]
-            await self._refresh_backends(usable, request.get("what") or list(REFRESH_CALLS))
+            await self._refresh_backends(usable, request.get("what") or list(REFRESHES))
             await self.fetch_all(usable)
             return
         if time.monotonic() - self.last_full >= self.interval:
@@ -57,9 +55,9 @@ class CatalogueKeeper:
             return
         backend = usable[0]
         fetched, failure = 0, None
-        for name, path in ENTRIES.items():
+        for name in ENTRIES:
             try:
-                body = await backend.fetch(path)
+                body = await backend.catalogue_entry(name)
             except Exception as exc:
                 log.debug("catalogue %s from %s failed: %s", name, backend.name, exc)
                 failure = exc
@@ -88,18 +86,18 @@ class CatalogueKeeper:
     async def refresh_memory(self, backend: Backend) -> None:
         """Refetch /memory after an unload or reload, so it shows the memory freed or used."""
         try:
-            body = await backend.fetch(ENTRIES["memory"])
+            body = await backend.catalogue_entry("memory")
         except Exception as exc:
             log.debug("memory from %s failed: %s", backend.name, exc)
             return
         if body is not None:
             await self.store.put("memory", body, backend.name)
 
-    async def _refresh_backends(self, usable: list[Backend], what: list[str]) -> None:
+    async def _refresh_backends(self, usable: list[Backend], what: list[Refresh]) -> None:
         for backend in usable:
             for item in what:
                 try:
-                    await backend.post(REFRESH_CALLS[item], None)
+                    await backend.refresh(item)
                 except Exception as exc:
                     log.warning("refresh %s on %s failed: %s", item, backend.name, exc)
 

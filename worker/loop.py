@@ -28,8 +28,6 @@ from worker.execute import Timing, execute
 
 log = logging.getLogger("a1111_proxy.worker")
 
-UNLOAD_PATH = "/sdapi/v1/unload-checkpoint"
-RELOAD_PATH = "/sdapi/v1/reload-checkpoint"
 IDLE_RECHECK_SECONDS = 1.0  # look for due jobs at least this often (retries scheduled later)
 WORKER_BEAT_SECONDS = 5.0
 
@@ -220,7 +218,7 @@ class Worker:
             return
         slot.options_version = keeper.options_version
         try:
-            await slot.backend.post("/sdapi/v1/options", keeper.options)
+            await slot.backend.apply_options(keeper.options)
             log.info("applied options %s to %s", sorted(keeper.options), slot.backend.name)
         except Exception as exc:
             log.warning("could not apply options to %s: %s", slot.backend.name, exc)
@@ -253,11 +251,11 @@ class Worker:
     async def _apply_checkpoint(self, slot: Slot, request: dict[str, Any]) -> None:
         slot.checkpoint_version = request["version"]
         loaded = bool(request["loaded"])
-        path = RELOAD_PATH if loaded else UNLOAD_PATH
-        # A1111 reloads its own current checkpoint and ignores the body; the engine loads this.
-        body = {"sd_model_checkpoint": request["checkpoint"]} if request.get("checkpoint") else None
         try:
-            await slot.backend.post(path, body)
+            if loaded:  # A1111 reloads its own current checkpoint; the engine loads this one
+                await slot.backend.reload_checkpoint(request.get("checkpoint") or None)
+            else:
+                await slot.backend.unload_checkpoint()
             log.info("%s the checkpoint on %s", "reloaded" if loaded else "unloaded",
                      slot.backend.name)
         except Exception as exc:  # A1111 loads on demand: the next job still runs

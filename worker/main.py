@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
 
 from a1111_proxy.backends import Backend
 from a1111_proxy.backends.a1111 import A1111Backend
+from a1111_proxy.backends.fake import FakeBackend
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.civitai import CivitaiClient
 from a1111_proxy.db.engine import Database
@@ -32,6 +35,8 @@ def build_worker(settings: Settings, db: Database) -> Worker:
     backends: list[Backend]
     if settings.backend == "diffusers":
         backends = [_diffusers_backend(settings)]
+    elif settings.backend == "fake":
+        backends = list(fake_backends(settings))
     else:
         auth, retries = settings.a1111_basic_auth(), settings.connect_retries
         backends = [
@@ -82,6 +87,14 @@ def build_upkeep(settings: Settings, repo: JobRepository) -> list[Chore]:
     """Deadlines and retention (RETENTION_SECONDS=0 keeps finished jobs forever)."""
     return [Deadlines(repo, settings.deadline_check_seconds),
             Retention(repo, settings.retention_seconds, settings.retention_check_seconds)]
+
+
+def fake_backends(settings: Settings) -> list[FakeBackend]:
+    """FAKE_SLOTS in-process fakes. A backend is one job at a time across workers, by name: a
+    fake lives in its process, so its name says which one."""
+    prefix = f"fake:{socket.gethostname()}:{os.getpid()}"
+    return [FakeBackend(f"{prefix}/{i}", service_time=settings.fake_seconds)
+            for i in range(settings.fake_slots)]
 
 
 def _diffusers_backend(settings: Settings) -> Backend:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from a1111_proxy.backends.base import (
+    REFRESHES,
     Backend,
     BackendError,
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
     Progress,
+    Refresh,
 )
 
 __all__ = [
+    "REFRESHES",
     "Backend",
     "BackendError",
     "BackendProtocolError",
     "BackendRejected",
     "BackendUnavailable",
     "Progress",
+    "Refresh",
 ]

@@ -1,4 +1,4 @@
-"""A1111Backend: the one owner of A1111's HTTP API on the worker's side."""
+"""A1111Backend: the one owner of A1111's HTTP API (its URL paths) on the worker's side."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from a1111_proxy.backends.base import (
     BackendRejected,
     BackendUnavailable,
     Progress,
+    Refresh,
 )
 
 GATEWAY_STATUSES = frozenset({502, 503, 504})
@@ -33,6 +34,36 @@ PATHS = {
     "controlnet-detect": "/controlnet/detect",
 }
 GENERATIONS = frozenset({"txt2img", "img2img"})
+# Where each catalogue entry (by the name the API serves it under) is read on A1111.
+CATALOGUE_PATHS: dict[str, str] = {
+    "sd-models": "/sdapi/v1/sd-models",
+    "loras": "/sdapi/v1/loras",
+    "samplers": "/sdapi/v1/samplers",
+    "schedulers": "/sdapi/v1/schedulers",
+    "upscalers": "/sdapi/v1/upscalers",
+    "latent-upscale-modes": "/sdapi/v1/latent-upscale-modes",
+    "sd-vae": "/sdapi/v1/sd-vae",
+    "scripts": "/sdapi/v1/scripts",
+    "script-info": "/sdapi/v1/script-info",
+    "embeddings": "/sdapi/v1/embeddings",
+    "prompt-styles": "/sdapi/v1/prompt-styles",
+    "hypernetworks": "/sdapi/v1/hypernetworks",
+    "face-restorers": "/sdapi/v1/face-restorers",
+    "realesrgan-models": "/sdapi/v1/realesrgan-models",
+    "extensions": "/sdapi/v1/extensions",
+    "memory": "/sdapi/v1/memory",
+    "cmd-flags": "/sdapi/v1/cmd-flags",
+    "options": "/sdapi/v1/options",
+    "controlnet-version": "/controlnet/version",
+    "controlnet-model_list": "/controlnet/model_list",
+    "controlnet-module_list": "/controlnet/module_list",
+}
+REFRESH_PATHS: dict[Refresh, str] = {
+    "checkpoints": "/sdapi/v1/refresh-checkpoints",
+    "loras": "/sdapi/v1/refresh-loras",
+    "vae": "/sdapi/v1/refresh-vae",
+    "embeddings": "/sdapi/v1/refresh-embeddings",
+}
 # Generation may take many minutes: no read timeout on it. Control calls are short.
 GENERATE_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=120.0, pool=None)
 CONTROL_TIMEOUT = httpx.Timeout(5.0)
@@ -115,8 +146,8 @@ class A1111Backend:
                 status=response.status_code,
                 body=body if body is not None else response.text[:2000],
             )
-        expected_images = kind not in GENERATIONS or isinstance(body, dict) and isinstance(
-            body.get("images"), list | None
+        expected_images = kind not in GENERATIONS or (
+            isinstance(body, dict) and isinstance(body.get("images"), list | None)
         )
         if not isinstance(body, dict) or not expected_images:
             raise BackendProtocolError(
@@ -154,17 +185,31 @@ class A1111Backend:
     async def skip(self) -> None:
         await self._client.post("/sdapi/v1/skip", timeout=CONTROL_TIMEOUT)
 
-    async def fetch(self, path: str) -> Any:
-        response = await self._client.get(path, timeout=CONTROL_TIMEOUT)
+    async def catalogue_entry(self, name: str) -> Any:
+        response = await self._client.get(CATALOGUE_PATHS[name], timeout=CONTROL_TIMEOUT)
         if response.status_code == 404:
             return None
         response.raise_for_status()
         return response.json()
 
-    async def post(self, path: str, body: Any) -> Any:
+    async def apply_options(self, options: dict[str, Any]) -> None:
+        await self._post_control("/sdapi/v1/options", options)
+
+    async def refresh(self, what: Refresh) -> None:
+        await self._post_control(REFRESH_PATHS[what], None)
+
+    async def unload_checkpoint(self) -> None:
+        await self._post_control("/sdapi/v1/unload-checkpoint", None)
+
+    async def reload_checkpoint(self, checkpoint: str | None) -> None:
+        # A1111 reloads its own current checkpoint and ignores the body; it is sent all the same.
+        body = {"sd_model_checkpoint": checkpoint} if checkpoint else None
+        await self._post_control("/sdapi/v1/reload-checkpoint", body)
+
+    async def _post_control(self, path: str, body: Any) -> None:
+        """A control call between jobs; refreshes and (un)loads wait behind A1111's queue lock."""
         response = await self._client.post(path, json=body, timeout=REFRESH_TIMEOUT)
         response.raise_for_status()
-        return _json_or_none(response)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+# What POST /sdapi/v1/refresh-* asks the backends to rescan.
+Refresh = Literal["checkpoints", "loras", "vae", "embeddings"]
+REFRESHES: tuple[Refresh, ...] = ("checkpoints", "loras", "vae", "embeddings")
 
 
 class BackendError(Exception):
@@ -47,24 +51,51 @@ class Progress:
 
 
 class Backend(Protocol):
-    name: str
+    """One backend slot: runs one job at a time, and answers A1111's shapes.
+
+    `generate` raises BackendUnavailable (worth another attempt later), BackendRejected or
+    BackendProtocolError (final). The other calls are control calls: they may raise any
+    exception, and callers treat them as best-effort (log, and go on)."""
+
+    name: str  # one backend, however many workers and slots share it (A1111's URL)
 
     async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Run one txt2img/img2img job; return A1111's response body."""
+        """Run one job (txt2img, img2img, extra-single-image, ...); return A1111's response
+        body. An interrupted generation answers with what it has, as A1111 does."""
         ...
 
     async def progress(self, *, with_image: bool = False) -> Progress: ...
 
-    async def interrupt(self) -> None: ...
-
-    async def skip(self) -> None: ...
-
-    async def fetch(self, path: str) -> Any:
-        """GET a catalogue path (e.g. /sdapi/v1/sd-models); None if the backend lacks it."""
+    async def interrupt(self) -> None:
+        """Stop the running generation at its next step; it answers with what it has."""
         ...
 
-    async def post(self, path: str, body: Any) -> Any:
-        """POST a control call (options, refresh) between jobs."""
+    async def skip(self) -> None:
+        """End the running batch at its next step; the job goes on with the next batch."""
+        ...
+
+    async def catalogue_entry(self, name: str) -> Any:
+        """One catalogue entry by the name the API serves it under (`sd-models`, `samplers`,
+        `options`, `memory`, `controlnet-model_list`, ...: catalogue.ENTRIES), in A1111's
+        shape; None if the backend lacks it."""
+        ...
+
+    async def apply_options(self, options: dict[str, Any]) -> None:
+        """Set A1111 options (POST /sdapi/v1/options) between jobs."""
+        ...
+
+    async def refresh(self, what: Refresh) -> None:
+        """Rescan one kind of model files (checkpoints, loras, vae, embeddings)."""
+        ...
+
+    async def unload_checkpoint(self) -> None:
+        """Free the loaded checkpoint; the next job that needs it loads it again."""
+        ...
+
+    async def reload_checkpoint(self, checkpoint: str | None) -> None:
+        """Load a checkpoint again after an unload: `checkpoint` (the default set through the
+        API) where the backend can choose, else the one it used last. A1111 reloads its own
+        current checkpoint and ignores `checkpoint`."""
         ...
 
     async def aclose(self) -> None: ...

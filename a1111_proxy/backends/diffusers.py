@@ -11,11 +11,12 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from a1111_proxy.backends.base import BackendRejected, Progress
+from a1111_proxy.backends.base import BackendRejected, Progress, Refresh
 from a1111_proxy.engine import control, detect, hires, memory
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
@@ -28,8 +29,6 @@ from a1111_proxy.engine.pipeline import RunState, generate
 from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES
 
 log = logging.getLogger("a1111_proxy.engine")
-UNLOAD = "/sdapi/v1/unload-checkpoint"
-RELOAD = "/sdapi/v1/reload-checkpoint"
 
 
 def _sd_model(catalog: Catalog, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -130,66 +129,76 @@ class DiffusersBackend:
         if state is not None:
             state.skip.set()
 
-    async def fetch(self, path: str) -> Any:
-        """The catalogue as A1111 would answer it, from MODELS_DIR and the engine's tables."""
-        catalog = self.models.catalog
-        if path == "/sdapi/v1/sd-models":
-            catalog.checkpoints = catalog.scan()
-            return [_sd_model(catalog, c) for c in catalog.checkpoints if not c.pickled]
-        if path == "/sdapi/v1/samplers":
-            return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
-        if path == "/sdapi/v1/schedulers":
-            return [{"name": key, "label": label, "aliases": None, "default_rho": -1.0,
-                     "need_inner_model": False} for key, label in SCHEDULES.items()]
-        if path == "/sdapi/v1/options":
-            first = next((c for c in catalog.checkpoints if not c.pickled), None)
-            return {"sd_model_checkpoint": first.name if first else None,
-                    "samples_format": "png", "CLIP_stop_at_last_layers": 1}
-        if path == "/sdapi/v1/upscalers":  # hires fix's image upscalers
-            return hires.upscalers()
-        if path == "/sdapi/v1/latent-upscale-modes":
-            return hires.latent_upscale_modes()
-        if path == "/sdapi/v1/memory":
-            return memory.report(self.models.device)
-        if path == "/sdapi/v1/scripts":
-            return {"txt2img": [], "img2img": []}
-        if path == "/sdapi/v1/loras":
-            return LoraCatalog(self.config.models_dir).entries()
-        return ControlNetCatalog(self.config.models_dir).catalogue(path)
+    async def catalogue_entry(self, name: str) -> Any:
+        """The catalogue as A1111 would answer it, from MODELS_DIR and the engine's tables;
+        None for what the engine lacks (hypernetworks, extensions, ...)."""
+        answer = self._catalogue().get(name)
+        return None if answer is None else answer()
 
-    async def post(self, path: str, body: Any) -> Any:
-        """Control calls between jobs: refresh (rescan MODELS_DIR), unload-checkpoint (free
-        every loaded model) and reload-checkpoint (load `sd_model_checkpoint` from the body,
-        else the checkpoint used last, else the first); the last two answer `{}` as A1111."""
-        if path == UNLOAD:
-            return await self._in_engine(self._unload)
-        if path == RELOAD:
-            wanted = body.get("sd_model_checkpoint") if isinstance(body, dict) else None
-            return await self._in_engine(self._reload, wanted)
-        if path.startswith("/sdapi/v1/refresh-"):
-            self.models.catalog.checkpoints = self.models.catalog.scan()
-        return None
+    def _catalogue(self) -> dict[str, Callable[[], Any]]:
+        """Each entry's answer, made when asked (LoRAs and ControlNets are scanned afresh)."""
+        models_dir = self.config.models_dir
+        return {
+            "sd-models": self._sd_models,
+            "samplers": lambda: [{"name": s.name, "aliases": list(s.aliases), "options": {}}
+                                 for s in SAMPLERS],
+            "schedulers": lambda: [{"name": key, "label": label, "aliases": None,
+                                    "default_rho": -1.0, "need_inner_model": False}
+                                   for key, label in SCHEDULES.items()],
+            "options": self._options,
+            "upscalers": hires.upscalers,  # hires fix's image upscalers
+            "latent-upscale-modes": hires.latent_upscale_modes,
+            "memory": lambda: memory.report(self.models.device),
+            "scripts": lambda: {"txt2img": [], "img2img": []},
+            "loras": lambda: LoraCatalog(models_dir).entries(),
+            "controlnet-version": lambda: ControlNetCatalog(models_dir).version(),
+            "controlnet-model_list": lambda: ControlNetCatalog(models_dir).model_list(),
+            "controlnet-module_list": lambda: ControlNetCatalog(models_dir).module_list(),
+        }
+
+    def _sd_models(self) -> list[dict[str, Any]]:
+        catalog = self.models.catalog
+        catalog.checkpoints = catalog.scan()
+        return [_sd_model(catalog, c) for c in catalog.checkpoints if not c.pickled]
+
+    def _options(self) -> dict[str, Any]:
+        first = next((c for c in self.models.catalog.checkpoints if not c.pickled), None)
+        return {"sd_model_checkpoint": first.name if first else None,
+                "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+
+    async def apply_options(self, options: dict[str, Any]) -> None:
+        """Nothing to set: a job's checkpoint comes with it (override_settings)."""
+
+    async def refresh(self, what: Refresh) -> None:
+        """Rescan MODELS_DIR (LoRAs and ControlNets are read afresh for every answer)."""
+        self.models.catalog.checkpoints = self.models.catalog.scan()
+
+    async def unload_checkpoint(self) -> None:
+        """Free every loaded model, between jobs."""
+        await self._in_engine(self._unload)
+
+    async def reload_checkpoint(self, checkpoint: str | None) -> None:
+        """Load `checkpoint`, else the checkpoint used last, else the first."""
+        await self._in_engine(self._reload, checkpoint)
 
     async def _in_engine(self, action: Any, *args: Any) -> Any:
         """Run `action` on the engine thread, never beside a job."""
         async with self._lock:
             return await asyncio.get_running_loop().run_in_executor(self._thread, action, *args)
 
-    def _unload(self) -> dict[str, Any]:
+    def _unload(self) -> None:
         names = self.models.loaded()
         control.unload(self.models)
         self.models.unload_all()
         log.info("unloaded %s", ", ".join(names) or "nothing (no model was loaded)")
-        return {}
 
-    def _reload(self, wanted: str | None) -> dict[str, Any]:
+    def _reload(self, wanted: str | None) -> None:
         try:
             self.models.get(wanted)
         except InvalidParams as exc:
             raise BackendRejected(
                 f"the diffusers engine could not reload a checkpoint: {exc}"
             ) from None
-        return {}
 
     async def aclose(self) -> None:
         state = self._state

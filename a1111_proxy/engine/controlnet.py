@@ -339,18 +339,20 @@ class ControlNetCatalog:
                 return model
         return next((m for m in self.models if m.hash and m.hash == wanted.lower()), None)
 
-    def catalogue(self, path: str) -> Any:
-        """The extension's /controlnet/* answers, or None for other paths."""
-        if path == "/controlnet/version":
-            return {"version": API_VERSION}
-        if path == "/controlnet/model_list":
-            return {"model_list": [m.title for m in self.models]}
-        if path == "/controlnet/module_list":
-            return {
-                "module_list": [m.name for m in MODULES],
-                "module_detail": {m.name: m.detail for m in MODULES},
-            }
-        return None
+    def version(self) -> dict[str, Any]:
+        """The extension's /controlnet/version."""
+        return {"version": API_VERSION}
+
+    def model_list(self) -> dict[str, Any]:
+        """The extension's /controlnet/model_list: the models in MODELS_DIR."""
+        return {"model_list": [m.title for m in self.models]}
+
+    def module_list(self) -> dict[str, Any]:
+        """The extension's /controlnet/module_list: the preprocessors the engine runs."""
+        return {
+            "module_list": [m.name for m in MODULES],
+            "module_detail": {m.name: m.detail for m in MODULES},
+        }
 
 
 def _folder_hash(folder: Path) -> str | None:

@@ -13,9 +13,7 @@ import asyncio
 import base64
 import itertools
 import json
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +21,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from a1111_proxy.backends.fake import tiny_png
 
 MODELS = [
     {"title": "v1-5-pruned-emaonly.safetensors [6ce0161689]", "model_name": "v1-5-pruned-emaonly",
@@ -45,24 +45,6 @@ IDLE_STATE = {
     "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
     "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
 }
-
-
-def tiny_png(text: str, size: int = 8) -> bytes:
-    """A valid PNG (size x size, grey) with a `parameters` text chunk, as A1111 writes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
-        )
-
-    raw = b"".join(b"\x00" + bytes([128, 128, 128]) * size for _ in range(size))
-    return b"".join([
-        b"\x89PNG\r\n\x1a\n",
-        chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)),
-        chunk(b"tEXt", b"parameters\x00" + text.encode("latin-1", "replace")),
-        chunk(b"IDAT", zlib.compress(raw)),
-        chunk(b"IEND", b""),
-    ])
 
 
 @dataclass
