@@ -61,9 +61,12 @@ class CatalogueStore:
         return None if row is None else Entry(json.loads(row.body), row.fetched_at)
 
     async def ever_fetched(self) -> bool:
-        """Whether any worker ever fetched any catalogue entry from a backend."""
+        """Whether a worker ever fetched a backend's catalogue (its model list comes first; a
+        lone /memory fetched after an unload does not count)."""
         async with self.db.reading() as conn:
-            found = (await conn.execute(select(catalogue.c.name).limit(1))).first()
+            found = (await conn.execute(
+                select(catalogue.c.name).where(catalogue.c.name == ENTRIES[0])
+            )).first()
         return found is not None
 
     async def put(self, name: str, body: Any, backend: str) -> None:

@@ -443,3 +443,38 @@ async def test_the_a1111_backend_reads_every_catalogue_entry_and_sends_control_c
     assert fake.received[-1].body == {"sd_model_checkpoint": "dreamshaper_8"}
     assert len(fake.models) == 3  # refresh-checkpoints found the new model
     assert fake.timeline == ["unload-checkpoint", "reload-checkpoint"]
+
+
+async def test_a_backend_silent_at_start_rests_and_its_catalogue_is_fetched_once_it_answers(
+    repo: JobRepository, database_url: str
+) -> None:
+    from a1111_proxy.catalogue import CatalogueStore
+    from worker.catalogue import CatalogueKeeper
+
+    store = CatalogueStore(repo.db)
+    backend = FakeBackend("late", service_time=0.05)
+    backend.down = True  # A1111 not started yet when the worker starts
+    worker = make_worker(repo, [backend], database_url)
+    worker.keeper = CatalogueKeeper(store, interval=3600)  # a failed fetch must not wait this
+    worker.catalogue_check_seconds = 0.05
+    run = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: _true(worker.slots[0].state == "down"))
+        assert worker.slots[0].down_since is not None
+        job_id = await submit(repo)  # not claimed by a backend known to be down
+        assert (await repo.get(job_id)).attempts == 0
+        backend.down = False
+        await wait_until(lambda: store.get("sd-models"))
+        await wait_until(lambda: _true(worker.slots[0].down_since is None))
+        await wait_until(lambda: _has_status(repo, job_id, "completed"))
+    finally:
+        worker.stop()
+        await run
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _has_status(repo: JobRepository, job_id: str, status: str) -> bool:
+    return (await repo.get(job_id)).status == status

@@ -36,8 +36,9 @@ class CatalogueKeeper:
         self.checkpoint_baseline: int | None = None
         self._checkpoint_read_at = float("-inf")
 
-    async def tick(self, usable: list[Backend]) -> None:
-        """Refresh when asked or when stale; pick up options waiting to be applied."""
+    async def tick(self, usable: list[Backend]) -> list[Backend]:
+        """Refresh when asked or when stale; pick up options waiting to be applied. Returns the
+        backends that answered nothing (the worker rests them as down)."""
         await self._read_pending_options()
         request = await self.store.get_control(REFRESH_REQUESTED)
         if self.refresh_seen is None:  # do not redo a request older than this worker
@@ -45,15 +46,24 @@ class CatalogueKeeper:
         elif request and request["at"] != self.refresh_seen:
             self.refresh_seen = request["at"]
             await self._refresh_backends(usable, request.get("what") or list(REFRESHES))
-            await self.fetch_all(usable)
-            return
+            return await self.fetch_all(usable)
         if time.monotonic() - self.last_full >= self.interval:
-            await self.fetch_all(usable)
+            return await self.fetch_all(usable)
+        return []
 
-    async def fetch_all(self, usable: list[Backend]) -> None:
-        if not usable:
-            return
-        backend = usable[0]
+    async def fetch_all(self, usable: list[Backend]) -> list[Backend]:
+        """Fetch every entry from the first backend that answers. A backend that answers none is
+        returned as silent and the next is tried; with none answering, the next check tries
+        again (a catalogue is never left unfetched for CATALOGUE_SECONDS)."""
+        silent: list[Backend] = []
+        for backend in usable:
+            if await self._fetch_from(backend):
+                self.last_full = time.monotonic()
+                break
+            silent.append(backend)
+        return silent
+
+    async def _fetch_from(self, backend: Backend) -> bool:
         fetched, failure = 0, None
         for name in ENTRIES:
             try:
@@ -61,16 +71,18 @@ class CatalogueKeeper:
             except Exception as exc:
                 log.debug("catalogue %s from %s failed: %s", name, backend.name, exc)
                 failure = exc
+                if fetched == 0:
+                    break  # the first entry failed: the backend is not answering at all
                 continue
             if body is not None:
                 await self.store.put(name, redact(body) if name == "cmd-flags" else body, backend.name)
                 fetched += 1
-        self.last_full = time.monotonic()
         if fetched == 0 and failure is not None:
             log.warning("catalogue: %s did not answer (%s); the API keeps serving the last "
                         "catalogue it had; is A1111 running with --api?", backend.name, failure)
-        else:
-            log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
+            return False
+        log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
+        return True
 
     async def read_checkpoint_request(self) -> None:
         """Look for a new unload/reload request (cheap; at most every CHECKPOINT_READ_SECONDS)."""

@@ -264,8 +264,11 @@ class Worker:
 
     async def _keep_catalogue(self) -> None:
         assert self.keeper is not None
-        usable = [s.backend for s in self.slots if s.state != "down"]
-        await self.keeper.tick(usable)
+        usable = [s for s in self.slots if s.state == "idle"]
+        silent = await self.keeper.tick([slot.backend for slot in usable])
+        for slot in usable:
+            if slot.backend in silent and slot.state == "idle":
+                self._rest_down(slot, "did not answer the catalogue fetch")
 
     def _start(self, slot: Slot, claim: Claim) -> None:
         log.info("job %s: attempt %d on %s", claim.id, claim.attempts, slot.backend.name,
@@ -320,15 +323,19 @@ class Worker:
             return
         slot.task, slot.claim = None, None
         if outcome == "requeued":  # the backend was unavailable: rest this slot, then probe
-            slot.failures += 1
-            slot.state = "down"
-            slot.rest_until = time.monotonic() + self._rest(slot)
-            slot.last_error = "did not answer; its job was requeued"
-            slot.down_since = slot.down_since or time.time()
+            self._rest_down(slot, "did not answer; its job was requeued")
         else:
             slot.state, slot.failures = "idle", 0
             slot.jobs_done += outcome == "completed"
         self._slot_freed.set()
+
+    def _rest_down(self, slot: Slot, why: str) -> None:
+        """The backend did not answer: no job goes to it until a probe says it is back."""
+        slot.failures += 1
+        slot.state = "down"
+        slot.rest_until = time.monotonic() + self._rest(slot)
+        slot.last_error = why
+        slot.down_since = slot.down_since or time.time()
 
     def _rest(self, slot: Slot) -> float:
         return min(30.0, self.rest_seconds * slot.failures)
