@@ -292,11 +292,17 @@ async def wait_http(
 
 
 class Http:
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", prefer: str | None = "respond-async"
+    ) -> None:
+        """`prefer`: the Prefer header sent with every request (respond-async: 202 and the job;
+        None: the deployment's default mode, which holds a generation request until its job ends)."""
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._prefix = f"Host: {host}:{port}\r\nUser-Agent: a1111-proxy-bench\r\n"
+        if prefer:
+            self._prefix += f"Prefer: {prefer}\r\n"
 
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -522,8 +528,7 @@ async def part_wait(root: Path, args: argparse.Namespace, report: Report) -> Non
         await stack.start_api()
         await stack.start_worker()
         fake_port = int(stack.fake_urls[0].rsplit(":", 1)[1])
-        direct, proxied = Http(fake_port), Http(stack.api_port)
-        proxied._prefix += "Prefer: wait\r\n"
+        direct, proxied = Http(fake_port, prefer=None), Http(stack.api_port, prefer="wait")
         times: dict[str, list[float]] = {"direct": [], "proxied": []}
         for _ in range(3):  # warm-up
             await proxied.request("POST", "/sdapi/v1/txt2img", SMALL_BODY)
