@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -140,12 +140,13 @@ def deployment(
     database_url: str | None = None,
     backends: list[str] | None = None,
     seed: Callable[[str], object] | None = None,
-    **env: str,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Deployment]:
     """Fake A1111s (`fakes` processes, `service_time` s per generation, one at a time like
     A1111), a migrated database (SQLite in `root/name` unless `database_url`; `seed(url)` fills
-    it before anything starts), the API and `workers` workers listing every fake (or `backends`).
-    Stopped, and their warnings printed, when the block ends."""
+    it before anything starts), the API and `workers` workers listing every fake (or `backends`);
+    `env`: settings beyond the defaults. Stopped, and their warnings printed, when the block
+    ends."""
     where = root / name
     where.mkdir(parents=True)
     ports = [free_port() for _ in range(fakes)]
@@ -167,7 +168,7 @@ def deployment(
             where,
             backends if backends is not None else urls,
             database_url,
-            **bench_env(log_level, **env),
+            **bench_env(log_level, **(env or {})),
         )
         if seed is not None:
             seed(stack.url)
@@ -257,7 +258,7 @@ class Http:
 
     async def _read_chunked(self) -> bytes:
         assert self.reader is not None
-        parts = []
+        parts: list[bytes] = []
         while True:
             size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:

@@ -677,7 +677,7 @@ def part_hold(root: Path, args: argparse.Namespace, report: Report) -> None:
     with (
         serve(fake.app) as a1111,
         deployment(
-            root, "hold", log_level=args.log_level, backends=[a1111], workers=1, **hold_env
+            root, "hold", log_level=args.log_level, backends=[a1111], workers=1, env=hold_env
         ) as d,
     ):
         idle_rss, idle_cpu = quiet_window(d.api_pid, seconds)
@@ -719,7 +719,7 @@ def part_hold(root: Path, args: argparse.Namespace, report: Report) -> None:
 
 def print_baseline(report: Report) -> None:
     v = report.values
-    parts = []
+    parts: list[str] = []
     if "overhead_p50" in v:
         parts.append(
             f"overhead {BASELINE['overhead_ms']:,.0f} ms -> {v['overhead_p50']:.1f} ms p50 "

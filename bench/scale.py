@@ -160,7 +160,7 @@ def throughput_case(root: Path, args: argparse.Namespace, backends: int) -> floa
     )
     lost = ms((makespan - n * s / backends) / (n / backends))
     print(f"    per job lost per backend: {lost:.1f} ms; queue wait p50 {pct(waits, 50):.2f} s")
-    return rate / ideal
+    return float(rate / ideal)
 
 
 def part_throughput(root: Path, args: argparse.Namespace) -> None:
