@@ -624,16 +624,20 @@ def part_list(root: Path, args: argparse.Namespace, report: Report) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def quiet_window(pid: int, seconds: float) -> tuple[float, float]:
-    """The process's RSS (MiB) at the end of `seconds`, and its CPU over them (% of one core)."""
-    process = psutil.Process(pid)
-    cpu0, t0 = cpu_seconds(process.cpu_times()), time.perf_counter()
+def quiet_window(pids: dict[str, int], seconds: float) -> dict[str, tuple[float, float]]:
+    """Each process's RSS (MiB) at the end of `seconds`, and its CPU over them (% of one core)."""
+    processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+    cpu0 = {name: cpu_seconds(p.cpu_times()) for name, p in processes.items()}
+    t0 = time.perf_counter()
     time.sleep(seconds)
-    cpu1, t1 = cpu_seconds(process.cpu_times()), time.perf_counter()
-    return process.memory_info().rss / MIB, 100 * (cpu1 - cpu0) / (t1 - t0)
+    wall = time.perf_counter() - t0
+    return {
+        name: (p.memory_info().rss / MIB, 100 * (cpu_seconds(p.cpu_times()) - cpu0[name]) / wall)
+        for name, p in processes.items()
+    }
 
 
-async def hold(d: Deployment, clients: int, seconds: float) -> dict[str, Any]:
+async def hold(d: Deployment, clients: int, seconds: float, pids: dict[str, int]) -> dict[str, Any]:
     """`clients` connections each send one txt2img in the default mode; once every job is stored
     (all queued but the one that runs), a quiet window; then the clients hang up."""
     conns = [Http(d.api_port, prefer=None) for _ in range(clients)]
@@ -649,28 +653,20 @@ async def hold(d: Deployment, clients: int, seconds: float) -> dict[str, Any]:
         await asyncio.sleep(0.2)
     stored = time.perf_counter() - t0
     await asyncio.sleep(2.0)  # let the submits' aftermath settle
-    rss, cpu = await asyncio.to_thread(quiet_window, d.api_pid, seconds)
+    window = await asyncio.to_thread(quiet_window, pids, seconds)
     answered = [w.result()[0] for w in waiting if w.done() and not w.exception()]
     for waiter in waiting:
         waiter.cancel()
     for conn in conns:
         conn.close()
     await asyncio.gather(*waiting, return_exceptions=True)
-    return {
-        "stored": stored,
-        "counts": counts,
-        "rss": rss,
-        "cpu": cpu,
-        "answered": Counter(answered),
-    }
+    return {"stored": stored, "counts": counts, "window": window, "answered": Counter(answered)}
 
 
 def part_hold(root: Path, args: argparse.Namespace, report: Report) -> None:
     n, seconds = args.hold_clients, args.hold_seconds
-    section(
-        f"hold: {n:,} clients waiting in the default mode; API RSS and CPU over {seconds} s "
-        f"with nothing happening"
-    )
+    clients = f"{n:,} client{'s' if n != 1 else ''}"
+    section(f"hold: {clients} waiting in the default mode; RSS and CPU over {seconds} s quiet")
     fake = FakeA1111()
     fake.hang_next()  # the one slot's generation never ends and reports no progress
     hold_env = {"A1111_PROXY_SHUTDOWN_GRACE_SECONDS": "0"}  # the worker stops without waiting
@@ -680,38 +676,28 @@ def part_hold(root: Path, args: argparse.Namespace, report: Report) -> None:
             root, "hold", log_level=args.log_level, backends=[a1111], workers=1, env=hold_env
         ) as d,
     ):
-        idle_rss, idle_cpu = quiet_window(d.api_pid, seconds)
-        got = asyncio.run(hold(d, n, seconds))
+        pids = {"API": d.api_pid, "worker": d.stack.procs[-1].pid}
+        idle = quiet_window(pids, seconds)
+        got = asyncio.run(hold(d, n, seconds, pids))
         generations = len(fake.generation_requests())
         # The fake's shutdown cancels the generation that never ended; not worth a traceback.
         logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
-    print(f"  no client waiting:   API RSS {idle_rss:6.1f} MiB, CPU {idle_cpu:5.2f} % of one core")
-    print(
-        f"  {n:,} clients waiting: API RSS {got['rss']:6.1f} MiB, CPU {got['cpu']:5.2f} % of one "
-        f"core"
-    )
+    for label, window in (("no client waiting", idle), (f"{clients} waiting", got["window"])):
+        shown = "; ".join(
+            f"{name} RSS {rss:6.1f} MiB, CPU {cpu:5.2f} % of one core"
+            for name, (rss, cpu) in window.items()
+        )
+        print(f"  {label + ':':<22} {shown}")
     print(
         f"  all {n:,} jobs stored {got['stored']:.1f} s after the first request "
         f"({dict(got['counts'])}); answered during the window: "
         f"{dict(got['answered']) or 'none'}; generations sent to A1111: {generations}"
     )
-    report.add(
-        "hold_rss",
-        f"API RSS, {n:,} clients waiting",
-        got["rss"],
-        "MiB",
-        "<= 250 MB",
-        got["rss"] * MIB <= 250e6,
-    )
-    report.add(
-        "hold_cpu",
-        f"API CPU, {n:,} waiting, nothing happens",
-        got["cpu"],
-        "%",
-        "~0 (<= 1%)",
-        got["cpu"] <= 1.0,
-    )
-    report.add("hold_cpu0", "API CPU, no client waiting", idle_cpu, "%")
+    rss, cpu = got["window"]["API"]
+    ok = rss * MIB <= 250e6
+    report.add("hold_rss", f"API RSS, {clients} waiting", rss, "MiB", "<= 250 MB", ok)
+    report.add("hold_cpu", f"API CPU, {clients} waiting, quiet", cpu, "%", "~0 (<= 1%)", cpu <= 1.0)
+    report.add("hold_cpu0", "API CPU, no client waiting", idle["API"][1], "%")
 
 
 # --------------------------------------------------------------------------------------------
