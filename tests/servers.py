@@ -54,13 +54,16 @@ def free_port() -> int:
 
 
 class Proc:
-    """One of our processes (`a1111-proxy serve` or `worker`), logging to a file."""
+    """One of our processes (`a1111-proxy serve` or `worker`), logging to a file. `module` runs
+    another one (`tests.fakes.a1111` for a fake A1111 of its own, as the benchmarks do)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, module: str = "a1111_proxy"
+    ) -> None:
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "a1111_proxy", *args],
+            [sys.executable, "-m", module, *args],
             env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
             stdout=self._log, stderr=subprocess.STDOUT, cwd=log.parent,
         )
