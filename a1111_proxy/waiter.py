@@ -23,7 +23,8 @@ from a1111_proxy.wakeup import Wakeup
 
 log = logging.getLogger("a1111_proxy")
 
-RECHECK_SECONDS = 1.0
+RECHECK_SECONDS = 1.0  # the backends' state is looked at this often while requests wait
+FULL_READ_SECONDS = 15.0  # snapshots are read at least this often, changes or not
 
 
 class Watch:
@@ -94,13 +95,23 @@ class JobWaiter:
         if not self._started:
             await self.wakeup.start()
             self._started = True
+        read_ids: set[str] = set()
+        changed, quiet_since = True, asyncio.get_running_loop().time()
         while self._waiting or self._watching:
+            ids = {*self._waiting, *self._watching}
+            # Nothing changed and nobody new follows: the snapshots would be the same (but read
+            # them now and then all the same, in case a wakeup was missed).
+            stale = (not self.wakeup.sees_every_commit
+                     or asyncio.get_running_loop().time() - quiet_since >= FULL_READ_SECONDS)
             try:
-                self._dispatch(await self.repo.snapshots(list({*self._waiting, *self._watching})))
+                if changed or stale or not ids <= read_ids:
+                    self._dispatch(await self.repo.snapshots(list(ids)))
+                    read_ids, quiet_since = ids, asyncio.get_running_loop().time()
                 await self._check_backends()
             except Exception as exc:  # a busy or unreachable database: try again shortly
                 log.warning("could not read job states (%s: %s); retrying", type(exc).__name__, exc)
-            await self.wakeup.wait(RECHECK_SECONDS)
+                read_ids = set()
+            changed = await self.wakeup.wait(RECHECK_SECONDS)
 
     def _dispatch(self, snapshots: dict[str, Any]) -> None:
         for job_id, futures in list(self._waiting.items()):
