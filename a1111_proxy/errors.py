@@ -8,6 +8,7 @@ stable `code`. The docstring of each class is its default message.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -127,7 +128,7 @@ class UnknownImage(ProxyError):
 
 
 def a1111_error(
-    status_code: int, error: str, detail: Any, code: str, headers: dict[str, str] | None = None
+    status_code: int, error: str, detail: Any, code: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     body = {"error": error, "detail": detail, "body": "", "errors": "", "code": code}
     return JSONResponse(body, status_code=status_code, headers=headers)

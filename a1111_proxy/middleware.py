@@ -8,6 +8,7 @@ import hmac
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from a1111_proxy.errors import BodyTooLarge, a1111_error
@@ -125,5 +126,5 @@ def _too_large_text(max_bytes: int) -> str:
     )
 
 
-def _too_large(max_bytes: int):  # type: ignore[no-untyped-def]
+def _too_large(max_bytes: int) -> JSONResponse:
     return a1111_error(413, "HTTPException", _too_large_text(max_bytes), "body_too_large")

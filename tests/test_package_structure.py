@@ -25,20 +25,30 @@ def _modules(root: Path) -> Iterator[tuple[str, Path, ast.Module]]:
 
 
 def _base_names(node: ast.ClassDef) -> set[str]:
-    return {base.id if isinstance(base, ast.Name) else base.attr
-            for base in node.bases if isinstance(base, ast.Name | ast.Attribute)}
+    return {
+        base.id if isinstance(base, ast.Name) else base.attr
+        for base in node.bases
+        if isinstance(base, ast.Name | ast.Attribute)
+    }
 
 
 def proxy_errors_elsewhere(root: Path) -> list[str]:
     """Classes deriving from ProxyError (by name, through any chain of subclasses in any
     module) that are defined anywhere but a1111_proxy/errors.py."""
-    classes = [(path, node) for _, path, tree in _modules(root)
-               for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    classes = [
+        (path, node)
+        for _, path, tree in _modules(root)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+    ]
     errors = {"ProxyError"}
     while more := {node.name for _, node in classes if _base_names(node) & errors} - errors:
         errors |= more
-    return [f"{path}:{node.lineno} {node.name}" for path, node in classes
-            if node.name in errors - {"ProxyError"} and path != ERRORS_MODULE]
+    return [
+        f"{path}:{node.lineno} {node.name}"
+        for path, node in classes
+        if node.name in errors - {"ProxyError"} and path != ERRORS_MODULE
+    ]
 
 
 def _is_private(name: str) -> bool:
@@ -74,11 +84,18 @@ def private_imports(root: Path) -> list[str]:
                         found.append(f"{path}:{node.lineno} {source}.{alias.name}")
                     aliases.add(alias.asname or alias.name)
             elif isinstance(node, ast.Import):
-                aliases.update(alias.asname or alias.name.split(".")[0]
-                               for alias in node.names if _ours(alias.name))
+                aliases.update(
+                    alias.asname or alias.name.split(".")[0]
+                    for alias in node.names
+                    if _ours(alias.name)
+                )
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and _is_private(node.attr)
-                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+            if (
+                isinstance(node, ast.Attribute)
+                and _is_private(node.attr)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
                 found.append(f"{path}:{node.lineno} {node.value.id}.{node.attr}")
     return found
 
@@ -101,34 +118,42 @@ def test_no_module_imports_a_private_name_from_another_module() -> None:
 def test_an_api_error_defined_in_a_route_module_is_found_through_its_parents(
     tmp_path: Path,
 ) -> None:
-    _write(tmp_path, {
-        "a1111_proxy/errors.py": "class ProxyError(Exception): ...\n"
-                                 "class JobNotFound(ProxyError): ...\n",
-        "a1111_proxy/routes/a1111.py": "from a1111_proxy import errors\n"
-                                       "class Missing(errors.ProxyError): ...\n",
-        "worker/x.py": "from a1111_proxy.errors import JobNotFound\n"
-                       "class Gone(JobNotFound): ...\n"
-                       "class Fine(Exception): ...\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "a1111_proxy/errors.py": "class ProxyError(Exception): ...\n"
+            "class JobNotFound(ProxyError): ...\n",
+            "a1111_proxy/routes/a1111.py": "from a1111_proxy import errors\n"
+            "class Missing(errors.ProxyError): ...\n",
+            "worker/x.py": "from a1111_proxy.errors import JobNotFound\n"
+            "class Gone(JobNotFound): ...\n"
+            "class Fine(Exception): ...\n",
+        },
+    )
     assert proxy_errors_elsewhere(tmp_path) == [
-        "a1111_proxy/routes/a1111.py:2 Missing", "worker/x.py:2 Gone"]
+        "a1111_proxy/routes/a1111.py:2 Missing",
+        "worker/x.py:2 Gone",
+    ]
 
 
 def test_a_private_name_taken_from_another_module_is_found_however_it_is_imported(
     tmp_path: Path,
 ) -> None:
-    _write(tmp_path, {
-        "a1111_proxy/__init__.py": "",
-        "a1111_proxy/routes/__init__.py": "",
-        "a1111_proxy/routes/jobs.py": "def _int_param(): ...\n",
-        "a1111_proxy/routes/queue.py": "from a1111_proxy.routes.jobs import _int_param\n"
-                                       "from .jobs import _int_param as p\n"
-                                       "from __future__ import annotations\n",
-        "worker/loop.py": "import a1111_proxy.routes.jobs\n"
-                          "from a1111_proxy.routes import jobs\n"
-                          "from os import _exit\n"
-                          "jobs._int_param(); a1111_proxy.routes; jobs.__name__; _exit\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "a1111_proxy/__init__.py": "",
+            "a1111_proxy/routes/__init__.py": "",
+            "a1111_proxy/routes/jobs.py": "def _int_param(): ...\n",
+            "a1111_proxy/routes/queue.py": "from a1111_proxy.routes.jobs import _int_param\n"
+            "from .jobs import _int_param as p\n"
+            "from __future__ import annotations\n",
+            "worker/loop.py": "import a1111_proxy.routes.jobs\n"
+            "from a1111_proxy.routes import jobs\n"
+            "from os import _exit\n"
+            "jobs._int_param(); a1111_proxy.routes; jobs.__name__; _exit\n",
+        },
+    )
     assert sorted(private_imports(tmp_path)) == [
         "a1111_proxy/routes/queue.py:1 a1111_proxy.routes.jobs._int_param",
         "a1111_proxy/routes/queue.py:2 a1111_proxy.routes.jobs._int_param",

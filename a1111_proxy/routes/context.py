@@ -142,9 +142,7 @@ def int_param(request: Request, name: str, *, default: int, low: int, high: int)
 
 
 @overload
-def int_param(
-    request: Request, name: str, *, default: None, low: int, high: int
-) -> int | None: ...
+def int_param(request: Request, name: str, *, default: None, low: int, high: int) -> int | None: ...
 
 
 def int_param(
@@ -158,8 +156,13 @@ def int_param(
     if value.isdigit() and low <= int(value) <= high:
         return int(value)
     raise InvalidRequest(
-        [{"loc": ["query", name], "msg": f"must be a whole number from {low} to {high}",
-          "type": "int_parsing"}]
+        [
+            {
+                "loc": ["query", name],
+                "msg": f"must be a whole number from {low} to {high}",
+                "type": "int_parsing",
+            }
+        ]
     )
 
 
