@@ -29,8 +29,8 @@ async def list_loras(request: Request) -> Response:
 
 
 async def _listing(request: Request, name: str) -> Response:
-    _, headers = await read_catalogue(request, name)  # 503 while none was ever fetched
-    entries, _ = await _entries(request, name)
+    stored, headers = await read_catalogue(request, name)  # 503 while none was ever fetched
+    entries, _ = await _entries(request, name, stored or [])
     return JSONResponse(entries, headers=headers)
 
 
@@ -47,7 +47,7 @@ async def get_lora(request: Request) -> Response:
 async def _one(request: Request, name: str) -> dict[str, Any]:
     wanted = request.path_params["name"]
     kind = CATALOGUE_KINDS[name]
-    entries, index = await _entries(request, name)
+    entries, index = await _entries(request, name, await context.catalogue(request).get(name) or [])
     found = find_entry(kind, entries, wanted, index)
     if found is None:
         known = ", ".join(repr(n) for n in known_names(kind, entries)) or "none yet"
@@ -55,8 +55,10 @@ async def _one(request: Request, name: str) -> dict[str, Any]:
     return found
 
 
-async def _entries(request: Request, name: str) -> tuple[list[Any], FileIndex]:
-    entries = await context.catalogue(request).get(name) or []
+async def _entries(
+    request: Request, name: str, entries: list[Any]
+) -> tuple[list[Any], FileIndex]:
+    """The catalogue's `entries` for `name`, with Civitai's data unless the caller said no."""
     info = context.model_info(request)
     index = FileIndex(await info.files())
     if not _wants_civitai(request):
