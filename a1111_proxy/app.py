@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TypedDict
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -19,19 +18,10 @@ from a1111_proxy.middleware import BodyLimit, TokenAuth
 from a1111_proxy.migrate import head_revision
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.routes import ROUTES
+from a1111_proxy.routes.context import State
 from a1111_proxy.settings import Settings
 from a1111_proxy.waiter import JobWaiter
 from a1111_proxy.wakeup import make_wakeup
-
-
-class State(TypedDict):
-    settings: Settings
-    repo: JobRepository
-    catalogue: CatalogueStore
-    model_info: ModelInfoStore
-    waiter: JobWaiter
-    backends: BackendWatch
-    schema_head: str
 
 
 def make_lifespan(

@@ -8,6 +8,7 @@ stable `code`. The docstring of each class is its default message.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -83,8 +84,51 @@ class InvalidRequest(ProxyError):
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
 
 
+class ModelNotFound(ProxyError):
+    """No model has that name."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+class UnknownCheckpoint(ProxyError):
+    """No checkpoint has that name."""
+
+    status_code = 422
+    code = "unknown_checkpoint"
+
+
+class CatalogueNotReady(ProxyError):
+    """No worker has fetched the backends' model list yet: start `a1111-proxy worker` and make
+    sure it reaches an A1111 (see /health)."""
+
+    status_code = 503
+    code = "catalogue_not_ready"
+
+
+class UnsupportedRoute(ProxyError):
+    """a1111-proxy does not offer this A1111 route."""
+
+    status_code = 404
+    code = "unsupported_route"
+
+
+class ControlNetMissing(ProxyError):
+    """The backends have no ControlNet extension (or no worker has looked yet)."""
+
+    status_code = 404
+    code = "controlnet_missing"
+
+
+class UnknownImage(ProxyError):
+    """The image could not be read."""
+
+    status_code = 422
+    code = "invalid_image"
+
+
 def a1111_error(
-    status_code: int, error: str, detail: Any, code: str, headers: dict[str, str] | None = None
+    status_code: int, error: str, detail: Any, code: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     body = {"error": error, "detail": detail, "body": "", "errors": "", "code": code}
     return JSONResponse(body, status_code=status_code, headers=headers)

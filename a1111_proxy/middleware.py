@@ -8,7 +8,7 @@ import hmac
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from a1111_proxy.errors import BodyTooLarge, a1111_error
@@ -22,8 +22,8 @@ class TokenAuth:
     """`Authorization: Bearer <token>`, or HTTP Basic with the token as the password (so A1111
     clients configured for `--api-auth` work). Tokens are compared in constant time.
 
-    Puts the caller on the request (`request.state.caller`, read with `caller()`): the tenant
-    the token names, or with tokens off the client's address. A1111's global routes
+    Puts the caller on the request (`request.state.caller`, read with `routes.context.caller`):
+    the tenant the token names, or with tokens off the client's address. A1111's global routes
     (/progress, /interrupt, /skip) act on that caller's jobs only."""
 
     def __init__(self, app: ASGIApp, tokens: Iterable[tuple[str, str]]) -> None:
@@ -60,11 +60,6 @@ class TokenAuth:
             if hmac.compare_digest(presented, token):
                 found = name
         return found
-
-
-def caller(request: Request) -> str:
-    """Who is calling: the token's tenant, or the client's address when tokens are off."""
-    return request.state.caller  # type: ignore[no-any-return]
 
 
 def _set_caller(scope: Scope, who: str) -> None:
@@ -131,5 +126,5 @@ def _too_large_text(max_bytes: int) -> str:
     )
 
 
-def _too_large(max_bytes: int):  # type: ignore[no-untyped-def]
+def _too_large(max_bytes: int) -> JSONResponse:
     return a1111_error(413, "HTTPException", _too_large_text(max_bytes), "body_too_large")

@@ -153,7 +153,7 @@ class Worker:
             await self._fill_slots()
             running = self._running()
             if running:  # until a job ends, or a backend answers (its slot is free then)
-                await _first_of(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED),
+                await first_of(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED),
                                 self._slot_freed.wait(), timeout=3600)
             elif not await self.repo.has_due_job():
                 return
@@ -173,12 +173,12 @@ class Worker:
                 # Locked by a stuck process, or the database is away: keep trying, never die.
                 log.warning("database unavailable while claiming (%s); retrying in 1 s",
                             exc.orig or exc)
-                await _first_of(self._stop.wait(), timeout=1.0)
+                await first_of(self._stop.wait(), timeout=1.0)
                 continue
             waiters = [self._stop.wait(), self._slot_freed.wait()]
             if any(slot.free(time.monotonic()) for slot in self.slots):
                 waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
-            await _first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
+            await first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
 
     async def _fill_slots(self) -> bool:
         """Claim a job for every free slot, in one transaction. True if any was claimed."""
@@ -389,7 +389,8 @@ class Worker:
                 log.exception("%s failed; trying again in %.0f s", action.__qualname__, seconds)
 
 
-async def _first_of(*aws: Any, timeout: float) -> None:
+async def first_of(*aws: Any, timeout: float) -> None:
+    """Returns once the first of `aws` is done, or after `timeout` seconds; cancels the rest."""
     tasks = [asyncio.ensure_future(aw) for aw in aws]
     try:
         await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -41,7 +41,7 @@ from a1111_proxy.webhooks import (
     message_body,
     needs_images,
 )
-from worker.loop import _first_of
+from worker.loop import first_of
 
 log = logging.getLogger("a1111_proxy.webhooks")
 
@@ -118,7 +118,7 @@ class WebhookSender:
                 if await self._step():
                     continue
                 self._freed.clear()
-                await _first_of(self._stop.wait(), self._freed.wait(), self.wakeup.wait(idle),
+                await first_of(self._stop.wait(), self._freed.wait(), self.wakeup.wait(idle),
                                 timeout=idle)
         finally:
             await self._drain()

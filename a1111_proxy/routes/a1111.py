@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,12 +26,21 @@ from a1111_proxy.catalogue import (
     checkpoint_titles,
     find_checkpoint,
 )
-from a1111_proxy.errors import JobNotFound, ProxyError, a1111_error
+from a1111_proxy.errors import (
+    CatalogueNotReady,
+    ControlNetMissing,
+    JobNotFound,
+    UnknownCheckpoint,
+    UnknownImage,
+    UnsupportedRoute,
+    a1111_error,
+)
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.memory import unknown as memory_unknown
-from a1111_proxy.middleware import caller
 from a1111_proxy.pnginfo import decode_image, parse_infotext, text_chunks
-from a1111_proxy.routes.jobs import read_json_object, submit
+from a1111_proxy.routes import context
+from a1111_proxy.routes.context import bool_param, caller, read_catalogue, read_json_object
+from a1111_proxy.routes.jobs import requested_steps, submit
 
 log = logging.getLogger("a1111_proxy")
 
@@ -49,43 +59,6 @@ CATALOGUE_EMPTY: dict[str, Any] = {
 }
 
 
-class UnknownCheckpoint(ProxyError):
-    """No checkpoint has that name."""
-
-    status_code = 422
-    code = "unknown_checkpoint"
-
-
-class CatalogueNotReady(ProxyError):
-    """No worker has fetched the backends' model list yet: start `a1111-proxy worker` and make
-    sure it reaches an A1111 (see /health)."""
-
-    status_code = 503
-    code = "catalogue_not_ready"
-
-
-class UnsupportedRoute(ProxyError):
-    """a1111-proxy does not offer this A1111 route."""
-
-    status_code = 404
-    code = "unsupported_route"
-
-
-class ControlNetMissing(ProxyError):
-    """The backends have no ControlNet extension (or no worker has looked yet)."""
-
-    status_code = 404
-    code = "controlnet_missing"
-
-
-def _repo(request: Request) -> JobRepository:
-    return request.state.repo  # type: ignore[no-any-return]
-
-
-def _store(request: Request) -> CatalogueStore:
-    return request.state.catalogue  # type: ignore[no-any-return]
-
-
 # --- progress and control ---------------------------------------------------------------
 
 
@@ -93,7 +66,7 @@ async def progress(request: Request) -> Response:
     """A1111's /progress over the caller's jobs (A1111 has one user, a proxy many): the
     caller's oldest running job, or the one `job_id` names, and job_count counting the caller's
     queued and running jobs (0 and progress 0.0 when idle)."""
-    repo = _repo(request)
+    repo = context.repo(request)
     owner = caller(request)
     running = await repo.running_of(owner, await _picked_job(request, repo, owner))
     job_count = await repo.active_count_of(owner)
@@ -102,8 +75,8 @@ async def progress(request: Request) -> Response:
                              "state": {**IDLE_STATE, "job_count": job_count},
                              "current_image": None, "textinfo": None})
     job = running[0]
-    skip_image = request.query_params.get("skip_current_image", "false").lower() in ("true", "1")
-    steps = _steps(job)
+    skip_image = bool_param(request, "skip_current_image", default=False)
+    steps = requested_steps(job)
     state = {
         **IDLE_STATE,
         "interrupted": job.cancel_requested_at is not None,
@@ -123,18 +96,10 @@ async def progress(request: Request) -> Response:
     })
 
 
-def _steps(job: Any) -> int:
-    try:
-        steps = json.loads(job.request).get("steps")
-        return int(steps) if steps else 50
-    except (ValueError, TypeError, AttributeError):
-        return 50
-
-
 async def interrupt(request: Request) -> Response:
     """Stops the caller's running jobs (or the one `job_id` names) after their current step
     (A1111 answers `{}`)."""
-    repo, owner = _repo(request), caller(request)
+    repo, owner = context.repo(request), caller(request)
     await repo.interrupt_running(owner=owner, job_id=await _picked_job(request, repo, owner))
     return JSONResponse({})
 
@@ -142,7 +107,7 @@ async def interrupt(request: Request) -> Response:
 async def skip(request: Request) -> Response:
     """Skips the current batch of the caller's running jobs (or of the one `job_id` names)
     (A1111 answers `null`)."""
-    repo, owner = _repo(request), caller(request)
+    repo, owner = context.repo(request), caller(request)
     await repo.skip_running(owner=owner, job_id=await _picked_job(request, repo, owner))
     return JSONResponse(None)
 
@@ -168,26 +133,8 @@ async def catalogue_entry(request: Request) -> Response:
     return JSONResponse(CATALOGUE_EMPTY.get(name) if body is None else body, headers=headers)
 
 
-async def read_catalogue(request: Request, name: str) -> tuple[Any, dict[str, str]]:
-    """The worker's last fetch of `name` and an `Age` header (seconds since that fetch); None
-    when the backends lack that entry. 503 (CatalogueNotReady) while no catalogue was ever
-    fetched: an empty list would look like a backend without models."""
-    store = _store(request)
-    entry = await store.entry(name)
-    if entry is not None:
-        return entry.body, {"Age": str(max(0, int(time.time() - entry.fetched_at)))}
-    if await store.ever_fetched():
-        return None, {}
-    outage = await request.state.backends.outage()
-    why = outage.reason if outage is not None else "the worker has not reached a backend yet"
-    raise CatalogueNotReady(
-        f"No worker has fetched the backends' catalogue (models, samplers, options) yet: {why}. "
-        "GET /health shows the workers and backends."
-    )
-
-
 async def get_options(request: Request) -> Response:
-    store = _store(request)
+    store = context.catalogue(request)
     stored, headers = await read_catalogue(request, "options")
     options = dict(stored or {})
     pending = await store.get_control(PENDING_OPTIONS)
@@ -205,7 +152,7 @@ async def set_options(request: Request) -> Response:
     """`sd_model_checkpoint` becomes the default for jobs submitted from now on (applied per job,
     so it never races a running one); other options reach the backends between jobs."""
     body = await read_json_object(request)
-    store = _store(request)
+    store = context.catalogue(request)
     checkpoint = body.pop("sd_model_checkpoint", None)
     if checkpoint is not None:
         await store.set_control(DEFAULT_CHECKPOINT, await _resolve_checkpoint(store, checkpoint))
@@ -249,7 +196,8 @@ async def refresh_embeddings(request: Request) -> Response:
 
 
 async def _request_refresh(request: Request, what: list[str]) -> None:
-    await _store(request).set_control(REFRESH_REQUESTED, {"at": time.time(), "what": what})
+    store = context.catalogue(request)
+    await store.set_control(REFRESH_REQUESTED, {"at": time.time(), "what": what})
 
 
 # --- checkpoint and memory --------------------------------------------------------------
@@ -277,7 +225,7 @@ async def _checkpoint(request: Request, *, loaded: bool) -> Response:
     waits for that, up to CHECKPOINT_WAIT_SECONDS. A backend still running a job then applies
     it after that job; the answer is `{}` all the same (as A1111's), and `X-Proxy-Note` and the
     log say what is pending. A job submitted afterwards runs: backends load on demand."""
-    version = await _store(request).request_checkpoint(loaded)
+    version = await context.catalogue(request).request_checkpoint(loaded)
     note = await _await_applied(request, version)
     if note is None:
         return JSONResponse({})
@@ -288,10 +236,10 @@ async def _checkpoint(request: Request, *, loaded: bool) -> Response:
 
 async def _await_applied(request: Request, version: int) -> str | None:
     """None once every live backend has applied request `version`; else what is pending."""
-    settings = request.state.settings
+    settings = context.settings(request)
     deadline = time.monotonic() + settings.checkpoint_wait_seconds
     while True:
-        workers = await _repo(request).live_workers(settings.worker_stale_seconds)
+        workers = await context.repo(request).live_workers(settings.worker_stale_seconds)
         waiting, down = _not_applied(workers, version)
         if not workers or not waiting or time.monotonic() >= deadline:
             break
@@ -323,13 +271,13 @@ def _not_applied(workers: list[Any], version: int) -> tuple[list[str], list[str]
 async def memory(request: Request) -> Response:
     """The backend's own answer (A1111's `{ram, cuda}`) as the worker last fetched it; never
     `{}`: before any backend reported, this process's RAM and a `cuda.error` saying why."""
-    body = await _store(request).get("memory")
+    body = await context.catalogue(request).get("memory")
     return JSONResponse(body if body else memory_unknown(NO_MEMORY_YET))
 
 
 async def controlnet_entry(request: Request) -> Response:
     name = "controlnet-" + request.url.path.rsplit("/", 1)[-1]
-    body = await _store(request).get(name)
+    body = await context.catalogue(request).get(name)
     if body is None:
         raise ControlNetMissing()
     return JSONResponse(body)
@@ -350,14 +298,7 @@ async def png_info(request: Request) -> Response:
                          "parameters": parse_infotext(info) if info else {}})
 
 
-class UnknownImage(ProxyError):
-    """The image could not be read."""
-
-    status_code = 422
-    code = "invalid_image"
-
-
-def queued_route(kind: str):  # type: ignore[no-untyped-def]
+def queued_route(kind: str) -> Callable[[Request], Awaitable[Response]]:
     """Routes that need a backend run as jobs on a slot, like generations, and answer in wait
     mode by default (these clients expect the answer in the response)."""
 

@@ -32,7 +32,9 @@ from starlette.responses import Response, StreamingResponse
 
 from a1111_proxy.db.tables import STATUSES
 from a1111_proxy.jobs import TERMINAL, JobRepository
-from a1111_proxy.routes.jobs import find_job, render_with_position
+from a1111_proxy.routes import context
+from a1111_proxy.routes.context import find_job
+from a1111_proxy.routes.jobs import render_with_position, requested_steps
 from a1111_proxy.schemas import render_job
 from a1111_proxy.waiter import JobWaiter, Watch
 
@@ -65,14 +67,13 @@ def parse_event_id(raw: str | None) -> EventId | None:
 
 
 async def job_events(request: Request) -> Response:
-    repo: JobRepository = request.state.repo
-    row = await find_job(repo, request.path_params["job_id"])
+    row = await find_job(request, request.path_params["job_id"])
     resumed = parse_event_id(request.headers.get("last-event-id"))
     if resumed is not None and resumed.final:
         return Response(status_code=204)  # it has the final event: nothing more will come
-    stream = JobStream(repo, request.state.waiter, row.id, resumed,
-                       ping_seconds=request.state.settings.sse_ping_seconds,
-                       steps=_steps(row.request))
+    stream = JobStream(context.repo(request), context.waiter(request), row.id, resumed,
+                       ping_seconds=context.settings(request).sse_ping_seconds,
+                       steps=requested_steps(row))
     return StreamingResponse(stream.events(), media_type="text/event-stream",
                              headers=STREAM_HEADERS)
 
@@ -172,14 +173,6 @@ class JobStream:
 
 def _event(name: str, event_id: str, data: Any) -> str:
     return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def _steps(request_json: str) -> int:
-    try:
-        steps = json.loads(request_json).get("steps")
-        return int(steps) if steps else 50
-    except (ValueError, TypeError, AttributeError):
-        return 50
 
 
 def data_uri(image: str | None) -> str | None:

@@ -10,15 +10,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from a1111_proxy import metrics as prometheus
-from a1111_proxy.jobs import JobRepository
 from a1111_proxy.migrate import current_revision
+from a1111_proxy.routes import context
 
 
 async def health(request: Request) -> Response:
     """200 when the database answers, a worker is alive and a backend slot is usable; else 503
     with the reasons."""
-    repo: JobRepository = request.state.repo
-    stale_after: float = request.state.settings.worker_stale_seconds
+    repo = context.repo(request)
+    stale_after = context.settings(request).worker_stale_seconds
     problems: list[str] = []
     report: dict[str, Any] = {"database": "ok", "workers": [], "backends": [], "queue": None}
     try:
@@ -51,9 +51,9 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """200 once the database is reachable and migrated to this version's schema."""
-    head: str = request.state.schema_head
+    head = context.schema_head(request)
     try:
-        revision = await current_revision(request.state.repo.db)
+        revision = await current_revision(context.repo(request).db)
     except Exception as exc:
         return JSONResponse(
             {"ready": False, "reason": f"database unreachable: {type(exc).__name__}: {exc}"}, 503
@@ -70,8 +70,8 @@ async def ready(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus text, computed from the database (every API replica answers the same)."""
-    settings = request.state.settings
+    settings = context.settings(request)
     body = await prometheus.render(
-        request.state.repo, settings.metrics_window_seconds, settings.worker_stale_seconds
+        context.repo(request), settings.metrics_window_seconds, settings.worker_stale_seconds
     )
     return Response(body, media_type=prometheus.CONTENT_TYPE)

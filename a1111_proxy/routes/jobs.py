@@ -18,7 +18,8 @@ from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, valid
 from a1111_proxy import egress
 from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
 from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
-from a1111_proxy.middleware import caller
+from a1111_proxy.routes import context
+from a1111_proxy.routes.context import caller, choice, find_job, int_param, read_json_object
 from a1111_proxy.schemas import (
     PROXY_FIELDS,
     REQUEST_MODELS,
@@ -34,10 +35,6 @@ from a1111_proxy.settings import Settings
 MAX_PAGE = 200
 
 
-def _repo(request: Request) -> JobRepository:
-    return request.state.repo  # type: ignore[no-any-return]
-
-
 async def txt2img(request: Request) -> Response:
     return await submit(request, "txt2img")
 
@@ -50,8 +47,8 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     """Store the job, then answer 202 with it, or (wait mode) A1111's own answer once done."""
     body = await read_json_object(request)
     a1111_body = {key: value for key, value in body.items() if key not in PROXY_FIELDS}
-    proxy = validate_submission(kind, body, a1111_body, caps(request.state.settings))
-    if request.state.settings.backend == "diffusers":
+    proxy = validate_submission(kind, body, a1111_body, caps(context.settings(request)))
+    if context.settings(request).backend == "diffusers":
         refuse_what_the_engine_cannot_run(kind, a1111_body)
     resized = await check_input_images(request, kind, a1111_body)
     key = idempotency_key(request)
@@ -73,7 +70,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         timeout=timeout,
         owner=caller(request),
     )
-    submitted = await _repo(request).submit(new)
+    submitted = await context.repo(request).submit(new)
     headers = {"Location": f"/sdapi/v1/jobs/{submitted.job.id}", "X-Job-Id": submitted.job.id}
     if submitted.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -106,7 +103,7 @@ def wait_preference(
     the body has a `webhook_url` (a webhook-driven caller never wants to hold the connection);
     `wait` always holds; `async` answers 202 (but for the routes whose clients always expect
     the answer in the response: extras, interrogate, ControlNet detect)."""
-    settings = request.state.settings
+    settings = context.settings(request)
     tokens = [t.strip().lower() for t in request.headers.get("prefer", "").split(",")]
     for token in tokens:
         name, _, value = token.partition("=")
@@ -135,7 +132,7 @@ async def answer_when_done(request: Request, row: Any, wait: Wait, headers: dict
     BACKEND_DOWN_GRACE seconds. A client that goes away before its job started cancels it
     (CANCEL_ON_DISCONNECT); a running job finishes and keeps its result. At the wait's deadline
     the answer is 202 with the job."""
-    repo = _repo(request)
+    repo = context.repo(request)
     if wait.applied:
         headers = {**headers, "Preference-Applied": wait.applied, "Vary": "Prefer"}
     loop = asyncio.get_running_loop()
@@ -143,7 +140,7 @@ async def answer_when_done(request: Request, row: Any, wait: Wait, headers: dict
     gone = asyncio.ensure_future(_client_gone(request))
     try:
         while row.status not in TERMINAL:
-            end = await _first(request.state.waiter.wait(row.id, deadline - loop.time()), gone)
+            end = await _first(context.waiter(request).wait(row.id, deadline - loop.time()), gone)
             if end == "gone":
                 return await _abandoned(request, row.id)
             if end == "outage":
@@ -178,8 +175,8 @@ async def _client_gone(request: Request) -> None:
 
 
 async def _abandoned(request: Request, job_id: str) -> Response:
-    if request.state.settings.cancel_on_disconnect:
-        await _repo(request).cancel_queued(
+    if context.settings(request).cancel_on_disconnect:
+        await context.repo(request).cancel_queued(
             job_id, "client_gone", "the waiting client went away before the job started")
     return Response(status_code=499)  # nobody reads it
 
@@ -187,11 +184,11 @@ async def _abandoned(request: Request, job_id: str) -> Response:
 async def _fail_fast(request: Request, job_id: str, headers: dict[str, str]) -> Response | None:
     """503 in A1111's error shape when nothing can run the job, which is then canceled; None if
     the job started meanwhile (then it is waited for)."""
-    outage = request.state.waiter.outage
+    outage = context.waiter(request).outage
     if outage is None:
         return None
     message = f"No backend can run this job: {outage.reason}."
-    if not await _repo(request).cancel_queued(job_id, "backend_unavailable", message):
+    if not await context.repo(request).cancel_queued(job_id, "backend_unavailable", message):
         return None
     body = {"error": "BackendUnavailable", "detail": message, "body": "", "errors": message,
             "code": "backend_unavailable", "job_id": job_id}
@@ -216,21 +213,6 @@ def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Resp
 
 ERROR_STATUS = {"backend_unavailable": 503, "backend_bad_response": 502, "canceled": 409,
                 "client_gone": 409, "deadline": 504, "worker_lost": 500, "internal_error": 500}
-
-
-async def read_json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(
-            [{"loc": ["body"], "msg": f"the body is not valid JSON: {exc}", "type": "json_invalid"}]
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest(
-            [{"loc": ["body"], "msg": "the body must be a JSON object", "type": "dict_type"}]
-        )
-    return body
 
 
 def caps(settings: Settings) -> Caps:
@@ -264,7 +246,7 @@ async def check_input_images(request: Request, kind: str, body: dict[str, Any]) 
     event loop; return the images that were resized."""
     if kind == "txt2img" and not body.get("alwayson_scripts"):
         return []
-    settings = request.state.settings
+    settings = context.settings(request)
     rules = ImageRules(settings.image_max_pixels, settings.image_max_side, settings.image_urls)
     problems = []
     if rules.allow_urls:
@@ -333,12 +315,12 @@ def _fingerprint(body: dict[str, Any]) -> str:
 
 
 async def get_job(request: Request) -> Response:
-    repo = _repo(request)
-    row = await find_job(repo, request.path_params["job_id"])
+    repo = context.repo(request)
+    row = await find_job(request, request.path_params["job_id"])
     images = await repo.images(row.seq) if row.status == "completed" else None
     view = await render_with_position(repo, row, images)
     if row.status == "queued":
-        outage = await request.state.backends.outage()
+        outage = await context.backends(request).outage()
         view["waiting_reason"] = outage.reason if outage is not None else None
     return JSONResponse(view)
 
@@ -350,13 +332,22 @@ async def render_with_position(repo: JobRepository, row: Any, images: list[bytes
     return render_job(row, images, with_result=with_result) | {"queue_position": position}
 
 
+def requested_steps(row: Any) -> int:
+    """The sampling steps the job asked for (A1111's default, 50, when it did not say)."""
+    try:
+        steps = json.loads(row.request).get("steps")
+        return int(steps) if steps else 50
+    except (ValueError, TypeError, AttributeError):
+        return 50
+
+
 async def list_jobs(request: Request) -> Response:
-    params = request.query_params
-    status = _choice(params.get("status"), STATUSES, "status")
-    kind = _choice(params.get("type"), tuple(REQUEST_MODELS), "type")
-    limit = _int_param(params.get("limit"), "limit", default=50, low=1, high=MAX_PAGE)
-    cursor = _int_param(params.get("cursor"), "cursor", default=None, low=1, high=2**62)
-    rows = await _repo(request).list(status=status, type=kind, before_seq=cursor, limit=limit)
+    status = choice(request, "status", STATUSES)
+    kind = choice(request, "type", tuple(REQUEST_MODELS))
+    limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
+    cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
+    rows = await context.repo(request).list(status=status, type=kind, before_seq=cursor,
+                                            limit=limit)
     next_cursor = str(rows[-1].seq) if len(rows) == limit else None
     return JSONResponse(
         {"jobs": [render_job(row, with_result=False) for row in rows], "next_cursor": next_cursor}
@@ -364,15 +355,15 @@ async def list_jobs(request: Request) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
-    row = await _repo(request).cancel(request.path_params["job_id"])
+    row = await context.repo(request).cancel(request.path_params["job_id"])
     if row is None:
         raise JobNotFound()
     return JSONResponse(render_job(row, with_result=False))
 
 
 async def get_image(request: Request) -> Response:
-    repo = _repo(request)
-    row = await find_job(repo, request.path_params["job_id"])
+    repo = context.repo(request)
+    row = await find_job(request, request.path_params["job_id"])
     n = request.path_params["n"]
     data = await repo.image(row.seq, n) if row.status == "completed" else None
     if data is None:
@@ -381,32 +372,6 @@ async def get_image(request: Request) -> Response:
             "(numbered from 0)."
         )
     return Response(data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=86400"})
-
-
-async def find_job(repo: JobRepository, job_id: str) -> Any:
-    row = await repo.get(job_id)
-    if row is None:
-        raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
-    return row
-
-
-def _choice(value: str | None, allowed: tuple[str, ...], name: str) -> str | None:
-    if value is None or value in allowed:
-        return value
-    raise InvalidRequest(
-        [{"loc": ["query", name], "msg": f"must be one of {', '.join(allowed)}", "type": "enum"}]
-    )
-
-
-def _int_param(value: str | None, name: str, *, default: int | None, low: int, high: int) -> int | None:
-    if value is None:
-        return default
-    if value.isdigit() and low <= int(value) <= high:
-        return int(value)
-    raise InvalidRequest(
-        [{"loc": ["query", name], "msg": f"must be a whole number from {low} to {high}",
-          "type": "int_parsing"}]
-    )
 
 
 def _media_type(data: bytes) -> str:

@@ -12,27 +12,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from a1111_proxy.catalogue import CatalogueStore
-from a1111_proxy.errors import ProxyError
-from a1111_proxy.model_info import (
-    CATALOGUE_KINDS,
-    FileIndex,
-    ModelInfoStore,
-    find_entry,
-    known_names,
-)
-from a1111_proxy.routes.a1111 import read_catalogue
-from a1111_proxy.settings import Settings
+from a1111_proxy.errors import ModelNotFound
+from a1111_proxy.model_info import CATALOGUE_KINDS, FileIndex, find_entry, known_names
+from a1111_proxy.routes import context
+from a1111_proxy.routes.context import bool_param, read_catalogue
 
-FALSE_WORDS = ("false", "0", "no", "off")
 LISTS = {"checkpoint": "GET /sdapi/v1/sd-models", "lora": "GET /sdapi/v1/loras"}
-
-
-class ModelNotFound(ProxyError):
-    """No model has that name."""
-
-    status_code = 404
-    code = "model_not_found"
 
 
 async def list_sd_models(request: Request) -> Response:
@@ -44,8 +29,8 @@ async def list_loras(request: Request) -> Response:
 
 
 async def _listing(request: Request, name: str) -> Response:
-    _, headers = await read_catalogue(request, name)  # 503 while none was ever fetched
-    entries, _ = await _entries(request, name)
+    stored, headers = await read_catalogue(request, name)  # 503 while none was ever fetched
+    entries, _ = await _entries(request, name, stored or [])
     return JSONResponse(entries, headers=headers)
 
 
@@ -62,7 +47,7 @@ async def get_lora(request: Request) -> Response:
 async def _one(request: Request, name: str) -> dict[str, Any]:
     wanted = request.path_params["name"]
     kind = CATALOGUE_KINDS[name]
-    entries, index = await _entries(request, name)
+    entries, index = await _entries(request, name, await context.catalogue(request).get(name) or [])
     found = find_entry(kind, entries, wanted, index)
     if found is None:
         known = ", ".join(repr(n) for n in known_names(kind, entries)) or "none yet"
@@ -70,9 +55,11 @@ async def _one(request: Request, name: str) -> dict[str, Any]:
     return found
 
 
-async def _entries(request: Request, name: str) -> tuple[list[Any], FileIndex]:
-    entries = await _catalogue(request).get(name) or []
-    info = _info(request)
+async def _entries(
+    request: Request, name: str, entries: list[Any]
+) -> tuple[list[Any], FileIndex]:
+    """The catalogue's `entries` for `name`, with Civitai's data unless the caller said no."""
+    info = context.model_info(request)
     index = FileIndex(await info.files())
     if not _wants_civitai(request):
         return entries, index
@@ -80,14 +67,5 @@ async def _entries(request: Request, name: str) -> tuple[list[Any], FileIndex]:
 
 
 def _wants_civitai(request: Request) -> bool:
-    settings: Settings = request.state.settings
-    asked = request.query_params.get("civitai", "true").strip().lower()
-    return settings.civitai_enabled and asked not in FALSE_WORDS
-
-
-def _catalogue(request: Request) -> CatalogueStore:
-    return request.state.catalogue  # type: ignore[no-any-return]
-
-
-def _info(request: Request) -> ModelInfoStore:
-    return request.state.model_info  # type: ignore[no-any-return]
+    return context.settings(request).civitai_enabled and bool_param(
+        request, "civitai", default=True)

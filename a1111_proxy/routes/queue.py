@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from a1111_proxy.jobs import JobRepository
-from a1111_proxy.routes.jobs import _int_param
+from a1111_proxy.routes import context
+from a1111_proxy.routes.context import int_param
 from a1111_proxy.schemas import iso
 
 SAMPLE = 20
@@ -39,12 +40,11 @@ class Estimate:
 
 
 async def queue(request: Request) -> Response:
-    repo: JobRepository = request.state.repo
-    limit = _int_param(request.query_params.get("limit"), "limit", default=100, low=1, high=1000)
-    assert limit is not None
+    repo = context.repo(request)
+    limit = int_param(request, "limit", default=100, low=1, high=1000)
     queued, total = await repo.queued(limit)
     running = await repo.running()
-    estimate = await _estimate(repo, running, request.state.settings.worker_stale_seconds)
+    estimate = await _estimate(repo, running, context.settings(request).worker_stale_seconds)
     return JSONResponse({
         "queued": [_queued(row, n, estimate) for n, row in enumerate(queued, start=1)],
         "queued_total": total,

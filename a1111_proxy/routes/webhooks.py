@@ -8,18 +8,15 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from a1111_proxy.errors import DeliveryNotFound, InvalidRequest, JobNotFound
-from a1111_proxy.jobs import JobRepository
+from a1111_proxy.errors import DeliveryNotFound, InvalidRequest
+from a1111_proxy.routes import context
+from a1111_proxy.routes.context import find_job
 from a1111_proxy.schemas import iso
 
 
-def _repo(request: Request) -> JobRepository:
-    return request.state.repo  # type: ignore[no-any-return]
-
-
 async def list_deliveries(request: Request) -> Response:
-    repo = _repo(request)
-    job = await _find(repo, request.path_params["job_id"])
+    repo = context.repo(request)
+    job = await find_job(request, request.path_params["job_id"])
     deliveries = await repo.deliveries.for_job(job.seq)
     return JSONResponse({
         "job_id": job.id,
@@ -30,8 +27,8 @@ async def list_deliveries(request: Request) -> Response:
 async def redeliver(request: Request) -> Response:
     """Send a message again now: the same `webhook-id`, a fresh timestamp and signature, one
     attempt. Body (optional): `{"delivery_id": "msg_..."}`; without it, the `job.completed`."""
-    repo = _repo(request)
-    job = await _find(repo, request.path_params["job_id"])
+    repo = context.repo(request)
+    job = await find_job(request, request.path_params["job_id"])
     row = await repo.deliveries.redeliver(job.seq, await _delivery_id(request))
     if row is None:
         raise DeliveryNotFound(
@@ -54,13 +51,6 @@ async def _delivery_id(request: Request) -> str | None:
                                "msg": 'the body must be {"delivery_id": "msg_..."} or empty',
                                "type": "value_error"}])
     return body.get("delivery_id")
-
-
-async def _find(repo: JobRepository, job_id: str) -> Any:
-    row = await repo.get(job_id)
-    if row is None:
-        raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
-    return row
 
 
 def render_delivery(row: Any, attempts: list[Any]) -> dict[str, Any]:

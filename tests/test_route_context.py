@@ -1,0 +1,75 @@
+"""Query-parameter parsing shared by the routes (a1111_proxy/routes/context.py)."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.requests import Request
+
+from a1111_proxy.errors import InvalidRequest
+from a1111_proxy.routes.context import bool_param, choice, int_param
+
+
+def request_with(query: str) -> Request:
+    return Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "query_string": query.encode(),
+            "headers": [],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "default", "expected"),
+    [
+        ("", False, False),
+        ("", True, True),
+        ("x=true", False, True),
+        ("x=1", False, True),
+        ("x=Yes", False, True),
+        ("x=on", False, True),
+        ("x=false", False, False),
+        ("x=maybe", False, False),
+        ("x=false", True, False),
+        ("x=0", True, False),
+        ("x=%20NO%20", True, False),
+        ("x=off", True, False),
+        ("x=true", True, True),
+        ("x=maybe", True, True),
+    ],
+)
+def test_a_yes_or_no_parameter_keeps_its_default_unless_a_word_says_otherwise(
+    query: str, default: bool, expected: bool
+) -> None:
+    assert bool_param(request_with(query), "x", default=default) is expected
+
+
+def test_a_number_parameter_is_read_within_its_range_and_defaults_when_absent() -> None:
+    assert int_param(request_with("limit=7"), "limit", default=50, low=1, high=200) == 7
+    assert int_param(request_with(""), "limit", default=50, low=1, high=200) == 50
+    assert int_param(request_with(""), "cursor", default=None, low=1, high=9) is None
+
+
+@pytest.mark.parametrize("value", ["0", "201", "-1", "2.5", "ten", ""])
+def test_a_number_parameter_out_of_range_or_not_whole_is_refused_naming_it(value: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        int_param(request_with(f"limit={value}"), "limit", default=50, low=1, high=200)
+    assert refused.value.errors == [
+        {
+            "loc": ["query", "limit"],
+            "type": "int_parsing",
+            "msg": "must be a whole number from 1 to 200",
+        }
+    ]
+
+
+def test_a_choice_parameter_outside_its_choices_is_refused_listing_them() -> None:
+    assert choice(request_with("status=queued"), "status", ("queued", "failed")) == "queued"
+    assert choice(request_with(""), "status", ("queued", "failed")) is None
+    with pytest.raises(InvalidRequest) as refused:
+        choice(request_with("status=done"), "status", ("queued", "failed"))
+    assert refused.value.errors == [
+        {"loc": ["query", "status"], "type": "enum", "msg": "must be one of queued, failed"}
+    ]
