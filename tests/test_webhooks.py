@@ -17,6 +17,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
 from a1111_proxy.wakeup import make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
+from tests.claims import claim_next
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import serve
@@ -157,7 +158,7 @@ async def test_a_job_lost_by_its_worker_past_its_attempts_is_announced_as_an_err
     receiver, url = sink
     doomed = JobRepository(repo.db, max_attempts=1, lease_seconds=0.01)
     job_id = await submit(doomed, f"{url}/hook")
-    assert await doomed.claim_next("doomed", "b") is not None  # its worker dies holding it
+    assert await claim_next(doomed, "doomed", "b") is not None  # its worker dies holding it
     await asyncio.sleep(0.05)
     assert await repo.reap_expired() == [(job_id, "error")]
     sender = sender_for(repo)
@@ -205,7 +206,7 @@ async def test_a_newer_message_supersedes_pending_started_and_progress_ones(
     now = [1000.0]
     repo.clock = repo.deliveries.clock = lambda: now[0]
     job_id = await submit(repo, f"{sink[1]}/hook", events=["started", "progress", "completed"])
-    claim = await repo.claim_next("w", "b")
+    claim = await claim_next(repo, "w", "b")
     assert claim is not None
     await repo.touch(claim, progress=0.2)
     now[0] += 0.1
@@ -408,7 +409,7 @@ async def test_started_and_progress_messages_are_tried_once(
     receiver, url = sink
     receiver.always(500)
     job_id = await submit(repo, f"{url}/hook", events=["started"])
-    assert await repo.claim_next("w", "b") is not None
+    assert await claim_next(repo, "w", "b") is not None
     sender = sender_for(repo)
     await sender.run_until_idle()
     await asyncio.sleep(0.2)
