@@ -45,7 +45,7 @@ async def submit(repo: JobRepository, *, priority: int = 0, timeout: float | Non
 async def error_code(repo: JobRepository, job_id: str) -> str:
     row = await repo.get(job_id)
     assert row is not None
-    return json.loads(row.error)["code"]
+    return str(row.error["code"])
 
 
 # --- deadlines --------------------------------------------------------------------------

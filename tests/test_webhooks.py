@@ -19,6 +19,7 @@ from a1111_proxy.wakeup import make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
 from tests.claims import claim_next
 from tests.fakes.a1111 import FakeA1111
+from tests.fakes.clock import Clock
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import serve
 from tests.test_worker import make_worker
@@ -203,15 +204,15 @@ async def test_started_and_progress_are_sent_only_when_asked_and_progress_at_mos
 async def test_a_newer_message_supersedes_pending_started_and_progress_ones(
     repo: JobRepository, sink: tuple[WebhookSink, str],
 ) -> None:
-    now = [1000.0]
-    repo.clock = repo.deliveries.clock = lambda: now[0]
+    clock = Clock(1000.0)
+    repo = JobRepository(repo.db, max_attempts=3, lease_seconds=5, clock=clock)
     job_id = await submit(repo, f"{sink[1]}/hook", events=["started", "progress", "completed"])
     claim = await claim_next(repo, "w", "b")
     assert claim is not None
     await repo.touch(claim, progress=0.2)
-    now[0] += 0.1
+    clock.advance(0.1)
     await repo.touch(claim, progress=0.3)  # throttled: no message
-    now[0] += 0.5
+    clock.advance(0.5)
     await repo.touch(claim, progress=0.6)
     assert [(d.event, d.status) for d, _ in await deliveries(repo, job_id)] == [
         ("started", "superseded"), ("progress", "superseded"), ("progress", "pending")]

@@ -51,13 +51,13 @@ class JobMetricsQueries:
         ran = jobs.c.completed_at - jobs.c.started_at
         async with self.db.reading() as conn:
             by_status: dict[str, int] = dict((await conn.execute(
-                select(jobs.c.status, func.count()).group_by(jobs.c.status))).tuples().all())
+                select(jobs.c.status, func.count()).group_by(jobs.c.status))).all())
             due, oldest = (await conn.execute(
                 select(func.count(), func.min(jobs.c.created_at))
                 .where(jobs.c.status == "queued", jobs.c.run_after <= now))).one()
             busy: dict[str | None, int] = dict((await conn.execute(
                 select(jobs.c.backend, func.count()).where(jobs.c.status == "processing")
-                .group_by(jobs.c.backend))).tuples().all())
+                .group_by(jobs.c.backend))).all())
             claims = (await conn.execute(_histogram(waited, claim_buckets).where(
                 (jobs.c.status == "processing") | recent_end, jobs.c.started_at >= since,
             ))).one()
