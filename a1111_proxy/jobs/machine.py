@@ -1,16 +1,8 @@
 """JobMachine: the worker's side of the state machine, the claim and every write under a lease.
 
-The state machine (ARCHITECTURE.md, "Job"):
-
-    queued --claim--> processing --complete--> completed
-      |  ^                |  |----fail------> error
-      |  +--requeue/------+  |----canceled---> canceled   (cancel requested while running)
-      |     release/reap     +--reap, attempts exhausted--> error ("worker lost")
-      +--cancel, or its deadline passed--> canceled
-    (a running job past its deadline is asked to stop like a cancel; it ends canceled, "deadline")
-
-Jobs are born queued (intake.py). Only this module and control.py (cancel, and the sweeps of
-lost leases and deadlines) change a job's status. Every write after the claim is fenced by the
+The states and moves are drawn in the package docstring. Jobs are born queued (intake.py); only
+this module and control.py (cancel, and the sweeps of lost leases and deadlines) change a job's
+status. Every write after the claim is fenced by the
 lease token (`WHERE lease_token = :token AND status = 'processing'`), so a worker that lost its
 lease can no longer change the job: its write touches no row and it learns that it must stop.
 Transactions are short and never span network I/O.
@@ -26,7 +18,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +33,6 @@ from sqlalchemy import (
     insert,
     literal,
     select,
-    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -57,10 +48,9 @@ from a1111_proxy.jobs.clauses import (
     not_expired,
 )
 from a1111_proxy.jobs.outbox import announce
+from a1111_proxy.jobs.placement import Slots, idle_slots, place
 from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
 from a1111_proxy.wakeup import PROGRESS_CHANNEL, notify
-
-ADVISORY_SPACE = 7861_0001  # first key of our advisory locks (one per backend, during a claim)
 
 # The job's A1111 body, read in the claim's own UPDATE ... RETURNING (one statement less).
 _PAYLOAD = (
@@ -70,9 +60,6 @@ _PAYLOAD = (
     .scalar_subquery()
     .label("payload")
 )
-
-Slots = Sequence[tuple[str, str | None]]  # (backend name, checkpoint it last ran)
-
 
 @dataclass(frozen=True, slots=True)
 class Touch:
@@ -114,43 +101,11 @@ class JobMachine:
         """
         now = self.clock()
         async with self.db.writing() as conn:
-            open_slots = await self._idle_backends(conn, owner, slots)
+            open_slots = await idle_slots(self.db, conn, owner, slots)
             if not open_slots:
                 return []
             claimed = await self._claim_in(conn, owner, [slots[i] for i in open_slots], now)
         return [(open_slots[index], claim) for index, claim in claimed]
-
-    async def _idle_backends(self, conn: AsyncConnection, owner: str, slots: Slots) -> list[int]:
-        """Indexes of `slots` whose backend runs no job of another worker now.
-
-        The owner's own jobs do not count: its slots are free only when their backend has
-        answered (a job still storing its result no longer occupies the backend).
-        SQLite serialises write transactions, so reading is enough. PostgreSQL runs claims of
-        several workers at once: each first takes a transaction-scoped advisory lock per
-        backend, in the order of the lock keys (so two claims never deadlock), and so two
-        claims never both see a backend idle.
-        """
-        names = sorted({name for name, _ in slots})
-        if not self.db.is_sqlite:
-            await conn.execute(
-                text("SELECT pg_advisory_xact_lock(:space, key) FROM (SELECT DISTINCT "
-                     "hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name) AS k "
-                     "ORDER BY key"),
-                {"names": names, "space": ADVISORY_SPACE},
-            )
-        busy = set((await conn.execute(
-            select(jobs.c.backend).distinct()
-            .where(jobs.c.status == "processing", jobs.c.backend.in_(names),
-                   jobs.c.lease_owner != owner)
-        )).scalars())
-        free = set(names) - busy
-        taken: set[str] = set()
-        indexes = []
-        for index, (name, _) in enumerate(slots):
-            if name in free and name not in taken:  # a URL listed twice is still one backend
-                taken.add(name)
-                indexes.append(index)
-        return indexes
 
     async def _claim_in(
         self, conn: AsyncConnection, owner: str, slots: Slots, now: float
@@ -190,7 +145,7 @@ class JobMachine:
         rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
         if not rows:
             return []
-        placed = _place(rows, slots)
+        placed = place(rows, slots)
         if len(slots) > 1:
             await conn.execute(
                 update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
@@ -349,17 +304,6 @@ class JobMachine:
             await notify(self.db, conn)
         return done
 
-
-
-def _place(rows: list[AnyRow], slots: Slots) -> list[tuple[int, AnyRow]]:
-    """Give each claimed job (in queue order) a slot, preferring one that has its checkpoint."""
-    free = list(range(len(slots)))
-    placed = []
-    for row in rows:
-        match = next((i for i in free if row.checkpoint and slots[i][1] == row.checkpoint), free[0])
-        free.remove(match)
-        placed.append((match, row))
-    return placed
 
 
 def _touch(row: AnyRow | None) -> Touch:

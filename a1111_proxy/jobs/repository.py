@@ -13,8 +13,9 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.deliveries import DeliveryRepository
 from a1111_proxy.jobs.control import JobControl
 from a1111_proxy.jobs.intake import JobIntake, NewJob, Submitted
-from a1111_proxy.jobs.machine import JobMachine, Slots, Touch
+from a1111_proxy.jobs.machine import JobMachine, Touch
 from a1111_proxy.jobs.metrics import JobMetrics, JobMetricsQueries
+from a1111_proxy.jobs.placement import Slots
 from a1111_proxy.jobs.reads import JobReads
 from a1111_proxy.jobs.records import Claim, JobRecord, JobState, WorkerRecord
 from a1111_proxy.jobs.retention import Retention
