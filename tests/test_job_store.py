@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +260,39 @@ async def test_concurrent_claims_for_one_backend_never_overlap(database_url: str
     assert max(overlaps) == 1
     for db in dbs:
         await db.dispose()
+
+
+# Each table and its owner: the only modules that issue SQL for it.
+TABLE_OWNERS = {
+    "jobs": "a1111_proxy/jobs/", "job_payloads": "a1111_proxy/jobs/",
+    "job_images": "a1111_proxy/jobs/", "job_previews": "a1111_proxy/jobs/",
+    "workers": "a1111_proxy/jobs/workers.py", "catalogue": "a1111_proxy/catalogue.py",
+    "controls": "a1111_proxy/catalogue.py", "webhook_deliveries": "a1111_proxy/deliveries.py",
+    "webhook_attempts": "a1111_proxy/deliveries.py", "model_files": "a1111_proxy/model_info.py",
+    "civitai_lookups": "a1111_proxy/model_info.py",
+}
+
+
+def _sources() -> dict[str, str]:
+    root = Path(__file__).parents[1]
+    files = [*root.glob("a1111_proxy/**/*.py"), *root.glob("worker/**/*.py")]
+    return {path.relative_to(root).as_posix(): path.read_text() for path in files}
+
+
+def test_each_table_is_used_only_by_its_owner() -> None:
+    strays = []
+    for name, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module == "a1111_proxy.db.tables":
+                strays += [(alias.name, name) for alias in node.names
+                           if alias.name in TABLE_OWNERS
+                           and not name.startswith(TABLE_OWNERS[alias.name])]
+    assert not strays, f"tables used outside their owner (ask the owner instead): {strays}"
+
+
+def test_only_the_state_machine_changes_a_jobs_status() -> None:
+    """intake.py creates jobs (queued); only machine.py and control.py update them."""
+    writers = {name for name, text in _sources().items() if "update(jobs)" in text}
+    assert writers == {"a1111_proxy/jobs/machine.py", "a1111_proxy/jobs/control.py"}
+    creators = {name for name, text in _sources().items() if "insert(jobs)" in text}
+    assert creators == {"a1111_proxy/jobs/intake.py"}
