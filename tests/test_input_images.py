@@ -22,6 +22,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository
 from tests.fakes.a1111 import FakeA1111
 from tests.servers import ASYNC, serve
+from tests.test_worker import a1111 as a1111_backend
 from tests.test_worker import make_worker
 
 
@@ -223,7 +224,7 @@ async def test_a_4096_px_png_and_a_data_uri_reach_a1111_byte_for_byte_unchanged(
             "alwayson_scripts": {"ControlNet": {"args": [unit]}}}
     response = api.post("/sdapi/v1/img2img", json=body)
     assert response.status_code == 202, response.text
-    await make_worker(repo, [url], sqlite_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(url)], sqlite_url).run_until_empty()
 
     [sent] = fake.generation_requests()
     assert sent.body["init_images"] == [image] and sent.body["mask"] == mask

@@ -23,6 +23,7 @@ from a1111_proxy.webhooks import RetryPolicy
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import ASYNC, serve
+from tests.test_worker import a1111 as a1111_backend
 from tests.test_worker import make_worker
 from worker.sender import SenderConfig, WebhookSender
 
@@ -62,7 +63,7 @@ async def repo(sqlite_url: str) -> AsyncIterator[JobRepository]:
 
 
 async def run_worker_and_sender(repo: JobRepository, a1111: str, sqlite_url: str) -> None:
-    await make_worker(repo, [a1111], sqlite_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111)], sqlite_url).run_until_empty()
     await send_due(repo, sqlite_url)
 
 

@@ -22,6 +22,7 @@ from tests.fakes.a1111 import FakeA1111
 from tests.fakes.clock import Clock
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import serve
+from tests.test_worker import a1111 as a1111_backend
 from tests.test_worker import make_worker
 from worker.execute import Timing
 from worker.sender import SenderConfig, WebhookSender
@@ -93,7 +94,7 @@ async def test_a_completed_job_is_announced_once_signed_so_standardwebhooks_veri
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook", seed=3)
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     sender = sender_for(repo)
     await sender.run_until_idle()
     await sender.aclose()
@@ -121,7 +122,7 @@ async def test_without_a_job_secret_the_default_secret_signs_as_utf8_bytes(
 ) -> None:
     receiver, url = sink
     await submit(repo, f"{url}/hook", secret=None)
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     sender = sender_for(repo)
     await sender.run_until_idle()
     await sender.aclose()
@@ -137,7 +138,7 @@ async def test_failed_and_canceled_jobs_are_announced_with_their_terminal_status
     fake, a1111_url = a1111
     fake.fail_next(1, status=422, body={"error": "HTTPException", "detail": "bad sampler"})
     failed = await submit(repo, f"{url}/failed")
-    await make_worker(repo, [a1111_url], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111_url)], database_url).run_until_empty()
     canceled = await submit(repo, f"{url}/canceled")
     await repo.cancel(canceled)
     sender = sender_for(repo)
@@ -181,7 +182,7 @@ async def test_started_and_progress_are_sent_only_when_asked_and_progress_at_mos
                           fake_seconds=1.6)
     sender = sender_for(repo)
     sending = asyncio.create_task(sender.run())
-    worker = make_worker(repo, [a1111[1]], database_url)
+    worker = make_worker(repo, [a1111_backend(a1111[1])], database_url)
     worker.timing = Timing(progress_seconds=0.2, heartbeat_seconds=1, stall_seconds=5)
     await worker.run_until_empty()
     await wait_until(lambda: _delivered(repo, chatty, "completed"))
@@ -228,7 +229,7 @@ async def test_a_job_that_ended_while_no_sender_ran_is_announced_when_one_starts
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook")
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     [(pending, _)] = await deliveries(repo, job_id)
     assert pending.status == "pending" and receiver.received == []  # committed with the job
     # A sender takes it and dies mid-send: its lease runs out and the next sender sends it.
@@ -256,7 +257,7 @@ async def test_a_dead_receiver_delays_neither_job_completion_nor_cancellation(
     ids = [await submit(repo, f"{url}/hook", events=every, fake_seconds=0.3) for _ in range(3)]
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     assert loop.time() - started < 3.0  # three 0.3 s jobs, with hooks hanging all along
     assert {(await repo.get(i)).status for i in ids} == {"completed"}
     await wait_until(lambda: _async(len(receiver.received) >= 3))
@@ -299,7 +300,7 @@ async def test_a_500_answer_is_retried_with_a_fresh_signature_and_the_same_webho
     receiver.answer(500, body="down for maintenance")
     receiver.hang()
     job_id = await submit(repo, f"{url}/hook")
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     later = itertools.count()
     sender = sender_for(repo, timeout_seconds=0.3, clock=lambda: time.time() + 2 * next(later))
     sending = asyncio.create_task(sender.run())
@@ -460,7 +461,7 @@ async def test_images_can_be_sent_as_absolute_urls_or_left_out(
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook")
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     for mode in ("url", "none"):
         sender = sender_for(repo, images=mode, public_url="https://proxy.example/")
         await repo.deliveries.redeliver((await repo.get(job_id)).seq, None)
