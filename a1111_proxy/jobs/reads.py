@@ -40,7 +40,8 @@ class JobReads:
         before_seq: int | None = None,
         limit: int = 50,
     ) -> list[JobRecord]:
-        """Jobs newest first; `before_seq` continues from the last job of a previous page."""
+        """Jobs newest first, without their results (`result` is None: a listing never shows
+        it); `before_seq` continues from the last job of a previous page."""
         query = select(*JOB_COLUMNS).order_by(jobs.c.seq.desc()).limit(limit)
         if status is not None:
             query = query.where(jobs.c.status == status)
@@ -50,7 +51,7 @@ class JobReads:
             query = query.where(jobs.c.seq < before_seq)
         async with self.db.reading() as conn:
             rows = (await conn.execute(query)).all()
-        return [job_record(row) for row in rows]
+        return [job_record(row, with_result=False) for row in rows]
 
     async def images(self, seq: int) -> list[bytes]:
         query = (select(job_images.c.data).where(job_images.c.job_seq == seq)

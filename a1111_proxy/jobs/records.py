@@ -9,7 +9,6 @@ misspelt field is an AttributeError, never a silent None.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,11 @@ JOB_COLUMNS = tuple(
     c
     for c in jobs.c
     if c.name not in {"webhook_secret", "lease_token", "request_hash", "idempotency_key"}
+)
+_NAMES = tuple(c.name for c in JOB_COLUMNS)  # JobRecord's fields, in this order
+_COUNT = len(_NAMES)
+_REQUEST, _RESULT, _ERROR, _EVENTS = (
+    _NAMES.index(name) for name in ("request", "result", "error", "webhook_events")
 )
 # A webhook snapshot taken before a column existed lacks it: such a column reads as None.
 _NULLABLE = frozenset(c.name for c in JOB_COLUMNS if c.nullable)
@@ -43,7 +47,8 @@ class JobRecord:
     status: str
     priority: int
     request: dict[str, Any]  # the body as stored for users (input images and secrets removed)
-    result: dict[str, Any] | None  # the backend's answer (a generation's images stored apart)
+    # The backend's answer (a generation's images stored apart); None in listings (`page`).
+    result: dict[str, Any] | None
     image_count: int
     error: dict[str, Any] | None  # {"code", "message", ...}
     progress: float
@@ -107,9 +112,11 @@ class WorkerRecord:
     slots: list[dict[str, Any]]
 
 
-def job_record(row: AnyRow) -> JobRecord:
-    """The record of a row read with JOB_COLUMNS."""
-    return _decode(row._mapping)
+def job_record(row: AnyRow, *, with_result: bool = True) -> JobRecord:
+    """The record of a row whose first columns are JOB_COLUMNS, in their order (a
+    `select(*JOB_COLUMNS, ...)`). `with_result=False` leaves `result` None undecoded: for
+    listings, which never show it (an A1111 answer is kilobytes of JSON)."""
+    return _decode(list(row[:_COUNT]), with_result=with_result)
 
 
 def snapshot_columns(row: AnyRow) -> dict[str, Any]:
@@ -120,40 +127,18 @@ def snapshot_columns(row: AnyRow) -> dict[str, Any]:
 
 def snapshot_record(data: str) -> JobRecord:
     """The record of a job snapshot the outbox stored (`snapshot_columns`, as JSON)."""
-    return _decode(dict.fromkeys(_NULLABLE) | json.loads(data))
+    columns = json.loads(data)
+    return _decode([columns.get(name) if name in _NULLABLE else columns[name]
+                    for name in _NAMES])
 
 
-def _decode(columns: Mapping[Any, Any]) -> JobRecord:
-    return JobRecord(
-        seq=columns["seq"],
-        id=columns["id"],
-        type=columns["type"],
-        status=columns["status"],
-        priority=columns["priority"],
-        request=_object(columns["request"]) or {},
-        result=_object(columns["result"]),
-        image_count=columns["image_count"],
-        error=_object(columns["error"]),
-        progress=columns["progress"],
-        eta_relative=columns["eta_relative"],
-        attempts=columns["attempts"],
-        max_attempts=columns["max_attempts"],
-        run_after=columns["run_after"],
-        lease_owner=columns["lease_owner"],
-        lease_expires_at=columns["lease_expires_at"],
-        backend=columns["backend"],
-        cancel_requested_at=columns["cancel_requested_at"],
-        skip_requested_at=columns["skip_requested_at"],
-        checkpoint=columns["checkpoint"],
-        webhook_url=columns["webhook_url"],
-        webhook_events=decode_events(columns["webhook_events"]),
-        created_at=columns["created_at"],
-        started_at=columns["started_at"],
-        completed_at=columns["completed_at"],
-        updated_at=columns["updated_at"],
-        deadline_at=columns["deadline_at"],
-        owner=columns["owner"],
-    )
+def _decode(values: list[Any], *, with_result: bool = True) -> JobRecord:
+    """`values`: the columns of JOB_COLUMNS, in order, as stored."""
+    values[_REQUEST] = _object(values[_REQUEST]) or {}
+    values[_RESULT] = _object(values[_RESULT]) if with_result else None
+    values[_ERROR] = _object(values[_ERROR])
+    values[_EVENTS] = decode_events(values[_EVENTS])
+    return JobRecord(*values)
 
 
 def job_state(row: AnyRow) -> JobState:
