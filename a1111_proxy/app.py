@@ -13,7 +13,7 @@ from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.db.engine import Database
 from a1111_proxy.errors import EXCEPTION_HANDLERS
-from a1111_proxy.jobs import NOTIFY_CHANNEL, PROGRESS_CHANNEL, JobRepository
+from a1111_proxy.jobs import JobRepository
 from a1111_proxy.middleware import BodyLimit, TokenAuth
 from a1111_proxy.migrate import head_revision
 from a1111_proxy.model_info import ModelInfoStore
@@ -21,7 +21,7 @@ from a1111_proxy.routes import ROUTES
 from a1111_proxy.routes.context import State
 from a1111_proxy.settings import Settings
 from a1111_proxy.waiter import JobWaiter
-from a1111_proxy.wakeup import make_wakeup
+from a1111_proxy.wakeup import NOTIFY_CHANNEL, PROGRESS_CHANNEL, make_wakeup
 
 
 def make_lifespan(
@@ -31,8 +31,10 @@ def make_lifespan(
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         # The engine is made here so that it binds to the server's event loop.
         db = Database(settings.database_url)
+        catalogue = CatalogueStore(db)
         repo = JobRepository(
-            db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds
+            db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds,
+            catalogue=catalogue,
         )
         # One wakeup source per process, shared by wait mode and every event stream.
         wakeup = make_wakeup(settings.database_url, settings.poll_seconds,
@@ -41,7 +43,7 @@ def make_lifespan(
                                 stale_after=settings.worker_stale_seconds)
         waiter = JobWaiter(repo, wakeup, backends)
         try:
-            yield {"settings": settings, "repo": repo, "catalogue": CatalogueStore(db),
+            yield {"settings": settings, "repo": repo, "catalogue": catalogue,
                    "model_info": ModelInfoStore(db), "waiter": waiter, "backends": backends,
                    "schema_head": head_revision()}
         finally:

@@ -9,13 +9,12 @@ they wait. Each API process reads the heartbeats at most once a second, whoever 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from a1111_proxy.jobs import JobRepository
+from a1111_proxy.jobs import JobRepository, WorkerRecord
 
 REFRESH_SECONDS = 1.0
 
@@ -65,14 +64,14 @@ class BackendWatch:
             return outage
         return None
 
-    def _judge(self, workers: list[Any], now: float) -> Outage | None:
+    def _judge(self, workers: list[WorkerRecord], now: float) -> Outage | None:
         if not workers:
             self._no_worker_since = self._no_worker_since or now
             return Outage(self._no_worker_since, (
                 f"no worker has sent a heartbeat in the last {self.stale_after:.0f} s, so no "
                 "backend can run jobs: start one with `a1111-proxy worker` (or check its log)"))
         self._no_worker_since = None
-        slots = [slot for row in workers for slot in json.loads(row.slots)]
+        slots = [slot for row in workers for slot in row.slots]
         if not slots:
             return Outage(0.0, "no backend is configured: set A1111_PROXY_A1111_URLS to your "
                                "A1111 servers (or A1111_PROXY_BACKEND=diffusers)")

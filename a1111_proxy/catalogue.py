@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import catalogue, controls
-from a1111_proxy.jobs import NOTIFY_CHANNEL
+from a1111_proxy.wakeup import NOTIFY_CHANNEL
 
 # What the worker fetches from a backend (Backend.catalogue_entry), by the name the API answers
 # it under: /sdapi/v1/<name>, or /controlnet/<rest> for `controlnet-<rest>`.
@@ -79,6 +80,13 @@ class CatalogueStore:
                 await conn.execute(select(controls.c.value).where(controls.c.key == key))
             ).scalar_one_or_none()
         return None if value is None else json.loads(value)
+
+    async def default_checkpoint_in(self, conn: AsyncConnection) -> str | None:
+        """The default checkpoint (POST /options), read in the caller's transaction: a job
+        submitted in it takes the default set before it was stored."""
+        query = select(controls.c.value).where(controls.c.key == DEFAULT_CHECKPOINT)
+        value = (await conn.execute(query)).scalar_one_or_none()
+        return json.loads(value) if value else None
 
     async def set_control(self, key: str, value: Any) -> None:
         await self._upsert(controls, controls.c.key, key,

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -71,9 +71,9 @@ class Verdict:
     next_attempt_at: float | None = None
 
 
-def wants(events_json: str | None, event: str) -> bool:
-    """Does a job's stored `webhook_events` list include `event`?"""
-    return event in json.loads(events_json or "[]")
+def wants(events: Sequence[str] | None, event: str) -> bool:
+    """Does a job's `webhook_events` list include `event`?"""
+    return event in (events or ())
 
 
 def new_message_id() -> str:
@@ -114,6 +114,11 @@ class DeliveryRepository:
             data=json.dumps(dict(job)), occurred_at=now, status="pending", trigger="scheduled",
             attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
         ))
+
+    def undelivered(self, job_seq: ColumnElement[int]) -> ColumnElement[bool]:
+        """SQL for another table's query: the job `job_seq` (a column there) has a message
+        still pending or being sent."""
+        return exists().where(_d.c.job_seq == job_seq, _d.c.status.in_(("pending", "sending")))
 
     async def delete_for_jobs(self, conn: AsyncConnection, job_seqs: list[int]) -> None:
         """Retention: drop these jobs' deliveries and their attempt log (caller's transaction)."""

@@ -9,14 +9,12 @@ directly, without `rate()`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 
-from a1111_proxy.jobs import Histogram, JobMetrics, JobRepository
+from a1111_proxy.jobs import Histogram, JobMetrics, JobRepository, WorkerRecord
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes (names are plain ASCII)
 CLAIM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -30,11 +28,13 @@ async def render(repo: JobRepository, window: float, stale_after: float) -> byte
     deliveries = await repo.deliveries.counts()
     workers = await repo.live_workers(stale_after)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(list(_families(jobs, deliveries, workers, window))))
+    registry.register(_Collected(list(_families(jobs, deliveries, workers, window))))
     return generate_latest(registry)
 
 
-class _Snapshot:
+class _Collected:
+    """A prometheus_client collector that yields metric families read beforehand."""
+
     def __init__(self, families: list[Metric]) -> None:
         self.families = families
 
@@ -43,7 +43,8 @@ class _Snapshot:
 
 
 def _families(
-    jobs: JobMetrics, deliveries: dict[str, dict[str, int]], workers: list[Any], window: float
+    jobs: JobMetrics, deliveries: dict[str, dict[str, int]], workers: list[WorkerRecord],
+    window: float,
 ) -> Iterator[Metric]:
     by_status = GaugeMetricFamily("a1111_proxy_jobs", "Jobs in the database by status",
                                   labels=["status"])
@@ -88,12 +89,12 @@ def _bound(value: float) -> str:
     return repr(float(value))
 
 
-def _backend_families(jobs: JobMetrics, workers: list[Any]) -> Iterator[Metric]:
+def _backend_families(jobs: JobMetrics, workers: list[WorkerRecord]) -> Iterator[Metric]:
     """Each backend's state as a set of 0/1 gauges: busy when a job runs on it (any worker),
     down when every live worker that drives it finds it unreachable, else idle."""
     reports: dict[str, list[str]] = {}
     for worker in workers:
-        for slot in json.loads(worker.slots):
+        for slot in worker.slots:
             reports.setdefault(slot["backend"], []).append(slot["state"])
     for name in jobs.busy_backends:
         reports.setdefault(name, [])

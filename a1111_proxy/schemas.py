@@ -3,7 +3,7 @@ and the job as clients see it."""
 
 from __future__ import annotations
 
-import json
+import base64
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from a1111_proxy.jobs import encode_images
+from a1111_proxy.jobs.records import JobRecord
 from a1111_proxy.signatures import signing_key
 
 
@@ -244,27 +244,33 @@ def stored_request(body: dict[str, Any], resized: list[dict[str, Any]]) -> dict[
     return stored
 
 
+def encode_images(images: list[bytes]) -> list[str]:
+    return [base64.b64encode(data).decode("ascii") for data in images]
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool = True) -> dict[str, Any]:
+def render_job(
+    row: JobRecord, images: list[bytes] | None = None, *, with_result: bool = True
+) -> dict[str, Any]:
     """A job as the API shows it. `images` fills the result's image list (detail view only)."""
     result = None
     if with_result and row.result is not None:
-        result = json.loads(row.result)
-        if isinstance(result, dict) and "parameters" in result:  # some servers echo the body
+        result = dict(row.result)  # a copy: the record is shared
+        if "parameters" in result:  # some servers echo the body
             result["parameters"] = without_credentials(result["parameters"])
         if images is not None and "images" in result:
             result["images"] = encode_images(images)
     webhook = None
     if row.webhook_url:
-        webhook = {"url": row.webhook_url, "events": json.loads(row.webhook_events or "[]")}
+        webhook = {"url": row.webhook_url, "events": list(row.webhook_events or [])}
     base = f"/sdapi/v1/jobs/{row.id}"
-    request = json.loads(row.request)
-    resized = request.pop(RESIZED_KEY, []) if isinstance(request, dict) else []
+    request = dict(row.request)
+    resized = request.pop(RESIZED_KEY, [])
     return {
         "id": row.id,
         "type": row.type,
@@ -278,7 +284,7 @@ def render_job(row: Any, images: list[bytes] | None = None, *, with_result: bool
         "created_at": iso(row.created_at),
         "started_at": iso(row.started_at),
         "completed_at": iso(row.completed_at),
-        "error": without_credentials(json.loads(row.error)) if row.error else None,
+        "error": without_credentials(row.error) if row.error else None,
         "request": request,
         "owner": row.owner,
         "result": result,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from a1111_proxy.availability import BackendWatch, Outage
-from a1111_proxy.jobs import TERMINAL, JobRepository
+from a1111_proxy.jobs import TERMINAL, JobRepository, JobState
 from a1111_proxy.wakeup import Wakeup
 
 log = logging.getLogger("a1111_proxy")
@@ -32,11 +32,11 @@ class Watch:
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        self.latest: Any = None  # a JobRepository.snapshots row; None once the job is gone
+        self.latest: JobState | None = None  # the job's latest state
         self.changed = asyncio.Event()
         self.gone = False
 
-    def offer(self, snapshot: Any) -> None:
+    def offer(self, snapshot: JobState | None) -> None:
         if snapshot is None:
             self.gone = True
             self.changed.set()
@@ -113,7 +113,7 @@ class JobWaiter:
                 read_ids = set()
             changed = await self.wakeup.wait(RECHECK_SECONDS)
 
-    def _dispatch(self, snapshots: dict[str, Any]) -> None:
+    def _dispatch(self, snapshots: dict[str, JobState]) -> None:
         for job_id, futures in list(self._waiting.items()):
             found = snapshots.get(job_id)
             if found is not None and found.status in TERMINAL:

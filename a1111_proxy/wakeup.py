@@ -20,10 +20,23 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from a1111_proxy.db.engine import sqlite_path
-from a1111_proxy.jobs import NOTIFY_CHANNEL
+from a1111_proxy.db.engine import Database, sqlite_path
+
+NOTIFY_CHANNEL = "a1111_proxy_jobs"
+# Progress and previews: only the API's event streams listen here, so workers are not woken
+# several times a second by every running job's progress.
+PROGRESS_CHANNEL = "a1111_proxy_progress"
+
+
+async def notify(db: Database, conn: AsyncConnection, channel: str = NOTIFY_CHANNEL) -> None:
+    """PostgreSQL: NOTIFY `channel` when `conn`'s transaction commits. SQLite: nothing to do
+    (every commit changes the data_version that SqliteWakeup reads)."""
+    if not db.is_sqlite:
+        await conn.execute(select(func.pg_notify(channel, "")))
 
 
 class Wakeup(Protocol):

@@ -19,10 +19,11 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from a1111_proxy.deliveries import Delivery, Verdict
 from a1111_proxy.egress import Answer
+from a1111_proxy.jobs import JobRecord
 from a1111_proxy.schemas import iso, render_job
 
 ImagesMode = Literal["base64", "url", "none"]
@@ -31,21 +32,17 @@ SCHEDULE_SECONDS = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 MAX_RETRY_AFTER_SECONDS = 86400.0
 
 
-class _Snapshot:
-    """A job's columns as the outbox stored them, read like a database row."""
-
-    def __init__(self, columns: dict[str, Any]) -> None:
-        self.__dict__.update(columns)
-
-    def __getattr__(self, name: str) -> None:
-        return None  # a column added after the snapshot was taken
-
-
 def message_body(
-    delivery: Delivery, images: list[bytes] | None, *, mode: ImagesMode, public_url: str
+    delivery: Delivery,
+    job: JobRecord,
+    images: list[bytes] | None,
+    *,
+    mode: ImagesMode,
+    public_url: str,
 ) -> bytes:
-    """The exact bytes to POST. `images`: the job's images (base64 mode, completed jobs)."""
-    data = render_job(_Snapshot(json.loads(delivery.data)), images if mode == "base64" else None)
+    """The exact bytes to POST. `job`: the delivery's snapshot (`snapshot_record`); `images`:
+    the job's images (base64 mode, completed jobs)."""
+    data = render_job(job, images if mode == "base64" else None)
     if mode == "url":
         data["image_urls"] = [public_url.rstrip("/") + path for path in data["image_urls"]]
     envelope = {"type": f"job.{delivery.event}", "timestamp": iso(delivery.occurred_at),
@@ -53,11 +50,10 @@ def message_body(
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
-def needs_images(delivery: Delivery, mode: ImagesMode) -> bool:
+def needs_images(delivery: Delivery, job: JobRecord, mode: ImagesMode) -> bool:
     if mode != "base64" or delivery.event != "completed":
         return False
-    job = json.loads(delivery.data)
-    return job.get("status") == "completed" and bool(job.get("image_count"))
+    return job.status == "completed" and bool(job.image_count)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ async def reported(db: Database, version: int) -> bool:
     """Whether the worker's heartbeat says its backend applied request `version`."""
     rows = await JobRepository(db).live_workers(60)
     return any(slot["checkpoint_version"] == version
-               for row in rows for slot in json.loads(row.slots))
+               for row in rows for slot in row.slots)
 
 
 def looked(worker: Worker) -> bool:

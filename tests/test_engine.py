@@ -485,12 +485,12 @@ async def test_the_worker_completes_a_submitted_job_on_the_diffusers_backend(
         await asyncio.wait_for(worker.run_until_empty(), 120)
         done, failed = [await repo.get(job_id) for job_id in ids]
         assert done.status == "completed" and done.progress == 1.0 and done.image_count == 2
-        result = json.loads(done.result)
+        result = done.result
         assert json.loads(result["info"])["all_seeds"] == [7, 8]
         first, second = await repo.images(done.seq)
         assert first.startswith(b"\x89PNG") and b"Seed: 7" in first and b"Seed: 8" in second
         assert failed.status == "error"
-        error = json.loads(failed.error)
+        error = failed.error
         assert error["code"] == "backend_rejected" and "unknown sampler 'Nope'" in error["message"]
     finally:
         await db.dispose()

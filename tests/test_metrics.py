@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from a1111_proxy.app import create_app
 from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
+from tests.claims import claim_next
 from tests.servers import ASYNC, serve
 from tests.fakes.clock import Clock
 
@@ -35,12 +36,12 @@ async def _history(url: str) -> None:
     for prompt, ran, backend in (("quick", 2.0, "http://a"), ("slow", 40.0, "http://b")):
         await repo.submit(_job(prompt, hook=prompt == "quick"))
         clock.now += 1
-        claim = await repo.claim_next("w1", backend)
+        claim = await claim_next(repo, "w1", backend)
         assert claim is not None
         clock.now += ran
         await repo.complete(claim, {"images": []}, [])
     await repo.submit(_job("running"))
-    assert await repo.claim_next("w1", "http://a") is not None
+    assert await claim_next(repo, "w1", "http://a") is not None
     await repo.submit(_job("queued"))
     canceled = (await repo.submit(_job("canceled"))).job.id
     await repo.cancel(canceled)

@@ -15,6 +15,7 @@ from a1111_proxy.db.engine import Database, sqlite_path
 from a1111_proxy.db.tables import job_images, job_payloads, job_previews, webhook_deliveries
 from a1111_proxy.jobs import JobRepository, NewJob, error_json
 from worker.upkeep import Deadlines, Retention
+from tests.claims import claim_next
 from tests.fakes.clock import Clock
 
 pytestmark = pytest.mark.anyio
@@ -44,7 +45,7 @@ async def submit(repo: JobRepository, *, priority: int = 0, timeout: float | Non
 async def error_code(repo: JobRepository, job_id: str) -> str:
     row = await repo.get(job_id)
     assert row is not None
-    return json.loads(row.error)["code"]
+    return str(row.error["code"])
 
 
 # --- deadlines --------------------------------------------------------------------------
@@ -55,7 +56,7 @@ async def test_a_queued_job_past_its_deadline_is_never_claimed_and_ends_canceled
 ) -> None:
     doomed = await submit(repo, timeout=5, webhook=True)
     clock.now += 5
-    assert await repo.claim_next("w", "slot") is None  # not started after its deadline
+    assert await claim_next(repo, "w", "slot") is None  # not started after its deadline
     assert await repo.has_expired_deadline()
     canceled, interrupted = await Deadlines(repo, 1.0).repo.expire_deadlines()
     assert (canceled, interrupted) == ([doomed], [])
@@ -69,7 +70,7 @@ async def test_a_queued_job_past_its_deadline_is_never_claimed_and_ends_canceled
 async def test_a_job_within_its_deadline_runs_normally(repo: JobRepository, clock: Clock) -> None:
     job_id = await submit(repo, timeout=60)
     clock.now += 59
-    claim = await repo.claim_next("w", "slot")
+    claim = await claim_next(repo, "w", "slot")
     assert claim is not None and claim.id == job_id
     assert await repo.complete(claim, {"images": []}, [])
     assert (await repo.get(job_id)).error is None
@@ -79,7 +80,7 @@ async def test_a_running_job_past_its_deadline_is_interrupted_and_ends_canceled_
     repo: JobRepository, clock: Clock
 ) -> None:
     job_id = await submit(repo, timeout=10)
-    claim = await repo.claim_next("w", "slot")
+    claim = await claim_next(repo, "w", "slot")
     assert claim is not None
     clock.now += 11
     await Deadlines(repo, 1.0).tick()
@@ -94,7 +95,7 @@ async def test_a_user_cancel_before_the_deadline_stays_a_plain_cancel(
     repo: JobRepository, clock: Clock
 ) -> None:
     job_id = await submit(repo, timeout=100)
-    claim = await repo.claim_next("w", "slot")
+    claim = await claim_next(repo, "w", "slot")
     await repo.cancel(job_id)
     clock.now += 200
     assert not await repo.has_expired_deadline()  # a cancel is already on its way
@@ -114,7 +115,7 @@ async def test_the_queue_lists_jobs_in_exactly_the_order_they_are_claimed(
     assert total == 5 and order == [ids[1], ids[4], ids[0], ids[2], ids[3]]
     assert [await repo.queue_position(row) for row in rows] == [1, 2, 3, 4, 5]
     claimed = []
-    while (claim := await repo.claim_next("w", "slot")) is not None:
+    while (claim := await claim_next(repo, "w", "slot")) is not None:
         claimed.append(claim.id)
     assert claimed == order
     assert await repo.queue_position(await repo.get(ids[0])) is None  # no longer queued
@@ -126,7 +127,7 @@ async def test_the_queue_lists_jobs_in_exactly_the_order_they_are_claimed(
 async def finished(repo: JobRepository, clock: Clock, *, image: bytes = b"png",
                    payload: str | None = None, webhook: bool = False) -> str:
     job_id = await submit(repo, payload=payload, webhook=webhook)
-    claim = await repo.claim_next("w", "slot")
+    claim = await claim_next(repo, "w", "slot")
     assert claim is not None and claim.id == job_id
     await repo.touch(claim, progress=0.5, preview="cHJldmlldw==")
     assert await repo.complete(claim, {"images": []}, [image])
@@ -242,7 +243,7 @@ async def test_a_follower_sees_changes_and_once_it_leaves_nothing_is_kept_or_pol
             await asyncio.wait_for(watch.changed.wait(), 5)
             assert watch.latest.status == "queued" and waiter.followers == 2
             watch.changed.clear()
-            claim = await repo.claim_next("w", "slot")
+            claim = await claim_next(repo, "w", "slot")
             await repo.touch(claim, progress=0.25, preview="cHJldmlldw==")
             while watch.latest.progress != 0.25 or watch.latest.preview_at is None:
                 await asyncio.wait_for(watch.changed.wait(), 5)

@@ -17,9 +17,12 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
 from a1111_proxy.wakeup import make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
+from tests.claims import claim_next
 from tests.fakes.a1111 import FakeA1111
+from tests.fakes.clock import Clock
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import serve
+from tests.test_worker import a1111 as a1111_backend
 from tests.test_worker import make_worker
 from worker.execute import Timing
 from worker.sender import SenderConfig, WebhookSender
@@ -91,7 +94,7 @@ async def test_a_completed_job_is_announced_once_signed_so_standardwebhooks_veri
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook", seed=3)
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     sender = sender_for(repo)
     await sender.run_until_idle()
     await sender.aclose()
@@ -119,7 +122,7 @@ async def test_without_a_job_secret_the_default_secret_signs_as_utf8_bytes(
 ) -> None:
     receiver, url = sink
     await submit(repo, f"{url}/hook", secret=None)
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     sender = sender_for(repo)
     await sender.run_until_idle()
     await sender.aclose()
@@ -135,7 +138,7 @@ async def test_failed_and_canceled_jobs_are_announced_with_their_terminal_status
     fake, a1111_url = a1111
     fake.fail_next(1, status=422, body={"error": "HTTPException", "detail": "bad sampler"})
     failed = await submit(repo, f"{url}/failed")
-    await make_worker(repo, [a1111_url], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111_url)], database_url).run_until_empty()
     canceled = await submit(repo, f"{url}/canceled")
     await repo.cancel(canceled)
     sender = sender_for(repo)
@@ -157,7 +160,7 @@ async def test_a_job_lost_by_its_worker_past_its_attempts_is_announced_as_an_err
     receiver, url = sink
     doomed = JobRepository(repo.db, max_attempts=1, lease_seconds=0.01)
     job_id = await submit(doomed, f"{url}/hook")
-    assert await doomed.claim_next("doomed", "b") is not None  # its worker dies holding it
+    assert await claim_next(doomed, "doomed", "b") is not None  # its worker dies holding it
     await asyncio.sleep(0.05)
     assert await repo.reap_expired() == [(job_id, "error")]
     sender = sender_for(repo)
@@ -179,7 +182,7 @@ async def test_started_and_progress_are_sent_only_when_asked_and_progress_at_mos
                           fake_seconds=1.6)
     sender = sender_for(repo)
     sending = asyncio.create_task(sender.run())
-    worker = make_worker(repo, [a1111[1]], database_url)
+    worker = make_worker(repo, [a1111_backend(a1111[1])], database_url)
     worker.timing = Timing(progress_seconds=0.2, heartbeat_seconds=1, stall_seconds=5)
     await worker.run_until_empty()
     await wait_until(lambda: _delivered(repo, chatty, "completed"))
@@ -202,15 +205,15 @@ async def test_started_and_progress_are_sent_only_when_asked_and_progress_at_mos
 async def test_a_newer_message_supersedes_pending_started_and_progress_ones(
     repo: JobRepository, sink: tuple[WebhookSink, str],
 ) -> None:
-    now = [1000.0]
-    repo.clock = repo.deliveries.clock = lambda: now[0]
+    clock = Clock(1000.0)
+    repo = JobRepository(repo.db, max_attempts=3, lease_seconds=5, clock=clock)
     job_id = await submit(repo, f"{sink[1]}/hook", events=["started", "progress", "completed"])
-    claim = await repo.claim_next("w", "b")
+    claim = await claim_next(repo, "w", "b")
     assert claim is not None
     await repo.touch(claim, progress=0.2)
-    now[0] += 0.1
+    clock.advance(0.1)
     await repo.touch(claim, progress=0.3)  # throttled: no message
-    now[0] += 0.5
+    clock.advance(0.5)
     await repo.touch(claim, progress=0.6)
     assert [(d.event, d.status) for d, _ in await deliveries(repo, job_id)] == [
         ("started", "superseded"), ("progress", "superseded"), ("progress", "pending")]
@@ -226,7 +229,7 @@ async def test_a_job_that_ended_while_no_sender_ran_is_announced_when_one_starts
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook")
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     [(pending, _)] = await deliveries(repo, job_id)
     assert pending.status == "pending" and receiver.received == []  # committed with the job
     # A sender takes it and dies mid-send: its lease runs out and the next sender sends it.
@@ -254,7 +257,7 @@ async def test_a_dead_receiver_delays_neither_job_completion_nor_cancellation(
     ids = [await submit(repo, f"{url}/hook", events=every, fake_seconds=0.3) for _ in range(3)]
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     assert loop.time() - started < 3.0  # three 0.3 s jobs, with hooks hanging all along
     assert {(await repo.get(i)).status for i in ids} == {"completed"}
     await wait_until(lambda: _async(len(receiver.received) >= 3))
@@ -297,7 +300,7 @@ async def test_a_500_answer_is_retried_with_a_fresh_signature_and_the_same_webho
     receiver.answer(500, body="down for maintenance")
     receiver.hang()
     job_id = await submit(repo, f"{url}/hook")
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     later = itertools.count()
     sender = sender_for(repo, timeout_seconds=0.3, clock=lambda: time.time() + 2 * next(later))
     sending = asyncio.create_task(sender.run())
@@ -408,7 +411,7 @@ async def test_started_and_progress_messages_are_tried_once(
     receiver, url = sink
     receiver.always(500)
     job_id = await submit(repo, f"{url}/hook", events=["started"])
-    assert await repo.claim_next("w", "b") is not None
+    assert await claim_next(repo, "w", "b") is not None
     sender = sender_for(repo)
     await sender.run_until_idle()
     await asyncio.sleep(0.2)
@@ -458,7 +461,7 @@ async def test_images_can_be_sent_as_absolute_urls_or_left_out(
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook")
-    await make_worker(repo, [a1111[1]], database_url).run_until_empty()
+    await make_worker(repo, [a1111_backend(a1111[1])], database_url).run_until_empty()
     for mode in ("url", "none"):
         sender = sender_for(repo, images=mode, public_url="https://proxy.example/")
         await repo.deliveries.redeliver((await repo.get(job_id)).seq, None)

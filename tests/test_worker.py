@@ -73,7 +73,7 @@ async def test_a_job_completes_with_a1111s_response_stored_exactly(
     [sent] = fake.generation_requests()
     assert sent == {"prompt": "a cat", "steps": 20, "seed": 7,
                     "unknown_extension_field": {"kept": True}}
-    result = json.loads(row.result)
+    result = row.result
     assert result["parameters"] == sent
     info = json.loads(result["info"])
     assert info["seed"] == 7 and info["all_seeds"] == [7]
@@ -117,7 +117,7 @@ async def test_canceling_a_running_job_interrupts_its_slot_and_ends_it_canceled(
     row = await repo.get(job_id)
     assert row.status == "canceled" and fake.interrupts == 1 and fake.completed == 0
     # What the backend answered after the interrupt is kept, as A1111 would have returned it.
-    assert json.loads(json.loads(row.result)["info"])["fake_generation"] == 1
+    assert json.loads(row.result["info"])["fake_generation"] == 1
 
 
 async def test_skipping_a_running_job_ends_its_batch_and_the_next_batch_runs(
@@ -161,7 +161,7 @@ async def test_an_unavailable_backend_requeues_durably_then_errors_naming_backen
     await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
     row = await repo.get(job_id)
     assert row.run_after > row.updated_at  # durable backoff, visible in the store
-    assert json.loads(row.error)["code"] == "backend_unavailable"
+    assert row.error["code"] == "backend_unavailable"
     # Skip the backoff rather than sleep through it.
     await _make_due(repo, job_id)
     await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=2))
@@ -170,7 +170,7 @@ async def test_an_unavailable_backend_requeues_durably_then_errors_naming_backen
     worker.stop()
     await asyncio.wait_for(run, 5)
     row = await repo.get(job_id)
-    error = json.loads(row.error)
+    error = row.error
     assert row.status == "error" and row.attempts == 3
     assert fake.name in error["message"] and "502" in error["message"]
     assert error["backend"] == fake.name and error["backend_status"] == 502
@@ -201,7 +201,7 @@ async def test_a_backend_rejecting_a_job_ends_it_with_the_backends_own_detail(
     job_id = await submit(repo, script_name="nope")
     await make_worker(repo, [fake], database_url).run_until_empty()
     row = await repo.get(job_id)
-    error = json.loads(row.error)
+    error = row.error
     assert row.status == "error" and row.attempts == 1
     assert "Script 'nope' not found" in error["message"]
     assert error["backend_status"] == 422 and error["backend_body"] == a1111_body
@@ -232,7 +232,7 @@ async def test_a_garbage_answer_ends_the_job_with_a_clear_error(
     job_id = await submit(repo)
     await make_worker(repo, [fake], database_url).run_until_empty()
     row = await repo.get(job_id)
-    error = json.loads(row.error)
+    error = row.error
     assert row.status == "error" and row.attempts == 1
     assert error["code"] == "backend_bad_response" and "not an A1111 response" in error["message"]
 
@@ -260,7 +260,7 @@ async def test_a_hung_backend_that_shows_no_generation_gets_the_job_requeued(
     worker = make_worker(repo, [fake], database_url)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
-    assert "shown no generation running" in (await repo.get(job_id)).error
+    assert "shown no generation running" in (await repo.get(job_id)).error["message"]
     await _make_due(repo, job_id)
     await wait_until(lambda: _status_is(repo, job_id, "completed"))
     worker.stop()
@@ -282,7 +282,7 @@ async def test_an_unreachable_backend_keeps_jobs_queued_and_says_why(
     worker.stop()
     await run
     row = await repo.get(first)
-    assert "is down" in json.loads(row.error)["message"] and fake.name in row.error
+    assert "is down" in row.error["message"] and row.error["backend"] == fake.name
     untouched = await repo.get(second)
     assert untouched.status == "queued" and untouched.attempts == 0  # not burnt while down
     assert worker.slots[0].state == "down"

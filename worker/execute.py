@@ -11,7 +11,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -59,7 +58,7 @@ async def execute(
     `on_backend_free` is awaited once the backend has answered with a result, before the
     result is stored, so that the worker starts the backend's next job first."""
     job_id_var.set(claim.id)  # this task's log lines (and the backend client's) name the job
-    payload = with_checkpoint(json.loads(claim.payload), claim.checkpoint)
+    payload = with_checkpoint(claim.payload, claim.checkpoint)
     generation = asyncio.create_task(backend.generate(claim.type, payload))
     try:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +28,7 @@ from a1111_proxy.egress import (
     post,
     system_resolve,
 )
-from a1111_proxy.jobs import JobRepository
+from a1111_proxy.jobs import JobRecord, JobRepository, snapshot_record
 from a1111_proxy.logs import job_id_var
 from a1111_proxy.signatures import webhook_headers
 from a1111_proxy.wakeup import Wakeup
@@ -162,10 +161,11 @@ class WebhookSender:
         self._freed.set()
 
     async def _deliver(self, delivery: Delivery) -> None:
-        job_id_var.set(_job_id(delivery))  # this task's lines name the job
+        job = _snapshot(delivery)
+        job_id_var.set(job.id if job else None)  # this task's lines name the job
         try:
             async with self._hosts.slot(httpx.URL(delivery.url).netloc.decode("ascii")):
-                answer = await self._attempt(delivery)
+                answer = await self._attempt(delivery, job)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await self.deliveries.release(delivery)
@@ -173,13 +173,15 @@ class WebhookSender:
         try:
             verdict = judge(delivery, answer, self.config.policy, self.deliveries.clock())
             kept = await self.deliveries.record(delivery, _logged(answer), verdict)
-            _log_attempt(delivery, answer, verdict, kept)
+            _log_attempt(delivery, job, answer, verdict, kept)
         except Exception:
             log.exception("webhook %s: recording the attempt failed", delivery.id)
 
-    async def _attempt(self, delivery: Delivery) -> Answer:
+    async def _attempt(self, delivery: Delivery, job: JobRecord | None) -> Answer:
         try:
-            body = await self._body(delivery)
+            if job is None:
+                raise ValueError("the stored job snapshot cannot be read")
+            body = await self._body(delivery, job)
             secret = await self.jobs.webhook_secret(delivery.job_seq) or self.config.default_secret
             headers = webhook_headers(delivery.id, body, secret, int(self.clock()))
         except Exception as exc:  # a bad stored secret or a bug: logged, retried by policy
@@ -189,11 +191,11 @@ class WebhookSender:
                           allow_private=self.config.allow_private, resolve=self.resolve,
                           timeout=self.config.timeout_seconds)
 
-    async def _body(self, delivery: Delivery) -> bytes:
+    async def _body(self, delivery: Delivery, job: JobRecord) -> bytes:
         images = None
-        if needs_images(delivery, self.config.images):
+        if needs_images(delivery, job, self.config.images):
             images = await self.jobs.images(delivery.job_seq)
-        return message_body(delivery, images, mode=self.config.images,
+        return message_body(delivery, job, images, mode=self.config.images,
                             public_url=self.config.public_url)
 
     async def _drain(self) -> None:
@@ -214,8 +216,10 @@ def _logged(answer: Answer) -> Attempt:
     )
 
 
-def _log_attempt(delivery: Delivery, answer: Answer, verdict: Verdict, kept: bool) -> None:
-    job_id = json.loads(delivery.data).get("id")
+def _log_attempt(
+    delivery: Delivery, job: JobRecord | None, answer: Answer, verdict: Verdict, kept: bool
+) -> None:
+    job_id = job.id if job else None
     outcome = answer.status_code if answer.status_code is not None else attempt_error(answer)
     then = verdict.status
     if verdict.next_attempt_at is not None:
@@ -228,8 +232,10 @@ def _log_attempt(delivery: Delivery, answer: Answer, verdict: Verdict, kept: boo
 
 
 
-def _job_id(delivery: Delivery) -> str | None:
+def _snapshot(delivery: Delivery) -> JobRecord | None:
+    """The job as the delivery's message shows it; None when its stored snapshot is unreadable
+    (the attempt then fails, and is logged and retried like any other)."""
     try:
-        return str(json.loads(delivery.data)["id"])
+        return snapshot_record(delivery.data)
     except (ValueError, KeyError, TypeError):
         return None

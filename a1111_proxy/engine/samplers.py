@@ -195,7 +195,3 @@ def _split_suffix(name: str) -> tuple[str, str | None]:
         if name.lower().endswith(" " + label):
             return name[: -len(label) - 1], labels[label]
     return name, None
-
-
-def sampler_names() -> list[str]:
-    return [s.name for s in SAMPLERS]

@@ -7,7 +7,6 @@ catalogue (models, samplers, options, ...) is what the worker last fetched.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -261,7 +260,7 @@ def _not_applied(workers: list[Any], version: int) -> tuple[list[str], list[str]
     waiting: set[str] = set()
     down: set[str] = set()
     for row in workers:
-        for slot in json.loads(row.slots):
+        for slot in row.slots:
             applied = slot.get("checkpoint_version")
             if applied is not None and applied < version:
                 (down if slot.get("state") == "down" else waiting).add(slot["backend"])

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.errors import CatalogueNotReady, InvalidRequest, JobNotFound
-from a1111_proxy.jobs import JobRepository
+from a1111_proxy.jobs import JobRecord, JobRepository
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
 from a1111_proxy.waiter import JobWaiter
@@ -82,7 +82,7 @@ def caller(request: Request) -> str:
 # --- lookups ---------------------------------------------------------------------------
 
 
-async def find_job(request: Request, job_id: str) -> Any:
+async def find_job(request: Request, job_id: str) -> JobRecord:
     """The job with this id (404 JobNotFound otherwise)."""
     row = await repo(request).get(job_id)
     if row is None:

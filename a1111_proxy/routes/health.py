@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ async def health(request: Request) -> Response:
         workers = []
     now = time.time()
     for row in workers:
-        slots = json.loads(row.slots)
+        slots = row.slots
         report["workers"].append(
             {"id": row.id, "heartbeat_age_seconds": round(now - row.heartbeat_at, 3), "slots": slots}
         )

@@ -199,7 +199,7 @@ def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Resp
     """A finished job as A1111's own response: its body on success, its error otherwise."""
     if row.result is not None and row.status in ("completed", "canceled"):
         return JSONResponse(render_job(row, images)["result"], headers=headers)
-    error = json.loads(row.error) if row.error else {"code": "canceled", "message": "canceled"}
+    error = row.error or {"code": "canceled", "message": "canceled"}
     if error.get("backend_status") and error.get("backend_body") is not None:
         body = error["backend_body"]
         if isinstance(body, str):
@@ -335,9 +335,9 @@ async def render_with_position(repo: JobRepository, row: Any, images: list[bytes
 def requested_steps(row: Any) -> int:
     """The sampling steps the job asked for (A1111's default, 50, when it did not say)."""
     try:
-        steps = json.loads(row.request).get("steps")
+        steps = row.request.get("steps")
         return int(steps) if steps else 50
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError):
         return 50
 
 
@@ -346,7 +346,7 @@ async def list_jobs(request: Request) -> Response:
     kind = choice(request, "type", tuple(REQUEST_MODELS))
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
-    rows = await context.repo(request).list(status=status, type=kind, before_seq=cursor,
+    rows = await context.repo(request).page(status=status, type=kind, before_seq=cursor,
                                             limit=limit)
     next_cursor = str(rows[-1].seq) if len(rows) == limit else None
     return JSONResponse(

@@ -10,7 +10,6 @@ completed job to learn from, the estimates are null.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +64,7 @@ async def _estimate(repo: JobRepository, running: list[Any], stale_after: float)
     slots = len({
         slot["backend"]
         for worker in await repo.live_workers(stale_after)
-        for slot in json.loads(worker.slots)
+        for slot in worker.slots
         if slot.get("state") != "down"
     })
     now = time.time()

@@ -1,0 +1,62 @@
+"""SQL fragments that the job store's writers and readers must agree on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import ColumnElement, String, and_, case, literal, or_
+
+from a1111_proxy.db.tables import jobs
+
+# The claim order: highest priority first, then oldest (the queue view shows the same order).
+QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.seq)
+
+# What the webhook outbox needs to know of a job that changed (outbox.py).
+WEBHOOK_COLUMNS = (jobs.c.seq, jobs.c.webhook_url, jobs.c.webhook_events)
+
+# A job that leaves `processing` gives up its lease (and any skip asked of that attempt).
+NO_LEASE = {"lease_owner": None, "lease_token": None, "lease_expires_at": None,
+            "skip_requested_at": None}
+
+DEADLINE_ERROR = json.dumps({
+    "code": "deadline",
+    "message": "canceled: its deadline (Cancel-After header or timeout field) passed before it "
+               "finished; submit it again with a longer timeout, or none",
+})
+
+
+def of_owner(owner: str, job_id: str | None) -> list[ColumnElement[bool]]:
+    """WHERE terms: `owner`'s jobs, or only the one `job_id` names."""
+    terms = [jobs.c.owner == owner]
+    if job_id is not None:
+        terms.append(jobs.c.id == job_id)
+    return terms
+
+
+def past_deadline(now: float) -> ColumnElement[bool]:
+    return and_(jobs.c.deadline_at.is_not(None), jobs.c.deadline_at <= now)
+
+
+def not_expired(now: float) -> ColumnElement[bool]:
+    return or_(jobs.c.deadline_at.is_(None), jobs.c.deadline_at > now)
+
+
+def deadline_sweep_due(now: float) -> ColumnElement[bool]:
+    """Jobs the deadline sweep acts on: queued ones past their deadline, and running ones past
+    it that were not asked to stop yet."""
+    waiting = jobs.c.status == "queued"
+    running = and_(jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None))
+    return and_(past_deadline(now), or_(waiting, running))
+
+
+def cancel_error(default: Any) -> Any:
+    """The error of a job that ends canceled: "deadline" when the deadline sweep asked for the
+    cancel (at or after the deadline), else `default` (a value or a column expression)."""
+    if not hasattr(default, "self_group"):
+        default = literal(default, String)
+    asked_after_deadline = and_(
+        jobs.c.deadline_at.is_not(None), jobs.c.cancel_requested_at.is_not(None),
+        jobs.c.cancel_requested_at >= jobs.c.deadline_at,
+    )
+    return case((asked_after_deadline, literal(DEADLINE_ERROR)), else_=default)

@@ -1,0 +1,313 @@
+"""JobMachine: the worker's side of the state machine, the claim and every write under a lease.
+
+The states and moves are drawn in the package docstring. Jobs are born queued (intake.py); only
+this module and control.py (cancel, and the sweeps of lost leases and deadlines) change a job's
+status. Every write after the claim is fenced by the
+lease token (`WHERE lease_token = :token AND status = 'processing'`), so a worker that lost its
+lease can no longer change the job: its write touches no row and it learns that it must stop.
+Transactions are short and never span network I/O.
+
+Webhook messages are written by the same transaction as the change that causes them (the outbox,
+`outbox.py`): the claim writes `started`, a progress update `progress` (at most 2 a second), and
+every move to a terminal status `completed`, each when the job's `webhook_events` asks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from a1111_proxy.db.engine import Database
+from a1111_proxy.db.tables import job_images, job_payloads, job_previews, jobs
+from a1111_proxy.deliveries import DeliveryRepository
+from a1111_proxy.jobs.clauses import (
+    NO_LEASE,
+    QUEUE_ORDER,
+    WEBHOOK_COLUMNS,
+    cancel_error,
+    not_expired,
+)
+from a1111_proxy.jobs.outbox import announce
+from a1111_proxy.jobs.placement import Slots, idle_slots, place
+from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
+from a1111_proxy.wakeup import PROGRESS_CHANNEL, notify
+
+# The job's A1111 body, read in the claim's own UPDATE ... RETURNING (one statement less).
+_PAYLOAD = (
+    select(job_payloads.c.body)
+    .where(job_payloads.c.job_seq == jobs.c.seq)
+    .correlate(jobs)
+    .scalar_subquery()
+    .label("payload")
+)
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    alive: bool  # False: the lease is lost, stop and touch nothing
+    cancel_requested: bool
+    skip_requested: bool = False
+
+
+def retry_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """Durable backoff before attempt `attempt + 1`: about 2 s, 8 s, 32 s, capped at 60 s."""
+    base = min(60.0, 2.0 * 4.0 ** max(0, attempt - 1))
+    return base * (0.8 + 0.4 * rng())
+
+
+class JobMachine:
+    def __init__(
+        self,
+        db: Database,
+        deliveries: DeliveryRepository,
+        *,
+        lease_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.deliveries = deliveries
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+
+    # --- the claim ---------------------------------------------------------------------------
+
+    async def claim(self, owner: str, slots: Slots) -> list[tuple[int, Claim]]:
+        """Lease up to one due job per free slot (highest priority, then oldest) to `owner`.
+
+        `slots` are (backend name, checkpoint it last ran). A backend runs one job at a time
+        across all workers: a slot whose backend already runs a job (for any worker) gets none,
+        so several workers can share the same A1111_URLS. A job goes to a slot that last ran its
+        checkpoint when there is one, else to the first free slot. One short transaction
+        claims, assigns and reads the payloads. Returns (slot index, claim) pairs.
+        """
+        now = self.clock()
+        async with self.db.writing() as conn:
+            open_slots = await idle_slots(self.db, conn, owner, slots)
+            if not open_slots:
+                return []
+            claimed = await self._claim_in(conn, owner, [slots[i] for i in open_slots], now)
+        return [(open_slots[index], claim) for index, claim in claimed]
+
+    async def _claim_in(
+        self, conn: AsyncConnection, owner: str, slots: Slots, now: float
+    ) -> list[tuple[int, Claim]]:
+        waiting = and_(jobs.c.status == "queued", jobs.c.run_after <= now, not_expired(now))
+        due = (
+            select(jobs.c.seq)
+            .where(waiting)
+            .order_by(*QUEUE_ORDER)
+            .limit(len(slots))
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
+        # One random prefix per claim plus the job's seq: a token no other claim ever had.
+        prefix = uuid.uuid4().hex[:16] + ":"
+        stmt = (
+            update(jobs)
+            # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
+            .where(jobs.c.seq == due.c.seq, jobs.c.status == "queued")
+            .values(
+                status="processing",
+                attempts=jobs.c.attempts + 1,
+                lease_owner=owner,
+                lease_token=literal(prefix) + cast(jobs.c.seq, String),
+                lease_expires_at=now + self.lease_seconds,
+                progress=0.0,
+                eta_relative=None,
+                started_at=func.coalesce(jobs.c.started_at, now),
+                updated_at=now,
+                # One slot (the usual case: a slot freed alone) needs no placing afterwards.
+                **({"backend": slots[0][0]} if len(slots) == 1 else {}),
+            )
+            .returning(jobs.c.id, jobs.c.type, jobs.c.attempts, jobs.c.max_attempts,
+                       jobs.c.checkpoint, jobs.c.priority, jobs.c.lease_token, *WEBHOOK_COLUMNS,
+                       _PAYLOAD)
+        )
+        rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
+        if not rows:
+            return []
+        placed = place(rows, slots)
+        if len(slots) > 1:
+            await conn.execute(
+                update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
+                [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
+            )
+        announced = [await announce(self.deliveries, conn, row, "started", now) for row in rows]
+        if any(announced):
+            await notify(self.db, conn)
+        # Whether more are waiting: the worker then claims a slot's next job the moment its
+        # backend answers, and otherwise stores the result first (worker/loop.py).
+        more = (await conn.execute(select(jobs.c.seq).where(waiting).limit(1))).first()
+        return [(index, claim_record(row, slots[index][0], more_queued=more is not None))
+                for index, row in placed]
+
+    # --- the lease holder's writes, each fenced by its token ---------------------------------
+
+    def _fenced(self, claim: Claim) -> ColumnElement[bool]:
+        return and_(
+            jobs.c.seq == claim.seq,
+            jobs.c.lease_token == claim.token,
+            jobs.c.status == "processing",
+        )
+
+    async def touch(
+        self,
+        claim: Claim,
+        *,
+        progress: float | None = None,
+        eta: float | None = None,
+        preview: str | None = None,
+    ) -> Touch:
+        """Renew the lease (and store progress and the live preview); learn whether a cancel
+        or a skip was asked for."""
+        now = self.clock()
+        values: dict[str, Any] = {"lease_expires_at": now + self.lease_seconds, "updated_at": now}
+        if progress is not None:
+            values["progress"] = max(0.0, min(1.0, progress))
+            values["eta_relative"] = eta
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(**values)
+            .returning(jobs.c.cancel_requested_at, jobs.c.skip_requested_at, *WEBHOOK_COLUMNS)
+        )
+        async with self.db.writing() as conn:
+            row = (await conn.execute(stmt)).one_or_none()
+            if row is not None and progress is not None:
+                if await announce(self.deliveries, conn, row, "progress", now):
+                    await notify(self.db, conn)
+            if row is not None and preview is not None:
+                await conn.execute(delete(job_previews).where(job_previews.c.job_seq == claim.seq))
+                await conn.execute(
+                    insert(job_previews).values(job_seq=claim.seq, image=preview, updated_at=now)
+                )
+            if row is not None and (progress is not None or preview is not None):
+                await notify(self.db, conn, PROGRESS_CHANNEL)
+        return _touch(row)
+
+    async def requests(self, claim: Claim) -> Touch:
+        """A read-only look at what was asked of a running job (cancel, skip)."""
+        query = select(jobs.c.cancel_requested_at, jobs.c.skip_requested_at).where(
+            self._fenced(claim)
+        )
+        async with self.db.reading() as conn:
+            return _touch((await conn.execute(query)).one_or_none())
+
+    async def clear_skip(self, claim: Claim) -> None:
+        stmt = update(jobs).where(self._fenced(claim)).values(skip_requested_at=None)
+        async with self.db.writing() as conn:
+            await conn.execute(stmt)
+
+    async def complete(
+        self, claim: Claim, result: Any, images: list[bytes], *, status: str = "completed",
+        error: str | None = None,
+    ) -> bool:
+        """Store the backend's answer (its images apart, in `images`) and end the job
+        `completed` (or `canceled` with the partial answer A1111 gave on interrupt).
+        False: nothing was written, because the lease was lost or (for `completed`) a cancel
+        was asked for meanwhile; `requests()` tells which."""
+        now = self.clock()
+        fenced = self._fenced(claim)
+        if status == "completed":
+            fenced = and_(fenced, jobs.c.cancel_requested_at.is_(None))
+        async with self.db.writing() as conn:
+            done = (await conn.execute(
+                update(jobs)
+                .where(fenced)
+                .values(
+                    status=status,
+                    result=json.dumps(result),
+                    image_count=len(images),
+                    progress=1.0 if status == "completed" else jobs.c.progress,
+                    eta_relative=0.0,
+                    error=cancel_error(error) if status == "canceled" else error,
+                    completed_at=now,
+                    updated_at=now,
+                    **NO_LEASE,
+                )
+                .returning(*WEBHOOK_COLUMNS)
+            )).one_or_none()
+            if done is None:
+                return False  # nothing was written
+            await conn.execute(delete(job_images).where(job_images.c.job_seq == claim.seq))
+            if images:
+                await conn.execute(
+                    insert(job_images),
+                    [{"job_seq": claim.seq, "n": n, "data": data} for n, data in enumerate(images)],
+                )
+            await announce(self.deliveries, conn, done, "completed", now)
+            await notify(self.db, conn)
+        return True
+
+    async def finish(self, claim: Claim, status: str, error: str | None) -> bool:
+        """End the job `error` or `canceled`. False: the lease was lost."""
+        assert status in ("error", "canceled")
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(status=status, error=cancel_error(error) if status == "canceled" else error,
+                    completed_at=now, updated_at=now, **NO_LEASE)
+            .returning(*WEBHOOK_COLUMNS)
+        )
+        async with self.db.writing() as conn:
+            ended = (await conn.execute(stmt)).one_or_none()
+            if ended is not None:
+                await announce(self.deliveries, conn, ended, "completed", now)
+            await notify(self.db, conn)
+        return ended is not None
+
+    async def requeue(self, claim: Claim, delay: float, error: str | None) -> bool:
+        """Put the job back in the queue to run again after `delay` seconds (durable backoff)."""
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(status="queued", run_after=now + delay, error=error, progress=0.0,
+                    eta_relative=None, updated_at=now, **NO_LEASE)
+        )
+        async with self.db.writing() as conn:
+            done = (await conn.execute(stmt)).rowcount == 1
+            await notify(self.db, conn)
+        return done
+
+    async def release(self, claim: Claim) -> bool:
+        """Give the job back at once without counting the attempt (graceful shutdown)."""
+        now = self.clock()
+        stmt = (
+            update(jobs)
+            .where(self._fenced(claim))
+            .values(status="queued", run_after=now, attempts=jobs.c.attempts - 1, progress=0.0,
+                    eta_relative=None, updated_at=now, **NO_LEASE)
+        )
+        async with self.db.writing() as conn:
+            done = (await conn.execute(stmt)).rowcount == 1
+            await notify(self.db, conn)
+        return done
+
+
+
+def _touch(row: AnyRow | None) -> Touch:
+    if row is None:
+        return Touch(alive=False, cancel_requested=False)
+    return Touch(alive=True, cancel_requested=row.cancel_requested_at is not None,
+                 skip_requested=row.skip_requested_at is not None)

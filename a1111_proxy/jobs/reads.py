@@ -1,0 +1,194 @@
+"""JobReads: what the API and the worker read about jobs; never a write.
+
+Job views and listings (as JobRecords), the queue in claim order, one caller's jobs (A1111's
+global /progress, /interrupt and /skip act per caller), images and live previews, and the small
+snapshots that event streams and wait mode poll (JobState).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from sqlalchemy import and_, func, or_, select, text
+
+from a1111_proxy.db.engine import Database
+from a1111_proxy.db.tables import job_images, job_previews, jobs
+from a1111_proxy.jobs.clauses import QUEUE_ORDER, deadline_sweep_due, of_owner
+from a1111_proxy.jobs.records import JOB_COLUMNS, JobRecord, JobState, job_record, job_state
+
+
+class JobReads:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    # --- one job, and pages of jobs ----------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        async with self.db.reading() as conn:
+            row = (
+                await conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id))
+            ).one_or_none()
+        return None if row is None else job_record(row)
+
+    async def page(
+        self,
+        *,
+        status: str | None = None,
+        type: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """Jobs newest first, without their results (`result` is None: a listing never shows
+        it); `before_seq` continues from the last job of a previous page."""
+        query = select(*JOB_COLUMNS).order_by(jobs.c.seq.desc()).limit(limit)
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        if type is not None:
+            query = query.where(jobs.c.type == type)
+        if before_seq is not None:
+            query = query.where(jobs.c.seq < before_seq)
+        async with self.db.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return [job_record(row, with_result=False) for row in rows]
+
+    async def images(self, seq: int) -> list[bytes]:
+        query = (select(job_images.c.data).where(job_images.c.job_seq == seq)
+                 .order_by(job_images.c.n))
+        async with self.db.reading() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def image(self, seq: int, n: int) -> bytes | None:
+        query = select(job_images.c.data).where(job_images.c.job_seq == seq, job_images.c.n == n)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    async def preview(self, seq: int) -> str | None:
+        query = select(job_previews.c.image).where(job_previews.c.job_seq == seq)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    async def webhook_secret(self, seq: int) -> str | None:
+        """The job's own signing secret, for the webhook sender only; never shown."""
+        query = select(jobs.c.webhook_secret).where(jobs.c.seq == seq)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    # --- one caller's jobs (A1111's global /progress, /interrupt, /skip, per caller) ---------
+
+    async def owned(self, owner: str, job_id: str) -> JobRecord | None:
+        """The job, if `owner` submitted it."""
+        query = select(*JOB_COLUMNS).where(jobs.c.id == job_id, jobs.c.owner == owner)
+        async with self.db.reading() as conn:
+            row = (await conn.execute(query)).one_or_none()
+        return None if row is None else job_record(row)
+
+    async def running_of(self, owner: str, job_id: str | None = None) -> list[JobRecord]:
+        """`owner`'s running jobs, oldest start first (`job_id`: only that one)."""
+        query = (select(*JOB_COLUMNS).where(*of_owner(owner, job_id), jobs.c.status == "processing")
+                 .order_by(jobs.c.started_at))
+        async with self.db.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return [job_record(row) for row in rows]
+
+    async def active_count_of(self, owner: str) -> int:
+        """How many of `owner`'s jobs are queued or running."""
+        query = (select(func.count()).select_from(jobs)
+                 .where(jobs.c.owner == owner, jobs.c.status.in_(("queued", "processing"))))
+        async with self.db.reading() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    # --- the queue ---------------------------------------------------------------------------
+
+    async def queued(self, limit: int) -> tuple[list[JobRecord], int]:
+        """The first `limit` queued jobs in claim order, and how many are queued in all."""
+        query = (select(*JOB_COLUMNS).where(jobs.c.status == "queued")
+                 .order_by(*QUEUE_ORDER).limit(limit))
+        total = select(func.count()).select_from(jobs).where(jobs.c.status == "queued")
+        async with self.db.reading() as conn:
+            rows = (await conn.execute(query)).all()
+            count = int((await conn.execute(total)).scalar_one())
+        return [job_record(row) for row in rows], count
+
+    async def queue_position(self, job: JobRecord) -> int | None:
+        """1 for the job that is claimed next; None unless queued. Jobs waiting out a retry
+        backoff keep their place: they are claimed in this order once due."""
+        if job.status != "queued":
+            return None
+        ahead = or_(jobs.c.priority > job.priority,
+                    and_(jobs.c.priority == job.priority, jobs.c.seq < job.seq))
+        query = select(func.count()).select_from(jobs).where(jobs.c.status == "queued", ahead)
+        async with self.db.reading() as conn:
+            return int((await conn.execute(query)).scalar_one()) + 1
+
+    async def running(self) -> list[JobRecord]:
+        query = (select(*JOB_COLUMNS).where(jobs.c.status == "processing")
+                 .order_by(jobs.c.started_at))
+        async with self.db.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return [job_record(row) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        async with self.db.reading() as conn:
+            found: dict[str, int] = {status: n for status, n in (await conn.execute(query)).all()}
+        return {status: found.get(status, 0) for status in ("queued", "processing")} | found
+
+    async def recent_durations(self, limit: int = 20, within: float = 86400.0) -> list[float]:
+        """How long (started to completed, seconds) the last `limit` completed jobs ran."""
+        query = (
+            select(jobs.c.completed_at - jobs.c.started_at)
+            .where(jobs.c.status == "completed", jobs.c.started_at.is_not(None),
+                   jobs.c.completed_at >= self.clock() - within)
+            .order_by(jobs.c.completed_at.desc())
+            .limit(limit)
+        )
+        async with self.db.reading() as conn:
+            return [float(d) for d in (await conn.execute(query)).scalars() if d is not None]
+
+    # --- the worker's looks (cheap reads before a write) -------------------------------------
+
+    async def has_due_job(self) -> bool:
+        query = (
+            select(jobs.c.seq)
+            .where(jobs.c.status == "queued", jobs.c.run_after <= self.clock())
+            .limit(1)
+        )
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def has_expired_deadline(self) -> bool:
+        """A cheap read, so that the deadline sweep writes only when there is something to do."""
+        query = select(jobs.c.seq).where(deadline_sweep_due(self.clock())).limit(1)
+        async with self.db.reading() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def busy_elsewhere(self, owner: str, backends: Sequence[str]) -> set[str]:
+        """Which of `backends` run a job of another worker now (several workers may share an
+        A1111): a control call such as unload-checkpoint must wait for it."""
+        query = select(jobs.c.backend).distinct().where(
+            jobs.c.status == "processing", jobs.c.backend.in_(list(backends)),
+            jobs.c.lease_owner != owner,
+        )
+        async with self.db.reading() as conn:
+            return set((await conn.execute(query)).scalars())
+
+    # --- watching jobs (event streams, wait mode) --------------------------------------------
+
+    async def snapshots(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """What changes while a job runs, for many jobs in one short read: status, attempts,
+        progress, eta and when its live preview was last stored (never the image)."""
+        query = (
+            select(jobs.c.id, jobs.c.seq, jobs.c.status, jobs.c.attempts, jobs.c.progress,
+                   jobs.c.eta_relative, job_previews.c.updated_at.label("preview_at"))
+            .outerjoin(job_previews, job_previews.c.job_seq == jobs.c.seq)
+            .where(jobs.c.id.in_(list(ids)))
+        )
+        async with self.db.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return {row.id: job_state(row) for row in rows}
+
+    async def ping(self) -> None:
+        async with self.db.reading() as conn:
+            await conn.execute(text("SELECT 1"))
