@@ -33,19 +33,31 @@ def make_lifespan(
         db = Database(settings.database_url)
         catalogue = CatalogueStore(db)
         repo = JobRepository(
-            db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds,
+            db,
+            max_attempts=settings.max_attempts,
+            lease_seconds=settings.lease_seconds,
             catalogue=catalogue,
         )
         # One wakeup source per process, shared by wait mode and every event stream.
-        wakeup = make_wakeup(settings.database_url, settings.poll_seconds,
-                             channels=(NOTIFY_CHANNEL, PROGRESS_CHANNEL))
-        backends = BackendWatch(repo, grace=settings.backend_down_grace,
-                                stale_after=settings.worker_stale_seconds)
+        wakeup = make_wakeup(
+            settings.database_url,
+            settings.poll_seconds,
+            channels=(NOTIFY_CHANNEL, PROGRESS_CHANNEL),
+        )
+        backends = BackendWatch(
+            repo, grace=settings.backend_down_grace, stale_after=settings.worker_stale_seconds
+        )
         waiter = JobWaiter(repo, wakeup, backends)
         try:
-            yield {"settings": settings, "repo": repo, "catalogue": catalogue,
-                   "model_info": ModelInfoStore(db), "waiter": waiter, "backends": backends,
-                   "schema_head": head_revision()}
+            yield {
+                "settings": settings,
+                "repo": repo,
+                "catalogue": catalogue,
+                "model_info": ModelInfoStore(db),
+                "waiter": waiter,
+                "backends": backends,
+                "schema_head": head_revision(),
+            }
         finally:
             await waiter.close()
             await db.dispose()
@@ -55,17 +67,25 @@ def make_lifespan(
 
 # Headers a browser script may read from our answers, and send to us.
 EXPOSED_HEADERS = ["Location", "X-Job-Id", "Idempotent-Replayed", "Preference-Applied"]
-ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Cancel-After",
-                   "Last-Event-ID"]
+ALLOWED_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "Prefer",
+    "Cancel-After",
+    "Last-Event-ID",
+]
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     return Starlette(
         routes=ROUTES,
-        middleware=[*_cors(settings),
-                    Middleware(TokenAuth, tokens=settings.tenants()),
-                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
+        middleware=[
+            *_cors(settings),
+            Middleware(TokenAuth, tokens=settings.tenants()),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=make_lifespan(settings),
     )
@@ -76,6 +96,13 @@ def _cors(settings: Settings) -> list[Middleware]:
     and 401s carry the CORS headers too, so a browser can read them."""
     if not settings.cors_origins:
         return []
-    return [Middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=ALLOWED_HEADERS,
-                       expose_headers=EXPOSED_HEADERS, max_age=600)]
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=ALLOWED_HEADERS,
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+    ]

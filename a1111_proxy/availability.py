@@ -67,21 +67,32 @@ class BackendWatch:
     def _judge(self, workers: list[WorkerRecord], now: float) -> Outage | None:
         if not workers:
             self._no_worker_since = self._no_worker_since or now
-            return Outage(self._no_worker_since, (
-                f"no worker has sent a heartbeat in the last {self.stale_after:.0f} s, so no "
-                "backend can run jobs: start one with `a1111-proxy worker` (or check its log)"))
+            return Outage(
+                self._no_worker_since,
+                (
+                    f"no worker has sent a heartbeat in the last {self.stale_after:.0f} s, so no "
+                    "backend can run jobs: start one with `a1111-proxy worker` (or check its log)"
+                ),
+            )
         self._no_worker_since = None
         slots = [slot for row in workers for slot in row.slots]
         if not slots:
-            return Outage(0.0, "no backend is configured: set A1111_PROXY_A1111_URLS to your "
-                               "A1111 servers (or A1111_PROXY_BACKEND=diffusers)")
+            return Outage(
+                0.0,
+                "no backend is configured: set A1111_PROXY_A1111_URLS to your "
+                "A1111 servers (or A1111_PROXY_BACKEND=diffusers)",
+            )
         if any(slot.get("state") != "down" for slot in slots):
             return None
         since = max(slot.get("down_since") or now for slot in slots)
-        errors = "; ".join(f"{slot['backend']}: {slot.get('last_error') or 'down'}"
-                           for slot in _unique(slots))
-        return Outage(since, f"no backend answers ({errors}); check that A1111 runs with --api "
-                             "and that A1111_PROXY_A1111_URLS points at it")
+        errors = "; ".join(
+            f"{slot['backend']}: {slot.get('last_error') or 'down'}" for slot in _unique(slots)
+        )
+        return Outage(
+            since,
+            f"no backend answers ({errors}); check that A1111 runs with --api "
+            "and that A1111_PROXY_A1111_URLS points at it",
+        )
 
 
 def _unique(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,10 +20,27 @@ from a1111_proxy.wakeup import NOTIFY_CHANNEL
 # What the worker fetches from a backend (Backend.catalogue_entry), by the name the API answers
 # it under: /sdapi/v1/<name>, or /controlnet/<rest> for `controlnet-<rest>`.
 ENTRIES: tuple[str, ...] = (
-    "sd-models", "loras", "samplers", "schedulers", "upscalers", "latent-upscale-modes",
-    "sd-vae", "scripts", "script-info", "embeddings", "prompt-styles", "hypernetworks",
-    "face-restorers", "realesrgan-models", "extensions", "memory", "cmd-flags", "options",
-    "controlnet-version", "controlnet-model_list", "controlnet-module_list",
+    "sd-models",
+    "loras",
+    "samplers",
+    "schedulers",
+    "upscalers",
+    "latent-upscale-modes",
+    "sd-vae",
+    "scripts",
+    "script-info",
+    "embeddings",
+    "prompt-styles",
+    "hypernetworks",
+    "face-restorers",
+    "realesrgan-models",
+    "extensions",
+    "memory",
+    "cmd-flags",
+    "options",
+    "controlnet-version",
+    "controlnet-model_list",
+    "controlnet-module_list",
 )
 
 DEFAULT_CHECKPOINT = "default_checkpoint"
@@ -56,23 +73,29 @@ class CatalogueStore:
     async def entry(self, name: str) -> Entry | None:
         """The stored answer for `name` with when it was fetched, or None if never fetched."""
         async with self.db.reading() as conn:
-            row = (await conn.execute(
-                select(catalogue.c.body, catalogue.c.fetched_at).where(catalogue.c.name == name)
-            )).one_or_none()
+            row = (
+                await conn.execute(
+                    select(catalogue.c.body, catalogue.c.fetched_at).where(catalogue.c.name == name)
+                )
+            ).one_or_none()
         return None if row is None else Entry(json.loads(row.body), row.fetched_at)
 
     async def ever_fetched(self) -> bool:
         """Whether a worker ever fetched a backend's catalogue (its model list comes first; a
         lone /memory fetched after an unload does not count)."""
         async with self.db.reading() as conn:
-            found = (await conn.execute(
-                select(catalogue.c.name).where(catalogue.c.name == ENTRIES[0])
-            )).first()
+            found = (
+                await conn.execute(select(catalogue.c.name).where(catalogue.c.name == ENTRIES[0]))
+            ).first()
         return found is not None
 
     async def put(self, name: str, body: Any, backend: str) -> None:
-        await self._upsert(catalogue, catalogue.c.name, name,
-                           {"body": json.dumps(body), "backend": backend, "fetched_at": self.clock()})
+        await self._upsert(
+            catalogue,
+            catalogue.c.name,
+            name,
+            {"body": json.dumps(body), "backend": backend, "fetched_at": self.clock()},
+        )
 
     async def get_control(self, key: str) -> Any:
         async with self.db.reading() as conn:
@@ -89,18 +112,23 @@ class CatalogueStore:
         return json.loads(value) if value else None
 
     async def set_control(self, key: str, value: Any) -> None:
-        await self._upsert(controls, controls.c.key, key,
-                           {"value": json.dumps(value), "updated_at": self.clock()})
+        await self._upsert(
+            controls, controls.c.key, key, {"value": json.dumps(value), "updated_at": self.clock()}
+        )
 
     async def merge_pending_options(self, options: dict[str, Any]) -> int:
         """Add options for the worker to apply to every backend between jobs; return the version."""
         async with self.db.writing() as conn:
             row = (
-                await conn.execute(select(controls.c.value).where(controls.c.key == PENDING_OPTIONS))
+                await conn.execute(
+                    select(controls.c.value).where(controls.c.key == PENDING_OPTIONS)
+                )
             ).scalar_one_or_none()
             current = json.loads(row) if row else {"version": 0, "options": {}}
-            merged = {"version": current["version"] + 1,
-                      "options": {**current["options"], **options}}
+            merged = {
+                "version": current["version"] + 1,
+                "options": {**current["options"], **options},
+            }
             values = {"value": json.dumps(merged), "updated_at": self.clock()}
             if row is None:
                 await conn.execute(insert(controls).values(key=PENDING_OPTIONS, **values))
@@ -115,10 +143,16 @@ class CatalogueStore:
         reload names the default checkpoint set with POST /options, when there is one); return
         the request's version, which workers report once they applied it."""
         async with self.db.writing() as conn:
-            found: dict[str, str] = {key: value for key, value in (await conn.execute(
-                select(controls.c.key, controls.c.value)
-                .where(controls.c.key.in_([CHECKPOINT_REQUEST, DEFAULT_CHECKPOINT]))
-            )).all()}
+            found: dict[str, str] = {
+                key: value
+                for key, value in (
+                    await conn.execute(
+                        select(controls.c.key, controls.c.value).where(
+                            controls.c.key.in_([CHECKPOINT_REQUEST, DEFAULT_CHECKPOINT])
+                        )
+                    )
+                ).all()
+            }
             row = found.get(CHECKPOINT_REQUEST)
             version = int(json.loads(row)["version"] if row else 0) + 1
             request: dict[str, Any] = {"version": version, "loaded": loaded, "at": self.clock()}
@@ -154,8 +188,12 @@ def find_checkpoint(models: Any, wanted: str) -> dict[str, Any] | None:
             continue
         filename = str(model.get("filename") or "")
         names = {
-            model.get("title"), model.get("model_name"), model.get("hash"), model.get("sha256"),
-            filename.rsplit("/", 1)[-1], filename.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+            model.get("title"),
+            model.get("model_name"),
+            model.get("hash"),
+            model.get("sha256"),
+            filename.rsplit("/", 1)[-1],
+            filename.rsplit("/", 1)[-1].rsplit(".", 1)[0],
             (model.get("sha256") or "")[:10] or None,
         }
         if wanted in {n for n in names if n}:

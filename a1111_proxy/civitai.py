@@ -67,7 +67,9 @@ class CivitaiClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.http = httpx.AsyncClient(
-            base_url=self.url, headers=headers, transport=transport,
+            base_url=self.url,
+            headers=headers,
+            transport=transport,
             timeout=httpx.Timeout(timeout, connect=10.0),
         )
 
@@ -100,7 +102,8 @@ class CivitaiClient:
             raise _Retryable(f"HTTP {response.status_code}", retry_after_seconds(response))
         if response.status_code in (401, 403):
             raise CivitaiUnavailable(
-                f"HTTP {response.status_code}: is A1111_PROXY_CIVITAI_TOKEN right?")
+                f"HTTP {response.status_code}: is A1111_PROXY_CIVITAI_TOKEN right?"
+            )
         if response.status_code != 200:
             raise CivitaiError(f"HTTP {response.status_code}: {response.text[:200]}")
         try:
@@ -174,13 +177,20 @@ def summarize(version: dict[str, Any], site: str) -> dict[str, Any]:
         "nsfw_level": version.get("nsfwLevel"),
         "images": [_image(i) for i in version.get("images") or [] if isinstance(i, dict)],
         "download_url": version.get("downloadUrl"),
-        "page_url": (f"{site}/models/{model_id}?modelVersionId={version_id}"
-                     if model_id is not None else None),
+        "page_url": (
+            f"{site}/models/{model_id}?modelVersionId={version_id}"
+            if model_id is not None
+            else None
+        ),
     }
 
 
 def _image(image: dict[str, Any]) -> dict[str, Any]:
     # Newer answers give a numeric nsfwLevel (1 PG ... 16+ X); older ones `nsfw` as a word or bool.
     level = image.get("nsfwLevel", image.get("nsfw"))
-    return {"url": image.get("url"), "nsfw_level": level,
-            "width": image.get("width"), "height": image.get("height")}
+    return {
+        "url": image.get("url"),
+        "nsfw_level": level,
+        "width": image.get("width"),
+        "height": image.get("height"),
+    }

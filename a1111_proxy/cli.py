@@ -42,8 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"a1111-proxy: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     _configure_logging(settings)
-    handler = {"serve": serve_api, "worker": run_worker, "migrate": migrate, "up": up_all,
-               "openapi": print_openapi}[args.command]
+    handler = {
+        "serve": serve_api,
+        "worker": run_worker,
+        "migrate": migrate,
+        "up": up_all,
+        "openapi": print_openapi,
+    }[args.command]
     return handler(settings)
 
 
@@ -74,8 +79,12 @@ def serve_api(settings: Settings) -> int:
     app = create_app(settings)
     tune_gc()
     uvicorn.run(
-        app, host=settings.host, port=settings.port,
-        log_level=settings.log_level.lower(), proxy_headers=True, timeout_graceful_shutdown=10,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
         log_config=None,  # uvicorn's lines go through our handler (JSON or text, as configured)
     )
     return 0
@@ -116,8 +125,11 @@ def up_all(settings: Settings) -> int:
         subprocess.Popen([*me, command], env=env, start_new_session=True)
         for command in ("serve", "worker")
     ]
-    print(f"a1111-proxy: API on http://{settings.host}:{settings.port} (docs at /doc), worker "
-          f"on {', '.join(settings.a1111_urls)}; Ctrl-C stops both", file=sys.stderr)
+    print(
+        f"a1111-proxy: API on http://{settings.host}:{settings.port} (docs at /doc), worker "
+        f"on {', '.join(settings.a1111_urls)}; Ctrl-C stops both",
+        file=sys.stderr,
+    )
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

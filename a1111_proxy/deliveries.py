@@ -105,15 +105,27 @@ class DeliveryRepository:
         """
         await conn.execute(
             update(_d)
-            .where(_d.c.job_seq == job["seq"], _d.c.status == "pending",
-                   _d.c.event.in_(INTERMEDIATE))
+            .where(
+                _d.c.job_seq == job["seq"], _d.c.status == "pending", _d.c.event.in_(INTERMEDIATE)
+            )
             .values(status="superseded", next_attempt_at=None, updated_at=now)
         )
-        await conn.execute(insert(_d).values(
-            id=new_message_id(), job_seq=job["seq"], event=event, url=job["webhook_url"],
-            data=json.dumps(dict(job)), occurred_at=now, status="pending", trigger="scheduled",
-            attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
-        ))
+        await conn.execute(
+            insert(_d).values(
+                id=new_message_id(),
+                job_seq=job["seq"],
+                event=event,
+                url=job["webhook_url"],
+                data=json.dumps(dict(job)),
+                occurred_at=now,
+                status="pending",
+                trigger="scheduled",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
 
     def undelivered(self, job_seq: ColumnElement[int]) -> ColumnElement[bool]:
         """SQL for another table's query: the job `job_seq` (a column there) has a message
@@ -123,7 +135,9 @@ class DeliveryRepository:
     async def delete_for_jobs(self, conn: AsyncConnection, job_seqs: list[int]) -> None:
         """Retention: drop these jobs' deliveries and their attempt log (caller's transaction)."""
         mine = select(_d.c.seq).where(_d.c.job_seq.in_(job_seqs))
-        await conn.execute(delete(webhook_attempts).where(webhook_attempts.c.delivery_seq.in_(mine)))
+        await conn.execute(
+            delete(webhook_attempts).where(webhook_attempts.c.delivery_seq.in_(mine))
+        )
         await conn.execute(delete(_d).where(_d.c.job_seq.in_(job_seqs)))
 
     # --- the sender's side ---------------------------------------------------------------
@@ -134,8 +148,10 @@ class DeliveryRepository:
         earlier = _d.alias("earlier")
         # Per-job order: never overtake an earlier message of the same job still being sent.
         overtaking = exists().where(
-            earlier.c.job_seq == _d.c.job_seq, earlier.c.seq < _d.c.seq,
-            earlier.c.status == "sending", earlier.c.lease_expires_at >= now,
+            earlier.c.job_seq == _d.c.job_seq,
+            earlier.c.seq < _d.c.seq,
+            earlier.c.status == "sending",
+            earlier.c.lease_expires_at >= now,
         )
         return and_(or_(pending, abandoned), ~overtaking)
 
@@ -158,22 +174,50 @@ class DeliveryRepository:
         stmt = (
             update(_d)
             .where(_d.c.seq.in_(chosen))
-            .values(status="sending", attempts=_d.c.attempts + 1, lease_token=token,
-                    lease_expires_at=now + lease_seconds, updated_at=now)
-            .returning(_d.c.seq, _d.c.id, _d.c.job_seq, _d.c.event, _d.c.url, _d.c.data,
-                       _d.c.occurred_at, _d.c.trigger, _d.c.attempts)
+            .values(
+                status="sending",
+                attempts=_d.c.attempts + 1,
+                lease_token=token,
+                lease_expires_at=now + lease_seconds,
+                updated_at=now,
+            )
+            .returning(
+                _d.c.seq,
+                _d.c.id,
+                _d.c.job_seq,
+                _d.c.event,
+                _d.c.url,
+                _d.c.data,
+                _d.c.occurred_at,
+                _d.c.trigger,
+                _d.c.attempts,
+            )
         )
         async with self.db.writing() as conn:
             rows = (await conn.execute(stmt)).all()
         return sorted(
-            (Delivery(r.seq, r.id, r.job_seq, r.event, r.url, r.data, r.occurred_at, r.trigger,
-                      r.attempts, token) for r in rows),
+            (
+                Delivery(
+                    r.seq,
+                    r.id,
+                    r.job_seq,
+                    r.event,
+                    r.url,
+                    r.data,
+                    r.occurred_at,
+                    r.trigger,
+                    r.attempts,
+                    token,
+                )
+                for r in rows
+            ),
             key=lambda d: d.seq,
         )
 
     def _fenced(self, delivery: Delivery) -> Any:
-        return and_(_d.c.seq == delivery.seq, _d.c.lease_token == delivery.token,
-                    _d.c.status == "sending")
+        return and_(
+            _d.c.seq == delivery.seq, _d.c.lease_token == delivery.token, _d.c.status == "sending"
+        )
 
     async def record(self, delivery: Delivery, attempt: Attempt, verdict: Verdict) -> bool:
         """Log the attempt and move the delivery on. False: our lease was lost meanwhile (the
@@ -181,21 +225,33 @@ class DeliveryRepository:
         now = self.clock()
         async with self.db.writing() as conn:
             done = await conn.execute(
-                update(_d).where(self._fenced(delivery)).values(
-                    status=verdict.status, next_attempt_at=verdict.next_attempt_at,
-                    last_status_code=attempt.status_code, last_error=attempt.error,
+                update(_d)
+                .where(self._fenced(delivery))
+                .values(
+                    status=verdict.status,
+                    next_attempt_at=verdict.next_attempt_at,
+                    last_status_code=attempt.status_code,
+                    last_error=attempt.error,
                     delivered_at=now if verdict.status == "delivered" else _d.c.delivered_at,
-                    updated_at=now, **_NO_LEASE,
+                    updated_at=now,
+                    **_NO_LEASE,
                 )
             )
             fenced = done.rowcount == 1
             if fenced or await self._exists(conn, delivery.seq):
-                await conn.execute(insert(webhook_attempts).values(
-                    delivery_seq=delivery.seq, number=delivery.attempt, trigger=delivery.trigger,
-                    started_at=attempt.started_at, duration_ms=attempt.duration_ms,
-                    status_code=attempt.status_code, response_body=_clip(attempt.response_body),
-                    error=attempt.error, address=attempt.address,
-                ))
+                await conn.execute(
+                    insert(webhook_attempts).values(
+                        delivery_seq=delivery.seq,
+                        number=delivery.attempt,
+                        trigger=delivery.trigger,
+                        started_at=attempt.started_at,
+                        duration_ms=attempt.duration_ms,
+                        status_code=attempt.status_code,
+                        response_body=_clip(attempt.response_body),
+                        error=attempt.error,
+                        address=attempt.address,
+                    )
+                )
         return fenced
 
     async def _exists(self, conn: AsyncConnection, seq: int) -> bool:
@@ -206,9 +262,14 @@ class DeliveryRepository:
         now = self.clock()
         async with self.db.writing() as conn:
             await conn.execute(
-                update(_d).where(self._fenced(delivery)).values(
-                    status="pending", attempts=_d.c.attempts - 1, next_attempt_at=now,
-                    updated_at=now, **_NO_LEASE,
+                update(_d)
+                .where(self._fenced(delivery))
+                .values(
+                    status="pending",
+                    attempts=_d.c.attempts - 1,
+                    next_attempt_at=now,
+                    updated_at=now,
+                    **_NO_LEASE,
                 )
             )
 
@@ -252,11 +313,17 @@ class DeliveryRepository:
             if row is None:
                 return None
             if row.status in ("delivered", "failed", "superseded"):
-                await conn.execute(update(_d).where(_d.c.seq == row.seq).values(
-                    status="pending", trigger="manual", next_attempt_at=now, updated_at=now))
+                await conn.execute(
+                    update(_d)
+                    .where(_d.c.seq == row.seq)
+                    .values(status="pending", trigger="manual", next_attempt_at=now, updated_at=now)
+                )
             elif row.status == "pending":
-                await conn.execute(update(_d).where(_d.c.seq == row.seq).values(
-                    next_attempt_at=now, updated_at=now))
+                await conn.execute(
+                    update(_d)
+                    .where(_d.c.seq == row.seq)
+                    .values(next_attempt_at=now, updated_at=now)
+                )
             return (await conn.execute(select(_d).where(_d.c.seq == row.seq))).one()
 
     def _pick(self, job_seq: int, delivery_id: str | None) -> Any:

@@ -30,17 +30,43 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 TOTAL_TIMEOUT_SECONDS = 15.0
 MAX_RESPONSE_BYTES = 64 * 1024
 
-BLOCKED_NETWORKS = tuple(ip_network(net) for net in (
-    # IPv4: this network, private, CGNAT, loopback, link-local (cloud metadata), IETF protocol
-    # assignments (192.0.0.8 ...), documentation, 6to4 relay, benchmarking, multicast, reserved.
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
-    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-    # IPv6: unspecified, loopback, IPv4-compatible and -translated, NAT64 (well-known and
-    # local-use), discard, Teredo, documentation, 6to4, unique-local, link-local, multicast.
-    "::/128", "::1/128", "::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48",
-    "100::/64", "2001::/32", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
-))
+BLOCKED_NETWORKS = tuple(
+    ip_network(net)
+    for net in (
+        # IPv4: this network, private, CGNAT, loopback, link-local (cloud metadata), IETF protocol
+        # assignments (192.0.0.8 ...), documentation, 6to4 relay, benchmarking, multicast, reserved.
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.88.99.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        # IPv6: unspecified, loopback, IPv4-compatible and -translated, NAT64 (well-known and
+        # local-use), discard, Teredo, documentation, 6to4, unique-local, link-local, multicast.
+        "::/128",
+        "::1/128",
+        "::/96",
+        "::ffff:0:0:0/96",
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",
+        "100::/64",
+        "2001::/32",
+        "2001:db8::/32",
+        "2002::/16",
+        "fc00::/7",
+        "fe80::/10",
+        "ff00::/8",
+    )
+)
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -96,20 +122,31 @@ async def pin(url: str, *, allow_private: bool, resolve: Resolver = system_resol
             "A1111_PROXY_WEBHOOK_ALLOW_PRIVATE=true for hosts on your own network"
         )
     return [
-        Target(url=parsed.copy_with(host=address), address=address,
-               host_header=parsed.netloc.decode("ascii"),
-               sni_hostname=host if parsed.scheme == "https" else None)
+        Target(
+            url=parsed.copy_with(host=address),
+            address=address,
+            host_header=parsed.netloc.decode("ascii"),
+            sni_hostname=host if parsed.scheme == "https" else None,
+        )
         for address in allowed
     ]
 
 
-def pinned_request(client: httpx.AsyncClient, target: Target, body: bytes,
-                   headers: dict[str, str]) -> httpx.Request:
+def pinned_request(
+    client: httpx.AsyncClient, target: Target, body: bytes, headers: dict[str, str]
+) -> httpx.Request:
     extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
     return client.build_request(
-        "POST", target.url, content=body, extensions=extensions,
-        headers={**headers, "Host": target.host_header, "Content-Type": "application/json",
-                 "Accept-Encoding": "identity"},
+        "POST",
+        target.url,
+        content=body,
+        extensions=extensions,
+        headers={
+            **headers,
+            "Host": target.host_header,
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+        },
     )
 
 
@@ -140,8 +177,13 @@ def make_client() -> httpx.AsyncClient:
 
 
 async def post(
-    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str], *,
-    allow_private: bool, resolve: Resolver = system_resolve,
+    client: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    allow_private: bool,
+    resolve: Resolver = system_resolve,
     timeout: float = TOTAL_TIMEOUT_SECONDS,
 ) -> Answer:
     """POST `body` to `url` through the guard; never raises for network trouble."""
@@ -170,7 +212,10 @@ async def post(
 
 
 async def _post_first(
-    client: httpx.AsyncClient, targets: list[Target], body: bytes, headers: dict[str, str],
+    client: httpx.AsyncClient,
+    targets: list[Target],
+    body: bytes,
+    headers: dict[str, str],
     tried: list[str],
 ) -> tuple[int, str, float | None]:
     """POST to the first address that accepts a connection (a dual-stack host may have a dead
@@ -178,8 +223,7 @@ async def _post_first(
     for target in targets:
         tried.append(target.address)
         try:
-            response = await client.send(pinned_request(client, target, body, headers),
-                                         stream=True)
+            response = await client.send(pinned_request(client, target, body, headers), stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             if target is targets[-1]:
                 raise
@@ -192,8 +236,9 @@ async def _post_first(
     raise AssertionError("pin() returns at least one target")
 
 
-async def fetch(url: str, *, allow_private: bool, max_bytes: int,
-                resolve: Resolver = system_resolve) -> bytes:
+async def fetch(
+    url: str, *, allow_private: bool, max_bytes: int, resolve: Resolver = system_resolve
+) -> bytes:
     """GET `url` through the guard (an input image a client gave by URL). Raises ValueError
     with a message for the client when it cannot be had."""
     if not url.startswith(("http://", "https://")):
@@ -202,8 +247,9 @@ async def fetch(url: str, *, allow_private: bool, max_bytes: int,
         async with asyncio.timeout(TOTAL_TIMEOUT_SECONDS), make_client() as client:
             target = (await pin(url, allow_private=allow_private, resolve=resolve))[0]
             extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
-            request = client.build_request("GET", target.url, extensions=extensions,
-                                           headers={"Host": target.host_header})
+            request = client.build_request(
+                "GET", target.url, extensions=extensions, headers={"Host": target.host_header}
+            )
             response = await client.send(request, stream=True)
             try:
                 if response.status_code != 200:

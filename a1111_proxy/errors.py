@@ -134,7 +134,9 @@ def a1111_error(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
-def validation_detail(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> list[dict[str, Any]]:
+def validation_detail(
+    exc: ValidationError, prefix: tuple[str, ...] = ("body",)
+) -> list[dict[str, Any]]:
     return [
         {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
         for err in exc.errors(include_url=False, include_context=False, include_input=False)
@@ -145,7 +147,11 @@ async def handle_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     if isinstance(exc, InvalidRequest):
         return JSONResponse({"detail": exc.errors}, status_code=422)
-    headers = {"WWW-Authenticate": 'Basic realm="a1111-proxy", Bearer'} if exc.status_code == 401 else None
+    headers = (
+        {"WWW-Authenticate": 'Basic realm="a1111-proxy", Bearer'}
+        if exc.status_code == 401
+        else None
+    )
     return a1111_error(exc.status_code, "HTTPException", exc.message, exc.code, headers)
 
 
@@ -159,7 +165,9 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return a1111_error(500, type(exc).__name__, "internal error; see the server log", "internal_error")
+    return a1111_error(
+        500, type(exc).__name__, "internal error; see the server log", "internal_error"
+    )
 
 
 EXCEPTION_HANDLERS = {

@@ -144,14 +144,17 @@ def check_image(
     """The image as the client sent it, or (opt-in) resized, with (size before, size after)."""
     if value.startswith(("http://", "https://")):
         # Allowed URLs were fetched (through the SSRF guard) before we got here.
-        raise ValueError("image URLs are not accepted here: send the image as base64 or a data: "
-                         "URI (or set A1111_PROXY_IMAGE_URLS=true)")
+        raise ValueError(
+            "image URLs are not accepted here: send the image as base64 or a data: "
+            "URI (or set A1111_PROXY_IMAGE_URLS=true)"
+        )
     image = open_lazily(decode_base64(value))
     width, height = image.size
     if width * height > rules.max_pixels:
         raise ValueError(
             f"the image is {width}x{height}, more than {rules.max_pixels} pixels; send a smaller "
-            "image (or raise A1111_PROXY_IMAGE_MAX_PIXELS)")
+            "image (or raise A1111_PROXY_IMAGE_MAX_PIXELS)"
+        )
     if not rules.resize_max_side or max(image.size) <= rules.resize_max_side:
         return value, None
     png, size = _resized(image, rules.resize_max_side)
@@ -167,14 +170,17 @@ def decode_base64(value: str) -> bytes:
     if value.startswith("data:"):
         parts = value.split(";")
         if not value.startswith("data:image/") or len(parts) < 2 or "," not in parts[1]:
-            raise ValueError("a data: URI must be data:image/<type>;base64,<data> (as A1111 "
-                             "reads them), or send raw base64")
+            raise ValueError(
+                "a data: URI must be data:image/<type>;base64,<data> (as A1111 "
+                "reads them), or send raw base64"
+            )
         data = parts[1].split(",")[1]
     try:
         return base64.b64decode(data)
     except (binascii.Error, ValueError):
         raise ValueError(
-            "not valid base64 (send raw base64 or a data:image/...;base64, URI)") from None
+            "not valid base64 (send raw base64 or a data:image/...;base64, URI)"
+        ) from None
 
 
 def open_lazily(raw: bytes) -> Image.Image:
@@ -194,8 +200,10 @@ def open_lazily(raw: bytes) -> Image.Image:
             continue
         except Exception as exc:
             raise ValueError(f"the {name} image's header is damaged ({exc})") from None
-    raise ValueError("not an image (Pillow, which A1111 decodes with, cannot identify it): "
-                     "send a PNG, JPEG, WebP or another format A1111 opens")
+    raise ValueError(
+        "not an image (Pillow, which A1111 decodes with, cannot identify it): "
+        "send a PNG, JPEG, WebP or another format A1111 opens"
+    )
 
 
 def _resized(image: Image.Image, max_side: int) -> tuple[bytes, tuple[int, int]]:

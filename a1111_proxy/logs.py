@@ -20,7 +20,10 @@ job_id_var: ContextVar[str | None] = ContextVar("job_id", default=None)
 PARAMETER_LOGGERS = ("aiosqlite", "sqlalchemy.engine")
 # Attributes every LogRecord has; anything else was passed with `extra=` and is worth keeping.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "color_message"}  # uvicorn's message again, with terminal colours
+    "message",
+    "asctime",
+    "color_message",
+}  # uvicorn's message again, with terminal colours
 
 
 class JobIdFilter(logging.Filter):
@@ -37,7 +40,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,

@@ -43,43 +43,57 @@ class _Collected:
 
 
 def _families(
-    jobs: JobMetrics, deliveries: dict[str, dict[str, int]], workers: list[WorkerRecord],
+    jobs: JobMetrics,
+    deliveries: dict[str, dict[str, int]],
+    workers: list[WorkerRecord],
     window: float,
 ) -> Iterator[Metric]:
-    by_status = GaugeMetricFamily("a1111_proxy_jobs", "Jobs in the database by status",
-                                  labels=["status"])
+    by_status = GaugeMetricFamily(
+        "a1111_proxy_jobs", "Jobs in the database by status", labels=["status"]
+    )
     for status, n in jobs.by_status.items():
         by_status.add_metric([status], n)
     yield by_status
-    yield GaugeMetricFamily("a1111_proxy_queue_depth", "Queued jobs that are due to run now",
-                            value=jobs.due)
-    yield GaugeMetricFamily("a1111_proxy_queue_oldest_age_seconds",
-                            "How long the oldest due job has waited (0 when none)",
-                            value=round(jobs.oldest_due_age, 3))
+    yield GaugeMetricFamily(
+        "a1111_proxy_queue_depth", "Queued jobs that are due to run now", value=jobs.due
+    )
+    yield GaugeMetricFamily(
+        "a1111_proxy_queue_oldest_age_seconds",
+        "How long the oldest due job has waited (0 when none)",
+        value=round(jobs.oldest_due_age, 3),
+    )
     claims = GaugeHistogramMetricFamily(
         "a1111_proxy_claim_latency_seconds",
-        f"Submit to first start, for jobs started in the last {window:.0f} s")
+        f"Submit to first start, for jobs started in the last {window:.0f} s",
+    )
     _add(claims, [], jobs.claim_latency, CLAIM_BUCKETS)
     yield claims
     durations = GaugeHistogramMetricFamily(
         "a1111_proxy_job_duration_seconds",
         f"Start to end, for jobs that ended in the last {window:.0f} s, by end status",
-        labels=["status"])
+        labels=["status"],
+    )
     for status, histogram in sorted(jobs.durations.items()):
         _add(durations, [status], histogram, DURATION_BUCKETS)
     yield durations
     yield from _backend_families(jobs, workers)
-    hooks = GaugeMetricFamily("a1111_proxy_webhook_deliveries",
-                              "Webhook messages in the outbox by event and outcome",
-                              labels=["event", "status"])
+    hooks = GaugeMetricFamily(
+        "a1111_proxy_webhook_deliveries",
+        "Webhook messages in the outbox by event and outcome",
+        labels=["event", "status"],
+    )
     for event, statuses in sorted(deliveries.items()):
         for status, n in sorted(statuses.items()):
             hooks.add_metric([event, status], n)
     yield hooks
 
 
-def _add(family: GaugeHistogramMetricFamily, labels: list[str], histogram: Histogram,
-         bounds: tuple[float, ...]) -> None:
+def _add(
+    family: GaugeHistogramMetricFamily,
+    labels: list[str],
+    histogram: Histogram,
+    bounds: tuple[float, ...],
+) -> None:
     buckets = [(_bound(b), n) for b, n in zip(bounds, histogram.counts, strict=False)]
     buckets.append(("+Inf", histogram.counts[-1]))
     family.add_metric(labels, buckets, gsum_value=round(histogram.total, 6))
@@ -98,16 +112,19 @@ def _backend_families(jobs: JobMetrics, workers: list[WorkerRecord]) -> Iterator
             reports.setdefault(slot["backend"], []).append(slot["state"])
     for name in jobs.busy_backends:
         reports.setdefault(name, [])
-    state = GaugeMetricFamily("a1111_proxy_backend_state",
-                              "1 for the state each backend is in (idle, busy, down), else 0",
-                              labels=["backend", "state"])
+    state = GaugeMetricFamily(
+        "a1111_proxy_backend_state",
+        "1 for the state each backend is in (idle, busy, down), else 0",
+        labels=["backend", "state"],
+    )
     for name in sorted(reports):
         now = _state(jobs.busy_backends.get(name, 0), reports[name])
         for candidate in SLOT_STATES:
             state.add_metric([name, candidate], 1 if candidate == now else 0)
     yield state
-    yield GaugeMetricFamily("a1111_proxy_workers", "Workers with a recent heartbeat",
-                            value=len(workers))
+    yield GaugeMetricFamily(
+        "a1111_proxy_workers", "Workers with a recent heartbeat", value=len(workers)
+    )
 
 
 def _state(running: int, reported: list[str]) -> str:

@@ -48,7 +48,10 @@ class TokenAuth:
         else:
             detail = "Incorrect username or password"
         response = a1111_error(
-            401, "HTTPException", detail, "not_authenticated",
+            401,
+            "HTTPException",
+            detail,
+            "not_authenticated",
             {"WWW-Authenticate": 'Bearer realm="a1111-proxy", Basic realm="a1111-proxy"'},
         )
         await response(scope, receive, send)

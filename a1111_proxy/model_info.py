@@ -69,10 +69,15 @@ class ModelInfoStore:
         """These files are still there (so keep their rows)."""
         if not keys:
             return
-        statement = update(model_files).where(
-            model_files.c.path == bindparam("p"), model_files.c.size == bindparam("s"),
-            model_files.c.mtime_ns == bindparam("m"),
-        ).values(seen_at=self.clock())
+        statement = (
+            update(model_files)
+            .where(
+                model_files.c.path == bindparam("p"),
+                model_files.c.size == bindparam("s"),
+                model_files.c.mtime_ns == bindparam("m"),
+            )
+            .values(seen_at=self.clock())
+        )
         async with self.db.writing() as conn:
             await conn.execute(statement, [{"p": p, "s": s, "m": m} for p, s, m in keys])
 
@@ -80,31 +85,46 @@ class ModelInfoStore:
         """Drop rows of files no worker has seen for `seconds`."""
         async with self.db.writing() as conn:
             await conn.execute(
-                delete(model_files).where(model_files.c.seen_at < self.clock() - seconds))
+                delete(model_files).where(model_files.c.seen_at < self.clock() - seconds)
+            )
 
     async def lookups(self, hashes: Iterable[str]) -> dict[str, Lookup]:
         wanted = sorted(set(hashes))
         if not wanted:
             return {}
         async with self.db.reading() as conn:
-            rows = (await conn.execute(
-                select(civitai_lookups).where(civitai_lookups.c.hash.in_(wanted)))).all()
-        return {row.hash: Lookup(row.found, json.loads(row.body) if row.body else None,
-                                 row.expires_at) for row in rows}
+            rows = (
+                await conn.execute(
+                    select(civitai_lookups).where(civitai_lookups.c.hash.in_(wanted))
+                )
+            ).all()
+        return {
+            row.hash: Lookup(row.found, json.loads(row.body) if row.body else None, row.expires_at)
+            for row in rows
+        }
 
     async def save_lookup(self, hash_: str, summary: dict[str, Any] | None, ttl: float) -> None:
         """Civitai's answer for `hash_`: its summary, or None for "not on Civitai"."""
         now = self.clock()
-        await self._upsert(civitai_lookups, {
-            "hash": hash_, "found": summary is not None,
-            "body": None if summary is None else json.dumps(summary),
-            "fetched_at": now, "expires_at": now + ttl})
+        await self._upsert(
+            civitai_lookups,
+            {
+                "hash": hash_,
+                "found": summary is not None,
+                "body": None if summary is None else json.dumps(summary),
+                "fetched_at": now,
+                "expires_at": now + ttl,
+            },
+        )
 
     async def with_civitai(self, kind: str, entries: Any, index: FileIndex) -> list[Any]:
         """The entries with what Civitai said about each (stale answers too: better than none)."""
         keys = {key for entry in _entries(entries) if (key := lookup_hash(kind, entry, index))}
-        summaries = {h: found.summary for h, found in (await self.lookups(keys)).items()
-                     if found.summary is not None}
+        summaries = {
+            h: found.summary
+            for h, found in (await self.lookups(keys)).items()
+            if found.summary is not None
+        }
         return with_civitai(kind, entries, index, summaries)
 
     async def _upsert(self, table: Table, values: dict[str, Any]) -> None:
@@ -113,7 +133,8 @@ class ModelInfoStore:
         statement = dialect.insert(table).values(**values)
         key = [column.name for column in table.primary_key]
         statement = statement.on_conflict_do_update(
-            index_elements=key, set_={k: v for k, v in values.items() if k not in key})
+            index_elements=key, set_={k: v for k, v in values.items() if k not in key}
+        )
         async with self.db.writing() as conn:
             await conn.execute(statement)
 
@@ -128,7 +149,8 @@ class FileIndex:
         for file in sorted(files, key=lambda f: f.hashed_at):  # the latest hash of a file wins
             self.by_rel[(file.kind, file.rel)] = file
             self.rels_by_name.setdefault((file.kind, file.rel.rsplit("/", 1)[-1]), set()).add(
-                file.rel)
+                file.rel
+            )
 
     def find(self, kind: str, filename: str) -> ModelFile | None:
         path = filename.replace("\\", "/")
@@ -180,8 +202,9 @@ def wanted_hashes(catalogue: dict[str, Any], index: FileIndex) -> set[str]:
     return wanted
 
 
-def with_civitai(kind: str, entries: Any, index: FileIndex,
-                 summaries: dict[str, dict[str, Any]]) -> list[Any]:
+def with_civitai(
+    kind: str, entries: Any, index: FileIndex, summaries: dict[str, dict[str, Any]]
+) -> list[Any]:
     """The entries as A1111 gave them, plus `civitai` (last) where Civitai knows the file."""
     enriched = []
     for entry in entries or []:

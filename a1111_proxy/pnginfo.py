@@ -75,7 +75,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     negative: list[str] = []
     for line in lines:
         if line.startswith("Negative prompt:"):
-            negative.append(line[len("Negative prompt:"):].strip())
+            negative.append(line[len("Negative prompt:") :].strip())
         elif negative:
             negative.append(line)
         else:

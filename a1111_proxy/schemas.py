@@ -51,16 +51,17 @@ class Txt2ImgRequest(_Lenient):
     scheduler: str | None = None
     # The upper bounds are the operator's (`Caps` below), not A1111's: A1111 has none.
     batch_size: Annotated[LooseInt, Field(ge=1)] | None = Field(
-        1, description=_cap("MAX_BATCH_SIZE", 64))
-    n_iter: Annotated[LooseInt, Field(ge=1)] | None = Field(
-        1, description=_cap("MAX_N_ITER", 100))
-    steps: Annotated[LooseInt, Field(ge=1)] | None = Field(
-        50, description=_cap("MAX_STEPS", 500))
+        1, description=_cap("MAX_BATCH_SIZE", 64)
+    )
+    n_iter: Annotated[LooseInt, Field(ge=1)] | None = Field(1, description=_cap("MAX_N_ITER", 100))
+    steps: Annotated[LooseInt, Field(ge=1)] | None = Field(50, description=_cap("MAX_STEPS", 500))
     cfg_scale: float | None = 7.0
     width: Annotated[LooseInt, Field(ge=8)] | None = Field(
-        512, description=_cap("MAX_WIDTH_HEIGHT", 16384))
+        512, description=_cap("MAX_WIDTH_HEIGHT", 16384)
+    )
     height: Annotated[LooseInt, Field(ge=8)] | None = Field(
-        512, description=_cap("MAX_WIDTH_HEIGHT", 16384))
+        512, description=_cap("MAX_WIDTH_HEIGHT", 16384)
+    )
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool | None = False
@@ -108,7 +109,8 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     denoising_strength: Annotated[float, Field(ge=0)] = 0.75  # type: ignore[assignment]
     init_images: list[str] = Field(
-        min_length=1, description="input images: raw base64 or data: URIs (required)")
+        min_length=1, description="input images: raw base64 or data: URIs (required)"
+    )
     resize_mode: LooseInt | None = 0
     image_cfg_scale: float | None = None
     mask: str | None = None
@@ -125,7 +127,10 @@ class Img2ImgRequest(Txt2ImgRequest):
     include_init_images: bool = False
 
 
-REQUEST_MODELS: dict[str, type[Txt2ImgRequest]] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest}
+REQUEST_MODELS: dict[str, type[Txt2ImgRequest]] = {
+    "txt2img": Txt2ImgRequest,
+    "img2img": Img2ImgRequest,
+}
 
 
 @dataclass(frozen=True)
@@ -139,14 +144,20 @@ class Caps:
     width_height: int = 16384
 
     def problems(self, request: Txt2ImgRequest) -> list[dict[str, Any]]:
-        limits = {"steps": (self.steps, "MAX_STEPS"), "n_iter": (self.n_iter, "MAX_N_ITER"),
-                  "batch_size": (self.batch_size, "MAX_BATCH_SIZE"),
-                  "width": (self.width_height, "MAX_WIDTH_HEIGHT"),
-                  "height": (self.width_height, "MAX_WIDTH_HEIGHT")}
+        limits = {
+            "steps": (self.steps, "MAX_STEPS"),
+            "n_iter": (self.n_iter, "MAX_N_ITER"),
+            "batch_size": (self.batch_size, "MAX_BATCH_SIZE"),
+            "width": (self.width_height, "MAX_WIDTH_HEIGHT"),
+            "height": (self.width_height, "MAX_WIDTH_HEIGHT"),
+        }
         return [
-            {"loc": ["body", name], "type": "less_than_equal",
-             "msg": f"must be at most {limit} on this server (its operator can raise "
-                    f"A1111_PROXY_{setting})"}
+            {
+                "loc": ["body", name],
+                "type": "less_than_equal",
+                "msg": f"must be at most {limit} on this server (its operator can raise "
+                f"A1111_PROXY_{setting})",
+            }
             for name, (limit, setting) in limits.items()
             if (value := getattr(request, name)) is not None and value > limit
         ]
@@ -161,19 +172,30 @@ class ProxyFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     webhook_url: str | None = Field(
-        None, max_length=2048,
-        description="a1111-proxy extension: http(s) URL called when the job starts/progresses/ends")
+        None,
+        max_length=2048,
+        description="a1111-proxy extension: http(s) URL called when the job starts/progresses/ends",
+    )
     webhook_secret: str | None = Field(
-        None, min_length=1, max_length=1024,
-        description="a1111-proxy extension: key that signs this job's webhooks (never shown back)")
+        None,
+        min_length=1,
+        max_length=1024,
+        description="a1111-proxy extension: key that signs this job's webhooks (never shown back)",
+    )
     webhook_events: list[WebhookEvent] = Field(
-        ["completed"], description="a1111-proxy extension: which webhook events to send")
+        ["completed"], description="a1111-proxy extension: which webhook events to send"
+    )
     priority: LooseInt = Field(
-        0, ge=-100, le=100, description="a1111-proxy extension: higher runs first, then older first")
+        0, ge=-100, le=100, description="a1111-proxy extension: higher runs first, then older first"
+    )
     timeout: float | None = Field(
-        None, gt=0, le=30 * 86400, allow_inf_nan=False,
+        None,
+        gt=0,
+        le=30 * 86400,
+        allow_inf_nan=False,
         description="a1111-proxy extension: seconds from submission; a job not finished by then "
-        "ends canceled (error code deadline), running or not. Same as the Cancel-After header")
+        "ends canceled (error code deadline), running or not. Same as the Cancel-After header",
+    )
 
     @field_validator("webhook_url")
     @classmethod
@@ -224,8 +246,11 @@ CREDENTIAL_KEYS = frozenset({"auth", "api_key", "password", "token"})
 def without_credentials(value: Any) -> Any:
     """`value` with every credential key (at any depth, in any letter case) left out."""
     if isinstance(value, dict):
-        return {key: without_credentials(item) for key, item in value.items()
-                if not (isinstance(key, str) and key.lower() in CREDENTIAL_KEYS)}
+        return {
+            key: without_credentials(item)
+            for key, item in value.items()
+            if not (isinstance(key, str) and key.lower() in CREDENTIAL_KEYS)
+        }
     if isinstance(value, list):
         return [without_credentials(item) for item in value]
     return value
@@ -301,9 +326,11 @@ def render_job(
 
 
 class JobError(BaseModel):
-    code: str = Field(description="stable: backend_rejected, backend_unavailable, "
-                      "backend_bad_response, worker_lost, canceled, client_gone, deadline, "
-                      "internal_error")
+    code: str = Field(
+        description="stable: backend_rejected, backend_unavailable, "
+        "backend_bad_response, worker_lost, canceled, client_gone, deadline, "
+        "internal_error"
+    )
     message: str
     backend: str | None = None
     backend_status: int | None = Field(None, description="A1111's HTTP status, when it answered")
@@ -341,8 +368,10 @@ class Job(BaseModel):
     """A job: the A1111 request, where it is, and A1111's answer once completed."""
 
     id: str = Field(description="UUID")
-    type: str = Field(description="txt2img, img2img, interrogate, extra-single-image, "
-                      "extra-batch-images or controlnet-detect")
+    type: str = Field(
+        description="txt2img, img2img, interrogate, extra-single-image, "
+        "extra-batch-images or controlnet-detect"
+    )
     status: Literal["queued", "processing", "completed", "error", "canceled"]
     progress: float = Field(ge=0, le=1)
     eta_relative: float | None = Field(description="seconds left, from A1111")
@@ -353,25 +382,34 @@ class Job(BaseModel):
     created_at: str
     started_at: str | None
     completed_at: str | None
-    error: JobError | None = Field(description="why it failed; while queued after a failed "
-                                   "attempt, the last attempt's error")
-    request: dict[str, Any] = Field(description="the body as stored: input images replaced by a "
-                                    "short note, secrets removed")
+    error: JobError | None = Field(
+        description="why it failed; while queued after a failed attempt, the last attempt's error"
+    )
+    request: dict[str, Any] = Field(
+        description="the body as stored: input images replaced by a short note, secrets removed"
+    )
     owner: str | None = Field(
-        None, description="who submitted it: the API token's tenant name, or the client "
-        "address when tokens are off")
-    result: Any = Field(description="A1111's answer exactly (detail view, once completed); "
-                        "null in lists")
+        None,
+        description="who submitted it: the API token's tenant name, or the client "
+        "address when tokens are off",
+    )
+    result: Any = Field(
+        description="A1111's answer exactly (detail view, once completed); null in lists"
+    )
     image_urls: list[str]
     webhook: JobWebhook | None
     links: JobLinks
     deadline_at: str | None = Field(
-        None, description="a1111-proxy extension: when it is canceled (\"deadline\") unless done")
+        None, description='a1111-proxy extension: when it is canceled ("deadline") unless done'
+    )
     queue_position: int | None = Field(
-        None, ge=1, description="1 = claimed next; detail view while queued, else null")
+        None, ge=1, description="1 = claimed next; detail view while queued, else null"
+    )
     input_images_resized: list[ResizedImage] = Field(
-        [], description="a1111-proxy extension: input images this server resized before A1111 "
-        "got them (only when its operator set A1111_PROXY_IMAGE_MAX_SIDE); empty: none changed")
+        [],
+        description="a1111-proxy extension: input images this server resized before A1111 "
+        "got them (only when its operator set A1111_PROXY_IMAGE_MAX_SIDE); empty: none changed",
+    )
 
 
 class JobList(BaseModel):
@@ -412,7 +450,8 @@ class QueueView(BaseModel):
     counts: dict[str, int] = Field(description="jobs by status")
     slots: int = Field(description="usable backend slots of live workers (at least 1)")
     estimated_wait_seconds: float | None = Field(
-        description="until a job submitted now, behind every queued one, starts")
+        description="until a job submitted now, behind every queued one, starts"
+    )
     mean_run_seconds: float | None = Field(description="of the last 20 jobs completed in 24 h")
     sample_size: int
 

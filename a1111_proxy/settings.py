@@ -23,8 +23,9 @@ class Settings(BaseSettings):
 
     # hide_input_in_errors: `serve` prints a bad setting's error, and values carry secrets
     # (API_TOKENS, a DATABASE_URL's password); messages name the setting and the reason instead.
-    model_config = SettingsConfigDict(env_prefix="A1111_PROXY_", env_file=".env", extra="ignore",
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="A1111_PROXY_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = Field(
         "sqlite+aiosqlite:///./data/a1111_proxy.db",
@@ -291,8 +292,14 @@ class Settings(BaseSettings):
     @field_validator("engine_cpu_offload", mode="before")
     @classmethod
     def _auto_or_bool(cls, value: object) -> object:
-        words = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false",
-                 "off": "false"}
+        words = {
+            "1": "true",
+            "yes": "true",
+            "on": "true",
+            "0": "false",
+            "no": "false",
+            "off": "false",
+        }
         if isinstance(value, bool):
             return str(value).lower()
         if isinstance(value, str):
@@ -311,8 +318,10 @@ class Settings(BaseSettings):
         by_token: dict[str, str] = {}
         for name, token in tenants:
             if by_token.setdefault(token, name) != name:
-                raise ValueError(f"one token is given for two tenants, {by_token[token]!r} and "
-                                 f"{name!r}; give each tenant its own token")
+                raise ValueError(
+                    f"one token is given for two tenants, {by_token[token]!r} and "
+                    f"{name!r}; give each tenant its own token"
+                )
         return entries
 
     def tenants(self) -> list[tuple[str, str]]:
@@ -387,6 +396,7 @@ def parse_tokens(entries: list[str]) -> list[tuple[str, str]]:
         if not name or not token:
             raise ValueError(
                 "each entry is `name:token` or a plain token, with neither part empty "
-                f"(entry {len(tenants) + 1} is not)")
+                f"(entry {len(tenants) + 1} is not)"
+            )
         tenants.append((name, token))
     return tenants

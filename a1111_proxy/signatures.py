@@ -20,7 +20,7 @@ def signing_key(secret: str) -> bytes:
     """The HMAC key for a secret. Raises ValueError for a `whsec_` secret that is not base64."""
     if not secret.startswith(SECRET_PREFIX):
         return secret.encode()
-    encoded = secret[len(SECRET_PREFIX):]
+    encoded = secret[len(SECRET_PREFIX) :]
     if not _BASE64.match(encoded):
         raise ValueError("a whsec_ secret must be whsec_ followed by base64 of the key bytes")
     # Decoded exactly as standardwebhooks does (padding added, so unpadded base64 works too).

@@ -64,7 +64,7 @@ class JobWaiter:
         return sum(len(watches) for watches in self._watching.values())
 
     async def wait(self, job_id: str, timeout: float) -> str:
-        """"done" once the job is terminal, "outage" when no backend can run jobs (see
+        """ "done" once the job is terminal, "outage" when no backend can run jobs (see
         `outage`), or "timeout" if `timeout` passed first."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiting[job_id].add(future)
@@ -101,8 +101,10 @@ class JobWaiter:
             ids = {*self._waiting, *self._watching}
             # Nothing changed and nobody new follows: the snapshots would be the same (but read
             # them now and then all the same, in case a wakeup was missed).
-            stale = (not self.wakeup.sees_every_commit
-                     or asyncio.get_running_loop().time() - quiet_since >= FULL_READ_SECONDS)
+            stale = (
+                not self.wakeup.sees_every_commit
+                or asyncio.get_running_loop().time() - quiet_since >= FULL_READ_SECONDS
+            )
             try:
                 if changed or stale or not ids <= read_ids:
                     self._dispatch(await self.repo.snapshots(list(ids)))

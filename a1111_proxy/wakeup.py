@@ -148,7 +148,7 @@ class FolderWatch:
         offset = 0
         while offset + _EVENT.size <= len(data):
             _, _, _, length = _EVENT.unpack_from(data, offset)
-            name = data[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0")
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
             offset += _EVENT.size + length
             if name.startswith(self.prefix):
                 self.event.set()

@@ -45,8 +45,11 @@ def message_body(
     data = render_job(job, images if mode == "base64" else None)
     if mode == "url":
         data["image_urls"] = [public_url.rstrip("/") + path for path in data["image_urls"]]
-    envelope = {"type": f"job.{delivery.event}", "timestamp": iso(delivery.occurred_at),
-                "data": data}
+    envelope = {
+        "type": f"job.{delivery.event}",
+        "timestamp": iso(delivery.occurred_at),
+        "data": data,
+    }
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
@@ -96,8 +99,9 @@ def attempt_error(answer: Answer) -> str | None:
     if answer.error is not None or answer.status_code is None:
         return answer.error
     if 300 <= answer.status_code < 400:
-        return (f"{answer.status_code}: redirects are not followed; "
-                "point webhook_url at the final URL")
+        return (
+            f"{answer.status_code}: redirects are not followed; point webhook_url at the final URL"
+        )
     if answer.status_code == 410:
         return "410 Gone: the receiver asked not to be sent this again; no more retries"
     if not 200 <= answer.status_code < 300:

@@ -71,8 +71,9 @@ def build_real(arch: str, folder: Path, dtype: torch.dtype) -> None:
             parts[name] = cls.from_config(cls.load_config(config / name))
     pipeline = getattr(diffusers, index["_class_name"])
     accepted = set(inspect.signature(pipeline.__init__).parameters)
-    extra: dict[str, object] = {k: None for k in ("safety_checker", "feature_extractor",
-                                                  "image_encoder") if k in accepted}
+    extra: dict[str, object] = {
+        k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in accepted
+    }
     if "requires_safety_checker" in accepted:
         extra["requires_safety_checker"] = False
     pipe = pipeline(**parts, **extra)
@@ -91,8 +92,14 @@ async def measure_ours(
     backend: DiffusersBackend, checkpoint: str, size: int, steps: int, runs: int, batch: int = 1
 ) -> float:
     """Seconds per job, median: the real backend path (A1111 parsing, encoding, PNG, infotext)."""
-    body = {**BODY, "steps": steps, "width": size, "height": size, "batch_size": batch,
-            "override_settings": {"sd_model_checkpoint": checkpoint}}
+    body = {
+        **BODY,
+        "steps": steps,
+        "width": size,
+        "height": size,
+        "batch_size": batch,
+        "override_settings": {"sd_model_checkpoint": checkpoint},
+    }
     await backend.generate("txt2img", {**body, "steps": 2})  # load + warm up
     times = []
     for _ in range(runs):
@@ -117,8 +124,14 @@ def measure_plain(
     pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    call = dict(prompt="a lighthouse at dusk, oil painting", negative_prompt="blurry",
-                num_inference_steps=steps, height=size, width=size, guidance_scale=7.0)
+    call = dict(
+        prompt="a lighthouse at dusk, oil painting",
+        negative_prompt="blurry",
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        guidance_scale=7.0,
+    )
     pipe(**{**call, "num_inference_steps": 2})
     times = []
     for _ in range(runs):
@@ -133,16 +146,23 @@ def measure_plain(
 
 
 async def compare(
-    backend: DiffusersBackend, label: str, checkpoint: str, folder: Path, size: int,
+    backend: DiffusersBackend,
+    label: str,
+    checkpoint: str,
+    folder: Path,
+    size: int,
     args: argparse.Namespace,
 ) -> None:
     ours = await measure_ours(backend, checkpoint, size, args.steps, args.runs)
     four = await measure_ours(backend, checkpoint, size, args.steps, args.runs, batch=4)
     backend.models.unload_all()
-    plain = measure_plain(folder, backend.models.device, backend.models.dtype, size, args.steps,
-                          args.runs)
-    print(f"{label} {size}x{size}, {args.steps} steps, Euler a, batch 1 ({backend.name}, "
-          f"{backend.models.dtype}):")
+    plain = measure_plain(
+        folder, backend.models.device, backend.models.dtype, size, args.steps, args.runs
+    )
+    print(
+        f"{label} {size}x{size}, {args.steps} steps, Euler a, batch 1 ({backend.name}, "
+        f"{backend.models.dtype}):"
+    )
     print(f"  a1111-proxy engine: {args.steps / ours:7.2f} it/s, {ours * 1000:9.1f} ms per image")
     print(f"  plain diffusers:    {args.steps / plain:7.2f} it/s, {plain * 1000:9.1f} ms per image")
     print(f"  ratio (ours / plain it/s): {plain / ours:.3f}   (target >= 0.97)")
@@ -151,8 +171,11 @@ async def compare(
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--real", action="store_true",
-                        help="also real-size SD1.5 at 512x512 and SDXL at 1024x1024 (GPU)")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="also real-size SD1.5 at 512x512 and SDXL at 1024x1024 (GPU)",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")

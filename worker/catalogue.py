@@ -75,11 +75,17 @@ class CatalogueKeeper:
                     break  # the first entry failed: the backend is not answering at all
                 continue
             if body is not None:
-                await self.store.put(name, redact(body) if name == "cmd-flags" else body, backend.name)
+                await self.store.put(
+                    name, redact(body) if name == "cmd-flags" else body, backend.name
+                )
                 fetched += 1
         if fetched == 0 and failure is not None:
-            log.warning("catalogue: %s did not answer (%s); the API keeps serving the last "
-                        "catalogue it had; is A1111 running with --api?", backend.name, failure)
+            log.warning(
+                "catalogue: %s did not answer (%s); the API keeps serving the last "
+                "catalogue it had; is A1111 running with --api?",
+                backend.name,
+                failure,
+            )
             return False
         log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
         return True

@@ -62,8 +62,11 @@ class CivitaiEnricher:
         wanted = wanted_hashes(catalogue, FileIndex(await self.info.files()))
         known = await self.info.lookups(wanted)
         now = self.clock()
-        due = [h for h in wanted
-               if (h not in known or known[h].expires_at <= now) and self._refused.get(h, 0) <= now]
+        due = [
+            h
+            for h in wanted
+            if (h not in known or known[h].expires_at <= now) and self._refused.get(h, 0) <= now
+        ]
         random.shuffle(due)
         return due
 
@@ -96,7 +99,7 @@ class CivitaiEnricher:
         rest = max(self.rest_seconds, exc.retry_after or 0.0)
         self.resume_at = self.clock() + rest
         if not self.unavailable:  # say it once, not every round
-            log.warning("civitai: unavailable (%s); model metadata waits; asking again in %.0f s",
-                        exc, rest)
+            log.warning(
+                "civitai: unavailable (%s); model metadata waits; asking again in %.0f s", exc, rest
+            )
             self.unavailable = True
-

@@ -89,7 +89,11 @@ async def execute(
 
 
 async def _watch(
-    claim: Claim, backend: Backend, repo: JobRepository, generation: asyncio.Task[Any], timing: Timing
+    claim: Claim,
+    backend: Backend,
+    repo: JobRepository,
+    generation: asyncio.Task[Any],
+    timing: Timing,
 ) -> bool:
     """Wait for the generation, storing progress and renewing the lease. True: cancel asked."""
     last_write = last_busy = last_preview = time.monotonic()

@@ -66,8 +66,9 @@ class ModelHasher:
         self._said_missing = False
         known = {file.key: file for file in await self.store.files()}
         renew = self.store.clock() - SEEN_SECONDS
-        await self.store.mark_seen([f.key for f in seen if f.key in known
-                                    and known[f.key].seen_at < renew])
+        await self.store.mark_seen(
+            [f.key for f in seen if f.key in known and known[f.key].seen_at < renew]
+        )
         await self.store.forget_unseen(FORGET_SECONDS)
         for file in sorted(seen, key=lambda f: f.size):
             if file.key not in known:
@@ -89,12 +90,25 @@ class ModelHasher:
             return
         if (after.st_size, after.st_mtime_ns) != (file.size, file.mtime_ns):
             return  # still being written: hash it on a later tick
-        await self.store.save_file(ModelFile(
-            path=file.path, size=file.size, mtime_ns=file.mtime_ns, kind=file.kind, rel=file.rel,
-            sha256=hashes.sha256, autov3=hashes.autov3))
+        await self.store.save_file(
+            ModelFile(
+                path=file.path,
+                size=file.size,
+                mtime_ns=file.mtime_ns,
+                kind=file.kind,
+                rel=file.rel,
+                sha256=hashes.sha256,
+                autov3=hashes.autov3,
+            )
+        )
         self.hashed += 1
-        log.info("models: hashed %s/%s (%s) in %.1f s", FOLDERS[file.kind], file.rel,
-                 hashes.autov2, time.monotonic() - started)
+        log.info(
+            "models: hashed %s/%s (%s) in %.1f s",
+            FOLDERS[file.kind],
+            file.rel,
+            hashes.autov2,
+            time.monotonic() - started,
+        )
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
         try:
@@ -125,5 +139,10 @@ def _seen(root: Path, path: Path, kind: str) -> SeenFile | None:
         stat = path.stat()
     except OSError:
         return None  # vanished or a broken link
-    return SeenFile(path=str(path.absolute()), kind=kind, rel=path.relative_to(root).as_posix(),
-                    size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    return SeenFile(
+        path=str(path.absolute()),
+        kind=kind,
+        rel=path.relative_to(root).as_posix(),
+        size=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+    )

@@ -114,14 +114,24 @@ class Worker:
             asyncio.create_task(self._every(self.reap_seconds, self._reap), name="reap"),
         ]
         if self.keeper is not None:
-            side.append(asyncio.create_task(
-                self._every(self.catalogue_check_seconds, self._keep_catalogue, at_once=True),
-                name="catalogue",
-            ))
-        side += [asyncio.create_task(self._every(c.interval, c.tick, at_once=True),
-                                     name=type(c).__name__) for c in self.chores]
-        log.info("worker %s: %d slot(s): %s", self.worker_id, len(self.slots),
-                 ", ".join(s.backend.name for s in self.slots))
+            side.append(
+                asyncio.create_task(
+                    self._every(self.catalogue_check_seconds, self._keep_catalogue, at_once=True),
+                    name="catalogue",
+                )
+            )
+        side += [
+            asyncio.create_task(
+                self._every(c.interval, c.tick, at_once=True), name=type(c).__name__
+            )
+            for c in self.chores
+        ]
+        log.info(
+            "worker %s: %d slot(s): %s",
+            self.worker_id,
+            len(self.slots),
+            ", ".join(s.backend.name for s in self.slots),
+        )
         try:
             await self._dispatch()
             await self._drain()
@@ -153,8 +163,11 @@ class Worker:
             await self._fill_slots()
             running = self._running()
             if running:  # until a job ends, or a backend answers (its slot is free then)
-                await first_of(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED),
-                                self._slot_freed.wait(), timeout=3600)
+                await first_of(
+                    asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED),
+                    self._slot_freed.wait(),
+                    timeout=3600,
+                )
             elif not await self.repo.has_due_job():
                 return
             else:  # due jobs, but every slot is resting
@@ -171,8 +184,9 @@ class Worker:
                     continue
             except OperationalError as exc:
                 # Locked by a stuck process, or the database is away: keep trying, never die.
-                log.warning("database unavailable while claiming (%s); retrying in 1 s",
-                            exc.orig or exc)
+                log.warning(
+                    "database unavailable while claiming (%s); retrying in 1 s", exc.orig or exc
+                )
                 await first_of(self._stop.wait(), timeout=1.0)
                 continue
             waiters = [self._stop.wait(), self._slot_freed.wait()]
@@ -256,11 +270,16 @@ class Worker:
                 await slot.backend.reload_checkpoint(request.get("checkpoint") or None)
             else:
                 await slot.backend.unload_checkpoint()
-            log.info("%s the checkpoint on %s", "reloaded" if loaded else "unloaded",
-                     slot.backend.name)
+            log.info(
+                "%s the checkpoint on %s", "reloaded" if loaded else "unloaded", slot.backend.name
+            )
         except Exception as exc:  # A1111 loads on demand: the next job still runs
-            log.warning("could not %s the checkpoint on %s: %s",
-                        "reload" if loaded else "unload", slot.backend.name, exc)
+            log.warning(
+                "could not %s the checkpoint on %s: %s",
+                "reload" if loaded else "unload",
+                slot.backend.name,
+                exc,
+            )
 
     async def _keep_catalogue(self) -> None:
         assert self.keeper is not None
@@ -271,13 +290,23 @@ class Worker:
                 self._rest_down(slot, "did not answer the catalogue fetch")
 
     def _start(self, slot: Slot, claim: Claim) -> None:
-        log.info("job %s: attempt %d on %s", claim.id, claim.attempts, slot.backend.name,
-                 extra={"job_id": claim.id})
+        log.info(
+            "job %s: attempt %d on %s",
+            claim.id,
+            claim.attempts,
+            slot.backend.name,
+            extra={"job_id": claim.id},
+        )
         slot.claim, slot.state = claim, "busy"
         slot.checkpoint = claim.checkpoint or slot.checkpoint
         task = asyncio.create_task(
-            execute(claim, slot.backend, self.repo, self.timing,
-                    on_backend_free=lambda: self._backend_free(slot, task, claim)),
+            execute(
+                claim,
+                slot.backend,
+                self.repo,
+                self.timing,
+                on_backend_free=lambda: self._backend_free(slot, task, claim),
+            ),
             name=f"job {claim.id}",
         )
         slot.task = task
@@ -310,12 +339,13 @@ class Worker:
             log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
 
     def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
-        outcome = "cancelled" if task.cancelled() else (
-            "crashed" if task.exception() else task.result()
+        outcome = (
+            "cancelled" if task.cancelled() else ("crashed" if task.exception() else task.result())
         )
         if outcome == "crashed":
-            log.error("job %s: worker bug", job_id, exc_info=task.exception(),
-                      extra={"job_id": job_id})
+            log.error(
+                "job %s: worker bug", job_id, exc_info=task.exception(), extra={"job_id": job_id}
+            )
         if task in slot.finishing:  # the slot moved on when the backend answered
             slot.finishing.discard(task)
             slot.jobs_done += outcome == "completed"
@@ -361,8 +391,11 @@ class Worker:
         running = self._running()
         if not running:
             return
-        log.info("stopping: waiting up to %.0f s for %d running job(s)",
-                 self.shutdown_grace_seconds, len(running))
+        log.info(
+            "stopping: waiting up to %.0f s for %d running job(s)",
+            self.shutdown_grace_seconds,
+            len(running),
+        )
         _, pending = await asyncio.wait(running, timeout=self.shutdown_grace_seconds)
         for task in pending:
             task.cancel()
@@ -375,8 +408,12 @@ class Worker:
 
     async def _reap(self) -> None:
         for job_id, status in await self.repo.reap_expired():
-            log.warning("job %s: its worker stopped renewing the lease; now %s", job_id, status,
-                        extra={"job_id": job_id})
+            log.warning(
+                "job %s: its worker stopped renewing the lease; now %s",
+                job_id,
+                status,
+                extra={"job_id": job_id},
+            )
 
     async def _every(self, seconds: float, action: Any, at_once: bool = False) -> None:
         while True:

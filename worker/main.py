@@ -31,7 +31,9 @@ log = logging.getLogger("a1111_proxy.worker")
 
 
 def build_worker(settings: Settings, db: Database) -> Worker:
-    repo = JobRepository(db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds)
+    repo = JobRepository(
+        db, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds
+    )
     backends: list[Backend]
     if settings.backend == "diffusers":
         backends = [_diffusers_backend(settings)]
@@ -78,23 +80,28 @@ def build_chores(settings: Settings, db: Database) -> list[Chore]:
     chores: list[Chore] = [ModelHasher(info, Path(settings.models_dir))]
     if settings.civitai_enabled:
         client = CivitaiClient(settings.civitai_url, settings.civitai_token.get_secret_value())
-        chores.append(CivitaiEnricher(CatalogueStore(db), info, client,
-                                      ttl=settings.civitai_ttl_seconds))
+        chores.append(
+            CivitaiEnricher(CatalogueStore(db), info, client, ttl=settings.civitai_ttl_seconds)
+        )
     return chores
 
 
 def build_upkeep(settings: Settings, repo: JobRepository) -> list[Chore]:
     """Deadlines and retention (RETENTION_SECONDS=0 keeps finished jobs forever)."""
-    return [Deadlines(repo, settings.deadline_check_seconds),
-            Retention(repo, settings.retention_seconds, settings.retention_check_seconds)]
+    return [
+        Deadlines(repo, settings.deadline_check_seconds),
+        Retention(repo, settings.retention_seconds, settings.retention_check_seconds),
+    ]
 
 
 def fake_backends(settings: Settings) -> list[FakeBackend]:
     """FAKE_SLOTS in-process fakes. A backend is one job at a time across workers, by name: a
     fake lives in its process, so its name says which one."""
     prefix = f"fake:{socket.gethostname()}:{os.getpid()}"
-    return [FakeBackend(f"{prefix}/{i}", service_time=settings.fake_seconds)
-            for i in range(settings.fake_slots)]
+    return [
+        FakeBackend(f"{prefix}/{i}", service_time=settings.fake_seconds)
+        for i in range(settings.fake_slots)
+    ]
 
 
 def _diffusers_backend(settings: Settings) -> Backend:
@@ -107,15 +114,17 @@ def _diffusers_backend(settings: Settings) -> Backend:
             f"a1111-proxy: A1111_PROXY_BACKEND=diffusers needs the engine extra ({exc}); "
             "install it with: pip install 'a1111-proxy[engine]'"
         ) from None
-    return DiffusersBackend(EngineConfig(
-        models_dir=Path(settings.models_dir),
-        device=settings.engine_device,
-        dtype=settings.engine_dtype,
-        cached_models=settings.engine_cached_models,
-        compile=settings.engine_compile,
-        cpu_offload=settings.engine_cpu_offload,
-        preview_steps=settings.engine_preview_steps,
-    ))
+    return DiffusersBackend(
+        EngineConfig(
+            models_dir=Path(settings.models_dir),
+            device=settings.engine_device,
+            dtype=settings.engine_dtype,
+            cached_models=settings.engine_cached_models,
+            compile=settings.engine_compile,
+            cpu_offload=settings.engine_cpu_offload,
+            preview_steps=settings.engine_preview_steps,
+        )
+    )
 
 
 async def run(settings: Settings) -> int:
@@ -145,8 +154,10 @@ async def run_with_sender(worker: Worker, sender: WebhookSender) -> None:
 
 def _stopper(worker: Worker, signum: int):  # type: ignore[no-untyped-def]
     def stop() -> None:
-        log.info("%s: no new jobs; finishing running ones (then releasing them)",
-                 signal.Signals(signum).name)
+        log.info(
+            "%s: no new jobs; finishing running ones (then releasing them)",
+            signal.Signals(signum).name,
+        )
         worker.stop()
 
     return stop

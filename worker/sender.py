@@ -117,8 +117,9 @@ class WebhookSender:
                 if await self._step():
                     continue
                 self._freed.clear()
-                await first_of(self._stop.wait(), self._freed.wait(), self.wakeup.wait(idle),
-                                timeout=idle)
+                await first_of(
+                    self._stop.wait(), self._freed.wait(), self.wakeup.wait(idle), timeout=idle
+                )
         finally:
             await self._drain()
             await self.aclose()
@@ -187,22 +188,28 @@ class WebhookSender:
         except Exception as exc:  # a bad stored secret or a bug: logged, retried by policy
             log.exception("webhook %s: could not build the message", delivery.id)
             return Answer(time.time(), 0, error=f"internal error: {type(exc).__name__}")
-        return await post(self.client, delivery.url, body, headers,
-                          allow_private=self.config.allow_private, resolve=self.resolve,
-                          timeout=self.config.timeout_seconds)
+        return await post(
+            self.client,
+            delivery.url,
+            body,
+            headers,
+            allow_private=self.config.allow_private,
+            resolve=self.resolve,
+            timeout=self.config.timeout_seconds,
+        )
 
     async def _body(self, delivery: Delivery, job: JobRecord) -> bytes:
         images = None
         if needs_images(delivery, job, self.config.images):
             images = await self.jobs.images(delivery.job_seq)
-        return message_body(delivery, job, images, mode=self.config.images,
-                            public_url=self.config.public_url)
+        return message_body(
+            delivery, job, images, mode=self.config.images, public_url=self.config.public_url
+        )
 
     async def _drain(self) -> None:
         if not self._inflight:
             return
-        _, pending = await asyncio.wait(set(self._inflight),
-                                        timeout=self.config.stop_grace_seconds)
+        _, pending = await asyncio.wait(set(self._inflight), timeout=self.config.stop_grace_seconds)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -210,9 +217,12 @@ class WebhookSender:
 
 def _logged(answer: Answer) -> Attempt:
     return Attempt(
-        started_at=answer.started_at, duration_ms=answer.duration_ms,
-        status_code=answer.status_code, response_body=answer.body,
-        error=attempt_error(answer), address=answer.address,
+        started_at=answer.started_at,
+        duration_ms=answer.duration_ms,
+        status_code=answer.status_code,
+        response_body=answer.body,
+        error=attempt_error(answer),
+        address=answer.address,
     )
 
 
@@ -227,9 +237,16 @@ def _log_attempt(
     if not kept:
         then += " (lease lost: another sender took it over)"
     level = logging.INFO if verdict.status == "delivered" else logging.WARNING
-    log.log(level, "webhook %s (job.%s of job %s, attempt %d): %s; %s", delivery.id,
-            delivery.event, job_id, delivery.attempt, outcome, then)
-
+    log.log(
+        level,
+        "webhook %s (job.%s of job %s, attempt %d): %s; %s",
+        delivery.id,
+        delivery.event,
+        job_id,
+        delivery.attempt,
+        outcome,
+        then,
+    )
 
 
 def _snapshot(delivery: Delivery) -> JobRecord | None:

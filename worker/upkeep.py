@@ -45,8 +45,13 @@ class Retention:
     """Deletes finished jobs older than `seconds` (with their images, payloads, previews and
     webhook deliveries), `PURGE_BATCH` per transaction, then lets SQLite give the space back."""
 
-    def __init__(self, repo: JobRepository, seconds: float, interval: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        repo: JobRepository,
+        seconds: float,
+        interval: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.repo = repo
         self.seconds = seconds
         self.interval = interval
@@ -69,8 +74,12 @@ class Retention:
             await asyncio.sleep(0)  # let a waiting claim have the writer between batches
         if deleted:
             free = await self.repo.reclaim_space()
-            log.info("retention: deleted %d finished job(s) older than %.0f s%s", deleted,
-                     self.seconds, f"; {free} free page(s) left" if self.repo.db.is_sqlite else "")
+            log.info(
+                "retention: deleted %d finished job(s) older than %.0f s%s",
+                deleted,
+                self.seconds,
+                f"; {free} free page(s) left" if self.repo.db.is_sqlite else "",
+            )
         return deleted
 
     async def aclose(self) -> None:

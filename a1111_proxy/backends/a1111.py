@@ -109,8 +109,7 @@ class A1111Backend:
                     return await self._post_once(kind, payload)
         except _NotStarted as exc:
             raise BackendUnavailable(
-                f"A1111 at {self.name} is unavailable: {exc} "
-                f"(tried {self.connect_retries} times)",
+                f"A1111 at {self.name} is unavailable: {exc} (tried {self.connect_retries} times)",
                 status=exc.status,
             ) from None
         raise AssertionError("unreachable")

@@ -35,9 +35,14 @@ def _sd_model(catalog: Catalog, checkpoint: Checkpoint) -> dict[str, Any]:
     """An /sd-models entry as A1111 shows it (the hash once known; hashing is not done here)."""
     sha = catalog.known_hash(checkpoint)
     title = f"{checkpoint.name} [{sha[:10]}]" if sha else checkpoint.name
-    return {"title": title, "model_name": checkpoint.model_name,
-            "hash": sha[:10] if sha else None, "sha256": sha,
-            "filename": str(checkpoint.path), "config": None}
+    return {
+        "title": title,
+        "model_name": checkpoint.model_name,
+        "hash": sha[:10] if sha else None,
+        "sha256": sha,
+        "filename": str(checkpoint.path),
+        "config": None,
+    }
 
 
 class DiffusersBackend:
@@ -140,11 +145,19 @@ class DiffusersBackend:
         models_dir = self.config.models_dir
         return {
             "sd-models": self._sd_models,
-            "samplers": lambda: [{"name": s.name, "aliases": list(s.aliases), "options": {}}
-                                 for s in SAMPLERS],
-            "schedulers": lambda: [{"name": key, "label": label, "aliases": None,
-                                    "default_rho": -1.0, "need_inner_model": False}
-                                   for key, label in SCHEDULES.items()],
+            "samplers": lambda: [
+                {"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS
+            ],
+            "schedulers": lambda: [
+                {
+                    "name": key,
+                    "label": label,
+                    "aliases": None,
+                    "default_rho": -1.0,
+                    "need_inner_model": False,
+                }
+                for key, label in SCHEDULES.items()
+            ],
             "options": self._options,
             "upscalers": hires.upscalers,  # hires fix's image upscalers
             "latent-upscale-modes": hires.latent_upscale_modes,
@@ -163,8 +176,11 @@ class DiffusersBackend:
 
     def _options(self) -> dict[str, Any]:
         first = next((c for c in self.models.catalog.checkpoints if not c.pickled), None)
-        return {"sd_model_checkpoint": first.name if first else None,
-                "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+        return {
+            "sd_model_checkpoint": first.name if first else None,
+            "samples_format": "png",
+            "CLIP_stop_at_last_layers": 1,
+        }
 
     async def apply_options(self, options: dict[str, Any]) -> None:
         """Nothing to set: a job's checkpoint comes with it (override_settings)."""

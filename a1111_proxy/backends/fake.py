@@ -37,24 +37,51 @@ GENERATIONS = frozenset({"txt2img", "img2img"})
 MAX_IMAGES = 64  # per generation, whatever n_iter x batch_size asks (a fake's PNGs are tiny)
 
 MODEL = {
-    "title": "fake-model.safetensors [f4ce0f4ce0]", "model_name": "fake-model",
-    "hash": "f4ce0f4ce0", "sha256": "f4ce0f4ce0" + "0" * 54,
-    "filename": "/models/Stable-diffusion/fake-model.safetensors", "config": None,
+    "title": "fake-model.safetensors [f4ce0f4ce0]",
+    "model_name": "fake-model",
+    "hash": "f4ce0f4ce0",
+    "sha256": "f4ce0f4ce0" + "0" * 54,
+    "filename": "/models/Stable-diffusion/fake-model.safetensors",
+    "config": None,
 }
 CATALOGUE: dict[str, Any] = {
     "sd-models": [MODEL],
     "loras": [],
-    "samplers": [{"name": name, "aliases": aliases, "options": {}} for name, aliases in (
-        ("Euler a", ["k_euler_a"]), ("Euler", ["k_euler"]), ("DPM++ 2M", ["k_dpmpp_2m"]))],
-    "schedulers": [{"name": "automatic", "label": "Automatic", "aliases": None,
-                    "default_rho": -1.0, "need_inner_model": False},
-                   {"name": "karras", "label": "Karras", "aliases": None,
-                    "default_rho": 7.0, "need_inner_model": False}],
-    "upscalers": [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None,
-                   "scale": 4}],
+    "samplers": [
+        {"name": name, "aliases": aliases, "options": {}}
+        for name, aliases in (
+            ("Euler a", ["k_euler_a"]),
+            ("Euler", ["k_euler"]),
+            ("DPM++ 2M", ["k_dpmpp_2m"]),
+        )
+    ],
+    "schedulers": [
+        {
+            "name": "automatic",
+            "label": "Automatic",
+            "aliases": None,
+            "default_rho": -1.0,
+            "need_inner_model": False,
+        },
+        {
+            "name": "karras",
+            "label": "Karras",
+            "aliases": None,
+            "default_rho": 7.0,
+            "need_inner_model": False,
+        },
+    ],
+    "upscalers": [
+        {"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+    ],
     "latent-upscale-modes": [{"name": "Latent"}, {"name": "Latent (nearest-exact)"}],
-    "sd-vae": [], "hypernetworks": [], "face-restorers": [], "realesrgan-models": [],
-    "prompt-styles": [], "extensions": [], "script-info": [],
+    "sd-vae": [],
+    "hypernetworks": [],
+    "face-restorers": [],
+    "realesrgan-models": [],
+    "prompt-styles": [],
+    "extensions": [],
+    "script-info": [],
     "scripts": {"txt2img": [], "img2img": []},
     "embeddings": {"loaded": {}, "skipped": {}},
     # As A1111 shows them (the worker redacts credentials before storing them).
@@ -66,18 +93,23 @@ def tiny_png(text: str, size: int = 8) -> bytes:
     """A valid PNG (size x size, grey) with a `parameters` text chunk, as A1111 writes."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
         )
 
     raw = b"".join(b"\x00" + bytes([128, 128, 128]) * size for _ in range(size))
-    return b"".join([
-        b"\x89PNG\r\n\x1a\n",
-        chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)),
-        chunk(b"tEXt", b"parameters\x00" + text.encode("latin-1", "replace")),
-        chunk(b"IDAT", zlib.compress(raw)),
-        chunk(b"IEND", b""),
-    ])
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)),
+            chunk(b"tEXt", b"parameters\x00" + text.encode("latin-1", "replace")),
+            chunk(b"IDAT", zlib.compress(raw)),
+            chunk(b"IEND", b""),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -125,15 +157,18 @@ class Run:
 class FakeBackend:
     """A scripted backend slot (see the module docstring); `name` must differ per slot."""
 
-    def __init__(self, name: str = "fake", *, service_time: float = 0.05,
-                 record_limit: int = 10_000) -> None:
+    def __init__(
+        self, name: str = "fake", *, service_time: float = 0.05, record_limit: int = 10_000
+    ) -> None:
         self.name = name
         self.service_time = service_time
         self.calls: deque[Call] = deque(maxlen=record_limit)
         self.catalogue: dict[str, Any] = copy.deepcopy(CATALOGUE)
         self.options: dict[str, Any] = {
-            "sd_model_checkpoint": MODEL["title"], "sd_checkpoint_hash": MODEL["sha256"],
-            "samples_format": "png", "CLIP_stop_at_last_layers": 1,
+            "sd_model_checkpoint": MODEL["title"],
+            "sd_checkpoint_hash": MODEL["sha256"],
+            "samples_format": "png",
+            "CLIP_stop_at_last_layers": 1,
         }
         self.down = False  # every call raises BackendUnavailable, as an unreachable A1111
         self.loaded = True  # the checkpoint: loaded on demand by a generation, as A1111
@@ -151,8 +186,14 @@ class FakeBackend:
 
     # --- knobs ----------------------------------------------------------------------------
 
-    def fail_next(self, n: int = 1, kind: Failure = "unavailable", *, status: int | None = None,
-                  body: Any = None) -> None:
+    def fail_next(
+        self,
+        n: int = 1,
+        kind: Failure = "unavailable",
+        *,
+        status: int | None = None,
+        body: Any = None,
+    ) -> None:
         """The next `n` generations fail at once: `unavailable` (as A1111 unreachable after the
         in-process retries; the job is re-queued), `rejected` (A1111's own error answer) or
         `bad_response` (an answer that is not A1111's)."""
@@ -203,8 +244,14 @@ class FakeBackend:
         elapsed = now - run.started
         step = int((fraction * run.batches - run.batch) * run.steps)
         image = base64.b64encode(tiny_png(f"preview {step}", 4)).decode() if with_image else None
-        return Progress(progress=value, eta_relative=elapsed / value - elapsed, started=True,
-                        current_image=image, step=step, steps=run.steps)
+        return Progress(
+            progress=value,
+            eta_relative=elapsed / value - elapsed,
+            started=True,
+            current_image=image,
+            step=step,
+            steps=run.steps,
+        )
 
     async def interrupt(self) -> None:
         self._reachable()
@@ -260,8 +307,9 @@ class FakeBackend:
         seconds = max(0.0, _number(payload.get("fake_seconds"), self.service_time))
         per_batch = max(1, min(_whole(payload.get("batch_size"), 1), MAX_IMAGES))
         batches = max(1, min(_whole(payload.get("n_iter"), 1), MAX_IMAGES // per_batch))
-        run = Run(next(self._numbers), kind, max(1, _whole(payload.get("steps"), 20)), batches,
-                  seconds)
+        run = Run(
+            next(self._numbers), kind, max(1, _whole(payload.get("steps"), 20)), batches, seconds
+        )
         self.current = run
         made = 0
         try:
@@ -281,19 +329,27 @@ class FakeBackend:
         seed = _whole(payload.get("seed"), -1)
         seed = seed if seed != -1 else 1000 + run.number
         prompt = str(payload.get("prompt", ""))
-        infotexts = [f"{prompt}\nSteps: {run.steps}, Seed: {seed + i}, fake: {self.name}"
-                     f"#{run.number}" for i in range(made)]
+        infotexts = [
+            f"{prompt}\nSteps: {run.steps}, Seed: {seed + i}, fake: {self.name}#{run.number}"
+            for i in range(made)
+        ]
         override = payload.get("override_settings")
         model = override.get("sd_model_checkpoint") if isinstance(override, dict) else None
         return {
             "images": [base64.b64encode(tiny_png(text)).decode() for text in infotexts],
             "parameters": payload,
-            "info": json.dumps({
-                "prompt": prompt, "seed": seed, "all_seeds": [seed + i for i in range(asked)],
-                "sd_model_name": str(model or self.options["sd_model_checkpoint"]),
-                "width": payload.get("width", 512), "height": payload.get("height", 512),
-                "infotexts": infotexts, "fake_generation": run.number,
-            }),
+            "info": json.dumps(
+                {
+                    "prompt": prompt,
+                    "seed": seed,
+                    "all_seeds": [seed + i for i in range(asked)],
+                    "sd_model_name": str(model or self.options["sd_model_checkpoint"]),
+                    "width": payload.get("width", 512),
+                    "height": payload.get("height", 512),
+                    "infotexts": infotexts,
+                    "fake_generation": run.number,
+                }
+            ),
         }
 
     def _other(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -325,10 +381,14 @@ class FakeBackend:
         total = 24 * 2**30
         return {
             "ram": {"free": 60.0 * 2**30, "used": 4 * 2**30, "total": 64.0 * 2**30},
-            "cuda": {"system": {"free": total - model - 2**30, "used": model + 2**30,
-                                "total": total},
-                     "active": pair, "allocated": pair, "reserved": pair,
-                     "inactive": {"current": 0, "peak": 0}, "events": {"retries": 0, "oom": 0}},
+            "cuda": {
+                "system": {"free": total - model - 2**30, "used": model + 2**30, "total": total},
+                "active": pair,
+                "allocated": pair,
+                "reserved": pair,
+                "inactive": {"current": 0, "peak": 0},
+                "events": {"retries": 0, "oom": 0},
+            },
         }
 
     def _reachable(self) -> None:
@@ -340,18 +400,26 @@ class FakeBackend:
             status = status or 503
             return BackendUnavailable(
                 f"the fake backend {self.name} is unavailable: HTTP {status} (scripted)",
-                status=status)
+                status=status,
+            )
         if kind == "rejected":
             status = status or 422
-            body = body if body is not None else {
-                "error": "HTTPException", "detail": "fake failure", "body": "", "errors": ""}
+            body = (
+                body
+                if body is not None
+                else {"error": "HTTPException", "detail": "fake failure", "body": "", "errors": ""}
+            )
             detail = body.get("detail") if isinstance(body, dict) else body
             return BackendRejected(
-                f"the fake backend {self.name} rejected the request with HTTP {status}: "
-                f"{detail}", status=status, body=body)
+                f"the fake backend {self.name} rejected the request with HTTP {status}: {detail}",
+                status=status,
+                body=body,
+            )
         return BackendProtocolError(
             f"the fake backend {self.name} answered with something that is not an A1111 "
-            "response (scripted)", status=status or 200)
+            "response (scripted)",
+            status=status or 200,
+        )
 
 
 def _whole(value: Any, default: int) -> int:

@@ -1,4 +1,5 @@
-"""The schema. Times are unix seconds (float) so comparisons are index-friendly on both databases."""
+"""The schema. Times are unix seconds (float), so comparisons are index-friendly on both
+databases."""
 
 from __future__ import annotations
 
@@ -73,16 +74,28 @@ jobs = Table(
     Column("owner", String(200), nullable=True),
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
-    Index("ix_jobs_queue", "priority", "seq", postgresql_where=text("status = 'queued'"),
-          sqlite_where=text("status = 'queued'")),
-    Index("ix_jobs_leases", "lease_expires_at", postgresql_where=text("status = 'processing'"),
-          sqlite_where=text("status = 'processing'")),
+    Index(
+        "ix_jobs_queue",
+        "priority",
+        "seq",
+        postgresql_where=text("status = 'queued'"),
+        sqlite_where=text("status = 'queued'"),
+    ),
+    Index(
+        "ix_jobs_leases",
+        "lease_expires_at",
+        postgresql_where=text("status = 'processing'"),
+        sqlite_where=text("status = 'processing'"),
+    ),
     Index("ix_jobs_status_seq", "status", "seq"),
     Index("ix_jobs_type_seq", "type", "seq"),
     Index("ix_jobs_completed_at", "completed_at"),
-    Index("ix_jobs_deadlines", "deadline_at",
-          postgresql_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
-          sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL")),
+    Index(
+        "ix_jobs_deadlines",
+        "deadline_at",
+        postgresql_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
+        sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
+    ),
     Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_jobs_owner_status", "owner", "status"),
 )
@@ -173,10 +186,18 @@ webhook_deliveries = Table(
     CheckConstraint(f"status IN {DELIVERY_STATUSES!r}", name="status"),
     CheckConstraint(f"event IN {DELIVERY_EVENTS!r}", name="event"),
     CheckConstraint("trigger IN ('scheduled', 'manual')", name="trigger"),
-    Index("ix_webhook_deliveries_due", "next_attempt_at",
-          postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
-    Index("ix_webhook_deliveries_leases", "lease_expires_at",
-          postgresql_where=text("status = 'sending'"), sqlite_where=text("status = 'sending'")),
+    Index(
+        "ix_webhook_deliveries_due",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
+    Index(
+        "ix_webhook_deliveries_leases",
+        "lease_expires_at",
+        postgresql_where=text("status = 'sending'"),
+        sqlite_where=text("status = 'sending'"),
+    ),
     Index("ix_webhook_deliveries_job", "job_seq", "seq"),
 )
 
@@ -185,8 +206,12 @@ webhook_attempts = Table(
     "webhook_attempts",
     metadata,
     Column("seq", SeqType, primary_key=True, autoincrement=True),
-    Column("delivery_seq", SeqType, ForeignKey("webhook_deliveries.seq", ondelete="CASCADE"),
-           nullable=False),
+    Column(
+        "delivery_seq",
+        SeqType,
+        ForeignKey("webhook_deliveries.seq", ondelete="CASCADE"),
+        nullable=False,
+    ),
     Column("number", Integer, nullable=False),
     Column("trigger", String(16), nullable=False),
     Column("started_at", Double, nullable=False),

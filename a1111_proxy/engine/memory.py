@@ -25,8 +25,10 @@ def _cuda(device: torch.device) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
     def pair(name: str) -> dict[str, int]:
-        return {"current": stats.get(f"{name}.all.current", 0),
-                "peak": stats.get(f"{name}.all.peak", 0)}
+        return {
+            "current": stats.get(f"{name}.all.current", 0),
+            "peak": stats.get(f"{name}.all.peak", 0),
+        }
 
     return {
         "system": {"free": free, "used": total - free, "total": total},
@@ -34,6 +36,5 @@ def _cuda(device: torch.device) -> dict[str, Any]:
         "allocated": pair("allocated_bytes"),
         "reserved": pair("reserved_bytes"),
         "inactive": pair("inactive_split_bytes"),
-        "events": {"retries": stats.get("num_alloc_retries", 0),
-                   "oom": stats.get("num_ooms", 0)},
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
     }

@@ -16,14 +16,20 @@ QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.seq)
 WEBHOOK_COLUMNS = (jobs.c.seq, jobs.c.webhook_url, jobs.c.webhook_events)
 
 # A job that leaves `processing` gives up its lease (and any skip asked of that attempt).
-NO_LEASE = {"lease_owner": None, "lease_token": None, "lease_expires_at": None,
-            "skip_requested_at": None}
+NO_LEASE = {
+    "lease_owner": None,
+    "lease_token": None,
+    "lease_expires_at": None,
+    "skip_requested_at": None,
+}
 
-DEADLINE_ERROR = json.dumps({
-    "code": "deadline",
-    "message": "canceled: its deadline (Cancel-After header or timeout field) passed before it "
-               "finished; submit it again with a longer timeout, or none",
-})
+DEADLINE_ERROR = json.dumps(
+    {
+        "code": "deadline",
+        "message": "canceled: its deadline (Cancel-After header or timeout field) passed before it "
+        "finished; submit it again with a longer timeout, or none",
+    }
+)
 
 
 def of_owner(owner: str, job_id: str | None) -> list[ColumnElement[bool]]:
@@ -56,7 +62,8 @@ def cancel_error(default: Any) -> Any:
     if not hasattr(default, "self_group"):
         default = literal(default, String)
     asked_after_deadline = and_(
-        jobs.c.deadline_at.is_not(None), jobs.c.cancel_requested_at.is_not(None),
+        jobs.c.deadline_at.is_not(None),
+        jobs.c.cancel_requested_at.is_not(None),
         jobs.c.cancel_requested_at >= jobs.c.deadline_at,
     )
     return case((asked_after_deadline, literal(DEADLINE_ERROR)), else_=default)

@@ -52,11 +52,15 @@ class JobControl:
         now = self.clock()
         async with self.db.writing() as conn:
             await self._cancel_if_queued(
-                conn, job_id, error_json("canceled", "canceled before it started"), now)
+                conn, job_id, error_json("canceled", "canceled before it started"), now
+            )
             await conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status == "processing",
-                       jobs.c.cancel_requested_at.is_(None))
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.status == "processing",
+                    jobs.c.cancel_requested_at.is_(None),
+                )
                 .values(cancel_requested_at=now, updated_at=now)
             )
             row = (
@@ -78,12 +82,14 @@ class JobControl:
     async def _cancel_if_queued(
         self, conn: AsyncConnection, job_id: str, error: str, now: float
     ) -> bool:
-        canceled = (await conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == "queued")
-            .values(status="canceled", completed_at=now, updated_at=now, error=error)
-            .returning(*WEBHOOK_COLUMNS)
-        )).one_or_none()
+        canceled = (
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == "queued")
+                .values(status="canceled", completed_at=now, updated_at=now, error=error)
+                .returning(*WEBHOOK_COLUMNS)
+            )
+        ).one_or_none()
         if canceled is not None:
             await announce(self.deliveries, conn, canceled, "completed", now)
         return canceled is not None
@@ -94,8 +100,11 @@ class JobControl:
         now = self.clock()
         stmt = (
             update(jobs)
-            .where(*of_owner(owner, job_id), jobs.c.status == "processing",
-                   jobs.c.cancel_requested_at.is_(None))
+            .where(
+                *of_owner(owner, job_id),
+                jobs.c.status == "processing",
+                jobs.c.cancel_requested_at.is_(None),
+            )
             .values(cancel_requested_at=now, updated_at=now)
         )
         async with self.db.writing() as conn:
@@ -134,8 +143,11 @@ class JobControl:
             .where(jobs.c.status == "processing", jobs.c.lease_expires_at < now)
             .values(
                 status=new_status,
-                error=case((canceling, cancel_error(jobs.c.error)), (exhausted, literal(lost)),
-                           else_=jobs.c.error),
+                error=case(
+                    (canceling, cancel_error(jobs.c.error)),
+                    (exhausted, literal(lost)),
+                    else_=jobs.c.error,
+                ),
                 completed_at=case((canceling | exhausted, now), else_=None),
                 run_after=now,
                 progress=case((canceling | exhausted, jobs.c.progress), else_=0.0),
@@ -160,20 +172,28 @@ class JobControl:
         now = self.clock()
         expired = past_deadline(now)
         async with self.db.writing() as conn:
-            canceled = (await conn.execute(
-                update(jobs)
-                .where(expired, jobs.c.status == "queued")
-                .values(status="canceled", completed_at=now, updated_at=now, error=DEADLINE_ERROR)
-                .returning(jobs.c.id, *WEBHOOK_COLUMNS)
-            )).all()
+            canceled = (
+                await conn.execute(
+                    update(jobs)
+                    .where(expired, jobs.c.status == "queued")
+                    .values(
+                        status="canceled", completed_at=now, updated_at=now, error=DEADLINE_ERROR
+                    )
+                    .returning(jobs.c.id, *WEBHOOK_COLUMNS)
+                )
+            ).all()
             for row in canceled:
                 await announce(self.deliveries, conn, row, "completed", now)
-            interrupted = (await conn.execute(
-                update(jobs)
-                .where(expired, jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None))
-                .values(cancel_requested_at=now, updated_at=now)  # now >= deadline_at
-                .returning(jobs.c.id)
-            )).all()
+            interrupted = (
+                await conn.execute(
+                    update(jobs)
+                    .where(
+                        expired, jobs.c.status == "processing", jobs.c.cancel_requested_at.is_(None)
+                    )
+                    .values(cancel_requested_at=now, updated_at=now)  # now >= deadline_at
+                    .returning(jobs.c.id)
+                )
+            ).all()
             if canceled or interrupted:
                 await notify(self.db, conn)
         return [row.id for row in canceled], [row.id for row in interrupted]

@@ -103,8 +103,10 @@ class JobIntake:
             by_id = {row.id: row for row in inserted}
             await conn.execute(
                 insert(job_payloads),
-                [{"job_seq": by_id[r["id"]].seq, "body": n.payload}
-                 for r, n in zip(rows, batch, strict=True)],
+                [
+                    {"job_seq": by_id[r["id"]].seq, "body": n.payload}
+                    for r, n in zip(rows, batch, strict=True)
+                ],
             )
             await notify(self.db, conn)
         return [by_id[r["id"]] for r in rows]

@@ -61,6 +61,7 @@ _PAYLOAD = (
     .label("payload")
 )
 
+
 @dataclass(frozen=True, slots=True)
 class Touch:
     alive: bool  # False: the lease is lost, stop and touch nothing
@@ -138,9 +139,17 @@ class JobMachine:
                 # One slot (the usual case: a slot freed alone) needs no placing afterwards.
                 **({"backend": slots[0][0]} if len(slots) == 1 else {}),
             )
-            .returning(jobs.c.id, jobs.c.type, jobs.c.attempts, jobs.c.max_attempts,
-                       jobs.c.checkpoint, jobs.c.priority, jobs.c.lease_token, *WEBHOOK_COLUMNS,
-                       _PAYLOAD)
+            .returning(
+                jobs.c.id,
+                jobs.c.type,
+                jobs.c.attempts,
+                jobs.c.max_attempts,
+                jobs.c.checkpoint,
+                jobs.c.priority,
+                jobs.c.lease_token,
+                *WEBHOOK_COLUMNS,
+                _PAYLOAD,
+            )
         )
         rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
         if not rows:
@@ -157,8 +166,10 @@ class JobMachine:
         # Whether more are waiting: the worker then claims a slot's next job the moment its
         # backend answers, and otherwise stores the result first (worker/loop.py).
         more = (await conn.execute(select(jobs.c.seq).where(waiting).limit(1))).first()
-        return [(index, claim_record(row, slots[index][0], more_queued=more is not None))
-                for index, row in placed]
+        return [
+            (index, claim_record(row, slots[index][0], more_queued=more is not None))
+            for index, row in placed
+        ]
 
     # --- the lease holder's writes, each fenced by its token ---------------------------------
 
@@ -218,7 +229,12 @@ class JobMachine:
             await conn.execute(stmt)
 
     async def complete(
-        self, claim: Claim, result: Any, images: list[bytes], *, status: str = "completed",
+        self,
+        claim: Claim,
+        result: Any,
+        images: list[bytes],
+        *,
+        status: str = "completed",
         error: str | None = None,
     ) -> bool:
         """Store the backend's answer (its images apart, in `images`) and end the job
@@ -230,22 +246,24 @@ class JobMachine:
         if status == "completed":
             fenced = and_(fenced, jobs.c.cancel_requested_at.is_(None))
         async with self.db.writing() as conn:
-            done = (await conn.execute(
-                update(jobs)
-                .where(fenced)
-                .values(
-                    status=status,
-                    result=json.dumps(result),
-                    image_count=len(images),
-                    progress=1.0 if status == "completed" else jobs.c.progress,
-                    eta_relative=0.0,
-                    error=cancel_error(error) if status == "canceled" else error,
-                    completed_at=now,
-                    updated_at=now,
-                    **NO_LEASE,
+            done = (
+                await conn.execute(
+                    update(jobs)
+                    .where(fenced)
+                    .values(
+                        status=status,
+                        result=json.dumps(result),
+                        image_count=len(images),
+                        progress=1.0 if status == "completed" else jobs.c.progress,
+                        eta_relative=0.0,
+                        error=cancel_error(error) if status == "canceled" else error,
+                        completed_at=now,
+                        updated_at=now,
+                        **NO_LEASE,
+                    )
+                    .returning(*WEBHOOK_COLUMNS)
                 )
-                .returning(*WEBHOOK_COLUMNS)
-            )).one_or_none()
+            ).one_or_none()
             if done is None:
                 return False  # nothing was written
             await conn.execute(delete(job_images).where(job_images.c.job_seq == claim.seq))
@@ -265,8 +283,13 @@ class JobMachine:
         stmt = (
             update(jobs)
             .where(self._fenced(claim))
-            .values(status=status, error=cancel_error(error) if status == "canceled" else error,
-                    completed_at=now, updated_at=now, **NO_LEASE)
+            .values(
+                status=status,
+                error=cancel_error(error) if status == "canceled" else error,
+                completed_at=now,
+                updated_at=now,
+                **NO_LEASE,
+            )
             .returning(*WEBHOOK_COLUMNS)
         )
         async with self.db.writing() as conn:
@@ -282,8 +305,15 @@ class JobMachine:
         stmt = (
             update(jobs)
             .where(self._fenced(claim))
-            .values(status="queued", run_after=now + delay, error=error, progress=0.0,
-                    eta_relative=None, updated_at=now, **NO_LEASE)
+            .values(
+                status="queued",
+                run_after=now + delay,
+                error=error,
+                progress=0.0,
+                eta_relative=None,
+                updated_at=now,
+                **NO_LEASE,
+            )
         )
         async with self.db.writing() as conn:
             done = (await conn.execute(stmt)).rowcount == 1
@@ -296,8 +326,15 @@ class JobMachine:
         stmt = (
             update(jobs)
             .where(self._fenced(claim))
-            .values(status="queued", run_after=now, attempts=jobs.c.attempts - 1, progress=0.0,
-                    eta_relative=None, updated_at=now, **NO_LEASE)
+            .values(
+                status="queued",
+                run_after=now,
+                attempts=jobs.c.attempts - 1,
+                progress=0.0,
+                eta_relative=None,
+                updated_at=now,
+                **NO_LEASE,
+            )
         )
         async with self.db.writing() as conn:
             done = (await conn.execute(stmt)).rowcount == 1
@@ -305,9 +342,11 @@ class JobMachine:
         return done
 
 
-
 def _touch(row: AnyRow | None) -> Touch:
     if row is None:
         return Touch(alive=False, cancel_requested=False)
-    return Touch(alive=True, cancel_requested=row.cancel_requested_at is not None,
-                 skip_requested=row.skip_requested_at is not None)
+    return Touch(
+        alive=True,
+        cancel_requested=row.cancel_requested_at is not None,
+        skip_requested=row.skip_requested_at is not None,
+    )

@@ -50,24 +50,46 @@ class JobMetricsQueries:
         waited = jobs.c.started_at - jobs.c.created_at
         ran = jobs.c.completed_at - jobs.c.started_at
         async with self.db.reading() as conn:
-            by_status: dict[str, int] = dict((await conn.execute(
-                select(jobs.c.status, func.count()).group_by(jobs.c.status))).all())
-            due, oldest = (await conn.execute(
-                select(func.count(), func.min(jobs.c.created_at))
-                .where(jobs.c.status == "queued", jobs.c.run_after <= now))).one()
-            busy: dict[str | None, int] = dict((await conn.execute(
-                select(jobs.c.backend, func.count()).where(jobs.c.status == "processing")
-                .group_by(jobs.c.backend))).all())
-            claims = (await conn.execute(_histogram(waited, claim_buckets).where(
-                (jobs.c.status == "processing") | recent_end, jobs.c.started_at >= since,
-            ))).one()
-            durations = (await conn.execute(
-                _histogram(ran, duration_buckets, jobs.c.status)
-                .where(recent_end, jobs.c.status.in_(TERMINAL)).group_by(jobs.c.status)
-            )).all()
+            by_status: dict[str, int] = dict(
+                (
+                    await conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
+                ).all()
+            )
+            due, oldest = (
+                await conn.execute(
+                    select(func.count(), func.min(jobs.c.created_at)).where(
+                        jobs.c.status == "queued", jobs.c.run_after <= now
+                    )
+                )
+            ).one()
+            busy: dict[str | None, int] = dict(
+                (
+                    await conn.execute(
+                        select(jobs.c.backend, func.count())
+                        .where(jobs.c.status == "processing")
+                        .group_by(jobs.c.backend)
+                    )
+                ).all()
+            )
+            claims = (
+                await conn.execute(
+                    _histogram(waited, claim_buckets).where(
+                        (jobs.c.status == "processing") | recent_end,
+                        jobs.c.started_at >= since,
+                    )
+                )
+            ).one()
+            durations = (
+                await conn.execute(
+                    _histogram(ran, duration_buckets, jobs.c.status)
+                    .where(recent_end, jobs.c.status.in_(TERMINAL))
+                    .group_by(jobs.c.status)
+                )
+            ).all()
         return JobMetrics(
             by_status={status: by_status.get(status, 0) for status in STATUSES},
-            due=due, oldest_due_age=now - oldest if oldest is not None else 0.0,
+            due=due,
+            oldest_due_age=now - oldest if oldest is not None else 0.0,
             busy_backends={name: n for name, n in busy.items() if name},
             claim_latency=_buckets(claims, claim_buckets),
             durations={row.label: _buckets(row, duration_buckets) for row in durations},
@@ -78,11 +100,17 @@ def _histogram(
     value: ColumnElement[Any], bounds: Sequence[float], *label: ColumnElement[Any]
 ) -> Select[Any]:
     """SELECT [label,] count(value <= b) for each bound, count(*), sum(value)."""
-    columns = [func.sum(case((value <= bound, 1), else_=0)).label(f"le{i}")
-               for i, bound in enumerate(bounds)]
+    columns = [
+        func.sum(case((value <= bound, 1), else_=0)).label(f"le{i}")
+        for i, bound in enumerate(bounds)
+    ]
     named = [column.label("label") for column in label]
-    return select(*named, *columns, func.count().label("n"),
-                  func.coalesce(func.sum(value), 0.0).label("total"))
+    return select(
+        *named,
+        *columns,
+        func.count().label("n"),
+        func.coalesce(func.sum(value), 0.0).label("total"),
+    )
 
 
 def _buckets(row: AnyRow, bounds: Sequence[float]) -> Histogram:

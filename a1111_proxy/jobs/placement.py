@@ -30,16 +30,26 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
     names = sorted({name for name, _ in slots})
     if not db.is_sqlite:
         await conn.execute(
-            text("SELECT pg_advisory_xact_lock(:space, key) FROM (SELECT DISTINCT "
-                 "hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name) AS k "
-                 "ORDER BY key"),
+            text(
+                "SELECT pg_advisory_xact_lock(:space, key) FROM (SELECT DISTINCT "
+                "hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name) AS k "
+                "ORDER BY key"
+            ),
             {"names": names, "space": ADVISORY_SPACE},
         )
-    busy = set((await conn.execute(
-        select(jobs.c.backend).distinct()
-        .where(jobs.c.status == "processing", jobs.c.backend.in_(names),
-               jobs.c.lease_owner != owner)
-    )).scalars())
+    busy = set(
+        (
+            await conn.execute(
+                select(jobs.c.backend)
+                .distinct()
+                .where(
+                    jobs.c.status == "processing",
+                    jobs.c.backend.in_(names),
+                    jobs.c.lease_owner != owner,
+                )
+            )
+        ).scalars()
+    )
     free = set(names) - busy
     taken: set[str] = set()
     indexes = []

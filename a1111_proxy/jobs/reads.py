@@ -54,8 +54,9 @@ class JobReads:
         return [job_record(row, with_result=False) for row in rows]
 
     async def images(self, seq: int) -> list[bytes]:
-        query = (select(job_images.c.data).where(job_images.c.job_seq == seq)
-                 .order_by(job_images.c.n))
+        query = (
+            select(job_images.c.data).where(job_images.c.job_seq == seq).order_by(job_images.c.n)
+        )
         async with self.db.reading() as conn:
             return list((await conn.execute(query)).scalars())
 
@@ -86,16 +87,22 @@ class JobReads:
 
     async def running_of(self, owner: str, job_id: str | None = None) -> list[JobRecord]:
         """`owner`'s running jobs, oldest start first (`job_id`: only that one)."""
-        query = (select(*JOB_COLUMNS).where(*of_owner(owner, job_id), jobs.c.status == "processing")
-                 .order_by(jobs.c.started_at))
+        query = (
+            select(*JOB_COLUMNS)
+            .where(*of_owner(owner, job_id), jobs.c.status == "processing")
+            .order_by(jobs.c.started_at)
+        )
         async with self.db.reading() as conn:
             rows = (await conn.execute(query)).all()
         return [job_record(row) for row in rows]
 
     async def active_count_of(self, owner: str) -> int:
         """How many of `owner`'s jobs are queued or running."""
-        query = (select(func.count()).select_from(jobs)
-                 .where(jobs.c.owner == owner, jobs.c.status.in_(("queued", "processing"))))
+        query = (
+            select(func.count())
+            .select_from(jobs)
+            .where(jobs.c.owner == owner, jobs.c.status.in_(("queued", "processing")))
+        )
         async with self.db.reading() as conn:
             return int((await conn.execute(query)).scalar_one())
 
@@ -103,8 +110,12 @@ class JobReads:
 
     async def queued(self, limit: int) -> tuple[list[JobRecord], int]:
         """The first `limit` queued jobs in claim order, and how many are queued in all."""
-        query = (select(*JOB_COLUMNS).where(jobs.c.status == "queued")
-                 .order_by(*QUEUE_ORDER).limit(limit))
+        query = (
+            select(*JOB_COLUMNS)
+            .where(jobs.c.status == "queued")
+            .order_by(*QUEUE_ORDER)
+            .limit(limit)
+        )
         total = select(func.count()).select_from(jobs).where(jobs.c.status == "queued")
         async with self.db.reading() as conn:
             rows = (await conn.execute(query)).all()
@@ -116,15 +127,18 @@ class JobReads:
         backoff keep their place: they are claimed in this order once due."""
         if job.status != "queued":
             return None
-        ahead = or_(jobs.c.priority > job.priority,
-                    and_(jobs.c.priority == job.priority, jobs.c.seq < job.seq))
+        ahead = or_(
+            jobs.c.priority > job.priority,
+            and_(jobs.c.priority == job.priority, jobs.c.seq < job.seq),
+        )
         query = select(func.count()).select_from(jobs).where(jobs.c.status == "queued", ahead)
         async with self.db.reading() as conn:
             return int((await conn.execute(query)).scalar_one()) + 1
 
     async def running(self) -> list[JobRecord]:
-        query = (select(*JOB_COLUMNS).where(jobs.c.status == "processing")
-                 .order_by(jobs.c.started_at))
+        query = (
+            select(*JOB_COLUMNS).where(jobs.c.status == "processing").order_by(jobs.c.started_at)
+        )
         async with self.db.reading() as conn:
             rows = (await conn.execute(query)).all()
         return [job_record(row) for row in rows]
@@ -139,8 +153,11 @@ class JobReads:
         """How long (started to completed, seconds) the last `limit` completed jobs ran."""
         query = (
             select(jobs.c.completed_at - jobs.c.started_at)
-            .where(jobs.c.status == "completed", jobs.c.started_at.is_not(None),
-                   jobs.c.completed_at >= self.clock() - within)
+            .where(
+                jobs.c.status == "completed",
+                jobs.c.started_at.is_not(None),
+                jobs.c.completed_at >= self.clock() - within,
+            )
             .order_by(jobs.c.completed_at.desc())
             .limit(limit)
         )
@@ -167,9 +184,14 @@ class JobReads:
     async def busy_elsewhere(self, owner: str, backends: Sequence[str]) -> set[str]:
         """Which of `backends` run a job of another worker now (several workers may share an
         A1111): a control call such as unload-checkpoint must wait for it."""
-        query = select(jobs.c.backend).distinct().where(
-            jobs.c.status == "processing", jobs.c.backend.in_(list(backends)),
-            jobs.c.lease_owner != owner,
+        query = (
+            select(jobs.c.backend)
+            .distinct()
+            .where(
+                jobs.c.status == "processing",
+                jobs.c.backend.in_(list(backends)),
+                jobs.c.lease_owner != owner,
+            )
         )
         async with self.db.reading() as conn:
             return set((await conn.execute(query)).scalars())
@@ -180,8 +202,15 @@ class JobReads:
         """What changes while a job runs, for many jobs in one short read: status, attempts,
         progress, eta and when its live preview was last stored (never the image)."""
         query = (
-            select(jobs.c.id, jobs.c.seq, jobs.c.status, jobs.c.attempts, jobs.c.progress,
-                   jobs.c.eta_relative, job_previews.c.updated_at.label("preview_at"))
+            select(
+                jobs.c.id,
+                jobs.c.seq,
+                jobs.c.status,
+                jobs.c.attempts,
+                jobs.c.progress,
+                jobs.c.eta_relative,
+                job_previews.c.updated_at.label("preview_at"),
+            )
             .outerjoin(job_previews, job_previews.c.job_seq == jobs.c.seq)
             .where(jobs.c.id.in_(list(ids)))
         )

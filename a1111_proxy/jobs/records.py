@@ -128,8 +128,7 @@ def snapshot_columns(row: AnyRow) -> dict[str, Any]:
 def snapshot_record(data: str) -> JobRecord:
     """The record of a job snapshot the outbox stored (`snapshot_columns`, as JSON)."""
     columns = json.loads(data)
-    return _decode([columns.get(name) if name in _NULLABLE else columns[name]
-                    for name in _NAMES])
+    return _decode([columns.get(name) if name in _NULLABLE else columns[name] for name in _NAMES])
 
 
 def _decode(values: list[Any], *, with_result: bool = True) -> JobRecord:
@@ -142,14 +141,25 @@ def _decode(values: list[Any], *, with_result: bool = True) -> JobRecord:
 
 
 def job_state(row: AnyRow) -> JobState:
-    return JobState(row.id, row.seq, row.status, row.attempts, row.progress, row.eta_relative,
-                    row.preview_at)
+    return JobState(
+        row.id, row.seq, row.status, row.attempts, row.progress, row.eta_relative, row.preview_at
+    )
 
 
 def claim_record(row: AnyRow, backend: str, *, more_queued: bool) -> Claim:
     """A claimed row (the claim's RETURNING columns) as the worker's Claim."""
-    return Claim(row.seq, row.id, row.type, row.lease_token, row.attempts, row.max_attempts,
-                 backend, row.checkpoint, _object(row.payload) or {}, more_queued=more_queued)
+    return Claim(
+        row.seq,
+        row.id,
+        row.type,
+        row.lease_token,
+        row.attempts,
+        row.max_attempts,
+        backend,
+        row.checkpoint,
+        _object(row.payload) or {},
+        more_queued=more_queued,
+    )
 
 
 def worker_record(row: AnyRow) -> WorkerRecord:

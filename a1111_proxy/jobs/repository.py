@@ -34,8 +34,9 @@ class JobRepository:
     ) -> None:
         self.db = db
         self.deliveries = DeliveryRepository(db, clock=clock)
-        self.intake = JobIntake(db, catalogue or CatalogueStore(db, clock),
-                                max_attempts=max_attempts, clock=clock)
+        self.intake = JobIntake(
+            db, catalogue or CatalogueStore(db, clock), max_attempts=max_attempts, clock=clock
+        )
         self.machine = JobMachine(db, self.deliveries, lease_seconds=lease_seconds, clock=clock)
         self.control = JobControl(db, self.deliveries, clock=clock)
         self.reads = JobReads(db, clock=clock)
@@ -54,7 +55,11 @@ class JobRepository:
         return await self.machine.claim(owner, slots)
 
     async def touch(
-        self, claim: Claim, *, progress: float | None = None, eta: float | None = None,
+        self,
+        claim: Claim,
+        *,
+        progress: float | None = None,
+        eta: float | None = None,
         preview: str | None = None,
     ) -> Touch:
         return await self.machine.touch(claim, progress=progress, eta=eta, preview=preview)
@@ -66,7 +71,12 @@ class JobRepository:
         await self.machine.clear_skip(claim)
 
     async def complete(
-        self, claim: Claim, result: Any, images: list[bytes], *, status: str = "completed",
+        self,
+        claim: Claim,
+        result: Any,
+        images: list[bytes],
+        *,
+        status: str = "completed",
         error: str | None = None,
     ) -> bool:
         return await self.machine.complete(claim, result, images, status=status, error=error)
@@ -106,11 +116,14 @@ class JobRepository:
         return await self.reads.get(job_id)
 
     async def page(
-        self, *, status: str | None = None, type: str | None = None,
-        before_seq: int | None = None, limit: int = 50,
+        self,
+        *,
+        status: str | None = None,
+        type: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
     ) -> list[JobRecord]:
-        return await self.reads.page(status=status, type=type, before_seq=before_seq,
-                                     limit=limit)
+        return await self.reads.page(status=status, type=type, before_seq=before_seq, limit=limit)
 
     async def images(self, seq: int) -> list[bytes]:
         return await self.reads.images(seq)

@@ -22,8 +22,11 @@ class Retention:
         One short transaction; returns how many jobs went."""
         chosen = (
             select(jobs.c.seq)
-            .where(jobs.c.completed_at < older_than, jobs.c.status.in_(tuple(TERMINAL)),
-                   ~self.deliveries.undelivered(jobs.c.seq))
+            .where(
+                jobs.c.completed_at < older_than,
+                jobs.c.status.in_(tuple(TERMINAL)),
+                ~self.deliveries.undelivered(jobs.c.seq),
+            )
             .order_by(jobs.c.completed_at)
             .limit(batch)
         )

@@ -28,13 +28,15 @@ class WorkerRegistry:
         body = json.dumps(slots)
         async with self.db.writing() as conn:
             done = await conn.execute(
-                update(workers).where(workers.c.id == worker_id)
+                update(workers)
+                .where(workers.c.id == worker_id)
                 .values(heartbeat_at=now, slots=body)
             )
             if done.rowcount == 0:
                 await conn.execute(
-                    insert(workers).values(id=worker_id, started_at=started_at,
-                                           heartbeat_at=now, slots=body)
+                    insert(workers).values(
+                        id=worker_id, started_at=started_at, heartbeat_at=now, slots=body
+                    )
                 )
             # Forget workers that stopped long ago, so health reflects the living.
             await conn.execute(

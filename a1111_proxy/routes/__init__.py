@@ -7,9 +7,20 @@ from starlette.routing import Mount, Route
 from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue, webhooks
 
 CATALOGUE = (
-    "samplers", "schedulers", "upscalers", "latent-upscale-modes",
-    "sd-vae", "scripts", "script-info", "embeddings", "prompt-styles", "hypernetworks",
-    "face-restorers", "realesrgan-models", "extensions", "cmd-flags",
+    "samplers",
+    "schedulers",
+    "upscalers",
+    "latent-upscale-modes",
+    "sd-vae",
+    "scripts",
+    "script-info",
+    "embeddings",
+    "prompt-styles",
+    "hypernetworks",
+    "face-restorers",
+    "realesrgan-models",
+    "extensions",
+    "cmd-flags",
 )
 QUEUED = ("interrogate", "extra-single-image", "extra-batch-images")
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

@@ -44,17 +44,36 @@ from a1111_proxy.routes.jobs import requested_steps, submit
 log = logging.getLogger("a1111_proxy")
 
 IDLE_STATE = {
-    "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-    "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+    "skipped": False,
+    "interrupted": False,
+    "stopping_generation": False,
+    "job": "",
+    "job_count": 0,
+    "job_timestamp": "0",
+    "job_no": 0,
+    "sampling_step": 0,
+    "sampling_steps": 0,
 }
 
 # What each catalogue path answers before any worker has fetched it.
 CATALOGUE_EMPTY: dict[str, Any] = {
-    "sd-models": [], "loras": [], "samplers": [], "schedulers": [], "upscalers": [],
-    "latent-upscale-modes": [], "sd-vae": [], "hypernetworks": [], "face-restorers": [],
-    "realesrgan-models": [], "prompt-styles": [], "extensions": [], "script-info": [],
-    "scripts": {"txt2img": [], "img2img": []}, "embeddings": {"loaded": {}, "skipped": {}},
-    "memory": {}, "cmd-flags": {},
+    "sd-models": [],
+    "loras": [],
+    "samplers": [],
+    "schedulers": [],
+    "upscalers": [],
+    "latent-upscale-modes": [],
+    "sd-vae": [],
+    "hypernetworks": [],
+    "face-restorers": [],
+    "realesrgan-models": [],
+    "prompt-styles": [],
+    "extensions": [],
+    "script-info": [],
+    "scripts": {"txt2img": [], "img2img": []},
+    "embeddings": {"loaded": {}, "skipped": {}},
+    "memory": {},
+    "cmd-flags": {},
 }
 
 
@@ -70,9 +89,15 @@ async def progress(request: Request) -> Response:
     running = await repo.running_of(owner, await _picked_job(request, repo, owner))
     job_count = await repo.active_count_of(owner)
     if not running:
-        return JSONResponse({"progress": 0.0, "eta_relative": 0.0,
-                             "state": {**IDLE_STATE, "job_count": job_count},
-                             "current_image": None, "textinfo": None})
+        return JSONResponse(
+            {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": {**IDLE_STATE, "job_count": job_count},
+                "current_image": None,
+                "textinfo": None,
+            }
+        )
     job = running[0]
     skip_image = bool_param(request, "skip_current_image", default=False)
     steps = requested_steps(job)
@@ -82,17 +107,20 @@ async def progress(request: Request) -> Response:
         "job": f"scripts_{job.type}",
         "job_count": job_count,
         "job_timestamp": datetime.fromtimestamp(job.started_at or job.created_at, UTC).strftime(
-            "%Y%m%d%H%M%S"),
+            "%Y%m%d%H%M%S"
+        ),
         "sampling_step": round(job.progress * steps),
         "sampling_steps": steps,
     }
-    return JSONResponse({
-        "progress": job.progress,
-        "eta_relative": job.eta_relative or 0.0,
-        "state": state,
-        "current_image": None if skip_image else await repo.preview(job.seq),
-        "textinfo": None,
-    })
+    return JSONResponse(
+        {
+            "progress": job.progress,
+            "eta_relative": job.eta_relative or 0.0,
+            "state": state,
+            "current_image": None if skip_image else await repo.preview(job.seq),
+            "textinfo": None,
+        }
+    )
 
 
 async def interrupt(request: Request) -> Response:
@@ -119,7 +147,8 @@ async def _picked_job(request: Request, repo: JobRepository, owner: str) -> str 
     if await repo.owned(owner, job_id) is None:
         raise JobNotFound(
             f"You have no job with the id {job_id!r} (another caller's jobs are not yours to "
-            "watch or stop). List jobs with GET /sdapi/v1/jobs.")
+            "watch or stop). List jobs with GET /sdapi/v1/jobs."
+        )
     return job_id
 
 
@@ -244,8 +273,10 @@ async def _await_applied(request: Request, version: int) -> str | None:
             break
         await asyncio.sleep(CHECKPOINT_POLL_SECONDS)
     if not workers:
-        return ("recorded, but no worker is running to apply it: start `a1111-proxy worker` "
-                "(a backend loads its model again when a job needs it)")
+        return (
+            "recorded, but no worker is running to apply it: start `a1111-proxy worker` "
+            "(a backend loads its model again when a job needs it)"
+        )
     parts = []
     if waiting:
         parts.append(f"pending on {', '.join(waiting)} until its running job ends")
@@ -293,8 +324,9 @@ async def png_info(request: Request) -> Response:
     except ValueError as exc:
         raise UnknownImage(str(exc)) from None
     info = chunks.pop("parameters", "")
-    return JSONResponse({"info": info, "items": chunks,
-                         "parameters": parse_infotext(info) if info else {}})
+    return JSONResponse(
+        {"info": info, "items": chunks, "parameters": parse_infotext(info) if info else {}}
+    )
 
 
 def queued_route(kind: str) -> Callable[[Request], Awaitable[Response]]:

@@ -71,16 +71,30 @@ async def job_events(request: Request) -> Response:
     resumed = parse_event_id(request.headers.get("last-event-id"))
     if resumed is not None and resumed.final:
         return Response(status_code=204)  # it has the final event: nothing more will come
-    stream = JobStream(context.repo(request), context.waiter(request), row.id, resumed,
-                       ping_seconds=context.settings(request).sse_ping_seconds,
-                       steps=requested_steps(row))
-    return StreamingResponse(stream.events(), media_type="text/event-stream",
-                             headers=STREAM_HEADERS)
+    stream = JobStream(
+        context.repo(request),
+        context.waiter(request),
+        row.id,
+        resumed,
+        ping_seconds=context.settings(request).sse_ping_seconds,
+        steps=requested_steps(row),
+    )
+    return StreamingResponse(
+        stream.events(), media_type="text/event-stream", headers=STREAM_HEADERS
+    )
 
 
 class JobStream:
-    def __init__(self, repo: JobRepository, waiter: JobWaiter, job_id: str,
-                 resumed: EventId | None, *, ping_seconds: float, steps: int) -> None:
+    def __init__(
+        self,
+        repo: JobRepository,
+        waiter: JobWaiter,
+        job_id: str,
+        resumed: EventId | None,
+        *,
+        ping_seconds: float,
+        steps: int,
+    ) -> None:
         self.repo = repo
         self.waiter = waiter
         self.job_id = job_id
@@ -118,8 +132,11 @@ class JobStream:
             now = EventId(row.attempts, row.status)
             if now != self.state:
                 self.state = now
-                yield _event("status", now.render(), await render_with_position(
-                    self.repo, row, with_result=False))
+                yield _event(
+                    "status",
+                    now.render(),
+                    await render_with_position(self.repo, row, with_result=False),
+                )
             if row.status in TERMINAL:
                 images = await self.repo.images(row.seq) if row.status == "completed" else None
                 self.done = True
@@ -137,14 +154,18 @@ class JobStream:
         self.progress_sent_at = time.monotonic()
         self.count += 1
         state = self.state or EventId(snap.attempts, snap.status)
-        return _event("progress", state.render(self.count), {
-            "id": self.job_id,
-            "step": round(snap.progress * self.steps),
-            "steps": self.steps,
-            "progress": snap.progress,
-            "eta": snap.eta_relative,
-            "preview": preview,
-        })
+        return _event(
+            "progress",
+            state.render(self.count),
+            {
+                "id": self.job_id,
+                "step": round(snap.progress * self.steps),
+                "steps": self.steps,
+                "progress": snap.progress,
+                "eta": snap.eta_relative,
+                "preview": preview,
+            },
+        )
 
     def _seen(self, snap: Any) -> None:
         self.progress_key = self._progress_key(snap)
@@ -185,6 +206,5 @@ def data_uri(image: str | None) -> str | None:
         head = base64.b64decode(image[:16] + "=" * (-len(image[:16]) % 4))
     except (binascii.Error, ValueError):
         head = b""
-    kind = "jpeg" if head.startswith(b"\xff\xd8") else (
-        "webp" if head[8:12] == b"WEBP" else "png")
+    kind = "jpeg" if head.startswith(b"\xff\xd8") else ("webp" if head[8:12] == b"WEBP" else "png")
     return f"data:image/{kind};base64,{image}"

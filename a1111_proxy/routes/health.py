@@ -32,7 +32,11 @@ async def health(request: Request) -> Response:
     for row in workers:
         slots = row.slots
         report["workers"].append(
-            {"id": row.id, "heartbeat_age_seconds": round(now - row.heartbeat_at, 3), "slots": slots}
+            {
+                "id": row.id,
+                "heartbeat_age_seconds": round(now - row.heartbeat_at, 3),
+                "slots": slots,
+            }
         )
         report["backends"] += slots
     if report["database"] == "ok" and not workers:
@@ -41,8 +45,10 @@ async def health(request: Request) -> Response:
             "`a1111-proxy worker`"
         )
     if workers and all(slot["state"] == "down" for slot in report["backends"]):
-        problems.append("every backend slot is down: " + "; ".join(
-            f"{s['backend']}: {s['last_error']}" for s in report["backends"]))
+        problems.append(
+            "every backend slot is down: "
+            + "; ".join(f"{s['backend']}: {s['last_error']}" for s in report["backends"])
+        )
     report["status"] = "ok" if not problems else "unhealthy"
     report["problems"] = problems
     return JSONResponse(report, status_code=200 if not problems else 503)
@@ -59,9 +65,11 @@ async def ready(request: Request) -> Response:
         )
     if revision != head:
         return JSONResponse(
-            {"ready": False,
-             "reason": f"database schema is at {revision}, this version needs {head}: "
-                       "run `a1111-proxy migrate`"},
+            {
+                "ready": False,
+                "reason": f"database schema is at {revision}, this version needs {head}: "
+                "run `a1111-proxy migrate`",
+            },
             503,
         )
     return JSONResponse({"ready": True, "schema": revision})

@@ -9,13 +9,13 @@ import json
 from typing import Any
 
 import anyio.to_thread
-
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, validation_detail
 from a1111_proxy import egress
+from a1111_proxy.db.tables import STATUSES
+from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, validation_detail
 from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
 from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
 from a1111_proxy.routes import context
@@ -26,10 +26,9 @@ from a1111_proxy.schemas import (
     Caps,
     ProxyFields,
     render_job,
-    without_credentials,
     stored_request,
+    without_credentials,
 )
-from a1111_proxy.db.tables import STATUSES
 from a1111_proxy.settings import Settings
 
 MAX_PAGE = 200
@@ -53,12 +52,14 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     resized = await check_input_images(request, kind, a1111_body)
     key = idempotency_key(request)
     timeout = deadline_seconds(request, proxy.timeout)
-    wait = wait_preference(request, default_wait=wait_by_default,
-                           has_webhook=proxy.webhook_url is not None)
+    wait = wait_preference(
+        request, default_wait=wait_by_default, has_webhook=proxy.webhook_url is not None
+    )
     new = NewJob(
         type=kind,
-        request=json.dumps(stored_request(without_credentials(a1111_body),
-                                          [item.as_dict() for item in resized])),
+        request=json.dumps(
+            stored_request(without_credentials(a1111_body), [item.as_dict() for item in resized])
+        ),
         payload=json.dumps(a1111_body),
         priority=proxy.priority,
         webhook_url=proxy.webhook_url,
@@ -125,7 +126,9 @@ def wait_preference(
     return None
 
 
-async def answer_when_done(request: Request, row: Any, wait: Wait, headers: dict[str, str]) -> Response:
+async def answer_when_done(
+    request: Request, row: Any, wait: Wait, headers: dict[str, str]
+) -> Response:
     """Hold the request until the job ends, then answer exactly as A1111 would.
 
     Fails fast with 503 (canceling the job) once no backend has answered for
@@ -177,7 +180,8 @@ async def _client_gone(request: Request) -> None:
 async def _abandoned(request: Request, job_id: str) -> Response:
     if context.settings(request).cancel_on_disconnect:
         await context.repo(request).cancel_queued(
-            job_id, "client_gone", "the waiting client went away before the job started")
+            job_id, "client_gone", "the waiting client went away before the job started"
+        )
     return Response(status_code=499)  # nobody reads it
 
 
@@ -190,8 +194,14 @@ async def _fail_fast(request: Request, job_id: str, headers: dict[str, str]) -> 
     message = f"No backend can run this job: {outage.reason}."
     if not await context.repo(request).cancel_queued(job_id, "backend_unavailable", message):
         return None
-    body = {"error": "BackendUnavailable", "detail": message, "body": "", "errors": message,
-            "code": "backend_unavailable", "job_id": job_id}
+    body = {
+        "error": "BackendUnavailable",
+        "detail": message,
+        "body": "",
+        "errors": message,
+        "code": "backend_unavailable",
+        "job_id": job_id,
+    }
     return JSONResponse(body, status_code=503, headers={**headers, "Retry-After": "30"})
 
 
@@ -206,18 +216,32 @@ def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Resp
             return Response(body, status_code=error["backend_status"], headers=headers)
         return JSONResponse(body, status_code=error["backend_status"], headers=headers)
     status = ERROR_STATUS.get(error.get("code", ""), 500)
-    body = {"error": error.get("code", "error"), "detail": error.get("message", ""), "body": "",
-            "errors": error.get("message", ""), "code": error.get("code"), "job_id": row.id}
+    body = {
+        "error": error.get("code", "error"),
+        "detail": error.get("message", ""),
+        "body": "",
+        "errors": error.get("message", ""),
+        "code": error.get("code"),
+        "job_id": row.id,
+    }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-ERROR_STATUS = {"backend_unavailable": 503, "backend_bad_response": 502, "canceled": 409,
-                "client_gone": 409, "deadline": 504, "worker_lost": 500, "internal_error": 500}
+ERROR_STATUS = {
+    "backend_unavailable": 503,
+    "backend_bad_response": 502,
+    "canceled": 409,
+    "client_gone": 409,
+    "deadline": 504,
+    "worker_lost": 500,
+    "internal_error": 500,
+}
 
 
 def caps(settings: Settings) -> Caps:
-    return Caps(settings.max_steps, settings.max_n_iter, settings.max_batch_size,
-                settings.max_width_height)
+    return Caps(
+        settings.max_steps, settings.max_n_iter, settings.max_batch_size, settings.max_width_height
+    )
 
 
 def validate_submission(
@@ -255,8 +279,9 @@ async def check_input_images(request: Request, kind: str, body: dict[str, Any]) 
     checked = await anyio.to_thread.run_sync(check_images, kind, body, rules)
     problems += checked.problems
     if problems:
-        raise InvalidRequest([{"loc": ["body", *p.loc], "msg": p.message, "type": "image"}
-                              for p in problems])
+        raise InvalidRequest(
+            [{"loc": ["body", *p.loc], "msg": p.message, "type": "image"} for p in problems]
+        )
     return checked.resized
 
 
@@ -286,9 +311,14 @@ def deadline_seconds(request: Request, body_timeout: float | None) -> float | No
         seconds = float("nan")
     if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # also refuses nan and inf
         raise InvalidRequest(
-            [{"loc": ["header", "Cancel-After"],
-              "msg": f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:.0f} "
-                     "(e.g. Cancel-After: 90)", "type": "value_error"}]
+            [
+                {
+                    "loc": ["header", "Cancel-After"],
+                    "msg": "must be a number of seconds above 0 and at most "
+                    f"{MAX_TIMEOUT_SECONDS:.0f} (e.g. Cancel-After: 90)",
+                    "type": "value_error",
+                }
+            ]
         )
     return seconds if body_timeout is None else min(seconds, body_timeout)
 
@@ -302,9 +332,13 @@ def idempotency_key(request: Request) -> str | None:
         key = key[1:-1]
     if not key or len(key) > 255 or not key.isprintable():
         raise InvalidRequest(
-            [{"loc": ["header", "Idempotency-Key"],
-              "msg": "must be 1 to 255 printable characters (a UUID is a good key)",
-              "type": "value_error"}]
+            [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "must be 1 to 255 printable characters (a UUID is a good key)",
+                    "type": "value_error",
+                }
+            ]
         )
     return key
 
@@ -325,8 +359,9 @@ async def get_job(request: Request) -> Response:
     return JSONResponse(view)
 
 
-async def render_with_position(repo: JobRepository, row: Any, images: list[bytes] | None = None,
-                               *, with_result: bool = True) -> dict[str, Any]:
+async def render_with_position(
+    repo: JobRepository, row: Any, images: list[bytes] | None = None, *, with_result: bool = True
+) -> dict[str, Any]:
     """The job as GET /jobs/{id} shows it: with `queue_position` (1 = next) while queued."""
     position = await repo.queue_position(row)
     return render_job(row, images, with_result=with_result) | {"queue_position": position}
@@ -346,8 +381,9 @@ async def list_jobs(request: Request) -> Response:
     kind = choice(request, "type", tuple(REQUEST_MODELS))
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
-    rows = await context.repo(request).page(status=status, type=kind, before_seq=cursor,
-                                            limit=limit)
+    rows = await context.repo(request).page(
+        status=status, type=kind, before_seq=cursor, limit=limit
+    )
     next_cursor = str(rows[-1].seq) if len(rows) == limit else None
     return JSONResponse(
         {"jobs": [render_job(row, with_result=False) for row in rows], "next_cursor": next_cursor}
@@ -371,7 +407,9 @@ async def get_image(request: Request) -> Response:
             f"Job {row.id} has no image {n}: it is {row.status} with {row.image_count} image(s) "
             "(numbered from 0)."
         )
-    return Response(data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=86400"})
+    return Response(
+        data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=86400"}
+    )
 
 
 def _media_type(data: bytes) -> str:

@@ -55,9 +55,7 @@ async def _one(request: Request, name: str) -> dict[str, Any]:
     return found
 
 
-async def _entries(
-    request: Request, name: str, entries: list[Any]
-) -> tuple[list[Any], FileIndex]:
+async def _entries(request: Request, name: str, entries: list[Any]) -> tuple[list[Any], FileIndex]:
     """The catalogue's `entries` for `name`, with Civitai's data unless the caller said no."""
     info = context.model_info(request)
     index = FileIndex(await info.files())
@@ -68,4 +66,5 @@ async def _entries(
 
 def _wants_civitai(request: Request) -> bool:
     return context.settings(request).civitai_enabled and bool_param(
-        request, "civitai", default=True)
+        request, "civitai", default=True
+    )

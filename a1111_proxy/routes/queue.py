@@ -2,9 +2,9 @@
 
 The estimate: the mean run time (started to completed) of the last 20 jobs completed in the last
 24 hours, `mean`; `slots` the distinct usable backends of live workers (workers sharing a URL
-count it once; at least the running jobs, at least 1); `busy` the time the running jobs still need (their A1111 eta, else `mean` minus
-what they ran). The job at position p starts in about `(busy + (p - 1) * mean) / slots` seconds;
-`estimated_wait_seconds` is that for a job submitted now behind every queued one. With no
+count it once; at least the running jobs, at least 1); `busy` the time the running jobs still
+need (their A1111 eta, else `mean` minus what they ran). The job at position p starts in about
+`(busy + (p - 1) * mean) / slots` seconds; `estimated_wait_seconds` is that for a job submitted now behind every queued one. With no
 completed job to learn from, the estimates are null.
 """
 
@@ -44,16 +44,18 @@ async def queue(request: Request) -> Response:
     queued, total = await repo.queued(limit)
     running = await repo.running()
     estimate = await _estimate(repo, running, context.settings(request).worker_stale_seconds)
-    return JSONResponse({
-        "queued": [_queued(row, n, estimate) for n, row in enumerate(queued, start=1)],
-        "queued_total": total,
-        "running": [_running(row) for row in sorted(running, key=lambda r: r.backend or "")],
-        "counts": await repo.counts(),
-        "slots": estimate.slots,
-        "estimated_wait_seconds": estimate.start_in(total + 1),
-        "mean_run_seconds": None if estimate.mean is None else round(estimate.mean, 2),
-        "sample_size": estimate.sample,
-    })
+    return JSONResponse(
+        {
+            "queued": [_queued(row, n, estimate) for n, row in enumerate(queued, start=1)],
+            "queued_total": total,
+            "running": [_running(row) for row in sorted(running, key=lambda r: r.backend or "")],
+            "counts": await repo.counts(),
+            "slots": estimate.slots,
+            "estimated_wait_seconds": estimate.start_in(total + 1),
+            "mean_run_seconds": None if estimate.mean is None else round(estimate.mean, 2),
+            "sample_size": estimate.sample,
+        }
+    )
 
 
 async def _estimate(repo: JobRepository, running: list[Any], stale_after: float) -> Estimate:
@@ -61,12 +63,14 @@ async def _estimate(repo: JobRepository, running: list[Any], stale_after: float)
     mean = sum(durations) / len(durations) if durations else None
     # Workers that share a database list the same A1111 URLs, and each URL runs one job at a
     # time across all of them: count backends, not workers' slots.
-    slots = len({
-        slot["backend"]
-        for worker in await repo.live_workers(stale_after)
-        for slot in worker.slots
-        if slot.get("state") != "down"
-    })
+    slots = len(
+        {
+            slot["backend"]
+            for worker in await repo.live_workers(stale_after)
+            for slot in worker.slots
+            if slot.get("state") != "down"
+        }
+    )
     now = time.time()
     busy = 0.0
     for row in running:

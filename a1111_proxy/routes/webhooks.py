@@ -18,10 +18,12 @@ async def list_deliveries(request: Request) -> Response:
     repo = context.repo(request)
     job = await find_job(request, request.path_params["job_id"])
     deliveries = await repo.deliveries.for_job(job.seq)
-    return JSONResponse({
-        "job_id": job.id,
-        "deliveries": [render_delivery(d, attempts) for d, attempts in deliveries],
-    })
+    return JSONResponse(
+        {
+            "job_id": job.id,
+            "deliveries": [render_delivery(d, attempts) for d, attempts in deliveries],
+        }
+    )
 
 
 async def redeliver(request: Request) -> Response:
@@ -47,9 +49,15 @@ async def _delivery_id(request: Request) -> str | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("delivery_id", ""), str | None):
-        raise InvalidRequest([{"loc": ["body", "delivery_id"],
-                               "msg": 'the body must be {"delivery_id": "msg_..."} or empty',
-                               "type": "value_error"}])
+        raise InvalidRequest(
+            [
+                {
+                    "loc": ["body", "delivery_id"],
+                    "msg": 'the body must be {"delivery_id": "msg_..."} or empty',
+                    "type": "value_error",
+                }
+            ]
+        )
     return body.get("delivery_id")
 
 
