@@ -4,8 +4,8 @@ The estimate: the mean run time (started to completed) of the last 20 jobs compl
 24 hours, `mean`; `slots` the distinct usable backends of live workers (workers sharing a URL
 count it once; at least the running jobs, at least 1); `busy` the time the running jobs still
 need (their A1111 eta, else `mean` minus what they ran). The job at position p starts in about
-`(busy + (p - 1) * mean) / slots` seconds; `estimated_wait_seconds` is that for a job submitted now behind every queued one. With no
-completed job to learn from, the estimates are null.
+`(busy + (p - 1) * mean) / slots` seconds; `estimated_wait_seconds` is that for a job submitted
+now behind every queued one. With no completed job to learn from, the estimates are null.
 """
 
 from __future__ import annotations
