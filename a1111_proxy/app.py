@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(TokenAuth, tokens=settings.tenants()),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=make_lifespan(settings),
     )
 

@@ -124,8 +124,8 @@ class CatalogueStore:
                     select(controls.c.value).where(controls.c.key == PENDING_OPTIONS)
                 )
             ).scalar_one_or_none()
-            current = json.loads(row) if row else {"version": 0, "options": {}}
-            merged = {
+            current: dict[str, Any] = json.loads(row) if row else {"version": 0, "options": {}}
+            merged: dict[str, Any] = {
                 "version": current["version"] + 1,
                 "options": {**current["options"], **options},
             }

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(settings)
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
 
 

@@ -107,7 +107,7 @@ class Txt2ImgRequest(_Lenient):
 class Img2ImgRequest(Txt2ImgRequest):
     """The body of A1111's `POST /sdapi/v1/img2img` (A1111 v1.10.1 field set and defaults)."""
 
-    denoising_strength: Annotated[float, Field(ge=0)] = 0.75  # type: ignore[assignment]
+    denoising_strength: Annotated[float, Field(ge=0)] = 0.75
     init_images: list[str] = Field(
         min_length=1, description="input images: raw base64 or data: URIs (required)"
     )
@@ -263,7 +263,7 @@ RESIZED_KEY = "__a1111_proxy_input_images_resized__"
 
 def stored_request(body: dict[str, Any], resized: list[dict[str, Any]]) -> dict[str, Any]:
     """The body as stored for users to see: images left out, and the resizes, if any, noted."""
-    stored = omit_images(body)
+    stored: dict[str, Any] = omit_images(body)
     if resized:
         stored[RESIZED_KEY] = resized
     return stored

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -189,7 +190,7 @@ class Worker:
                 )
                 await first_of(self._stop.wait(), timeout=1.0)
                 continue
-            waiters = [self._stop.wait(), self._slot_freed.wait()]
+            waiters: list[Coroutine[Any, Any, bool]] = [self._stop.wait(), self._slot_freed.wait()]
             if any(slot.free(time.monotonic()) for slot in self.slots):
                 waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
             await first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
