@@ -22,8 +22,8 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository
 from tests.fakes.a1111 import FakeA1111
 from tests.servers import ASYNC, serve
-from tests.test_worker import a1111 as a1111_backend
-from tests.test_worker import make_worker
+from tests.integration.test_worker import a1111 as a1111_backend
+from tests.integration.test_worker import make_worker
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **options: Any) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = "a1111_proxy.engine"
-ROOT = Path(__file__).resolve().parent.parent / "a1111_proxy" / "engine"
+ROOT = Path(__file__).resolve().parents[2] / "a1111_proxy" / "engine"
 
 
 def _module_names() -> dict[Path, str]:

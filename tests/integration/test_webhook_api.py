@@ -23,8 +23,8 @@ from a1111_proxy.webhooks import RetryPolicy
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import ASYNC, serve
-from tests.test_worker import a1111 as a1111_backend
-from tests.test_worker import make_worker
+from tests.integration.test_worker import a1111 as a1111_backend
+from tests.integration.test_worker import make_worker
 from worker.sender import SenderConfig, WebhookSender
 
 pytestmark = pytest.mark.anyio

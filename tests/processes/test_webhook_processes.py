@@ -11,7 +11,7 @@ import pytest
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import serve, wait_for
-from tests.test_processes import Stack
+from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
 
