@@ -1,5 +1,6 @@
 """Hashing real model files in a temporary MODELS_DIR, checked against hashlib, and the hash cache
-that spares a restart from hashing again."""
+(SQLite, then PostgreSQL) that spares a restart from hashing again. How one file is hashed is in
+tests/unit/test_model_hashes.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from a1111_proxy.db.engine import Database
-from a1111_proxy.hashes import hash_file
 from a1111_proxy.model_info import ModelFile, ModelInfoStore
 from tests.fakes.civitai import safetensors_bytes
 from worker.hasher import ModelHasher
@@ -63,24 +63,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def test_hash_file_gives_sha256_and_for_safetensors_the_autov3_of_the_data_after_the_header(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "x.safetensors"
-    path.write_bytes(safetensors_bytes(LORA_DATA, {"ss_output_name": "x"}))
-    hashes = hash_file(path)
-    assert hashes.sha256 == sha256(path.read_bytes())
-    assert hashes.autov2 == hashes.sha256[:10]
-    assert hashes.autov3 == sha256(LORA_DATA)[:12]
-
-
-def test_a_file_that_only_looks_like_safetensors_gets_no_autov3(tmp_path: Path) -> None:
-    path = tmp_path / "broken.safetensors"
-    path.write_bytes(b"\xff" * 8 + b"{}")  # header length past the end of the file
-    assert hash_file(path).autov3 is None
-    assert hash_file(path).sha256 == sha256(path.read_bytes())
 
 
 async def test_the_hasher_stores_every_model_file_with_hashes_that_match_hashlib(

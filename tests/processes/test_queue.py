@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -108,26 +107,3 @@ def test_the_worker_deletes_finished_jobs_after_the_retention_period(
                  timeout=10, what="the worker to log the retention round")
     finally:
         made.close()
-
-
-def test_workers_that_share_a1111_urls_count_each_backend_once_in_the_estimate(
-    database_url: str, settings_for: Any
-) -> None:
-    import asyncio
-    import time
-
-    from a1111_proxy.app import create_app
-    from a1111_proxy.db.engine import Database
-    from a1111_proxy.jobs import JobRepository
-
-    async def three_workers_on_two_a1111s() -> None:
-        db = Database(database_url)
-        repo = JobRepository(db)
-        slots = [{"backend": url, "state": "idle"} for url in ("http://a:7860", "http://b:7860")]
-        for worker in ("w1", "w2", "w3"):
-            await repo.beat_worker(worker, time.time(), slots)
-        await db.dispose()
-
-    asyncio.run(three_workers_on_two_a1111s())
-    with serve(create_app(settings_for(database_url=database_url))) as base:
-        assert httpx.get(f"{base}/sdapi/v1/queue").json()["slots"] == 2

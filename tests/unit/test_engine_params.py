@@ -1,6 +1,6 @@
 """The engine's plain-Python half: request parsing, sampler names, seeds, infotext, the
-checkpoint catalogue, prompt syntax, and the API's 422 for what the engine cannot run.
-None of this needs torch."""
+checkpoint catalogue, prompt syntax. None of this needs torch (the API's 422 for what the engine
+cannot run is in tests/integration/test_engine_api.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,16 @@ import random
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from a1111_proxy.app import create_app
 from a1111_proxy.engine.catalog import Catalog, architecture
 from a1111_proxy.engine.errors import InvalidParams, UnknownSampler
 from a1111_proxy.engine.infotext import Generation, ModelInfo
 from a1111_proxy.engine.params import Params
 from a1111_proxy.engine.prompts import chunks, parse_attention
 from a1111_proxy.engine.samplers import resolve
-from tests.servers import ASYNC, serve
 
 
 def params(kind: str = "txt2img", **body: object) -> Params:
@@ -332,24 +328,6 @@ def test_the_api_and_the_request_checks_never_import_torch() -> None:
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-@pytest.fixture
-def engine_api(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
-    settings = settings_for(database_url=sqlite_url, backend="diffusers")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
-        yield client
-
-
-def test_the_api_answers_422_for_what_the_engine_cannot_run(engine_api: httpx.Client) -> None:
-    r = engine_api.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 500})
-    assert r.status_code == 422
-    assert "width must be a multiple of 8" in r.json()["detail"][0]["msg"]
-    r = engine_api.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Bogus"})
-    assert r.status_code == 422 and "Euler a" in r.json()["detail"][0]["msg"]
-    assert (
-        engine_api.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 504}).status_code == 202
-    )
 
 
 def test_cpu_offload_is_chosen_only_when_the_free_gpu_memory_cannot_hold_model_and_work() -> None:

@@ -1,22 +1,19 @@
 """Prompt editing schedules and hires fix parameters, the engine's plain-Python half: A1111's own
-doctest vectors for `get_learned_conditioning_prompt_schedules`, hires sizes and infotext, and the
-API's 422 for an upscaler the engine does not have. None of this needs torch."""
+doctest vectors for `get_learned_conditioning_prompt_schedules`, hires sizes and infotext. None of
+this needs torch (the API's 422 for an upscaler the engine does not have is in
+tests/integration/test_engine_api.py)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
-import httpx
 import pytest
 
-from a1111_proxy.app import create_app
 from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.hires import IMAGE_UPSCALERS, LATENT_MODES, latent_upscale_modes, upscalers
 from a1111_proxy.engine.infotext import Generation, ModelInfo
 from a1111_proxy.engine.params import Params
 from a1111_proxy.engine.schedule import prompt_schedule
-from tests.servers import ASYNC, serve
 
 ALTERNATING = [(n, "a" if n % 2 else "(b:1.1)") for n in range(1, 11)]
 # A1111's doctests (modules/prompt_parser.py), 10 steps.
@@ -136,21 +133,3 @@ def test_the_engines_upscaler_lists_have_a1111s_shape() -> None:
     assert [u["name"] for u in upscalers()] == ["None", "Lanczos", "Nearest"]
     assert set(upscalers()[0]) == {"name", "model_name", "model_path", "model_url", "scale"}
     assert latent_upscale_modes()[0] == {"name": "Latent"} and len(latent_upscale_modes()) == 6
-
-
-@pytest.fixture
-def engine_api(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
-    settings = settings_for(database_url=sqlite_url, backend="diffusers")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
-        yield client
-
-
-def test_the_api_answers_422_for_an_unknown_upscaler_and_takes_hires_fix(
-    engine_api: httpx.Client,
-) -> None:
-    body = {"prompt": "[cat:dog:0.5]", "enable_hr": True, "denoising_strength": 0.5}
-    refused = engine_api.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "4x-UltraSharp"})
-    assert refused.status_code == 422
-    assert "Latent (bicubic antialiased)" in refused.json()["detail"][0]["msg"]
-    accepted = engine_api.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "Lanczos"})
-    assert accepted.status_code == 202

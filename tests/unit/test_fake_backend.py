@@ -1,5 +1,6 @@
-"""FakeBackend, the scripted in-process backend: it answers as A1111 does, and BACKEND=fake runs
-a real `serve` + `worker` with no A1111 at all."""
+"""FakeBackend, the scripted in-process backend: it answers as A1111 does. Its catalogue in the
+database is in tests/integration, and BACKEND=fake running a real `serve` + `worker` with no A1111
+at all in tests/processes (test_fake_backend.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from a1111_proxy.backends import (
@@ -20,11 +19,7 @@ from a1111_proxy.backends import (
     BackendUnavailable,
 )
 from a1111_proxy.backends.fake import Call, FakeBackend
-from a1111_proxy.catalogue import ENTRIES, CatalogueStore
-from a1111_proxy.db.engine import Database
-from tests.servers import free_port
-from tests.stack import Stack
-from worker.catalogue import CatalogueKeeper
+from a1111_proxy.catalogue import ENTRIES
 
 pytestmark = pytest.mark.anyio
 
@@ -232,40 +227,3 @@ async def test_unload_frees_memory_and_the_next_generation_loads_the_model_on_de
                                    "reload-checkpoint"]
     assert fake.calls[-1] == Call("reload_checkpoint", ("fake-model",))
     assert fake.checkpoint_calls_while_generating == 0
-
-
-async def test_the_keeper_stores_the_fakes_catalogue_with_its_credentials_redacted(
-    sqlite_url: str,
-) -> None:
-    db = Database(sqlite_url)
-    store = CatalogueStore(db)
-    try:
-        await CatalogueKeeper(store).fetch_all([FakeBackend("f")])
-        assert (await store.get("sd-models"))[0]["model_name"] == "fake-model"
-        assert (await store.get("cmd-flags"))["api_auth"] == "<redacted>"
-        assert await store.get("controlnet-model_list") is None  # the fake lacks it
-    finally:
-        await db.dispose()
-
-
-@pytest.mark.slow
-def test_backend_fake_runs_a_real_serve_and_worker_with_no_a1111(tmp_path: Path) -> None:
-    nothing_there = f"http://127.0.0.1:{free_port()}"  # A1111_URLS is not used
-    stack = Stack(tmp_path, [nothing_there], A1111_PROXY_BACKEND="fake",
-                  A1111_PROXY_FAKE_SECONDS="0.05", A1111_PROXY_FAKE_SLOTS="2")
-    try:
-        stack.start_api()
-        stack.start_worker()
-        # As an A1111 client: no Prefer header, the answer once the image is made.
-        response = httpx.post(f"{stack.base}/sdapi/v1/txt2img", timeout=60,
-                              json={"prompt": "a cat", "seed": 3, "batch_size": 2})
-        assert response.status_code == 200, response.text
-        body = response.json()
-        images = [base64.b64decode(image) for image in body["images"]]
-        assert len(images) == 2 and all(i.startswith(b"\x89PNG") for i in images)
-        assert json.loads(body["info"])["all_seeds"] == [3, 4]
-        health = httpx.get(f"{stack.base}/health", timeout=10).json()
-        names = [slot["backend"] for slot in health["backends"]]
-        assert len(names) == 2 and all(name.startswith("fake:") for name in names)
-    finally:
-        stack.close()

@@ -1,4 +1,5 @@
-"""Log lines: JSON when not on a terminal, text on one, the job id on every line about a job."""
+"""Log lines: JSON when not on a terminal, text on one, the job id on every line about a job.
+What the real API and worker processes write is in tests/processes/test_logs.py."""
 
 from __future__ import annotations
 
@@ -6,13 +7,10 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from a1111_proxy import logs
-from tests.fakes.a1111 import FakeA1111
-from tests.stack import Stack
 
 
 class Terminal(io.StringIO):
@@ -66,24 +64,3 @@ def test_a_terminal_gets_plain_text_naming_the_job(root_logging: None) -> None:
     assert " INFO a1111_proxy.worker: waiting [job job-7]" in line
     with pytest.raises(ValueError):
         json.loads(line)
-
-
-def test_worker_and_api_processes_write_json_lines_that_name_the_job(tmp_path: Path) -> None:
-    from tests.servers import serve
-
-    fake = FakeA1111(service_time=0.05)
-    with serve(fake.app) as url:
-        stack = Stack(tmp_path, [url])
-        try:
-            stack.start_api()
-            worker = stack.start_worker()
-            job_id = stack.submit()
-            stack.wait_status(job_id, "completed")
-            api_lines = [json.loads(line) for line in stack.api_proc.output().splitlines()]
-            worker_lines = [json.loads(line) for line in worker.output().splitlines()]
-        finally:
-            stack.close()
-    assert any("Application startup complete" in line["message"] for line in api_lines)
-    about_job = [line for line in worker_lines if job_id in line["message"]]
-    assert len(about_job) >= 2  # the attempt, the completion
-    assert all(line["job_id"] == job_id for line in about_job)
