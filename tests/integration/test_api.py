@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -27,17 +27,13 @@ PNG = _noise_png()  # a real image, large enough to be left out of stored reques
 
 
 @pytest.fixture
-def api(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
-    settings = settings_for(database_url=sqlite_url, max_body_bytes=200_000)
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
-        yield client
+def api(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_api(max_body_bytes=200_000)
 
 
 @pytest.fixture
-def secured(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
-    settings = settings_for(database_url=sqlite_url, api_tokens="s3cret,other-token")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
-        yield client
+def secured(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_api(api_tokens="s3cret,other-token")
 
 
 def test_submitting_txt2img_answers_202_with_the_queued_job_and_its_location(api: httpx.Client) -> None:

@@ -28,13 +28,6 @@ FAST = Timing(progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seco
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    made = Database(database_url)
-    yield made
-    await made.dispose()
-
-
-@pytest.fixture
 def fake() -> AsyncIterator[tuple[FakeA1111, str]]:
     fake = FakeA1111(service_time=0.05)
     with serve(fake.app) as url:

@@ -59,10 +59,9 @@ def router() -> respx.Router:
 
 
 @pytest.fixture
-async def db(sqlite_url: str) -> AsyncIterator[Database]:
-    database = Database(sqlite_url)
-    yield database
-    await database.dispose()
+def database_url(sqlite_url: str) -> str:
+    """These tests run on the SQLite file only (`db`, the API and the worker share it)."""
+    return sqlite_url
 
 
 def enricher_for(db: Database, router: respx.Router, clock: Clock | None = None,

@@ -4,20 +4,15 @@ models. The checks themselves are in tests/unit (test_engine_params.py, test_eng
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-from a1111_proxy.app import create_app
-from tests.servers import ASYNC, serve
-
 
 @pytest.fixture
-def engine_api(sqlite_url: str, settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
-    settings = settings_for(database_url=sqlite_url, backend="diffusers")
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
-        yield client
+def engine_api(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_api(backend="diffusers")
 
 
 def test_the_api_answers_422_for_what_the_engine_cannot_run(engine_api: httpx.Client) -> None:

@@ -10,18 +10,16 @@ import json
 import sqlite3
 import struct
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from a1111_proxy.app import create_app
-from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import ASYNC, serve
+from tests.servers import serve
 from tests.integration.test_worker import a1111 as a1111_backend
 from tests.integration.test_worker import make_worker
 
@@ -60,20 +58,6 @@ def stored_payload(sqlite_url: str) -> dict[str, Any]:
     finally:
         db.close()
     return json.loads(body)  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def make_api(sqlite_url: str, settings_for: Any) -> Iterator[Any]:
-    """An API on a real uvicorn, with the settings a test asks for."""
-    import contextlib
-
-    with contextlib.ExitStack() as stack:
-        def make(**values: Any) -> httpx.Client:
-            settings = settings_for(database_url=sqlite_url, **values)
-            url = stack.enter_context(serve(create_app(settings)))
-            return stack.enter_context(httpx.Client(base_url=url, timeout=30, headers=ASYNC))
-
-        yield make
 
 
 @pytest.fixture
@@ -205,10 +189,9 @@ def fake_backend() -> Iterator[tuple[FakeA1111, str]]:
 
 
 @pytest.fixture
-async def repo(sqlite_url: str) -> AsyncIterator[JobRepository]:
-    db = Database(sqlite_url)
-    yield JobRepository(db)
-    await db.dispose()
+def database_url(sqlite_url: str) -> str:
+    """These tests run on the SQLite file only (`repo` and the API share it)."""
+    return sqlite_url
 
 
 @pytest.mark.anyio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -22,10 +22,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def repo(database_url: str, clock: Clock) -> AsyncIterator[JobRepository]:
-    db = Database(database_url)
-    yield JobRepository(db, max_attempts=2, lease_seconds=30, clock=clock)
-    await db.dispose()
+def repo_options(clock: Clock) -> dict[str, Any]:
+    return {"max_attempts": 2, "lease_seconds": 30, "clock": clock}
 
 
 def new_job(prompt: str = "cat", priority: int = 0, key: str | None = None) -> NewJob:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -26,10 +26,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def repo(database_url: str, clock: Clock) -> AsyncIterator[JobRepository]:
-    db = Database(database_url)
-    yield JobRepository(db, max_attempts=3, lease_seconds=30, clock=clock)
-    await db.dispose()
+def repo_options(clock: Clock) -> dict[str, Any]:
+    return {"max_attempts": 3, "lease_seconds": 30, "clock": clock}
 
 
 async def submit(repo: JobRepository, *, priority: int = 0, timeout: float | None = None,

@@ -15,7 +15,6 @@ from sqlalchemy import select
 
 from a1111_proxy.app import create_app
 from a1111_proxy.cli import PARAMETER_LOGGERS
-from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import webhook_attempts, webhook_deliveries
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.wakeup import make_wakeup
@@ -35,13 +34,6 @@ DEFAULT_SECRET = "default-secret-never-shown"
 
 
 @pytest.fixture
-def sink() -> Iterator[tuple[WebhookSink, str]]:
-    receiver = WebhookSink()
-    with serve(receiver.app) as url:
-        yield receiver, url
-
-
-@pytest.fixture
 def a1111() -> Iterator[str]:
     with serve(FakeA1111(service_time=0.02).app) as url:
         yield url
@@ -56,10 +48,9 @@ async def api(sqlite_url: str, settings_for: Any) -> AsyncIterator[httpx.AsyncCl
 
 
 @pytest.fixture
-async def repo(sqlite_url: str) -> AsyncIterator[JobRepository]:
-    db = Database(sqlite_url)
-    yield JobRepository(db)
-    await db.dispose()
+def database_url(sqlite_url: str) -> str:
+    """These tests run on the SQLite file only (`repo` and the API share it)."""
+    return sqlite_url
 
 
 async def run_worker_and_sender(repo: JobRepository, a1111: str, sqlite_url: str) -> None:

@@ -8,12 +8,11 @@ import base64
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
 from a1111_proxy.wakeup import make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
@@ -33,10 +32,8 @@ FAST_RETRIES = RetryPolicy(schedule=(0, 0.05, 0.05, 0.05), rng=lambda: 0.5)
 
 
 @pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[JobRepository]:
-    db = Database(database_url)
-    yield JobRepository(db, max_attempts=3, lease_seconds=5)
-    await db.dispose()
+def repo_options() -> dict[str, Any]:
+    return {"max_attempts": 3, "lease_seconds": 5}
 
 
 @pytest.fixture
@@ -44,13 +41,6 @@ def a1111() -> Iterator[tuple[FakeA1111, str]]:
     fake = FakeA1111(service_time=0.05)
     with serve(fake.app) as url:
         yield fake, url
-
-
-@pytest.fixture
-def sink() -> Iterator[tuple[WebhookSink, str]]:
-    receiver = WebhookSink()
-    with serve(receiver.app) as url:
-        yield receiver, url
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -28,10 +29,8 @@ FAST = Timing(progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seco
 
 
 @pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[JobRepository]:
-    db = Database(database_url)
-    yield JobRepository(db, max_attempts=3, lease_seconds=5)
-    await db.dispose()
+def repo_options() -> dict[str, Any]:
+    return {"max_attempts": 3, "lease_seconds": 5}
 
 
 @pytest.fixture

@@ -16,18 +16,10 @@ import webuiapi
 from PIL import Image
 
 from tests.fakes.a1111 import NEW_MODEL, FakeA1111
-from tests.servers import serve, wait_for
+from tests.servers import wait_for
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeA1111]:
-    fake = FakeA1111(service_time=0.05)
-    with serve(fake.app) as url:
-        fake.url = url  # type: ignore[attr-defined]
-        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +38,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator
 def client(stack: Stack) -> webuiapi.WebUIApi:
     assert stack.api is not None
     return webuiapi.WebUIApi(baseurl=f"{stack.base}/sdapi/v1")
-
-
-@pytest.fixture
-def api(stack: Stack) -> Iterator[httpx.Client]:
-    """A client as A1111 clients are: no Prefer header (stack.api asks for async)."""
-    with httpx.Client(base_url=stack.base, timeout=30) as client:
-        yield client
 
 
 def picture(color: tuple[int, int, int] = (200, 30, 30)) -> Image.Image:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from a1111_proxy.routes.a1111 import NOT_OFFERED
 from tests.fakes.a1111 import FakeA1111, tiny_png
-from tests.servers import Proc, free_port, serve, wait_for, wait_http
+from tests.servers import Proc, free_port, wait_for, wait_http
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -70,14 +70,6 @@ A1111_ROUTES: list[tuple[str, str, Any]] = [
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeA1111]:
-    fake = FakeA1111(service_time=0.05)
-    with serve(fake.app) as url:
-        fake.url = url  # type: ignore[attr-defined]
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator[Stack]:
     made = Stack(tmp_path_factory.mktemp("routes"), [fake.url],  # type: ignore[attr-defined]
                  A1111_PROXY_RESPONSE_MODE="wait")
@@ -89,13 +81,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator
         yield made
     finally:
         made.close()
-
-
-@pytest.fixture
-def api(stack: Stack) -> Iterator[httpx.Client]:
-    """A client as A1111 clients are: no Prefer header (stack.api asks for async)."""
-    with httpx.Client(base_url=stack.base, timeout=30) as client:
-        yield client
 
 
 @contextlib.contextmanager
