@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,26 +31,31 @@ from tests.fakes import tiny_sd  # noqa: E402
 from worker.execute import Timing  # noqa: E402
 from worker.loop import Worker  # noqa: E402
 
+if TYPE_CHECKING:
+    from tests.engine.conftest import TinyModels
+
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 7}
 
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
+) -> Iterator[Path]:
     """MODELS_DIR in A1111's layout: SD1.5 and SDXL single-file checkpoints, an SDXL diffusers
     folder, an SD1.5 inpainting folder and a pickled .ckpt; plus the tiny models' config folders
     (the stand-ins for the shipped real-size skeletons)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("engine")
     checkpoints = root / "models" / "Stable-diffusion"
-    source = tiny_sd.sd15(root / "configs" / "sd15")
-    tiny_sd.write_single_file(source, checkpoints / "tiny15.safetensors")
-    tiny_sd.write_single_file(
-        tiny_sd.sdxl(root / "configs" / "sdxl"), checkpoints / "xl1.safetensors"
+    source = tiny_models.sd15(root / "configs" / "sd15")
+    tiny_models.write_single_file(source, checkpoints / "tiny15.safetensors")
+    tiny_models.write_single_file(
+        tiny_models.sdxl(root / "configs" / "sdxl"), checkpoints / "xl1.safetensors"
     )
-    tiny_sd.sdxl(checkpoints / "tinyxl")
-    tiny_sd.sd15(checkpoints / "x-inpaint15", inpaint=True)
+    tiny_models.sdxl(checkpoints / "tinyxl")
+    tiny_models.sd15(checkpoints / "x-inpaint15", inpaint=True)
     (checkpoints / "zz-old.ckpt").write_bytes(b"\x80\x04pickle")
     yield root
 

@@ -11,6 +11,7 @@ import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,24 +24,28 @@ from a1111_proxy.db.engine import Database  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.jobs import JobRepository, NewJob  # noqa: E402
 from a1111_proxy.wakeup import make_wakeup  # noqa: E402
-from tests.fakes import tiny_sd  # noqa: E402
 from worker.catalogue import CatalogueKeeper  # noqa: E402
 from worker.execute import Timing  # noqa: E402
 from worker.loop import Worker  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.engine.conftest import TinyModels
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
+) -> Iterator[Path]:
     """MODELS_DIR with two tiny SD1.5 single-file checkpoints, and their config folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("engine-checkpoint")
-    source = tiny_sd.sd15(root / "configs" / "sd15")
+    source = tiny_models.sd15(root / "configs" / "sd15")
     checkpoints = root / "models" / "Stable-diffusion"
     for name in ("a-tiny", "b-tiny"):
-        tiny_sd.write_single_file(source, checkpoints / f"{name}.safetensors")
+        tiny_models.write_single_file(source, checkpoints / f"{name}.safetensors")
     yield root
 
 

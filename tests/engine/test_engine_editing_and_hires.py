@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,7 +23,9 @@ from PIL import Image  # noqa: E402
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import conditioning, text  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
-from tests.fakes import tiny_sd  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.engine.conftest import TinyModels
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SD15 = {"override_settings": {"sd_model_checkpoint": "tiny15"}}
@@ -33,14 +35,16 @@ HIRES = {"enable_hr": True, "denoising_strength": 0.5, "hr_second_pass_steps": 2
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
+) -> Iterator[Path]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("editing")
     checkpoints = root / "models" / "Stable-diffusion"
-    tiny_sd.write_single_file(
-        tiny_sd.sd15(root / "configs" / "sd15"), checkpoints / "tiny15.safetensors"
+    tiny_models.write_single_file(
+        tiny_models.sd15(root / "configs" / "sd15"), checkpoints / "tiny15.safetensors"
     )
-    tiny_sd.sdxl(checkpoints / "tinyxl")
+    tiny_models.sdxl(checkpoints / "tinyxl")
     yield root
 
 

@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -30,39 +30,45 @@ from a1111_proxy.db.engine import Database  # noqa: E402
 from a1111_proxy.engine import adapters  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.hashes import hash_file  # noqa: E402
-from tests.fakes import tiny_sd  # noqa: E402
 from tests.servers import ASYNC, serve  # noqa: E402
 from worker.catalogue import CatalogueKeeper  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.engine.conftest import TinyModels
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7, "prompt": "a cat"}
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
+) -> Iterator[Path]:
     """MODELS_DIR with an SD1.5 and an SDXL checkpoint, kohya LoRAs for each (one only for the
     text encoder, one in a subfolder, one LyCORIS LoHa) and ControlNets for each (diffusers
     folders, and one as an A1111-style single file)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("networks")
     models = root / "models"
-    sd15 = tiny_sd.sd15(root / "configs" / "sd15")
-    tiny_sd.write_single_file(sd15, models / "Stable-diffusion" / "tiny15.safetensors")
-    tiny_sd.kohya_lora(sd15, models / "Lora" / "style.safetensors", seed=1)
-    tiny_sd.kohya_lora(sd15, models / "Lora" / "people" / "face.safetensors", seed=2, unet=False)
+    sd15 = tiny_models.sd15(root / "configs" / "sd15")
+    tiny_models.write_single_file(sd15, models / "Stable-diffusion" / "tiny15.safetensors")
+    tiny_models.kohya_lora(sd15, models / "Lora" / "style.safetensors", seed=1)
+    tiny_models.kohya_lora(
+        sd15, models / "Lora" / "people" / "face.safetensors", seed=2, unet=False
+    )
     save_file(
         {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(models / "Lora" / "loha.safetensors")
     )
-    scribble = tiny_sd.controlnet(sd15, models / "ControlNet" / "tiny_scribble", seed=1)
-    tiny_sd.write_single_file_controlnet(
+    scribble = tiny_models.controlnet(sd15, models / "ControlNet" / "tiny_scribble", seed=1)
+    tiny_models.write_single_file_controlnet(
         scribble, models / "ControlNet" / "a1111_scribble.safetensors"
     )
-    tiny_sd.controlnet(sd15, models / "ControlNet" / "tiny_canny", seed=2)
+    tiny_models.controlnet(sd15, models / "ControlNet" / "tiny_canny", seed=2)
     (models / "ControlNet" / "control_v11p_sd15_canny.pth").write_bytes(b"\x80\x04pickle")
-    sdxl = tiny_sd.sdxl(root / "configs" / "sdxl")
-    tiny_sd.write_single_file(sdxl, models / "Stable-diffusion" / "xl.safetensors")
-    tiny_sd.kohya_lora(sdxl, models / "Lora" / "xlstyle.safetensors", seed=3)
-    tiny_sd.controlnet(sdxl, models / "ControlNet" / "xl_canny", seed=3)
+    sdxl = tiny_models.sdxl(root / "configs" / "sdxl")
+    tiny_models.write_single_file(sdxl, models / "Stable-diffusion" / "xl.safetensors")
+    tiny_models.kohya_lora(sdxl, models / "Lora" / "xlstyle.safetensors", seed=3)
+    tiny_models.controlnet(sdxl, models / "ControlNet" / "xl_canny", seed=3)
     yield root
 
 
