@@ -111,12 +111,16 @@ def postgres_url() -> Iterator[str]:
 
 
 def _truncate_pg(url: str) -> None:
+    """Empty every table, as a fresh SQLite file is (the catalogue and the control requests
+    included: left over, they change what the next test's worker sends)."""
     import asyncpg
+
+    from a1111_proxy.db.tables import metadata
 
     async def run() -> None:
         conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
         try:
-            await conn.execute("TRUNCATE jobs, job_payloads, job_images, workers CASCADE")
+            await conn.execute(f"TRUNCATE {', '.join(metadata.tables)} CASCADE")
         finally:
             await conn.close()
 
