@@ -7,7 +7,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("a1111_proxy", "worker")
 ERRORS_MODULE = Path("a1111_proxy", "errors.py")
 
