@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import httpx
 import pytest
@@ -74,11 +74,13 @@ def test_a_stream_shows_status_progress_with_previews_and_ends_with_the_finished
     assert [e.data["progress"] for e in progress] == sorted(e.data["progress"] for e in progress)
     previews = [e.data["preview"] for e in progress if e.data["preview"]]
     assert previews and all(p.startswith("data:image/png;base64,iVBOR") for p in previews)
-    gaps = [b.at - a.at for a, b in zip(progress, progress[1:])]
-    assert min(gaps) >= 0.2  # at most every 250 ms (less the network's jitter)
     final = events[-1]
     assert final.event == "completed" and final.id == "1-completed"
     job = made.job(job_id)
+    # At most one progress event every 250 ms of the job's run, as the server timed it (the
+    # worker stores progress every 100 ms; a slower machine only sends fewer).
+    ran = _seconds(job["completed_at"]) - _seconds(job["started_at"])
+    assert len(progress) <= ran / 0.25 + 3, (len(progress), ran)
     assert final.data == job | {"queue_position": None}  # exactly the job, images included
     assert len(final.data["result"]["images"]) == 1
     assert all(e.id for e in events if e.event != "ping")
@@ -132,8 +134,9 @@ def test_an_idle_stream_gets_heartbeat_comments(stack: tuple[Stack, httpx.Client
                 if len(named(events, "ping")) == 2:
                     break
         first.post(f"/sdapi/v1/jobs/{job_id}/cancel")
+    # Two pings within the client's 10 s read timeout: the configured 0.3 s, not the default 15 s.
     pings = named(events, "ping")
-    assert pings[0].data == "ping" and 0.2 <= pings[1].at - pings[0].at <= 1.5
+    assert pings[0].data == "ping" and named(events, "status", "progress") == events[:1]
 
 
 def test_events_of_an_unknown_job_are_404(stack: tuple[Stack, httpx.Client]) -> None:
@@ -169,9 +172,10 @@ def test_many_streams_share_the_database_and_leave_the_api_responsive(
 
             streams = [asyncio.create_task(one(keep=i % 4 != 0)) for i in range(40)]
             await asyncio.sleep(1.0)
-            started = time.monotonic()
-            listing = await client.get("/sdapi/v1/jobs")
-            assert listing.status_code == 200 and time.monotonic() - started < 2
+            # Answered while every kept stream is still open (they end only once the job runs).
+            listing = await client.get("/sdapi/v1/jobs", timeout=10)
+            assert listing.status_code == 200
+            assert not any(s.done() for i, s in enumerate(streams) if i % 4 != 0)
             taken.__exit__(None, None, None)  # the job runs now
             return await asyncio.wait_for(asyncio.gather(*streams), 40)
 
@@ -189,3 +193,7 @@ async def _aparse(response: httpx.Response):  # type: ignore[no-untyped-def]
             for event in parse(lines):
                 yield event
             lines = []
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
