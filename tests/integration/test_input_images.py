@@ -19,9 +19,9 @@ from PIL import Image
 
 from a1111_proxy.jobs import JobRepository
 from tests.fakes.a1111 import FakeA1111
-from tests.servers import serve
 from tests.integration.test_worker import a1111 as a1111_backend
 from tests.integration.test_worker import make_worker
+from tests.servers import serve
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **options: Any) -> str:

@@ -21,9 +21,9 @@ from a1111_proxy.wakeup import make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
-from tests.servers import ASYNC, serve
 from tests.integration.test_worker import a1111 as a1111_backend
 from tests.integration.test_worker import make_worker
+from tests.servers import ASYNC, serve
 from worker.sender import SenderConfig, WebhookSender
 
 pytestmark = pytest.mark.anyio

@@ -18,8 +18,8 @@ from a1111_proxy.wakeup import make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
-from tests.servers import serve
 from tests.integration.test_worker import make_worker
+from tests.servers import serve
 from worker.execute import Timing
 from worker.sender import SenderConfig, WebhookSender
 
