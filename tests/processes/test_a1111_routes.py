@@ -151,7 +151,9 @@ def test_a_backend_still_busy_at_the_bound_gets_it_after_its_job_and_the_answer_
     stack: Stack, fake: FakeA1111
 ) -> None:
     with another_api(stack, A1111_PROXY_CHECKPOINT_WAIT_SECONDS="0.2") as api:
-        api.post("/sdapi/v1/reload-checkpoint")
+        before = len(fake.timeline)
+        api.post("/sdapi/v1/reload-checkpoint")  # it may answer at the bound, before A1111 has it
+        wait_for(lambda: "reload-checkpoint" in fake.timeline[before:], what="the reload")
         mark = len(fake.timeline)
         job_id = api.post("/sdapi/v1/txt2img", json={"prompt": "slow", "fake_seconds": 2.0},
                           headers={"Prefer": "respond-async"}).json()["id"]
