@@ -40,7 +40,7 @@ migrate: $(BIN)/.installed
 openapi: $(BIN)/.installed
 	$(BIN)/a1111-proxy openapi > openapi/openapi.json
 
-# The table of settings in docs/configuration.md, from a1111_proxy/settings.py (tests/test_docs.py
+# The table of settings in docs/configuration.md, from a1111_proxy/settings.py (tests/unit/test_docs.py
 # fails when it is stale).
 .PHONY: docs
 docs: $(BIN)/.installed

@@ -1,5 +1,5 @@
 """The OpenAPI 3.1 document, built with apispec from one explicit table of operations and the
-pydantic models. `tests/test_openapi.py` checks that every route is in the table and that
+pydantic models. `tests/unit/test_openapi.py` checks that every route is in the table and that
 `openapi/openapi.json` is this document."""
 
 from __future__ import annotations

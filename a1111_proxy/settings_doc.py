@@ -2,7 +2,7 @@
 
 `python -m a1111_proxy.settings_doc` (`make docs`) rewrites the part of docs/configuration.md
 between the two markers below and leaves the hand-written text around it alone; `--check` only
-says whether the file is stale (exit status 1). tests/test_docs.py fails when it is.
+says whether the file is stale (exit status 1). tests/unit/test_docs.py fails when it is.
 """
 
 from __future__ import annotations

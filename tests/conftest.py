@@ -1,4 +1,5 @@
-"""Shared fixtures: a clean environment, real databases (SQLite file, PostgreSQL), the fake A1111."""
+"""Fixtures shared by the tiers: a clean environment, real databases (SQLite file, PostgreSQL),
+the fake A1111. Each tier folder adds its own in its conftest.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.fakes.a1111 import FakeA1111
 from tests.servers import serve
 
 PG_ADMIN = "postgresql://root@127.0.0.1:5432/test"
+TESTS = Path(__file__).resolve().parent
 # Library-internal warnings in the engine's stack (numpy 2 vs diffusers' schedulers, torchsde
 # rounding, ...) are not ours to fix; every test marked `engine` ignores them.
 ENGINE_WARNINGS = (
@@ -31,11 +33,41 @@ ENGINE_WARNINGS = (
 )
 
 
+# The tiers (docs/development.md): each test module sits in one of these folders, and each
+# folder's tests carry its markers, so `-m "not slow"` and `pytest tests/unit` select the same way.
+TIERS: dict[str, tuple[str, ...]] = {
+    "unit": (),  # no sockets, no database
+    "integration": (),  # a real SQLite file or PostgreSQL, servers in this process on loopback
+    "processes": ("slow",),  # starts `a1111-proxy serve`/`worker`/supervisord
+    "engine": ("engine",),  # the bundled engine on tiny models
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    outside: set[str] = set()
     for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        tier = _tier(item.path.relative_to(TESTS))
+        if tier is None:
+            outside.add(str(item.path.relative_to(TESTS.parent)))
+            continue
+        for marker in TIERS[tier]:
+            item.add_marker(marker)
         if item.get_closest_marker("engine"):
             for warning in ENGINE_WARNINGS:
                 item.add_marker(pytest.mark.filterwarnings(warning))
+    if outside:
+        raise pytest.UsageError(
+            f"test modules outside the tiers: {', '.join(sorted(outside))}. Move each into "
+            "tests/unit, tests/integration, tests/processes or tests/engine (docs/development.md "
+            "says which)."
+        )
+
+
+def _tier(path: Path) -> str | None:
+    """The tier of a test module at `path` (relative to tests/); None outside the tier folders."""
+    return path.parts[0] if len(path.parts) > 1 and path.parts[0] in TIERS else None
 
 
 @pytest.fixture
@@ -79,12 +111,16 @@ def postgres_url() -> Iterator[str]:
 
 
 def _truncate_pg(url: str) -> None:
+    """Empty every table, as a fresh SQLite file is (the catalogue and the control requests
+    included: left over, they change what the next test's worker sends)."""
     import asyncpg
+
+    from a1111_proxy.db.tables import metadata
 
     async def run() -> None:
         conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
         try:
-            await conn.execute("TRUNCATE jobs, job_payloads, job_images, workers CASCADE")
+            await conn.execute(f"TRUNCATE {', '.join(metadata.tables)} CASCADE")
         finally:
             await conn.close()
 

@@ -355,7 +355,7 @@ _SERVER = (
 _EMBEDDINGS = {"refresh": "refresh-embeddings", "listed": "GET /sdapi/v1/embeddings"}
 _HYPERNETWORKS = {"refresh": "refresh-checkpoints", "listed": "GET /sdapi/v1/hypernetworks"}
 # A1111 v1.10 routes (modules/api/api.py) that the proxy does not offer: what each is, why not,
-# and what to use instead. Every other A1111 route works (tests/test_a1111_routes.py).
+# and what to use instead. Every other A1111 route works (tests/processes/test_a1111_routes.py).
 NOT_OFFERED: dict[str, str] = {
     "/sdapi/v1/create/embedding": "it creates an empty textual-inversion embedding for "
     "training. " + _TRAINING.format(**_EMBEDDINGS),

@@ -1,0 +1,479 @@
+"""The worker on a real database: its logic against FakeBackend (in process, scripted); what
+is about A1111's HTTP API against the fake A1111, a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from a1111_proxy.backends import Backend, BackendProtocolError, BackendRejected, BackendUnavailable
+from a1111_proxy.backends.a1111 import CATALOGUE_PATHS, A1111Backend
+from a1111_proxy.backends.fake import FakeBackend
+from a1111_proxy.catalogue import ENTRIES
+from a1111_proxy.db.engine import Database
+from a1111_proxy.jobs import JobRepository, NewJob
+from a1111_proxy.wakeup import make_wakeup
+from tests.fakes.a1111 import FakeA1111
+from worker.execute import Timing
+from worker.loop import Worker
+
+pytestmark = pytest.mark.anyio
+
+FAST = Timing(progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seconds=5,
+              stall_seconds=0.5)
+
+
+
+@pytest.fixture
+def repo_options() -> dict[str, Any]:
+    return {"max_attempts": 3, "lease_seconds": 5}
+
+
+@pytest.fixture
+def fakes() -> list[FakeBackend]:
+    """Three scripted backends (tests use as many as they need)."""
+    return [FakeBackend(f"fake{i}", service_time=0.05) for i in range(3)]
+
+
+def make_worker(repo: JobRepository, backends: list[Backend], database_url: str) -> Worker:
+    return Worker(repo=repo, backends=backends, wakeup=make_wakeup(database_url, 0.005),
+                  timing=FAST, reap_seconds=0.2, shutdown_grace_seconds=0.3, rest_seconds=0.05)
+
+
+def a1111(url: str) -> A1111Backend:
+    return A1111Backend(url, connect_retries=2, retry_wait=0.01)
+
+
+async def submit(repo: JobRepository, priority: int = 0, **body: object) -> str:
+    body = {"prompt": "a cat", "steps": 20, **body}
+    text = json.dumps(body)
+    return (await repo.submit(NewJob("txt2img", request=text, payload=text, priority=priority))).job.id
+
+
+async def wait_until(check: Callable[[], object], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():  # type: ignore[misc]
+            await asyncio.sleep(0.01)
+
+
+async def test_a_job_completes_with_a1111s_response_stored_exactly(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    job_id = await submit(repo, seed=7, unknown_extension_field={"kept": True})
+    await make_worker(repo, [fake], database_url).run_until_empty()
+
+    row = await repo.get(job_id)
+    assert row.status == "completed" and row.attempts == 1 and row.progress == 1.0
+    [sent] = fake.generation_requests()
+    assert sent == {"prompt": "a cat", "steps": 20, "seed": 7,
+                    "unknown_extension_field": {"kept": True}}
+    result = row.result
+    assert result["parameters"] == sent
+    info = json.loads(result["info"])
+    assert info["seed"] == 7 and info["all_seeds"] == [7]
+    [image] = await repo.images(row.seq)
+    assert image.startswith(b"\x89PNG") and b"Seed: 7" in image
+
+
+async def test_progress_is_stored_while_the_generation_runs(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    worker = make_worker(repo, [fake], database_url)
+    run = asyncio.create_task(worker.run_until_empty())
+    seen: list[float] = []
+
+    async def progressed() -> bool:
+        row = await repo.get(job_id)
+        if row.status == "processing" and row.progress > 0:
+            seen.append(row.progress)
+        return len(seen) >= 3 and seen[-1] > seen[0]
+
+    await wait_until(progressed)
+    row = await repo.get(job_id)
+    assert row.eta_relative is not None and row.eta_relative > 0
+    fake.finish_current()
+    await run
+    assert (await repo.get(job_id)).status == "completed"
+
+
+async def test_canceling_a_running_job_interrupts_its_slot_and_ends_it_canceled(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    run = asyncio.create_task(make_worker(repo, [fake], database_url).run_until_empty())
+    await wait_until(lambda: _status_is(repo, job_id, "processing"))
+    await wait_until(lambda: _async(fake.current is not None))
+    await repo.cancel(job_id)
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    assert row.status == "canceled" and fake.interrupts == 1 and fake.completed == 0
+    # What the backend answered after the interrupt is kept, as A1111 would have returned it.
+    assert json.loads(row.result["info"])["fake_generation"] == 1
+
+
+async def test_skipping_a_running_job_ends_its_batch_and_the_next_batch_runs(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    body = json.dumps({"prompt": "a cat", "n_iter": 2, "fake_seconds": 600})
+    new = NewJob("txt2img", request=body, payload=body, owner="alice")
+    job_id = (await repo.submit(new)).job.id
+    run = asyncio.create_task(make_worker(repo, [fake], database_url).run_until_empty())
+    await wait_until(lambda: _async(fake.current is not None))
+    await repo.skip_running(owner="alice", job_id=job_id)
+    await wait_until(lambda: _async(fake.current is not None and fake.current.batch == 1))
+    fake.finish_current()
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    assert row.status == "completed" and fake.skips == 1
+    assert len(await repo.images(row.seq)) == 2
+
+
+async def test_gateway_errors_are_retried_then_the_job_runs(
+    repo: JobRepository, fake_a1111: tuple[FakeA1111, str], database_url: str
+) -> None:
+    fake, url = fake_a1111
+    fake.fail_next(1, status=503)  # one in-process retry absorbs it
+    job_id = await submit(repo)
+    await make_worker(repo, [a1111(url)], database_url).run_until_empty()
+    row = await repo.get(job_id)
+    assert row.status == "completed" and row.attempts == 1
+    assert len(fake.generation_requests()) == 2
+
+
+async def test_an_unavailable_backend_requeues_durably_then_errors_naming_backend_and_cause(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    fake.fail_next(3, "unavailable", status=502)  # one per attempt
+    job_id = await submit(repo)
+    worker = make_worker(repo, [fake], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
+    row = await repo.get(job_id)
+    assert row.run_after > row.updated_at  # durable backoff, visible in the store
+    assert row.error["code"] == "backend_unavailable"
+    # Skip the backoff rather than sleep through it.
+    await _make_due(repo, job_id)
+    await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=2))
+    await _make_due(repo, job_id)
+    await wait_until(lambda: _status_is(repo, job_id, "error"))
+    worker.stop()
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    error = row.error
+    assert row.status == "error" and row.attempts == 3
+    assert fake.name in error["message"] and "502" in error["message"]
+    assert error["backend"] == fake.name and error["backend_status"] == 502
+
+
+async def test_a1111_gateway_errors_past_the_retries_are_unavailable_naming_url_and_status(
+    fake_a1111: tuple[FakeA1111, str],
+) -> None:
+    fake, url = fake_a1111
+    fake.fail_next(2, status=502)  # both tries
+    backend = a1111(url)
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            await backend.generate("txt2img", {"prompt": "x"})
+    finally:
+        await backend.aclose()
+    assert url in raised.value.message and "502" in raised.value.message
+    assert raised.value.status == 502 and len(fake.generation_requests()) == 2
+
+
+async def test_a_backend_rejecting_a_job_ends_it_with_the_backends_own_detail(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    a1111_body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
+                  "errors": ""}
+    fake.fail_next(1, "rejected", status=422, body=a1111_body)
+    job_id = await submit(repo, script_name="nope")
+    await make_worker(repo, [fake], database_url).run_until_empty()
+    row = await repo.get(job_id)
+    error = row.error
+    assert row.status == "error" and row.attempts == 1
+    assert "Script 'nope' not found" in error["message"]
+    assert error["backend_status"] == 422 and error["backend_body"] == a1111_body
+
+
+async def test_a1111s_own_error_answer_is_a_rejection_with_its_detail_status_and_body(
+    fake_a1111: tuple[FakeA1111, str],
+) -> None:
+    fake, url = fake_a1111
+    a1111_body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
+                  "errors": ""}
+    fake.fail_next(1, status=422, body=a1111_body)
+    backend = a1111(url)
+    try:
+        with pytest.raises(BackendRejected) as raised:
+            await backend.generate("txt2img", {"script_name": "nope"})
+    finally:
+        await backend.aclose()
+    assert "Script 'nope' not found" in raised.value.message
+    assert raised.value.status == 422 and raised.value.body == a1111_body
+
+
+async def test_a_garbage_answer_ends_the_job_with_a_clear_error(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    fake.fail_next(1, "bad_response")
+    job_id = await submit(repo)
+    await make_worker(repo, [fake], database_url).run_until_empty()
+    row = await repo.get(job_id)
+    error = row.error
+    assert row.status == "error" and row.attempts == 1
+    assert error["code"] == "backend_bad_response" and "not an A1111 response" in error["message"]
+
+
+async def test_a1111_answering_garbage_is_a_protocol_error_that_asks_about_the_url(
+    fake_a1111: tuple[FakeA1111, str],
+) -> None:
+    fake, url = fake_a1111
+    fake.garbage_next()
+    backend = a1111(url)
+    try:
+        with pytest.raises(BackendProtocolError) as raised:
+            await backend.generate("txt2img", {"prompt": "x"})
+    finally:
+        await backend.aclose()
+    assert "not an A1111 response" in raised.value.message and "--api" in raised.value.message
+
+
+async def test_a_hung_backend_that_shows_no_generation_gets_the_job_requeued(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    fake.hang_next()
+    job_id = await submit(repo)
+    worker = make_worker(repo, [fake], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, job_id, "queued", attempts=1))
+    assert "shown no generation running" in (await repo.get(job_id)).error["message"]
+    await _make_due(repo, job_id)
+    await wait_until(lambda: _status_is(repo, job_id, "completed"))
+    worker.stop()
+    await asyncio.wait_for(run, 5)
+    assert len(fake.generation_requests()) == 2
+
+
+async def test_an_unreachable_backend_keeps_jobs_queued_and_says_why(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    fake.down = True
+    first = await submit(repo)
+    second = await submit(repo)
+    worker = make_worker(repo, [fake], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, first, "queued", attempts=1))
+    await asyncio.sleep(0.5)
+    worker.stop()
+    await run
+    row = await repo.get(first)
+    assert "is down" in row.error["message"] and row.error["backend"] == fake.name
+    untouched = await repo.get(second)
+    assert untouched.status == "queued" and untouched.attempts == 0  # not burnt while down
+    assert worker.slots[0].state == "down"
+
+
+async def test_an_a1111_that_refuses_connections_is_unavailable_naming_it(
+    fake_a1111: tuple[FakeA1111, str],
+) -> None:
+    from tests.servers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    backend = a1111(dead)
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            await backend.generate("txt2img", {"prompt": "x"})
+    finally:
+        await backend.aclose()
+    assert "cannot connect" in raised.value.message and dead in raised.value.message
+
+
+async def test_several_slots_run_jobs_in_parallel(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    ids = [await submit(repo, fake_seconds=300) for _ in range(3)]
+    run = asyncio.create_task(make_worker(repo, list(fakes), database_url).run_until_empty())
+    # Three jobs side by side, not one after another: each runs until all three are running.
+    await wait_until(lambda: _async(all(fake.current is not None for fake in fakes)))
+    for fake in fakes:
+        fake.finish_current()
+    await asyncio.wait_for(run, 10)
+    rows = [await repo.get(job_id) for job_id in ids]
+    assert {row.status for row in rows} == {"completed"}
+    assert {row.backend for row in rows} == {fake.name for fake in fakes}
+    assert all(fake.completed == 1 for fake in fakes)
+
+
+async def test_stopping_the_worker_releases_running_jobs_for_another_worker(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    worker = make_worker(repo, [fake], database_url)
+    run = asyncio.create_task(worker.run())
+    await wait_until(lambda: _status_is(repo, job_id, "processing"))
+    worker.stop()
+    await asyncio.wait_for(run, 5)
+    row = await repo.get(job_id)
+    assert row.status == "queued" and row.attempts == 0 and row.run_after <= row.updated_at
+    assert fake.interrupts == 1
+
+
+async def _status_is(repo: JobRepository, job_id: str, status: str, attempts: int | None = None) -> bool:
+    row = await repo.get(job_id)
+    return row.status == status and (attempts is None or row.attempts == attempts)
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+async def _make_due(repo: JobRepository, job_id: str) -> None:
+    from sqlalchemy import update
+
+    from a1111_proxy.db.tables import jobs
+
+    async with repo.db.writing() as conn:
+        await conn.execute(update(jobs).where(jobs.c.id == job_id).values(run_after=0))
+
+
+
+async def test_a_job_goes_to_the_slot_that_last_ran_its_checkpoint(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    async def submit_for(checkpoint: str) -> str:
+        body = json.dumps({"prompt": checkpoint, "override_settings": {"sd_model_checkpoint": checkpoint}})
+        new = NewJob("txt2img", request=body, payload=body, checkpoint=checkpoint)
+        return (await repo.submit(new)).job.id
+
+    first = [await submit_for("model-a"), await submit_for("model-b")]
+    worker = make_worker(repo, list(fakes[:2]), database_url)
+    await worker._run_until_empty()
+    slot_of = {(await repo.get(i)).checkpoint: (await repo.get(i)).backend for i in first}
+    # Now the other order: each job still finds the slot that has its model loaded.
+    second = [await submit_for("model-b"), await submit_for("model-a")]
+    await worker.run_until_empty()
+    for job_id in second:
+        row = await repo.get(job_id)
+        assert row.backend == slot_of[row.checkpoint]
+
+
+class SlowToStore(JobRepository):
+    """A database that takes a while to store results (a big batch of images, a busy server)."""
+
+    async def complete(self, *args: object, **kwargs: object) -> bool:
+        await asyncio.sleep(0.3)
+        return await super().complete(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_backend_starts_its_next_job_while_the_last_result_is_still_being_stored(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    slow = SlowToStore(repo.db, max_attempts=3, lease_seconds=5)
+    first, second = await submit(slow, seed=1), await submit(slow, seed=2)
+    await make_worker(slow, [fake], database_url).run_until_empty()
+    one, two = await repo.get(first), await repo.get(second)
+    assert one.status == two.status == "completed"
+    assert two.started_at < one.completed_at  # the backend did not wait for the database
+    assert fake.max_in_flight == 1  # and still ran one job at a time
+
+
+async def test_a_catalogue_refresh_while_a_backend_is_down_warns_and_keeps_the_last_one(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from a1111_proxy.catalogue import CatalogueStore
+    from worker.catalogue import CatalogueKeeper
+
+    db = Database(sqlite_url)
+    store = CatalogueStore(db)
+    keeper = CatalogueKeeper(store)
+    up, down = FakeBackend("up"), FakeBackend("http://127.0.0.1:9")
+    down.down = True
+    try:
+        await keeper.fetch_all([up])
+        models = await store.get("sd-models")
+        with caplog.at_level(logging.INFO, logger="a1111_proxy.worker"):
+            await keeper.fetch_all([down])
+        assert "http://127.0.0.1:9 did not answer" in caplog.text and "--api" in caplog.text
+        assert models and await store.get("sd-models") == models
+    finally:
+        await db.dispose()
+
+
+async def test_the_a1111_backend_reads_every_catalogue_entry_and_sends_control_calls_to_a1111(
+    fake_a1111: tuple[FakeA1111, str],
+) -> None:
+    fake, url = fake_a1111
+    assert set(CATALOGUE_PATHS) == set(ENTRIES)
+    backend = a1111(url)
+    try:
+        answers = {name: await backend.catalogue_entry(name) for name in ENTRIES}
+        assert answers["sd-models"] == fake.models and answers["options"] == fake.options
+        assert answers["controlnet-version"] is None  # A1111 answers 404: it lacks it
+        await backend.apply_options({"CLIP_stop_at_last_layers": 2})
+        for what in ("loras", "vae", "embeddings"):
+            await backend.refresh(what)  # type: ignore[arg-type]
+        await backend.refresh("checkpoints")
+        await backend.unload_checkpoint()
+        await backend.reload_checkpoint("dreamshaper_8")
+    finally:
+        await backend.aclose()
+    assert fake.options_posted == [{"CLIP_stop_at_last_layers": 2}]
+    assert [r.path for r in fake.received][-5:] == [
+        "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-embeddings",
+        "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"]
+    assert fake.received[-1].body == {"sd_model_checkpoint": "dreamshaper_8"}
+    assert len(fake.models) == 3  # refresh-checkpoints found the new model
+    assert fake.timeline == ["unload-checkpoint", "reload-checkpoint"]
+
+
+async def test_a_backend_silent_at_start_rests_and_its_catalogue_is_fetched_once_it_answers(
+    repo: JobRepository, database_url: str
+) -> None:
+    from a1111_proxy.catalogue import CatalogueStore
+    from worker.catalogue import CatalogueKeeper
+
+    store = CatalogueStore(repo.db)
+    backend = FakeBackend("late", service_time=0.05)
+    backend.down = True  # A1111 not started yet when the worker starts
+    worker = make_worker(repo, [backend], database_url)
+    worker.keeper = CatalogueKeeper(store, interval=3600)  # a failed fetch must not wait this
+    worker.catalogue_check_seconds = 0.05
+    run = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: _true(worker.slots[0].state == "down"))
+        assert worker.slots[0].down_since is not None
+        job_id = await submit(repo)  # not claimed by a backend known to be down
+        assert (await repo.get(job_id)).attempts == 0
+        backend.down = False
+        await wait_until(lambda: store.get("sd-models"))
+        await wait_until(lambda: _true(worker.slots[0].down_since is None))
+        await wait_until(lambda: _has_status(repo, job_id, "completed"))
+    finally:
+        worker.stop()
+        await run
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _has_status(repo: JobRepository, job_id: str, status: str) -> bool:
+    return (await repo.get(job_id)).status == status

@@ -1,0 +1,30 @@
+"""Fixtures of the processes tier: the fake A1111 a module's processes talk to, and a client as
+A1111 clients are. A module starts its own `stack` (tests/stack.py) from `fake.url`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.fakes.a1111 import FakeA1111
+from tests.servers import serve
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeA1111]:
+    """One fake A1111 on loopback for the whole module (its processes are slow to start); its
+    base URL is `fake.url`."""
+    fake = FakeA1111(service_time=0.05)
+    with serve(fake.app) as url:
+        fake.url = url  # type: ignore[attr-defined]
+        yield fake
+
+
+@pytest.fixture
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    """A client as A1111 clients are: no Prefer header (stack.api asks for async)."""
+    with httpx.Client(base_url=stack.base, timeout=30) as client:
+        yield client
