@@ -61,11 +61,13 @@ class Proc:
         self, args: list[str], env: dict[str, str], log: Path, module: str = "a1111_proxy"
     ) -> None:
         self.log_path = log
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(log, "ab")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=log.parent,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
         )
 
     @property

@@ -29,21 +29,29 @@ def parse(lines: Iterable[str]) -> Iterator[Event]:
         elif line == "":
             if "event" in fields or "data" in fields:
                 data = json.loads(fields["data"]) if "data" in fields else None
-                yield Event(fields.get("event", "message"), fields.get("id"), data,
-                            time.monotonic())
+                yield Event(
+                    fields.get("event", "message"), fields.get("id"), data, time.monotonic()
+                )
             fields = {}
         else:
             name, _, value = line.partition(":")
             fields[name] = value[1:] if value.startswith(" ") else value
 
 
-def follow(client: httpx.Client, job_id: str, *, last_event_id: str | None = None,
-           stop: tuple[str, ...] = FINAL, timeout: float = 30) -> list[Event]:
+def follow(
+    client: httpx.Client,
+    job_id: str,
+    *,
+    last_event_id: str | None = None,
+    stop: tuple[str, ...] = FINAL,
+    timeout: float = 30,
+) -> list[Event]:
     """Read a job's stream until an event named in `stop` (or the stream ends)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     events = []
-    with client.stream("GET", f"/sdapi/v1/jobs/{job_id}/events", headers=headers,
-                       timeout=timeout) as response:
+    with client.stream(
+        "GET", f"/sdapi/v1/jobs/{job_id}/events", headers=headers, timeout=timeout
+    ) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         for event in parse(response.iter_lines()):

@@ -30,8 +30,12 @@ class Stack:
         self.tmp = tmp
         self.url = database_url or f"sqlite+aiosqlite:///{tmp}/jobs.db"
         upgrade(self.url)
-        self.env = {"A1111_PROXY_DATABASE_URL": self.url,
-                    "A1111_PROXY_A1111_URLS": ",".join(backends), **FAST_WORKER, **env}
+        self.env = {
+            "A1111_PROXY_DATABASE_URL": self.url,
+            "A1111_PROXY_A1111_URLS": ",".join(backends),
+            **FAST_WORKER,
+            **env,
+        }
         self.procs: list[Proc] = []
         self.api: httpx.Client | None = None
         self.api_proc: Proc | None = None
@@ -61,8 +65,11 @@ class Stack:
         return self.api.get(f"/sdapi/v1/jobs/{job_id}").json()
 
     def wait_status(self, job_id: str, *statuses: str, timeout: float = 30) -> dict:
-        return wait_for(lambda: (j := self.job(job_id))["status"] in statuses and j,
-                        timeout=timeout, what=f"job {job_id} to be {statuses}")
+        return wait_for(
+            lambda: (j := self.job(job_id))["status"] in statuses and j,
+            timeout=timeout,
+            what=f"job {job_id} to be {statuses}",
+        )
 
     def submit(self, **body: object) -> str:
         assert self.api is not None

@@ -51,8 +51,16 @@ class TinyModels:
 
         self._file(f"{self._keys[id(model)]}-single-file", path, build)
 
-    def kohya_lora(self, pipe: Any, path: Path, *, seed: int = 1, unet: bool = True,
-                   text: bool = True, rank: int = 4) -> None:
+    def kohya_lora(
+        self,
+        pipe: Any,
+        path: Path,
+        *,
+        seed: int = 1,
+        unet: bool = True,
+        text: bool = True,
+        rank: int = 4,
+    ) -> None:
         def build(into: Path) -> None:
             self.tiny_sd.kohya_lora(pipe, into, seed=seed, unet=unet, text=text, rank=rank)
 

@@ -38,11 +38,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 7}
 
 
-
 @pytest.fixture(scope="module")
-def models_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> Iterator[Path]:
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels) -> Iterator[Path]:
     """MODELS_DIR in A1111's layout: SD1.5 and SDXL single-file checkpoints, an SDXL diffusers
     folder, an SD1.5 inpainting folder and a pickled .ckpt; plus the tiny models' config folders
     (the stand-ins for the shipped real-size skeletons)."""
@@ -349,8 +346,7 @@ async def test_progress_advances_with_previews_and_interrupt_stops_at_the_next_s
             backend.generate("txt2img", {"prompt": "a cat", **SMALL, "steps": 500})
         )
         seen = []
-        while (len(seen) < 3 or seen[-1].progress <= seen[0].progress
-               or not seen[-1].current_image):
+        while len(seen) < 3 or seen[-1].progress <= seen[0].progress or not seen[-1].current_image:
             assert not run.done(), run  # it must still be running (and not have failed)
             progress = await backend.progress(with_image=True)
             if progress.progress > 0:

@@ -36,9 +36,7 @@ SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
 
 
 @pytest.fixture(scope="module")
-def models_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> Iterator[Path]:
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels) -> Iterator[Path]:
     """MODELS_DIR with two tiny SD1.5 single-file checkpoints, and their config folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("engine-checkpoint")
@@ -50,10 +48,13 @@ def models_dir(
 
 
 def make_backend(models_dir: Path, device: str = "cpu") -> DiffusersBackend:
-    return DiffusersBackend(EngineConfig(
-        models_dir=models_dir / "models", device=device,
-        skeletons={"sd15": models_dir / "configs" / "sd15"},
-    ))
+    return DiffusersBackend(
+        EngineConfig(
+            models_dir=models_dir / "models",
+            device=device,
+            skeletons={"sd15": models_dir / "configs" / "sd15"},
+        )
+    )
 
 
 @pytest.fixture
@@ -87,8 +88,9 @@ async def test_unload_frees_the_model_and_the_next_job_loads_it_again(
 async def test_reload_loads_the_checkpoint_it_names_else_the_one_used_last(
     backend: DiffusersBackend,
 ) -> None:
-    await backend.generate("txt2img", {**SMALL, "override_settings": {
-        "sd_model_checkpoint": "b-tiny"}})
+    await backend.generate(
+        "txt2img", {**SMALL, "override_settings": {"sd_model_checkpoint": "b-tiny"}}
+    )
     await backend.unload_checkpoint()
     await backend.reload_checkpoint(None)
     assert backend.models.loaded() == ["b-tiny.safetensors"]  # the one used last
@@ -111,8 +113,14 @@ async def test_on_cuda_unload_gives_the_gpu_memory_back(models_dir: Path) -> Non
         await backend.generate("txt2img", SMALL)
         before = await backend.catalogue_entry("memory")
         assert before["cuda"]["allocated"]["current"] > 0
-        assert set(before["cuda"]) == {"system", "active", "allocated", "reserved", "inactive",
-                                       "events"}
+        assert set(before["cuda"]) == {
+            "system",
+            "active",
+            "allocated",
+            "reserved",
+            "inactive",
+            "events",
+        }
         await backend.unload_checkpoint()
         after = await backend.catalogue_entry("memory")
         assert after["cuda"]["allocated"]["current"] < before["cuda"]["allocated"]["current"]
@@ -138,10 +146,16 @@ async def test_the_worker_unloads_the_engine_between_jobs_and_a_later_job_still_
     db = Database(sqlite_url)
     repo = JobRepository(db)
     backend = make_backend(models_dir)
-    worker = Worker(repo=repo, backends=[backend], wakeup=make_wakeup(sqlite_url, 0.005),
-                    timing=Timing(progress_seconds=0.05, heartbeat_seconds=1,
-                                  interrupt_grace_seconds=5, stall_seconds=60),
-                    keeper=CatalogueKeeper(CatalogueStore(db)), shutdown_grace_seconds=5)
+    worker = Worker(
+        repo=repo,
+        backends=[backend],
+        wakeup=make_wakeup(sqlite_url, 0.005),
+        timing=Timing(
+            progress_seconds=0.05, heartbeat_seconds=1, interrupt_grace_seconds=5, stall_seconds=60
+        ),
+        keeper=CatalogueKeeper(CatalogueStore(db)),
+        shutdown_grace_seconds=5,
+    )
     task = asyncio.create_task(worker.run())
 
     async def run_job() -> None:

@@ -35,9 +35,7 @@ HIRES = {"enable_hr": True, "denoising_strength": 0.5, "hr_second_pass_steps": 2
 
 
 @pytest.fixture(scope="module")
-def models_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> Iterator[Path]:
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels) -> Iterator[Path]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("editing")
     checkpoints = root / "models" / "Stable-diffusion"
@@ -150,7 +148,8 @@ async def test_hires_fix_returns_images_at_the_upscaled_size_with_its_infotext(
     assert (
         "Size: 64x64, Model hash: " in info["infotexts"][0]
         and f"Denoising strength: 0.5, Hires upscale: 2.0, Hires steps: 2, "
-        f"Hires upscaler: {upscaler}, Version: " in info["infotexts"][0]
+        f"Hires upscaler: {upscaler}, Version: "
+        in info["infotexts"][0]
     )
     plain = await image(backend, prompt="a cat")
     lowres = np.asarray(Image.fromarray(pixels(result).astype(np.uint8)).resize((64, 64)))

@@ -41,9 +41,7 @@ SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7, "prompt": "a cat"}
 
 
 @pytest.fixture(scope="module")
-def models_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> Iterator[Path]:
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels) -> Iterator[Path]:
     """MODELS_DIR with an SD1.5 and an SDXL checkpoint, kohya LoRAs for each (one only for the
     text encoder, one in a subfolder, one LyCORIS LoHa) and ControlNets for each (diffusers
     folders, and one as an A1111-style single file)."""
@@ -217,8 +215,13 @@ async def test_controlnet_steers_hires_fixs_second_pass_too(
         return forward(self, sample, *args, **kwargs)
 
     monkeypatch.setattr(ControlNetModel, "forward", counted)
-    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Lanczos",
-             "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    hires = {
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_upscaler": "Lanczos",
+        "hr_second_pass_steps": 2,
+        "denoising_strength": 0.5,
+    }
     result = await backend.generate("txt2img", {**SMALL, **SD15, **hires, **controlnet(SCRIBBLE)})
     assert Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).size == (128, 128)
     assert calls == [(8, 8)] * 3 + [(16, 16)] * 2  # every step of both passes, at each size

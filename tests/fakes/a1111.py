@@ -25,25 +25,52 @@ from starlette.routing import Route
 from a1111_proxy.backends.fake import tiny_png
 
 MODELS = [
-    {"title": "v1-5-pruned-emaonly.safetensors [6ce0161689]", "model_name": "v1-5-pruned-emaonly",
-     "hash": "6ce0161689", "sha256": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
-     "filename": "/models/Stable-diffusion/v1-5-pruned-emaonly.safetensors", "config": None},
-    {"title": "SDXL/juggernautXL_v9.safetensors [c9e3e68f89]", "model_name": "SDXL_juggernautXL_v9",
-     "hash": "c9e3e68f89", "sha256": "c9e3e68f89b8e38689e1097d4be4573cf308de4e3fd044c64ca697bdb4aa8bca",
-     "filename": "/models/Stable-diffusion/SDXL/juggernautXL_v9.safetensors", "config": None},
+    {
+        "title": "v1-5-pruned-emaonly.safetensors [6ce0161689]",
+        "model_name": "v1-5-pruned-emaonly",
+        "hash": "6ce0161689",
+        "sha256": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+        "filename": "/models/Stable-diffusion/v1-5-pruned-emaonly.safetensors",
+        "config": None,
+    },
+    {
+        "title": "SDXL/juggernautXL_v9.safetensors [c9e3e68f89]",
+        "model_name": "SDXL_juggernautXL_v9",
+        "hash": "c9e3e68f89",
+        "sha256": "c9e3e68f89b8e38689e1097d4be4573cf308de4e3fd044c64ca697bdb4aa8bca",
+        "filename": "/models/Stable-diffusion/SDXL/juggernautXL_v9.safetensors",
+        "config": None,
+    },
 ]
-NEW_MODEL = {"title": "dreamshaper_8.safetensors [879db523c3]", "model_name": "dreamshaper_8",
-             "hash": "879db523c3", "sha256": "879db523c30d3b9017143d56705015e15a2cb5628762c11d086fed9538abd7fd",
-             "filename": "/models/Stable-diffusion/dreamshaper_8.safetensors", "config": None}
+NEW_MODEL = {
+    "title": "dreamshaper_8.safetensors [879db523c3]",
+    "model_name": "dreamshaper_8",
+    "hash": "879db523c3",
+    "sha256": "879db523c30d3b9017143d56705015e15a2cb5628762c11d086fed9538abd7fd",
+    "filename": "/models/Stable-diffusion/dreamshaper_8.safetensors",
+    "config": None,
+}
 
 # What A1111 v1.10 answers on /sdapi/v1/latent-upscale-modes (shared.latent_upscale_modes).
-LATENT_UPSCALE_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)",
-                        "Latent (bicubic antialiased)", "Latent (nearest)",
-                        "Latent (nearest-exact)"]
+LATENT_UPSCALE_MODES = [
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+]
 
 IDLE_STATE = {
-    "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-    "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+    "skipped": False,
+    "interrupted": False,
+    "stopping_generation": False,
+    "job": "",
+    "job_count": 0,
+    "job_timestamp": "0",
+    "job_no": 0,
+    "sampling_step": 0,
+    "sampling_steps": 0,
 }
 
 
@@ -87,29 +114,68 @@ class FakeA1111:
         self.max_in_flight = 0
         self.models = [dict(m) for m in MODELS]
         self.options: dict[str, Any] = {
-            "sd_model_checkpoint": self.models[0]["title"], "sd_checkpoint_hash": self.models[0]["sha256"],
-            "samples_format": "png", "CLIP_stop_at_last_layers": 1, "live_previews_enable": True,
+            "sd_model_checkpoint": self.models[0]["title"],
+            "sd_checkpoint_hash": self.models[0]["sha256"],
+            "samples_format": "png",
+            "CLIP_stop_at_last_layers": 1,
+            "live_previews_enable": True,
         }
         self.options_posted: list[dict[str, Any]] = []
         self.catalogue: dict[str, Any] = {
-            "loras": [{"name": "add_detail", "alias": "add_detail", "path": "/models/Lora/add_detail.safetensors",
-                       "metadata": {"ss_output_name": "add_detail"}}],
-            "samplers": [{"name": "Euler a", "aliases": ["k_euler_a"], "options": {}},
-                         {"name": "DPM++ 2M", "aliases": ["k_dpmpp_2m"], "options": {}}],
-            "schedulers": [{"name": "automatic", "label": "Automatic", "aliases": None,
-                            "default_rho": -1.0, "need_inner_model": False},
-                           {"name": "karras", "label": "Karras", "aliases": None,
-                            "default_rho": 7.0, "need_inner_model": False}],
-            "upscalers": [{"name": "Lanczos", "model_name": None, "model_path": None,
-                           "model_url": None, "scale": 4}],
+            "loras": [
+                {
+                    "name": "add_detail",
+                    "alias": "add_detail",
+                    "path": "/models/Lora/add_detail.safetensors",
+                    "metadata": {"ss_output_name": "add_detail"},
+                }
+            ],
+            "samplers": [
+                {"name": "Euler a", "aliases": ["k_euler_a"], "options": {}},
+                {"name": "DPM++ 2M", "aliases": ["k_dpmpp_2m"], "options": {}},
+            ],
+            "schedulers": [
+                {
+                    "name": "automatic",
+                    "label": "Automatic",
+                    "aliases": None,
+                    "default_rho": -1.0,
+                    "need_inner_model": False,
+                },
+                {
+                    "name": "karras",
+                    "label": "Karras",
+                    "aliases": None,
+                    "default_rho": 7.0,
+                    "need_inner_model": False,
+                },
+            ],
+            "upscalers": [
+                {
+                    "name": "Lanczos",
+                    "model_name": None,
+                    "model_path": None,
+                    "model_url": None,
+                    "scale": 4,
+                }
+            ],
             "latent-upscale-modes": [{"name": name} for name in LATENT_UPSCALE_MODES],
             "sd-vae": [],  # A1111 lists the files in models/VAE; tests add some
             "scripts": {"txt2img": ["x/y/z plot", "controlnet m2m"], "img2img": ["x/y/z plot"]},
-            "cmd-flags": {"api": True, "api_auth": "user:hunter2", "gradio_auth": None, "port": 7860},
+            "cmd-flags": {
+                "api": True,
+                "api_auth": "user:hunter2",
+                "gradio_auth": None,
+                "port": 7860,
+            },
             # The rest of A1111 v1.10's lists, as a fresh install answers them.
-            "hypernetworks": [], "realesrgan-models": [], "prompt-styles": [],
+            "hypernetworks": [],
+            "realesrgan-models": [],
+            "prompt-styles": [],
             "face-restorers": [{"name": "CodeFormer", "cmd_dir": None}],
-            "embeddings": {"loaded": {}, "skipped": {}}, "script-info": [], "extensions": [],
+            "embeddings": {"loaded": {}, "skipped": {}},
+            "script-info": [],
+            "extensions": [],
         }
         # The checkpoint's place: A1111 loads it on demand when a generation needs it.
         self.loaded = True
@@ -125,8 +191,10 @@ class FakeA1111:
             Route("/sdapi/v1/options", self._get_options, methods=["GET"]),
             Route("/sdapi/v1/options", self._set_options, methods=["POST"]),
             Route("/sdapi/v1/refresh-checkpoints", self._refresh, methods=["POST"]),
-            *(Route(f"/sdapi/v1/refresh-{what}", self._refresh_other, methods=["POST"])
-              for what in ("loras", "vae", "embeddings")),
+            *(
+                Route(f"/sdapi/v1/refresh-{what}", self._refresh_other, methods=["POST"])
+                for what in ("loras", "vae", "embeddings")
+            ),
             Route("/sdapi/v1/unload-checkpoint", self._checkpoint, methods=["POST"]),
             Route("/sdapi/v1/reload-checkpoint", self._checkpoint, methods=["POST"]),
             Route("/sdapi/v1/memory", self._memory, methods=["GET"]),
@@ -136,7 +204,9 @@ class FakeA1111:
             Route("/controlnet/model_list", self._cn_models, methods=["GET"]),
             Route("/controlnet/detect", self._cn_detect, methods=["POST"]),
         ]
-        listed = [Route(f"/sdapi/v1/{name}", self._listed, methods=["GET"]) for name in self.catalogue]
+        listed = [
+            Route(f"/sdapi/v1/{name}", self._listed, methods=["GET"]) for name in self.catalogue
+        ]
         self.app = Starlette(routes=control + listed)
 
     # --- knobs ----------------------------------------------------------------------------
@@ -202,16 +272,26 @@ class FakeA1111:
         seed = seed if seed != -1 else 1000 + number
         batch = int(body.get("batch_size") or 1) * int(body.get("n_iter") or 1)
         count = 0 if interrupted else batch
-        infotexts = [f"{body.get('prompt', '')}\nSteps: {steps}, Seed: {seed + i}, fake: {self.name}#{number}"
-                     for i in range(count)]
+        infotexts = [
+            f"{body.get('prompt', '')}\nSteps: {steps}, Seed: {seed + i}, "
+            f"fake: {self.name}#{number}"
+            for i in range(count)
+        ]
         result = {
             "images": [base64.b64encode(tiny_png(text)).decode() for text in infotexts],
             "parameters": body,
-            "info": json.dumps({"prompt": body.get("prompt", ""), "seed": seed,
-                                "sd_model_name": self._model_for(body),
-                                "all_seeds": [seed + i for i in range(batch)],
-                                "width": body.get("width", 512), "height": body.get("height", 512),
-                                "infotexts": infotexts, "fake_generation": number}),
+            "info": json.dumps(
+                {
+                    "prompt": body.get("prompt", ""),
+                    "seed": seed,
+                    "sd_model_name": self._model_for(body),
+                    "all_seeds": [seed + i for i in range(batch)],
+                    "width": body.get("width", 512),
+                    "height": body.get("height", 512),
+                    "infotexts": infotexts,
+                    "fake_generation": number,
+                }
+            ),
         }
         if not interrupted:
             self.completed.append({"number": number, "kind": kind, "body": body})
@@ -224,19 +304,38 @@ class FakeA1111:
     async def _progress(self, request: Request) -> Response:
         gen = self.current
         if gen is None:
-            return JSONResponse({"progress": 0.0, "eta_relative": 0.0, "state": IDLE_STATE,
-                                 "current_image": None, "textinfo": None})
+            return JSONResponse(
+                {
+                    "progress": 0.0,
+                    "eta_relative": 0.0,
+                    "state": IDLE_STATE,
+                    "current_image": None,
+                    "textinfo": None,
+                }
+            )
         fraction = gen.fraction()
         step = int(fraction * gen.steps)
         elapsed = time.monotonic() - gen.started
         progress = min(1.0, 0.01 + fraction)
-        state = {**IDLE_STATE, "job": f"scripts_{gen.kind}", "job_count": 1,
-                 "sampling_step": step, "sampling_steps": gen.steps,
-                 "interrupted": gen.interrupted.is_set()}
+        state = {
+            **IDLE_STATE,
+            "job": f"scripts_{gen.kind}",
+            "job_count": 1,
+            "sampling_step": step,
+            "sampling_steps": gen.steps,
+            "interrupted": gen.interrupted.is_set(),
+        }
         skip_image = request.query_params.get("skip_current_image", "false") == "true"
         preview = None if skip_image else base64.b64encode(tiny_png(f"preview {step}", 4)).decode()
-        return JSONResponse({"progress": progress, "eta_relative": elapsed / progress - elapsed,
-                             "state": state, "current_image": preview, "textinfo": None})
+        return JSONResponse(
+            {
+                "progress": progress,
+                "eta_relative": elapsed / progress - elapsed,
+                "state": state,
+                "current_image": preview,
+                "textinfo": None,
+            }
+        )
 
     async def _interrupt(self, request: Request) -> Response:
         self.interrupts += 1
@@ -289,14 +388,23 @@ class FakeA1111:
         model = 2 * 2**30 if self.loaded else 0
         pair = {"current": model, "peak": 2 * 2**30}
         total = 24 * 2**30
-        return JSONResponse({
-            "ram": {"free": 60.0 * 2**30, "used": 4 * 2**30, "total": 64.0 * 2**30},
-            "cuda": {"system": {"free": total - model - 2**30, "used": model + 2**30,
-                                "total": total},
-                     "active": pair, "allocated": pair, "reserved": pair,
-                     "inactive": {"current": 0, "peak": 0},
-                     "events": {"retries": 0, "oom": 0}},
-        })
+        return JSONResponse(
+            {
+                "ram": {"free": 60.0 * 2**30, "used": 4 * 2**30, "total": 64.0 * 2**30},
+                "cuda": {
+                    "system": {
+                        "free": total - model - 2**30,
+                        "used": model + 2**30,
+                        "total": total,
+                    },
+                    "active": pair,
+                    "allocated": pair,
+                    "reserved": pair,
+                    "inactive": {"current": 0, "peak": 0},
+                    "events": {"retries": 0, "oom": 0},
+                },
+            }
+        )
 
     async def _interrogate(self, request: Request) -> Response:
         body = await request.json()
@@ -306,15 +414,20 @@ class FakeA1111:
     async def _extra(self, request: Request) -> Response:
         body = await request.json()
         self.received.append(Received(request.url.path, body, time.time()))
-        return JSONResponse({"html_info": "<p>upscaled</p>",
-                             "image": base64.b64encode(tiny_png("upscaled", 16)).decode()})
+        return JSONResponse(
+            {
+                "html_info": "<p>upscaled</p>",
+                "image": base64.b64encode(tiny_png("upscaled", 16)).decode(),
+            }
+        )
 
     async def _extra_batch(self, request: Request) -> Response:
         body = await request.json()
         self.received.append(Received(request.url.path, body, time.time()))
         image = base64.b64encode(tiny_png("upscaled", 16)).decode()
-        return JSONResponse({"html_info": "<p>upscaled</p>",
-                             "images": [image for _ in body.get("imageList") or []]})
+        return JSONResponse(
+            {"html_info": "<p>upscaled</p>", "images": [image for _ in body.get("imageList") or []]}
+        )
 
     async def _cn_models(self, request: Request) -> Response:
         return JSONResponse({"model_list": ["control_v11p_sd15_canny [d14c016b]"]})
@@ -322,8 +435,9 @@ class FakeA1111:
     async def _cn_detect(self, request: Request) -> Response:
         body = await request.json()
         self.received.append(Received(request.url.path, body, time.time()))
-        return JSONResponse({"images": [base64.b64encode(tiny_png("detected")).decode()],
-                             "info": "Success"})
+        return JSONResponse(
+            {"images": [base64.b64encode(tiny_png("detected")).decode()], "info": "Success"}
+        )
 
 
 def _failure(status: int, body: Any) -> Response:
@@ -332,9 +446,12 @@ def _failure(status: int, body: Any) -> Response:
     if status in (502, 503, 504):
         return Response(f"{status} from the gateway", status_code=status, media_type="text/plain")
     return JSONResponse(
-        {"error": "HTTPException" if status < 500 else "RuntimeError",
-         "detail": "fake failure" if status < 500 else "",
-         "body": "", "errors": "" if status < 500 else "fake failure"},
+        {
+            "error": "HTTPException" if status < 500 else "RuntimeError",
+            "detail": "fake failure" if status < 500 else "",
+            "body": "",
+            "errors": "" if status < 500 else "fake failure",
+        },
         status_code=status,
     )
 
@@ -352,4 +469,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

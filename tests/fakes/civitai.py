@@ -16,16 +16,38 @@ CIVITAI = "https://civitai.test"
 def version(version_id: int, name: str, kind: str = "Checkpoint", **extra: Any) -> dict[str, Any]:
     """A model version as `GET /api/v1/model-versions/by-hash/{hash}` answers it."""
     return {
-        "id": version_id, "modelId": version_id + 1000, "name": "v1.0", "description": None,
-        "baseModel": "SD 1.5", "baseModelType": "Standard", "status": "Published", "nsfwLevel": 1,
+        "id": version_id,
+        "modelId": version_id + 1000,
+        "name": "v1.0",
+        "description": None,
+        "baseModel": "SD 1.5",
+        "baseModelType": "Standard",
+        "status": "Published",
+        "nsfwLevel": 1,
         "trainedWords": ["detailed"] if kind == "LORA" else [],
         "stats": {"downloadCount": 10, "thumbsUpCount": 2, "thumbsDownCount": 0},
         "model": {"name": name, "type": kind, "nsfw": False, "poi": False},
-        "files": [{"id": 1, "name": f"{name}.safetensors", "type": "Model", "sizeKB": 1.0,
-                   "hashes": {"AutoV2": "ABCDEF0123", "SHA256": "ABCDEF0123" + "0" * 54},
-                   "downloadUrl": f"{CIVITAI}/api/download/models/{version_id}", "primary": True}],
-        "images": [{"url": f"https://image.test/{version_id}.jpeg", "nsfwLevel": 1, "width": 512,
-                    "height": 768, "hash": "U00000", "meta": {"prompt": "a cat"}}],
+        "files": [
+            {
+                "id": 1,
+                "name": f"{name}.safetensors",
+                "type": "Model",
+                "sizeKB": 1.0,
+                "hashes": {"AutoV2": "ABCDEF0123", "SHA256": "ABCDEF0123" + "0" * 54},
+                "downloadUrl": f"{CIVITAI}/api/download/models/{version_id}",
+                "primary": True,
+            }
+        ],
+        "images": [
+            {
+                "url": f"https://image.test/{version_id}.jpeg",
+                "nsfwLevel": 1,
+                "width": 512,
+                "height": 768,
+                "hash": "U00000",
+                "meta": {"prompt": "a cat"},
+            }
+        ],
         "downloadUrl": f"{CIVITAI}/api/download/models/{version_id}",
         **extra,
     }
@@ -56,8 +78,10 @@ class RecordedSleep:
 
 def safetensors_bytes(data: bytes, metadata: dict[str, str] | None = None) -> bytes:
     """A minimal .safetensors file: 8-byte little-endian header length, JSON header, data."""
-    header = json.dumps({
-        "__metadata__": metadata or {},
-        "weight": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]},
-    }).encode()
+    header = json.dumps(
+        {
+            "__metadata__": metadata or {},
+            "weight": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]},
+        }
+    ).encode()
     return struct.pack("<Q", len(header)) + header + data

@@ -1,4 +1,5 @@
-"""A clock the test moves by hand, for code that takes `clock=` (a callable giving epoch seconds)."""
+"""A clock the test moves by hand, for code that takes `clock=` (a callable giving epoch
+seconds)."""
 
 from __future__ import annotations
 

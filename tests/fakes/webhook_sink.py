@@ -45,8 +45,9 @@ class WebhookSink:
         self._default = Reply()
         self.app = Starlette(routes=[Route("/{path:path}", self._receive, methods=["POST"])])
 
-    def answer(self, status: int, *, times: int = 1, headers: dict[str, str] | None = None,
-               body: str = "") -> None:
+    def answer(
+        self, status: int, *, times: int = 1, headers: dict[str, str] | None = None, body: str = ""
+    ) -> None:
         self._script += [Reply(status, headers or {}, body)] * times
 
     def hang(self, times: int = 1) -> None:
@@ -59,10 +60,14 @@ class WebhookSink:
         return [r for r in self.received if r.path == path]
 
     async def _receive(self, request: Request) -> Response:
-        self.received.append(Received(
-            path=request.url.path, headers=dict(request.headers), body=await request.body(),
-            at=time.time(),
-        ))
+        self.received.append(
+            Received(
+                path=request.url.path,
+                headers=dict(request.headers),
+                body=await request.body(),
+                at=time.time(),
+            )
+        )
         reply = self._script.pop(0) if self._script else self._default
         if reply.hang:
             await asyncio.sleep(3600)  # the sender's timeout ends this

@@ -37,7 +37,9 @@ def secured(make_api: Callable[..., httpx.Client]) -> httpx.Client:
     return make_api(api_tokens="s3cret,other-token")
 
 
-def test_submitting_txt2img_answers_202_with_the_queued_job_and_its_location(api: httpx.Client) -> None:
+def test_submitting_txt2img_answers_202_with_the_queued_job_and_its_location(
+    api: httpx.Client,
+) -> None:
     response = api.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 20})
     assert response.status_code == 202
     job = response.json()
@@ -48,8 +50,16 @@ def test_submitting_txt2img_answers_202_with_the_queued_job_and_its_location(api
 
 
 def test_a1111_bodies_are_parsed_leniently_and_unknown_keys_are_kept(api: httpx.Client) -> None:
-    body = {"prompt": 123, "seed": "42", "width": 512.7, "enable_hr": "yes", "sampler_index": "Euler a",
-            "cfg_scale": "5", "some_extension_option": {"x": 1}, "styles": None}
+    body = {
+        "prompt": 123,
+        "seed": "42",
+        "width": 512.7,
+        "enable_hr": "yes",
+        "sampler_index": "Euler a",
+        "cfg_scale": "5",
+        "some_extension_option": {"x": 1},
+        "styles": None,
+    }
     response = api.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 202, response.text
     assert response.json()["request"] == body  # stored and passed on as the client sent it
@@ -58,9 +68,16 @@ def test_a1111_bodies_are_parsed_leniently_and_unknown_keys_are_kept(api: httpx.
 def test_proxy_fields_are_taken_out_of_the_a1111_body_and_the_secret_never_shown(
     api: httpx.Client,
 ) -> None:
-    response = api.post("/sdapi/v1/txt2img", json={
-        "prompt": "cat", "priority": 7, "webhook_url": "https://example.com/hook",
-        "webhook_secret": "whsec_c2VjcmV0", "webhook_events": ["started", "completed"]})
+    response = api.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "cat",
+            "priority": 7,
+            "webhook_url": "https://example.com/hook",
+            "webhook_secret": "whsec_c2VjcmV0",
+            "webhook_events": ["started", "completed"],
+        },
+    )
     job = response.json()
     assert job["priority"] == 7 and job["request"] == {"prompt": "cat"}
     assert job["webhook"] == {"url": "https://example.com/hook", "events": ["started", "completed"]}
@@ -70,13 +87,25 @@ def test_proxy_fields_are_taken_out_of_the_a1111_body_and_the_secret_never_shown
 
 
 def test_invalid_fields_get_a_422_naming_each_field_and_reason(api: httpx.Client) -> None:
-    response = api.post("/sdapi/v1/txt2img", json={
-        "steps": "many", "sampler_index": None, "webhook_url": "ftp://x", "priority": 1000,
-        "webhook_events": ["sometimes"]})
+    response = api.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "steps": "many",
+            "sampler_index": None,
+            "webhook_url": "ftp://x",
+            "priority": 1000,
+            "webhook_events": ["sometimes"],
+        },
+    )
     assert response.status_code == 422
     locs = {tuple(err["loc"]): err for err in response.json()["detail"]}
-    assert set(locs) >= {("body", "steps"), ("body", "sampler_index"), ("body", "webhook_url"),
-                         ("body", "priority"), ("body", "webhook_events", 0)}
+    assert set(locs) >= {
+        ("body", "steps"),
+        ("body", "sampler_index"),
+        ("body", "webhook_url"),
+        ("body", "priority"),
+        ("body", "webhook_events", 0),
+    }
     assert all(err["msg"] and err["type"] for err in locs.values())
     assert api.get("/sdapi/v1/jobs").json()["jobs"] == []  # nothing stored
 
@@ -88,8 +117,10 @@ def test_img2img_without_images_is_a_422(api: httpx.Client) -> None:
 
 
 def test_img2img_input_images_are_never_shown_in_the_stored_request(api: httpx.Client) -> None:
-    response = api.post("/sdapi/v1/img2img", json={"prompt": "cat", "init_images": [PNG],
-                                                   "mask": "data:image/png;base64," + PNG})
+    response = api.post(
+        "/sdapi/v1/img2img",
+        json={"prompt": "cat", "init_images": [PNG], "mask": "data:image/png;base64," + PNG},
+    )
     assert response.status_code == 202
     request = response.json()["request"]
     assert request["init_images"][0].startswith("<image: ") and PNG not in response.text
@@ -99,8 +130,9 @@ def test_img2img_input_images_are_never_shown_in_the_stored_request(api: httpx.C
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
 def test_a_body_that_is_not_a_json_object_is_a_422(api: httpx.Client, raw: bytes) -> None:
-    response = api.post("/sdapi/v1/txt2img", content=raw,
-                        headers={"content-type": "application/json"})
+    response = api.post(
+        "/sdapi/v1/txt2img", content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body"]
 
@@ -120,18 +152,24 @@ def test_a_streamed_body_over_the_limit_is_also_a_413(api: httpx.Client) -> None
             yield b"x" * 10_000
         yield b'"}'
 
-    response = api.post("/sdapi/v1/txt2img", content=chunks(),
-                        headers={"content-type": "application/json"})
+    response = api.post(
+        "/sdapi/v1/txt2img", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 
 def test_unknown_jobs_routes_and_methods_answer_404_and_405(api: httpx.Client) -> None:
     missing = api.get("/sdapi/v1/jobs/0f6b0c9a-0000-0000-0000-000000000000")
     assert missing.status_code == 404
-    assert missing.json()["error"] == "HTTPException" and "GET /sdapi/v1/jobs" in missing.json()["detail"]
+    assert (
+        missing.json()["error"] == "HTTPException"
+        and "GET /sdapi/v1/jobs" in missing.json()["detail"]
+    )
     assert api.post("/sdapi/v1/jobs/nope/cancel").status_code == 404
     unknown = api.get("/sdapi/v1/nothing-here")
-    assert unknown.status_code == 404 and "does not offer GET /sdapi/v1/nothing-here" in unknown.text
+    assert (
+        unknown.status_code == 404 and "does not offer GET /sdapi/v1/nothing-here" in unknown.text
+    )
     outside = api.get("/not-the-api")
     assert outside.status_code == 404 and outside.json()["detail"] == "Not Found"
     wrong = api.get("/sdapi/v1/txt2img")
@@ -191,11 +229,18 @@ def test_an_image_of_an_unfinished_job_is_a_404_that_says_why(api: httpx.Client)
 def test_tokens_are_required_as_bearer_or_as_a_basic_password(secured: httpx.Client) -> None:
     missing = secured.get("/sdapi/v1/jobs")
     assert missing.status_code == 401
-    assert missing.json() == {"error": "HTTPException", "detail": "Not authenticated", "body": "",
-                              "errors": "", "code": "not_authenticated"}
+    assert missing.json() == {
+        "error": "HTTPException",
+        "detail": "Not authenticated",
+        "body": "",
+        "errors": "",
+        "code": "not_authenticated",
+    }
     wrong = secured.get("/sdapi/v1/jobs", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["detail"] == "Incorrect username or password"
-    assert secured.get("/sdapi/v1/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert (
+        secured.get("/sdapi/v1/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    )
     assert secured.get("/sdapi/v1/jobs", auth=("anyone", "other-token")).status_code == 200
     assert secured.get("/sdapi/v1/jobs", auth=("anyone", "bad")).status_code == 401
     garbled = secured.get("/sdapi/v1/jobs", headers={"Authorization": "Basic !!!"})
@@ -236,17 +281,22 @@ def _png(size: tuple[int, int], fmt: str = "PNG", mode: str = "RGB") -> str:
 
 
 def test_real_images_are_accepted_as_raw_base64_or_data_uris(api: httpx.Client) -> None:
-    body = {"init_images": [_png((64, 48)), "data:image/jpeg;base64," + _png((32, 32), "JPEG")],
-            "mask": "data:image/webp;base64," + _png((64, 48), "WEBP")}
+    body = {
+        "init_images": [_png((64, 48)), "data:image/jpeg;base64," + _png((32, 32), "JPEG")],
+        "mask": "data:image/webp;base64," + _png((64, 48), "WEBP"),
+    }
     assert api.post("/sdapi/v1/img2img", json=body).status_code == 202
 
 
-@pytest.mark.parametrize(("image", "reason"), [
-    ("bm90IGFuIGltYWdl", "not an image"),
-    ("%%% not base64 %%%", "not valid base64"),
-    ("data:text/plain;base64,aGk=", "data:image/<type>;base64,<data>"),
-    ("https://example.com/cat.png", "image URLs are not accepted"),
-])
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        ("bm90IGFuIGltYWdl", "not an image"),
+        ("%%% not base64 %%%", "not valid base64"),
+        ("data:text/plain;base64,aGk=", "data:image/<type>;base64,<data>"),
+        ("https://example.com/cat.png", "image URLs are not accepted"),
+    ],
+)
 def test_bad_input_images_get_a_422_naming_the_image_and_the_reason(
     api: httpx.Client, image: str, reason: str
 ) -> None:
@@ -257,7 +307,8 @@ def test_bad_input_images_get_a_422_naming_the_image_and_the_reason(
 
 
 def test_a_decompression_bomb_is_refused_before_it_is_decoded(
-    sqlite_url: str, settings_for  # type: ignore[no-untyped-def]
+    sqlite_url: str,
+    settings_for,  # type: ignore[no-untyped-def]
 ) -> None:
     bomb = _png((8000, 6000), "PNG", "1")  # 48 MP that compress to a few kB
     settings = settings_for(database_url=sqlite_url, image_max_pixels=40_000_000)
@@ -268,17 +319,32 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(
 
 def test_controlnet_unit_images_are_checked_too(api: httpx.Client) -> None:
     unit = {"enabled": True, "module": "canny", "image": {"image": "AAAA", "mask": None}}
-    response = api.post("/sdapi/v1/txt2img", json={
-        "prompt": "x", "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+    response = api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "x", "alwayson_scripts": {"ControlNet": {"args": [unit]}}},
+    )
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == [
-        "body", "alwayson_scripts", "ControlNet", "args", 0, "image", "image"]
+        "body",
+        "alwayson_scripts",
+        "ControlNet",
+        "args",
+        0,
+        "image",
+        "image",
+    ]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("width", 4), ("height", 100_000), ("steps", 0), ("batch_size", 1000),
-    ("denoising_strength", -0.5),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("width", 4),
+        ("height", 100_000),
+        ("steps", 0),
+        ("batch_size", 1000),
+        ("denoising_strength", -0.5),
+    ],
+)
 def test_out_of_range_values_get_a_422_naming_the_field(
     api: httpx.Client, field: str, value: object
 ) -> None:
@@ -300,7 +366,9 @@ def _image_server(png: bytes) -> object:
 
 @pytest.mark.parametrize("allow_private", [True, False])
 def test_image_urls_when_allowed_are_fetched_through_the_ssrf_guard(
-    sqlite_url: str, settings_for, allow_private: bool  # type: ignore[no-untyped-def]
+    sqlite_url: str,
+    settings_for,
+    allow_private: bool,  # type: ignore[no-untyped-def]
 ) -> None:
     import io
     import sqlite3
@@ -309,11 +377,13 @@ def test_image_urls_when_allowed_are_fetched_through_the_ssrf_guard(
 
     out = io.BytesIO()
     Image.new("RGB", (3000, 1500), (0, 90, 200)).save(out, format="PNG")
-    settings = settings_for(database_url=sqlite_url, image_urls=True,
-                            webhook_allow_private=allow_private)
+    settings = settings_for(
+        database_url=sqlite_url, image_urls=True, webhook_allow_private=allow_private
+    )
     with serve(_image_server(out.getvalue())) as images, serve(create_app(settings)) as url:  # type: ignore[arg-type]
-        response = httpx.post(f"{url}/sdapi/v1/img2img",
-                              json={"init_images": [f"{images}/cat.png"]}, headers=ASYNC)
+        response = httpx.post(
+            f"{url}/sdapi/v1/img2img", json={"init_images": [f"{images}/cat.png"]}, headers=ASYNC
+        )
     if not allow_private:  # loopback is off limits, as for webhooks
         assert response.status_code == 422
         assert "may not reach" in response.json()["detail"][0]["msg"]

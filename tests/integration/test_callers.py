@@ -28,16 +28,22 @@ def bearer(header: str) -> dict[str, str]:
     return {"Authorization": header}
 
 
-def submit(client: httpx.Client, auth: Any = None, headers: dict[str, str] | None = None,
-           **body: Any) -> dict[str, Any]:
-    response = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", **body}, auth=auth,
-                           headers={**ASYNC, **(headers or {})})
+def submit(
+    client: httpx.Client, auth: Any = None, headers: dict[str, str] | None = None, **body: Any
+) -> dict[str, Any]:
+    response = client.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "cat", **body},
+        auth=auth,
+        headers={**ASYNC, **(headers or {})},
+    )
     assert response.status_code == 202, response.text
     return response.json()  # type: ignore[no-any-return]
 
 
-def progress(client: httpx.Client, headers: dict[str, str], auth: Any = None,
-             **params: str) -> dict[str, Any]:
+def progress(
+    client: httpx.Client, headers: dict[str, str], auth: Any = None, **params: str
+) -> dict[str, Any]:
     response = client.get("/sdapi/v1/progress", headers=headers, auth=auth, params=params)
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
@@ -75,7 +81,11 @@ def test_a_job_shows_its_tenant_as_owner_whether_sent_by_bearer_or_basic_with_an
     by_bob = submit(secured, auth=("alice", "bob-token"))  # the user name is not the caller
     by_plain = submit(secured, headers=bearer("Bearer plain-token"))
     assert [job["owner"] for job in (by_bearer, by_basic, by_other_name, by_bob)] == [
-        "alice", "alice", "alice", "bob"]
+        "alice",
+        "alice",
+        "alice",
+        "bob",
+    ]
     assert by_plain["owner"] == "token-" + hashlib.sha256(b"plain-token").hexdigest()[:8]
     shown = secured.get(f"/sdapi/v1/jobs/{by_basic['id']}", headers=bearer(BOB))
     assert shown.json()["owner"] == "alice"
@@ -94,11 +104,23 @@ def test_progress_counts_only_the_callers_own_queued_and_running_jobs(
     assert progress(secured, bearer(ALICE))["state"]["job_count"] == 2
     assert progress(secured, bearer(BOB))["state"]["job_count"] == 1
     idle = progress(secured, bearer(CAROL))
-    assert idle == {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
-                    "state": {"skipped": False, "interrupted": False,
-                              "stopping_generation": False, "job": "", "job_count": 0,
-                              "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
-                              "sampling_steps": 0}}
+    assert idle == {
+        "progress": 0.0,
+        "eta_relative": 0.0,
+        "current_image": None,
+        "textinfo": None,
+        "state": {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "",
+            "job_count": 0,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        },
+    }
 
 
 def test_a_job_id_that_is_not_the_callers_is_a_404_naming_it(secured: httpx.Client) -> None:
@@ -107,8 +129,9 @@ def test_a_job_id_that_is_not_the_callers_is_a_404_naming_it(secured: httpx.Clie
     unknown = "00000000-0000-0000-0000-000000000000"
     for method, path in (("GET", "progress"), ("POST", "interrupt"), ("POST", "skip")):
         for job_id in (bobs, unknown):
-            response = secured.request(method, f"/sdapi/v1/{path}", params={"job_id": job_id},
-                                       headers=bearer(ALICE))
+            response = secured.request(
+                method, f"/sdapi/v1/{path}", params={"job_id": job_id}, headers=bearer(ALICE)
+            )
             assert response.status_code == 404, (path, response.text)
             body = response.json()
             assert body["code"] == "job_not_found" and job_id in body["detail"]
@@ -116,20 +139,28 @@ def test_a_job_id_that_is_not_the_callers_is_a_404_naming_it(secured: httpx.Clie
     # Her own job is hers to pick: queued, so nothing to interrupt or skip yet.
     mine = progress(secured, bearer(ALICE), job_id=alices)
     assert mine["progress"] == 0.0 and mine["state"]["job_count"] == 1
-    assert secured.post("/sdapi/v1/interrupt", params={"job_id": alices},
-                        headers=bearer(ALICE)).json() == {}
-    assert secured.post("/sdapi/v1/skip", params={"job_id": alices},
-                        headers=bearer(ALICE)).json() is None
+    assert (
+        secured.post("/sdapi/v1/interrupt", params={"job_id": alices}, headers=bearer(ALICE)).json()
+        == {}
+    )
+    assert (
+        secured.post("/sdapi/v1/skip", params={"job_id": alices}, headers=bearer(ALICE)).json()
+        is None
+    )
     assert secured.get(f"/sdapi/v1/jobs/{bobs}", headers=bearer(BOB)).json()["status"] == "queued"
 
 
 def test_without_tokens_each_client_address_is_its_own_caller(
-    database_url: str, settings_for  # type: ignore[no-untyped-def]
+    database_url: str,
+    settings_for,  # type: ignore[no-untyped-def]
 ) -> None:
     settings = settings_for(database_url=database_url)
     other = httpx.HTTPTransport(local_address="127.0.0.2")  # Linux answers all of 127/8
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as here, \
-            httpx.Client(base_url=url, transport=other) as there:
+    with (
+        serve(create_app(settings)) as url,
+        httpx.Client(base_url=url) as here,
+        httpx.Client(base_url=url, transport=other) as there,
+    ):
         first = submit(here)
         submit(here)
         theirs = submit(there)

@@ -23,8 +23,9 @@ from worker.loop import Worker
 
 pytestmark = pytest.mark.anyio
 
-FAST = Timing(progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seconds=5,
-              stall_seconds=5)
+FAST = Timing(
+    progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seconds=5, stall_seconds=5
+)
 
 
 @pytest.fixture
@@ -35,11 +36,15 @@ def fake() -> AsyncIterator[tuple[FakeA1111, str]]:
 
 
 def make_worker(db: Database, url: str, database_url: str, worker_id: str = "w1") -> Worker:
-    return Worker(repo=JobRepository(db, lease_seconds=5),
-                  backends=[A1111Backend(url, connect_retries=2, retry_wait=0.01)],
-                  wakeup=make_wakeup(database_url, 0.005), timing=FAST,
-                  keeper=CatalogueKeeper(CatalogueStore(db)), worker_id=worker_id,
-                  shutdown_grace_seconds=1)
+    return Worker(
+        repo=JobRepository(db, lease_seconds=5),
+        backends=[A1111Backend(url, connect_retries=2, retry_wait=0.01)],
+        wakeup=make_wakeup(database_url, 0.005),
+        timing=FAST,
+        keeper=CatalogueKeeper(CatalogueStore(db)),
+        worker_id=worker_id,
+        shutdown_grace_seconds=1,
+    )
 
 
 async def submit(db: Database, **body: object) -> str:
@@ -61,8 +66,7 @@ async def until(check: Callable[[], object], timeout: float = 15) -> None:
 async def reported(db: Database, version: int) -> bool:
     """Whether the worker's heartbeat says its backend applied request `version`."""
     rows = await JobRepository(db).live_workers(60)
-    return any(slot["checkpoint_version"] == version
-               for row in rows for slot in row.slots)
+    return any(slot["checkpoint_version"] == version for row in rows for slot in row.slots)
 
 
 def looked(worker: Worker) -> bool:

@@ -62,17 +62,26 @@ def database_url(sqlite_url: str) -> str:
     return sqlite_url
 
 
-def enricher_for(db: Database, router: respx.Router, clock: Clock | None = None,
-                 **options: Any) -> CivitaiEnricher:
+def enricher_for(
+    db: Database, router: respx.Router, clock: Clock | None = None, **options: Any
+) -> CivitaiEnricher:
     sleep = RecordedSleep()
     client = CivitaiClient(CIVITAI, transport=transport(router), sleep=sleep, clock=sleep.clock)
     clock = clock or Clock(1_000_000.0)
-    return CivitaiEnricher(CatalogueStore(db), ModelInfoStore(db, clock=clock), client, ttl=TTL,
-                           rest_seconds=0, clock=clock, **options)
+    return CivitaiEnricher(
+        CatalogueStore(db),
+        ModelInfoStore(db, clock=clock),
+        client,
+        ttl=TTL,
+        rest_seconds=0,
+        clock=clock,
+        **options,
+    )
 
 
-async def put_catalogue(db: Database, models: list[dict[str, Any]],
-                        loras: list[dict[str, Any]] | None = None) -> None:
+async def put_catalogue(
+    db: Database, models: list[dict[str, Any]], loras: list[dict[str, Any]] | None = None
+) -> None:
     store = CatalogueStore(db)
     await store.put("sd-models", models, "fake")
     await store.put("loras", loras or [], "fake")
@@ -87,8 +96,18 @@ async def test_hits_and_404s_are_stored_and_not_asked_again(
     hit = by_hash(router, SD15).respond(200, json=version(1, "SD 1.5"))
     missing = by_hash(router, SDXL).respond(404)
     lora = by_hash(router, KOHYA_AUTOV3).respond(200, json=version(2, "Detail", "LORA"))
-    await put_catalogue(db, MODELS, [{"name": "detail", "alias": "detail", "path": "/l/detail.pt",
-                                      "metadata": {"sshs_model_hash": KOHYA_AUTOV3 + "cd" * 26}}])
+    await put_catalogue(
+        db,
+        MODELS,
+        [
+            {
+                "name": "detail",
+                "alias": "detail",
+                "path": "/l/detail.pt",
+                "metadata": {"sshs_model_hash": KOHYA_AUTOV3 + "cd" * 26},
+            }
+        ],
+    )
     enricher = enricher_for(db, router)
     await enricher.tick()
     await enricher.tick()
@@ -103,8 +122,9 @@ async def test_hits_and_404s_are_stored_and_not_asked_again(
 async def test_500s_give_up_this_round_and_the_next_round_asks_again(
     db: Database, router: respx.Router
 ) -> None:
-    route = by_hash(router, SD15).mock(side_effect=[httpx.Response(500)] * 4 + [
-        httpx.Response(200, json=version(1, "SD 1.5"))])
+    route = by_hash(router, SD15).mock(
+        side_effect=[httpx.Response(500)] * 4 + [httpx.Response(200, json=version(1, "SD 1.5"))]
+    )
     await put_catalogue(db, MODELS[:1])
     enricher = enricher_for(db, router)
     await enricher.tick()
@@ -119,8 +139,9 @@ async def test_500s_give_up_this_round_and_the_next_round_asks_again(
 async def test_answers_are_asked_again_only_after_the_ttl(
     db: Database, router: respx.Router
 ) -> None:
-    route = by_hash(router, SD15).mock(side_effect=[
-        httpx.Response(404), httpx.Response(200, json=version(1, "Uploaded since"))])
+    route = by_hash(router, SD15).mock(
+        side_effect=[httpx.Response(404), httpx.Response(200, json=version(1, "Uploaded since"))]
+    )
     await put_catalogue(db, MODELS[:1])
     clock = Clock(1_000_000.0)
     enricher = enricher_for(db, router, clock)
@@ -169,8 +190,9 @@ def api_url(sqlite_url: str, settings_for: Any) -> Iterator[str]:
         yield url
 
 
-def make_worker(db: Database, sqlite_url: str, a1111_url: str, models_dir: Path,
-                router: respx.Router) -> Worker:
+def make_worker(
+    db: Database, sqlite_url: str, a1111_url: str, models_dir: Path, router: respx.Router
+) -> Worker:
     info = ModelInfoStore(db)
     client = CivitaiClient(CIVITAI, transport=transport(router), min_interval=0.01)
     return Worker(
@@ -180,8 +202,10 @@ def make_worker(db: Database, sqlite_url: str, a1111_url: str, models_dir: Path,
         timing=Timing(progress_seconds=0.02, heartbeat_seconds=0.2),
         keeper=CatalogueKeeper(CatalogueStore(db)),
         catalogue_check_seconds=0.05,
-        chores=[ModelHasher(info, models_dir, interval=0.05),
-                CivitaiEnricher(CatalogueStore(db), info, client, ttl=TTL, interval=0.05)],
+        chores=[
+            ModelHasher(info, models_dir, interval=0.05),
+            CivitaiEnricher(CatalogueStore(db), info, client, ttl=TTL, interval=0.05),
+        ],
     )
 
 
@@ -203,8 +227,12 @@ async def eventually(check: Any, timeout: float = 10) -> Any:
 
 
 async def test_the_api_shows_civitai_on_sd_models_and_loras_and_finds_one_by_name(
-    db: Database, sqlite_url: str, api_url: str, fake_a1111: tuple[FakeA1111, str],
-    models_dir: Path, router: respx.Router,
+    db: Database,
+    sqlite_url: str,
+    api_url: str,
+    fake_a1111: tuple[FakeA1111, str],
+    models_dir: Path,
+    router: respx.Router,
 ) -> None:
     import hashlib
 
@@ -257,8 +285,12 @@ async def _listed_with_civitai(api: httpx.AsyncClient, name: str) -> list[dict[s
 
 
 async def test_listings_and_jobs_do_not_wait_while_civitai_hangs(
-    db: Database, sqlite_url: str, api_url: str, fake_a1111: tuple[FakeA1111, str],
-    models_dir: Path, router: respx.Router,
+    db: Database,
+    sqlite_url: str,
+    api_url: str,
+    fake_a1111: tuple[FakeA1111, str],
+    models_dir: Path,
+    router: respx.Router,
 ) -> None:
     asked, left = asyncio.Event(), asyncio.Event()
 
@@ -294,7 +326,9 @@ async def _completed(repo: JobRepository, job_id: str) -> bool:
 
 
 async def test_with_civitai_turned_off_the_api_shows_a1111s_lists_and_no_lookups_run(
-    db: Database, sqlite_url: str, settings_for: Any,
+    db: Database,
+    sqlite_url: str,
+    settings_for: Any,
 ) -> None:
     await put_catalogue(db, MODELS)
     await ModelInfoStore(db).save_lookup(SD15, {"model_name": "DreamShaper"}, TTL)

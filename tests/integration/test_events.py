@@ -37,8 +37,10 @@ def test_a_client_that_goes_away_is_forgotten_by_its_api_process(
     url = f"sqlite+aiosqlite:///{tmp_path}/jobs.db"
     upgrade(url)
     settings = Settings(_env_file=None, database_url=url)  # type: ignore[call-arg]
-    with serve(app_module.create_app(settings)) as base, \
-            httpx.Client(base_url=base, headers=ASYNC) as client:
+    with (
+        serve(app_module.create_app(settings)) as base,
+        httpx.Client(base_url=base, headers=ASYNC) as client,
+    ):
         job_id = submit(client)
         for _ in range(3):  # one after the other, each hanging up mid-stream
             with client.stream("GET", f"/sdapi/v1/jobs/{job_id}/events") as response:

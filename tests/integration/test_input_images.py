@@ -40,6 +40,7 @@ def big_png(size: tuple[int, int] = (4096, 4096)) -> str:
 def png_header_only(width: int, height: int) -> str:
     """A PNG whose header claims `width` x `height` and whose pixel data is a few junk bytes: it
     can only be measured, never decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = struct.pack(">I", zlib.crc32(kind + data))
         return struct.pack(">I", len(data)) + kind + data + crc
@@ -109,8 +110,9 @@ def test_a_data_uri_that_a1111_would_not_read_is_a_422_saying_what_it_reads(
     api: httpx.Client,
 ) -> None:
     image = encoded(Image.new("RGB", (8, 8)))
-    response = api.post("/sdapi/v1/img2img",
-                        json={"init_images": [f"data:application/octet-stream;base64,{image}"]})
+    response = api.post(
+        "/sdapi/v1/img2img", json={"init_images": [f"data:application/octet-stream;base64,{image}"]}
+    )
     assert response.status_code == 422
     [issue] = response.json()["detail"]
     assert issue["loc"] == ["body", "init_images", 0]
@@ -123,8 +125,9 @@ def test_a_data_uri_that_a1111_would_not_read_is_a_422_saying_what_it_reads(
 def test_a_header_claiming_more_pixels_than_the_guard_is_refused_without_decoding(
     api: httpx.Client,
 ) -> None:
-    response = api.post("/sdapi/v1/img2img",
-                        json={"init_images": [png_header_only(100_000, 100_000)]})
+    response = api.post(
+        "/sdapi/v1/img2img", json={"init_images": [png_header_only(100_000, 100_000)]}
+    )
     assert response.status_code == 422
     [issue] = response.json()["detail"]
     # The size came from the header: the junk pixel data was never decoded (it would not decode).
@@ -145,10 +148,18 @@ def test_an_image_over_pillows_own_bomb_limit_but_within_the_guard_is_accepted(
 
 def test_the_guard_is_a_setting(make_api: Any) -> None:
     api = make_api(image_max_pixels=64 * 64)
-    assert api.post("/sdapi/v1/img2img", json={
-        "init_images": [encoded(Image.new("RGB", (64, 64)))]}).status_code == 202
-    assert api.post("/sdapi/v1/img2img", json={
-        "init_images": [encoded(Image.new("RGB", (65, 64)))]}).status_code == 422
+    assert (
+        api.post(
+            "/sdapi/v1/img2img", json={"init_images": [encoded(Image.new("RGB", (64, 64)))]}
+        ).status_code
+        == 202
+    )
+    assert (
+        api.post(
+            "/sdapi/v1/img2img", json={"init_images": [encoded(Image.new("RGB", (65, 64)))]}
+        ).status_code
+        == 422
+    )
 
 
 def test_with_the_opt_in_resize_the_image_is_resized_and_the_job_shows_it(
@@ -156,9 +167,16 @@ def test_with_the_opt_in_resize_the_image_is_resized_and_the_job_shows_it(
 ) -> None:
     api = make_api(image_max_side=2048)
     small = encoded(Image.new("RGB", (512, 512)))
-    response = api.post("/sdapi/v1/img2img", json={
-        "init_images": [small, "data:image/jpeg;base64," + encoded(
-            Image.new("RGB", (3000, 1000), (10, 200, 10)), "JPEG")]})
+    response = api.post(
+        "/sdapi/v1/img2img",
+        json={
+            "init_images": [
+                small,
+                "data:image/jpeg;base64,"
+                + encoded(Image.new("RGB", (3000, 1000), (10, 200, 10)), "JPEG"),
+            ]
+        },
+    )
     assert response.status_code == 202, response.text
     resized = [{"loc": ["init_images", 1], "from": [3000, 1000], "to": [2048, 683]}]
     job = api.get(response.headers["location"]).json()
@@ -201,10 +219,18 @@ async def test_a_4096_px_png_and_a_data_uri_reach_a1111_byte_for_byte_unchanged(
     fake, url = fake_backend
     image = big_png()
     mask = "data:image/png;base64," + big_png()
-    unit = {"enabled": True, "module": "canny", "image": "data:image/webp;base64," + encoded(
-        Image.new("RGB", (4096, 2048), (5, 5, 5)), "WEBP")}
-    body = {"prompt": "a big one", "init_images": [image], "mask": mask,
-            "alwayson_scripts": {"ControlNet": {"args": [unit]}}}
+    unit = {
+        "enabled": True,
+        "module": "canny",
+        "image": "data:image/webp;base64,"
+        + encoded(Image.new("RGB", (4096, 2048), (5, 5, 5)), "WEBP"),
+    }
+    body = {
+        "prompt": "a big one",
+        "init_images": [image],
+        "mask": mask,
+        "alwayson_scripts": {"ControlNet": {"args": [unit]}},
+    }
     response = api.post("/sdapi/v1/img2img", json=body)
     assert response.status_code == 202, response.text
     await make_worker(repo, [a1111_backend(url)], sqlite_url).run_until_empty()
@@ -219,21 +245,34 @@ async def test_a_4096_px_png_and_a_data_uri_reach_a1111_byte_for_byte_unchanged(
 # --- values: no stricter than A1111 by default; caps are settings --------------------------
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("cfg_scale", -1), ("cfg_scale", 150), ("denoising_strength", 1.5), ("prompt", "x" * 60_000),
-    ("width", 10_240), ("steps", 500), ("n_iter", 100), ("batch_size", 64),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("cfg_scale", -1),
+        ("cfg_scale", 150),
+        ("denoising_strength", 1.5),
+        ("prompt", "x" * 60_000),
+        ("width", 10_240),
+        ("steps", 500),
+        ("n_iter", 100),
+        ("batch_size", 64),
+    ],
+)
 def test_values_a1111_runs_are_accepted(api: httpx.Client, field: str, value: object) -> None:
     response = api.post("/sdapi/v1/txt2img", json={field: value})
     assert response.status_code == 202, response.text
 
 
-@pytest.mark.parametrize(("field", "value", "setting"), [
-    ("steps", 501, "A1111_PROXY_MAX_STEPS"), ("n_iter", 101, "A1111_PROXY_MAX_N_ITER"),
-    ("batch_size", 65, "A1111_PROXY_MAX_BATCH_SIZE"),
-    ("width", 16392, "A1111_PROXY_MAX_WIDTH_HEIGHT"),
-    ("height", 100_000, "A1111_PROXY_MAX_WIDTH_HEIGHT"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "setting"),
+    [
+        ("steps", 501, "A1111_PROXY_MAX_STEPS"),
+        ("n_iter", 101, "A1111_PROXY_MAX_N_ITER"),
+        ("batch_size", 65, "A1111_PROXY_MAX_BATCH_SIZE"),
+        ("width", 16392, "A1111_PROXY_MAX_WIDTH_HEIGHT"),
+        ("height", 100_000, "A1111_PROXY_MAX_WIDTH_HEIGHT"),
+    ],
+)
 def test_a_value_over_a_cap_is_a_422_naming_the_setting_to_raise(
     api: httpx.Client, field: str, value: int, setting: str
 ) -> None:
@@ -246,6 +285,8 @@ def test_a_value_over_a_cap_is_a_422_naming_the_setting_to_raise(
 def test_raising_a_cap_setting_allows_a_larger_steps_value(make_api: Any) -> None:
     api = make_api(max_steps=2000)
     assert api.post("/sdapi/v1/txt2img", json={"steps": 1500}).status_code == 202
-    response = api.post("/sdapi/v1/img2img", json={
-        "steps": "2001", "init_images": [encoded(Image.new("RGB", (8, 8)))]})
+    response = api.post(
+        "/sdapi/v1/img2img",
+        json={"steps": "2001", "init_images": [encoded(Image.new("RGB", (8, 8)))]},
+    )
     assert response.status_code == 422 and "at most 2000" in response.json()["detail"][0]["msg"]

@@ -32,10 +32,18 @@ async def repo(database_url: str) -> AsyncIterator[JobRepository]:
 
 def hooked_job() -> NewJob:
     body = json.dumps({"prompt": "a fox", "steps": 4})
-    return NewJob("txt2img", request=body, payload=body, priority=3,
-                  webhook_url="http://127.0.0.1:9/hook", webhook_secret="s",
-                  webhook_events=json.dumps(["started", "completed"]), checkpoint="m.safetensors",
-                  timeout=600.0, owner="alice")
+    return NewJob(
+        "txt2img",
+        request=body,
+        payload=body,
+        priority=3,
+        webhook_url="http://127.0.0.1:9/hook",
+        webhook_secret="s",
+        webhook_events=json.dumps(["started", "completed"]),
+        checkpoint="m.safetensors",
+        timeout=600.0,
+        owner="alice",
+    )
 
 
 def conforms(value: Any, hint: Any) -> bool:
@@ -56,8 +64,11 @@ def conforms(value: Any, hint: Any) -> bool:
 
 
 def assert_typed(record: JobRecord) -> None:
-    wrong = {name: getattr(record, name) for name, hint in HINTS.items()
-             if not conforms(getattr(record, name), hint)}
+    wrong = {
+        name: getattr(record, name)
+        for name, hint in HINTS.items()
+        if not conforms(getattr(record, name), hint)
+    }
     assert not wrong, f"fields not of their declared type: {wrong}"
 
 
@@ -87,8 +98,13 @@ async def test_a_stored_job_reads_back_with_every_field_typed_and_its_json_decod
 
     await repo.cancel(submitted.id)
     answer = {"images": [], "info": "{}", "parameters": {"steps": 4}}
-    assert await repo.complete(claim, answer, [b"png"], status="canceled",
-                               error=error_json("canceled", "canceled while running"))
+    assert await repo.complete(
+        claim,
+        answer,
+        [b"png"],
+        status="canceled",
+        error=error_json("canceled", "canceled while running"),
+    )
     ended = await repo.get(submitted.id)
     assert_typed(ended)
     assert ended.result == answer and ended.image_count == 1
@@ -118,9 +134,19 @@ async def test_a_webhook_snapshot_reads_back_as_the_job_it_was_taken_of(
 
 def test_a_snapshot_taken_before_a_column_existed_reads_that_column_as_none() -> None:
     stored = {c.name: None for c in JOB_COLUMNS} | {
-        "seq": 1, "id": "j", "type": "txt2img", "status": "queued", "priority": 0,
-        "request": '{"prompt": "x"}', "image_count": 0, "progress": 0.0, "attempts": 0,
-        "max_attempts": 3, "run_after": 1.0, "created_at": 1.0, "updated_at": 1.0,
+        "seq": 1,
+        "id": "j",
+        "type": "txt2img",
+        "status": "queued",
+        "priority": 0,
+        "request": '{"prompt": "x"}',
+        "image_count": 0,
+        "progress": 0.0,
+        "attempts": 0,
+        "max_attempts": 3,
+        "run_after": 1.0,
+        "created_at": 1.0,
+        "updated_at": 1.0,
     }
     older = {name: value for name, value in stored.items() if name not in ("owner", "deadline_at")}
     record = snapshot_record(json.dumps(older))

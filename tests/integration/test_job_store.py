@@ -31,8 +31,14 @@ def repo_options(clock: Clock) -> dict[str, Any]:
 
 def new_job(prompt: str = "cat", priority: int = 0, key: str | None = None) -> NewJob:
     body = json.dumps({"prompt": prompt})
-    return NewJob("txt2img", request=body, payload=body, priority=priority,
-                  idempotency_key=key, request_hash=str(hash(prompt)) if key else None)
+    return NewJob(
+        "txt2img",
+        request=body,
+        payload=body,
+        priority=priority,
+        idempotency_key=key,
+        request_hash=str(hash(prompt)) if key else None,
+    )
 
 
 async def test_submitted_job_is_queued_with_its_payload_stored(repo: JobRepository) -> None:
@@ -262,11 +268,16 @@ async def test_concurrent_claims_for_one_backend_never_overlap(database_url: str
 
 # Each table and its owner: the only modules that issue SQL for it.
 TABLE_OWNERS = {
-    "jobs": "a1111_proxy/jobs/", "job_payloads": "a1111_proxy/jobs/",
-    "job_images": "a1111_proxy/jobs/", "job_previews": "a1111_proxy/jobs/",
-    "workers": "a1111_proxy/jobs/workers.py", "catalogue": "a1111_proxy/catalogue.py",
-    "controls": "a1111_proxy/catalogue.py", "webhook_deliveries": "a1111_proxy/deliveries.py",
-    "webhook_attempts": "a1111_proxy/deliveries.py", "model_files": "a1111_proxy/model_info.py",
+    "jobs": "a1111_proxy/jobs/",
+    "job_payloads": "a1111_proxy/jobs/",
+    "job_images": "a1111_proxy/jobs/",
+    "job_previews": "a1111_proxy/jobs/",
+    "workers": "a1111_proxy/jobs/workers.py",
+    "catalogue": "a1111_proxy/catalogue.py",
+    "controls": "a1111_proxy/catalogue.py",
+    "webhook_deliveries": "a1111_proxy/deliveries.py",
+    "webhook_attempts": "a1111_proxy/deliveries.py",
+    "model_files": "a1111_proxy/model_info.py",
     "civitai_lookups": "a1111_proxy/model_info.py",
 }
 
@@ -282,9 +293,11 @@ def test_each_table_is_used_only_by_its_owner() -> None:
     for name, text in _sources().items():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ImportFrom) and node.module == "a1111_proxy.db.tables":
-                strays += [(alias.name, name) for alias in node.names
-                           if alias.name in TABLE_OWNERS
-                           and not name.startswith(TABLE_OWNERS[alias.name])]
+                strays += [
+                    (alias.name, name)
+                    for alias in node.names
+                    if alias.name in TABLE_OWNERS and not name.startswith(TABLE_OWNERS[alias.name])
+                ]
     assert not strays, f"tables used outside their owner (ask the owner instead): {strays}"
 
 

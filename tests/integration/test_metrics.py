@@ -22,9 +22,13 @@ from tests.servers import ASYNC, serve
 
 def _job(prompt: str, hook: bool = False) -> NewJob:
     body = json.dumps({"prompt": prompt})
-    return NewJob("txt2img", request=body, payload=body,
-                  webhook_url="https://example.com/hook" if hook else None,
-                  webhook_events='["completed"]' if hook else None)
+    return NewJob(
+        "txt2img",
+        request=body,
+        payload=body,
+        webhook_url="https://example.com/hook" if hook else None,
+        webhook_events='["completed"]' if hook else None,
+    )
 
 
 async def _history(url: str) -> None:
@@ -47,9 +51,14 @@ async def _history(url: str) -> None:
     await repo.cancel(canceled)
     clock.now = time.time()
     for worker in ("w1", "w2"):
-        await repo.beat_worker(worker, clock.now, [
-            {"backend": "http://a", "state": "busy" if worker == "w1" else "idle"},
-            {"backend": "http://b", "state": "down"}])
+        await repo.beat_worker(
+            worker,
+            clock.now,
+            [
+                {"backend": "http://a", "state": "busy" if worker == "w1" else "idle"},
+                {"backend": "http://b", "state": "down"},
+            ],
+        )
     await db.dispose()
 
 
@@ -63,8 +72,11 @@ def replicas(database_url: str, settings_for) -> Iterator[list[httpx.Client]]:  
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_show_jobs_queue_latency_durations_backends_and_webhooks(

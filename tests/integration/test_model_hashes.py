@@ -26,7 +26,6 @@ CHECKPOINT_DATA = os.urandom(2 * 1024 * 1024 + 123)  # more than one 1 MiB chunk
 LORA_DATA = os.urandom(40_000)
 
 
-
 @pytest.fixture
 async def store(sqlite_url: str) -> AsyncIterator[ModelInfoStore]:
     db = Database(sqlite_url)
@@ -42,10 +41,12 @@ def models_dir(tmp_path: Path) -> Path:
     (root / "Stable-diffusion" / "SDXL").mkdir(parents=True)
     (root / "Lora").mkdir()
     (root / "Stable-diffusion" / "SDXL" / "juggernaut.safetensors").write_bytes(
-        safetensors_bytes(CHECKPOINT_DATA))
+        safetensors_bytes(CHECKPOINT_DATA)
+    )
     (root / "Stable-diffusion" / "old.ckpt").write_bytes(b"pickle" * 1000)
     (root / "Lora" / "add_detail.safetensors").write_bytes(
-        safetensors_bytes(LORA_DATA, {"ss_output_name": "add_detail"}))
+        safetensors_bytes(LORA_DATA, {"ss_output_name": "add_detail"})
+    )
     (root / "Lora" / "notes.txt").write_text("not a model")
     return root
 
@@ -76,7 +77,7 @@ async def test_the_hasher_stores_every_model_file_with_hashes_that_match_hashlib
     files = by_rel(await store.files())
     assert set(files) == {"SDXL/juggernaut.safetensors", "old.ckpt", "add_detail.safetensors"}
     checkpoint = files["SDXL/juggernaut.safetensors"]
-    on_disk = (models_dir / "Stable-diffusion" / "SDXL" / "juggernaut.safetensors")
+    on_disk = models_dir / "Stable-diffusion" / "SDXL" / "juggernaut.safetensors"
     assert checkpoint.kind == "checkpoint" and checkpoint.sha256 == sha256(on_disk.read_bytes())
     assert checkpoint.size == on_disk.stat().st_size and checkpoint.path == str(on_disk)
     assert files["old.ckpt"].sha256 == sha256(b"pickle" * 1000) and files["old.ckpt"].autov3 is None
@@ -192,8 +193,15 @@ async def test_the_file_and_lookup_caches_work_on_both_databases(
     store = ModelInfoStore(db)
     # Unique per test: the PostgreSQL database is shared by the session.
     path = str(tmp_path / "Lora" / "unique.safetensors")
-    file = ModelFile(path=path, size=5_000_000_000, mtime_ns=1_700_000_000_123_456_789,
-                     kind="lora", rel="unique.safetensors", sha256="a" * 64, autov3="b" * 12)
+    file = ModelFile(
+        path=path,
+        size=5_000_000_000,
+        mtime_ns=1_700_000_000_123_456_789,
+        kind="lora",
+        rel="unique.safetensors",
+        sha256="a" * 64,
+        autov3="b" * 12,
+    )
     await store.save_file(file)
     await store.save_file(file)  # saving again replaces
     await store.mark_seen([file.key])
@@ -203,10 +211,14 @@ async def test_the_file_and_lookup_caches_work_on_both_databases(
     hash_ = hashlib.sha256(path.encode()).hexdigest()
     await store.save_lookup(hash_, None, ttl=60)
     await store.save_lookup(hash_, {"model_name": "Found later"}, ttl=60)
-    lookup = (await store.lookups([hash_, "f" * 64]))
+    lookup = await store.lookups([hash_, "f" * 64])
     await db.dispose()
     assert list(lookup) == [hash_] and lookup[hash_].found
     assert lookup[hash_].summary == {"model_name": "Found later"}
     assert (stored.size, stored.mtime_ns, stored.sha256, stored.autov3) == (
-        file.size, file.mtime_ns, file.sha256, file.autov3)
+        file.size,
+        file.mtime_ns,
+        file.sha256,
+        file.autov3,
+    )
     assert remaining == []

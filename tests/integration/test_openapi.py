@@ -30,14 +30,22 @@ from tests.servers import serve
 def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('fuzz')}/jobs.db"
     upgrade(url)
-    app_settings = Settings(_env_file=None, database_url=url, wait_seconds_max=0.05,  # type: ignore[call-arg]
-                            max_body_bytes=2_000_000)
+    app_settings = Settings(
+        _env_file=None,
+        database_url=url,
+        wait_seconds_max=0.05,  # type: ignore[call-arg]
+        max_body_bytes=2_000_000,
+    )
     with serve(create_app(app_settings)) as base:
         yield base
 
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 def test_no_input_makes_the_server_fail_or_answer_off_the_document(live_api: str) -> None:
@@ -58,8 +66,9 @@ def test_no_input_makes_the_server_fail_or_answer_off_the_document(live_api: str
 
 def _fuzz(operation: schemathesis.APIOperation, checks: list) -> None:  # type: ignore[type-arg]
     @given(case=operation.as_strategy())
-    @settings(max_examples=20, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     def fuzz(case: schemathesis.Case) -> None:
         case.call_and_validate(checks=checks)
 
@@ -75,11 +84,18 @@ def test_swagger_ui_is_served_from_local_assets(live_api: str) -> None:
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium on this machine "
-                    "(install one, e.g. `apt-get install chromium`, to run the Swagger UI browser test)")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no headless Chromium on this machine "
+    "(install one, e.g. `apt-get install chromium`, to run the Swagger UI browser test)",
+)
 def test_swagger_ui_lists_the_operations_and_a_txt2img_try_out_returns_a_job(
     live_api: str, tmp_path: Path
 ) -> None:
@@ -88,8 +104,14 @@ def test_swagger_ui_lists_the_operations_and_a_txt2img_try_out_returns_a_job(
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=_chromium(),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
             page = browser.new_page()
@@ -98,11 +120,14 @@ def test_swagger_ui_lists_the_operations_and_a_txt2img_try_out_returns_a_job(
             assert page.locator(".opblock").count() == len(OPERATIONS)
             page.click("#operations-generation-post_sdapi_v1_txt2img .opblock-summary")
             # "Try it out" is on from the start (tryItOutEnabled): fill the body and execute.
-            page.fill("#operations-generation-post_sdapi_v1_txt2img textarea.body-param__text",
-                      json.dumps({"prompt": "from the browser", "steps": 4}))
+            page.fill(
+                "#operations-generation-post_sdapi_v1_txt2img textarea.body-param__text",
+                json.dumps({"prompt": "from the browser", "steps": 4}),
+            )
             page.click("#operations-generation-post_sdapi_v1_txt2img .execute")
             status = page.locator(
-                "#operations-generation-post_sdapi_v1_txt2img .live-responses-table tbody .response-col_status"
+                "#operations-generation-post_sdapi_v1_txt2img .live-responses-table tbody "
+                ".response-col_status"
             ).first
             status.wait_for(timeout=20_000)
             assert status.inner_text().strip() == "202"

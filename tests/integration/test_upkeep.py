@@ -31,12 +31,24 @@ def repo_options(clock: Clock) -> dict[str, Any]:
     return {"max_attempts": 3, "lease_seconds": 30, "clock": clock}
 
 
-async def submit(repo: JobRepository, *, priority: int = 0, timeout: float | None = None,
-                 payload: str | None = None, webhook: bool = False) -> str:
+async def submit(
+    repo: JobRepository,
+    *,
+    priority: int = 0,
+    timeout: float | None = None,
+    payload: str | None = None,
+    webhook: bool = False,
+) -> str:
     body = json.dumps({"prompt": "a cat", "steps": 10})
-    new = NewJob("txt2img", request=body, payload=payload or body, priority=priority,
-                 timeout=timeout, webhook_url="http://hooks.example/x" if webhook else None,
-                 webhook_events=json.dumps(["completed"]) if webhook else None)
+    new = NewJob(
+        "txt2img",
+        request=body,
+        payload=payload or body,
+        priority=priority,
+        timeout=timeout,
+        webhook_url="http://hooks.example/x" if webhook else None,
+        webhook_events=json.dumps(["completed"]) if webhook else None,
+    )
     return (await repo.submit(new)).job.id
 
 
@@ -122,8 +134,14 @@ async def test_the_queue_lists_jobs_in_exactly_the_order_they_are_claimed(
 # --- retention --------------------------------------------------------------------------
 
 
-async def finished(repo: JobRepository, clock: Clock, *, image: bytes = b"png",
-                   payload: str | None = None, webhook: bool = False) -> str:
+async def finished(
+    repo: JobRepository,
+    clock: Clock,
+    *,
+    image: bytes = b"png",
+    payload: str | None = None,
+    webhook: bool = False,
+) -> str:
     job_id = await submit(repo, payload=payload, webhook=webhook)
     claim = await claim_next(repo, "w", "slot")
     assert claim is not None and claim.id == job_id
@@ -173,8 +191,9 @@ async def test_retention_keeps_a_job_while_its_completed_webhook_is_still_being_
     [claimed] = await repo.deliveries.claim(1, lease_seconds=30)
     from a1111_proxy.deliveries import Attempt, Verdict
 
-    await repo.deliveries.record(claimed, Attempt(clock.now, 5, status_code=200),
-                                 Verdict("delivered"))
+    await repo.deliveries.record(
+        claimed, Attempt(clock.now, 5, status_code=200), Verdict("delivered")
+    )
     assert await retention.purge() == 1
     assert await repo.get(job_id) is None
 
@@ -188,9 +207,15 @@ async def test_retention_deletes_in_batches_of_100(repo: JobRepository, clock: C
 
         from a1111_proxy.db.tables import jobs
 
-        await conn.execute(update(jobs).values(status="error", completed_at=clock.now,
-                                                lease_token=None, lease_owner=None,
-                                                lease_expires_at=None))
+        await conn.execute(
+            update(jobs).values(
+                status="error",
+                completed_at=clock.now,
+                lease_token=None,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
     clock.now += 100
     assert await repo.purge_finished(clock.now - 10, 100) == 100
     assert await repo.purge_finished(clock.now - 10, 100) == 30

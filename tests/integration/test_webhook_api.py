@@ -32,7 +32,6 @@ SECRET = "whsec_" + base64.b64encode(b"never-show-me-0123456789").decode()
 DEFAULT_SECRET = "default-secret-never-shown"
 
 
-
 @pytest.fixture
 def a1111() -> Iterator[str]:
     with serve(FakeA1111(service_time=0.02).app) as url:
@@ -59,8 +58,12 @@ async def run_worker_and_sender(repo: JobRepository, a1111: str, sqlite_url: str
 
 
 async def send_due(repo: JobRepository, sqlite_url: str) -> None:
-    config = SenderConfig(allow_private=True, default_secret=DEFAULT_SECRET, timeout_seconds=2,
-                          policy=RetryPolicy(schedule=(0, 0.01, 0.01), rng=lambda: 0.5))
+    config = SenderConfig(
+        allow_private=True,
+        default_secret=DEFAULT_SECRET,
+        timeout_seconds=2,
+        policy=RetryPolicy(schedule=(0, 0.01, 0.01), rng=lambda: 0.5),
+    )
     sender = WebhookSender(repo, make_wakeup(sqlite_url, 0.005), config)
     await sender.run_until_idle()
     await asyncio.sleep(0.05)  # the scheduled retries come due
@@ -69,14 +72,19 @@ async def send_due(repo: JobRepository, sqlite_url: str) -> None:
 
 
 async def submit(api: httpx.AsyncClient, hook: str, **fields: Any) -> str:
-    response = await api.post("/sdapi/v1/txt2img", json={
-        "prompt": "cat", "webhook_url": hook, "webhook_secret": SECRET, **fields})
+    response = await api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "cat", "webhook_url": hook, "webhook_secret": SECRET, **fields},
+    )
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 
 
 async def test_the_delivery_log_shows_each_attempt_with_its_answer_and_timing(
-    api: httpx.AsyncClient, repo: JobRepository, sink: tuple[WebhookSink, str], a1111: str,
+    api: httpx.AsyncClient,
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    a1111: str,
     sqlite_url: str,
 ) -> None:
     receiver, url = sink
@@ -94,13 +102,18 @@ async def test_the_delivery_log_shows_each_attempt_with_its_answer_and_timing(
     assert (first["status_code"], first["response_body"]) == (500, "busy, try later")
     assert "not a 2xx" in first["error"] and second["status_code"] == 200
     assert second["error"] is None and second["address"] == "127.0.0.1"
-    assert all(isinstance(a["duration_ms"], int) and a["started_at"].endswith("Z")
-               for a in delivery["attempts"])
+    assert all(
+        isinstance(a["duration_ms"], int) and a["started_at"].endswith("Z")
+        for a in delivery["attempts"]
+    )
     assert [a["trigger"] for a in delivery["attempts"]] == ["scheduled", "scheduled"]
 
 
 async def test_redeliver_sends_the_same_message_signed_anew_as_one_manual_attempt(
-    api: httpx.AsyncClient, repo: JobRepository, sink: tuple[WebhookSink, str], a1111: str,
+    api: httpx.AsyncClient,
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    a1111: str,
     sqlite_url: str,
 ) -> None:
     receiver, url = sink
@@ -121,8 +134,9 @@ async def test_redeliver_sends_the_same_message_signed_anew_as_one_manual_attemp
     assert [a["trigger"] for a in delivery["attempts"]] == ["scheduled", "manual"]
 
     receiver.always(200)
-    chosen = await api.post(f"/sdapi/v1/jobs/{job_id}/webhooks/redeliver",
-                            json={"delivery_id": delivery["id"]})
+    chosen = await api.post(
+        f"/sdapi/v1/jobs/{job_id}/webhooks/redeliver", json={"delivery_id": delivery["id"]}
+    )
     assert chosen.status_code == 202
     await send_due(repo, sqlite_url)
     assert len(receiver.received) == 3
@@ -145,29 +159,44 @@ async def test_redeliver_says_404_when_there_is_nothing_to_send_and_422_for_a_ba
 
 
 async def test_the_signing_secrets_never_appear_in_answers_payloads_stored_rows_or_logs(
-    api: httpx.AsyncClient, repo: JobRepository, sink: tuple[WebhookSink, str], a1111: str,
-    sqlite_url: str, caplog: pytest.LogCaptureFixture,
+    api: httpx.AsyncClient,
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    a1111: str,
+    sqlite_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for name in PARAMETER_LOGGERS:  # as the CLI sets them: they log SQL parameters
         caplog.set_level(logging.WARNING, logger=name)
     receiver, url = sink
     receiver.answer(500)
-    created = await api.post("/sdapi/v1/txt2img", json={
-        "prompt": "cat", "webhook_url": f"{url}/hook", "webhook_secret": SECRET,
-        "webhook_events": ["started", "progress", "completed"]})
+    created = await api.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "cat",
+            "webhook_url": f"{url}/hook",
+            "webhook_secret": SECRET,
+            "webhook_events": ["started", "progress", "completed"],
+        },
+    )
     job_id = created.json()["id"]
     without = await submit(api, f"{url}/default", webhook_secret=None)
     await run_worker_and_sender(repo, a1111, sqlite_url)
-    answers = [created.text,
-               (await api.get(f"/sdapi/v1/jobs/{job_id}")).text,
-               (await api.get("/sdapi/v1/jobs")).text,
-               (await api.get(f"/sdapi/v1/jobs/{job_id}/webhooks")).text,
-               (await api.post(f"/sdapi/v1/jobs/{job_id}/webhooks/redeliver")).text,
-               (await api.get(f"/sdapi/v1/jobs/{without}/webhooks")).text]
+    answers = [
+        created.text,
+        (await api.get(f"/sdapi/v1/jobs/{job_id}")).text,
+        (await api.get("/sdapi/v1/jobs")).text,
+        (await api.get(f"/sdapi/v1/jobs/{job_id}/webhooks")).text,
+        (await api.post(f"/sdapi/v1/jobs/{job_id}/webhooks/redeliver")).text,
+        (await api.get(f"/sdapi/v1/jobs/{without}/webhooks")).text,
+    ]
     async with repo.db.reading() as conn:
-        rows = [str(r) for table in (webhook_deliveries, webhook_attempts)
-                for r in (await conn.execute(select(table))).all()]
+        rows = [
+            str(r)
+            for table in (webhook_deliveries, webhook_attempts)
+            for r in (await conn.execute(select(table))).all()
+        ]
     assert receiver.at("/hook") and receiver.at("/default")
     received = [r.body.decode() + str(r.headers) for r in receiver.received]
     key = base64.b64decode(SECRET[6:]).decode()
@@ -176,19 +205,26 @@ async def test_the_signing_secrets_never_appear_in_answers_payloads_stored_rows_
             assert secret not in text
 
 
-@pytest.mark.parametrize(("fields", "loc"), [
-    ({"webhook_url": "https://user:pw@hooks.example/in"}, "webhook_url"),
-    ({"webhook_url": "ftp://hooks.example/in"}, "webhook_url"),
-    ({"webhook_url": "https://hooks.example/" + "a" * 2100}, "webhook_url"),
-    ({"webhook_url": "https://hooks.example:99999/in"}, "webhook_url"),
-    ({"webhook_url": "https:///in"}, "webhook_url"),
-    ({"webhook_url": "https://hooks.example/a b"}, "webhook_url"),
-    ({"webhook_url": "https://hooks.example/in", "webhook_secret": "whsec_%%%"},
-     "webhook_secret"),
-    ({"webhook_url": "https://hooks.example/in", "webhook_secret": ""}, "webhook_secret"),
-    ({"webhook_url": "https://hooks.example/in", "webhook_events": ["finished"]},
-     "webhook_events"),
-])
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        ({"webhook_url": "https://user:pw@hooks.example/in"}, "webhook_url"),
+        ({"webhook_url": "ftp://hooks.example/in"}, "webhook_url"),
+        ({"webhook_url": "https://hooks.example/" + "a" * 2100}, "webhook_url"),
+        ({"webhook_url": "https://hooks.example:99999/in"}, "webhook_url"),
+        ({"webhook_url": "https:///in"}, "webhook_url"),
+        ({"webhook_url": "https://hooks.example/a b"}, "webhook_url"),
+        (
+            {"webhook_url": "https://hooks.example/in", "webhook_secret": "whsec_%%%"},
+            "webhook_secret",
+        ),
+        ({"webhook_url": "https://hooks.example/in", "webhook_secret": ""}, "webhook_secret"),
+        (
+            {"webhook_url": "https://hooks.example/in", "webhook_events": ["finished"]},
+            "webhook_events",
+        ),
+    ],
+)
 async def test_webhook_fields_are_checked_at_submit_with_a_422_naming_the_field(
     api: httpx.AsyncClient, fields: dict[str, Any], loc: str
 ) -> None:

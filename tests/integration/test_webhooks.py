@@ -33,7 +33,6 @@ DEFAULT_SECRET = "a plain default secret"
 FAST_RETRIES = RetryPolicy(schedule=(0, 0.05, 0.05, 0.05), rng=lambda: 0.5)
 
 
-
 @pytest.fixture
 def repo_options() -> dict[str, Any]:
     return {"max_attempts": 3, "lease_seconds": 5}
@@ -48,22 +47,42 @@ def a1111() -> Iterator[tuple[FakeA1111, str]]:
 
 @pytest.fixture
 def sender_for(database_url: str) -> Iterator[Callable[..., WebhookSender]]:
-    def make(repo: JobRepository, *, clock: Callable[[], float] = time.time,
-             **config: Any) -> WebhookSender:
-        settings = {"allow_private": True, "default_secret": DEFAULT_SECRET, "idle_seconds": 0.02,
-                    "timeout_seconds": 2.0, "stop_grace_seconds": 0.2, "policy": FAST_RETRIES,
-                    **config}
-        return WebhookSender(repo, make_wakeup(database_url, 0.005), SenderConfig(**settings),
-                             clock=clock)
+    def make(
+        repo: JobRepository, *, clock: Callable[[], float] = time.time, **config: Any
+    ) -> WebhookSender:
+        settings = {
+            "allow_private": True,
+            "default_secret": DEFAULT_SECRET,
+            "idle_seconds": 0.02,
+            "timeout_seconds": 2.0,
+            "stop_grace_seconds": 0.2,
+            "policy": FAST_RETRIES,
+            **config,
+        }
+        return WebhookSender(
+            repo, make_wakeup(database_url, 0.005), SenderConfig(**settings), clock=clock
+        )
 
     yield make
 
 
-async def submit(repo: JobRepository, hook: str | None, *, events: list[str] | None = None,
-                 secret: str | None = JOB_SECRET, **body: object) -> str:
+async def submit(
+    repo: JobRepository,
+    hook: str | None,
+    *,
+    events: list[str] | None = None,
+    secret: str | None = JOB_SECRET,
+    **body: object,
+) -> str:
     text = json.dumps({"prompt": "a cat", **body})
-    new = NewJob("txt2img", request=text, payload=text, webhook_url=hook, webhook_secret=secret,
-                 webhook_events=json.dumps(events or ["completed"]) if hook else None)
+    new = NewJob(
+        "txt2img",
+        request=text,
+        payload=text,
+        webhook_url=hook,
+        webhook_secret=secret,
+        webhook_events=json.dumps(events or ["completed"]) if hook else None,
+    )
     return (await repo.submit(new)).job.id
 
 
@@ -79,8 +98,11 @@ async def wait_until(check: Callable[[], Any], timeout: float = 10) -> None:
 
 
 async def test_a_completed_job_is_announced_once_signed_so_standardwebhooks_verifies_it(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook", seed=3)
@@ -107,8 +129,11 @@ async def test_a_completed_job_is_announced_once_signed_so_standardwebhooks_veri
 
 
 async def test_without_a_job_secret_the_default_secret_signs_as_utf8_bytes(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     await submit(repo, f"{url}/hook", secret=None)
@@ -121,8 +146,11 @@ async def test_without_a_job_secret_the_default_secret_signs_as_utf8_bytes(
 
 
 async def test_failed_and_canceled_jobs_are_announced_with_their_terminal_status(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     fake, a1111_url = a1111
@@ -145,7 +173,9 @@ async def test_failed_and_canceled_jobs_are_announced_with_their_terminal_status
 
 
 async def test_a_job_lost_by_its_worker_past_its_attempts_is_announced_as_an_error(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     doomed = JobRepository(repo.db, max_attempts=1, lease_seconds=0.01)
@@ -163,13 +193,17 @@ async def test_a_job_lost_by_its_worker_past_its_attempts_is_announced_as_an_err
 
 
 async def test_started_and_progress_are_sent_only_when_asked_and_progress_at_most_twice_a_second(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     quiet = await submit(repo, f"{url}/quiet")
-    chatty = await submit(repo, f"{url}/chatty", events=["started", "progress", "completed"],
-                          fake_seconds=1.6)
+    chatty = await submit(
+        repo, f"{url}/chatty", events=["started", "progress", "completed"], fake_seconds=1.6
+    )
     sender = sender_for(repo)
     sending = asyncio.create_task(sender.run())
     worker = make_worker(repo, [a1111_backend(a1111[1])], database_url)
@@ -193,7 +227,8 @@ async def test_started_and_progress_are_sent_only_when_asked_and_progress_at_mos
 
 
 async def test_a_newer_message_supersedes_pending_started_and_progress_ones(
-    repo: JobRepository, sink: tuple[WebhookSink, str],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
 ) -> None:
     clock = Clock(1000.0)
     repo = JobRepository(repo.db, max_attempts=3, lease_seconds=5, clock=clock)
@@ -206,16 +241,25 @@ async def test_a_newer_message_supersedes_pending_started_and_progress_ones(
     clock.advance(0.5)
     await repo.touch(claim, progress=0.6)
     assert [(d.event, d.status) for d, _ in await deliveries(repo, job_id)] == [
-        ("started", "superseded"), ("progress", "superseded"), ("progress", "pending")]
+        ("started", "superseded"),
+        ("progress", "superseded"),
+        ("progress", "pending"),
+    ]
     await repo.complete(claim, {"images": [], "parameters": {}, "info": "{}"}, [])
     assert [(d.event, d.status) for d, _ in await deliveries(repo, job_id)] == [
-        ("started", "superseded"), ("progress", "superseded"), ("progress", "superseded"),
-        ("completed", "pending")]
+        ("started", "superseded"),
+        ("progress", "superseded"),
+        ("progress", "superseded"),
+        ("completed", "pending"),
+    ]
 
 
 async def test_a_job_that_ended_while_no_sender_ran_is_announced_when_one_starts(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook")
@@ -236,8 +280,11 @@ async def test_a_job_that_ended_while_no_sender_ran_is_announced_when_one_starts
 
 
 async def test_a_dead_receiver_delays_neither_job_completion_nor_cancellation(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.always(hang=True)  # each request hangs until the sender's timeout, an hour
@@ -260,7 +307,9 @@ async def test_a_dead_receiver_delays_neither_job_completion_nor_cancellation(
 
 
 async def test_a_slow_host_gets_at_most_per_host_requests_at_once_while_others_go_on(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     slow, url = sink
     slow.always(hang=True)
@@ -283,8 +332,11 @@ async def test_a_slow_host_gets_at_most_per_host_requests_at_once_while_others_g
 
 
 async def test_a_500_answer_is_retried_with_a_fresh_signature_and_the_same_webhook_id(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.answer(500, body="down for maintenance")
@@ -314,7 +366,9 @@ async def test_a_500_answer_is_retried_with_a_fresh_signature_and_the_same_webho
 
 
 async def test_a_failed_attempt_schedules_the_next_one_durably_on_the_schedule(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.always(503)
@@ -331,7 +385,9 @@ async def test_a_failed_attempt_schedules_the_next_one_durably_on_the_schedule(
 
 
 async def test_retry_after_is_honoured(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.answer(429, headers={"Retry-After": "120"})
@@ -346,7 +402,9 @@ async def test_retry_after_is_honoured(
 
 
 async def test_a_redirect_is_a_failed_attempt_and_is_not_followed(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.answer(302, headers={"Location": f"{url}/elsewhere"})
@@ -363,7 +421,9 @@ async def test_a_redirect_is_a_failed_attempt_and_is_not_followed(
 
 
 async def test_410_gone_stops_the_retries(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.always(410)
@@ -380,7 +440,9 @@ async def test_410_gone_stops_the_retries(
 
 
 async def test_the_retries_end_when_the_schedule_is_used_up(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.always(500)
@@ -396,7 +458,9 @@ async def test_the_retries_end_when_the_schedule_is_used_up(
 
 
 async def test_started_and_progress_messages_are_tried_once(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     receiver.always(500)
@@ -413,7 +477,9 @@ async def test_started_and_progress_messages_are_tried_once(
 
 
 async def test_the_ssrf_guard_refuses_a_loopback_receiver_unless_private_addresses_are_allowed(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     by_ip = await submit(repo, f"{url}/hook")
@@ -431,7 +497,9 @@ async def test_the_ssrf_guard_refuses_a_loopback_receiver_unless_private_address
 
 
 async def test_a_host_name_is_connected_to_at_the_address_that_was_checked(
-    repo: JobRepository, sink: tuple[WebhookSink, str], sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, url.replace("127.0.0.1", "localhost") + "/hook")
@@ -446,8 +514,11 @@ async def test_a_host_name_is_connected_to_at_the_address_that_was_checked(
 
 
 async def test_images_can_be_sent_as_absolute_urls_or_left_out(
-    repo: JobRepository, a1111: tuple[FakeA1111, str], sink: tuple[WebhookSink, str],
-    database_url: str, sender_for: Callable[..., WebhookSender],
+    repo: JobRepository,
+    a1111: tuple[FakeA1111, str],
+    sink: tuple[WebhookSink, str],
+    database_url: str,
+    sender_for: Callable[..., WebhookSender],
 ) -> None:
     receiver, url = sink
     job_id = await submit(repo, f"{url}/hook")
@@ -459,14 +530,16 @@ async def test_images_can_be_sent_as_absolute_urls_or_left_out(
         await sender.aclose()
     by_url, without = (r.verify(JOB_SECRET)["data"] for r in receiver.received)
     assert by_url["result"]["images"] == [] and by_url["image_urls"] == [
-        f"https://proxy.example/sdapi/v1/jobs/{job_id}/images/0"]
+        f"https://proxy.example/sdapi/v1/jobs/{job_id}/images/0"
+    ]
     assert without["result"]["images"] == []
     assert without["image_urls"] == [f"/sdapi/v1/jobs/{job_id}/images/0"]
 
 
 async def _delivered(repo: JobRepository, job_id: str, event: str) -> bool:
-    return any(d.event == event and d.status == "delivered"
-               for d, _ in await deliveries(repo, job_id))
+    return any(
+        d.event == event and d.status == "delivered" for d, _ in await deliveries(repo, job_id)
+    )
 
 
 async def _status_of(repo: JobRepository, job_id: str, status: str) -> bool:

@@ -23,9 +23,9 @@ from worker.loop import Worker
 
 pytestmark = pytest.mark.anyio
 
-FAST = Timing(progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seconds=5,
-              stall_seconds=0.5)
-
+FAST = Timing(
+    progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seconds=5, stall_seconds=0.5
+)
 
 
 @pytest.fixture
@@ -40,8 +40,15 @@ def fakes() -> list[FakeBackend]:
 
 
 def make_worker(repo: JobRepository, backends: list[Backend], database_url: str) -> Worker:
-    return Worker(repo=repo, backends=backends, wakeup=make_wakeup(database_url, 0.005),
-                  timing=FAST, reap_seconds=0.2, shutdown_grace_seconds=0.3, rest_seconds=0.05)
+    return Worker(
+        repo=repo,
+        backends=backends,
+        wakeup=make_wakeup(database_url, 0.005),
+        timing=FAST,
+        reap_seconds=0.2,
+        shutdown_grace_seconds=0.3,
+        rest_seconds=0.05,
+    )
 
 
 def a1111(url: str) -> A1111Backend:
@@ -51,7 +58,9 @@ def a1111(url: str) -> A1111Backend:
 async def submit(repo: JobRepository, priority: int = 0, **body: object) -> str:
     body = {"prompt": "a cat", "steps": 20, **body}
     text = json.dumps(body)
-    return (await repo.submit(NewJob("txt2img", request=text, payload=text, priority=priority))).job.id
+    return (
+        await repo.submit(NewJob("txt2img", request=text, payload=text, priority=priority))
+    ).job.id
 
 
 async def wait_until(check: Callable[[], object], timeout: float = 10) -> None:
@@ -70,8 +79,12 @@ async def test_a_job_completes_with_a1111s_response_stored_exactly(
     row = await repo.get(job_id)
     assert row.status == "completed" and row.attempts == 1 and row.progress == 1.0
     [sent] = fake.generation_requests()
-    assert sent == {"prompt": "a cat", "steps": 20, "seed": 7,
-                    "unknown_extension_field": {"kept": True}}
+    assert sent == {
+        "prompt": "a cat",
+        "steps": 20,
+        "seed": 7,
+        "unknown_extension_field": {"kept": True},
+    }
     result = row.result
     assert result["parameters"] == sent
     info = json.loads(result["info"])
@@ -194,8 +207,12 @@ async def test_a_backend_rejecting_a_job_ends_it_with_the_backends_own_detail(
     repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
     fake = fakes[0]
-    a1111_body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
-                  "errors": ""}
+    a1111_body = {
+        "error": "HTTPException",
+        "detail": "Script 'nope' not found",
+        "body": "",
+        "errors": "",
+    }
     fake.fail_next(1, "rejected", status=422, body=a1111_body)
     job_id = await submit(repo, script_name="nope")
     await make_worker(repo, [fake], database_url).run_until_empty()
@@ -210,8 +227,12 @@ async def test_a1111s_own_error_answer_is_a_rejection_with_its_detail_status_and
     fake_a1111: tuple[FakeA1111, str],
 ) -> None:
     fake, url = fake_a1111
-    a1111_body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
-                  "errors": ""}
+    a1111_body = {
+        "error": "HTTPException",
+        "detail": "Script 'nope' not found",
+        "body": "",
+        "errors": "",
+    }
     fake.fail_next(1, status=422, body=a1111_body)
     backend = a1111(url)
     try:
@@ -333,7 +354,9 @@ async def test_stopping_the_worker_releases_running_jobs_for_another_worker(
     assert fake.interrupts == 1
 
 
-async def _status_is(repo: JobRepository, job_id: str, status: str, attempts: int | None = None) -> bool:
+async def _status_is(
+    repo: JobRepository, job_id: str, status: str, attempts: int | None = None
+) -> bool:
     row = await repo.get(job_id)
     return row.status == status and (attempts is None or row.attempts == attempts)
 
@@ -351,12 +374,13 @@ async def _make_due(repo: JobRepository, job_id: str) -> None:
         await conn.execute(update(jobs).where(jobs.c.id == job_id).values(run_after=0))
 
 
-
 async def test_a_job_goes_to_the_slot_that_last_ran_its_checkpoint(
     repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
     async def submit_for(checkpoint: str) -> str:
-        body = json.dumps({"prompt": checkpoint, "override_settings": {"sd_model_checkpoint": checkpoint}})
+        body = json.dumps(
+            {"prompt": checkpoint, "override_settings": {"sd_model_checkpoint": checkpoint}}
+        )
         new = NewJob("txt2img", request=body, payload=body, checkpoint=checkpoint)
         return (await repo.submit(new)).job.id
 
@@ -437,8 +461,12 @@ async def test_the_a1111_backend_reads_every_catalogue_entry_and_sends_control_c
         await backend.aclose()
     assert fake.options_posted == [{"CLIP_stop_at_last_layers": 2}]
     assert [r.path for r in fake.received][-5:] == [
-        "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-embeddings",
-        "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"]
+        "/sdapi/v1/refresh-loras",
+        "/sdapi/v1/refresh-vae",
+        "/sdapi/v1/refresh-embeddings",
+        "/sdapi/v1/unload-checkpoint",
+        "/sdapi/v1/reload-checkpoint",
+    ]
     assert fake.received[-1].body == {"sd_model_checkpoint": "dreamshaper_8"}
     assert len(fake.models) == 3  # refresh-checkpoints found the new model
     assert fake.timeline == ["unload-checkpoint", "reload-checkpoint"]

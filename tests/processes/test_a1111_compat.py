@@ -68,8 +68,13 @@ def test_the_job_id_travels_in_the_headers_of_a_wait_mode_answer(api: httpx.Clie
 def test_img2img_with_a_mask_passes_images_and_mask_on(
     client: webuiapi.WebUIApi, fake: FakeA1111
 ) -> None:
-    result = client.img2img(images=[picture()], mask_image=picture((255, 255, 255)), prompt="paint",
-                            denoising_strength=0.5, steps=4)
+    result = client.img2img(
+        images=[picture()],
+        mask_image=picture((255, 255, 255)),
+        prompt="paint",
+        denoising_strength=0.5,
+        steps=4,
+    )
     assert len(result.images) == 1
     sent = fake.generation_requests()[-1].body
     assert sent["init_images"][0].startswith("data:image/png;base64,")
@@ -79,8 +84,9 @@ def test_img2img_with_a_mask_passes_images_and_mask_on(
 def test_a_controlnet_unit_passes_through_alwayson_scripts_untouched(
     client: webuiapi.WebUIApi, fake: FakeA1111
 ) -> None:
-    unit = webuiapi.ControlNetUnit(image=picture(), module="canny",
-                                   model="control_v11p_sd15_canny [d14c016b]", weight=0.8)
+    unit = webuiapi.ControlNetUnit(
+        image=picture(), module="canny", model="control_v11p_sd15_canny [d14c016b]", weight=0.8
+    )
     client.txt2img(prompt="a house", steps=3, controlnet_units=[unit])
     sent = fake.generation_requests()[-1].body
     [arg] = sent["alwayson_scripts"]["ControlNet"]["args"]
@@ -95,19 +101,26 @@ def test_progress_is_idle_when_nothing_runs_and_wait_for_ready_returns(
     # It returns only once idle, else it sleeps `check_interval` and asks again: with an hour
     # between checks, returning at all means the first check already found the proxy idle.
     returned = threading.Event()
-    threading.Thread(target=lambda: (client.util_wait_for_ready(check_interval=3600),
-                                     returned.set()), daemon=True).start()
+    threading.Thread(
+        target=lambda: (client.util_wait_for_ready(check_interval=3600), returned.set()),
+        daemon=True,
+    ).start()
     assert returned.wait(timeout=30), "wait_for_ready did not return although nothing runs"
 
 
 def test_progress_shows_the_running_job_and_interrupt_ends_it(
     client: webuiapi.WebUIApi, api: httpx.Client, stack: Stack, fake: FakeA1111
 ) -> None:
-    job_id = api.post("/sdapi/v1/txt2img", json={"prompt": "slow", "steps": 30, "fake_seconds": 30},
-                      headers={"Prefer": "respond-async"}).json()["id"]
+    job_id = api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "slow", "steps": 30, "fake_seconds": 30},
+        headers={"Prefer": "respond-async"},
+    ).json()["id"]
     stack.wait_status(job_id, "processing")
-    busy = wait_for(lambda: (p := client.get_progress())["progress"] > 0.01 and p["current_image"] and p,
-                    what="progress with a preview")
+    busy = wait_for(
+        lambda: (p := client.get_progress())["progress"] > 0.01 and p["current_image"] and p,
+        what="progress with a preview",
+    )
     assert busy["state"]["job_count"] == 1 and busy["state"]["job"] == "scripts_txt2img"
     Image.open(io.BytesIO(base64.b64decode(busy["current_image"]))).verify()
     assert client.interrupt() == {}
@@ -119,8 +132,11 @@ def test_skip_is_passed_to_the_running_jobs_backend(
     client: webuiapi.WebUIApi, api: httpx.Client, stack: Stack, fake: FakeA1111
 ) -> None:
     before = fake.skips
-    job_id = api.post("/sdapi/v1/txt2img", json={"prompt": "slow", "fake_seconds": 1.5},
-                      headers={"Prefer": "respond-async"}).json()["id"]
+    job_id = api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "slow", "fake_seconds": 1.5},
+        headers={"Prefer": "respond-async"},
+    ).json()["id"]
     stack.wait_status(job_id, "processing")
     assert client.skip() is None
     wait_for(lambda: fake.skips == before + 1, what="the skip to reach A1111")
@@ -145,7 +161,9 @@ def test_models_are_listed_and_setting_one_applies_to_later_jobs_without_racing(
     client.util_set_model(fake.models[0]["title"])  # leave it as it was
 
 
-def test_an_unknown_checkpoint_is_refused_with_the_known_titles(api: httpx.Client, fake: FakeA1111) -> None:
+def test_an_unknown_checkpoint_is_refused_with_the_known_titles(
+    api: httpx.Client, fake: FakeA1111
+) -> None:
     response = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "no-such-model"})
     assert response.status_code == 422
     assert fake.models[0]["title"] in response.json()["detail"]
@@ -156,13 +174,19 @@ def test_other_options_reach_the_backend_between_jobs(
 ) -> None:
     assert client.set_options({"samples_format": "jpg"}) is None
     assert client.get_options()["samples_format"] == "jpg"
-    wait_for(lambda: client.txt2img(prompt="x", steps=2) and
-             {"samples_format": "jpg"} in fake.options_posted, timeout=15,
-             what="the option to be applied before a job")
+    wait_for(
+        lambda: (
+            client.txt2img(prompt="x", steps=2) and {"samples_format": "jpg"} in fake.options_posted
+        ),
+        timeout=15,
+        what="the option to be applied before a job",
+    )
     client.set_options({"samples_format": "png"})
 
 
-def test_the_catalogue_is_answered_from_the_database(client: webuiapi.WebUIApi, fake: FakeA1111) -> None:
+def test_the_catalogue_is_answered_from_the_database(
+    client: webuiapi.WebUIApi, fake: FakeA1111
+) -> None:
     assert client.get_loras()[0]["name"] == "add_detail"
     assert [s["name"] for s in client.get_samplers()] == ["Euler a", "DPM++ 2M"]
     assert client.get_schedulers()[1]["label"] == "Karras"
@@ -176,8 +200,11 @@ def test_refresh_checkpoints_answers_null_and_new_models_appear(
     client: webuiapi.WebUIApi,
 ) -> None:
     assert client.refresh_checkpoints() is None
-    wait_for(lambda: NEW_MODEL["title"] in [m["title"] for m in client.get_sd_models()],
-             timeout=15, what="the refreshed model list")
+    wait_for(
+        lambda: NEW_MODEL["title"] in [m["title"] for m in client.get_sd_models()],
+        timeout=15,
+        what="the refreshed model list",
+    )
 
 
 def test_png_info_is_answered_locally(client: webuiapi.WebUIApi) -> None:
@@ -195,12 +222,17 @@ def test_interrogate_extras_and_controlnet_detect_run_on_a_slot(
     upscaled = client.extra_single_image(picture(), upscaler_1="Lanczos", upscaling_resize=2)
     assert upscaled.image.size == (16, 16)
     assert api.get("/controlnet/model_list").json() == {
-        "model_list": ["control_v11p_sd15_canny [d14c016b]"]}
+        "model_list": ["control_v11p_sd15_canny [d14c016b]"]
+    }
     buffer = io.BytesIO()
     picture().save(buffer, format="PNG")
-    detected = api.post("/controlnet/detect", json={
-        "controlnet_module": "canny",
-        "controlnet_input_images": [base64.b64encode(buffer.getvalue()).decode()]})
+    detected = api.post(
+        "/controlnet/detect",
+        json={
+            "controlnet_module": "canny",
+            "controlnet_input_images": [base64.b64encode(buffer.getvalue()).decode()],
+        },
+    )
     assert detected.status_code == 200 and detected.json()["info"] == "Success"
     kinds = {j["type"] for j in api.get("/sdapi/v1/jobs", params={"limit": 20}).json()["jobs"]}
     assert {"interrogate", "extra-single-image", "controlnet-detect"} <= kinds
@@ -221,15 +253,20 @@ def test_prefer_wait_n_answers_202_at_the_deadline_and_respond_async_forces_202(
 ) -> None:
     # A job that runs for an hour: a 202 within the client's 30 s timeout comes from the deadline
     # asked for, not from the job's end.
-    response = api.post("/sdapi/v1/txt2img", json={"prompt": "slow", "fake_seconds": 3600},
-                        headers={"Prefer": "wait=0.3"})
+    response = api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "slow", "fake_seconds": 3600},
+        headers={"Prefer": "wait=0.3"},
+    )
     assert response.status_code == 202
     assert response.headers["preference-applied"] == "wait=0.3"
     assert response.json()["status"] in ("queued", "processing")
     job_id = response.json()["id"]
     assert api.post(f"/sdapi/v1/jobs/{job_id}/cancel").status_code == 200
     stack.wait_status(job_id, "canceled")
-    forced = api.post("/sdapi/v1/txt2img", json={"prompt": "x"}, headers={"Prefer": "respond-async"})
+    forced = api.post(
+        "/sdapi/v1/txt2img", json={"prompt": "x"}, headers={"Prefer": "respond-async"}
+    )
     assert forced.status_code == 202 and forced.json()["status"] == "queued"
     stack.wait_status(forced.json()["id"], "completed")
 
@@ -237,29 +274,49 @@ def test_prefer_wait_n_answers_202_at_the_deadline_and_respond_async_forces_202(
 def test_a_client_that_goes_away_does_not_cancel_its_job(stack: Stack, api: httpx.Client) -> None:
     def impatient() -> None:
         try:
-            httpx.post(f"{stack.base}/sdapi/v1/txt2img",
-                       json={"prompt": "left behind", "fake_seconds": 1.0}, timeout=0.3)
+            httpx.post(
+                f"{stack.base}/sdapi/v1/txt2img",
+                json={"prompt": "left behind", "fake_seconds": 1.0},
+                timeout=0.3,
+            )
         except httpx.TimeoutException:
             pass
 
     thread = threading.Thread(target=impatient)
     thread.start()
     thread.join()
-    job = wait_for(lambda: [j for j in api.get("/sdapi/v1/jobs").json()["jobs"]
-                            if j["request"].get("prompt") == "left behind"], what="the job")[0]
+    job = wait_for(
+        lambda: [
+            j
+            for j in api.get("/sdapi/v1/jobs").json()["jobs"]
+            if j["request"].get("prompt") == "left behind"
+        ],
+        what="the job",
+    )[0]
     assert stack.wait_status(job["id"], "completed")["result"]["images"]
 
 
 def test_an_unsupported_route_is_a_clear_404_and_never_a_500(api: httpx.Client) -> None:
     response = api.post("/sdapi/v1/train/embedding", json={})
-    assert response.status_code == 404 and "does not offer POST /sdapi/v1/train/embedding" in (
-        response.json()["detail"])
+    assert (
+        response.status_code == 404
+        and "does not offer POST /sdapi/v1/train/embedding" in (response.json()["detail"])
+    )
     assert api.get("/sdapi/v1/txt2img").status_code == 405
 
 
-def test_lenient_bodies_are_accepted_as_a1111_accepts_them(api: httpx.Client, fake: FakeA1111) -> None:
-    body = {"prompt": 123, "seed": "42", "steps": 3.0, "width": 512.9, "enable_hr": "yes",
-            "sampler_index": "Euler a", "webhookUrl": "ignored-by-a1111"}
+def test_lenient_bodies_are_accepted_as_a1111_accepts_them(
+    api: httpx.Client, fake: FakeA1111
+) -> None:
+    body = {
+        "prompt": 123,
+        "seed": "42",
+        "steps": 3.0,
+        "width": 512.9,
+        "enable_hr": "yes",
+        "sampler_index": "Euler a",
+        "webhookUrl": "ignored-by-a1111",
+    }
     response = api.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 200
     sent = fake.generation_requests()[-1].body

@@ -71,13 +71,18 @@ A1111_ROUTES: list[tuple[str, str, Any]] = [
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator[Stack]:
-    made = Stack(tmp_path_factory.mktemp("routes"), [fake.url],  # type: ignore[attr-defined]
-                 A1111_PROXY_RESPONSE_MODE="wait")
+    made = Stack(
+        tmp_path_factory.mktemp("routes"),
+        [fake.url],  # type: ignore[attr-defined]
+        A1111_PROXY_RESPONSE_MODE="wait",
+    )
     try:
         api = made.start_api()
         made.start_worker()
-        wait_for(lambda: "system" in api.get("/sdapi/v1/memory").json()["cuda"],
-                 what="the backend's memory in the catalogue")
+        wait_for(
+            lambda: "system" in api.get("/sdapi/v1/memory").json()["cuda"],
+            what="the backend's memory in the catalogue",
+        )
         yield made
     finally:
         made.close()
@@ -87,8 +92,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeA1111) -> Iterator
 def another_api(stack: Stack, **env: str) -> Iterator[httpx.Client]:
     """One more API process on the same database, with its own settings."""
     port = free_port()
-    proc = Proc(["serve", "--port", str(port)], {**stack.env, **env},
-                stack.tmp / f"api-{port}.log")
+    proc = Proc(["serve", "--port", str(port)], {**stack.env, **env}, stack.tmp / f"api-{port}.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", proc=proc)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -111,12 +115,22 @@ def test_text_generation_webuis_vram_sharing_sequence_reads_what_a1111_would_ans
     reloaded = api.post("/sdapi/v1/reload-checkpoint", json="")
     assert reloaded.status_code == 200 and reloaded.json() == {} and fake.loaded
 
-    payload = {"prompt": "(Masterpiece:1.1), detailed, intricate, colorful(a fox:1)", "seed": -1,
-               "sampler_name": "DPM++ 2M", "enable_hr": False, "hr_scale": "1.0",
-               "hr_upscaler": "ESRGAN_4x", "denoising_strength": 0.61, "steps": 32,
-               "cfg_scale": 7, "width": 512, "height": 512, "restore_faces": False,
-               "override_settings_restore_afterwards": True,
-               "negative_prompt": "(worst quality, low quality:1.3)"}
+    payload = {
+        "prompt": "(Masterpiece:1.1), detailed, intricate, colorful(a fox:1)",
+        "seed": -1,
+        "sampler_name": "DPM++ 2M",
+        "enable_hr": False,
+        "hr_scale": "1.0",
+        "hr_upscaler": "ESRGAN_4x",
+        "denoising_strength": 0.61,
+        "steps": 32,
+        "cfg_scale": 7,
+        "width": 512,
+        "height": 512,
+        "restore_faces": False,
+        "override_settings_restore_afterwards": True,
+        "negative_prompt": "(worst quality, low quality:1.3)",
+    }
     response = api.post("/sdapi/v1/txt2img", json=payload)
     response.raise_for_status()
     for img_str in response.json()["images"]:
@@ -125,10 +139,16 @@ def test_text_generation_webuis_vram_sharing_sequence_reads_what_a1111_would_ans
     again = api.post("/sdapi/v1/unload-checkpoint", json="")
     assert again.status_code == 200 and again.json() == {} and not fake.loaded
     assert fake.timeline[mark:] == [
-        "unload-checkpoint", "reload-checkpoint", "txt2img", "unload-checkpoint"]
+        "unload-checkpoint",
+        "reload-checkpoint",
+        "txt2img",
+        "unload-checkpoint",
+    ]
     assert fake.checkpoint_calls_while_generating == 0
-    wait_for(lambda: api.get("/sdapi/v1/memory").json()["cuda"]["allocated"]["current"] == 0,
-             what="/memory to show the freed GPU memory")
+    wait_for(
+        lambda: api.get("/sdapi/v1/memory").json()["cuda"]["allocated"]["current"] == 0,
+        what="/memory to show the freed GPU memory",
+    )
 
 
 def test_an_unload_during_a_running_job_answers_once_that_job_ended_and_the_memory_is_free(
@@ -136,8 +156,11 @@ def test_an_unload_during_a_running_job_answers_once_that_job_ended_and_the_memo
 ) -> None:
     api.post("/sdapi/v1/reload-checkpoint")
     mark = len(fake.timeline)
-    job_id = api.post("/sdapi/v1/txt2img", json={"prompt": "slow", "fake_seconds": 1.0},
-                      headers={"Prefer": "respond-async"}).json()["id"]
+    job_id = api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "slow", "fake_seconds": 1.0},
+        headers={"Prefer": "respond-async"},
+    ).json()["id"]
     stack.wait_status(job_id, "processing")
     response = api.post("/sdapi/v1/unload-checkpoint")
     assert response.status_code == 200 and response.json() == {}
@@ -155,17 +178,24 @@ def test_a_backend_still_busy_at_the_bound_gets_it_after_its_job_and_the_answer_
         api.post("/sdapi/v1/reload-checkpoint")  # it may answer at the bound, before A1111 has it
         wait_for(lambda: "reload-checkpoint" in fake.timeline[before:], what="the reload")
         mark = len(fake.timeline)
-        job_id = api.post("/sdapi/v1/txt2img", json={"prompt": "slow", "fake_seconds": 2.0},
-                          headers={"Prefer": "respond-async"}).json()["id"]
-        wait_for(lambda: api.get(f"/sdapi/v1/jobs/{job_id}").json()["status"] == "processing",
-                 what="the job to run")
+        job_id = api.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "slow", "fake_seconds": 2.0},
+            headers={"Prefer": "respond-async"},
+        ).json()["id"]
+        wait_for(
+            lambda: api.get(f"/sdapi/v1/jobs/{job_id}").json()["status"] == "processing",
+            what="the job to run",
+        )
         response = api.post("/sdapi/v1/unload-checkpoint")
         assert response.status_code == 200 and response.json() == {}
         note = response.headers["x-proxy-note"]
         assert fake.url in note and "running job" in note  # type: ignore[attr-defined]
         assert fake.loaded  # not during the job
-        wait_for(lambda: fake.timeline[mark:] == ["txt2img", "unload-checkpoint"],
-                 what="the unload after the job")
+        wait_for(
+            lambda: fake.timeline[mark:] == ["txt2img", "unload-checkpoint"],
+            what="the unload after the job",
+        )
         assert fake.checkpoint_calls_while_generating == 0
 
 

@@ -24,8 +24,12 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 ST_AUTH = "sillytavern:st-alice-token"  # SillyTavern's auth setting: the proxy token as password
-SECRETS = {"auth": ST_AUTH, "api_key": "sk-api-key-0042", "password": "hunter2-pass",
-           "token": "tok-0099"}
+SECRETS = {
+    "auth": ST_AUTH,
+    "api_key": "sk-api-key-0042",
+    "password": "hunter2-pass",
+    "token": "tok-0099",
+}
 NESTED_SECRET = "nested-token-0077"
 
 
@@ -33,9 +37,14 @@ NESTED_SECRET = "nested-token-0077"
 def stack(tmp_path: Path, database_url: str) -> Iterator[tuple[Stack, FakeA1111, WebhookSink, str]]:
     fake, receiver = FakeA1111(service_time=0.05), WebhookSink()
     with serve(fake.app) as a1111, serve(receiver.app) as hooks:
-        made = Stack(tmp_path, [a1111], database_url,
-                     A1111_PROXY_API_TOKENS="alice:st-alice-token",
-                     A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true", A1111_PROXY_LOG_LEVEL="debug")
+        made = Stack(
+            tmp_path,
+            [a1111],
+            database_url,
+            A1111_PROXY_API_TOKENS="alice:st-alice-token",
+            A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true",
+            A1111_PROXY_LOG_LEVEL="debug",
+        )
         try:
             yield made, fake, receiver, hooks
         finally:
@@ -46,14 +55,29 @@ def sillytavern_body(a1111: str, hooks: str) -> dict[str, Any]:
     """What SillyTavern's /api/sd/generate sends on (its client's body, unchanged), with the
     other clients' credential keys and our webhook fields added."""
     return {
-        "url": a1111, **SECRETS,
-        "prompt": "a lighthouse", "negative_prompt": "", "sampler_name": "Euler a",
-        "scheduler": "automatic", "steps": 4, "cfg_scale": 7, "width": 64, "height": 64,
-        "restore_faces": False, "enable_hr": False, "hr_upscaler": "Latent", "hr_scale": 2.0,
-        "denoising_strength": 0.7, "hr_second_pass_steps": 0,
+        "url": a1111,
+        **SECRETS,
+        "prompt": "a lighthouse",
+        "negative_prompt": "",
+        "sampler_name": "Euler a",
+        "scheduler": "automatic",
+        "steps": 4,
+        "cfg_scale": 7,
+        "width": 64,
+        "height": 64,
+        "restore_faces": False,
+        "enable_hr": False,
+        "hr_upscaler": "Latent",
+        "hr_scale": 2.0,
+        "denoising_strength": 0.7,
+        "hr_second_pass_steps": 0,
         "override_settings": {"CLIP_stop_at_last_layers": 1},
-        "override_settings_restore_afterwards": True, "clip_skip": 1, "save_images": True,
-        "send_images": True, "do_not_save_grid": False, "do_not_save_samples": False,
+        "override_settings_restore_afterwards": True,
+        "clip_skip": 1,
+        "save_images": True,
+        "send_images": True,
+        "do_not_save_grid": False,
+        "do_not_save_samples": False,
         "alwayson_scripts": {"SomeExtension": {"args": [{"Token": NESTED_SECRET, "keep": 1}]}},
         "webhook_url": f"{hooks}/done",
     }
@@ -116,8 +140,16 @@ def test_a1111s_refusal_echoing_the_body_shows_no_credentials_in_the_jobs_error(
     made.start_worker()
     # A1111's handler for a request it cannot validate answers the body it received in `body`.
     echoed = {"prompt": "x", "steps": "many", **SECRETS}
-    fake.fail_next(1, status=422, body={"error": "RequestValidationError", "detail": "steps",
-                                        "body": echoed, "errors": "steps: not an integer"})
+    fake.fail_next(
+        1,
+        status=422,
+        body={
+            "error": "RequestValidationError",
+            "detail": "steps",
+            "body": echoed,
+            "errors": "steps: not an integer",
+        },
+    )
     job_id = made.submit(**SECRETS)
     failed = made.wait_status(job_id, "error")
     assert failed["error"]["backend_status"] == 422

@@ -23,8 +23,13 @@ def running(tmp_path: Path, database_url: str) -> Iterator[tuple[Stack, dict[str
     fakes = [FakeA1111(name="one"), FakeA1111(name="two")]
     with serve(fakes[0].app) as one, serve(fakes[1].app) as two:
         # A long lease: nothing here may be requeued while a busy machine runs the test.
-        made = Stack(tmp_path, [one, two], database_url, A1111_PROXY_API_TOKENS=TOKENS,
-                     A1111_PROXY_LEASE_SECONDS="30")
+        made = Stack(
+            tmp_path,
+            [one, two],
+            database_url,
+            A1111_PROXY_API_TOKENS=TOKENS,
+            A1111_PROXY_LEASE_SECONDS="30",
+        )
         try:
             made.start_api().headers["Authorization"] = CAROL  # Stack's own reads: a third tenant
             made.start_worker()
@@ -49,7 +54,8 @@ def wait_running(made: Stack, *job_ids: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_bobs_progress_interrupt_and_skip_never_touch_alices_running_job(
-    running: tuple[Stack, dict[str, FakeA1111]], database_url: str,
+    running: tuple[Stack, dict[str, FakeA1111]],
+    database_url: str,
 ) -> None:
     made, fakes = running
     api = made.api
@@ -89,7 +95,8 @@ def test_bobs_progress_interrupt_and_skip_never_touch_alices_running_job(
 
 @pytest.mark.slow
 def test_job_id_picks_one_of_the_callers_running_jobs(
-    running: tuple[Stack, dict[str, FakeA1111]], database_url: str,
+    running: tuple[Stack, dict[str, FakeA1111]],
+    database_url: str,
 ) -> None:
     made, fakes = running
     api = made.api
@@ -105,14 +112,18 @@ def test_job_id_picks_one_of_the_callers_running_jobs(
 
     assert (steps_of(long_job), steps_of(short_job)) == (30, 7)
 
-    assert api.post("/sdapi/v1/skip", params={"job_id": short_job},
-                    headers=bearer(ALICE)).json() is None
+    assert (
+        api.post("/sdapi/v1/skip", params={"job_id": short_job}, headers=bearer(ALICE)).json()
+        is None
+    )
     assert stored(database_url, long_job).skip_requested_at is None
     wait_for(lambda: fakes[short_run["backend"]].skips == 1, what="the skip to reach its A1111")
     assert fakes[long_run["backend"]].skips == 0
 
-    assert api.post("/sdapi/v1/interrupt", params={"job_id": short_job},
-                    headers=bearer(ALICE)).json() == {}
+    assert (
+        api.post("/sdapi/v1/interrupt", params={"job_id": short_job}, headers=bearer(ALICE)).json()
+        == {}
+    )
     assert stored(database_url, long_job).cancel_requested_at is None
     made.wait_status(short_job, "canceled")
     assert made.job(long_job)["status"] == "processing"

@@ -31,13 +31,19 @@ BIN = Path(sys.executable).parent
 def _tool(name: str) -> str:
     found = shutil.which(name, path=str(BIN)) or shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} is not installed (it is in the `test` extra: pip install -e '.[test]')")
+        pytest.skip(
+            f"{name} is not installed (it is in the `test` extra: pip install -e '.[test]')"
+        )
     return found
 
 
 def test_the_dockerfile_passes_hadolint() -> None:
-    result = subprocess.run([_tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [_tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -54,8 +60,13 @@ class Supervisor:
         self.conf = str(ROOT / "supervisord.conf")
         self.env = env
         # A pipe, as in a container: every program's lines and supervisord's own share it.
-        self.popen = subprocess.Popen([_tool("supervisord"), "-c", self.conf], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp)
+        self.popen = subprocess.Popen(
+            [_tool("supervisord"), "-c", self.conf],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -67,8 +78,13 @@ class Supervisor:
 
     def status(self) -> dict[str, tuple[str, int | None]]:
         """program -> (state, pid)"""
-        result = subprocess.run([_tool("supervisorctl"), "-c", self.conf, "status"],
-                                env=self.env, capture_output=True, text=True, timeout=10)
+        result = subprocess.run(
+            [_tool("supervisorctl"), "-c", self.conf, "status"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         found = {}
         for line in result.stdout.splitlines():
             parts = line.split()
@@ -94,10 +110,16 @@ def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, str]]:
         database = f"sqlite+aiosqlite:///{tmp_path}/jobs.db"
         upgrade(database)  # the image's CMD migrates before it starts supervisord
         port = free_port()
-        env = {**os.environ, **FAST_WORKER, "PYTHONPATH": str(ROOT),
-               "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-               "SUPERVISOR_RUN_DIR": str(tmp_path), "A1111_PROXY_PORT": str(port),
-               "A1111_PROXY_DATABASE_URL": database, "A1111_PROXY_A1111_URLS": backend}
+        env = {
+            **os.environ,
+            **FAST_WORKER,
+            "PYTHONPATH": str(ROOT),
+            "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "SUPERVISOR_RUN_DIR": str(tmp_path),
+            "A1111_PROXY_PORT": str(port),
+            "A1111_PROXY_DATABASE_URL": database,
+            "A1111_PROXY_A1111_URLS": backend,
+        }
         supervisor = Supervisor(tmp_path, env)
         try:
             yield supervisor, f"http://127.0.0.1:{port}"
@@ -125,22 +147,32 @@ def test_supervisord_runs_both_programs_restarts_a_killed_worker_and_stops_clean
     supervised: tuple[Supervisor, str],
 ) -> None:
     supervisor, base = supervised
-    pids = wait_for(supervisor.running, timeout=30, what=f"both programs RUNNING:\n"
-                    f"{supervisor.output()}")
+    pids = wait_for(
+        supervisor.running, timeout=30, what=f"both programs RUNNING:\n{supervisor.output()}"
+    )
     wait_for(lambda: _healthy(base), timeout=20, what="/health to answer 200")
     os.kill(pids["worker"], signal.SIGKILL)
-    restarted = wait_for(lambda: (r := supervisor.running()) and r["worker"] != pids["worker"]
-                         and r, timeout=30, what="the worker to be restarted")
+    restarted = wait_for(
+        lambda: (r := supervisor.running()) and r["worker"] != pids["worker"] and r,
+        timeout=30,
+        what="the worker to be restarted",
+    )
     assert restarted["serve"] == pids["serve"]  # the API was left alone
-    job = httpx.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "after the restart"},
-                     headers=ASYNC).json()
-    wait_for(lambda: httpx.get(f"{base}/sdapi/v1/jobs/{job['id']}").json()["status"]
-             == "completed", timeout=20, what="the restarted worker to run a job")
+    job = httpx.post(
+        f"{base}/sdapi/v1/txt2img", json={"prompt": "after the restart"}, headers=ASYNC
+    ).json()
+    wait_for(
+        lambda: httpx.get(f"{base}/sdapi/v1/jobs/{job['id']}").json()["status"] == "completed",
+        timeout=20,
+        what="the restarted worker to run a job",
+    )
 
     supervisor.popen.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1
     assert supervisor.popen.wait(timeout=30) == 0
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-                   for pid in restarted.values())
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+        for pid in restarted.values()
+    )
     supervisor.reader.join(timeout=5)
     out = supervisor.output()
     assert "SIGTERM: no new jobs" in out and "stopped: worker (exit status 0)" in out
@@ -167,5 +199,6 @@ def test_compose_runs_postgresql_api_and_worker_replicas_on_the_environments_a11
     assert "API_REPLICAS" in str(services["api"]["deploy"]["replicas"])
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"]["condition"] == (
-            "service_completed_successfully")
+            "service_completed_successfully"
+        )
     assert (ROOT / "deploy" / "nginx.conf").exists()

@@ -20,9 +20,12 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[tuple[Stack, httpx.Client]]:
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, httpx.Client]]:
     """Two API processes and a worker, for the whole module (processes are slow to start):
     (the stack, whose `api` is the second API process; a client of the first one)."""
     tmp = tmp_path_factory.mktemp(f"events-{request.param}")
@@ -51,8 +54,10 @@ def submit(client: httpx.Client, **body: object) -> str:
 def slot_taken(client: httpx.Client) -> Iterator[None]:
     """The worker's only slot runs a long job meanwhile, so jobs submitted now wait."""
     blocker = submit(client, fake_seconds=60, priority=100)
-    wait_for(lambda: client.get(f"/sdapi/v1/jobs/{blocker}").json()["status"] == "processing",
-             what="the blocker to start")
+    wait_for(
+        lambda: client.get(f"/sdapi/v1/jobs/{blocker}").json()["status"] == "processing",
+        what="the blocker to start",
+    )
     try:
         yield
     finally:
@@ -108,7 +113,7 @@ def test_last_event_id_resumes_without_old_events_and_sends_a_final_event_it_mis
     assert last is not None and last.startswith("1-processing-")
     # Reconnecting: no status again for the state it knows, no old progress; the rest comes.
     resumed = follow(made.api, job_id, last_event_id=last)
-    assert [e.event for e in resumed if e.event != "ping"][0] == "progress"
+    assert next(e.event for e in resumed if e.event != "ping") == "progress"
     assert resumed[-1].event == "completed"
     # A client that saw it running but missed the end gets the end.
     missed = follow(made.api, job_id, last_event_id=last)
@@ -118,8 +123,7 @@ def test_last_event_id_resumes_without_old_events_and_sends_a_final_event_it_mis
     final = follow(made.api, job_id, last_event_id="1-completed-0")
     assert [e.event for e in final if e.event != "ping"] == ["completed"]
     # One that has the final event is told there is nothing more (EventSource stops on 204).
-    done = made.api.get(f"/sdapi/v1/jobs/{job_id}/events",
-                        headers={"Last-Event-ID": "1-completed"})
+    done = made.api.get(f"/sdapi/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "1-completed"})
     assert done.status_code == 204
 
 
@@ -158,7 +162,10 @@ def test_many_streams_share_the_database_and_leave_the_api_responsive(
 
     async def scenario() -> list[list[str]]:
         limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(base_url=made.base, timeout=30, limits=limits, headers=ASYNC) as client:
+        async with httpx.AsyncClient(
+            base_url=made.base, timeout=30, limits=limits, headers=ASYNC
+        ) as client:
+
             async def one(keep: bool) -> list[str]:
                 names = []
                 async with client.stream("GET", f"/sdapi/v1/jobs/{job_id}/events") as response:

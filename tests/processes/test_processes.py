@@ -21,6 +21,7 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture
 def stack(tmp_path: Path, fake_a1111: tuple[FakeA1111, str]) -> Iterator[Stack]:
     made = Stack(tmp_path, [fake_a1111[1]])
@@ -41,8 +42,11 @@ def test_a_submitted_job_runs_on_a1111_and_returns_its_exact_response(
     assert job["started_at"] <= job["completed_at"]
     [generation] = fake_a1111[0].completed
     result = job["result"]
-    assert result["parameters"] == generation["body"] == {"prompt": "cat", "steps": 10, "seed": 5,
-                                                          "batch_size": 2}
+    assert (
+        result["parameters"]
+        == generation["body"]
+        == {"prompt": "cat", "steps": 10, "seed": 5, "batch_size": 2}
+    )
     assert json.loads(result["info"])["all_seeds"] == [5, 6]
     assert len(result["images"]) == 2 == len(job["image_urls"])
     png = api.get(job["image_urls"][1])
@@ -57,8 +61,9 @@ def test_health_reports_the_worker_and_its_backend_slots(
 ) -> None:
     api = stack.start_api()
     stack.start_worker()
-    health = wait_for(lambda: (r := api.get("/health")).status_code == 200 and r.json(),
-                      what="a healthy /health")
+    health = wait_for(
+        lambda: (r := api.get("/health")).status_code == 200 and r.json(), what="a healthy /health"
+    )
     assert health["backends"][0]["backend"] == fake_a1111[1]
     assert health["backends"][0]["state"] == "idle"
     assert health["workers"][0]["heartbeat_age_seconds"] < 10
@@ -83,12 +88,21 @@ def test_cancel_ends_a_queued_job_at_once_and_interrupts_a_running_one(
 
 def test_jobs_run_by_priority_then_age(stack: Stack, fake_a1111: tuple[FakeA1111, str]) -> None:
     stack.start_api()
-    order = [stack.submit(prompt="low", priority=-5), stack.submit(prompt="first"),
-             stack.submit(prompt="urgent", priority=50), stack.submit(prompt="second")]
+    order = [
+        stack.submit(prompt="low", priority=-5),
+        stack.submit(prompt="first"),
+        stack.submit(prompt="urgent", priority=50),
+        stack.submit(prompt="second"),
+    ]
     stack.start_worker()
     for job_id in order:
         stack.wait_status(job_id, "completed")
-    assert [g["body"]["prompt"] for g in fake_a1111[0].completed] == ["urgent", "first", "second", "low"]
+    assert [g["body"]["prompt"] for g in fake_a1111[0].completed] == [
+        "urgent",
+        "first",
+        "second",
+        "low",
+    ]
 
 
 def test_several_backend_slots_run_jobs_in_parallel(tmp_path: Path) -> None:
@@ -106,8 +120,9 @@ def test_several_backend_slots_run_jobs_in_parallel(tmp_path: Path) -> None:
     assert {job["backend"] for job in jobs} == {one, two}
     assert [len(f.completed) for f in fakes] == [1, 1]
     # Side by side: each of the two 1 s jobs started before the other one ended.
-    first, second = ([_seconds(job[f"{when}_at"]) for when in ("started", "completed")]
-                     for job in jobs)
+    first, second = (
+        [_seconds(job[f"{when}_at"]) for when in ("started", "completed")] for job in jobs
+    )
     assert first[0] < second[1] and second[0] < first[1], jobs
 
 
@@ -195,7 +210,10 @@ def test_serve_refuses_a_public_host_without_tokens_and_says_how_to_fix_it(tmp_p
     result = subprocess.run(
         [sys.executable, "-m", "a1111_proxy", "serve"],
         env={"A1111_PROXY_HOST": "0.0.0.0", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert "A1111_PROXY_API_TOKENS" in result.stderr and "127.0.0.1" in result.stderr
@@ -215,13 +233,16 @@ def test_on_postgresql_two_apis_and_two_workers_share_the_queue_and_wait_mode_wo
         stack.start_worker()
         second = stack.start_api()  # the Stack now talks to the second API
         assert stack.base != str(first.base_url)
-        waited = first.post("/sdapi/v1/txt2img", json={"prompt": "via the first API"},
-                            headers={"Prefer": "wait=20"})
+        waited = first.post(
+            "/sdapi/v1/txt2img", json={"prompt": "via the first API"}, headers={"Prefer": "wait=20"}
+        )
         assert waited.status_code == 200 and waited.json()["images"]
         job_id = waited.headers["x-job-id"]
         assert second.get(f"/sdapi/v1/jobs/{job_id}").json()["status"] == "completed"
-        queued = [second.post("/sdapi/v1/txt2img", json={"prompt": f"p{i}"}).json()["id"]
-                  for i in range(6)]
+        queued = [
+            second.post("/sdapi/v1/txt2img", json={"prompt": f"p{i}"}).json()["id"]
+            for i in range(6)
+        ]
         for job_id in queued:
             stack.wait_status(job_id, "completed")
         assert len(fake_a1111[0].generation_requests()) == 7  # each job ran exactly once

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def submit(api: httpx.Client, headers: dict[str, str] | None = None, **body: object) -> str:
-    response = api.post("/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 10, **body},
-                        headers=headers or {})
+    response = api.post(
+        "/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 10, **body}, headers=headers or {}
+    )
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -39,7 +40,11 @@ def test_the_queue_shows_positions_in_claim_order_running_jobs_by_slot_and_an_es
         low, high, mid, high2 = (submit(api, priority=p) for p in (-5, 10, 0, 10))
         queue = api.get("/sdapi/v1/queue").json()
         assert [(q["position"], q["id"]) for q in queue["queued"]] == [
-            (1, high), (2, high2), (3, mid), (4, low)]
+            (1, high),
+            (2, high2),
+            (3, mid),
+            (4, low),
+        ]
         assert queue["queued_total"] == 4
         assert [(r["backend"], r["id"]) for r in queue["running"]] == [(fake_a1111[1], running)]
         assert queue["counts"]["queued"] == 4 and queue["counts"]["processing"] == 1
@@ -64,8 +69,12 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
 ) -> None:
     receiver = WebhookSink()
     with serve(receiver.app) as hooks:
-        made = Stack(tmp_path, [fake_a1111[1]], A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true",
-                     A1111_PROXY_DEADLINE_CHECK_SECONDS="0.1")
+        made = Stack(
+            tmp_path,
+            [fake_a1111[1]],
+            A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true",
+            A1111_PROXY_DEADLINE_CHECK_SECONDS="0.1",
+        )
         try:
             api = made.start_api()
             made.start_worker()
@@ -80,8 +89,11 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
             assert message["type"] == "job.completed"
             assert message["data"]["error"]["code"] == "deadline"
             # Wait mode hears of it as a gateway timeout, in A1111's error shape.
-            waited = api.post("/sdapi/v1/txt2img", json={"prompt": "cat"},
-                              headers={"Prefer": "wait", "Cancel-After": "0.5"})
+            waited = api.post(
+                "/sdapi/v1/txt2img",
+                json={"prompt": "cat"},
+                headers={"Prefer": "wait", "Cancel-After": "0.5"},
+            )
             assert waited.status_code == 504 and waited.json()["code"] == "deadline"
             job = made.wait_status(long, "canceled", timeout=10)
             assert job["error"]["code"] == "deadline" and job["started_at"] is not None
@@ -93,21 +105,31 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
 def test_the_worker_deletes_finished_jobs_after_the_retention_period(
     tmp_path: Path, fake_a1111: tuple[FakeA1111, str]
 ) -> None:
-    made = Stack(tmp_path, [fake_a1111[1]], A1111_PROXY_RETENTION_SECONDS="1",
-                 A1111_PROXY_RETENTION_CHECK_SECONDS="0.2")
+    made = Stack(
+        tmp_path,
+        [fake_a1111[1]],
+        A1111_PROXY_RETENTION_SECONDS="1",
+        A1111_PROXY_RETENTION_CHECK_SECONDS="0.2",
+    )
     try:
         api = made.start_api()
         made.start_worker()
         job_id = submit(api)
         job = made.wait_status(job_id, "completed")
         assert api.get(job["image_urls"][0]).status_code == 200
-        wait_for(lambda: api.get(f"/sdapi/v1/jobs/{job_id}").status_code == 404, timeout=10,
-                 what="the job to be deleted")
+        wait_for(
+            lambda: api.get(f"/sdapi/v1/jobs/{job_id}").status_code == 404,
+            timeout=10,
+            what="the job to be deleted",
+        )
         assert api.get(job["image_urls"][0]).status_code == 404
         # The worker logs the round once it has also given the space back (after the delete
         # the API already sees): wait for the line rather than race it.
-        wait_for(lambda: "retention: deleted 1 finished job(s)" in made.procs[-1].output(),
-                 timeout=10, what="the worker to log the retention round")
+        wait_for(
+            lambda: "retention: deleted 1 finished job(s)" in made.procs[-1].output(),
+            timeout=10,
+            what="the worker to log the retention round",
+        )
     finally:
         made.close()
 

@@ -37,8 +37,10 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 
-VAE = {"model_name": "vae-ft-mse-840000-ema-pruned.safetensors",
-       "filename": "/models/VAE/vae-ft-mse-840000-ema-pruned.safetensors"}
+VAE = {
+    "model_name": "vae-ft-mse-840000-ema-pruned.safetensors",
+    "filename": "/models/VAE/vae-ft-mse-840000-ema-pruned.safetensors",
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -92,12 +94,16 @@ def restore_model(api: httpx.Client, fake: FakeA1111) -> Iterator[None]:
 
 def wait_catalogue(api: httpx.Client) -> None:
     # /controlnet/model_list is among the last entries the worker fetches.
-    wait_for(lambda: api.get("/controlnet/model_list").status_code == 200,
-             timeout=30, what="the worker's first catalogue")
+    wait_for(
+        lambda: api.get("/controlnet/model_list").status_code == 200,
+        timeout=30,
+        what="the worker's first catalogue",
+    )
 
 
-def wire(method: str, url: str, headers: dict[str, str], body: bytes | None = None,
-         timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+def wire(
+    method: str, url: str, headers: dict[str, str], body: bytes | None = None, timeout: float = 60
+) -> tuple[int, dict[str, str], bytes]:
     """One request with exactly these headers (http.client refuses only CR/LF in values)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
@@ -125,8 +131,9 @@ def png_from_base64(text: str) -> Image.Image:
     return image
 
 
-def picture(size: tuple[int, int] = (16, 16),
-            color: tuple[int, int, int] = (200, 30, 30)) -> Image.Image:
+def picture(
+    size: tuple[int, int] = (16, 16), color: tuple[int, int, int] = (200, 30, 30)
+) -> Image.Image:
     return Image.new("RGB", size, color)
 
 
@@ -157,8 +164,14 @@ class TestWebuiapi:
         # Larger than 2048 px on a side: A1111 takes any size, so nothing may shrink it.
         init = picture((3000, 1000), (10, 200, 10))
         mask = Image.new("L", (3000, 1000), 255)
-        result = client.img2img(images=[init], mask_image=mask, prompt="paint", inpainting_fill=1,
-                                denoising_strength=0.5, steps=4)
+        result = client.img2img(
+            images=[init],
+            mask_image=mask,
+            prompt="paint",
+            inpainting_fill=1,
+            denoising_strength=0.5,
+            steps=4,
+        )
         assert len(result.images) == 1 and result.info["seed"] > 0
         sent = fake.generation_requests()[-1].body
         assert sent["init_images"] == [webuiapi.b64_img(init)]
@@ -170,8 +183,13 @@ class TestWebuiapi:
         generator = webuiapi.WebUIApi(baseurl=f"{stack.base}/sdapi/v1")
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(generator.txt2img, prompt="a slow castle", steps=40)
-            busy = wait_for(lambda: (p := client.get_progress())["progress"] > 0.01
-                            and p["current_image"] and p, timeout=30, what="a preview")
+            busy = wait_for(
+                lambda: (
+                    (p := client.get_progress())["progress"] > 0.01 and p["current_image"] and p
+                ),
+                timeout=30,
+                what="a preview",
+            )
             assert busy["state"]["job"] == "scripts_txt2img" and busy["state"]["job_count"] == 1
             assert png_from_base64(busy["current_image"]).size == (4, 4)
             assert client.interrupt() == {}
@@ -207,8 +225,9 @@ class TestWebuiapi:
         self, client: webuiapi.WebUIApi, fake: FakeA1111
     ) -> None:
         assert client.has_controlnet  # read from /scripts when the client was made
-        unit = webuiapi.ControlNetUnit(image=picture(), module="canny",
-                                       model="control_v11p_sd15_canny [d14c016b]", weight=0.8)
+        unit = webuiapi.ControlNetUnit(
+            image=picture(), module="canny", model="control_v11p_sd15_canny [d14c016b]", weight=0.8
+        )
         result = client.txt2img(prompt="a house", steps=3, controlnet_units=[unit])
         assert len(result.images) == 1
         [arg] = fake.generation_requests()[-1].body["alwayson_scripts"]["ControlNet"]["args"]
@@ -285,7 +304,11 @@ class OpenWebUI:
 class TestOpenWebUI:
     @pytest.mark.parametrize("api_auth", [None, ""], ids=["auth-unset", "auth-empty"])
     def test_lists_models_posts_the_whole_options_back_and_generates(
-        self, stack: Stack, fake: FakeA1111, api: httpx.Client, api_auth: str | None,
+        self,
+        stack: Stack,
+        fake: FakeA1111,
+        api: httpx.Client,
+        api_auth: str | None,
         restore_model: None,
     ) -> None:
         webui = OpenWebUI(stack.base, api_auth)
@@ -309,8 +332,12 @@ class TestOpenWebUI:
 # from public/scripts/extensions/stable-diffusion/index.js (getSdRequestBody, generateAutoImage,
 # defaultSettings). Each method is one of its routes and returns what it sends its browser.
 
-NODE_FETCH_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip,deflate", "Connection": "close",
-                      "User-Agent": "node-fetch/1.0 (+https://github.com/bitinn/node-fetch)"}
+NODE_FETCH_HEADERS = {
+    "Accept": "*/*",
+    "Accept-Encoding": "gzip,deflate",
+    "Connection": "close",
+    "User-Agent": "node-fetch/1.0 (+https://github.com/bitinn/node-fetch)",
+}
 
 
 class SillyTavernAuto:
@@ -347,8 +374,9 @@ class SillyTavernAuto:
         return str(data["sd_model_checkpoint"])
 
     def models(self) -> list[dict[str, str]]:
-        return [{"value": title, "text": title}
-                for title in self._names("/sdapi/v1/sd-models", "title")]
+        return [
+            {"value": title, "text": title} for title in self._names("/sdapi/v1/sd-models", "title")
+        ]
 
     def upscalers(self) -> list[str]:
         with ThreadPoolExecutor(2) as pool:  # Promise.all
@@ -385,16 +413,30 @@ class SillyTavernAuto:
 def generate_auto_image_body(prompt: str, sampler: str, scheduler: str, vae: str) -> dict[str, Any]:
     """generateAutoImage() with defaultSettings, after the user picked from the loaded lists
     (seed -1 is sent as undefined, so JSON.stringify leaves it out)."""
-    return {"prompt": prompt, "negative_prompt": "lowres, bad anatomy, bad hands, text, error",
-            "sampler_name": sampler, "scheduler": scheduler, "steps": 20, "cfg_scale": 7,
-            "width": 512, "height": 512, "restore_faces": False, "enable_hr": False,
-            "hr_upscaler": "Latent", "hr_scale": 2.0, "denoising_strength": 0.7,
-            "hr_second_pass_steps": 0,
-            # isValidVae ? vae : undefined, and JSON.stringify drops undefined
-            "override_settings": {"CLIP_stop_at_last_layers": 1,
-                                  **({"sd_vae": vae} if vae else {})},
-            "override_settings_restore_afterwards": True, "clip_skip": 1, "save_images": True,
-            "send_images": True, "do_not_save_grid": False, "do_not_save_samples": False}
+    return {
+        "prompt": prompt,
+        "negative_prompt": "lowres, bad anatomy, bad hands, text, error",
+        "sampler_name": sampler,
+        "scheduler": scheduler,
+        "steps": 20,
+        "cfg_scale": 7,
+        "width": 512,
+        "height": 512,
+        "restore_faces": False,
+        "enable_hr": False,
+        "hr_upscaler": "Latent",
+        "hr_scale": 2.0,
+        "denoising_strength": 0.7,
+        "hr_second_pass_steps": 0,
+        # isValidVae ? vae : undefined, and JSON.stringify drops undefined
+        "override_settings": {"CLIP_stop_at_last_layers": 1, **({"sd_vae": vae} if vae else {})},
+        "override_settings_restore_afterwards": True,
+        "clip_skip": 1,
+        "save_images": True,
+        "send_images": True,
+        "do_not_save_grid": False,
+        "do_not_save_samples": False,
+    }
 
 
 class TestSillyTavern:
@@ -420,8 +462,11 @@ class TestSillyTavern:
         assert first["progress"] == 0.0 and first["state"]["job_count"] == 0
         assert st.get_model() == chosen
 
-        status, data = st.generate(generate_auto_image_body(
-            "a knight, castle, sunset", samplers[0], schedulers[1], VAE["model_name"]))
+        status, data = st.generate(
+            generate_auto_image_body(
+                "a knight, castle, sunset", samplers[0], schedulers[1], VAE["model_name"]
+            )
+        )
         assert status == 200
         png_from_base64(data["images"][0])  # { format: 'png', data: data.images[0] }
         assert json.loads(data["info"])["sd_model_name"] == chosen
@@ -439,9 +484,11 @@ class TestSillyTavern:
         assert status == 200 and data["images"]
         assert fake.generation_requests()[-1].body["auth"] == secret
         job_id = st.last_headers["x-job-id"]
-        views = {"job view": api.get(f"/sdapi/v1/jobs/{job_id}").text,
-                 "job listing": api.get("/sdapi/v1/jobs").text,
-                 **{proc.log_path.name: proc.output() for proc in stack.procs}}
+        views = {
+            "job view": api.get(f"/sdapi/v1/jobs/{job_id}").text,
+            "job listing": api.get("/sdapi/v1/jobs").text,
+            **{proc.log_path.name: proc.output() for proc in stack.procs},
+        }
         assert api.get(f"/sdapi/v1/jobs/{job_id}").json()["request"]["prompt"] == "a lantern"
         assert [name for name, text in views.items() if "correct-horse-5309" in text] == []
 
@@ -459,12 +506,18 @@ class TestLibreChat:
     def test_a_1024_square_txt2img_gives_images_0_and_json_info(
         self, stack: Stack, fake: FakeA1111
     ) -> None:
-        payload = {"prompt": "photo of a man in black clothes, half body, coastline, overcast",
-                   "negative_prompt": "semi-realistic, cgi, 3d, render, sketch, cartoon",
-                   "sampler_index": "DPM++ 2M Karras", "cfg_scale": 4.5, "steps": 22,
-                   "width": 1024, "height": 1024}
-        response = httpx.post(f"{stack.base}/sdapi/v1/txt2img", json=payload,
-                              headers=AXIOS_HEADERS, timeout=60)
+        payload = {
+            "prompt": "photo of a man in black clothes, half body, coastline, overcast",
+            "negative_prompt": "semi-realistic, cgi, 3d, render, sketch, cartoon",
+            "sampler_index": "DPM++ 2M Karras",
+            "cfg_scale": 4.5,
+            "steps": 22,
+            "width": 1024,
+            "height": 1024,
+        }
+        response = httpx.post(
+            f"{stack.base}/sdapi/v1/txt2img", json=payload, headers=AXIOS_HEADERS, timeout=60
+        )
         assert 200 <= response.status_code < 300
         image = response.json()["images"][0]
         png_from_base64(image.split(",", 1)[0])
@@ -485,22 +538,32 @@ class TestLibreChat:
 
 class TestTextGenerationWebUI:
     def test_unload_and_reload_the_checkpoint_around_a_txt2img(self, stack: Stack) -> None:
-        a1111 = httpx.Client(base_url=stack.base, timeout=60,
-                             headers={"User-Agent": "python-requests/2.32.3"})
+        a1111 = httpx.Client(
+            base_url=stack.base, timeout=60, headers={"User-Agent": "python-requests/2.32.3"}
+        )
         with a1111:
             a1111.get("/sdapi/v1/sd-models").raise_for_status()  # SD_api_address_update
             options = a1111.get("/sdapi/v1/options").json()  # get_checkpoints
-            assert options["sd_model_checkpoint"] in [m["title"] for m in
-                                                      a1111.get("/sdapi/v1/sd-models").json()]
+            assert options["sd_model_checkpoint"] in [
+                m["title"] for m in a1111.get("/sdapi/v1/sd-models").json()
+            ]
             a1111.post("/sdapi/v1/unload-checkpoint", json="").raise_for_status()  # 'set'
 
             a1111.post("/sdapi/v1/reload-checkpoint", json="").raise_for_status()  # 'SD'
             description = "(a cozy cabin in the woods:1)"
             payload = {
                 "prompt": "(Masterpiece:1.1), detailed, intricate, colorful" + description,
-                "seed": -1, "sampler_name": "DPM++ 2M", "enable_hr": False, "hr_scale": "1.0",
-                "hr_upscaler": "ESRGAN_4x", "denoising_strength": 0.61, "steps": 32,
-                "cfg_scale": 7, "width": 512, "height": 512, "restore_faces": False,
+                "seed": -1,
+                "sampler_name": "DPM++ 2M",
+                "enable_hr": False,
+                "hr_scale": "1.0",
+                "hr_upscaler": "ESRGAN_4x",
+                "denoising_strength": 0.61,
+                "steps": 32,
+                "cfg_scale": 7,
+                "width": 512,
+                "height": 512,
+                "restore_faces": False,
                 "override_settings_restore_afterwards": True,
                 "negative_prompt": "(worst quality, low quality:1.3)",
             }
@@ -519,8 +582,11 @@ class TestTextGenerationWebUI:
 @pytest.fixture(scope="class")
 def down_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A deployment whose only A1111 refuses connections, with a short BACKEND_DOWN_GRACE."""
-    made = Stack(tmp_path_factory.mktemp("down"), [f"http://127.0.0.1:{free_port()}"],
-                 A1111_PROXY_BACKEND_DOWN_GRACE="2")
+    made = Stack(
+        tmp_path_factory.mktemp("down"),
+        [f"http://127.0.0.1:{free_port()}"],
+        A1111_PROXY_BACKEND_DOWN_GRACE="2",
+    )
     try:
         api = made.start_api()
         made.start_worker()
@@ -538,8 +604,9 @@ class TestNoBackendAnswers:
         assert down_stack.api is not None
         backend = down_stack.env["A1111_PROXY_A1111_URLS"]
         # Without the grace the request would wait on; the client's timeout bounds the test.
-        response = httpx.post(f"{down_stack.base}/sdapi/v1/txt2img", json={"prompt": "cat"},
-                              timeout=30)  # as an A1111 client: no Prefer
+        response = httpx.post(
+            f"{down_stack.base}/sdapi/v1/txt2img", json={"prompt": "cat"}, timeout=30
+        )  # as an A1111 client: no Prefer
         assert response.status_code == 503
         body = response.json()
         assert {"error", "detail", "body", "errors"} <= set(body)
@@ -551,16 +618,20 @@ class TestNoBackendAnswers:
         self, down_stack: Stack
     ) -> None:
         assert down_stack.api is not None
-        queued = down_stack.api.post("/sdapi/v1/txt2img", json={"prompt": "later"},
-                                     headers={"Prefer": "respond-async"})
+        queued = down_stack.api.post(
+            "/sdapi/v1/txt2img", json={"prompt": "later"}, headers={"Prefer": "respond-async"}
+        )
         assert queued.status_code == 202
-        refused = httpx.post(f"{down_stack.base}/sdapi/v1/txt2img", json={"prompt": "now"},
-                             timeout=30)  # as an A1111 client: no Prefer
+        refused = httpx.post(
+            f"{down_stack.base}/sdapi/v1/txt2img", json={"prompt": "now"}, timeout=30
+        )  # as an A1111 client: no Prefer
         assert refused.status_code == 503
         assert down_stack.job(queued.json()["id"])["status"] == "queued"
 
-    @pytest.mark.parametrize("path", ["/sdapi/v1/sd-models", "/sdapi/v1/options",
-                                      "/sdapi/v1/samplers", "/sdapi/v1/loras"])
+    @pytest.mark.parametrize(
+        "path",
+        ["/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/loras"],
+    )
     def test_catalogue_routes_answer_503_rather_than_empty_lists(
         self, down_stack: Stack, path: str
     ) -> None:
@@ -583,8 +654,11 @@ def token_fake() -> Iterator[FakeA1111]:
 
 @pytest.fixture(scope="class")
 def token_stack(tmp_path_factory: pytest.TempPathFactory, token_fake: FakeA1111) -> Iterator[Stack]:
-    made = Stack(tmp_path_factory.mktemp("tokens"), [token_fake.url],  # type: ignore[attr-defined]
-                 A1111_PROXY_API_TOKENS="alice:tokA,bob:tokB")
+    made = Stack(
+        tmp_path_factory.mktemp("tokens"),
+        [token_fake.url],  # type: ignore[attr-defined]
+        A1111_PROXY_API_TOKENS="alice:tokA,bob:tokB",
+    )
     try:
         made.start_api()
         made.start_worker()
@@ -594,28 +668,40 @@ def token_stack(tmp_path_factory: pytest.TempPathFactory, token_fake: FakeA1111)
 
 
 def idle(progress: dict[str, Any]) -> bool:
-    return (progress["progress"] == 0.0 and progress["state"]["job_count"] == 0
-            and progress["current_image"] is None)
+    return (
+        progress["progress"] == 0.0
+        and progress["state"]["job_count"] == 0
+        and progress["current_image"] is None
+    )
 
 
 class TestTwoTokens:
     def test_one_token_can_neither_read_nor_interrupt_the_others_running_job(
         self, token_stack: Stack
     ) -> None:
-        alice = httpx.Client(base_url=token_stack.base, timeout=30,
-                             headers={"Authorization": "Bearer tokA"})
-        bob = httpx.Client(base_url=token_stack.base, timeout=30,
-                           headers={"Authorization": "Bearer tokB"})
+        alice = httpx.Client(
+            base_url=token_stack.base, timeout=30, headers={"Authorization": "Bearer tokA"}
+        )
+        bob = httpx.Client(
+            base_url=token_stack.base, timeout=30, headers={"Authorization": "Bearer tokB"}
+        )
         # Alice's script: webuiapi with --api-auth style credentials (any user name, her token).
-        alices_script = webuiapi.WebUIApi(baseurl=f"{token_stack.base}/sdapi/v1",
-                                          username="whoever", password="tokA")
+        alices_script = webuiapi.WebUIApi(
+            baseurl=f"{token_stack.base}/sdapi/v1", username="whoever", password="tokA"
+        )
         with alice, bob:
-            submitted = alice.post("/sdapi/v1/txt2img", headers={"Prefer": "respond-async"},
-                                   json={"prompt": "alice's", "steps": 30, "fake_seconds": 60})
+            submitted = alice.post(
+                "/sdapi/v1/txt2img",
+                headers={"Prefer": "respond-async"},
+                json={"prompt": "alice's", "steps": 30, "fake_seconds": 60},
+            )
             assert submitted.status_code == 202, submitted.text
             job_id = submitted.json()["id"]
-            wait_for(lambda: (p := alices_script.get_progress())["progress"] > 0.01 and p,
-                     timeout=30, what="alice's job to run")
+            wait_for(
+                lambda: (p := alices_script.get_progress())["progress"] > 0.01 and p,
+                timeout=30,
+                what="alice's job to run",
+            )
 
             assert idle(bob.get("/sdapi/v1/progress").json())
             by_id = bob.get("/sdapi/v1/progress", params={"job_id": job_id})
@@ -630,6 +716,8 @@ class TestTwoTokens:
             assert job["status"] == "processing" and job["error"] is None
 
             assert alices_script.interrupt() == {}
-            wait_for(lambda: alice.get(f"/sdapi/v1/jobs/{job_id}").json()["status"] == "canceled",
-                     timeout=30, what="alice's own interrupt to end her job")
-
+            wait_for(
+                lambda: alice.get(f"/sdapi/v1/jobs/{job_id}").json()["status"] == "canceled",
+                timeout=30,
+                what="alice's own interrupt to end her job",
+            )

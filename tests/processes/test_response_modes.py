@@ -88,13 +88,18 @@ def test_prefer_respond_async_or_a_webhook_url_gets_202_with_the_job(
 def test_response_mode_forces_one_answer_for_requests_that_state_no_preference(
     tmp_path: Path, fake: FakeA1111, mode: str, expected: int
 ) -> None:
-    stack = make_stack(tmp_path, [fake.url], A1111_PROXY_RESPONSE_MODE=mode,  # type: ignore[attr-defined]
-                       A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true")
+    stack = make_stack(
+        tmp_path,
+        [fake.url],
+        A1111_PROXY_RESPONSE_MODE=mode,  # type: ignore[attr-defined]
+        A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true",
+    )
     try:
         client = plain(stack)
         assert client.post("/sdapi/v1/txt2img", json=BODY).status_code == expected
-        hooked = client.post("/sdapi/v1/txt2img",
-                             json={**BODY, "webhook_url": "http://127.0.0.1:9/hook"})
+        hooked = client.post(
+            "/sdapi/v1/txt2img", json={**BODY, "webhook_url": "http://127.0.0.1:9/hook"}
+        )
         assert hooked.status_code == expected
     finally:
         stack.close()
@@ -108,8 +113,10 @@ def hold(base: str, body: dict[str, object]) -> socket.socket:
     host, port = base.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    sock.sendall(
+        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+    )
     return sock
 
 
@@ -127,11 +134,16 @@ def test_a_waiting_client_that_goes_away_cancels_its_job_before_it_starts(
     busy = stack.submit(prompt="keeps the only backend busy")
     wait_for(lambda: fake.in_flight == 1, what="the first job to run")
     sock = hold(stack.base, {**BODY, "prompt": "nobody waits for me"})
-    wait_for(lambda: newest_job(stack, "nobody waits for me").get("status") == "queued",
-             what="the waiting job to be queued")
+    wait_for(
+        lambda: newest_job(stack, "nobody waits for me").get("status") == "queued",
+        what="the waiting job to be queued",
+    )
     sock.close()
-    job = wait_for(lambda: (j := newest_job(stack, "nobody waits for me")).get("status") == "canceled"
-                   and j, timeout=10, what="the abandoned job to be canceled")
+    job = wait_for(
+        lambda: (j := newest_job(stack, "nobody waits for me")).get("status") == "canceled" and j,
+        timeout=10,
+        what="the abandoned job to be canceled",
+    )
     assert job["error"]["code"] == "client_gone"
     stack.wait_status(busy, "completed")
     assert [r.body["prompt"] for r in fake.generation_requests()] == ["keeps the only backend busy"]
@@ -159,8 +171,10 @@ def test_with_cancel_on_disconnect_off_an_abandoned_job_still_runs(
         stack.submit(prompt="keeps the only backend busy")
         wait_for(lambda: fake.in_flight == 1, what="the first job to run")
         sock = hold(stack.base, {**BODY, "prompt": "run me anyway"})
-        wait_for(lambda: newest_job(stack, "run me anyway").get("status") == "queued",
-                 what="the waiting job to be queued")
+        wait_for(
+            lambda: newest_job(stack, "run me anyway").get("status") == "queued",
+            what="the waiting job to be queued",
+        )
         sock.close()
         job_id = str(newest_job(stack, "run me anyway")["id"])
         assert stack.wait_status(job_id, "completed", "canceled")["status"] == "completed"
@@ -178,8 +192,9 @@ def test_a_waiting_request_gets_a1111s_503_naming_the_backend_once_none_answers(
     stack = make_stack(tmp_path, [dead], A1111_PROXY_BACKEND_DOWN_GRACE="1")
     try:
         client = plain(stack)
-        queued = client.post("/sdapi/v1/txt2img", json={**BODY, "prompt": "later"},
-                             headers=ASYNC).json()
+        queued = client.post(
+            "/sdapi/v1/txt2img", json={**BODY, "prompt": "later"}, headers=ASYNC
+        ).json()
         response = client.post("/sdapi/v1/txt2img", json=BODY)
         assert response.status_code == 503
         body = response.json()
@@ -212,17 +227,25 @@ def test_catalogue_routes_answer_503_until_a_catalogue_was_fetched_then_say_its_
     stack = make_stack(tmp_path, [fake.url], worker=False)  # type: ignore[attr-defined]
     try:
         client = plain(stack)
-        for path in ("/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/samplers",
-                     "/sdapi/v1/loras"):
+        for path in (
+            "/sdapi/v1/sd-models",
+            "/sdapi/v1/options",
+            "/sdapi/v1/samplers",
+            "/sdapi/v1/loras",
+        ):
             response = client.get(path)
             assert response.status_code == 503, path
             assert "a1111-proxy worker" in response.json()["detail"]
         stack.start_worker()
-        models = wait_for(lambda: (r := client.get("/sdapi/v1/sd-models")).status_code == 200
-                          and r, what="the catalogue")
+        models = wait_for(
+            lambda: (r := client.get("/sdapi/v1/sd-models")).status_code == 200 and r,
+            what="the catalogue",
+        )
         assert models.json() and int(models.headers["age"]) >= 0
-        samplers = wait_for(lambda: "age" in (r := client.get("/sdapi/v1/samplers")).headers
-                            and r, what="the samplers (fetched after the models)")
+        samplers = wait_for(
+            lambda: "age" in (r := client.get("/sdapi/v1/samplers")).headers and r,
+            what="the samplers (fetched after the models)",
+        )
         assert samplers.json() and samplers.headers["age"].isdigit()
     finally:
         stack.close()

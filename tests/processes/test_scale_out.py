@@ -30,7 +30,9 @@ def fakes() -> Iterator[list[tuple[FakeA1111, str]]]:
 
 
 @pytest.fixture
-def pg_stack(tmp_path: Path, fakes: list[tuple[FakeA1111, str]], postgres_url: str) -> Iterator[Stack]:
+def pg_stack(
+    tmp_path: Path, fakes: list[tuple[FakeA1111, str]], postgres_url: str
+) -> Iterator[Stack]:
     _truncate_pg(postgres_url)
     made = Stack(tmp_path, [url for _, url in fakes], database_url=postgres_url)
     try:
@@ -47,7 +49,8 @@ async def _submit_all(bases: list[str], count: int) -> list[str]:
     async def one(i: int) -> str:
         async with limit:
             response = await clients[i % len(clients)].post(
-                "/sdapi/v1/txt2img", json={"prompt": f"job {i}", "steps": 2})
+                "/sdapi/v1/txt2img", json={"prompt": f"job {i}", "steps": 2}
+            )
             assert response.status_code == 202, response.text
             return str(response.json()["id"])
 
@@ -77,10 +80,15 @@ def test_two_apis_and_three_workers_run_300_jobs_each_exactly_once_on_four_backe
     for _ in range(3):
         pg_stack.start_worker()
     ids = asyncio.run(_submit_all([str(first.base_url), pg_stack.base], JOBS))
-    wait_for(lambda: sum(len(f.completed) for f, _ in fakes) >= JOBS, timeout=90,
-             what=f"{JOBS} generations")
-    statuses = [(first if i % 2 else second).get(f"/sdapi/v1/jobs/{job_id}").json()
-                for i, job_id in enumerate(ids)]
+    wait_for(
+        lambda: sum(len(f.completed) for f, _ in fakes) >= JOBS,
+        timeout=90,
+        what=f"{JOBS} generations",
+    )
+    statuses = [
+        (first if i % 2 else second).get(f"/sdapi/v1/jobs/{job_id}").json()
+        for i, job_id in enumerate(ids)
+    ]
     assert {s["status"] for s in statuses} == {"completed"}
     assert {s["attempts"] for s in statuses} == {1}
     prompts = _prompts(fakes)
@@ -114,8 +122,10 @@ def test_a_job_whose_worker_is_killed_runs_again_on_another_worker(
     workers = [pg_stack.start_worker(), pg_stack.start_worker()]
     job_id = pg_stack.submit(prompt="doomed", fake_seconds=0.5)
     pg_stack.wait_status(job_id, "processing")
-    [holder] = wait_for(lambda: [w for w in workers if f"job {job_id}: attempt 1" in w.output()],
-                        what="the worker running the job to log it")
+    [holder] = wait_for(
+        lambda: [w for w in workers if f"job {job_id}: attempt 1" in w.output()],
+        what="the worker running the job to log it",
+    )
     holder.kill()  # SIGKILL: no release; the lease must expire for the job to run again
     job = pg_stack.wait_status(job_id, "completed", timeout=20)
     assert job["attempts"] == 2
@@ -141,4 +151,3 @@ def _seconds(stamp: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-

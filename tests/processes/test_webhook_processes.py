@@ -24,9 +24,13 @@ def stack(tmp_path: Path) -> Iterator[tuple[Stack, WebhookSink, str]]:
     fake, receiver = FakeA1111(service_time=0.05), WebhookSink()
     with serve(fake.app) as a1111, serve(receiver.app) as hooks:
         made = Stack(tmp_path, [a1111])
-        made.env.update({"A1111_PROXY_WEBHOOK_ALLOW_PRIVATE": "true",
-                         "A1111_PROXY_WEBHOOK_SECRET": SECRET,
-                         "A1111_PROXY_LOG_LEVEL": "debug"})
+        made.env.update(
+            {
+                "A1111_PROXY_WEBHOOK_ALLOW_PRIVATE": "true",
+                "A1111_PROXY_WEBHOOK_SECRET": SECRET,
+                "A1111_PROXY_LOG_LEVEL": "debug",
+            }
+        )
         try:
             yield made, receiver, hooks
         finally:
@@ -40,15 +44,25 @@ def test_the_worker_process_delivers_signed_webhooks_and_never_logs_the_secret(
     api = made.start_api()
     worker = made.start_worker()
     # A second-long job: a `started` still unsent when the job ends is superseded by `completed`.
-    job_id = made.submit(webhook_url=f"{hooks}/done", webhook_events=["started", "completed"],
-                         webhook_secret=JOB_SECRET, fake_seconds=1.0)
+    job_id = made.submit(
+        webhook_url=f"{hooks}/done",
+        webhook_events=["started", "completed"],
+        webhook_secret=JOB_SECRET,
+        fake_seconds=1.0,
+    )
     made.wait_status(job_id, "completed")
     wait_for(lambda: len(receiver.at("/done")) == 2, what="two webhooks")
     started, completed = (r.verify(JOB_SECRET.encode()) for r in receiver.at("/done"))
     assert (started["type"], completed["type"]) == ("job.started", "job.completed")
     assert len(completed["data"]["result"]["images"]) == 1
-    log = wait_for(lambda: (d := api.get(f"/sdapi/v1/jobs/{job_id}/webhooks").json()["deliveries"])
-                   and all(x["status"] == "delivered" for x in d) and d, what="the log")
+    log = wait_for(
+        lambda: (
+            (d := api.get(f"/sdapi/v1/jobs/{job_id}/webhooks").json()["deliveries"])
+            and all(x["status"] == "delivered" for x in d)
+            and d
+        ),
+        what="the log",
+    )
     assert [d["type"] for d in log] == ["job.started", "job.completed"]
     assert worker.stop() == 0
     logs = "".join(proc.log_path.read_text() for proc in made.procs)

@@ -18,8 +18,11 @@ def test_api_tokens_name_tenants_and_a_plain_token_gets_a_name_that_hides_it() -
     settings = Settings(_env_file=None, api_tokens=TOKENS)  # type: ignore[call-arg]
     plain = "token-" + hashlib.sha256(b"plain-token").hexdigest()[:8]
     assert settings.tenants() == [
-        ("alice", "alice-token"), ("alice", "alice-second-token"), ("bob", "bob-token"),
-        ("carol", "carol-token"), (plain, "plain-token"),
+        ("alice", "alice-token"),
+        ("alice", "alice-second-token"),
+        ("bob", "bob-token"),
+        ("carol", "carol-token"),
+        (plain, "plain-token"),
     ]
     assert "plain-token" not in plain
 

@@ -17,7 +17,6 @@ pytestmark = pytest.mark.anyio
 SHA = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
 
 
-
 @pytest.fixture
 def router() -> respx.Router:
     return respx.Router(assert_all_called=False)
@@ -29,8 +28,9 @@ def sleep() -> RecordedSleep:
 
 
 def client_for(router: respx.Router, sleep: RecordedSleep, **options: object) -> CivitaiClient:
-    return CivitaiClient(CIVITAI, transport=transport(router), sleep=sleep, clock=sleep.clock,
-                         **options)  # type: ignore[arg-type]
+    return CivitaiClient(
+        CIVITAI, transport=transport(router), sleep=sleep, clock=sleep.clock, **options
+    )  # type: ignore[arg-type]
 
 
 async def test_a_hit_is_summarized_with_names_words_images_and_urls(
@@ -41,11 +41,18 @@ async def test_a_hit_is_summarized_with_names_words_images_and_urls(
     summary = await client.version(SHA)
     await client.aclose()
     assert summary == {
-        "model_id": 1042, "version_id": 42, "model_name": "Dreamy", "version_name": "v1.0",
-        "type": "LORA", "base_model": "SD 1.5", "trained_words": ["detailed"], "nsfw": False,
+        "model_id": 1042,
+        "version_id": 42,
+        "model_name": "Dreamy",
+        "version_name": "v1.0",
+        "type": "LORA",
+        "base_model": "SD 1.5",
+        "trained_words": ["detailed"],
+        "nsfw": False,
         "nsfw_level": 1,
-        "images": [{"url": "https://image.test/42.jpeg", "nsfw_level": 1, "width": 512,
-                    "height": 768}],
+        "images": [
+            {"url": "https://image.test/42.jpeg", "nsfw_level": 1, "width": 512, "height": 768}
+        ],
         "download_url": f"{CIVITAI}/api/download/models/42",
         "page_url": f"{CIVITAI}/models/1042?modelVersionId=42",
     }
@@ -75,10 +82,12 @@ async def test_a_404_means_not_on_civitai(router: respx.Router, sleep: RecordedS
 async def test_a_429_is_retried_after_at_least_what_retry_after_says(
     router: respx.Router, sleep: RecordedSleep
 ) -> None:
-    route = by_hash(router, SHA).mock(side_effect=[
-        httpx.Response(429, headers={"Retry-After": "7"}),
-        httpx.Response(200, json=version(5, "Later")),
-    ])
+    route = by_hash(router, SHA).mock(
+        side_effect=[
+            httpx.Response(429, headers={"Retry-After": "7"}),
+            httpx.Response(200, json=version(5, "Later")),
+        ]
+    )
     client = client_for(router, sleep)
     summary = await client.version(SHA)
     await client.aclose()

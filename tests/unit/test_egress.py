@@ -28,20 +28,47 @@ from a1111_proxy.webhooks import RetryPolicy, judge
 pytestmark = pytest.mark.anyio
 
 
-
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "169.254.169.254", "100.64.0.1",
-    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "192.0.0.8", "224.0.0.1",
-    "fe80::1", "fe80::1%eth0", "fd00::1", "fc00::1", "0.0.0.0", "::", "10.0.0.1",
-    "172.16.0.1", "192.168.1.1", "::ffff:10.0.0.1", "198.18.0.1", "255.255.255.255",
-    "240.0.0.1", "::7f00:1", "ff02::1", "192.0.2.1", "2001:db8::1", "fd00:ec2::254",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.1.2.3",
+        "::1",
+        "::ffff:127.0.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::",
+        "192.0.0.8",
+        "224.0.0.1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "fd00::1",
+        "fc00::1",
+        "0.0.0.0",
+        "::",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "::ffff:10.0.0.1",
+        "198.18.0.1",
+        "255.255.255.255",
+        "240.0.0.1",
+        "::7f00:1",
+        "ff02::1",
+        "192.0.2.1",
+        "2001:db8::1",
+        "fd00:ec2::254",
+    ],
+)
 def test_internal_addresses_are_refused_however_they_are_written(address: str) -> None:
     assert not address_allowed(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111",
-                                     "::ffff:93.184.216.34"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "::ffff:93.184.216.34"]
+)
 def test_public_addresses_are_allowed(address: str) -> None:
     assert address_allowed(address)
 
@@ -59,8 +86,11 @@ async def test_a_host_name_resolving_to_loopback_is_refused() -> None:
 
 
 async def test_only_the_allowed_addresses_of_a_name_are_used() -> None:
-    targets = await pin("https://hooks.example/x", allow_private=False,
-                        resolve=resolver("10.0.0.5", "93.184.216.34", "::1"))
+    targets = await pin(
+        "https://hooks.example/x",
+        allow_private=False,
+        resolve=resolver("10.0.0.5", "93.184.216.34", "::1"),
+    )
     assert [t.address for t in targets] == ["93.184.216.34"]
 
 
@@ -70,8 +100,9 @@ async def test_private_addresses_are_allowed_when_the_setting_says_so() -> None:
 
 
 async def test_the_request_goes_to_the_checked_address_with_the_name_as_host_and_sni() -> None:
-    [target] = await pin("https://hooks.example:8443/in?x=1", allow_private=False,
-                         resolve=resolver("93.184.216.34"))
+    [target] = await pin(
+        "https://hooks.example:8443/in?x=1", allow_private=False, resolve=resolver("93.184.216.34")
+    )
     async with make_client() as client:
         request = pinned_request(client, target, b"{}", {"webhook-id": "msg_1"})
     assert str(request.url) == "https://93.184.216.34:8443/in?x=1"
@@ -81,8 +112,9 @@ async def test_the_request_goes_to_the_checked_address_with_the_name_as_host_and
 
 
 async def test_an_ipv6_address_is_bracketed_and_plain_http_has_no_sni() -> None:
-    [target] = await pin("http://hooks.example/in", allow_private=False,
-                         resolve=resolver("2606:4700:4700::1111"))
+    [target] = await pin(
+        "http://hooks.example/in", allow_private=False, resolve=resolver("2606:4700:4700::1111")
+    )
     assert str(target.url) == "http://[2606:4700:4700::1111]/in"
     assert target.host_header == "hooks.example" and target.sni_hostname is None
 
@@ -92,8 +124,9 @@ async def test_a_blocked_receiver_is_reported_without_sending_anything() -> None
         raise AssertionError("nothing may be sent")
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
-        answer = await post(client, "http://169.254.169.254/latest/meta-data", b"{}", {},
-                            allow_private=False)
+        answer = await post(
+            client, "http://169.254.169.254/latest/meta-data", b"{}", {}, allow_private=False
+        )
     assert answer.blocked and answer.status_code is None and "169.254.169.254" in answer.error
 
 
@@ -152,12 +185,21 @@ def _delivery(event: str = "completed", trigger: str = "scheduled", attempt: int
     return Delivery(1, "msg_x", 1, event, "http://x", "{}", 0.0, trigger, attempt, "t")
 
 
-@pytest.mark.parametrize(("status", "error", "outcome"), [
-    (200, None, "delivered"), (204, None, "delivered"), (500, None, "pending"),
-    (503, None, "pending"), (429, None, "pending"), (302, None, "pending"), (404, None, "pending"),
-    (410, None, "failed"), (None, "timeout: no answer", "pending"),
-    (None, "ConnectError: refused", "pending"),
-])
+@pytest.mark.parametrize(
+    ("status", "error", "outcome"),
+    [
+        (200, None, "delivered"),
+        (204, None, "delivered"),
+        (500, None, "pending"),
+        (503, None, "pending"),
+        (429, None, "pending"),
+        (302, None, "pending"),
+        (404, None, "pending"),
+        (410, None, "failed"),
+        (None, "timeout: no answer", "pending"),
+        (None, "ConnectError: refused", "pending"),
+    ],
+)
 def test_what_an_answer_means_for_a_completed_message(
     status: int | None, error: str | None, outcome: str
 ) -> None:

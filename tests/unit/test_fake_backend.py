@@ -57,7 +57,8 @@ async def test_a_generation_answers_in_a1111s_shape_with_real_pngs_and_is_record
 async def test_a_jobs_checkpoint_override_names_the_model_in_its_info() -> None:
     fake = FakeBackend(service_time=0)
     result = await fake.generate(
-        "img2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "other"}})
+        "img2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "other"}}
+    )
     assert json.loads(result["info"])["sd_model_name"] == "other"
 
 
@@ -92,8 +93,9 @@ async def test_a_request_sets_its_own_service_time_with_fake_seconds() -> None:
 
 async def test_an_interrupt_ends_the_generation_at_once_with_the_batches_it_has() -> None:
     fake = FakeBackend()
-    generation = running(fake, "txt2img", {"prompt": "x", "n_iter": 3, "batch_size": 2,
-                                           "fake_seconds": 300})
+    generation = running(
+        fake, "txt2img", {"prompt": "x", "n_iter": 3, "batch_size": 2, "fake_seconds": 300}
+    )
     await until(lambda: fake.current is not None)
     await fake.interrupt()
     result = await asyncio.wait_for(generation, 10)
@@ -129,11 +131,14 @@ async def test_generations_run_one_at_a_time_in_the_order_they_were_asked() -> N
     assert fake.max_in_flight == 2 and list(fake.timeline) == ["txt2img", "txt2img"]
 
 
-@pytest.mark.parametrize(("kind", "error", "code", "status"), [
-    ("unavailable", BackendUnavailable, "backend_unavailable", 503),
-    ("rejected", BackendRejected, "backend_rejected", 422),
-    ("bad_response", BackendProtocolError, "backend_bad_response", 200),
-])
+@pytest.mark.parametrize(
+    ("kind", "error", "code", "status"),
+    [
+        ("unavailable", BackendUnavailable, "backend_unavailable", 503),
+        ("rejected", BackendRejected, "backend_rejected", 422),
+        ("bad_response", BackendProtocolError, "backend_bad_response", 200),
+    ],
+)
 async def test_scripted_failures_raise_the_error_class_the_worker_acts_on(
     kind: Any, error: type[BackendError], code: str, status: int
 ) -> None:
@@ -150,8 +155,7 @@ async def test_scripted_failures_raise_the_error_class_the_worker_acts_on(
 
 async def test_a_scripted_rejection_carries_the_body_and_its_detail() -> None:
     fake = FakeBackend()
-    body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "",
-            "errors": ""}
+    body = {"error": "HTTPException", "detail": "Script 'nope' not found", "body": "", "errors": ""}
     fake.fail_next(kind="rejected", status=404, body=body)
     with pytest.raises(BackendRejected) as raised:
         await fake.generate("txt2img", {"script_name": "nope"})
@@ -174,9 +178,14 @@ async def test_a_fake_that_is_down_refuses_every_call_as_unavailable() -> None:
     fake = FakeBackend("gone")
     fake.down = True
     calls: list[Callable[[], Awaitable[Any]]] = [
-        lambda: fake.generate("txt2img", {}), fake.progress, fake.interrupt, fake.skip,
-        lambda: fake.catalogue_entry("sd-models"), lambda: fake.apply_options({}),
-        lambda: fake.refresh("loras"), fake.unload_checkpoint,
+        lambda: fake.generate("txt2img", {}),
+        fake.progress,
+        fake.interrupt,
+        fake.skip,
+        lambda: fake.catalogue_entry("sd-models"),
+        lambda: fake.apply_options({}),
+        lambda: fake.refresh("loras"),
+        fake.unload_checkpoint,
         lambda: fake.reload_checkpoint(None),
     ]
     for call in calls:
@@ -204,14 +213,18 @@ async def test_the_catalogue_answers_by_name_and_applied_options_show_in_it() ->
     assert options["sd_model_checkpoint"] == model["title"]
     assert {s["name"] for s in await fake.catalogue_entry("samplers")} >= {"Euler a"}
     assert await fake.catalogue_entry("controlnet-model_list") is None  # no such extension
-    assert set(ENTRIES) - {"controlnet-version", "controlnet-model_list",
-                           "controlnet-module_list"} <= set(fake.catalogue) | {"options",
-                                                                                 "memory"}
+    assert set(ENTRIES) - {
+        "controlnet-version",
+        "controlnet-model_list",
+        "controlnet-module_list",
+    } <= set(fake.catalogue) | {"options", "memory"}
     await fake.apply_options({"CLIP_stop_at_last_layers": 2})
     await fake.refresh("checkpoints")
     assert (await fake.catalogue_entry("options"))["CLIP_stop_at_last_layers"] == 2
-    assert list(fake.calls) == [Call("apply_options", ({"CLIP_stop_at_last_layers": 2},)),
-                                Call("refresh", ("checkpoints",))]
+    assert list(fake.calls) == [
+        Call("apply_options", ({"CLIP_stop_at_last_layers": 2},)),
+        Call("refresh", ("checkpoints",)),
+    ]
 
 
 async def test_unload_frees_memory_and_the_next_generation_loads_the_model_on_demand() -> None:
@@ -223,7 +236,12 @@ async def test_unload_frees_memory_and_the_next_generation_loads_the_model_on_de
     await fake.unload_checkpoint()
     await fake.reload_checkpoint("fake-model")
     assert fake.loaded and (await fake.catalogue_entry("memory"))["cuda"]["allocated"]["current"]
-    assert list(fake.timeline) == ["unload-checkpoint", "load", "txt2img", "unload-checkpoint",
-                                   "reload-checkpoint"]
+    assert list(fake.timeline) == [
+        "unload-checkpoint",
+        "load",
+        "txt2img",
+        "unload-checkpoint",
+        "reload-checkpoint",
+    ]
     assert fake.calls[-1] == Call("reload_checkpoint", ("fake-model",))
     assert fake.checkpoint_calls_while_generating == 0

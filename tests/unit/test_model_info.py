@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from a1111_proxy.model_info import FileIndex, ModelFile, find_entry, lookup_hash, with_civitai
 
-UNHASHED = {"title": "SDXL/base.safetensors", "model_name": "SDXL_base", "hash": None,
-            "sha256": None, "filename": "/sd/models/Stable-diffusion/SDXL/base.safetensors",
-            "config": None}
+UNHASHED = {
+    "title": "SDXL/base.safetensors",
+    "model_name": "SDXL_base",
+    "hash": None,
+    "sha256": None,
+    "filename": "/sd/models/Stable-diffusion/SDXL/base.safetensors",
+    "config": None,
+}
 
 
-def disk(rel: str, sha: str, kind: str = "checkpoint", root: str = "/mnt/models",
-         hashed_at: float = 1.0) -> ModelFile:
+def disk(
+    rel: str, sha: str, kind: str = "checkpoint", root: str = "/mnt/models", hashed_at: float = 1.0
+) -> ModelFile:
     folder = "Stable-diffusion" if kind == "checkpoint" else "Lora"
-    return ModelFile(path=f"{root}/{folder}/{rel}", size=1, mtime_ns=1, kind=kind, rel=rel,
-                     sha256=sha, autov3=sha[:12], hashed_at=hashed_at)
+    return ModelFile(
+        path=f"{root}/{folder}/{rel}",
+        size=1,
+        mtime_ns=1,
+        kind=kind,
+        rel=rel,
+        sha256=sha,
+        autov3=sha[:12],
+        hashed_at=hashed_at,
+    )
 
 
 def lora(name: str, path: str, **metadata: str) -> dict[str, object]:
@@ -21,8 +35,9 @@ def lora(name: str, path: str, **metadata: str) -> dict[str, object]:
 
 
 def test_a_checkpoint_a1111_has_not_hashed_yet_uses_the_hash_of_its_file_on_disk() -> None:
-    index = FileIndex([disk("SDXL/base.safetensors", "ab" * 32),
-                       disk("base.safetensors", "cd" * 32)])
+    index = FileIndex(
+        [disk("SDXL/base.safetensors", "ab" * 32), disk("base.safetensors", "cd" * 32)]
+    )
     assert lookup_hash("checkpoint", UNHASHED, index) == "ab" * 32
     assert find_entry("checkpoint", [UNHASHED], "abababababab"[:10], index) is UNHASHED
     assert find_entry("checkpoint", [UNHASHED], "AB" * 32, index) is UNHASHED
@@ -36,10 +51,14 @@ def test_a1111s_own_sha256_comes_first_for_checkpoints() -> None:
 
 
 def test_a_lora_finds_its_file_by_path_in_lora_else_by_a_unique_file_name() -> None:
-    index = FileIndex([disk("style/ink.safetensors", "11" * 32, "lora"),
-                       disk("solo.safetensors", "22" * 32, "lora"),
-                       disk("a/twin.safetensors", "33" * 32, "lora"),
-                       disk("b/twin.safetensors", "44" * 32, "lora")])
+    index = FileIndex(
+        [
+            disk("style/ink.safetensors", "11" * 32, "lora"),
+            disk("solo.safetensors", "22" * 32, "lora"),
+            disk("a/twin.safetensors", "33" * 32, "lora"),
+            disk("b/twin.safetensors", "44" * 32, "lora"),
+        ]
+    )
     assert lookup_hash("lora", lora("ink", "/x/Lora/style/ink.safetensors"), index) == "11" * 32
     assert lookup_hash("lora", lora("solo", "/elsewhere/solo.safetensors"), index) == "22" * 32
     assert lookup_hash("lora", lora("twin", "/elsewhere/twin.safetensors"), index) is None
@@ -54,8 +73,12 @@ def test_a_folder_name_that_recurs_in_the_path_still_finds_the_file() -> None:
 
 
 def test_the_latest_hash_of_a_file_wins() -> None:
-    index = FileIndex([disk("x.safetensors", "66" * 32, "lora", hashed_at=5),
-                       disk("x.safetensors", "77" * 32, "lora", root="/other", hashed_at=9)])
+    index = FileIndex(
+        [
+            disk("x.safetensors", "66" * 32, "lora", hashed_at=5),
+            disk("x.safetensors", "77" * 32, "lora", root="/other", hashed_at=9),
+        ]
+    )
     assert lookup_hash("lora", lora("x", "/a/Lora/x.safetensors"), index) == "77" * 32
 
 

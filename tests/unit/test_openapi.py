@@ -21,7 +21,8 @@ def test_every_route_is_documented_and_every_documented_operation_exists() -> No
         (method.lower(), re.sub(r"{(\w+):\w+}", r"{\1}", route.path))
         for route in ROUTES
         if isinstance(route, Route) and route.path not in UNDOCUMENTED
-        for method in (route.methods or ()) if method != "HEAD"
+        for method in (route.methods or ())
+        if method != "HEAD"
     }
     documented = {(op.method, op.path) for op in OPERATIONS}
     assert routes == documented
