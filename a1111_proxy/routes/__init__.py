@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from starlette.routing import Mount, Route
 
+from a1111_proxy.catalogue import ENTRIES
 from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue, webhooks
 
-CATALOGUE = (
-    "samplers",
-    "schedulers",
-    "upscalers",
-    "latent-upscale-modes",
-    "sd-vae",
-    "scripts",
-    "script-info",
-    "embeddings",
-    "prompt-styles",
-    "hypernetworks",
-    "face-restorers",
-    "realesrgan-models",
-    "extensions",
-    "cmd-flags",
+# The catalogue entries answered as the worker stored them; the others have routes of their own.
+OWN_ROUTES = frozenset({"sd-models", "loras", "memory", "options"})
+CATALOGUE = tuple(
+    name for name in ENTRIES if name not in OWN_ROUTES and not name.startswith("controlnet-")
 )
 QUEUED = ("interrogate", "extra-single-image", "extra-batch-images")
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
