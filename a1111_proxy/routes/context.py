@@ -8,6 +8,8 @@ adds the `caller` to that copy. Every lookup that fails raises the error the API
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from collections.abc import Collection
 from typing import Any, TypedDict, cast, overload
@@ -112,19 +114,73 @@ async def read_catalogue(request: Request, name: str) -> tuple[Any, dict[str, st
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object (422 naming the body otherwise)."""
+    """The body as a JSON object that can be stored and shown again: 422 naming the field for
+    NaN/Infinity, a lone surrogate or nesting deeper than MAX_DEPTH (they would be stored, then
+    fail every view of the job)."""
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise InvalidRequest(
-            [{"loc": ["body"], "msg": f"the body is not valid JSON: {exc}", "type": "json_invalid"}]
+            [
+                {
+                    "loc": ["body"],
+                    "msg": f"the body is not valid JSON: {reason}",
+                    "type": "json_invalid",
+                }
+            ]
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequest(
             [{"loc": ["body"], "msg": "the body must be a JSON object", "type": "dict_type"}]
         )
+    problem = unstorable(body, surrogates=_may_hold_surrogates(raw))
+    if problem is not None:
+        loc, msg = problem
+        raise InvalidRequest([{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
     return body
+
+
+MAX_DEPTH = 64  # A1111 bodies nest about 6 levels (alwayson_scripts -> args -> unit -> ...)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _may_hold_surrogates(raw: bytes) -> bool:
+    """Only a `\\uD800`-`\\uDFFF` escape makes a surrogate (raw bytes are valid UTF-8)."""
+    return _SURROGATE_ESCAPE.search(raw) is not None
+
+
+def unstorable(
+    value: Any, *, surrogates: bool = True, limit: int = MAX_DEPTH
+) -> tuple[list[str | int], str] | None:
+    """Where `value` holds what JSON cannot store and show again, and why; None if nowhere."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > limit:
+            return path, f"nested deeper than {limit} levels; send a flatter body"
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, f"{item} is not a JSON number (NaN and Infinity are refused)"
+        if surrogates and isinstance(item, str) and _lone_surrogate(item):
+            return path, "holds a lone surrogate (\\ud800-\\udfff), which is not valid Unicode"
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                if surrogates and _lone_surrogate(key):
+                    shown = key.encode("utf-8", "backslashreplace").decode()  # answerable
+                    return [*path, shown], "the key holds a lone surrogate (not valid Unicode)"
+                stack.append((sub, [*path, key]))
+        elif isinstance(item, list):
+            stack.extend((sub, [*path, i]) for i, sub in enumerate(item))
+    return None
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def choice(request: Request, name: str, allowed: Collection[str]) -> str | None:

@@ -393,3 +393,50 @@ def test_image_urls_when_allowed_are_fetched_through_the_ssrf_guard(
     [body] = db.execute("SELECT body FROM job_payloads").fetchone()
     sent = json.loads(body)["init_images"][0]
     assert base64.b64decode(sent) == out.getvalue()  # fetched, and not resized
+
+
+@pytest.mark.parametrize(
+    ("raw", "loc", "words"),
+    [
+        ('{"prompt": "x", "eta": NaN}', ["body", "eta"], "NaN and Infinity"),
+        (
+            '{"prompt": "x", "override_settings": {"CLIP_stop": Infinity}}',
+            ["body", "override_settings", "CLIP_stop"],
+            "NaN and Infinity",
+        ),
+        ('{"prompt": "x", "my_key": -Infinity}', ["body", "my_key"], "NaN and Infinity"),
+        ('{"prompt": "x", "styles": ["\\ud800"]}', ["body", "styles", 0], "lone surrogate"),
+        ('{"prompt": "x", "\\udfff": 1}', ["body", "\\udfff"], "lone surrogate"),
+    ],
+)
+def test_a_body_that_could_not_be_shown_again_is_refused_naming_the_field_and_nothing_is_stored(
+    api: httpx.Client, raw: str, loc: list[object], words: str
+) -> None:
+    response = api.post(
+        "/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == loc and words in problem["msg"]
+    listed = api.get("/sdapi/v1/jobs")
+    assert listed.status_code == 200 and listed.json()["jobs"] == []
+
+
+@pytest.mark.parametrize("depth", [100, 400, 5000])
+def test_a_deeply_nested_body_gets_a_422_not_a_500(api: httpx.Client, depth: int) -> None:
+    raw = '{"prompt": "x", "alwayson_scripts": ' + "[" * depth + "]" * depth + "}"
+    response = api.post(
+        "/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert "nested" in response.json()["detail"][0]["msg"]
+    assert api.get("/sdapi/v1/jobs").status_code == 200
+
+
+def test_ordinary_unicode_and_numbers_are_taken_as_sent(api: httpx.Client) -> None:
+    body = {"prompt": "café 🐱 \u00e9", "eta": 0.5, "styles": ["a", "b"]}
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 202
+    assert api.get(f"/sdapi/v1/jobs/{response.json()['id']}").json()["request"]["prompt"] == (
+        "café 🐱 é"
+    )
