@@ -24,12 +24,19 @@ def decode_image(data: str) -> bytes:
         raise ValueError("the image is not valid base64 (raw or a data: URI)") from exc
 
 
+# Pillow's own limits for PNG text (PngImagePlugin.MAX_TEXT_CHUNK, MAX_TEXT_MEMORY): a chunk that
+# would inflate past 1 MiB is skipped, and no more than 64 MiB of text is read from one image.
+# Without them a few hundred kB of zTXt inflate to gigabytes.
+MAX_TEXT_CHUNK = 1024 * 1024
+MAX_TEXT_MEMORY = 64 * MAX_TEXT_CHUNK
+
+
 def text_chunks(png: bytes) -> dict[str, str]:
     """tEXt, zTXt and iTXt chunks of a PNG file. Empty for anything that is not a PNG."""
     if not png.startswith(PNG_SIGNATURE):
         return {}
     found: dict[str, str] = {}
-    pos = len(PNG_SIGNATURE)
+    pos, budget = len(PNG_SIGNATURE), MAX_TEXT_MEMORY
     while pos + 8 <= len(png):
         length, kind = struct.unpack(">I4s", png[pos : pos + 8])
         data = png[pos + 8 : pos + 8 + length]
@@ -39,6 +46,9 @@ def text_chunks(png: bytes) -> dict[str, str]:
         except (ValueError, zlib.error, UnicodeDecodeError):
             continue
         if item is not None:
+            budget -= len(item[1])
+            if budget < 0:
+                break
             found[item[0]] = item[1]
         if kind == b"IEND":
             break
@@ -51,14 +61,23 @@ def _text(kind: bytes, data: bytes) -> tuple[str, str] | None:
         return key.decode("latin-1"), value.decode("latin-1")
     if kind == b"zTXt":
         key, _, rest = data.partition(b"\x00")
-        return key.decode("latin-1"), zlib.decompress(rest[1:]).decode("latin-1")
+        return key.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
     if kind == b"iTXt":
         key, _, rest = data.partition(b"\x00")
         compressed, rest = rest[0], rest[2:]
         _lang, _, rest = rest.partition(b"\x00")
         _translated, _, text = rest.partition(b"\x00")
-        return key.decode("latin-1"), (zlib.decompress(text) if compressed else text).decode()
+        return key.decode("latin-1"), (_inflate(text) if compressed else text).decode()
     return None
+
+
+def _inflate(data: bytes) -> bytes:
+    """zlib data, refused (ValueError) past MAX_TEXT_CHUNK without inflating the rest."""
+    inflater = zlib.decompressobj()
+    text = inflater.decompress(data, MAX_TEXT_CHUNK)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"a text chunk inflates past {MAX_TEXT_CHUNK} bytes")
+    return text
 
 
 def parse_infotext(text: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
@@ -319,14 +320,18 @@ async def controlnet_entry(request: Request) -> Response:
 async def png_info(request: Request) -> Response:
     """Answered locally, exactly: the PNG's text chunks and its parsed infotext."""
     body = await read_json_object(request)
-    try:
-        chunks = text_chunks(decode_image(str(body.get("image") or "")))
+    try:  # off the event loop: a large PNG takes a while to walk
+        chunks = await anyio.to_thread.run_sync(_read_png_text, str(body.get("image") or ""))
     except ValueError as exc:
         raise UnknownImage(str(exc)) from None
     info = chunks.pop("parameters", "")
     return JSONResponse(
         {"info": info, "items": chunks, "parameters": parse_infotext(info) if info else {}}
     )
+
+
+def _read_png_text(image: str) -> dict[str, str]:
+    return text_chunks(decode_image(image))
 
 
 def queued_route(kind: str) -> Callable[[Request], Awaitable[Response]]:
