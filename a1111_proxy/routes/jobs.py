@@ -401,7 +401,9 @@ async def get_image(request: Request) -> Response:
     repo = context.repo(request)
     row = await find_job(request, request.path_params["job_id"])
     n = request.path_params["n"]
-    data = await repo.image(row.seq, n) if row.status == "completed" else None
+    # Only an index the job can have reaches the database (2**63 would overflow its integer).
+    has = row.status == "completed" and n < row.image_count
+    data = await repo.image(row.seq, n) if has else None
     if data is None:
         raise ImageNotFound(
             f"Job {row.id} has no image {n}: it is {row.status} with {row.image_count} image(s) "

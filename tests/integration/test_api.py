@@ -440,3 +440,27 @@ def test_ordinary_unicode_and_numbers_are_taken_as_sent(api: httpx.Client) -> No
     assert api.get(f"/sdapi/v1/jobs/{response.json()['id']}").json()["request"]["prompt"] == (
         "café 🐱 é"
     )
+
+
+@pytest.mark.anyio
+async def test_an_image_index_past_what_a_job_has_is_a_404_however_large(
+    make_api: Callable[..., httpx.Client], sqlite_url: str
+) -> None:
+    from a1111_proxy.backends.fake import FakeBackend
+    from a1111_proxy.db.engine import Database
+    from a1111_proxy.jobs import JobRepository
+    from tests.integration.test_worker import make_worker
+
+    api = make_api()
+    job_id = api.post("/sdapi/v1/txt2img", json={"prompt": "cat", "batch_size": 2}).json()["id"]
+    db = Database(sqlite_url)
+    try:
+        worker = make_worker(JobRepository(db), [FakeBackend("f", service_time=0.01)], sqlite_url)
+        await worker.run_until_empty()
+    finally:
+        await db.dispose()
+    assert api.get(f"/sdapi/v1/jobs/{job_id}/images/1").status_code == 200
+    for n in (2, 2**31, 2**63, 2**64 + 5):
+        response = api.get(f"/sdapi/v1/jobs/{job_id}/images/{n}")
+        assert response.status_code == 404, n
+        assert "2 image(s)" in response.json()["detail"]
