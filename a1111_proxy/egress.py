@@ -64,6 +64,7 @@ BLOCKED_NETWORKS = tuple(
         "2002::/16",
         "fc00::/7",
         "fe80::/10",
+        "fec0::/10",  # site-local (deprecated, still routed inside some networks)
         "ff00::/8",
     )
 )

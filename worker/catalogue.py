@@ -18,7 +18,7 @@ from a1111_proxy.catalogue import (
 
 log = logging.getLogger("a1111_proxy.worker")
 
-SECRET_WORDS = ("auth", "token", "password", "secret", "key")
+SECRET_WORDS = ("auth", "token", "password", "secret", "key", "ngrok")
 CHECKPOINT_READ_SECONDS = 0.1  # unload/reload requests are looked for at most this often
 
 
@@ -126,10 +126,17 @@ class CatalogueKeeper:
 
 
 def redact(value: Any) -> Any:
-    """cmd-flags without credentials (A1111 leaks --api-auth and --gradio-auth there)."""
+    """cmd-flags without credentials (A1111 leaks --api-auth, --gradio-auth, --ngrok and
+    ngrok_options' basic_auth there), at any depth."""
+    if isinstance(value, list):
+        return [redact(item) for item in value]
     if not isinstance(value, dict):
         return value
     return {
-        key: ("<redacted>" if item and any(w in key.lower() for w in SECRET_WORDS) else item)
+        key: "<redacted>" if item and _secret(key) and not isinstance(item, dict) else redact(item)
         for key, item in value.items()
     }
+
+
+def _secret(key: str) -> bool:
+    return any(word in key.lower() for word in SECRET_WORDS)

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.anyio
         "224.0.0.1",
         "fe80::1",
         "fe80::1%eth0",
+        "fec0::1",  # site-local
         "fd00::1",
         "fc00::1",
         "0.0.0.0",
