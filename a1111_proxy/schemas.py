@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from a1111_proxy.jobs.records import JobRecord
@@ -166,6 +167,24 @@ class Caps:
 WebhookEvent = Literal["started", "progress", "completed"]
 
 
+def _sendable_host(url: str, host: str) -> None:
+    """What the webhook sender can send to: httpx parses the URL (it refuses IPv4 addresses with
+    leading zeros or parts past 255) and a host name is valid IDNA (no empty label, none over 63
+    characters)."""
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"is not a URL the webhook sender can use: {exc}") from None
+    if ":" in host or host.replace(".", "").isdigit():
+        return  # an IP address, checked by httpx above
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            f"{host!r} is not a valid host name (an empty label, or one longer than 63 characters)"
+        ) from None
+
+
 class ProxyFields(BaseModel):
     """Fields a1111-proxy adds to A1111's body; they are never sent on to A1111."""
 
@@ -210,6 +229,7 @@ class ProxyFields(BaseModel):
         if not url.isprintable() or " " in url:
             raise ValueError("must not contain spaces or control characters")
         parts.port  # noqa: B018 - raises ValueError for a port that is not 0..65535
+        _sendable_host(url, parts.hostname)
         return url
 
     @field_validator("webhook_secret")

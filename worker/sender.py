@@ -165,7 +165,7 @@ class WebhookSender:
         job = _snapshot(delivery)
         job_id_var.set(job.id if job else None)  # this task's lines name the job
         try:
-            async with self._hosts.slot(httpx.URL(delivery.url).netloc.decode("ascii")):
+            async with self._hosts.slot(_host_key(delivery.url)):
                 answer = await self._attempt(delivery, job)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
@@ -188,15 +188,19 @@ class WebhookSender:
         except Exception as exc:  # a bad stored secret or a bug: logged, retried by policy
             log.exception("webhook %s: could not build the message", delivery.id)
             return Answer(time.time(), 0, error=f"internal error: {type(exc).__name__}")
-        return await post(
-            self.client,
-            delivery.url,
-            body,
-            headers,
-            allow_private=self.config.allow_private,
-            resolve=self.resolve,
-            timeout=self.config.timeout_seconds,
-        )
+        try:
+            return await post(
+                self.client,
+                delivery.url,
+                body,
+                headers,
+                allow_private=self.config.allow_private,
+                resolve=self.resolve,
+                timeout=self.config.timeout_seconds,
+            )
+        except Exception as exc:  # a URL the HTTP client cannot use: an attempt that failed
+            log.warning("webhook %s: cannot send to %s: %s", delivery.id, delivery.url, exc)
+            return Answer(time.time(), 0, error=f"cannot send to this URL: {exc}")
 
     async def _body(self, delivery: Delivery, job: JobRecord) -> bytes:
         images = None
@@ -256,3 +260,11 @@ def _snapshot(delivery: Delivery) -> JobRecord | None:
         return snapshot_record(delivery.data)
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _host_key(url: str) -> str:
+    """The per-host concurrency key; the URL itself when the HTTP client cannot parse it."""
+    try:
+        return httpx.URL(url).netloc.decode("ascii")
+    except Exception:
+        return url

@@ -464,3 +464,22 @@ async def test_an_image_index_past_what_a_job_has_is_a_404_however_large(
         response = api.get(f"/sdapi/v1/jobs/{job_id}/images/{n}")
         assert response.status_code == 404, n
         assert "2 image(s)" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://0177.0.0.1/hook",
+        "http://256.0.0.1/hook",
+        "http://a..b/hook",
+        "http://" + "a" * 64 + ".example.com/hook",
+    ],
+)
+def test_a_webhook_url_the_sender_could_not_use_is_refused_at_submit(
+    api: httpx.Client, url: str
+) -> None:
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "webhook_url": url})
+    assert response.status_code == 422
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == ["body", "webhook_url"]
+    assert api.get("/sdapi/v1/jobs").json()["jobs"] == []

@@ -548,3 +548,20 @@ async def _status_of(repo: JobRepository, job_id: str, status: str) -> bool:
 
 async def _async(value: object) -> object:
     return value
+
+
+@pytest.mark.parametrize("bad", ["http://0177.0.0.1/hook", "http://256.0.0.1/hook"])
+async def test_a_stored_url_the_client_cannot_parse_is_a_failed_attempt_not_a_stuck_delivery(
+    repo: JobRepository, sender_for: Callable[..., WebhookSender], bad: str
+) -> None:
+    # Such URLs are refused at submit now; jobs stored before that must still end.
+    job_id = await submit(repo, bad)
+    claim = await claim_next(repo, "w", "slot")
+    assert claim is not None
+    await repo.finish(claim, "error", json.dumps({"code": "x", "message": "y"}))
+    sender = sender_for(repo)
+    await sender.run_until_idle()
+    await sender.aclose()
+    [(delivery, attempts)] = await deliveries(repo, job_id)
+    assert delivery.status in ("pending", "failed") and attempts
+    assert "cannot send to this URL" in (attempts[-1].error or "")
