@@ -78,7 +78,8 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
         try:
             api = made.start_api()
             made.start_worker()
-            long = submit(api, fake_seconds=30, timeout=3)  # runs, but not for long
+            # Runs, but not for long; long enough that the slot is still busy below.
+            long = submit(api, fake_seconds=60, timeout=12)
             made.wait_status(long, "processing")
             waiting = submit(api, {"Cancel-After": "0.5"}, webhook_url=f"{hooks}/done")
             job = made.wait_status(waiting, "canceled", timeout=10)
@@ -95,7 +96,7 @@ def test_deadlines_cancel_a_job_that_waited_too_long_and_interrupt_one_that_ran_
                 headers={"Prefer": "wait", "Cancel-After": "0.5"},
             )
             assert waited.status_code == 504 and waited.json()["code"] == "deadline"
-            job = made.wait_status(long, "canceled", timeout=10)
+            job = made.wait_status(long, "canceled", timeout=30)
             assert job["error"]["code"] == "deadline" and job["started_at"] is not None
             assert fake_a1111[0].interrupts >= 1  # its A1111 was told to stop
         finally:
