@@ -283,8 +283,9 @@ TABLE_OWNERS = {
 
 
 def _sources() -> dict[str, str]:
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]  # the repository (tests/integration/ is two below)
     files = [*root.glob("a1111_proxy/**/*.py"), *root.glob("worker/**/*.py")]
+    assert len(files) > 50, f"no sources found under {root}"  # never pass on an empty tree
     return {path.relative_to(root).as_posix(): path.read_text() for path in files}
 
 
