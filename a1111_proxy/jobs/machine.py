@@ -302,38 +302,25 @@ class JobMachine:
     async def requeue(self, claim: Claim, delay: float, error: str | None) -> bool:
         """Put the job back in the queue to run again after `delay` seconds (durable backoff)."""
         now = self.clock()
-        stmt = (
-            update(jobs)
-            .where(self._fenced(claim))
-            .values(
-                status="queued",
-                run_after=now + delay,
-                error=error,
-                progress=0.0,
-                eta_relative=None,
-                updated_at=now,
-                **NO_LEASE,
-            )
-        )
-        async with self.db.writing() as conn:
-            done = (await conn.execute(stmt)).rowcount == 1
-            await notify(self.db, conn)
-        return done
+        return await self._back_to_queue(claim, now, run_after=now + delay, error=error)
 
     async def release(self, claim: Claim) -> bool:
         """Give the job back at once without counting the attempt (graceful shutdown)."""
         now = self.clock()
+        return await self._back_to_queue(claim, now, run_after=now, attempts=jobs.c.attempts - 1)
+
+    async def _back_to_queue(self, claim: Claim, now: float, **values: Any) -> bool:
+        """The claim's job queued again (fenced: only while this lease holds it)."""
         stmt = (
             update(jobs)
             .where(self._fenced(claim))
             .values(
                 status="queued",
-                run_after=now,
-                attempts=jobs.c.attempts - 1,
                 progress=0.0,
                 eta_relative=None,
                 updated_at=now,
                 **NO_LEASE,
+                **values,
             )
         )
         async with self.db.writing() as conn:
