@@ -98,6 +98,7 @@ jobs = Table(
     ),
     Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_jobs_owner_status", "owner", "status"),
+    Index("ix_jobs_owner_seq", "owner", "seq"),  # a tenant's listing; its submit rate
 )
 
 # The full A1111 body (input images included) that the worker sends; kept apart so that

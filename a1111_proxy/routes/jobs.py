@@ -19,7 +19,14 @@ from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, valid
 from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
 from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
 from a1111_proxy.routes import context
-from a1111_proxy.routes.context import caller, choice, find_job, int_param, read_json_object
+from a1111_proxy.routes.context import (
+    caller,
+    choice,
+    find_job,
+    int_param,
+    read_json_object,
+    visible_owner,
+)
 from a1111_proxy.schemas import (
     PROXY_FIELDS,
     REQUEST_MODELS,
@@ -69,7 +76,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         request_hash=_fingerprint(body) if key else None,
         checkpoint=_requested_checkpoint(a1111_body),
         timeout=timeout,
-        owner=caller(request),
+        owner=caller(request).tenant,
     )
     submitted = await context.repo(request).submit(new)
     headers = {"Location": f"/sdapi/v1/jobs/{submitted.job.id}", "X-Job-Id": submitted.job.id}
@@ -382,7 +389,7 @@ async def list_jobs(request: Request) -> Response:
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
     rows = await context.repo(request).page(
-        status=status, type=kind, before_seq=cursor, limit=limit
+        status=status, type=kind, owner=_listed_owner(request), before_seq=cursor, limit=limit
     )
     next_cursor = str(rows[-1].seq) if len(rows) == limit else None
     return JSONResponse(
@@ -390,8 +397,15 @@ async def list_jobs(request: Request) -> Response:
     )
 
 
+def _listed_owner(request: Request) -> str | None:
+    """A tenant lists its own jobs; an admin everyone's, or one tenant's with `?owner=`."""
+    owner = visible_owner(request)
+    return owner if owner is not None else request.query_params.get("owner") or None
+
+
 async def cancel_job(request: Request) -> Response:
-    row = await context.repo(request).cancel(request.path_params["job_id"])
+    job = await find_job(request, request.path_params["job_id"])  # another tenant's: 404
+    row = await context.repo(request).cancel(job.id)
     if row is None:
         raise JobNotFound()
     return JSONResponse(render_job(row, with_result=False))
