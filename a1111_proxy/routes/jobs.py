@@ -274,7 +274,11 @@ async def check_input_images(request: Request, kind: str, body: dict[str, Any]) 
     rules = ImageRules(settings.image_max_pixels, settings.image_max_side, settings.image_urls)
     problems = []
     if rules.allow_urls:
-        fetch = functools.partial(egress.fetch, allow_private=settings.webhook_allow_private)
+        fetch = functools.partial(
+            egress.fetch,
+            allow_private=settings.webhook_allow_private,
+            ca_bundle=settings.webhook_ca_bundle,
+        )
         problems = await fetch_image_urls(kind, body, fetch, settings.max_body_bytes)
     checked = await anyio.to_thread.run_sync(check_images, kind, body, rules)
     problems += checked.problems
