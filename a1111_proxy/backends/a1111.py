@@ -131,6 +131,15 @@ class A1111Backend:
 
     def _parse_generation(self, kind: str, response: httpx.Response) -> dict[str, Any]:
         body = _json_or_none(response)
+        misconfigured = _not_the_api(PATHS[kind], response.status_code, body)
+        if misconfigured:
+            # Not A1111 judging the request: replayed, it would tell the client that its own
+            # credentials or route are wrong.
+            raise BackendProtocolError(
+                f"A1111 at {self.name} answered {kind} with HTTP {response.status_code} "
+                f"({_a1111_message(body) or _snippet(response)}): {misconfigured}",
+                status=response.status_code,
+            )
         if response.status_code != 200:
             if response.status_code >= 500 and not _is_a1111_error(body):
                 raise BackendUnavailable(
@@ -233,6 +242,24 @@ def _json_or_none(response: httpx.Response) -> Any:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def _not_the_api(path: str, status: int, body: Any) -> str | None:
+    """What to fix when a job's answer says the proxy reached no A1111 API it may use: its
+    credentials were refused, or one of A1111's own routes does not exist there (a 404 or 405
+    that names nothing, as any web server's does). None otherwise: a 404 naming what is missing,
+    such as "Sampler not found", is A1111's judgement of the request, and an extension's route
+    (/controlnet/detect) is missing where the extension is, which A1111 itself answers so."""
+    if status in (401, 403):
+        return "it refused a1111-proxy's credentials; set A1111_PROXY_A1111_AUTH to its --api-auth"
+    detail = body.get("detail") if isinstance(body, dict) else None
+    generic = detail in (None, "Not Found", "Method Not Allowed")
+    if status in (404, 405) and generic and path.startswith("/sdapi/"):
+        return (
+            "it has no such API route; is it started with --api, and is A1111_PROXY_A1111_URLS "
+            "its base address?"
+        )
+    return None
 
 
 def _is_a1111_error(body: Any) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 from typing import Any
 
 import anyio.to_thread
@@ -39,6 +40,8 @@ from a1111_proxy.schemas import (
 from a1111_proxy.settings import Settings
 
 MAX_PAGE = 200
+
+log = logging.getLogger("a1111_proxy")
 
 
 async def txt2img(request: Request) -> Response:
@@ -185,10 +188,20 @@ async def _client_gone(request: Request) -> None:
 
 
 async def _abandoned(request: Request, job_id: str) -> Response:
-    if context.settings(request).cancel_on_disconnect:
-        await context.repo(request).cancel_queued(
-            job_id, "client_gone", "the waiting client went away before the job started"
-        )
+    """The waiting client went away: cancel its job if it has not started, unless the request
+    had an Idempotency-Key (its client will ask again with it, and must then get the job's
+    outcome, not a job canceled because it asked once before)."""
+    if request.headers.get("idempotency-key") is not None:
+        outcome = "the job goes on (Idempotency-Key: the client can ask for it again)"
+    elif not context.settings(request).cancel_on_disconnect:
+        outcome = "the job goes on (CANCEL_ON_DISCONNECT=false)"
+    elif await context.repo(request).cancel_queued(
+        job_id, "client_gone", "the waiting client went away before the job started"
+    ):
+        outcome = "the job was canceled before it started"
+    else:
+        outcome = "the job had started and goes on"
+    log.info("job %s: its waiting client went away; %s", job_id, outcome)
     return Response(status_code=499)  # nobody reads it
 
 
@@ -213,27 +226,39 @@ async def _fail_fast(request: Request, job_id: str, headers: dict[str, str]) -> 
 
 
 def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Response:
-    """A finished job as A1111's own response: its body on success, its error otherwise."""
+    """A finished job as A1111's own response: its body on success, its refusal (status and
+    body) when A1111 refused the job, our error in A1111's shape otherwise."""
     if row.result is not None and row.status in ("completed", "canceled"):
         return JSONResponse(render_job(row, images)["result"], headers=headers)
     error = row.error or {"code": "canceled", "message": "canceled"}
-    if error.get("backend_status") and error.get("backend_body") is not None:
-        body = error["backend_body"]
-        if isinstance(body, str):
-            return Response(body, status_code=error["backend_status"], headers=headers)
-        return JSONResponse(body, status_code=error["backend_status"], headers=headers)
-    status = ERROR_STATUS.get(error.get("code", ""), 500)
+    code = error.get("code", "")
+    status = ERROR_STATUS.get(code, 500)
+    if code == "backend_rejected" and error.get("backend_status"):
+        if error.get("backend_body") is not None:
+            return _a1111_refusal(error["backend_status"], error["backend_body"], headers)
+        status = error["backend_status"]
+    if status == 503:
+        headers = {**headers, "Retry-After": "30"}
     body = {
-        "error": error.get("code", "error"),
+        "error": code or "error",
         "detail": error.get("message", ""),
         "body": "",
         "errors": error.get("message", ""),
-        "code": error.get("code"),
+        "code": code or None,
         "job_id": row.id,
     }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _a1111_refusal(status: int, body: Any, headers: dict[str, str]) -> Response:
+    if isinstance(body, str):
+        return Response(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# A finished job's error as the status a held request answers with. A1111's own refusals
+# (backend_rejected with A1111's status) answer with that status; a backend that stayed
+# unavailable is 503 whatever A1111 last said (a bare 500 would read as our fault).
 ERROR_STATUS = {
     "backend_unavailable": 503,
     "backend_bad_response": 502,
@@ -281,7 +306,11 @@ async def check_input_images(request: Request, kind: str, body: dict[str, Any]) 
     rules = ImageRules(settings.image_max_pixels, settings.image_max_side, settings.image_urls)
     problems = []
     if rules.allow_urls:
-        fetch = functools.partial(egress.fetch, allow_private=settings.webhook_allow_private)
+        fetch = functools.partial(
+            egress.fetch,
+            allow_private=settings.webhook_allow_private,
+            ca_bundle=settings.webhook_ca_bundle,
+        )
         problems = await fetch_image_urls(kind, body, fetch, settings.max_body_bytes)
     checked = await anyio.to_thread.run_sync(check_images, kind, body, rules)
     problems += checked.problems
