@@ -10,7 +10,7 @@ import pytest
 from alembic import command
 
 from a1111_proxy.migrate import alembic_config, upgrade
-from tests.conftest import _pg
+from tests.conftest import _pg, create_pg_database, postgres_unavailable
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -19,10 +19,8 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
         yield f"sqlite+aiosqlite:///{tmp_path}/data/fresh.db"  # the folder does not exist yet
         return
     name = f"a1111_proxy_mig_{uuid.uuid4().hex[:10]}"
-    try:
-        _pg(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({type(exc).__name__}: {exc})")
+    if (failure := create_pg_database(name)) is not None:
+        postgres_unavailable(failure)
     yield f"postgresql+asyncpg://root@127.0.0.1:5432/{name}"
     _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
