@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from a1111_proxy.backends import REFRESHES, Backend, BackendError, Refresh
+from a1111_proxy.backends import REFRESHES, Backend, Refresh
 from a1111_proxy.catalogue import (
     CHECKPOINT_REQUEST,
     ENTRIES,
@@ -80,14 +80,11 @@ class CatalogueKeeper:
                 )
                 fetched += 1
         if fetched == 0 and failure is not None:
-            # A backend's own error says what to do; anything else may be no A1111 API at all.
-            hint = "" if isinstance(failure, BackendError) else "; is A1111 running with --api?"
             log.warning(
                 "catalogue: %s did not answer (%s); the API keeps serving the last "
-                "catalogue it had%s",
+                "catalogue it had; is A1111 running with --api?",
                 backend.name,
                 failure,
-                hint,
             )
             return False
         log.info("catalogue: fetched %d entries from %s", fetched, backend.name)
