@@ -69,7 +69,10 @@ class Settings(BaseSettings):
         description="comma-separated; each URL is one backend slot that runs one job at a time",
     )
     a1111_auth: SecretStr = Field(
-        SecretStr(""), description="`user:password` for an A1111 started with `--api-auth`"
+        SecretStr(""),
+        description="`user:password`, one of the pairs of an A1111 started with `--api-auth`; "
+        "without the right one that A1111 answers 401, and the worker keeps its jobs queued and "
+        "shows the backend `down` in /health, saying to set this",
     )
     models_dir: str = Field(
         "./models",
@@ -231,7 +234,8 @@ class Settings(BaseSettings):
         30.0,
         ge=0,
         description="after a cancel, how long A1111 may take to stop before the job "
-        "ends `canceled` anyway",
+        "ends `canceled` anyway, with nothing kept; its slot then takes the next job, which "
+        "that A1111 starts once the generation it did not stop has ended",
     )
     stall_seconds: float = Field(
         600.0,

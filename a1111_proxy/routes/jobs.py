@@ -387,7 +387,8 @@ def _fingerprint(body: dict[str, Any]) -> str:
 async def get_job(request: Request) -> Response:
     repo = context.repo(request)
     row = await find_job(request, request.path_params["job_id"])
-    images = await repo.images(row.seq) if row.status == "completed" else None
+    # A completed job's images, or those A1111 answered an interrupted one with (canceled).
+    images = await repo.images(row.seq) if row.image_count else None
     view = await render_with_position(repo, row, images)
     if row.status == "queued":
         outage = await context.backends(request).outage()
@@ -445,7 +446,7 @@ async def get_image(request: Request) -> Response:
     row = await find_job(request, request.path_params["job_id"])
     n = request.path_params["n"]
     # Only an index the job can have reaches the database (2**63 would overflow its integer).
-    has = row.status == "completed" and n < row.image_count
+    has = n < row.image_count  # stored with the final answer: completed, or canceled
     data = await repo.image(row.seq, n) if has else None
     if data is None:
         raise ImageNotFound(

@@ -24,7 +24,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, error_json
 from a1111_proxy.migrate import alembic_config, upgrade
 from tests.claims import claim_next
-from tests.conftest import _pg
+from tests.conftest import _pg, create_pg_database, postgres_unavailable
 from tests.servers import ASYNC, serve
 
 
@@ -34,10 +34,8 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
         yield f"sqlite+aiosqlite:///{tmp_path}/data/fresh.db"  # the folder does not exist yet
         return
     name = f"a1111_proxy_mig_{uuid.uuid4().hex[:10]}"
-    try:
-        _pg(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({type(exc).__name__}: {exc})")
+    if (failure := create_pg_database(name)) is not None:
+        postgres_unavailable(failure)
     yield f"postgresql+asyncpg://root@127.0.0.1:5432/{name}"
     _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -218,6 +216,10 @@ async def _write_rows(url: str, rows: dict[str, list[dict[str, Any]]]) -> None:
                 await conn.execute(
                     text(f"INSERT INTO {table} ({columns}) VALUES ({marks})"), values
                 )
+            if not url.startswith("sqlite"):  # rows given their seq: move the sequence past them
+                await conn.execute(
+                    text("SELECT setval(pg_get_serial_sequence('jobs', 'seq'), MAX(seq)) FROM jobs")
+                )
     finally:
         await engine.dispose()
 
@@ -288,11 +290,13 @@ def _the_api_shows_them(url: str, rows: dict[str, list[dict[str, Any]]]) -> None
         queue = api.get("/sdapi/v1/queue").json()
         assert [job["id"] for job in queue["queued"]] == [queued["id"]]
         assert [job["id"] for job in queue["running"]] == [running["id"]]
-        # The key stored by the first revision still replays its job.
-        again = api.post(
-            "/sdapi/v1/txt2img", json=KEYED_BODY, headers={"Idempotency-Key": "first-revision-key"}
-        )
-        assert again.status_code == 200 and again.json()["id"] == queued["id"]
+        # Keys are per tenant now, and a job stored before owners has no tenant: its key makes
+        # a new job (the old one is untouched), which the key then replays.
+        keyed = {"Idempotency-Key": "first-revision-key"}
+        again = api.post("/sdapi/v1/txt2img", json=KEYED_BODY, headers=keyed)
+        assert again.status_code == 202 and again.json()["id"] != queued["id"]
+        replayed = api.post("/sdapi/v1/txt2img", json=KEYED_BODY, headers=keyed)
+        assert replayed.status_code == 200 and replayed.json()["id"] == again.json()["id"]
 
 
 async def _the_machine_runs_them(url: str) -> None:
@@ -307,6 +311,9 @@ async def _the_machine_runs_them(url: str) -> None:
         second = await claim_next(repo, "new-worker", BACKEND)
         assert second is not None and second.seq == 2 and second.attempts == 2
         assert await repo.finish(second, "error", error_json("backend_rejected", "refused"))
+        # Then only the job the API stored after the upgrade (its key's new job) is left.
+        third = await claim_next(repo, "new-worker", BACKEND)
+        assert third is not None and third.seq > 5 and third.payload == KEYED_BODY
         assert await claim_next(repo, "new-worker", BACKEND) is None
         done = await repo.get(first.id)
         assert done is not None and done.status == "completed" and done.image_count == 1
