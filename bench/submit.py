@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import clean_environ, deployment  # noqa: E402
+from harness import clean_environ, deployment
 
 TOKEN = "bench-token"
 BODY = {
@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-time", type=float, default=0.5)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="record the API with py-spy during the run into this file (collapsed stacks) and "
+        "print the top functions",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: `apt-get install wrk` (Debian's package)", file=sys.stderr)
@@ -108,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         ) as d,
     ):
         run_wrk(d.api_url, args.connections, 2, args.threads)  # warm-up
+        spy = start_profile(args.profile, d.api_pid, args.seconds) if args.profile else None
         figures = run_wrk(d.api_url, args.connections, args.seconds, args.threads)
+        if spy is not None:
+            spy.wait(timeout=60)
     rate = (figures["REQUESTS"] - figures["NON2XX"]) / figures["SECONDS"]
     print(
         f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, a worker running "
@@ -120,7 +129,39 @@ def main(argv: list[str] | None = None) -> int:
         f"p99.9 {figures['P99.9'] * 1000:.1f} ms   non-2xx {figures['NON2XX']:.0f}   "
         f"socket errors {figures['ERRORS']:.0f}"
     )
+    if args.profile:
+        print_profile(Path(args.profile))
     return 0
+
+
+def start_profile(path: str, pid: int, seconds: int) -> subprocess.Popen[bytes]:
+    """py-spy (pip install py-spy) sampling the API process (all its threads) during the run."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    command = [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--format", "raw"]
+    return subprocess.Popen([*command, "-o", path, "--nonblocking"], stderr=subprocess.DEVNULL)
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """The functions that held the API's main thread longest: self and inclusive shares."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not frames or ("MainThread" not in stack and "thread" in frames[0].lower()):
+            pass
+        n = int(count)
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    print(f"  profile: {total} samples; top self time:")
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {100 * n / total:5.1f}%  {frame[:150]}")
+    print("  top inclusive time:")
+    for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {100 * n / total:5.1f}%  {frame[:150]}")
 
 
 if __name__ == "__main__":
