@@ -87,18 +87,38 @@ def serve_api(settings: Settings) -> int:
         print(f"a1111-proxy: refusing to start: {problem}", file=sys.stderr)
         return CONFIG_ERROR
     require_database(settings)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": 10,
+        "log_config": None,  # uvicorn's lines go through our handler (JSON or text)
+    }
+    processes = settings.api_processes()
+    if processes > 1:
+        # uvicorn binds the port once, starts the processes (each builds its app with
+        # `app_in_process`), and restarts one that dies. Wait mode, event streams and limits
+        # work across them: each process learns of changes from the database.
+        # The processes read the environment: give them what the command line overrode.
+        os.environ.update(A1111_PROXY_HOST=settings.host, A1111_PROXY_PORT=str(settings.port))
+        uvicorn.run("a1111_proxy.cli:app_in_process", factory=True, workers=processes, **options)
+        return 0
     app = create_app(settings)
     tune_gc()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-        log_config=None,  # uvicorn's lines go through our handler (JSON or text, as configured)
-    )
+    uvicorn.run(app, **options)
     return 0
+
+
+def app_in_process() -> Any:
+    """The app of one of SERVE_PROCESSES API processes (uvicorn's factory): its settings come
+    from the same environment as the parent's, read when the process starts."""
+    from a1111_proxy.app import create_app
+
+    settings = Settings()
+    _configure_logging(settings)
+    tune_gc()
+    return create_app(settings)
 
 
 def run_worker(settings: Settings) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -16,6 +17,11 @@ def _split_commas(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+# SERVE_PROCESSES=0 on a many-core GPU host: past this, more API processes only hold more memory
+# and database connections (the API is rarely the bottleneck there).
+MAX_AUTO_PROCESSES = 8
 
 
 class Settings(BaseSettings):
@@ -33,6 +39,12 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="where the API listens")
     port: int = Field(7861, ge=0, le=65535, description="the API's port")
+    serve_processes: int = Field(
+        0,
+        ge=0,
+        description="API processes sharing the port (`serve` supervises them and restarts one "
+        "that dies); 0: one per CPU core, at most 8",
+    )
     api_tokens: CommaList = Field(
         [],
         description="comma-separated; each `name:token` (a tenant) or a plain token (its own "
@@ -418,6 +430,10 @@ class Settings(BaseSettings):
             return None
         user, _, password = raw.partition(":")
         return user, password
+
+    def api_processes(self) -> int:
+        """SERVE_PROCESSES, with 0 resolved to the core count (at most MAX_AUTO_PROCESSES)."""
+        return self.serve_processes or max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES))
 
     def public_base_url(self) -> str:
         """PUBLIC_URL, or the address the API listens on."""

@@ -82,6 +82,9 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("A1111_PROXY_"):
             monkeypatch.delenv(name)
+    # One API process per `serve` a test starts (the default is one per core): lighter on a
+    # busy machine. tests/processes/test_serve_processes.py runs several.
+    monkeypatch.setenv("A1111_PROXY_SERVE_PROCESSES", "1")
 
 
 def postgres_unavailable(reason: str, environ: Mapping[str, str] = os.environ) -> NoReturn:
