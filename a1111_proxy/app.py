@@ -11,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
+from a1111_proxy.cpu_pool import CpuPool
 from a1111_proxy.db.engine import Database
 from a1111_proxy.errors import EXCEPTION_HANDLERS
 from a1111_proxy.jobs import JobRepository, TenantLimits
@@ -49,6 +50,7 @@ def make_lifespan(
             repo, grace=settings.backend_down_grace, stale_after=settings.worker_stale_seconds
         )
         waiter = JobWaiter(repo, wakeup, backends)
+        cpu = CpuPool()  # decoding and checking what requests carry (images, PNG text)
         try:
             yield {
                 "settings": settings,
@@ -58,8 +60,10 @@ def make_lifespan(
                 "waiter": waiter,
                 "backends": backends,
                 "schema_head": head_revision(),
+                "cpu": cpu,
             }
         finally:
+            cpu.close()
             await waiter.close()
             await db.dispose()
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from a1111_proxy import logs
 from a1111_proxy.db.check import DatabaseProblem, check_database
+from a1111_proxy.redaction import backend_name
 from a1111_proxy.settings import Settings
 from a1111_proxy.supervise import CONFIG_ERROR, Child, Supervisor
 
@@ -157,7 +158,7 @@ def up_all(settings: Settings) -> int:
     children = [Child(command, [*me, command], env) for command in ("serve", "worker")]
     print(
         f"a1111-proxy: API on http://{settings.host}:{settings.port} (docs at /doc), worker "
-        f"on {', '.join(settings.a1111_urls)}; Ctrl-C stops both",
+        f"on {', '.join(map(backend_name, settings.a1111_urls))}; Ctrl-C stops both",
         file=sys.stderr,
     )
     # Long enough for the worker to finish its jobs (then release them) and the API its requests.

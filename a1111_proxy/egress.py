@@ -17,6 +17,7 @@ Redirects are never followed; answers are read up to 64 KiB; one attempt takes a
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import time
@@ -34,6 +35,7 @@ from a1111_proxy import __version__
 CONNECT_TIMEOUT_SECONDS = 5.0
 TOTAL_TIMEOUT_SECONDS = 15.0
 MAX_RESPONSE_BYTES = 64 * 1024
+log = logging.getLogger("a1111_proxy.egress")
 
 BLOCKED_NETWORKS = tuple(
     ip_network(net)
@@ -82,7 +84,23 @@ UNKNOWN_ISSUER = frozenset({2, 18, 19, 20})
 
 
 class Blocked(Exception):
-    """The webhook URL's host resolves only to addresses that are not allowed."""
+    """The webhook URL's host resolves only to addresses that are not allowed.
+
+    Its text, which callers are shown, never says what the host resolved to (that would make
+    the guard a DNS oracle for internal names); `addresses` is for the logs."""
+
+    def __init__(self, host: str, addresses: list[str]) -> None:
+        super().__init__(
+            f"{host} is refused: it resolves to a loopback, private, link-local or otherwise "
+            "internal address, which a1111-proxy may not reach; set "
+            "A1111_PROXY_WEBHOOK_ALLOW_PRIVATE=true for hosts on your own network"
+        )
+        self.host = host
+        self.addresses = addresses
+
+    def detail(self) -> str:
+        """For the log: the addresses it resolved to."""
+        return f"{self.host} resolves to {', '.join(self.addresses) or 'nothing'}"
 
 
 class Unresolvable(Exception):
@@ -126,11 +144,7 @@ async def pin(url: str, *, allow_private: bool, resolve: Resolver = system_resol
     addresses = await resolve(host, port)
     allowed = [a.split("%", 1)[0] for a in addresses if allow_private or address_allowed(a)]
     if not allowed:
-        raise Blocked(
-            f"{host} resolves to {', '.join(addresses) or 'nothing'}, which a1111-proxy may not "
-            "reach (loopback, private, link-local or otherwise internal); set "
-            "A1111_PROXY_WEBHOOK_ALLOW_PRIVATE=true for hosts on your own network"
-        )
+        raise Blocked(host, addresses)
     return [
         Target(
             url=parsed.copy_with(host=address),
@@ -242,6 +256,7 @@ async def post(
             targets = await pin(url, allow_private=allow_private, resolve=resolve)
             status, text, retry_after = await _post_first(client, targets, body, headers, tried)
     except Blocked as exc:
+        log.warning("refused to send a webhook: %s", exc.detail())
         return answer(error=f"blocked: {exc}", blocked=True)
     except Unresolvable as exc:
         return answer(error=f"dns: {exc}")
@@ -311,7 +326,10 @@ async def fetch(
                 return data
             finally:
                 await response.aclose()
-    except (Blocked, Unresolvable) as exc:
+    except Blocked as exc:
+        log.warning("refused to fetch an input image: %s", exc.detail())
+        raise ValueError(str(exc)) from None
+    except Unresolvable as exc:
         raise ValueError(str(exc)) from None
     except TimeoutError:
         raise ValueError(f"no complete answer within {TOTAL_TIMEOUT_SECONDS:g} s") from None

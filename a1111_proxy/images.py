@@ -3,10 +3,12 @@
 Every image a client sends (img2img `init_images` and `mask`, ControlNet units, extras,
 interrogate, ControlNet detect) is read as A1111's `decode_base64_to_image` reads it: base64,
 raw or behind a `data:image/...;base64,` prefix, of any file Pillow opens. Its size comes from
-its header and must stay within a pixel budget (decompression bombs); its pixels are not decoded,
-and the client's string goes on to A1111 unchanged. Only when the operator opts in
-(`resize_max_side`) is a larger image decoded and resized down (LANCZOS, aspect kept), and the
-caller told so. http(s) URLs are refused unless allowed.
+its header and must stay within a pixel budget (decompression bombs), and the pixels of all the
+images of one request within another (`request_max_pixels`: what the API, and then A1111, would
+decode for it); its pixels are not decoded, and the client's string goes on to A1111 unchanged.
+Only when the operator opts in (`resize_max_side`) is a larger image decoded and resized down
+(LANCZOS, aspect kept), and the caller told so, once the whole request is within its budgets.
+http(s) URLs are refused unless allowed. All of it runs on the API's CpuPool, off the event loop.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from PIL import Image
 MAX_PIXELS = 16384 * 16384
 
 
+REQUEST_MAX_PIXELS = 4 * 4096 * 4096
+
+
 @dataclass(frozen=True)
 class ImageRules:
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = MAX_PIXELS  # one image
     resize_max_side: int = 0  # 0: never resize
     allow_urls: bool = False
+    request_max_pixels: int = REQUEST_MAX_PIXELS  # all the images of one request together
 
 
 class ImageProblem(ValueError):
@@ -122,26 +128,55 @@ async def fetch_image_urls(
 
 
 def check_images(kind: str, body: dict[str, Any], rules: ImageRules) -> Checked:
-    """Check every image of the body (resizing in place only when the rules ask for it)."""
+    """Check every image of the body from its header, each and all together; then, when the
+    rules ask for it and nothing was refused, resize the large ones in place."""
     checked = Checked()
+    opened: list[tuple[list[str | int], Any, Any, Image.Image]] = []
+    total = 0
     for loc, container, key in list(image_fields(kind, body)):
         value = container[key]
         if not isinstance(value, str):
             continue
         try:
-            container[key], sizes = check_image(value, rules)
+            image = check_image(value, rules)
+            total += image.width * image.height
+            within_budget(loc, image.size, total, rules.request_max_pixels)
         except ValueError as exc:
             checked.problems.append(ImageProblem(loc, str(exc)))
+            if total > rules.request_max_pixels:
+                break  # the rest need not be decoded: the request is refused already
             continue
-        if sizes is not None:
-            checked.resized.append(Resized(loc, *sizes))
+        opened.append((loc, container, key, image))
+    if not checked.problems and rules.resize_max_side:
+        for loc, container, key, image in opened:
+            try:
+                checked.resized += _resize_in_place(container, key, loc, image, rules)
+            except ValueError as exc:
+                checked.problems.append(ImageProblem(loc, str(exc)))
     return checked
 
 
-def check_image(
-    value: str, rules: ImageRules
-) -> tuple[str, tuple[tuple[int, int], tuple[int, int]] | None]:
-    """The image as the client sent it, or (opt-in) resized, with (size before, size after)."""
+def within_budget(loc: list[str | int], size: tuple[int, int], total: int, budget: int) -> None:
+    """Refuse (ValueError) the image that takes the request's images past `budget` pixels."""
+    if total > budget:
+        raise ValueError(
+            f"with {field_path(loc)} ({size[0]}x{size[1]}) this request's images come to "
+            f"{total} pixels, more than the {budget} one request may carry; send fewer or "
+            "smaller images, or split them over several requests (or raise "
+            "A1111_PROXY_REQUEST_MAX_PIXELS)"
+        )
+
+
+def field_path(loc: list[str | int]) -> str:
+    """["init_images", 3] -> "init_images[3]"; ["alwayson_scripts", "controlnet", "args", 0,
+    "image"] -> "alwayson_scripts.controlnet.args[0].image"."""
+    parts = [f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc]
+    return "".join(parts).removeprefix(".")
+
+
+def check_image(value: str, rules: ImageRules) -> Image.Image:
+    """The image, opened lazily (its header read, its pixels not decoded), if within the one
+    image's budget; ValueError saying why not otherwise."""
     if value.startswith(("http://", "https://")):
         # Allowed URLs were fetched (through the SSRF guard) before we got here.
         raise ValueError(
@@ -155,11 +190,19 @@ def check_image(
             f"the image is {width}x{height}, more than {rules.max_pixels} pixels; send a smaller "
             "image (or raise A1111_PROXY_IMAGE_MAX_PIXELS)"
         )
-    if not rules.resize_max_side or max(image.size) <= rules.resize_max_side:
-        return value, None
+    return image
+
+
+def _resize_in_place(
+    container: Any, key: Any, loc: list[str | int], image: Image.Image, rules: ImageRules
+) -> list[Resized]:
+    """Resize the image at `container[key]` when its longer side is over the rules' side."""
+    if max(image.size) <= rules.resize_max_side:
+        return []
     png, size = _resized(image, rules.resize_max_side)
-    prefix = "data:image/png;base64," if value.startswith("data:") else ""
-    return prefix + base64.b64encode(png).decode("ascii"), (image.size, size)
+    prefix = "data:image/png;base64," if container[key].startswith("data:") else ""
+    container[key] = prefix + base64.b64encode(png).decode("ascii")
+    return [Resized(loc, image.size, size)]
 
 
 def decode_base64(value: str) -> bytes:

@@ -3,6 +3,10 @@
 Every line about a job carries its id: the worker sets `job_id` in a context variable for the
 task that runs a job (and so for everything that task calls, the backend client included); a
 line written elsewhere passes it with `extra={"job_id": ...}`.
+
+No line shows a URL's user name and password (a backend URL in A1111_URLS may carry them, and
+httpx logs every request's URL at DEBUG): `CredentialFilter` removes them from every record the
+handler writes, its message, its exception and its `extra` fields.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from a1111_proxy.redaction import scrub
 
 job_id_var: ContextVar[str | None] = ContextVar("job_id", default=None)
 
@@ -35,6 +41,24 @@ class JobIdFilter(logging.Filter):
         return True
 
 
+class CredentialFilter(logging.Filter):
+    """Rewrites a record so that no URL in it shows `user:password@` (the record is changed in
+    place: handlers after this one see it scrubbed too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = scrub(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and "@" in record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        for key, value in vars(record).items():
+            if key not in _STANDARD and isinstance(value, str) and "@" in value:
+                setattr(record, key, scrub(value))
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """{"time", "level", "logger", "message", "job_id"?, other `extra` fields?, "exception"?}"""
 
@@ -50,8 +74,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and value is not None and key not in line:
                 line[key] = value if isinstance(value, str | int | float | bool) else str(value)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = record.exc_text
         return json.dumps(line, ensure_ascii=False)
 
 
@@ -82,6 +108,7 @@ def configure(level: str, log_format: str = "auto", stream: IO[str] | None = Non
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if use_json(log_format, stream) else TextFormatter())
     handler.addFilter(JobIdFilter())
+    handler.addFilter(CredentialFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

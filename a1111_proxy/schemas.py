@@ -4,6 +4,9 @@ and the job as clients see it."""
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
+import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +17,7 @@ import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from a1111_proxy.jobs.records import JobRecord
+from a1111_proxy.redaction import scrub_all
 from a1111_proxy.signatures import signing_key
 
 
@@ -25,6 +29,7 @@ def _truncate_float(value: Any) -> Any:
 
 
 LooseInt = Annotated[int, BeforeValidator(_truncate_float)]
+log = logging.getLogger("a1111_proxy.jobs")
 
 
 def _cap(setting: str, default: int) -> str:
@@ -302,12 +307,26 @@ def iso(ts: float | None) -> str | None:
 def render_job(
     row: JobRecord, images: list[bytes] | None = None, *, with_result: bool = True
 ) -> dict[str, Any]:
-    """A job as the API shows it. `images` fills the result's image list (detail view only)."""
+    """A job as the API shows it. `images` fills the result's image list (detail view only).
+
+    Never raises for what is stored: a row with a damaged column, or holding a value JSON cannot
+    carry (NaN from a backend, a lone surrogate), is shown with what did render and
+    `render_error` saying what did not (logged once per job)."""
+    problem = row.damage
+    if problem is None:
+        view = _job_view(row, images, with_result=with_result)
+        problem = unencodable([view["request"], row.result if with_result else None, view["error"]])
+        if problem is None:
+            return view
+    return _unrenderable_view(row, problem)
+
+
+def _job_view(row: JobRecord, images: list[bytes] | None, *, with_result: bool) -> dict[str, Any]:
     result = None
     if with_result and row.result is not None:
         result = dict(row.result)  # a copy: the record is shared
-        if "parameters" in result:  # some servers echo the body
-            result["parameters"] = without_credentials(result["parameters"])
+        if "parameters" in result:  # some servers echo the body (and the backend's URL)
+            result["parameters"] = scrub_all(without_credentials(result["parameters"]))
         if images is not None and "images" in result:
             result["images"] = encode_images(images)
     webhook = None
@@ -329,7 +348,8 @@ def render_job(
         "created_at": iso(row.created_at),
         "started_at": iso(row.started_at),
         "completed_at": iso(row.completed_at),
-        "error": without_credentials(row.error) if row.error else None,
+        # A backend's message or body may echo its URL, credentials and all.
+        "error": scrub_all(without_credentials(row.error)) if row.error else None,
         "request": request,
         "owner": row.owner,
         "result": result,
@@ -339,6 +359,33 @@ def render_job(
         "deadline_at": iso(row.deadline_at),
         "queue_position": None,  # filled in by the detail view while queued
         "input_images_resized": resized,
+    }
+
+
+def unencodable(value: Any) -> str | None:
+    """Why `value` cannot be sent as JSON (as Starlette's JSONResponse encodes it), or None."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        return f"it holds a value JSON cannot carry ({type(exc).__name__}: {exc})"
+    return None
+
+
+# Jobs whose unrenderable rows were logged (each once per process; forgotten past the bound).
+_LOGGED_UNRENDERABLE: set[str] = set()
+
+
+def _unrenderable_view(row: JobRecord, problem: str) -> dict[str, Any]:
+    """The job without its stored JSON (request, result, error), and why."""
+    if row.id not in _LOGGED_UNRENDERABLE:
+        if len(_LOGGED_UNRENDERABLE) >= 10_000:
+            _LOGGED_UNRENDERABLE.clear()
+        _LOGGED_UNRENDERABLE.add(row.id)
+        log.error("job %s cannot be shown as stored: %s", row.id, problem, extra={"job_id": row.id})
+    bare = dataclasses.replace(row, request={}, result=None, error=None, webhook_events=None)
+    return _job_view(bare, None, with_result=False) | {
+        "render_error": f"this job's stored data cannot be shown: {problem}; the fields "
+        "shown are those that could be (request, result and error are left out)"
     }
 
 
@@ -429,6 +476,11 @@ class Job(BaseModel):
         [],
         description="a1111-proxy extension: input images this server resized before A1111 "
         "got them (only when its operator set A1111_PROXY_IMAGE_MAX_SIDE); empty: none changed",
+    )
+    render_error: str | None = Field(
+        None,
+        description="a1111-proxy extension, only when the stored job cannot be shown whole "
+        "(damaged data): why; `request`, `result` and `error` are then left out",
     )
 
 

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from a1111_proxy.redaction import backend_name
+
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -78,7 +80,9 @@ class Settings(BaseSettings):
     )
     a1111_urls: CommaList = Field(
         ["http://127.0.0.1:7860"],
-        description="comma-separated; each URL is one backend slot that runs one job at a time",
+        description="comma-separated; each URL is one backend slot that runs one job at a time. "
+        "A URL may carry `user:password@` for an A1111 started with `--api-auth` (sent as Basic "
+        "auth); the backend is shown everywhere (health, metrics, jobs, logs) without them",
     )
     a1111_auth: SecretStr = Field(
         SecretStr(""),
@@ -186,6 +190,15 @@ class Settings(BaseSettings):
         ge=1,
         description="input images with more pixels are refused, read from the image header "
         "before anything is decoded (decompression bombs)",
+    )
+    request_max_pixels: int = Field(
+        4 * 4096 * 4096,
+        ge=1,
+        description="the most pixels all the input images of one request may have together, "
+        "read from their headers (67108864: four 4096x4096 images, or an init image, a mask "
+        "and ControlNet units well past SDXL sizes); a request over it is refused (422 naming "
+        "the image that takes it over) before any of them is decoded. It bounds what one "
+        "request costs the API (decoding, resizing) and A1111",
     )
     image_max_side: int = Field(
         0,
@@ -396,7 +409,7 @@ class Settings(BaseSettings):
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
         for url in urls:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http(s) URL")
+                raise ValueError(f"{backend_name(url)!r} is not an http(s) URL")
         return [url.rstrip("/") for url in urls]
 
     @field_validator("public_url")

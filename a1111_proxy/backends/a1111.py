@@ -21,6 +21,7 @@ from a1111_proxy.backends.base import (
     Progress,
     Refresh,
 )
+from a1111_proxy.redaction import backend_name
 
 GATEWAY_STATUSES = frozenset({502, 503, 504})
 # Where each job type goes on A1111. Generations return images we keep apart; the others return
@@ -83,12 +84,14 @@ class A1111Backend:
         retry_wait: float = 0.5,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.name = url.rstrip("/")
-        self.has_auth = auth is not None
+        # Shown everywhere (health, metrics, jobs, errors, logs); the URL's own user name and
+        # password, if any, go only to httpx, which sends them as Basic auth.
+        self.name = backend_name(url)
+        self.has_auth = auth is not None or self.name != url.rstrip("/")
         self.connect_retries = connect_retries
         self.retry_wait = retry_wait
         self._client = httpx.AsyncClient(
-            base_url=self.name,
+            base_url=url.rstrip("/"),
             auth=auth,
             transport=transport,
             headers={"user-agent": f"a1111-proxy/{__version__}"},
@@ -140,7 +143,7 @@ class A1111Backend:
             return
         detail = _a1111_message(_json_or_none(response)) or _snippet(response)
         given = (
-            "refused the user and password in A1111_PROXY_A1111_AUTH"
+            "refused the user and password in A1111_PROXY_A1111_AUTH (or in its URL)"
             if self.has_auth
             else "requires a user and password (it runs with --api-auth) and none is set"
         )

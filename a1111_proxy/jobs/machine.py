@@ -50,6 +50,7 @@ from a1111_proxy.jobs.clauses import (
 from a1111_proxy.jobs.outbox import announce
 from a1111_proxy.jobs.placement import Slots, idle_slots, place
 from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
+from a1111_proxy.redaction import backend_name
 from a1111_proxy.wakeup import PROGRESS_CHANNEL, notify
 
 # The job's A1111 body, read in the claim's own UPDATE ... RETURNING (one statement less).
@@ -98,8 +99,10 @@ class JobMachine:
         across all workers: a slot whose backend already runs a job (for any worker) gets none,
         so several workers can share the same A1111_URLS. A job goes to a slot that last ran its
         checkpoint when there is one, else to the first free slot. One short transaction
-        claims, assigns and reads the payloads. Returns (slot index, claim) pairs.
+        claims, assigns and reads the payloads. Returns (slot index, claim) pairs. A backend
+        is stored (and compared) by the name shown to people: its URL without credentials.
         """
+        slots = [(backend_name(name), checkpoint) for name, checkpoint in slots]
         now = self.clock()
         async with self.db.writing() as conn:
             open_slots = await idle_slots(self.db, conn, owner, slots)

@@ -17,6 +17,7 @@ from sqlalchemy import ColumnElement, Select, and_, case, func, select
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import STATUSES, jobs
 from a1111_proxy.jobs.records import TERMINAL, AnyRow
+from a1111_proxy.redaction import backend_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,7 @@ class JobMetricsQueries:
             by_status={status: by_status.get(status, 0) for status in STATUSES},
             due=due,
             oldest_due_age=now - oldest if oldest is not None else 0.0,
-            busy_backends={name: n for name, n in busy.items() if name},
+            busy_backends={backend_name(name): n for name, n in busy.items() if name},
             claim_latency=_buckets(claims, claim_buckets),
             durations={row.label: _buckets(row, duration_buckets) for row in durations},
         )

@@ -16,6 +16,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_images, job_previews, jobs
 from a1111_proxy.jobs.clauses import QUEUE_ORDER, deadline_sweep_due, of_owner
 from a1111_proxy.jobs.records import JOB_COLUMNS, JobRecord, JobState, job_record, job_state
+from a1111_proxy.redaction import backend_name
 
 
 class JobReads:
@@ -193,7 +194,7 @@ class JobReads:
             .distinct()
             .where(
                 jobs.c.status == "processing",
-                jobs.c.backend.in_(list(backends)),
+                jobs.c.backend.in_([backend_name(name) for name in backends]),
                 jobs.c.lease_owner != owner,
             )
         )

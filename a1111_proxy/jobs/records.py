@@ -4,17 +4,24 @@ This is the only place where a job's JSON columns (request, result, error, webho
 claim's payload and a worker's slots are decoded, and where job errors are encoded. Everything
 downstream (API rendering, webhooks, event streams, the worker) reads typed fields, and a
 misspelt field is an AttributeError, never a silent None.
+
+A column that cannot be decoded (damaged JSON, written by hand or by a bug) does not make the row
+unreadable: the record holds what did decode and says in `damage` what did not, so views show
+the job with a `render_error` instead of failing. Backend names are shown without credentials
+(`redaction.backend_name`), also for rows and heartbeats stored before they were.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Row
 
 from a1111_proxy.db.tables import jobs
+from a1111_proxy.redaction import backend_name, scrub_all
 
 TERMINAL = frozenset({"completed", "error", "canceled"})
 GENERATIONS = frozenset({"txt2img", "img2img"})
@@ -27,8 +34,8 @@ JOB_COLUMNS = tuple(
 )
 _NAMES = tuple(c.name for c in JOB_COLUMNS)  # JobRecord's fields, in this order
 _COUNT = len(_NAMES)
-_REQUEST, _RESULT, _ERROR, _EVENTS = (
-    _NAMES.index(name) for name in ("request", "result", "error", "webhook_events")
+_REQUEST, _RESULT, _ERROR, _EVENTS, _BACKEND = (
+    _NAMES.index(name) for name in ("request", "result", "error", "webhook_events", "backend")
 )
 # A webhook snapshot taken before a column existed lacks it: such a column reads as None.
 _NULLABLE = frozenset(c.name for c in JOB_COLUMNS if c.nullable)
@@ -70,6 +77,9 @@ class JobRecord:
     updated_at: float
     deadline_at: float | None
     owner: str | None
+    # What could not be decoded ("the stored `result` cannot be read (...)"); None: all of it.
+    # The columns it names hold None ({} for `request`).
+    damage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +143,24 @@ def snapshot_record(data: str) -> JobRecord:
 
 def _decode(values: list[Any], *, with_result: bool = True) -> JobRecord:
     """`values`: the columns of JOB_COLUMNS, in order, as stored."""
-    values[_REQUEST] = _object(values[_REQUEST]) or {}
-    values[_RESULT] = _object(values[_RESULT]) if with_result else None
-    values[_ERROR] = _object(values[_ERROR])
-    values[_EVENTS] = decode_events(values[_EVENTS])
-    return JobRecord(*values)
+    damage: list[str] = []
+    values[_REQUEST] = _decoded(_object, values[_REQUEST], "request", damage) or {}
+    values[_RESULT] = _decoded(_object, values[_RESULT], "result", damage) if with_result else None
+    values[_ERROR] = _decoded(_object, values[_ERROR], "error", damage)
+    values[_EVENTS] = _decoded(decode_events, values[_EVENTS], "webhook_events", damage)
+    if values[_BACKEND] is not None:
+        values[_BACKEND] = backend_name(values[_BACKEND])
+    record = JobRecord(*values)
+    return replace(record, damage="; ".join(damage)) if damage else record
+
+
+def _decoded(decode: Callable[[Any], Any], text: Any, name: str, damage: list[str]) -> Any:
+    """`decode(text)`, or None with the reason added to `damage`."""
+    try:
+        return decode(text)
+    except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        damage.append(f"the stored `{name}` cannot be read ({type(exc).__name__}: {exc})")
+        return None
 
 
 def job_state(row: AnyRow) -> JobState:
@@ -163,7 +186,9 @@ def claim_record(row: AnyRow, backend: str, *, more_queued: bool) -> Claim:
 
 
 def worker_record(row: AnyRow) -> WorkerRecord:
-    return WorkerRecord(row.id, row.started_at, row.heartbeat_at, list(json.loads(row.slots)))
+    """A heartbeat, its slots' backend names and errors shown without credentials."""
+    slots = scrub_all(list(json.loads(row.slots)))
+    return WorkerRecord(row.id, row.started_at, row.heartbeat_at, slots)
 
 
 def decode_events(text: str | None) -> list[str] | None:

@@ -13,6 +13,7 @@ from sqlalchemy import delete, insert, select, update
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import workers
 from a1111_proxy.jobs.records import WorkerRecord, worker_record
+from a1111_proxy.redaction import scrub_all
 
 FORGET_AFTER_SECONDS = 86400.0  # a worker silent this long is dropped from the table
 
@@ -23,9 +24,10 @@ class WorkerRegistry:
         self.clock = clock
 
     async def beat(self, worker_id: str, started_at: float, slots: list[dict[str, Any]]) -> None:
-        """Record that the worker is alive, and its slots as it describes them now."""
+        """Record that the worker is alive, and its slots as it describes them now (backend
+        names and errors without credentials)."""
         now = self.clock()
-        body = json.dumps(slots)
+        body = json.dumps(scrub_all(slots))
         async with self.db.writing() as conn:
             done = await conn.execute(
                 update(workers)

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
@@ -344,7 +343,7 @@ async def png_info(request: Request) -> Response:
     """Answered locally, exactly: the PNG's text chunks and its parsed infotext."""
     body = await read_json_object(request)
     try:  # off the event loop: a large PNG takes a while to walk
-        chunks = await anyio.to_thread.run_sync(_read_png_text, str(body.get("image") or ""))
+        chunks = await context.cpu(request).run(_read_png_text, str(body.get("image") or ""))
     except ValueError as exc:
         raise UnknownImage(str(exc)) from None
     info = chunks.pop("parameters", "")

@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
+from a1111_proxy.cpu_pool import CpuPool
 from a1111_proxy.errors import AdminOnly, CatalogueNotReady, InvalidRequest, JobNotFound
 from a1111_proxy.jobs import JobRecord, JobRepository
 from a1111_proxy.middleware import Caller
@@ -39,6 +40,7 @@ class State(TypedDict):
     waiter: JobWaiter
     backends: BackendWatch
     schema_head: str
+    cpu: CpuPool
 
 
 class RequestState(State, total=False):
@@ -75,6 +77,11 @@ def backends(request: Request) -> BackendWatch:
 
 def schema_head(request: Request) -> str:
     return request_state(request)["schema_head"]
+
+
+def cpu(request: Request) -> CpuPool:
+    """The process's bounded pool for heavy work on what requests carry (cpu_pool.py)."""
+    return request_state(request)["cpu"]
 
 
 def caller(request: Request) -> Caller:

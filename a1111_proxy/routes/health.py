@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from a1111_proxy import metrics as prometheus
 from a1111_proxy.migrate import current_revision
+from a1111_proxy.redaction import scrub
 from a1111_proxy.routes import context
 
 
@@ -25,7 +26,7 @@ async def health(request: Request) -> Response:
         workers = await repo.live_workers(stale_after)
         report["queue"] = await repo.counts()
     except Exception as exc:
-        report["database"] = f"unreachable: {type(exc).__name__}: {exc}"
+        report["database"] = scrub(f"unreachable: {type(exc).__name__}: {exc}")
         problems.append("the database does not answer")
         workers = []
     now = time.time()
@@ -87,7 +88,8 @@ async def ready(request: Request) -> Response:
         revision = await current_revision(context.repo(request).db)
     except Exception as exc:
         return JSONResponse(
-            {"ready": False, "reason": f"database unreachable: {type(exc).__name__}: {exc}"}, 503
+            {"ready": False, "reason": scrub(f"database unreachable: {type(exc).__name__}: {exc}")},
+            503,
         )
     if revision != head:
         return JSONResponse(

@@ -9,7 +9,6 @@ import json
 import logging
 from typing import Any
 
-import anyio.to_thread
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -227,10 +226,15 @@ async def _fail_fast(request: Request, job_id: str, headers: dict[str, str]) -> 
 
 def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Response:
     """A finished job as A1111's own response: its body on success, its refusal (status and
-    body) when A1111 refused the job, our error in A1111's shape otherwise."""
-    if row.result is not None and row.status in ("completed", "canceled"):
-        return JSONResponse(render_job(row, images)["result"], headers=headers)
-    error = row.error or {"code": "canceled", "message": "canceled"}
+    body) when A1111 refused the job, our error in A1111's shape otherwise (as the job view
+    shows them: credentials left out)."""
+    view = render_job(row, images)
+    if view.get("render_error"):
+        message = f"Job {row.id} ended {row.status}, but {view['render_error']}."
+        view["error"] = {"code": "internal_error", "message": message}
+    elif view["result"] is not None and row.status in ("completed", "canceled"):
+        return JSONResponse(view["result"], headers=headers)
+    error = view["error"] or {"code": "canceled", "message": "canceled"}
     code = error.get("code", "")
     status = ERROR_STATUS.get(code, 500)
     if code == "backend_rejected" and error.get("backend_status"):
@@ -298,12 +302,17 @@ def validate_submission(
 
 
 async def check_input_images(request: Request, kind: str, body: dict[str, Any]) -> list[Resized]:
-    """Check the body's images from their headers (and, opt-in, resize the large ones), off the
-    event loop; return the images that were resized."""
+    """Check the body's images from their headers, each and all together (and, opt-in, resize
+    the large ones), on the process's CpuPool; return the images that were resized."""
     if kind == "txt2img" and not body.get("alwayson_scripts"):
         return []
     settings = context.settings(request)
-    rules = ImageRules(settings.image_max_pixels, settings.image_max_side, settings.image_urls)
+    rules = ImageRules(
+        settings.image_max_pixels,
+        settings.image_max_side,
+        settings.image_urls,
+        settings.request_max_pixels,
+    )
     problems = []
     if rules.allow_urls:
         fetch = functools.partial(
@@ -312,7 +321,7 @@ async def check_input_images(request: Request, kind: str, body: dict[str, Any]) 
             ca_bundle=settings.webhook_ca_bundle,
         )
         problems = await fetch_image_urls(kind, body, fetch, settings.max_body_bytes)
-    checked = await anyio.to_thread.run_sync(check_images, kind, body, rules)
+    checked = await context.cpu(request).run(check_images, kind, body, rules)
     problems += checked.problems
     if problems:
         raise InvalidRequest(

@@ -107,6 +107,7 @@ class Received:
     path: str
     body: Any
     at: float
+    authorization: str | None = None  # the request's Authorization header
 
 
 class FakeA1111:
@@ -290,7 +291,8 @@ class FakeA1111:
     async def _generate(self, request: Request) -> Response:
         kind = request.url.path.rsplit("/", 1)[-1]
         body = await request.json()
-        self.received.append(Received(request.url.path, body, time.time()))
+        auth = request.headers.get("authorization")
+        self.received.append(Received(request.url.path, body, time.time(), auth))
         action, arg = self._plan.pop(0) if self._plan else ("ok", None)
         if action == "fail":
             return _failure(*arg)

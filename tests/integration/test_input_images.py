@@ -9,19 +9,22 @@ import io
 import json
 import sqlite3
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from a1111_proxy.app import create_app
 from a1111_proxy.jobs import JobRepository
 from tests.fakes.a1111 import FakeA1111
 from tests.integration.test_worker import a1111 as a1111_backend
 from tests.integration.test_worker import make_worker
-from tests.servers import serve
+from tests.servers import ASYNC, serve
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **options: Any) -> str:
@@ -136,8 +139,9 @@ def test_a_header_claiming_more_pixels_than_the_guard_is_refused_without_decodin
 
 
 def test_an_image_over_pillows_own_bomb_limit_but_within_the_guard_is_accepted(
-    api: httpx.Client, sqlite_url: str
+    make_api: Any, sqlite_url: str
 ) -> None:
+    api = make_api(request_max_pixels=16384 * 16384)  # the request's budget is 4096 x 4096 x 4
     out = io.BytesIO()
     Image.new("1", (16384, 12000)).save(out, format="PNG")  # 197 MP: Pillow refuses > 179 MP
     image = base64.b64encode(out.getvalue()).decode()
@@ -194,6 +198,92 @@ def test_without_the_opt_in_a_job_shows_no_resize(api: httpx.Client) -> None:
     response = api.post("/sdapi/v1/img2img", json={"init_images": [big_png((3000, 1000))]})
     assert response.status_code == 202
     assert api.get(response.headers["location"]).json()["input_images_resized"] == []
+
+
+# --- one request's pixel budget, and the pool the work runs on ------------------------------
+
+
+def test_images_together_over_the_requests_pixel_budget_are_refused_naming_the_one_over(
+    api: httpx.Client,
+) -> None:
+    """The default budget, 4 x 4096 x 4096 pixels: four such images pass, a fifth is refused."""
+    four = [png_header_only(4096, 4096) for _ in range(4)]
+    assert api.post("/sdapi/v1/img2img", json={"init_images": four}).status_code == 202
+    response = api.post(
+        "/sdapi/v1/img2img", json={"init_images": four, "mask": png_header_only(64, 64)}
+    )
+    assert response.status_code == 422
+    [issue] = response.json()["detail"]
+    assert issue["loc"] == ["body", "mask"]
+    assert "with mask (64x64) this request's images come to 67112960 pixels" in issue["msg"]
+    assert "67108864" in issue["msg"] and "A1111_PROXY_REQUEST_MAX_PIXELS" in issue["msg"]
+
+
+def test_a_request_over_its_budget_is_refused_before_any_image_is_decoded(make_api: Any) -> None:
+    """Header-only images cannot be decoded: had the resize started, it would say so."""
+    api = make_api(request_max_pixels=4 * 1000 * 1000, image_max_side=512)
+    images = [png_header_only(1000, 1000) for _ in range(6)]
+    response = api.post("/sdapi/v1/img2img", json={"init_images": images})
+    assert response.status_code == 422
+    [issue] = response.json()["detail"]
+    assert issue["loc"] == ["body", "init_images", 4]
+    assert issue["msg"].startswith("with init_images[4] (1000x1000) this request's images come")
+    raised = make_api(request_max_pixels=6 * 1000 * 1000)
+    assert raised.post("/sdapi/v1/img2img", json={"init_images": images}).status_code == 202
+
+
+class GatedCpu:
+    """The API's CpuPool with a gate: work, on the pool's thread, waits until the test opens
+    it. Records what ran there, and on which thread."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.ran: list[tuple[str, str]] = []
+
+    def wrap(self, app: Any) -> Any:
+        async def gated_app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                scope = {**scope, "state": {**scope["state"], "cpu": self.bind(scope["state"])}}
+            await app(scope, receive, send)
+
+        return gated_app
+
+    def bind(self, state: dict[str, Any]) -> Any:
+        gate, pool = self, state["cpu"]
+
+        class Bound:
+            async def run(self, function: Any, *args: Any) -> Any:
+                def gated() -> Any:
+                    gate.entered.set()
+                    assert gate.opened.wait(30), "the test never opened the gate"
+                    gate.ran.append((function.__name__, threading.current_thread().name))
+                    return function(*args)
+
+                return await pool.run(gated)
+
+        return Bound()
+
+
+def test_the_api_answers_while_a_requests_images_are_decoded_and_resized(
+    sqlite_url: str, settings_for: Any
+) -> None:
+    gate = GatedCpu()
+    settings = settings_for(database_url=sqlite_url, image_max_side=512)
+    body = {"init_images": [big_png((2048, 2048)) for _ in range(4)]}
+    with serve(gate.wrap(create_app(settings))) as url, ThreadPoolExecutor(1) as client:
+        heavy = client.submit(httpx.post, f"{url}/sdapi/v1/img2img", json=body, headers=ASYNC)
+        assert gate.entered.wait(30)  # its images are on the pool
+        ready = httpx.get(f"{url}/ready")
+        assert ready.status_code == 200 and not heavy.done()
+        gate.opened.set()
+        response = heavy.result(timeout=60)
+        info = httpx.post(f"{url}/sdapi/v1/png-info", json={"image": big_png((64, 64))})
+    assert response.status_code == 202, response.text
+    assert len(response.json()["input_images_resized"]) == 4
+    assert info.status_code == 200
+    assert [name for name, _ in gate.ran] == ["check_images", "_read_png_text"]
+    assert all(thread.startswith("cpu-pool") for _, thread in gate.ran)
 
 
 # --- end to end: the bytes A1111 receives ---------------------------------------------------

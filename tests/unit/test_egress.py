@@ -16,6 +16,7 @@ from a1111_proxy.egress import (
     Answer,
     Blocked,
     address_allowed,
+    fetch,
     make_client,
     parse_retry_after,
     pin,
@@ -129,6 +130,33 @@ async def test_a_blocked_receiver_is_reported_without_sending_anything() -> None
             client, "http://169.254.169.254/latest/meta-data", b"{}", {}, allow_private=False
         )
     assert answer.blocked and answer.status_code is None and "169.254.169.254" in answer.error
+
+
+async def test_a_refusal_names_the_host_and_the_setting_but_never_what_it_resolved_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller learns that the host is internal, not what DNS answered for it (the guard is
+    no oracle for internal names); the log keeps the addresses."""
+
+    async def internal(host: str, port: int) -> list[str]:
+        return ["10.20.30.40", "fd00::7"]
+
+    async def refuse(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing may be sent")
+
+    url = "http://build-server.corp.example/hook"
+    with caplog.at_level("WARNING", "a1111_proxy.egress"):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+            answer = await post(client, url, b"{}", {}, allow_private=False, resolve=internal)
+        with pytest.raises(ValueError) as fetched:
+            await fetch(url, allow_private=False, max_bytes=1024, resolve=internal)
+    for shown in (answer.error or "", str(fetched.value)):
+        assert "build-server.corp.example is refused" in shown
+        assert "private" in shown and "A1111_PROXY_WEBHOOK_ALLOW_PRIVATE=true" in shown
+        assert "10.20.30.40" not in shown and "fd00::7" not in shown
+    assert answer.blocked and answer.address is None
+    logged = [record.getMessage() for record in caplog.records]
+    assert len(logged) == 2 and all("10.20.30.40, fd00::7" in line for line in logged)
 
 
 def test_retry_after_is_read_as_seconds_or_as_a_date() -> None:

@@ -64,3 +64,23 @@ def test_a_terminal_gets_plain_text_naming_the_job(root_logging: None) -> None:
     assert " INFO a1111_proxy.worker: waiting [job job-7]" in line
     with pytest.raises(ValueError):
         json.loads(line)
+
+
+def test_no_line_shows_a_urls_user_name_and_password(root_logging: None) -> None:
+    """httpx logs each request's URL (A1111_URLS may carry `user:password@`); a message, an
+    exception and an `extra` field are written without them, the host still named."""
+    out = io.StringIO()
+    logs.configure("debug", "json", out)
+    logging.getLogger("httpx").setLevel(logging.NOTSET)  # another test's configure quietened it
+    url = "http://sd-user:pw-secret-0042@127.0.0.1:7860"
+    logging.getLogger("httpx").info('HTTP Request: %s %s "%s"', "POST", f"{url}/x", "200 OK")
+    try:
+        raise ConnectionError(f"cannot reach {url}")
+    except ConnectionError:
+        logging.getLogger("a1111_proxy.worker").exception("failed", extra={"backend": url})
+    text = out.getvalue()
+    assert "pw-secret-0042" not in text and "sd-user" not in text
+    first, second = (json.loads(line) for line in text.splitlines())
+    assert first["message"] == 'HTTP Request: POST http://127.0.0.1:7860/x "200 OK"'
+    assert "cannot reach http://127.0.0.1:7860" in second["exception"]
+    assert second["backend"] == "http://127.0.0.1:7860"
