@@ -43,8 +43,9 @@ def of_owner(owner: str, job_id: str | None) -> list[ColumnElement[bool]]:
 
 def in_status(status: str) -> ColumnElement[bool]:
     """WHERE term `status = '<status>'` with the value written into the SQL, not bound: a
-    partial index on that status (ix_jobs_queue) can then serve the query on SQLite, and in
-    PostgreSQL's generic plans of a prepared statement; a bound value hides it from both."""
+    partial index on that status (ix_jobs_queue) can then serve the query in PostgreSQL's
+    generic plan of a prepared statement (asyncpg prepares them), which a bound value hides
+    it from."""
     assert status in STATUSES
     return jobs.c.status == literal_column(f"'{status}'")
 

@@ -15,8 +15,8 @@ lost lease) keeps its turn, and so its place; the running jobs' turns carry the 
 moment when the queue is empty, so that a retried job is not put behind newcomers numbered from
 0 again. The queue view (reads.py) shows this same order.
 
-It is computed in the INSERT (scalar subqueries over ix_jobs_owner_turns and ix_jobs_queue, each
-reading one index entry): no statement more per submit. Jobs of one owner in one grouped commit
+It is computed in the INSERT (scalar subqueries that read one entry of ix_jobs_owner_turns or
+ix_jobs_queue, or the few running jobs): no statement more per submit. Jobs of one owner in one grouped commit
 (intake.py) follow on from each other by their `turn_offset`. Two submits of one owner committed
 at the same moment by two API processes on PostgreSQL can take the same turn (each reads before
 the other commits): that owner then gets two jobs in one turn, once; no job is lost or held back.
