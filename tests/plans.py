@@ -55,4 +55,6 @@ def _sql_literal(value: Any) -> str:
         return "NULL"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list):
+        return "ARRAY[" + ", ".join(_sql_literal(item) for item in value) + "]"
     return repr(value)

@@ -22,13 +22,10 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_payloads, jobs
 from a1111_proxy.errors import IdempotencyKeyReused
 from a1111_proxy.jobs.records import GENERATIONS, JOB_COLUMNS, AnyRow, JobRecord, job_record
-from a1111_proxy.jobs.turns import next_turn, turn_values
+from a1111_proxy.jobs.turns import assign_turns
 from a1111_proxy.wakeup import notify
 
 BATCH = 256  # jobs committed in one transaction at most
-
-# Each job takes its turn among its priority's queued jobs (turns.py) in the INSERT itself.
-_INSERT = insert(jobs).values(turn=next_turn()).returning(*JOB_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -103,11 +100,8 @@ class JobIntake:
                 for row in rows:
                     if row["checkpoint"] is None and row["type"] in GENERATIONS:
                         row["checkpoint"] = default
-            inserted = (
-                await conn.execute(
-                    _INSERT, [row | turn for row, turn in zip(rows, turn_values(rows), strict=True)]
-                )
-            ).all()
+            await assign_turns(conn, rows)
+            inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
             by_id = {row.id: row for row in inserted}
             await conn.execute(
                 insert(job_payloads),

@@ -15,79 +15,100 @@ lost lease) keeps its turn, and so its place; the running jobs' turns carry the 
 moment when the queue is empty, so that a retried job is not put behind newcomers numbered from
 0 again. The queue view (reads.py) shows this same order.
 
-It is computed in the INSERT (scalar subqueries that read one entry of ix_jobs_owner_turns or
-ix_jobs_queue, or the few running jobs): no statement more per submit. Jobs of one owner in one grouped commit
-(intake.py) follow on from each other by their `turn_offset`. Two submits of one owner committed
-at the same moment by two API processes on PostgreSQL can take the same turn (each reads before
-the other commits): that owner then gets two jobs in one turn, once; no job is lost or held back.
-Jobs without an owner (only from code that gives none; those stored before owners were recorded
-were numbered by the migration) take the queue's current turn, in the order they came.
+Jobs stored together (a grouped commit, intake.py) read the next turn of each owner and priority
+among them in one small statement before their INSERT; each owner's jobs then follow on from
+each other. The groups travel as one array (PostgreSQL's unnest, SQLite's json_each), so the
+statement is the same whatever their number: prepared and planned once. Each group reads one
+index entry (ix_jobs_owner_turns, ix_jobs_queue; the running jobs only when nothing is queued
+at its priority). Written as subqueries in the INSERT (per row), or as one column per group,
+it cost PostgreSQL about a millisecond of planning per row or group of each new shape.
+Two submits of one owner committed at the same moment by two API processes on PostgreSQL can
+take the same turn (each reads before the other commits): that owner then gets two jobs in one
+turn, once; no job is lost or held back. Jobs without an owner (stored by code that gives none,
+or before owners were recorded: the migration numbered those) count as one owner.
 A job's priority never changes once it is queued; a change would have to give it a new turn.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
+    ARRAY,
     ColumnElement,
     Integer,
+    Select,
     String,
+    and_,
     bindparam,
     func,
-    literal_column,
     select,
 )
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.tables import jobs
 from a1111_proxy.jobs.clauses import in_status
 
-# The bound values of next_turn(), in each inserted row beside its columns.
-OWNER, PRIORITY, OFFSET = "turn_owner", "turn_priority", "turn_offset"
+Group = tuple[str | None, int]  # (owner, priority)
 
 
-def next_turn() -> ColumnElement[int]:
-    """The turn of a job being inserted (an INSERT's value for `turn`); each row binds OWNER,
-    PRIORITY and OFFSET (turn_values), each once (a derived row, `arriving`, holds them)."""
-    new = select(
-        bindparam(OWNER, type_=String).label("owner"),
-        bindparam(PRIORITY, type_=Integer).label("priority"),
-        bindparam(OFFSET, type_=Integer).label("n"),
-    ).subquery("arriving")
-    one, zero = literal_column("1", BigInteger), literal_column("0", BigInteger)
-    turn = func.coalesce(
-        _turn(func.max, "queued", new.c.priority, new.c.owner) + one,
-        _turn(func.min, "queued", new.c.priority),
-        _turn(func.max, "processing", new.c.priority),
-        zero,
-        type_=BigInteger,
-    )
-    return select(turn + new.c.n).select_from(new).scalar_subquery()
-
-
-def _turn(aggregate: Any, status: str, priority: Any, owner: Any = None) -> ColumnElement[int]:
-    """One index entry: the lowest or highest turn of jobs in `status` at `priority` (of
-    `owner`)."""
-    terms = [in_status(status), jobs.c.priority == priority]
-    if owner is not None:
-        terms.append(jobs.c.owner == owner)
-    return select(aggregate(jobs.c.turn)).where(*terms).scalar_subquery()
-
-
-def turn_values(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What next_turn() binds, for rows inserted in one statement, in their order: each owner's
-    jobs of a priority follow on from one another (OFFSET 0, 1, 2...). Rows without an owner
-    all take offset 0 (the queue's current turn, ties in the order they came)."""
-    seen: Counter[tuple[str, int]] = Counter()
-    values = []
+async def assign_turns(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Give each row its `turn` (rows about to be inserted together, in their order)."""
+    groups = list(dict.fromkeys((row["owner"], row["priority"]) for row in rows))
+    query, params = _lookup(conn.dialect.name, groups)
+    firsts = dict(zip(groups, (await conn.execute(query, params)).scalars(), strict=True))
+    taken: Counter[Group] = Counter()
     for row in rows:
-        owner, priority = row["owner"], row["priority"]
-        offset = 0
-        if owner is not None:
-            offset = seen[(owner, priority)]
-            seen[(owner, priority)] += 1
-        values.append({OWNER: owner, PRIORITY: priority, OFFSET: offset})
-    return values
+        group = (row["owner"], row["priority"])
+        row["turn"] = firsts[group] + taken[group]
+        taken[group] += 1
+
+
+def _lookup(dialect: str, groups: list[Group]) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement for this database, and the groups as it binds them (as one array)."""
+    if dialect == "sqlite":
+        return _SQLITE, {"groups": json.dumps(groups)}
+    return _POSTGRESQL, {"owners": [o for o, _ in groups], "priorities": [p for _, p in groups]}
+
+
+def _next_turns(owner: Any, priority: Any, n: Any) -> Select[Any]:
+    """The next turn of each group (owner, priority; n its order) of a table-valued function."""
+    named = _turn(func.max, "queued", priority, jobs.c.owner == owner)
+    ownerless = _turn(func.max, "queued", priority, and_(owner.is_(None), jobs.c.owner.is_(None)))
+    turn = func.coalesce(
+        func.coalesce(named, ownerless) + 1,
+        _turn(func.min, "queued", priority),
+        _turn(func.max, "processing", priority),
+        0,
+    )
+    return select(turn).order_by(n)
+
+
+def _turn(aggregate: Any, status: str, priority: Any, *terms: Any) -> ColumnElement[int]:
+    """One index entry: the lowest or highest turn of jobs in `status` at `priority`."""
+    query = select(aggregate(jobs.c.turn)).where(in_status(status), jobs.c.priority == priority)
+    return query.where(*terms).scalar_subquery()
+
+
+def _postgresql() -> Select[Any]:
+    groups = (
+        func.unnest(
+            bindparam("owners", type_=ARRAY(String)), bindparam("priorities", type_=ARRAY(Integer))
+        )
+        .table_valued("owner", "priority", with_ordinality="n")
+        .render_derived(name="g")
+    )
+    return _next_turns(groups.c.owner, groups.c.priority, groups.c.n).select_from(groups)
+
+
+def _sqlite() -> Select[Any]:
+    groups = func.json_each(bindparam("groups", type_=String)).table_valued("key", "value")
+    group = groups.alias("g")
+    owner, priority = (func.json_extract(group.c.value, f"$[{i}]") for i in (0, 1))
+    return _next_turns(owner, priority, group.c.key).select_from(group)
+
+
+_POSTGRESQL, _SQLITE = _postgresql(), _sqlite()
