@@ -132,7 +132,9 @@ async def test_a_job_back_in_an_emptied_queue_is_not_put_behind_newcomers(
     assert claimed == [last.id, *newcomers]
 
 
-async def test_jobs_without_an_owner_count_as_one_owner_and_keep_their_order(repo: JobRepository) -> None:
+async def test_jobs_without_an_owner_count_as_one_owner_and_keep_their_order(
+    repo: JobRepository,
+) -> None:
     ids = list(await asyncio.gather(*(submit_one(repo, None) for _ in range(3))))
     ids += [await submit_one(repo, None) for _ in range(3)]
     claimed = await claim_all(repo)
