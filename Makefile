@@ -49,5 +49,10 @@ docs: $(BIN)/.installed
 bench: $(BIN)/.installed-test
 	$(BIN)/python bench/load.py
 
+# Submits per second through the whole stack (API, worker, fake A1111) with Debian's wrk.
+.PHONY: bench-submit
+bench-submit: $(BIN)/.installed-test
+	$(BIN)/python bench/submit.py
+
 clean:
 	rm -rf $(VENV) *.egg-info

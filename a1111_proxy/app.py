@@ -13,7 +13,7 @@ from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.db.engine import Database
 from a1111_proxy.errors import EXCEPTION_HANDLERS
-from a1111_proxy.jobs import JobRepository
+from a1111_proxy.jobs import JobRepository, TenantLimits
 from a1111_proxy.middleware import BodyLimit, TokenAuth
 from a1111_proxy.migrate import head_revision
 from a1111_proxy.model_info import ModelInfoStore
@@ -37,6 +37,7 @@ def make_lifespan(
             max_attempts=settings.max_attempts,
             lease_seconds=settings.lease_seconds,
             catalogue=catalogue,
+            limits=TenantLimits(settings.tenant_max_queued, settings.tenant_submits_per_minute),
         )
         # One wakeup source per process, shared by wait mode and every event stream.
         wakeup = make_wakeup(
@@ -83,7 +84,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=ROUTES,
         middleware=[
             *_cors(settings),
-            Middleware(TokenAuth, tokens=settings.tenants()),
+            Middleware(TokenAuth, tokens=settings.credentials()),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -44,11 +44,30 @@ ENTRIES: tuple[str, ...] = (
 )
 
 DEFAULT_CHECKPOINT = "default_checkpoint"
+# POST /options by a tenant (not an admin): its own default checkpoint and options, applied to
+# its jobs at submit, {"checkpoint": title or None, "options": {...}}; the key ends with its name.
+TENANT_OPTIONS = "tenant_options:"
 PENDING_OPTIONS = "pending_options"  # {"version": n, "options": {...}}
 REFRESH_REQUESTED = "refresh_requested"  # {"at": unix seconds, "what": [...]}
 # POST /sdapi/v1/unload-checkpoint and reload-checkpoint: the state every backend is asked to
 # reach between its jobs, {"version": n, "loaded": bool, "at": unix seconds}; the latest wins.
 CHECKPOINT_REQUEST = "checkpoint_request"
+
+
+@dataclass(frozen=True)
+class SubmitDefaults:
+    """What POST /options set for the jobs about to be stored: the default checkpoint, and each
+    tenant's own (which wins for its jobs) with its options."""
+
+    checkpoint: str | None
+    tenants: dict[str, dict[str, Any]]
+
+    def checkpoint_for(self, owner: str | None) -> str | None:
+        own = self.tenants.get(owner or "", {}).get("checkpoint")
+        return own or self.checkpoint
+
+    def options_for(self, owner: str | None) -> dict[str, Any]:
+        return dict(self.tenants.get(owner or "", {}).get("options") or {})
 
 
 @dataclass(frozen=True)
@@ -104,12 +123,35 @@ class CatalogueStore:
             ).scalar_one_or_none()
         return None if value is None else json.loads(value)
 
-    async def default_checkpoint_in(self, conn: AsyncConnection) -> str | None:
-        """The default checkpoint (POST /options), read in the caller's transaction: a job
-        submitted in it takes the default set before it was stored."""
-        query = select(controls.c.value).where(controls.c.key == DEFAULT_CHECKPOINT)
-        value = (await conn.execute(query)).scalar_one_or_none()
-        return json.loads(value) if value else None
+    async def submit_defaults_in(self, conn: AsyncConnection, owners: set[str]) -> SubmitDefaults:
+        """The defaults POST /options set (globally, and by these tenants), read in the
+        caller's transaction: a job submitted in it takes what was set before it was stored."""
+        keys = [DEFAULT_CHECKPOINT, *(TENANT_OPTIONS + owner for owner in owners)]
+        query = select(controls.c.key, controls.c.value).where(controls.c.key.in_(keys))
+        found = {key: json.loads(value) for key, value in (await conn.execute(query)).all()}
+        return SubmitDefaults(
+            found.get(DEFAULT_CHECKPOINT) or None,
+            {
+                key.removeprefix(TENANT_OPTIONS): value
+                for key, value in found.items()
+                if key.startswith(TENANT_OPTIONS)
+            },
+        )
+
+    async def tenant_options(self, tenant: str) -> dict[str, Any]:
+        """What `tenant` set with POST /options: {"checkpoint": ..., "options": {...}}."""
+        return dict(await self.get_control(TENANT_OPTIONS + tenant) or {})
+
+    async def set_tenant_options(
+        self, tenant: str, options: dict[str, Any], checkpoint: str | None
+    ) -> None:
+        """Merge `options` (and the checkpoint, when given) into what `tenant` set before."""
+        current = await self.tenant_options(tenant)
+        merged = {
+            "checkpoint": checkpoint or current.get("checkpoint"),
+            "options": {**(current.get("options") or {}), **options},
+        }
+        await self.set_control(TENANT_OPTIONS + tenant, merged)
 
     async def set_control(self, key: str, value: Any) -> None:
         await self._upsert(

@@ -8,8 +8,6 @@ import gc
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from a1111_proxy import logs
+from a1111_proxy.db.check import DatabaseProblem, check_database
 from a1111_proxy.settings import Settings
+from a1111_proxy.supervise import CONFIG_ERROR, Child, Supervisor
 
 log = logging.getLogger("a1111_proxy")
 PARAMETER_LOGGERS = logs.PARAMETER_LOGGERS
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings(**_overrides(args))
     except ValidationError as exc:
         print(f"a1111-proxy: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     _configure_logging(settings)
     handler = {
         "serve": serve_api,
@@ -50,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "up": up_all,
         "openapi": print_openapi,
     }[args.command]
-    return handler(settings)
+    try:
+        return handler(settings)
+    except DatabaseProblem as problem:
+        print(f"a1111-proxy: {problem}", file=sys.stderr)
+        return CONFIG_ERROR if problem.lasting else 1
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,6 +63,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _configure_logging(settings: Settings) -> None:
     logs.configure(settings.log_level, settings.log_format)
+
+
+def require_database(settings: Settings) -> None:
+    """Raise DatabaseProblem unless the database can be reached and written."""
+    asyncio.run(check_database(settings.database_url))
 
 
 def tune_gc() -> None:
@@ -76,7 +85,8 @@ def serve_api(settings: Settings) -> int:
 
     if problem := settings.auth_problem():
         print(f"a1111-proxy: refusing to start: {problem}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
+    require_database(settings)
     app = create_app(settings)
     tune_gc()
     uvicorn.run(
@@ -94,6 +104,7 @@ def serve_api(settings: Settings) -> int:
 def run_worker(settings: Settings) -> int:
     from worker.main import run
 
+    require_database(settings)
     tune_gc()
     return asyncio.run(run(settings))
 
@@ -101,6 +112,7 @@ def run_worker(settings: Settings) -> int:
 def migrate(settings: Settings) -> int:
     from a1111_proxy.migrate import upgrade
 
+    require_database(settings)
     upgrade(settings.database_url)
     log.info("database schema is up to date")
     return 0
@@ -114,36 +126,19 @@ def print_openapi(settings: Settings) -> int:
 
 
 def up_all(settings: Settings) -> int:
-    """Migrate, then run `serve` and `worker` as two processes; Ctrl-C stops both."""
+    """Migrate, then run `serve` and `worker` as two supervised processes (restarted when they
+    die); SIGINT or SIGTERM stops both, then `up` exits 0."""
     if problem := settings.auth_problem():
         print(f"a1111-proxy: refusing to start: {problem}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     migrate(settings)
     env = {**os.environ, "A1111_PROXY_HOST": settings.host, "A1111_PROXY_PORT": str(settings.port)}
     me = [sys.executable, "-m", "a1111_proxy"]
-    # Own sessions: a terminal's Ctrl-C reaches only us, and we forward it exactly once.
-    children = [
-        subprocess.Popen([*me, command], env=env, start_new_session=True)
-        for command in ("serve", "worker")
-    ]
+    children = [Child(command, [*me, command], env) for command in ("serve", "worker")]
     print(
         f"a1111-proxy: API on http://{settings.host}:{settings.port} (docs at /doc), worker "
         f"on {', '.join(settings.a1111_urls)}; Ctrl-C stops both",
         file=sys.stderr,
     )
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    while all(child.poll() is None for child in children):
-        try:
-            children[0].wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
-    forward(signal.SIGTERM, None)
-    codes = [child.wait() for child in children]
-    return max(abs(code) for code in codes if code is not None)
+    # Long enough for the worker to finish its jobs (then release them) and the API its requests.
+    return Supervisor(children, stop_timeout=settings.shutdown_grace_seconds + 15).run()

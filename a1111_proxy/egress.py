@@ -8,6 +8,9 @@ the request. `ipaddress.is_global` alone is not enough (it calls NAT64- and 6to4
 loopback, 192.0.0.8 and multicast global), hence the explicit blocklist, applied after unwrapping
 IPv4-mapped addresses.
 
+Certificates are checked against the public CAs (certifi's, as httpx does), plus those of
+WEBHOOK_CA_BUNDLE when set (receivers with certificates from a private CA).
+
 Redirects are never followed; answers are read up to 64 KiB; one attempt takes at most 15 s.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from email.utils import parsedate_to_datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Any
 
+import certifi
 import httpx
 
 from a1111_proxy import __version__
@@ -70,6 +75,10 @@ BLOCKED_NETWORKS = tuple(
 )
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+# OpenSSL's verify codes for a certificate whose CA is not trusted: the issuer cannot be found
+# (2, 20), or the chain ends in a self-signed certificate (18, 19).
+UNKNOWN_ISSUER = frozenset({2, 18, 19, 20})
 
 
 class Blocked(Exception):
@@ -165,16 +174,49 @@ class Answer:
     address: str | None = None
 
 
-def make_client() -> httpx.AsyncClient:
+def make_client(ca_bundle: str = "") -> httpx.AsyncClient:
     """One client per sender. No keep-alive: a pooled connection is keyed by IP, and must not be
-    reused for another host name (its TLS certificate was checked for the first one)."""
+    reused for another host name (its TLS certificate was checked for the first one).
+    `ca_bundle`: a PEM file of CA certificates trusted besides the public ones."""
     return httpx.AsyncClient(
+        verify=tls_context(ca_bundle),
         timeout=httpx.Timeout(TOTAL_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
         limits=httpx.Limits(max_keepalive_connections=0),
         follow_redirects=False,
         trust_env=False,
         headers={"User-Agent": f"a1111-proxy/{__version__}"},
     )
+
+
+def tls_context(ca_bundle: str = "") -> ssl.SSLContext:
+    """Certificate checks against the public CAs, and those in `ca_bundle` when given. Raises
+    ValueError naming the file when it cannot be read."""
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_bundle:
+        try:
+            context.load_verify_locations(cafile=ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"A1111_PROXY_WEBHOOK_CA_BUNDLE: cannot load CA certificates from {ca_bundle} "
+                f"({exc}); it must be a PEM file of one or more certificates"
+            ) from None
+    return context
+
+
+def certificate_refused(exc: BaseException, host: str) -> str | None:
+    """What an attempt's log says when the receiver's certificate failed the check (its name,
+    its CA or its dates); None for other errors."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    reason = str(cause.verify_message or cause).rstrip(".")
+    message = f"tls: the certificate of {host} was refused ({reason})"
+    if cause.verify_code in UNKNOWN_ISSUER:
+        message += "; a receiver whose certificate comes from a private CA needs that CA in "
+        message += "A1111_PROXY_WEBHOOK_CA_BUNDLE"
+    return message
 
 
 async def post(
@@ -208,7 +250,8 @@ async def post(
     except httpx.ConnectTimeout:
         return answer(error=f"timeout: could not connect within {CONNECT_TIMEOUT_SECONDS:g} s")
     except httpx.HTTPError as exc:
-        return answer(error=f"{type(exc).__name__}: {exc or 'connection failed'}")
+        refused = certificate_refused(exc, httpx.URL(url).host)
+        return answer(error=refused or f"{type(exc).__name__}: {exc or 'connection failed'}")
     return answer(status_code=status, body=text, retry_after=retry_after)
 
 
@@ -238,14 +281,19 @@ async def _post_first(
 
 
 async def fetch(
-    url: str, *, allow_private: bool, max_bytes: int, resolve: Resolver = system_resolve
+    url: str,
+    *,
+    allow_private: bool,
+    max_bytes: int,
+    resolve: Resolver = system_resolve,
+    ca_bundle: str = "",
 ) -> bytes:
     """GET `url` through the guard (an input image a client gave by URL). Raises ValueError
     with a message for the client when it cannot be had."""
     if not url.startswith(("http://", "https://")):
         raise ValueError("only http(s) URLs can be fetched")
     try:
-        async with asyncio.timeout(TOTAL_TIMEOUT_SECONDS), make_client() as client:
+        async with asyncio.timeout(TOTAL_TIMEOUT_SECONDS), make_client(ca_bundle) as client:
             target = (await pin(url, allow_private=allow_private, resolve=resolve))[0]
             extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
             request = client.build_request(

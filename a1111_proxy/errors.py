@@ -8,6 +8,7 @@ stable `code`. The docstring of each class is its default message.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +72,24 @@ class NotAuthenticated(ProxyError):
 
     status_code = 401
     code = "not_authenticated"
+
+
+class AdminOnly(ProxyError):
+    """Only an admin token may do this: send one of A1111_PROXY_ADMIN_TOKENS."""
+
+    status_code = 403
+    code = "admin_only"
+
+
+class TenantLimitReached(ProxyError):
+    """This tenant has reached a limit set by the operator; try again after Retry-After seconds."""
+
+    status_code = 429
+    code = "tenant_limit"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 class InvalidRequest(ProxyError):
@@ -152,6 +171,8 @@ async def handle_proxy_error(request: Request, exc: Exception) -> Response:
         if exc.status_code == 401
         else None
     )
+    if isinstance(exc, TenantLimitReached):
+        headers = {"Retry-After": str(exc.retry_after)}
     return a1111_error(exc.status_code, "HTTPException", exc.message, exc.code, headers)
 
 

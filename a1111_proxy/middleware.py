@@ -1,4 +1,4 @@
-"""ASGI middleware: bearer/basic token auth and the request body limit."""
+"""ASGI middleware: bearer/basic token auth (who calls, in which role) and the body limit."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -13,9 +14,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from a1111_proxy.errors import BodyTooLarge, a1111_error
 
-# /metrics is not open: it names the backends and shows the load (Prometheus sends the token
-# with `authorization: {credentials: ...}` in its scrape config).
+# /metrics is not open: it names the backends and shows the load (Prometheus sends an admin
+# token with `authorization: {credentials: ...}` in its scrape config). /health answers anyone,
+# and shows its details only to an admin.
 OPEN_PATHS = ("/health", "/ready", "/doc", "/openapi.json")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls: `tenant` owns the jobs it submits (the token's name, or with tokens off the
+    client's address); an `admin` sees every tenant's jobs and changes what all share."""
+
+    tenant: str
+    admin: bool = False
 
 
 class TokenAuth:
@@ -23,30 +34,31 @@ class TokenAuth:
     clients configured for `--api-auth` work). Tokens are compared in constant time.
 
     Puts the caller on the request (`request.state.caller`, read with `routes.context.caller`):
-    the tenant the token names, or with tokens off the client's address. A1111's global routes
-    (/progress, /interrupt, /skip) act on that caller's jobs only."""
+    the tenant the token names and whether it is an admin token, or with tokens off the
+    client's address as an admin (a loopback-only server has one user). A1111's global routes
+    (/progress, /interrupt, /skip) act on that caller's jobs only. An open path takes a token
+    when one is presented (an admin's /health shows details) and no caller otherwise."""
 
-    def __init__(self, app: ASGIApp, tokens: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, app: ASGIApp, tokens: Iterable[tuple[str, str, bool]]) -> None:
         self.app = app
-        self.tokens = [(name, token.encode()) for name, token in tokens]
+        self.tokens = [(Caller(name, admin), token.encode()) for name, token, admin in tokens]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_open(scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if not self.tokens:
-            _set_caller(scope, _client_address(scope))
+            _set_caller(scope, Caller(_client_address(scope), admin=True))
             await self.app(scope, receive, send)
             return
         presented = _presented_token(Headers(scope=scope).get("authorization"))
-        if presented is None:
-            detail = "Not authenticated"
-        elif (tenant := self._tenant(presented)) is not None:
-            _set_caller(scope, tenant)
+        found = self._caller(presented) if presented is not None else None
+        if found is not None:
+            _set_caller(scope, found)
+        if found is not None or _is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        else:
-            detail = "Incorrect username or password"
+        detail = "Not authenticated" if presented is None else "Incorrect username or password"
         response = a1111_error(
             401,
             "HTTPException",
@@ -56,16 +68,16 @@ class TokenAuth:
         )
         await response(scope, receive, send)
 
-    def _tenant(self, presented: bytes) -> str | None:
+    def _caller(self, presented: bytes) -> Caller | None:
         # Compare against every token so the time taken does not tell which one matched.
         found = None
-        for name, token in self.tokens:
+        for who, token in self.tokens:
             if hmac.compare_digest(presented, token):
-                found = name
+                found = who
         return found
 
 
-def _set_caller(scope: Scope, who: str) -> None:
+def _set_caller(scope: Scope, who: Caller) -> None:
     scope.setdefault("state", {})["caller"] = who
 
 

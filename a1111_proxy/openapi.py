@@ -73,6 +73,7 @@ SUBMIT: dict[int | str, Any] = {
     200: s.A1111Result,
     202: s.Job,
     413: s.A1111Error,
+    429: s.A1111Error,
     422: "any",
     "default": "any",
 }
@@ -323,9 +324,9 @@ OPERATIONS: list[Op] = [
         Op(
             "post",
             f"/sdapi/v1/refresh-{what}",
-            f"Ask the backends to rescan {what}",
+            f"Ask the backends to rescan {what} (admins)",
             "a1111",
-            {200: "null"},
+            {200: "null", 403: s.A1111Error},
         )
         for what in ("checkpoints", "loras", "vae", "embeddings")
     ),
@@ -403,9 +404,9 @@ OPERATIONS: list[Op] = [
     Op(
         "get",
         "/metrics",
-        "Prometheus metrics (text exposition format 0.0.4)",
+        "Prometheus metrics (text exposition format 0.0.4; admins)",
         "operations",
-        {200: "text"},
+        {200: "text", 403: s.A1111Error},
         description="Jobs by status, queue depth and the oldest due job's age, claim latency "
         "and job duration (gauge histograms over the last METRICS_WINDOW_SECONDS), each "
         "backend's state (idle, busy, down), live workers, and webhook messages by event and "
@@ -534,6 +535,8 @@ def _response(code: int | str, kind: type[BaseModel] | str | None) -> dict[str, 
         202: "Accepted: the job",
         204: "Nothing more to send",
         401: "No or wrong token",
+        403: "Needs an admin token (ADMIN_TOKENS)",
+        429: "A tenant limit: retry after Retry-After seconds",
         404: "Not found",
         413: "Body too large",
         422: "Invalid request",

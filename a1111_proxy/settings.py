@@ -6,7 +6,7 @@ import hashlib
 import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -39,6 +39,25 @@ class Settings(BaseSettings):
         "tenant); empty disables auth, allowed only on a loopback HOST (`serve` refuses to start "
         "otherwise and says so)",
     )
+    admin_tokens: CommaList = Field(
+        [],
+        description="comma-separated, the same forms as API_TOKENS: tokens whose tenant is an "
+        "admin, who sees every tenant's jobs and webhooks and alone changes the options all "
+        "tenants share, refreshes catalogues and reads /metrics and the detailed /health",
+    )
+    tenant_max_queued: int = Field(
+        0,
+        ge=0,
+        description="the most queued jobs one tenant may have; a submit beyond it answers 429 "
+        "with Retry-After (0: no limit)",
+    )
+    tenant_submits_per_minute: int = Field(
+        0,
+        ge=0,
+        description="the most jobs one tenant may submit in any 60 seconds, counted in the "
+        "database across API processes; a submit beyond it answers 429 with Retry-After "
+        "(0: no limit)",
+    )
     backend: Literal["a1111", "diffusers", "fake"] = Field(
         "a1111",
         description="`a1111`: remote A1111 servers (A1111_URLS); `diffusers`: the "
@@ -50,7 +69,10 @@ class Settings(BaseSettings):
         description="comma-separated; each URL is one backend slot that runs one job at a time",
     )
     a1111_auth: SecretStr = Field(
-        SecretStr(""), description="`user:password` for an A1111 started with `--api-auth`"
+        SecretStr(""),
+        description="`user:password`, one of the pairs of an A1111 started with `--api-auth`; "
+        "without the right one that A1111 answers 401, and the worker keeps its jobs queued and "
+        "shows the backend `down` in /health, saying to set this",
     )
     models_dir: str = Field(
         "./models",
@@ -86,6 +108,13 @@ class Settings(BaseSettings):
         False,
         description="allow webhook URLs (and IMAGE_URLS) that resolve to loopback, "
         "private and other internal addresses (receivers on your own network)",
+    )
+    webhook_ca_bundle: str = Field(
+        "",
+        description="a PEM file of CA certificates to trust, besides the public CAs, for "
+        "https webhook URLs (and IMAGE_URLS): receivers whose certificates come from your own "
+        "CA; empty: the public CAs only. The certificate is always checked for the URL's host "
+        "name, also when private addresses are allowed",
     )
     webhook_images: Literal["base64", "url", "none"] = Field(
         "base64",
@@ -205,7 +234,8 @@ class Settings(BaseSettings):
         30.0,
         ge=0,
         description="after a cancel, how long A1111 may take to stop before the job "
-        "ends `canceled` anyway",
+        "ends `canceled` anyway, with nothing kept; its slot then takes the next job, which "
+        "that A1111 starts once the generation it did not stop has ended",
     )
     stall_seconds: float = Field(
         600.0,
@@ -306,27 +336,41 @@ class Settings(BaseSettings):
             return words.get(value.strip().lower(), value.strip().lower())
         return value
 
-    @field_validator("api_tokens", "a1111_urls", "cors_origins", mode="before")
+    @field_validator("api_tokens", "admin_tokens", "a1111_urls", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("api_tokens")
+    @field_validator("api_tokens", "admin_tokens")
     @classmethod
     def _tokens_name_one_tenant_each(cls, entries: list[str]) -> list[str]:
-        tenants = parse_tokens(entries)  # raises ValueError naming the bad entry
-        by_token: dict[str, str] = {}
-        for name, token in tenants:
-            if by_token.setdefault(token, name) != name:
-                raise ValueError(
-                    f"one token is given for two tenants, {by_token[token]!r} and "
-                    f"{name!r}; give each tenant its own token"
-                )
+        _one_tenant_per_token(parse_tokens(entries))  # raises ValueError naming the bad entry
         return entries
+
+    @model_validator(mode="after")
+    def _a_token_has_one_role(self) -> Settings:
+        tenant_tokens = {token for _, token in parse_tokens(self.api_tokens)}
+        if any(token in tenant_tokens for _, token in parse_tokens(self.admin_tokens)):
+            raise ValueError(
+                "a token is in both API_TOKENS and ADMIN_TOKENS; give it one role (an admin "
+                "token already does everything a tenant token does)"
+            )
+        _one_tenant_per_token([*parse_tokens(self.api_tokens), *parse_tokens(self.admin_tokens)])
+        return self
 
     def tenants(self) -> list[tuple[str, str]]:
         """API_TOKENS as (tenant name, token) pairs; several tokens may share a name."""
         return parse_tokens(self.api_tokens)
+
+    def credentials(self) -> list[tuple[str, str, bool]]:
+        """Every token as (tenant name, token, is admin): API_TOKENS, then ADMIN_TOKENS."""
+        return [(name, token, False) for name, token in parse_tokens(self.api_tokens)] + [
+            (name, token, True) for name, token in parse_tokens(self.admin_tokens)
+        ]
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens or self.admin_tokens)
 
     @field_validator("image_max_side")
     @classmethod
@@ -360,7 +404,7 @@ class Settings(BaseSettings):
 
     def auth_problem(self) -> str | None:
         """Why `serve` must refuse to start, or None."""
-        if self.api_tokens or self.host_is_loopback():
+        if self.auth_enabled or self.host_is_loopback():
             return None
         return (
             f"A1111_PROXY_API_TOKENS is empty but A1111_PROXY_HOST={self.host} is not a loopback "
@@ -382,6 +426,16 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _one_tenant_per_token(tenants: list[tuple[str, str]]) -> None:
+    by_token: dict[str, str] = {}
+    for name, token in tenants:
+        if by_token.setdefault(token, name) != name:
+            raise ValueError(
+                f"one token is given for two tenants, {by_token[token]!r} and "
+                f"{name!r}; give each tenant its own token"
+            )
 
 
 def parse_tokens(entries: list[str]) -> list[tuple[str, str]]:

@@ -56,7 +56,7 @@ def message_body(
 def needs_images(delivery: Delivery, job: JobRecord, mode: ImagesMode) -> bool:
     if mode != "base64" or delivery.event != "completed":
         return False
-    return job.status == "completed" and bool(job.image_count)
+    return bool(job.image_count)  # completed, or canceled with what A1111 had made
 
 
 @dataclass(frozen=True)

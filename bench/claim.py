@@ -1,10 +1,11 @@
 """Claim benchmark: what one claim costs with 100,000 queued jobs, on SQLite and PostgreSQL.
 
-For each database: a fresh one is migrated to the owners revision (62d8ef72f7db), filled with
-N queued jobs of T owners (one big owner with half of them, the rest spread over the others, in a
-random order) written as rows of the schema's table metadata, then migrated to the head (which
-numbers the jobs' turns on a checkout with fair share). Then, in one process, through the job
-store's own `claim` (the whole transaction: the slots' check, the claim, the look for more):
+For each database: a fresh one is migrated to the revision before fair share (5b1f3c2d9e7a),
+filled with N queued jobs of T owners (one big owner with half of them, the rest spread over the
+others, in a random order) written as rows of the schema's table metadata, then migrated to the
+head (which numbers the jobs' turns on a checkout with fair share). Then, in one process,
+through the job store's own `claim` (the whole transaction: the slots' check, the claim, the
+look for more):
 
   - EXPLAIN of the claim's UPDATE and of one submit's INSERT, as they were sent (PostgreSQL:
     EXPLAIN ANALYZE in a transaction rolled back), to show which index each reads;
@@ -48,7 +49,7 @@ from a1111_proxy.db.tables import job_payloads, jobs
 from a1111_proxy.jobs import JobRepository, NewJob
 from a1111_proxy.migrate import upgrade
 
-OWNERS_REVISION = "62d8ef72f7db"  # the last revision before fair share
+BEFORE_REVISION = "5b1f3c2d9e7a"  # the last revision before fair share
 CHUNK = 5000
 
 
@@ -272,7 +273,7 @@ async def submits(repo: JobRepository) -> None:
 
 
 async def run_case(url: str, args: argparse.Namespace) -> None:
-    await asyncio.to_thread(upgrade, url, OWNERS_REVISION)
+    await asyncio.to_thread(upgrade, url, BEFORE_REVISION)
     start = time.perf_counter()
     await fill(url, args.jobs, args.owners)
     filled = time.perf_counter() - start

@@ -67,6 +67,7 @@ class Deployment:
     stack: Stack
     fakes: list[Proc] = field(default_factory=list)
     fake_urls: list[str] = field(default_factory=list)
+    admin: dict[str, str] = field(default_factory=dict)  # headers of an admin (tokens on)
 
     @property
     def api_port(self) -> int:
@@ -90,7 +91,7 @@ class Deployment:
         procs = [self.stack.start_worker() for _ in range(count)]
 
         def ready() -> bool:
-            health = httpx.get(f"{self.api_url}/health", timeout=5)
+            health = httpx.get(f"{self.api_url}/health", headers=self.admin, timeout=5)
             self.check_alive()
             body = health.json()
             return (
@@ -173,7 +174,9 @@ def deployment(
         )
         if seed is not None:
             seed(stack.url)
-        found = Deployment(where, stack, procs, urls)
+        admin_token = (env or {}).get(f"{ENV_PREFIX}ADMIN_TOKENS", "").split(",")[0]
+        admin = {"Authorization": f"Bearer {admin_token.rpartition(':')[2]}"} if admin_token else {}
+        found = Deployment(where, stack, procs, urls, admin)
         stack.start_api()
         if workers:
             found.start_workers(workers)

@@ -27,6 +27,10 @@ def _run(connection: Connection) -> None:
         # Only takes effect before the first table is made (a new file): deleted jobs' pages
         # can then be given back with `PRAGMA incremental_vacuum`. Older files: see acb3018844d1.
         connection.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+        # Batch migrations rebuild a table (copy, DROP, rename): with foreign keys on, the DROP
+        # would cascade to every job's images, payload and deliveries. Off is SQLite's default;
+        # said here so that no change of engine turns it on (tests/integration/test_migrations.py).
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         connection.commit()  # leave no transaction open: alembic would not commit its own
     context.configure(
         connection=connection,

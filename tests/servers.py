@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,15 +21,36 @@ from starlette.types import ASGIApp
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@dataclass(frozen=True)
+class TLS:
+    """What an https test server presents (a certificate and its key, PEM files), and a hook
+    that sees the server name (SNI) each client asks for."""
+
+    certfile: Path
+    keyfile: Path
+    on_server_name: Callable[[str | None], None] = lambda name: None
+
+
 @contextlib.contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """Run `app` with uvicorn on 127.0.0.1 (ephemeral port) in a thread; yield its base URL."""
+def serve(app: ASGIApp, tls: TLS | None = None) -> Iterator[str]:
+    """Run `app` with uvicorn on 127.0.0.1 (ephemeral port) in a thread; yield its base URL
+    (https with `tls`)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+        ssl_certfile=tls and tls.certfile,
+        ssl_keyfile=tls and tls.keyfile,
     )
+    if tls is not None:
+        config.load()  # makes config.ssl, the context the server will use
+        assert config.ssl is not None
+        config.ssl.sni_callback = _server_name_hook(tls.on_server_name)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -36,11 +58,19 @@ def serve(app: ASGIApp) -> Iterator[str]:
             raise RuntimeError("server exited during startup (lifespan failed?)")
         time.sleep(0.001)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def _server_name_hook(hook: Callable[[str | None], None]) -> Callable[..., None]:
+    def on_handshake(_connection: object, server_name: str | None, _context: object) -> None:
+        hook(server_name)  # and go on with the handshake
+
+    return on_handshake
 
 
 # The header a client sends to get 202 + job instead of A1111's answer (RESPONSE_MODE=auto).

@@ -65,6 +65,7 @@ def build_sender(settings: Settings, repo: JobRepository) -> WebhookSender:
     config = SenderConfig(
         default_secret=settings.webhook_secret.get_secret_value(),
         allow_private=settings.webhook_allow_private,
+        ca_bundle=settings.webhook_ca_bundle,
         images=settings.webhook_images,
         public_url=settings.public_base_url(),
     )

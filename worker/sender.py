@@ -49,6 +49,7 @@ log = logging.getLogger("a1111_proxy.webhooks")
 class SenderConfig:
     default_secret: str = field(default="", repr=False)  # WEBHOOK_SECRET; never logged
     allow_private: bool = False
+    ca_bundle: str = ""  # WEBHOOK_CA_BUNDLE: CAs trusted besides the public ones (a PEM file)
     images: ImagesMode = "base64"
     public_url: str = "http://127.0.0.1:7861"
     concurrency: int = 16
@@ -97,7 +98,7 @@ class WebhookSender:
         self.deliveries = jobs.deliveries
         self.wakeup = wakeup
         self.config = config or SenderConfig()
-        self.client = client or make_client()
+        self.client = client or make_client(self.config.ca_bundle)
         self.resolve = resolve
         self.clock = clock  # for the signed timestamp
         self._hosts = HostLimiter(self.config.per_host)

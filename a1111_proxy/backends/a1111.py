@@ -84,6 +84,7 @@ class A1111Backend:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = url.rstrip("/")
+        self.has_auth = auth is not None
         self.connect_retries = connect_retries
         self.retry_wait = retry_wait
         self._client = httpx.AsyncClient(
@@ -127,10 +128,39 @@ class A1111Backend:
             ) from exc
         if response.status_code in GATEWAY_STATUSES:
             raise _NotStarted(f"HTTP {response.status_code}", status=response.status_code)
+        self._check_credentials(response)
         return self._parse_generation(kind, response)
+
+    def _check_credentials(self, response: httpx.Response) -> None:
+        """A1111 started with --api-auth answers 401 to a request without one of its
+        `user:password` pairs: unavailable (the slot rests, its jobs wait in the queue) until the
+        worker runs with the right A1111_PROXY_A1111_AUTH. Never A1111's own 401 passed on to a
+        client, who would take it for a refusal of its own credentials."""
+        if response.status_code != 401:
+            return
+        detail = _a1111_message(_json_or_none(response)) or _snippet(response)
+        given = (
+            "refused the user and password in A1111_PROXY_A1111_AUTH"
+            if self.has_auth
+            else "requires a user and password (it runs with --api-auth) and none is set"
+        )
+        raise BackendUnavailable(
+            f"A1111 at {self.name} {given}: HTTP 401, {detail}. Set A1111_PROXY_A1111_AUTH="
+            "user:password to one of the pairs of its --api-auth, and restart the worker",
+            status=401,
+        )
 
     def _parse_generation(self, kind: str, response: httpx.Response) -> dict[str, Any]:
         body = _json_or_none(response)
+        misconfigured = _not_the_api(PATHS[kind], response.status_code, body)
+        if misconfigured:
+            # Not A1111 judging the request: replayed, it would tell the client that its own
+            # credentials or route are wrong.
+            raise BackendProtocolError(
+                f"A1111 at {self.name} answered {kind} with HTTP {response.status_code} "
+                f"({_a1111_message(body) or _snippet(response)}): {misconfigured}",
+                status=response.status_code,
+            )
         if response.status_code != 200:
             if response.status_code >= 500 and not _is_a1111_error(body):
                 raise BackendUnavailable(
@@ -163,6 +193,7 @@ class A1111Backend:
             params={"skip_current_image": "false" if with_image else "true"},
             timeout=CONTROL_TIMEOUT,
         )
+        self._check_credentials(response)
         body = response.json()
         state = body.get("state") or {}
         job_count = state.get("job_count") or 0
@@ -186,6 +217,7 @@ class A1111Backend:
 
     async def catalogue_entry(self, name: str) -> Any:
         response = await self._client.get(CATALOGUE_PATHS[name], timeout=CONTROL_TIMEOUT)
+        self._check_credentials(response)
         if response.status_code == 404:
             return None
         response.raise_for_status()
@@ -208,6 +240,7 @@ class A1111Backend:
     async def _post_control(self, path: str, body: Any) -> None:
         """A control call between jobs; refreshes and (un)loads wait behind A1111's queue lock."""
         response = await self._client.post(path, json=body, timeout=REFRESH_TIMEOUT)
+        self._check_credentials(response)
         response.raise_for_status()
 
     async def aclose(self) -> None:
@@ -233,6 +266,24 @@ def _json_or_none(response: httpx.Response) -> Any:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def _not_the_api(path: str, status: int, body: Any) -> str | None:
+    """What to fix when a job's answer says the proxy reached no A1111 API it may use: its
+    credentials were refused, or one of A1111's own routes does not exist there (a 404 or 405
+    that names nothing, as any web server's does). None otherwise: a 404 naming what is missing,
+    such as "Sampler not found", is A1111's judgement of the request, and an extension's route
+    (/controlnet/detect) is missing where the extension is, which A1111 itself answers so."""
+    if status in (401, 403):
+        return "it refused a1111-proxy's credentials; set A1111_PROXY_A1111_AUTH to its --api-auth"
+    detail = body.get("detail") if isinstance(body, dict) else None
+    generic = detail in (None, "Not Found", "Method Not Allowed")
+    if status in (404, 405) and generic and path.startswith("/sdapi/"):
+        return (
+            "it has no such API route; is it started with --api, and is A1111_PROXY_A1111_URLS "
+            "its base address?"
+        )
+    return None
 
 
 def _is_a1111_error(body: Any) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -94,7 +95,12 @@ def check_sqlite_version() -> None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    database = make_url(url).database
+    """The file of a SQLite URL (`.../jobs.db`, or `.../file:jobs.db?mode=ro&uri=true`); None for
+    an in-memory database."""
+    parsed = make_url(url)
+    database = parsed.database
+    if database and database.startswith("file:") and parsed.query.get("uri"):
+        database = urlparse(database).path
     if not database or database == ":memory:":
         return None
     return Path(database)

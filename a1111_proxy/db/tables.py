@@ -94,6 +94,7 @@ jobs = Table(
     Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
     # An owner's jobs by status; and its last turn among its queued jobs of a priority.
     Index("ix_jobs_owner_turns", "owner", "status", "priority", "turn"),
+    Index("ix_jobs_owner_seq", "owner", "seq"),  # a tenant's listing; its submit rate
 )
 
 # The claim order (jobs/clauses.py QUEUE_ORDER), so that a claim reads its first rows only.

@@ -30,7 +30,7 @@ Jobs are born queued (intake.py); only machine.py and control.py change a job's 
 
 from __future__ import annotations
 
-from a1111_proxy.jobs.intake import NewJob, Submitted
+from a1111_proxy.jobs.intake import NewJob, Submitted, TenantLimits
 from a1111_proxy.jobs.machine import Touch, retry_delay
 from a1111_proxy.jobs.metrics import Histogram, JobMetrics
 from a1111_proxy.jobs.records import (
@@ -57,6 +57,7 @@ __all__ = [
     "JobState",
     "NewJob",
     "Submitted",
+    "TenantLimits",
     "Touch",
     "WorkerRecord",
     "error_json",

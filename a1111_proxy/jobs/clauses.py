@@ -33,9 +33,12 @@ DEADLINE_ERROR = json.dumps(
 )
 
 
-def of_owner(owner: str, job_id: str | None) -> list[ColumnElement[bool]]:
-    """WHERE terms: `owner`'s jobs, or only the one `job_id` names."""
-    terms = [jobs.c.owner == owner]
+def of_owner(owner: str | None, job_id: str | None) -> list[ColumnElement[bool]]:
+    """WHERE terms: `owner`'s jobs, or only the one `job_id` names (of any owner when `owner`
+    is None: an admin naming a job)."""
+    if owner is None and job_id is None:
+        raise ValueError("of_owner needs an owner or a job id")
+    terms = [] if owner is None else [jobs.c.owner == owner]
     if job_id is not None:
         terms.append(jobs.c.id == job_id)
     return terms

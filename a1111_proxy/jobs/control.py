@@ -94,7 +94,7 @@ class JobControl:
             await announce(self.deliveries, conn, canceled, "completed", now)
         return canceled is not None
 
-    async def interrupt_running(self, *, owner: str, job_id: str | None = None) -> int:
+    async def interrupt_running(self, *, owner: str | None, job_id: str | None = None) -> int:
         """A1111's /interrupt over `owner`'s jobs: each of its running jobs (or the one
         `job_id` names) is asked to stop."""
         now = self.clock()
@@ -110,7 +110,7 @@ class JobControl:
         async with self.db.writing() as conn:
             return (await conn.execute(stmt)).rowcount
 
-    async def skip_running(self, *, owner: str, job_id: str | None = None) -> int:
+    async def skip_running(self, *, owner: str | None, job_id: str | None = None) -> int:
         """A1111's /skip over `owner`'s jobs: each of its running jobs (or the one `job_id`
         names) skips its current batch."""
         now = self.clock()

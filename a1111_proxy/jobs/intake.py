@@ -8,6 +8,8 @@ takes the default one (POST /options) read in the same transaction (catalogue.py
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -16,16 +18,19 @@ from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from a1111_proxy.catalogue import CatalogueStore
+from a1111_proxy.catalogue import CatalogueStore, SubmitDefaults
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_payloads, jobs
-from a1111_proxy.errors import IdempotencyKeyReused
+from a1111_proxy.errors import IdempotencyKeyReused, TenantLimitReached
 from a1111_proxy.jobs.records import GENERATIONS, JOB_COLUMNS, AnyRow, JobRecord, job_record
 from a1111_proxy.jobs.turns import assign_turns
 from a1111_proxy.wakeup import notify
 
 BATCH = 256  # jobs committed in one transaction at most
+# A full queue has no known time at which it frees a place; a few seconds keeps clients polite.
+QUEUE_FULL_RETRY_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,49 @@ class NewJob:
     owner: str | None = None  # the tenant that submitted it (token name or client address)
 
 
+@dataclass(frozen=True)
+class TenantLimits:
+    """Per-tenant limits (TENANT_MAX_QUEUED, TENANT_SUBMITS_PER_MINUTE); 0 is no limit."""
+
+    max_queued: int = 0
+    per_minute: int = 0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.max_queued or self.per_minute)
+
+
+NO_LIMITS = TenantLimits()
+
+
+@dataclass
+class Usage:
+    """One tenant's use of its limits, as read in the submit's transaction."""
+
+    queued: int
+    recent: list[float]  # created_at of its latest submits within the last 60 s, oldest first
+
+    def refusal(self, limits: TenantLimits, now: float) -> TenantLimitReached | None:
+        if limits.max_queued and self.queued >= limits.max_queued:
+            return TenantLimitReached(
+                f"This tenant already has {self.queued} queued jobs, the most "
+                "A1111_PROXY_TENANT_MAX_QUEUED allows: wait for some to start, or cancel some.",
+                retry_after=QUEUE_FULL_RETRY_SECONDS,
+            )
+        window = [at for at in self.recent if at > now - 60]
+        if limits.per_minute and len(window) >= limits.per_minute:
+            return TenantLimitReached(
+                f"This tenant submitted {len(window)} jobs in the last minute, the most "
+                "A1111_PROXY_TENANT_SUBMITS_PER_MINUTE allows: retry after Retry-After seconds.",
+                retry_after=window[-limits.per_minute] + 60 - now,
+            )
+        return None
+
+    def admit(self, now: float) -> None:
+        self.queued += 1
+        self.recent.append(now)
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     job: JobRecord
@@ -57,11 +105,13 @@ class JobIntake:
         catalogue: CatalogueStore,
         *,
         max_attempts: int = 3,
+        limits: TenantLimits = NO_LIMITS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
         self.catalogue = catalogue
         self.max_attempts = max_attempts
+        self.limits = limits
         self.clock = clock
         self._batch: list[tuple[NewJob, asyncio.Future[AnyRow]]] = []
         self._batch_task: asyncio.Task[None] | None = None
@@ -80,42 +130,95 @@ class JobIntake:
         while self._batch:
             batch, self._batch = self._batch[:BATCH], self._batch[BATCH:]
             try:
-                rows = await self._insert_many([new for new, _ in batch])
+                outcomes = await self._insert_many([new for new, _ in batch])
             except Exception as exc:  # every waiter hears about it; none is left hanging
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), row in zip(batch, rows, strict=True):
-                if not future.done():
-                    future.set_result(row)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, TenantLimitReached):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
 
-    async def _insert_many(self, batch: Sequence[NewJob]) -> list[AnyRow]:
+    async def _insert_many(self, batch: Sequence[NewJob]) -> list[AnyRow | TenantLimitReached]:
+        """Store the jobs that their tenants' limits admit, in one transaction; each of the
+        others gets the TenantLimitReached that refused it."""
         now = self.clock()
-        rows = [self._job_values(new, now) for new in batch]
         async with self.db.writing() as conn:
-            if any(row["checkpoint"] is None and row["type"] in GENERATIONS for row in rows):
-                # Read in the same transaction: a job takes the default set before it was stored.
-                default = await self.catalogue.default_checkpoint_in(conn)
-                for row in rows:
-                    if row["checkpoint"] is None and row["type"] in GENERATIONS:
-                        row["checkpoint"] = default
-            await assign_turns(conn, rows)
-            inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
-            by_id = {row.id: row for row in inserted}
-            await conn.execute(
-                insert(job_payloads),
-                [
-                    {"job_seq": by_id[r["id"]].seq, "body": n.payload}
-                    for r, n in zip(rows, batch, strict=True)
-                ],
-            )
-            await notify(self.db, conn)
+            refused = await self._refused(conn, batch, now) if self.limits.on else {}
+            admitted = [new for index, new in enumerate(batch) if index not in refused]
+            stored = iter(await self._insert_in(conn, admitted, now) if admitted else [])
+        return [refused[index] if index in refused else next(stored) for index in range(len(batch))]
+
+    async def _refused(
+        self, conn: AsyncConnection, batch: Sequence[NewJob], now: float
+    ) -> dict[int, TenantLimitReached]:
+        """Which of `batch` their tenant's limits refuse (by index), counting the jobs stored
+        and those admitted before them in the batch."""
+        refused: dict[int, TenantLimitReached] = {}
+        used: dict[str | None, Usage] = {}
+        for index, new in enumerate(batch):
+            if new.owner not in used:
+                used[new.owner] = await self._usage(conn, new.owner, now)
+            usage = used[new.owner]
+            reason = usage.refusal(self.limits, now)
+            if reason is not None:
+                refused[index] = reason
+            else:
+                usage.admit(now)
+        return refused
+
+    async def _usage(self, conn: AsyncConnection, owner: str | None, now: float) -> Usage:
+        """The tenant's queued jobs (up to the limit) and the times of its latest submits (up
+        to the rate): reads bounded by the limits, on the (owner, status) and (owner, seq)
+        indexes."""
+        mine = jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
+        queued = 0
+        if self.limits.max_queued:
+            query = select(jobs.c.seq).where(mine, jobs.c.status == "queued")
+            queued = len((await conn.execute(query.limit(self.limits.max_queued))).all())
+        recent: list[float] = []
+        if self.limits.per_minute:
+            latest = select(jobs.c.created_at).where(mine).order_by(jobs.c.seq.desc())
+            found = await conn.execute(latest.limit(self.limits.per_minute))
+            recent = sorted(at for at in found.scalars() if at > now - 60)
+        return Usage(queued, recent)
+
+    async def _insert_in(
+        self, conn: AsyncConnection, batch: Sequence[NewJob], now: float
+    ) -> list[AnyRow]:
+        rows = [self._job_values(new, now) for new in batch]
+        payloads = [new.payload for new in batch]
+        if any(row["type"] in GENERATIONS for row in rows):
+            # Read in the same transaction: a job takes the defaults set before it was stored.
+            owners = {row["owner"] for row in rows if row["owner"] is not None}
+            defaults = await self.catalogue.submit_defaults_in(conn, owners)
+            payloads = [
+                _with_defaults(row, payload, defaults)
+                for row, payload in zip(rows, payloads, strict=True)
+            ]
+        await assign_turns(conn, rows)
+        inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
+        by_id = {row.id: row for row in inserted}
+        await conn.execute(
+            insert(job_payloads),
+            [
+                {"job_seq": by_id[r["id"]].seq, "body": payload}
+                for r, payload in zip(rows, payloads, strict=True)
+            ],
+        )
+        await notify(self.db, conn)
         return [by_id[r["id"]] for r in rows]
 
     async def _submit_idempotent(self, new: NewJob) -> Submitted:
         try:
             [row] = await self._insert_many([new])
+            if isinstance(row, TenantLimitReached):
+                raise row
             return Submitted(job_record(row), replayed=False)
         except IntegrityError:
             pass  # the key exists: replay the job it made, if the body is the same
@@ -123,12 +226,14 @@ class JobIntake:
             existing = (
                 await conn.execute(
                     select(*JOB_COLUMNS, jobs.c.request_hash).where(
-                        jobs.c.idempotency_key == new.idempotency_key
+                        jobs.c.idempotency_key == _tenant_key(new)
                     )
                 )
             ).one_or_none()
         if existing is None:  # deleted between our insert and read: try once more
             [row] = await self._insert_many([new])
+            if isinstance(row, TenantLimitReached):
+                raise row
             return Submitted(job_record(row), replayed=False)
         if existing.request_hash != new.request_hash:
             raise IdempotencyKeyReused()
@@ -146,7 +251,7 @@ class JobIntake:
             "image_count": 0,
             "max_attempts": self.max_attempts,
             "run_after": now,
-            "idempotency_key": new.idempotency_key,
+            "idempotency_key": _tenant_key(new),
             "request_hash": new.request_hash,
             "webhook_url": new.webhook_url,
             "webhook_secret": new.webhook_secret,
@@ -157,3 +262,29 @@ class JobIntake:
             "deadline_at": None if new.timeout is None else now + new.timeout,
             "owner": new.owner,
         }
+
+
+def _tenant_key(new: NewJob) -> str | None:
+    """The Idempotency-Key as stored: one tenant's key never meets another's (each gets its
+    own job for the same key), so it is stored hashed together with the tenant's name."""
+    if new.idempotency_key is None:
+        return None
+    scoped = f"{new.owner or ''}\n{new.idempotency_key}"
+    return hashlib.sha256(scoped.encode()).hexdigest()
+
+
+def _with_defaults(row: dict[str, Any], payload: str, defaults: SubmitDefaults) -> str:
+    """Give a generation the defaults POST /options set: the checkpoint when it names none (in
+    `row`), and its tenant's options under the body's own `override_settings` (in the payload
+    returned)."""
+    if row["type"] not in GENERATIONS:
+        return payload
+    if row["checkpoint"] is None:
+        row["checkpoint"] = defaults.checkpoint_for(row["owner"])
+    options = defaults.options_for(row["owner"])
+    if not options:
+        return payload
+    body = json.loads(payload)
+    own = body.get("override_settings")
+    body["override_settings"] = {**options, **(own if isinstance(own, dict) else {})}
+    return json.dumps(body)

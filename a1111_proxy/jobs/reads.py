@@ -43,12 +43,16 @@ class JobReads:
         *,
         status: str | None = None,
         type: str | None = None,
+        owner: str | None = None,
         before_seq: int | None = None,
         limit: int = 50,
     ) -> list[JobRecord]:
         """Jobs newest first, without their results (`result` is None: a listing never shows
-        it); `before_seq` continues from the last job of a previous page."""
+        it); `owner`: only that tenant's; `before_seq` continues from the last job of a
+        previous page."""
         query = select(*JOB_COLUMNS).order_by(jobs.c.seq.desc()).limit(limit)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         if status is not None:
             query = query.where(jobs.c.status == status)
         if type is not None:
@@ -91,7 +95,7 @@ class JobReads:
             row = (await conn.execute(query)).one_or_none()
         return None if row is None else job_record(row)
 
-    async def running_of(self, owner: str, job_id: str | None = None) -> list[JobRecord]:
+    async def running_of(self, owner: str | None, job_id: str | None = None) -> list[JobRecord]:
         """`owner`'s running jobs, oldest start first (`job_id`: only that one)."""
         query = (
             select(*JOB_COLUMNS)

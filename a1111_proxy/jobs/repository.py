@@ -12,7 +12,7 @@ from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.db.engine import Database
 from a1111_proxy.deliveries import DeliveryRepository
 from a1111_proxy.jobs.control import JobControl
-from a1111_proxy.jobs.intake import JobIntake, NewJob, Submitted
+from a1111_proxy.jobs.intake import NO_LIMITS, JobIntake, NewJob, Submitted, TenantLimits
 from a1111_proxy.jobs.machine import JobMachine, Touch
 from a1111_proxy.jobs.metrics import JobMetrics, JobMetricsQueries
 from a1111_proxy.jobs.placement import Slots
@@ -31,11 +31,16 @@ class JobRepository:
         lease_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
         catalogue: CatalogueStore | None = None,
+        limits: TenantLimits = NO_LIMITS,
     ) -> None:
         self.db = db
         self.deliveries = DeliveryRepository(db, clock=clock)
         self.intake = JobIntake(
-            db, catalogue or CatalogueStore(db, clock), max_attempts=max_attempts, clock=clock
+            db,
+            catalogue or CatalogueStore(db, clock),
+            max_attempts=max_attempts,
+            limits=limits,
+            clock=clock,
         )
         self.machine = JobMachine(db, self.deliveries, lease_seconds=lease_seconds, clock=clock)
         self.control = JobControl(db, self.deliveries, clock=clock)
@@ -98,10 +103,10 @@ class JobRepository:
     async def cancel_queued(self, job_id: str, code: str, message: str) -> bool:
         return await self.control.cancel_queued(job_id, code, message)
 
-    async def interrupt_running(self, *, owner: str, job_id: str | None = None) -> int:
+    async def interrupt_running(self, *, owner: str | None, job_id: str | None = None) -> int:
         return await self.control.interrupt_running(owner=owner, job_id=job_id)
 
-    async def skip_running(self, *, owner: str, job_id: str | None = None) -> int:
+    async def skip_running(self, *, owner: str | None, job_id: str | None = None) -> int:
         return await self.control.skip_running(owner=owner, job_id=job_id)
 
     async def reap_expired(self) -> list[tuple[str, str]]:
@@ -120,10 +125,13 @@ class JobRepository:
         *,
         status: str | None = None,
         type: str | None = None,
+        owner: str | None = None,
         before_seq: int | None = None,
         limit: int = 50,
     ) -> list[JobRecord]:
-        return await self.reads.page(status=status, type=type, before_seq=before_seq, limit=limit)
+        return await self.reads.page(
+            status=status, type=type, owner=owner, before_seq=before_seq, limit=limit
+        )
 
     async def images(self, seq: int) -> list[bytes]:
         return await self.reads.images(seq)
@@ -140,7 +148,7 @@ class JobRepository:
     async def owned(self, owner: str, job_id: str) -> JobRecord | None:
         return await self.reads.owned(owner, job_id)
 
-    async def running_of(self, owner: str, job_id: str | None = None) -> list[JobRecord]:
+    async def running_of(self, owner: str | None, job_id: str | None = None) -> list[JobRecord]:
         return await self.reads.running_of(owner, job_id)
 
     async def active_count_of(self, owner: str) -> int:

@@ -35,11 +35,16 @@ from a1111_proxy.errors import (
     UnsupportedRoute,
     a1111_error,
 )
-from a1111_proxy.jobs import JobRepository
 from a1111_proxy.memory import unknown as memory_unknown
 from a1111_proxy.pnginfo import decode_image, parse_infotext, text_chunks
 from a1111_proxy.routes import context
-from a1111_proxy.routes.context import bool_param, caller, read_catalogue, read_json_object
+from a1111_proxy.routes.context import (
+    bool_param,
+    caller,
+    find_job,
+    read_catalogue,
+    read_json_object,
+)
 from a1111_proxy.routes.jobs import requested_steps, submit
 
 log = logging.getLogger("a1111_proxy")
@@ -86,8 +91,9 @@ async def progress(request: Request) -> Response:
     caller's oldest running job, or the one `job_id` names, and job_count counting the caller's
     queued and running jobs (0 and progress 0.0 when idle)."""
     repo = context.repo(request)
-    owner = caller(request)
-    running = await repo.running_of(owner, await _picked_job(request, repo, owner))
+    owner = caller(request).tenant
+    picked = await _picked_job(request)
+    running = await repo.running_of(owner if picked is None else None, picked)
     job_count = await repo.active_count_of(owner)
     if not running:
         return JSONResponse(
@@ -127,30 +133,34 @@ async def progress(request: Request) -> Response:
 async def interrupt(request: Request) -> Response:
     """Stops the caller's running jobs (or the one `job_id` names) after their current step
     (A1111 answers `{}`)."""
-    repo, owner = context.repo(request), caller(request)
-    await repo.interrupt_running(owner=owner, job_id=await _picked_job(request, repo, owner))
+    picked = await _picked_job(request)
+    owner = None if picked is not None else caller(request).tenant
+    await context.repo(request).interrupt_running(owner=owner, job_id=picked)
     return JSONResponse({})
 
 
 async def skip(request: Request) -> Response:
     """Skips the current batch of the caller's running jobs (or of the one `job_id` names)
     (A1111 answers `null`)."""
-    repo, owner = context.repo(request), caller(request)
-    await repo.skip_running(owner=owner, job_id=await _picked_job(request, repo, owner))
+    picked = await _picked_job(request)
+    owner = None if picked is not None else caller(request).tenant
+    await context.repo(request).skip_running(owner=owner, job_id=picked)
     return JSONResponse(None)
 
 
-async def _picked_job(request: Request, repo: JobRepository, owner: str) -> str | None:
-    """The `job_id` query parameter, once it names one of the caller's jobs (404 otherwise)."""
+async def _picked_job(request: Request) -> str | None:
+    """The `job_id` query parameter, once it names a job the caller may see: its own, or any
+    for an admin (404 otherwise)."""
     job_id = request.query_params.get("job_id")
     if job_id is None:
         return None
-    if await repo.owned(owner, job_id) is None:
+    try:
+        return (await find_job(request, job_id)).id
+    except JobNotFound:
         raise JobNotFound(
             f"You have no job with the id {job_id!r} (another caller's jobs are not yours to "
             "watch or stop). List jobs with GET /sdapi/v1/jobs."
-        )
-    return job_id
+        ) from None
 
 
 # --- the catalogue ----------------------------------------------------------------------
@@ -170,6 +180,10 @@ async def get_options(request: Request) -> Response:
     if pending:
         options.update(pending["options"])
     default = await store.get_control(DEFAULT_CHECKPOINT)
+    if not context.is_admin(request):  # a tenant reads what it set over what all share
+        own = await store.tenant_options(caller(request).tenant)
+        options.update(own.get("options") or {})
+        default = own.get("checkpoint") or default
     if default:
         model = find_checkpoint(await store.get("sd-models"), default) or {}
         options["sd_model_checkpoint"] = default
@@ -179,10 +193,18 @@ async def get_options(request: Request) -> Response:
 
 async def set_options(request: Request) -> Response:
     """`sd_model_checkpoint` becomes the default for jobs submitted from now on (applied per job,
-    so it never races a running one); other options reach the backends between jobs."""
+    so it never races a running one); other options reach the backends between jobs.
+
+    Sent by a tenant (not an admin), both are that tenant's own: its jobs take the checkpoint
+    and carry the options in their `override_settings` (A1111 clients such as open-webui pick
+    their model this way, and one tenant must not change another's)."""
     body = await read_json_object(request)
     store = context.catalogue(request)
     checkpoint = body.pop("sd_model_checkpoint", None)
+    if not context.is_admin(request):
+        title = None if checkpoint is None else await _resolve_checkpoint(store, checkpoint)
+        await store.set_tenant_options(caller(request).tenant, body, title)
+        return JSONResponse(None)
     if checkpoint is not None:
         await store.set_control(DEFAULT_CHECKPOINT, await _resolve_checkpoint(store, checkpoint))
     if body:
@@ -225,6 +247,7 @@ async def refresh_embeddings(request: Request) -> Response:
 
 
 async def _request_refresh(request: Request, what: list[str]) -> None:
+    context.require_admin(request)  # the worker refetches every backend's lists for everyone
     store = context.catalogue(request)
     await store.set_control(REFRESH_REQUESTED, {"at": time.time(), "what": what})
 

@@ -18,8 +18,9 @@ from starlette.requests import Request
 
 from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
-from a1111_proxy.errors import CatalogueNotReady, InvalidRequest, JobNotFound
+from a1111_proxy.errors import AdminOnly, CatalogueNotReady, InvalidRequest, JobNotFound
 from a1111_proxy.jobs import JobRecord, JobRepository
+from a1111_proxy.middleware import Caller
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
 from a1111_proxy.waiter import JobWaiter
@@ -41,7 +42,7 @@ class State(TypedDict):
 
 
 class RequestState(State, total=False):
-    caller: str  # set by TokenAuth on every route it guards
+    caller: Caller  # set by TokenAuth on every route it guards (and open ones given a token)
 
 
 def request_state(request: Request) -> RequestState:
@@ -76,17 +77,43 @@ def schema_head(request: Request) -> str:
     return request_state(request)["schema_head"]
 
 
-def caller(request: Request) -> str:
-    """Who is calling: the token's tenant, or the client's address when tokens are off."""
+def caller(request: Request) -> Caller:
+    """Who is calling: the token's tenant and role, or the client's address when tokens are
+    off."""
     return request_state(request)["caller"]
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the caller presented an admin token (open routes may have no caller at all)."""
+    who = request_state(request).get("caller")
+    return who is not None and who.admin
+
+
+def require_admin(request: Request) -> None:
+    """403 (AdminOnly) unless the caller is an admin: global options, catalogue refreshes,
+    checkpoint loads and /metrics act for every tenant."""
+    if not is_admin(request):
+        raise AdminOnly(
+            f"{request.method} {request.url.path} changes or shows what every tenant shares, so "
+            "it needs an admin token: send one of A1111_PROXY_ADMIN_TOKENS."
+        )
+
+
+def visible_owner(request: Request) -> str | None:
+    """Whose jobs the caller may see: its own tenant's, or everyone's (None) for an admin."""
+    who = caller(request)
+    return None if who.admin else who.tenant
 
 
 # --- lookups ---------------------------------------------------------------------------
 
 
 async def find_job(request: Request, job_id: str) -> JobRecord:
-    """The job with this id (404 JobNotFound otherwise)."""
-    row = await repo(request).get(job_id)
+    """The job with this id, if the caller may see it (404 JobNotFound otherwise: another
+    tenant's job answers exactly as a job that does not exist)."""
+    owner = visible_owner(request)
+    store = repo(request)
+    row = await (store.get(job_id) if owner is None else store.owned(owner, job_id))
     if row is None:
         raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
     return row

@@ -138,7 +138,7 @@ class JobStream:
                     await render_with_position(self.repo, row, with_result=False),
                 )
             if row.status in TERMINAL:
-                images = await self.repo.images(row.seq) if row.status == "completed" else None
+                images = await self.repo.images(row.seq) if row.image_count else None
                 self.done = True
                 yield _event(row.status, now.render_final(), render_job(row, images))
                 return

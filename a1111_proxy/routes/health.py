@@ -51,7 +51,33 @@ async def health(request: Request) -> Response:
         )
     report["status"] = "ok" if not problems else "unhealthy"
     report["problems"] = problems
-    return JSONResponse(report, status_code=200 if not problems else 503)
+    status = 200 if not problems else 503
+    if not context.is_admin(request):
+        return JSONResponse(_for_anyone(report), status_code=status)
+    return JSONResponse(report, status_code=status)
+
+
+def _for_anyone(report: dict[str, Any]) -> dict[str, Any]:
+    """What /health shows without an admin token: whether it is healthy and what to look at,
+    with no backend address, worker host, job id or backend error (an open route must not hand
+    an attacker the network's layout or a URL's credentials)."""
+    slots = report["backends"]
+    return {
+        "status": report["status"],
+        "database": "ok" if report["database"] == "ok" else "unreachable",
+        "workers": len(report["workers"]),
+        "backends": {
+            "total": len(slots),
+            "down": sum(1 for slot in slots if slot.get("state") == "down"),
+        },
+        "problems": [_general(problem) for problem in report["problems"]],
+        "detail": "send an admin token (A1111_PROXY_ADMIN_TOKENS) for workers, backends and "
+        "their errors",
+    }
+
+
+def _general(problem: str) -> str:
+    return problem.split(":", 1)[0] if problem.startswith("every backend slot") else problem
 
 
 async def ready(request: Request) -> Response:
@@ -76,7 +102,9 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text, computed from the database (every API replica answers the same)."""
+    """Prometheus text, computed from the database (every API replica answers the same);
+    admins only: it names the backends and shows every tenant's load."""
+    context.require_admin(request)
     settings = context.settings(request)
     body = await prometheus.render(
         context.repo(request), settings.metrics_window_seconds, settings.worker_stale_seconds

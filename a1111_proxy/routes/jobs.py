@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 from typing import Any
 
 import anyio.to_thread
@@ -19,7 +20,14 @@ from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, valid
 from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
 from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
 from a1111_proxy.routes import context
-from a1111_proxy.routes.context import caller, choice, find_job, int_param, read_json_object
+from a1111_proxy.routes.context import (
+    caller,
+    choice,
+    find_job,
+    int_param,
+    read_json_object,
+    visible_owner,
+)
 from a1111_proxy.schemas import (
     PROXY_FIELDS,
     REQUEST_MODELS,
@@ -32,6 +40,8 @@ from a1111_proxy.schemas import (
 from a1111_proxy.settings import Settings
 
 MAX_PAGE = 200
+
+log = logging.getLogger("a1111_proxy")
 
 
 async def txt2img(request: Request) -> Response:
@@ -69,7 +79,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         request_hash=_fingerprint(body) if key else None,
         checkpoint=_requested_checkpoint(a1111_body),
         timeout=timeout,
-        owner=caller(request),
+        owner=caller(request).tenant,
     )
     submitted = await context.repo(request).submit(new)
     headers = {"Location": f"/sdapi/v1/jobs/{submitted.job.id}", "X-Job-Id": submitted.job.id}
@@ -178,10 +188,20 @@ async def _client_gone(request: Request) -> None:
 
 
 async def _abandoned(request: Request, job_id: str) -> Response:
-    if context.settings(request).cancel_on_disconnect:
-        await context.repo(request).cancel_queued(
-            job_id, "client_gone", "the waiting client went away before the job started"
-        )
+    """The waiting client went away: cancel its job if it has not started, unless the request
+    had an Idempotency-Key (its client will ask again with it, and must then get the job's
+    outcome, not a job canceled because it asked once before)."""
+    if request.headers.get("idempotency-key") is not None:
+        outcome = "the job goes on (Idempotency-Key: the client can ask for it again)"
+    elif not context.settings(request).cancel_on_disconnect:
+        outcome = "the job goes on (CANCEL_ON_DISCONNECT=false)"
+    elif await context.repo(request).cancel_queued(
+        job_id, "client_gone", "the waiting client went away before the job started"
+    ):
+        outcome = "the job was canceled before it started"
+    else:
+        outcome = "the job had started and goes on"
+    log.info("job %s: its waiting client went away; %s", job_id, outcome)
     return Response(status_code=499)  # nobody reads it
 
 
@@ -206,27 +226,39 @@ async def _fail_fast(request: Request, job_id: str, headers: dict[str, str]) -> 
 
 
 def a1111_answer(row: Any, images: list[bytes], headers: dict[str, str]) -> Response:
-    """A finished job as A1111's own response: its body on success, its error otherwise."""
+    """A finished job as A1111's own response: its body on success, its refusal (status and
+    body) when A1111 refused the job, our error in A1111's shape otherwise."""
     if row.result is not None and row.status in ("completed", "canceled"):
         return JSONResponse(render_job(row, images)["result"], headers=headers)
     error = row.error or {"code": "canceled", "message": "canceled"}
-    if error.get("backend_status") and error.get("backend_body") is not None:
-        body = error["backend_body"]
-        if isinstance(body, str):
-            return Response(body, status_code=error["backend_status"], headers=headers)
-        return JSONResponse(body, status_code=error["backend_status"], headers=headers)
-    status = ERROR_STATUS.get(error.get("code", ""), 500)
+    code = error.get("code", "")
+    status = ERROR_STATUS.get(code, 500)
+    if code == "backend_rejected" and error.get("backend_status"):
+        if error.get("backend_body") is not None:
+            return _a1111_refusal(error["backend_status"], error["backend_body"], headers)
+        status = error["backend_status"]
+    if status == 503:
+        headers = {**headers, "Retry-After": "30"}
     body = {
-        "error": error.get("code", "error"),
+        "error": code or "error",
         "detail": error.get("message", ""),
         "body": "",
         "errors": error.get("message", ""),
-        "code": error.get("code"),
+        "code": code or None,
         "job_id": row.id,
     }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _a1111_refusal(status: int, body: Any, headers: dict[str, str]) -> Response:
+    if isinstance(body, str):
+        return Response(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# A finished job's error as the status a held request answers with. A1111's own refusals
+# (backend_rejected with A1111's status) answer with that status; a backend that stayed
+# unavailable is 503 whatever A1111 last said (a bare 500 would read as our fault).
 ERROR_STATUS = {
     "backend_unavailable": 503,
     "backend_bad_response": 502,
@@ -274,7 +306,11 @@ async def check_input_images(request: Request, kind: str, body: dict[str, Any]) 
     rules = ImageRules(settings.image_max_pixels, settings.image_max_side, settings.image_urls)
     problems = []
     if rules.allow_urls:
-        fetch = functools.partial(egress.fetch, allow_private=settings.webhook_allow_private)
+        fetch = functools.partial(
+            egress.fetch,
+            allow_private=settings.webhook_allow_private,
+            ca_bundle=settings.webhook_ca_bundle,
+        )
         problems = await fetch_image_urls(kind, body, fetch, settings.max_body_bytes)
     checked = await anyio.to_thread.run_sync(check_images, kind, body, rules)
     problems += checked.problems
@@ -351,7 +387,8 @@ def _fingerprint(body: dict[str, Any]) -> str:
 async def get_job(request: Request) -> Response:
     repo = context.repo(request)
     row = await find_job(request, request.path_params["job_id"])
-    images = await repo.images(row.seq) if row.status == "completed" else None
+    # A completed job's images, or those A1111 answered an interrupted one with (canceled).
+    images = await repo.images(row.seq) if row.image_count else None
     view = await render_with_position(repo, row, images)
     if row.status == "queued":
         outage = await context.backends(request).outage()
@@ -382,7 +419,7 @@ async def list_jobs(request: Request) -> Response:
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
     rows = await context.repo(request).page(
-        status=status, type=kind, before_seq=cursor, limit=limit
+        status=status, type=kind, owner=_listed_owner(request), before_seq=cursor, limit=limit
     )
     next_cursor = str(rows[-1].seq) if len(rows) == limit else None
     return JSONResponse(
@@ -390,8 +427,15 @@ async def list_jobs(request: Request) -> Response:
     )
 
 
+def _listed_owner(request: Request) -> str | None:
+    """A tenant lists its own jobs; an admin everyone's, or one tenant's with `?owner=`."""
+    owner = visible_owner(request)
+    return owner if owner is not None else request.query_params.get("owner") or None
+
+
 async def cancel_job(request: Request) -> Response:
-    row = await context.repo(request).cancel(request.path_params["job_id"])
+    job = await find_job(request, request.path_params["job_id"])  # another tenant's: 404
+    row = await context.repo(request).cancel(job.id)
     if row is None:
         raise JobNotFound()
     return JSONResponse(render_job(row, with_result=False))
@@ -402,7 +446,7 @@ async def get_image(request: Request) -> Response:
     row = await find_job(request, request.path_params["job_id"])
     n = request.path_params["n"]
     # Only an index the job can have reaches the database (2**63 would overflow its integer).
-    has = row.status == "completed" and n < row.image_count
+    has = n < row.image_count  # stored with the final answer: completed, or canceled
     data = await repo.image(row.seq, n) if has else None
     if data is None:
         raise ImageNotFound(

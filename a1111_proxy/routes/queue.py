@@ -6,6 +6,9 @@ count it once; at least the running jobs, at least 1); `busy` the time the runni
 need (their A1111 eta, else `mean` minus what they ran). The job at position p starts in about
 `(busy + (p - 1) * mean) / slots` seconds; `estimated_wait_seconds` is that for a job submitted
 now behind every queued one. With no completed job to learn from, the estimates are null.
+
+A tenant sees its own jobs among the first `limit`, at their places in the whole queue; the
+counts and estimates cover every tenant's jobs (numbers only). An admin sees every job.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.routes import context
-from a1111_proxy.routes.context import int_param
+from a1111_proxy.routes.context import int_param, visible_owner
 from a1111_proxy.schemas import iso
 
 SAMPLE = 20
@@ -44,11 +47,22 @@ async def queue(request: Request) -> Response:
     queued, total = await repo.queued(limit)
     running = await repo.running()
     estimate = await _estimate(repo, running, context.settings(request).worker_stale_seconds)
+    owner = visible_owner(request)  # a tenant sees its own jobs, in their places in the queue
+
+    def shown(row: Any) -> bool:
+        return owner is None or row.owner == owner
+
     return JSONResponse(
         {
-            "queued": [_queued(row, n, estimate) for n, row in enumerate(queued, start=1)],
+            "queued": [
+                _queued(row, n, estimate) for n, row in enumerate(queued, start=1) if shown(row)
+            ],
             "queued_total": total,
-            "running": [_running(row) for row in sorted(running, key=lambda r: r.backend or "")],
+            "running": [
+                _running(row)
+                for row in sorted(running, key=lambda r: r.backend or "")
+                if shown(row)
+            ],
             "counts": await repo.counts(),
             "slots": estimate.slots,
             "estimated_wait_seconds": estimate.start_in(total + 1),

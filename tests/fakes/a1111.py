@@ -1,8 +1,12 @@
 """A fake AUTOMATIC1111 server: a real HTTP app that behaves like A1111's API where we use it.
 
 Like A1111 it runs one generation at a time (others wait in FIFO order), reports `/progress`
-globally, and stops the running generation on `/interrupt` (answering 200 with what it has).
-Tests tell it to fail, hang or answer garbage, and read what it received. Run it standalone with
+globally, and stops the running generation on `/interrupt`, answering 200 with what it has: the
+images of the batches it finished and of the one it was on (A1111's sampler returns its last
+latent when interrupted, and that is decoded and returned like a finished image). Tests tell it
+to fail, hang or answer garbage, to ignore `/interrupt` (`ignores_interrupt`, as an A1111 stuck in
+an extension or a model load does), to require `--api-auth` credentials (`api_auth`), and read
+what it received. Run it standalone with
 `python -m tests.fakes.a1111 --port 7860 --service-time 0.2`.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import itertools
 import json
 import time
@@ -18,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from a1111_proxy.backends.fake import tiny_png
 
@@ -81,12 +88,18 @@ class Generation:
     steps: int
     started: float
     duration: float
-    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupted: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # interrupted or finished early
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
     def fraction(self) -> float:
         if self.duration <= 0:
             return 1.0
         return min(1.0, (time.monotonic() - self.started) / self.duration)
+
+    def end(self) -> None:
+        """End it now, from any thread (the fake runs in its server's thread)."""
+        self.loop.call_soon_threadsafe(self.ended.set)
 
 
 @dataclass
@@ -99,9 +112,17 @@ class Received:
 class FakeA1111:
     """The fake's state and knobs; `app` is the ASGI application."""
 
-    def __init__(self, service_time: float = 0.05, name: str = "fake") -> None:
+    def __init__(
+        self, service_time: float = 0.05, name: str = "fake", api_auth: str | None = None
+    ) -> None:
         self.service_time = service_time
         self.name = name
+        # `user:password` pairs, comma-separated, as A1111's --api-auth takes them: its /sdapi
+        # routes then answer 401 without one of them (HTTP Basic).
+        self.api_auth = api_auth
+        self.refused: list[str] = []  # paths answered 401
+        # True: /interrupt answers {} but the generation runs on (an A1111 that does not stop).
+        self.ignores_interrupt = False
         self.received: list[Received] = []
         self.completed: list[dict[str, Any]] = []  # generations that ran to the end
         self.interrupts = 0
@@ -207,7 +228,39 @@ class FakeA1111:
         listed = [
             Route(f"/sdapi/v1/{name}", self._listed, methods=["GET"]) for name in self.catalogue
         ]
-        self.app = Starlette(routes=control + listed)
+        self.routes = Starlette(routes=control + listed)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await self._serve(scope, receive, send)
+
+        self.app = app  # a plain function, as servers expect an ASGI app to be
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The routes, behind --api-auth's check when `api_auth` is set."""
+        refusal = self._auth_refusal(scope)
+        if refusal is not None:
+            self.refused.append(scope["path"])
+            await refusal(scope, receive, send)
+            return
+        await self.routes(scope, receive, send)
+
+    def _auth_refusal(self, scope: Scope) -> Response | None:
+        """A1111's 401 (its error shape, and no WWW-Authenticate) for a request to a route that
+        --api-auth guards without one of its pairs; None when it may pass. A1111 guards the routes
+        its API registers; the Lora extension's and other extensions' (/controlnet) are open."""
+        if not self.api_auth or scope["type"] != "http" or not _guarded(scope["path"]):
+            return None
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return _a1111_401("Not authenticated")
+        try:
+            given = base64.b64decode(encoded, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return _a1111_401("Invalid authentication credentials")
+        if given not in self.api_auth.split(","):
+            return _a1111_401("Incorrect username or password")
+        return None
 
     # --- knobs ----------------------------------------------------------------------------
 
@@ -223,6 +276,11 @@ class FakeA1111:
     def garbage_next(self, n: int = 1) -> None:
         """The next `n` generation requests answer 200 with a body that is not JSON."""
         self._plan += [("garbage", None)] * n
+
+    def finish_current(self) -> None:
+        """The running generation ends now with its whole answer (from the test's thread)."""
+        if self.current is not None:
+            self.current.end()
 
     def generation_requests(self) -> list[Received]:
         return [r for r in self.received if r.path.endswith(("txt2img", "img2img"))]
@@ -262,16 +320,20 @@ class FakeA1111:
         self.current = gen
         try:
             try:
-                await asyncio.wait_for(gen.interrupted.wait(), duration)
+                await asyncio.wait_for(gen.ended.wait(), duration)
             except TimeoutError:
                 pass
+            reached = gen.fraction()
         finally:
             self.current = None
-        interrupted = gen.interrupted.is_set()
+        interrupted = gen.interrupted
         seed = int(body.get("seed", -1)) if str(body.get("seed", -1)).lstrip("-").isdigit() else -1
         seed = seed if seed != -1 else 1000 + number
-        batch = int(body.get("batch_size") or 1) * int(body.get("n_iter") or 1)
-        count = 0 if interrupted else batch
+        size, iterations = int(body.get("batch_size") or 1), int(body.get("n_iter") or 1)
+        batch = size * iterations
+        # Interrupted, A1111 skips the iterations it had not begun and returns the images of the
+        # ones it finished and of the one it was on (denoised as far as it got).
+        count = size * min(iterations, int(reached * iterations) + 1) if interrupted else batch
         infotexts = [
             f"{body.get('prompt', '')}\nSteps: {steps}, Seed: {seed + i}, "
             f"fake: {self.name}#{number}"
@@ -323,7 +385,7 @@ class FakeA1111:
             "job_count": 1,
             "sampling_step": step,
             "sampling_steps": gen.steps,
-            "interrupted": gen.interrupted.is_set(),
+            "interrupted": gen.interrupted,
         }
         skip_image = request.query_params.get("skip_current_image", "false") == "true"
         preview = None if skip_image else base64.b64encode(tiny_png(f"preview {step}", 4)).decode()
@@ -339,8 +401,10 @@ class FakeA1111:
 
     async def _interrupt(self, request: Request) -> Response:
         self.interrupts += 1
-        if self.current is not None:
-            self.current.interrupted.set()
+        gen = self.current
+        if gen is not None and not self.ignores_interrupt:
+            gen.interrupted = True
+            gen.ended.set()
         return JSONResponse({})
 
     async def _skip(self, request: Request) -> Response:
@@ -438,6 +502,16 @@ class FakeA1111:
         return JSONResponse(
             {"images": [base64.b64encode(tiny_png("detected")).decode()], "info": "Success"}
         )
+
+
+def _guarded(path: str) -> bool:
+    return path.startswith("/sdapi/") and path not in ("/sdapi/v1/loras", "/sdapi/v1/refresh-loras")
+
+
+def _a1111_401(detail: str) -> Response:
+    return JSONResponse(
+        {"error": "HTTPException", "detail": detail, "body": "", "errors": ""}, status_code=401
+    )
 
 
 def _failure(status: int, body: Any) -> Response:

@@ -91,6 +91,54 @@ async def test_a_worker_that_lost_its_lease_can_no_longer_change_the_job(
     assert await repo.images(row.seq) == [b"png-b"]
 
 
+async def test_a_stale_worker_changes_nothing_while_the_rerun_of_its_job_is_still_running(
+    repo: JobRepository, clock: Clock
+) -> None:
+    """The fence is the lease token: while the rerun holds the job, the job is `processing` as
+    it was under the stale lease, so only the token tells the two workers apart."""
+    body = json.dumps({"prompt": "cat"})
+    alices = NewJob("txt2img", request=body, payload=body, owner="alice")
+    job_id = (await repo.submit(alices)).job.id
+    stale = await claim_next(repo, "worker-a", "http://slot")
+    assert stale is not None
+    clock.advance(31)  # worker-a stops renewing (paused, partitioned...)
+    assert await repo.reap_expired() == [(job_id, "queued")]
+    rerun = await claim_next(repo, "worker-b", "http://slot")
+    assert rerun is not None and rerun.id == job_id and rerun.token != stale.token
+    assert (await repo.touch(rerun, progress=0.25, eta=9.0, preview="rerun-preview")).alive
+    assert await repo.skip_running(owner="alice") == 1
+    before = await repo.get(job_id)
+
+    # worker-a wakes up while worker-b still runs the job: each write it tries is refused.
+    await repo.clear_skip(stale)
+    stale_result = {"images": [], "info": "stale"}
+    accepted = {
+        "touch": (await repo.touch(stale, progress=0.9, eta=1.0, preview="stale")).alive,
+        "requests": (await repo.requests(stale)).alive,
+        "complete": await repo.complete(stale, stale_result, [b"png-a"]),
+        "complete canceled": await repo.complete(stale, stale_result, [], status="canceled"),
+        "finish error": await repo.finish(stale, "error", '{"code": "x", "message": "stale"}'),
+        "finish canceled": await repo.finish(stale, "canceled", None),
+        "requeue": await repo.requeue(stale, 0, None),
+        "release": await repo.release(stale),
+    }
+    assert accepted == dict.fromkeys(accepted, False)
+
+    row = await repo.get(job_id)
+    assert row == before  # status, lease, progress, skip, attempts: all still the rerun's
+    assert row.status == "processing" and row.lease_owner == "worker-b"
+    assert row.progress == 0.25 and row.result is None and row.error is None
+    assert row.skip_requested_at is not None
+    assert await repo.images(row.seq) == []
+    assert await repo.preview(row.seq) == "rerun-preview"
+    # The rerun's lease still holds: its own writes go through, and its answer is the job's.
+    assert (await repo.requests(rerun)).skip_requested
+    assert await repo.complete(rerun, {"images": [], "info": "rerun"}, [b"png-b"])
+    done = await repo.get(job_id)
+    assert done.status == "completed" and done.result["info"] == "rerun"
+    assert await repo.images(done.seq) == [b"png-b"]
+
+
 async def test_an_expired_lease_requeues_until_attempts_run_out_then_errors_worker_lost(
     repo: JobRepository, clock: Clock
 ) -> None:

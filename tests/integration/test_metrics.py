@@ -117,9 +117,13 @@ def test_every_api_replica_reports_the_same_numbers(replicas: list[httpx.Client]
     assert first == second
 
 
-def test_metrics_need_the_token_when_tokens_are_set(sqlite_url: str, settings_for) -> None:  # type: ignore[no-untyped-def]
-    settings = settings_for(database_url=sqlite_url, api_tokens="s3cret")
+def test_metrics_need_an_admin_token_when_tokens_are_set(sqlite_url: str, settings_for) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(
+        database_url=sqlite_url, api_tokens="tenant-token", admin_tokens="ops:s3cret"
+    )
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, headers=ASYNC) as client:
         assert client.get("/metrics").status_code == 401
+        refused = client.get("/metrics", headers={"Authorization": "Bearer tenant-token"})
+        assert refused.status_code == 403 and "ADMIN_TOKENS" in refused.json()["detail"]
         scraped = client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
         assert scraped.status_code == 200 and "a1111_proxy_jobs" in scraped.text

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from a1111_proxy.backends import Backend, BackendProtocolError, BackendRejected, BackendUnavailable
 from a1111_proxy.backends.a1111 import CATALOGUE_PATHS, A1111Backend
@@ -18,6 +21,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository, NewJob
 from a1111_proxy.wakeup import make_wakeup
 from tests.fakes.a1111 import FakeA1111
+from tests.servers import serve
 from worker.execute import Timing
 from worker.loop import Worker
 
@@ -269,6 +273,29 @@ async def test_a1111_answering_garbage_is_a_protocol_error_that_asks_about_the_u
     finally:
         await backend.aclose()
     assert "not an A1111 response" in raised.value.message and "--api" in raised.value.message
+
+
+async def test_no_a1111_api_route_is_a_protocol_error_but_a_missing_extension_is_a1111s_404() -> (
+    None
+):
+    """A1111 started without --api answers 404 {"detail": "Not Found"} to /sdapi/v1/txt2img:
+    not a refusal of the request. An A1111 without ControlNet answers /controlnet/detect so too,
+    and that one is A1111's own answer."""
+
+    async def not_found(request: object) -> JSONResponse:
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+
+    with serve(Starlette(routes=[Route("/{path:path}", not_found, methods=["POST"])])) as url:
+        backend = a1111(url)
+        try:
+            with pytest.raises(BackendProtocolError) as raised:
+                await backend.generate("txt2img", {"prompt": "x"})
+            assert "HTTP 404" in raised.value.message and "--api" in raised.value.message
+            with pytest.raises(BackendRejected) as refused:
+                await backend.generate("controlnet-detect", {"controlnet_module": "canny"})
+            assert refused.value.status == 404 and refused.value.body == {"detail": "Not Found"}
+        finally:
+            await backend.aclose()
 
 
 async def test_a_hung_backend_that_shows_no_generation_gets_the_job_requeued(

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from tests.fakes.a1111 import FakeA1111
-from tests.integration.test_callers import ALICE, BOB, CAROL, bearer, progress, stored, submit
+from tests.integration.test_callers import ALICE, BOB, bearer, progress, stored, submit
 from tests.servers import serve, wait_for
 from tests.stack import Stack
 from tests.unit.test_callers import TOKENS
+
+OPS = "Bearer ops-token"
 
 # --- running jobs: API and worker processes, two fake A1111s --------------------------------
 
@@ -28,10 +30,11 @@ def running(tmp_path: Path, database_url: str) -> Iterator[tuple[Stack, dict[str
             [one, two],
             database_url,
             A1111_PROXY_API_TOKENS=TOKENS,
+            A1111_PROXY_ADMIN_TOKENS="ops:ops-token",
             A1111_PROXY_LEASE_SECONDS="30",
         )
         try:
-            made.start_api().headers["Authorization"] = CAROL  # Stack's own reads: a third tenant
+            made.start_api().headers["Authorization"] = OPS  # Stack's own reads see every job
             made.start_worker()
             yield made, {one: fakes[0], two: fakes[1]}
         finally:

@@ -82,7 +82,8 @@ def test_cancel_ends_a_queued_job_at_once_and_interrupts_a_running_one(
     wait_for(lambda: fake_a1111[0].current is not None, what="the generation to start")
     api.post(f"/sdapi/v1/jobs/{running}/cancel")
     job = stack.wait_status(running, "canceled", timeout=10)
-    assert fake_a1111[0].interrupts == 1 and job["result"]["images"] == []
+    assert fake_a1111[0].interrupts == 1
+    assert len(job["result"]["images"]) == 1  # what A1111 had made when interrupted
     assert len(fake_a1111[0].generation_requests()) == 1  # the canceled queued job never ran
 
 

@@ -198,8 +198,11 @@ def test_a_waiting_request_gets_a1111s_503_naming_the_backend_once_none_answers(
         response = client.post("/sdapi/v1/txt2img", json=BODY)
         assert response.status_code == 503
         body = response.json()
-        assert {"error", "detail", "body", "errors"} <= set(body)
+        assert set(body) == {"error", "detail", "body", "errors", "code", "job_id"}
         assert dead in body["detail"] and body["code"] == "backend_unavailable"
+        assert response.headers["retry-after"] == "30"
+        assert body["job_id"] == response.headers["x-job-id"]
+        assert response.headers["location"] == f"/sdapi/v1/jobs/{body['job_id']}"
         job = stack.job(response.headers["x-job-id"])
         assert job["status"] == "canceled" and job["error"]["code"] == "backend_unavailable"
         # The async job waits on, and says why.

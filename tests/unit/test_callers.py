@@ -40,3 +40,15 @@ def test_one_token_given_to_two_tenants_is_refused() -> None:
     with pytest.raises(ValidationError, match="two tenants, 'alice' and 'bob'") as raised:
         Settings(_env_file=None, api_tokens="alice:same,bob:same")  # type: ignore[call-arg]
     assert "same" not in str(raised.value).replace("'alice' and 'bob'", "")
+
+
+def test_admin_tokens_name_admins_and_turn_auth_on_alone() -> None:
+    settings = Settings(_env_file=None, admin_tokens="ops:ops-token", host="0.0.0.0")  # type: ignore[call-arg]
+    assert settings.credentials() == [("ops", "ops-token", True)]
+    assert settings.auth_enabled and settings.auth_problem() is None
+
+
+def test_a_token_in_both_api_tokens_and_admin_tokens_is_refused_without_showing_it() -> None:
+    with pytest.raises(ValidationError, match="both API_TOKENS and ADMIN_TOKENS") as raised:
+        Settings(_env_file=None, api_tokens="alice:shared", admin_tokens="ops:shared")  # type: ignore[call-arg]
+    assert "shared" not in str(raised.value)

@@ -11,7 +11,7 @@ Queued and running jobs are numbered per owner and priority in the order they ca
 owner, from before 62d8ef72f7db, count as one owner): the queue rotates across owners at once.
 
 Revision ID: 0bf2657d334f
-Revises: 62d8ef72f7db
+Revises: 5b1f3c2d9e7a
 Create Date: 2026-11-30 14:36:11.050179
 """
 
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0bf2657d334f"
-down_revision: str | None = "62d8ef72f7db"
+down_revision: str | None = "5b1f3c2d9e7a"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
