@@ -490,7 +490,9 @@ class JobList(BaseModel):
 
 
 class QueuedJob(BaseModel):
-    position: int = Field(ge=1, description="1 = claimed next (priority, then age)")
+    position: int = Field(
+        ge=1, description="1 = claimed next (priority, then owners take turns, then age)"
+    )
     id: str
     type: str
     priority: int

@@ -72,15 +72,10 @@ jobs = Table(
     Column("deadline_at", Double, nullable=True),
     # Who submitted it (the tenant: the token's name, or the client address with tokens off).
     Column("owner", String(200), nullable=True),
+    # Its place among its priority's queued jobs (fair share across owners, jobs/turns.py).
+    Column("turn", BigInteger, nullable=False, server_default=text("0")),
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
-    Index(
-        "ix_jobs_queue",
-        "priority",
-        "seq",
-        postgresql_where=text("status = 'queued'"),
-        sqlite_where=text("status = 'queued'"),
-    ),
     Index(
         "ix_jobs_leases",
         "lease_expires_at",
@@ -97,8 +92,22 @@ jobs = Table(
         sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
     ),
     Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
-    Index("ix_jobs_owner_status", "owner", "status"),
+    # An owner's jobs by status; and its last turn among its queued jobs of a priority.
+    Index("ix_jobs_owner_turns", "owner", "status", "priority", "turn"),
     Index("ix_jobs_owner_seq", "owner", "seq"),  # a tenant's listing; its submit rate
+)
+
+# The claim order (jobs/clauses.py QUEUE_ORDER), so that a claim reads its first rows only.
+# Queries name the status in their SQL (clauses.QUEUED): SQLite and PostgreSQL's generic plans
+# use a partial index only for a WHERE they can see implies the index's.
+Index(
+    "ix_jobs_queue",
+    jobs.c.status,
+    jobs.c.priority.desc(),
+    jobs.c.turn,
+    jobs.c.seq,
+    postgresql_where=text("status = 'queued'"),
+    sqlite_where=text("status = 'queued'"),
 )
 
 # The full A1111 body (input images included) that the worker sends; kept apart so that

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, case, literal, or_
+from sqlalchemy import ColumnElement, String, and_, case, literal, literal_column, or_, select
 
-from a1111_proxy.db.tables import jobs
+from a1111_proxy.db.tables import STATUSES, jobs
 
-# The claim order: highest priority first, then oldest (the queue view shows the same order).
-QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.seq)
+# The claim order: highest priority first, then by turn (fair share across owners, turns.py),
+# then oldest. The queue view shows the same order; ix_jobs_queue serves it.
+QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.turn, jobs.c.seq)
 
 # What the webhook outbox needs to know of a job that changed (outbox.py).
 WEBHOOK_COLUMNS = (jobs.c.seq, jobs.c.webhook_url, jobs.c.webhook_events)
@@ -41,6 +42,25 @@ def of_owner(owner: str | None, job_id: str | None) -> list[ColumnElement[bool]]
     if job_id is not None:
         terms.append(jobs.c.id == job_id)
     return terms
+
+
+def in_status(status: str) -> ColumnElement[bool]:
+    """WHERE term `status = '<status>'` with the value written into the SQL, not bound: a
+    partial index on that status (ix_jobs_queue) can then serve the query in PostgreSQL's
+    generic plan of a prepared statement (asyncpg prepares them), which a bound value hides
+    it from."""
+    assert status in STATUSES
+    return jobs.c.status == literal_column(f"'{status}'")
+
+
+QUEUED = in_status("queued")
+
+
+def queued_ahead_of(seq: int, priority: int) -> ColumnElement[bool]:
+    """WHERE term: jobs before job `seq` (of `priority`) in QUEUE_ORDER."""
+    turn = select(jobs.c.turn).where(jobs.c.seq == seq).scalar_subquery()
+    earlier = or_(jobs.c.turn < turn, and_(jobs.c.turn == turn, jobs.c.seq < seq))
+    return or_(jobs.c.priority > priority, and_(jobs.c.priority == priority, earlier))
 
 
 def past_deadline(now: float) -> ColumnElement[bool]:

@@ -25,6 +25,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_payloads, jobs
 from a1111_proxy.errors import IdempotencyKeyReused, TenantLimitReached
 from a1111_proxy.jobs.records import GENERATIONS, JOB_COLUMNS, AnyRow, JobRecord, job_record
+from a1111_proxy.jobs.turns import assign_turns
 from a1111_proxy.wakeup import notify
 
 BATCH = 256  # jobs committed in one transaction at most
@@ -200,6 +201,7 @@ class JobIntake:
                 _with_defaults(row, payload, defaults)
                 for row, payload in zip(rows, payloads, strict=True)
             ]
+        await assign_turns(conn, rows)
         inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
         by_id = {row.id: row for row in inserted}
         await conn.execute(

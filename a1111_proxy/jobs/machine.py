@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     String,
     and_,
     bindparam,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
     update,
 )
@@ -43,6 +45,7 @@ from a1111_proxy.deliveries import DeliveryRepository
 from a1111_proxy.jobs.clauses import (
     NO_LEASE,
     QUEUE_ORDER,
+    QUEUED,
     WEBHOOK_COLUMNS,
     cancel_error,
     not_expired,
@@ -93,7 +96,8 @@ class JobMachine:
     # --- the claim ---------------------------------------------------------------------------
 
     async def claim(self, owner: str, slots: Slots) -> list[tuple[int, Claim]]:
-        """Lease up to one due job per free slot (highest priority, then oldest) to `owner`.
+        """Lease up to one due job per free slot (highest priority, then turn: owners take
+        turns, then oldest) to `owner`.
 
         `slots` are (backend name, checkpoint it last ran). A backend runs one job at a time
         across all workers: a slot whose backend already runs a job (for any worker) gets none,
@@ -114,12 +118,14 @@ class JobMachine:
     async def _claim_in(
         self, conn: AsyncConnection, owner: str, slots: Slots, now: float
     ) -> list[tuple[int, Claim]]:
-        waiting = and_(jobs.c.status == "queued", jobs.c.run_after <= now, not_expired(now))
+        waiting = and_(QUEUED, jobs.c.run_after <= now, not_expired(now))
         due = (
             select(jobs.c.seq)
             .where(waiting)
             .order_by(*QUEUE_ORDER)
-            .limit(len(slots))
+            # Written into the SQL (a few distinct statements): PostgreSQL's generic plan of a
+            # bound LIMIT expects many rows and joins them by scanning the whole table.
+            .limit(literal_column(str(len(slots)), Integer))
             .with_for_update(skip_locked=True)
             .cte("due")
         )
@@ -128,7 +134,7 @@ class JobMachine:
         stmt = (
             update(jobs)
             # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
-            .where(jobs.c.seq == due.c.seq, jobs.c.status == "queued")
+            .where(jobs.c.seq == due.c.seq, QUEUED)
             .values(
                 status="processing",
                 attempts=jobs.c.attempts + 1,
@@ -149,12 +155,13 @@ class JobMachine:
                 jobs.c.max_attempts,
                 jobs.c.checkpoint,
                 jobs.c.priority,
+                jobs.c.turn,
                 jobs.c.lease_token,
                 *WEBHOOK_COLUMNS,
                 _PAYLOAD,
             )
         )
-        rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.seq))
+        rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.turn, r.seq))
         if not rows:
             return []
         placed = place(rows, slots)

@@ -10,11 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import func, select, text
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_images, job_previews, jobs
-from a1111_proxy.jobs.clauses import QUEUE_ORDER, deadline_sweep_due, of_owner
+from a1111_proxy.jobs.clauses import (
+    QUEUE_ORDER,
+    QUEUED,
+    deadline_sweep_due,
+    of_owner,
+    queued_ahead_of,
+)
 from a1111_proxy.jobs.records import JOB_COLUMNS, JobRecord, JobState, job_record, job_state
 from a1111_proxy.redaction import backend_name
 
@@ -115,12 +121,7 @@ class JobReads:
 
     async def queued(self, limit: int) -> tuple[list[JobRecord], int]:
         """The first `limit` queued jobs in claim order, and how many are queued in all."""
-        query = (
-            select(*JOB_COLUMNS)
-            .where(jobs.c.status == "queued")
-            .order_by(*QUEUE_ORDER)
-            .limit(limit)
-        )
+        query = select(*JOB_COLUMNS).where(QUEUED).order_by(*QUEUE_ORDER).limit(limit)
         total = select(func.count()).select_from(jobs).where(jobs.c.status == "queued")
         async with self.db.reading() as conn:
             rows = (await conn.execute(query)).all()
@@ -132,11 +133,8 @@ class JobReads:
         backoff keep their place: they are claimed in this order once due."""
         if job.status != "queued":
             return None
-        ahead = or_(
-            jobs.c.priority > job.priority,
-            and_(jobs.c.priority == job.priority, jobs.c.seq < job.seq),
-        )
-        query = select(func.count()).select_from(jobs).where(jobs.c.status == "queued", ahead)
+        ahead = queued_ahead_of(job.seq, job.priority)
+        query = select(func.count()).select_from(jobs).where(QUEUED, ahead)
         async with self.db.reading() as conn:
             return int((await conn.execute(query)).scalar_one()) + 1
 

@@ -26,11 +26,11 @@ from a1111_proxy.redaction import backend_name, scrub_all
 TERMINAL = frozenset({"completed", "error", "canceled"})
 GENERATIONS = frozenset({"txt2img", "img2img"})
 
-# Columns the API shows; never the payload, the secret or image data.
+# Columns the API shows; never the payload, the secret, image data or the claim's `turn`.
 JOB_COLUMNS = tuple(
     c
     for c in jobs.c
-    if c.name not in {"webhook_secret", "lease_token", "request_hash", "idempotency_key"}
+    if c.name not in {"webhook_secret", "lease_token", "request_hash", "idempotency_key", "turn"}
 )
 _NAMES = tuple(c.name for c in JOB_COLUMNS)  # JobRecord's fields, in this order
 _COUNT = len(_NAMES)

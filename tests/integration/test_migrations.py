@@ -324,3 +324,61 @@ async def _the_machine_runs_them(url: str) -> None:
         assert failed is not None and failed.status == "error" and failed.lease_owner is None
     finally:
         await db.dispose()
+
+
+def test_the_fair_share_revision_numbers_waiting_jobs_per_owner_and_priority(
+    empty_database: str,
+) -> None:
+    """Queued and running jobs take turns 0, 1, 2... per owner and priority, in the order they
+    came (jobs without an owner count as one owner), so the queue rotates across owners at once;
+    finished jobs take 0."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from a1111_proxy.db.engine import Database
+
+    upgrade(empty_database, "5b1f3c2d9e7a")  # the revision before
+    jobs = [  # (owner, priority, status), in the order they were submitted
+        ("alice", 0, "queued"),
+        ("alice", 0, "processing"),
+        ("alice", 0, "queued"),
+        ("bob", 0, "queued"),
+        ("alice", 5, "queued"),
+        (None, 0, "queued"),
+        ("bob", 0, "completed"),
+        (None, 0, "queued"),
+        ("bob", 0, "queued"),
+    ]
+
+    async def store() -> None:
+        db = Database(empty_database)
+        async with db.writing() as conn:
+            for n, (owner, priority, status) in enumerate(jobs):
+                await conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, type, status, priority, request, max_attempts, "
+                        "run_after, created_at, updated_at, owner, lease_token) VALUES (:id, "
+                        "'txt2img', :status, :priority, '{}', 3, 0, 0, 0, :owner, :token)"
+                    ),
+                    {
+                        "id": f"job-{n}",
+                        "status": status,
+                        "priority": priority,
+                        "owner": owner,
+                        "token": "t" if status == "processing" else None,
+                    },
+                )
+        await db.dispose()
+
+    async def turns() -> list[int]:
+        db = Database(empty_database)
+        async with db.reading() as conn:
+            rows = await conn.execute(text("SELECT turn FROM jobs ORDER BY seq"))
+            found = list(rows.scalars())
+        await db.dispose()
+        return found
+
+    asyncio.run(store())
+    upgrade(empty_database)
+    assert asyncio.run(turns()) == [0, 1, 2, 0, 0, 0, 0, 1, 1]

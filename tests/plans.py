@@ -1,0 +1,60 @@
+"""Query plans of the statements the job store sends, as the database would run them: SQLite's
+EXPLAIN QUERY PLAN; on PostgreSQL the generic plan, which a prepared statement (asyncpg keeps
+them) settles on after five runs, when the values it was planned for no longer show."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sqlalchemy import event
+
+from a1111_proxy.db.engine import Database
+
+
+@contextlib.contextmanager
+def sent(db: Database, picks: Callable[[str], bool]) -> Iterator[list[tuple[str, Any]]]:
+    """The statements (with their parameters) sent on `db`'s write engine that `picks` picks."""
+    found: list[tuple[str, Any]] = []
+
+    def listen(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if picks(statement):
+            found.append((statement, params))
+
+    engine = db.write_engine.sync_engine
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        yield found
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+
+
+async def plan(db: Database, statement: str, params: Any) -> str:
+    """The plan of `statement` (nothing of it is kept: it runs in a transaction rolled back)."""
+    async with db.write_engine.connect() as conn:
+        transaction = await conn.begin()
+        try:
+            if db.is_sqlite:
+                rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params)
+                return "\n".join(str(row[-1]) for row in rows.all())
+            await conn.exec_driver_sql(f"PREPARE plan_of AS {statement}")
+            try:
+                await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+                values = ", ".join(_sql_literal(value) for value in params)
+                rows = await conn.exec_driver_sql(f"EXPLAIN (COSTS OFF) EXECUTE plan_of({values})")
+                return "\n".join(str(row[0]) for row in rows.all())
+            finally:
+                await conn.exec_driver_sql("DEALLOCATE plan_of")
+        finally:
+            await transaction.rollback()
+
+
+def _sql_literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list):
+        return "ARRAY[" + ", ".join(_sql_literal(item) for item in value) + "]"
+    return repr(value)
