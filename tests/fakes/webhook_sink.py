@@ -62,6 +62,7 @@ class WebhookSink:
         self._default = Reply()
         self._flaky: tuple[random.Random, float, int] | None = None
         self._failed: Counter[str] = Counter()  # failures per webhook-id, for `flaky`
+        self._slow = 0.0
         self.app = Starlette(routes=[Route("/{path:path}", self._receive, methods=["POST"])])
 
     def answer(
@@ -78,10 +79,12 @@ class WebhookSink:
     def always(self, status: int = 200, *, hang: bool = False) -> None:
         self._default = Reply(status, hang=hang)
 
-    def flaky(self, rng: random.Random, rate: float, most: int) -> None:
+    def flaky(self, rng: random.Random, rate: float, most: int, slow: float = 0.0) -> None:
         """Unscripted requests fail with probability `rate` (a 500 or a dropped connection, half
-        and half), each message (webhook-id) at most `most` times, so every one gets through."""
+        and half), each message (webhook-id) at most `most` times, so every one gets through;
+        each answer takes up to `slow` seconds."""
         self._flaky = (rng, rate, most)
+        self._slow = slow
 
     def at(self, path: str) -> list[Received]:
         return [r for r in self.received if r.path == path]
@@ -105,6 +108,8 @@ class WebhookSink:
         )
         if reply.hang:
             await asyncio.sleep(3600)  # the sender's timeout ends this
+        if self._flaky is not None and self._slow:
+            await asyncio.sleep(self._flaky[0].uniform(0, self._slow))
         if reply.drop:
             return Dropped()
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
