@@ -137,6 +137,19 @@ class Settings(BaseSettings):
         description="images in `job.completed`: `base64` (in `data.result.images`), "
         "`url` (left out; `data.image_urls` made absolute with PUBLIC_URL), `none` (left out)",
     )
+    webhook_retry_seconds: Annotated[list[Annotated[float, Field(ge=0)]], NoDecode] = Field(
+        [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="`job.completed` is sent at once, then after a failed attempt again after "
+        "each of these waits in turn (seconds, each ±20 %); when they are used up it is `failed` "
+        "(about a day in all by default)",
+    )
+    webhook_lease_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="how long a worker holds a webhook delivery it took up to send; one whose "
+        "worker died is sent again, by another, after this long. Keep it well above the 15 s one "
+        "attempt may take",
+    )
     public_url: str = Field(
         "",
         description="this API's address as webhook receivers reach it, for "
@@ -361,7 +374,14 @@ class Settings(BaseSettings):
             return words.get(value.strip().lower(), value.strip().lower())
         return value
 
-    @field_validator("api_tokens", "admin_tokens", "a1111_urls", "cors_origins", mode="before")
+    @field_validator(
+        "api_tokens",
+        "admin_tokens",
+        "a1111_urls",
+        "cors_origins",
+        "webhook_retry_seconds",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)

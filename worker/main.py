@@ -19,6 +19,7 @@ from a1111_proxy.jobs import JobRepository
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
 from a1111_proxy.wakeup import make_wakeup
+from a1111_proxy.webhooks import RetryPolicy
 from worker.catalogue import CatalogueKeeper
 from worker.enricher import CivitaiEnricher
 from worker.execute import Timing
@@ -62,16 +63,21 @@ def build_worker(settings: Settings, db: Database) -> Worker:
 
 
 def build_sender(settings: Settings, repo: JobRepository) -> WebhookSender:
-    config = SenderConfig(
+    # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
+    wakeup = make_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
+    return WebhookSender(repo, wakeup, sender_config(settings))
+
+
+def sender_config(settings: Settings) -> SenderConfig:
+    return SenderConfig(
         default_secret=settings.webhook_secret.get_secret_value(),
         allow_private=settings.webhook_allow_private,
         ca_bundle=settings.webhook_ca_bundle,
         images=settings.webhook_images,
         public_url=settings.public_base_url(),
+        lease_seconds=settings.webhook_lease_seconds,
+        policy=RetryPolicy(schedule=(0.0, *settings.webhook_retry_seconds)),
     )
-    # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
-    wakeup = make_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
-    return WebhookSender(repo, wakeup, config)
 
 
 def build_chores(settings: Settings, db: Database) -> list[Chore]:
