@@ -179,7 +179,7 @@ class CatalogueStore:
             current = await self._locked_control(conn, CHECKPOINT_REQUEST, {"version": 0})
             version = int(current["version"]) + 1
             request: dict[str, Any] = {"version": version, "loaded": loaded, "at": self.clock()}
-            default = await self.default_checkpoint_in(conn)
+            default = (await self.submit_defaults_in(conn, set())).checkpoint
             if loaded and default:
                 request["checkpoint"] = default
             await self._set_control_in(conn, CHECKPOINT_REQUEST, request)
