@@ -169,6 +169,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise InvalidRequest(
             [{"loc": ["body"], "msg": "the body must be a JSON object", "type": "dict_type"}]
         )
+    if not _may_be_unstorable(raw):
+        return body
     problem = unstorable(body, surrogates=_may_hold_surrogates(raw))
     if problem is not None:
         loc, msg = problem
@@ -178,6 +180,18 @@ async def read_json_object(request: Request) -> dict[str, Any]:
 
 MAX_DEPTH = 64  # A1111 bodies nest about 6 levels (alwayson_scripts -> args -> unit -> ...)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _may_be_unstorable(raw: bytes) -> bool:
+    """Whether the parsed body needs the walk of `unstorable`: only when its text has a NaN or
+    Infinity token, a surrogate escape, or brackets enough to nest past MAX_DEPTH (a typical
+    A1111 body has none of these, and the walk would cost every submit)."""
+    return (
+        b"NaN" in raw
+        or b"Infinity" in raw
+        or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+        or _may_hold_surrogates(raw)
+    )
 
 
 def _may_hold_surrogates(raw: bytes) -> bool:
