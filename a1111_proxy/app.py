@@ -31,7 +31,7 @@ def make_lifespan(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         # The engine is made here so that it binds to the server's event loop.
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         catalogue = CatalogueStore(db)
         repo = JobRepository(
             db,

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         "sqlite+aiosqlite:///./data/a1111_proxy.db",
         description="the job database; `postgresql+asyncpg://user:pass@host/db` to scale out",
     )
+    sqlite_synchronous: Literal["normal", "full"] = Field(
+        "normal",
+        description="SQLite's durability (WAL mode): `normal`, an acknowledged job survives any "
+        "crash of our processes and reaches the disk at the next checkpoint (a power cut may "
+        "lose the last moments); `full`, each commit is fsynced before the answer (survives a "
+        "power cut; each submit batch waits for the disk)",
+    )
     host: str = Field("127.0.0.1", description="where the API listens")
     port: int = Field(7861, ge=0, le=65535, description="the API's port")
     serve_processes: int = Field(
