@@ -159,6 +159,19 @@ class Settings(BaseSettings):
         description="how long a Civitai answer (a 404 too) is kept before the "
         "worker asks again (604800: 7 days)",
     )
+    download_allow_pickle: bool = Field(
+        False,
+        description="let POST /sdapi/v1/models/downloads fetch pickle files (`.ckpt`, `.pt`, "
+        "`.pth`, `.bin`), which can run code when A1111 loads them; `false` refuses them (the "
+        "download fails saying so) and takes `.safetensors` and `.gguf` only",
+    )
+    download_reserve_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="free space a model download must leave on MODELS_DIR's disk: one that "
+        "would leave less (by the size Civitai or the server reports) fails before it starts "
+        "(1073741824: 1 GiB)",
+    )
     retention_seconds: int = Field(
         604800,
         ge=0,
