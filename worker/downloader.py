@@ -146,7 +146,11 @@ class Downloader:
     async def run(self, claim: DownloadClaim) -> None:
         label = f"download {claim.id}"
         try:
-            await self._run(claim)
+            resolved = await self._resolved(claim)
+            if resolved is None:
+                return
+            claim = resolved  # what follows may fail knowing where the part file is
+            await self._fetch(claim)
         except OSError as exc:  # the disk: full, read-only, no permission
             await self._fail(claim, Refused(f"{type(exc).__name__}: {exc}"))
         except Refused as exc:
@@ -162,17 +166,19 @@ class Downloader:
         log.warning("download %s failed: %s", claim.id, exc)
         await self.store.finish(claim, "failed", str(exc))
 
-    async def _run(self, claim: DownloadClaim) -> None:
+    async def _resolved(self, claim: DownloadClaim) -> DownloadClaim | None:
+        """The claim with its source resolved (once: a resumed download asks nothing); None
+        when there is nothing more to do (canceled, or the lease is lost)."""
         if claim.record.cancel_requested_at is not None:
             await self._cancel(claim)
-            return
+            return None
         if claim.record.attempts > self.store.max_attempts:
             raise Refused(f"its workers stopped or died {claim.record.attempts - 1} times")
-        if claim.record.path is None:
-            resolved = await self.store.resolved(claim, await self._plan(claim))
-            if resolved is None:
-                return  # the lease is lost: another worker has it
-            claim = resolved
+        if claim.record.path is not None:
+            return claim
+        return await self.store.resolved(claim, await self._plan(claim))
+
+    async def _fetch(self, claim: DownloadClaim) -> None:
         path = self._target(claim)
         if await self._already_there(claim, path):
             return

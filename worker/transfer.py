@@ -29,7 +29,6 @@ from a1111_proxy import egress
 
 T = TypeVar("T")
 
-CHUNK_BYTES = 1 << 20
 RETRIES = 4
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes \*/(\d+)$")
@@ -131,7 +130,7 @@ class Transfer:
         file = await self._in_pool(_open, self.part, start)
         self.done = start
         try:
-            async for chunk in response.aiter_raw(CHUNK_BYTES):
+            async for chunk in response.aiter_raw():
                 await self._in_pool(_append, file, chunk)
                 self.done += len(chunk)
                 if self.total is not None and self.done > self.total:
