@@ -92,9 +92,10 @@ class Settings(BaseSettings):
     )
     models_dir: str = Field(
         "./models",
-        description="A1111 layout (`Stable-diffusion/`, `Lora/`, `ControlNet/`): the "
-        "worker hashes the checkpoints and LoRAs there for Civitai (nothing happens while it "
-        "does not exist); also where the bundled engine finds its models",
+        description="A1111 layout (`Stable-diffusion/`, `Lora/`, `ControlNet/`, `VAE/`, "
+        "`embeddings/`): the worker hashes the checkpoints and LoRAs there for Civitai "
+        "(nothing happens while it does not exist) and puts model downloads there; also where "
+        "the bundled engine finds its models",
     )
     response_mode: Literal["auto", "async", "wait"] = Field(
         "auto",
@@ -147,11 +148,15 @@ class Settings(BaseSettings):
         description="Civitai metadata on `sd-models` and `loras`; `false` turns the "
         "lookups and the `civitai` key off",
     )
-    civitai_url: str = Field("https://civitai.com", description="the Civitai site to ask")
+    civitai_url: str = Field(
+        "https://civitai.com",
+        description="the Civitai site to ask (trusted by model downloads' egress guard: it may "
+        "be a mirror on your network)",
+    )
     civitai_token: SecretStr = Field(
         SecretStr(""),
-        description="a Civitai API key, sent as a bearer token (optional: "
-        "by-hash lookups are public)",
+        description="a Civitai API key, sent as a bearer token to CIVITAI_URL only (optional: "
+        "by-hash lookups are public; model downloads that need a login or early access need it)",
     )
     civitai_ttl_seconds: float = Field(
         604800.0,
