@@ -154,6 +154,7 @@ class FakeCivitai:
         self._hold: list[int] = []
         self.held = threading.Event()  # set while a held answer waits
         self.released = threading.Event()
+        self.storage: str | None = None  # another server's base URL: downloads redirect there
         self.routes = Starlette(
             routes=[
                 Route("/api/v1/model-versions/by-hash/{sha}", self._by_hash),
@@ -259,16 +260,16 @@ class FakeCivitai:
         )
 
     async def _download(self, request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        self.file_requests.append(FileRequest(request.url.path, None, authorization))
         listed = self.versions.get(request.path_params["vid"])
         if listed is None:
             return JSONResponse({"error": "Model not found"}, status_code=404)
-        if listed.gated and request.headers.get("authorization") != f"Bearer {self.token}":
-            self.file_requests.append(FileRequest(request.url.path, None, None))
+        if listed.gated and authorization != f"Bearer {self.token}":
             return JSONResponse({"error": "Unauthorized"}, status_code=401)
         # As Civitai: a redirect to the storage, with the file name in the path.
-        return RedirectResponse(
-            f"/files/{listed.version_id}/{quote(listed.file_name, safe='')}", status_code=307
-        )
+        where = f"/files/{listed.version_id}/{quote(listed.file_name, safe='')}"
+        return RedirectResponse(f"{self.storage or ''}{where}", status_code=307)
 
     async def _image(self, request: Request) -> Response:
         return Response(tiny_jpeg(), media_type="image/jpeg")

@@ -20,7 +20,7 @@ from a1111_proxy.app import create_app
 from a1111_proxy.catalogue import REFRESH_REQUESTED, CatalogueStore
 from a1111_proxy.civitai import CivitaiClient
 from a1111_proxy.db.engine import Database
-from a1111_proxy.downloads import DownloadStore
+from a1111_proxy.downloads import DownloadClaim, DownloadStore, Plan
 from a1111_proxy.model_info import ModelInfoStore
 from tests.fakes.civitai import FakeCivitai, model_bytes
 from tests.servers import serve
@@ -364,6 +364,27 @@ async def test_a_gated_model_needs_the_civitai_token(setup: Setup) -> None:
     assert setup.fake.file_requests[-1].authorization == "Bearer civitai-key"
 
 
+async def test_the_token_goes_to_civitai_only_never_to_the_storage_it_redirects_to(
+    setup: Setup,
+) -> None:
+    storage = FakeCivitai()
+    listed = setup.fake.add(704, "stored", model_bytes(1000), gated=True)
+    storage.versions[704] = listed
+    setup.token = "civitai-key"
+    with serve(storage.app) as storage_url:
+        setup.fake.storage = storage_url  # another host (port): not the trusted Civitai site
+        blocked = await setup.fetch(704)  # the egress guard: loopback is internal
+        assert blocked["status"] == "failed" and blocked["error"].startswith("blocked:")
+        assert storage.file_requests == []
+        setup.config = replace(setup.config, allow_private=True)  # WEBHOOK_ALLOW_PRIVATE
+        done = await setup.fetch(704)
+    assert done["status"] == "completed", done
+    [download] = [r for r in setup.fake.file_requests if r.path.startswith("/api/download/")][-1:]
+    assert download.authorization == "Bearer civitai-key"
+    [stored] = storage.file_requests
+    assert stored.authorization is None
+
+
 async def test_a_direct_url_to_an_internal_address_is_blocked_by_the_egress_guard(
     setup: Setup,
 ) -> None:
@@ -515,6 +536,64 @@ async def test_the_listing_is_newest_first_and_filters_by_status(setup: Setup) -
     assert "no model version" in failed[0]["error"]
     bad = await setup.api.get(DOWNLOADS, params={"status": "done"})
     assert bad.status_code == 422
+
+
+# --- the store: one worker per download ---------------------------------------------------
+
+
+async def test_a_download_is_claimed_by_one_worker_until_its_lease_expires(db: Database) -> None:
+    now = [1000.0]
+    store = DownloadStore(db, clock=lambda: now[0])
+    added = await store.add("7", kind=None, file=None, sha256=None, requested_by="root")
+    first = await store.claim("worker-a", lease_seconds=30)
+    assert first is not None and first.id == added.id and first.record.attempts == 1
+    assert await store.claim("worker-b", lease_seconds=30) is None  # held: nobody else
+    assert not await store.has_due()
+    touched = await store.touch(first, 30, bytes_done=10, bytes_total=100, speed=5.0)
+    assert touched.held and not touched.cancel
+
+    now[0] += 31  # worker-a died: its lease expired
+    second = await store.claim("worker-b", lease_seconds=30)
+    assert second is not None and second.id == added.id and second.record.attempts == 2
+    assert second.record.bytes_done == 10  # where the first one got to
+    # The first worker's writes are fenced off: it learns it lost the download.
+    lost = await store.touch(first, 30, bytes_done=20, bytes_total=100, speed=5.0)
+    assert not lost.held
+    assert not await store.finish(first, "completed")
+    assert await store.requeue(first, 0, "x") is None
+    assert (await store.get(added.id)).status == "running"  # type: ignore[union-attr]
+    assert await store.finish(second, "completed")
+    assert (await store.get(added.id)).status == "completed"  # type: ignore[union-attr]
+
+
+async def test_a_path_being_written_by_one_download_is_seen_by_another(db: Database) -> None:
+    store = DownloadStore(db)
+    for _ in range(2):
+        await store.add("7", kind=None, file=None, sha256=None, requested_by="root")
+    plan = Plan("lora", "https://x", "Lora/m.safetensors", None, None, None)
+    one = await store.resolved(await _claimed(store), plan)
+    two = await _claimed(store)
+    assert one is not None
+    assert await store.writer_of(two, "Lora/m.safetensors") == one.id
+    assert await store.writer_of(one, "Lora/m.safetensors") is None  # not itself
+    assert await store.finish(one, "completed")
+    assert await store.writer_of(two, "Lora/m.safetensors") is None
+
+
+async def test_a_download_requeued_too_often_fails(db: Database) -> None:
+    store = DownloadStore(db, max_attempts=2)
+    added = await store.add("7", kind=None, file=None, sha256=None, requested_by="root")
+    assert await store.requeue(await _claimed(store), 0, "Civitai is down") == "queued"
+    assert await store.requeue(await _claimed(store), 0, "Civitai is down") == "failed"
+    failed = await store.get(added.id)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error == "Civitai is down (gave up after 2 attempts)"
+
+
+async def _claimed(store: DownloadStore) -> DownloadClaim:
+    claim = await store.claim("w", lease_seconds=30)
+    assert claim is not None
+    return claim
 
 
 async def _shown_if(
