@@ -3,17 +3,16 @@
 
 Each tick claims one due download (a lease: no other worker fetches it meanwhile), then:
 
-1. resolves its source once (kept on the row, so a resumed download asks Civitai nothing):
-   Civitai's model-version JSON and the file asked for (else the primary one), or a direct URL;
-2. refuses what it must not fetch: a pickle unless DOWNLOAD_ALLOW_PICKLE, a file that is no
-   model, a name already taken by another file, a disk that would keep less than
+1. resolves its source once (worker/download_plan.py; kept on the row, so a resumed download
+   asks Civitai nothing), refusing a pickle unless DOWNLOAD_ALLOW_PICKLE or a file that is no
+   model;
+2. refuses a name already taken by another file, and a disk that would keep less than
    DOWNLOAD_RESERVE_BYTES free;
 3. streams the file into `<name>.part` beside its place (worker/transfer.py: Range resumes),
    while a heartbeat renews the lease, shows the progress and hears a cancel;
 4. checks Civitai's SHA256 (a mismatch removes the part file and fails the download), renames
-   the part file into place, writes A1111's sidecars (`<name>.civitai.info`, `<name>.preview.png`),
-   records the file's hashes and Civitai's answer (so `civitai` shows at once) and asks the
-   catalogue keepers to refresh.
+   the part file into place, and adds what goes with it (worker/model_install.py): A1111's
+   sidecars, the file's hashes and Civitai's answer, a catalogue refresh.
 
 A failed or canceled download leaves no part file; one given back to the queue (Civitai down,
 the connection kept dropping, the worker stopping) keeps it for the next claim to resume.
@@ -23,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import json
 import logging
 import os
 import shutil
@@ -35,53 +32,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
-
-import httpx
 
 from a1111_proxy import egress
-from a1111_proxy.catalogue import REFRESH_REQUESTED, CatalogueStore
-from a1111_proxy.civitai import (
-    CivitaiClient,
-    CivitaiError,
-    CivitaiUnavailable,
-    civitai_type,
-    kind_of,
-    parse_source,
-    summarize,
-    version_file,
-)
-from a1111_proxy.downloads import DownloadClaim, DownloadStore, Plan
+from a1111_proxy.catalogue import CatalogueStore
+from a1111_proxy.civitai import CivitaiClient
+from a1111_proxy.downloads import DownloadClaim, DownloadStore
 from a1111_proxy.hashes import FileHashes, hash_file
-from a1111_proxy.model_info import FOLDERS, ModelFile, ModelInfoStore
-from a1111_proxy.model_layout import (
-    KIND_FOLDERS,
-    PICKLE_SUFFIXES,
-    SAFE_SUFFIXES,
-    info_path,
-    is_model_file,
-    is_pickle,
-    part_path,
-    place,
-    preview_path,
-    relative,
-    safe_file_name,
-)
+from a1111_proxy.model_info import ModelInfoStore
+from a1111_proxy.model_layout import part_path, place
+from worker.download_plan import plan_for
+from worker.model_install import Fetching, Installer
 from worker.transfer import Refused, Remote, Transfer, TryLater
 
 log = logging.getLogger("a1111_proxy.worker")
 
 T = TypeVar("T")
 
-REFRESH_FOR_KIND = {
-    "checkpoint": "checkpoints",
-    "lora": "loras",
-    "vae": "vae",
-    "embedding": "embeddings",
-}
-REFRESH_MERGE_SECONDS = 60.0  # a refresh asked this recently is widened, not replaced
 BUSY_PATH_DELAY = 10.0  # another download writes the same file: look again after this
-MAX_PREVIEW_BYTES = 32 << 20
 READ_TIMEOUT_SECONDS = 60.0  # a server silent this long drops the connection (then resumed)
 
 
@@ -113,8 +80,6 @@ class Downloader:
     ) -> None:
         self.store = store
         self.civitai = civitai
-        self.catalogue = catalogue
-        self.info = info
         self.config = config
         self.worker_id = worker_id
         self.interval = interval
@@ -122,6 +87,14 @@ class Downloader:
         self.sleep = sleep
         self.http = egress.make_client(config.ca_bundle, timeout=READ_TIMEOUT_SECONDS)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="download")
+        self.installer = Installer(
+            civitai,
+            catalogue,
+            info,
+            Fetching(self.http, config.allow_private, resolve),
+            self._pool,
+            civitai_ttl=config.civitai_ttl,
+        )
         self.transfer: Transfer | None = None  # the one running (tests look at its ranges)
 
     async def tick(self) -> None:
@@ -176,7 +149,8 @@ class Downloader:
             raise Refused(f"its workers stopped or died {claim.record.attempts - 1} times")
         if claim.record.path is not None:
             return claim
-        return await self.store.resolved(claim, await self._plan(claim))
+        plan = await plan_for(claim.record, self.civitai, allow_pickle=self.config.allow_pickle)
+        return await self.store.resolved(claim, plan)
 
     async def _fetch(self, claim: DownloadClaim) -> None:
         path = self._target(claim)
@@ -189,61 +163,6 @@ class Downloader:
             await self._install(claim, path)
 
     # --- what to fetch, and where ---------------------------------------------------------
-
-    async def _plan(self, claim: DownloadClaim) -> Plan:
-        record = claim.record
-        try:
-            source = parse_source(record.source, self.civitai.url)
-        except ValueError as exc:
-            raise Refused(str(exc)) from None
-        if source.kind == "url":
-            return self._direct_plan(record.source, record.kind, record.file, record.sha256)
-        try:
-            version = await self.civitai.model_version(source)
-        except CivitaiUnavailable as exc:
-            delay = max(60.0, exc.retry_after or 0)
-            raise TryLater(f"Civitai is unavailable: {exc}", delay) from None
-        except CivitaiError as exc:
-            raise Refused(f"Civitai gave no usable answer: {exc}") from None
-        if version is None:
-            raise Refused(f"Civitai has no model version for {record.source!r}")
-        return self._civitai_plan(version, record.kind, record.file)
-
-    def _civitai_plan(self, version: dict[str, Any], kind: str | None, wanted: str | None) -> Plan:
-        try:
-            file = version_file(version, wanted)
-        except ValueError as exc:
-            raise Refused(str(exc)) from None
-        kind = kind or kind_of(version, file)
-        if kind is None:
-            raise Refused(
-                f"Civitai says this model is a {civitai_type(version)}, which a1111-proxy does "
-                f"not place by itself; give `kind` (one of {', '.join(KIND_FOLDERS)})"
-            )
-        name = self._checked_name(safe_file_name(file.name), pickle=file.pickle)
-        if not file.url:
-            raise Refused(f"Civitai gives no download URL for {file.name!r}")
-        return Plan(kind, file.url, relative(kind, name), file.sha256, file.size, version)
-
-    def _direct_plan(self, url: str, kind: str | None, file: str | None, sha: str | None) -> Plan:
-        if kind is None:
-            raise Refused("a direct URL needs `kind`")
-        given = file or unquote(httpx.URL(url).path.rsplit("/", 1)[-1])
-        name = self._checked_name(safe_file_name(given), pickle=False)
-        return Plan(kind, url, relative(kind, name), sha, None, None)
-
-    def _checked_name(self, name: str, *, pickle: bool) -> str:
-        if not name or not is_model_file(name):
-            raise Refused(
-                f"{name or 'the file'!r} is not a model file a1111-proxy downloads (it takes "
-                f"{', '.join(SAFE_SUFFIXES + PICKLE_SUFFIXES)}); give `file` to pick another"
-            )
-        if (pickle or is_pickle(name)) and not self.config.allow_pickle:
-            raise Refused(
-                f"{name!r} is a pickle, which can run code when it is loaded; a1111-proxy "
-                "downloads .safetensors files only, unless A1111_PROXY_DOWNLOAD_ALLOW_PICKLE=true"
-            )
-        return name
 
     def _target(self, claim: DownloadClaim) -> Path:
         """The file's path on this machine (its kind's folder made if missing)."""
@@ -361,82 +280,16 @@ class Downloader:
         await self._installed(claim, path, hashes)
 
     async def _installed(self, claim: DownloadClaim, path: Path, hashes: FileHashes) -> None:
-        """The file is in place: sidecars, records, a catalogue refresh, and the end."""
+        """The file is in place: its sidecars, records and refresh (worker/model_install.py), and
+        the download's end."""
         record = claim.record
         assert record.kind is not None
-        if record.version is not None:
-            await self._sidecars(record.version, path)
+        await self.installer.installed(record.kind, record.version, path, hashes)
         size = path.stat().st_size
-        await self._record(record.kind, record.version, path, hashes)
-        await self._request_refresh(record.kind)
         await self.store.finish(
             claim, "completed", bytes_done=size, bytes_total=size, sha256=hashes.sha256
         )
         log.info("download %s: %s is in place (%d bytes)", claim.id, record.path, size)
-
-    async def _sidecars(self, version: dict[str, Any], path: Path) -> None:
-        """`<name>.civitai.info` (Civitai's JSON) and `<name>.preview.png` (its first image), as
-        A1111's Civitai helper extensions write them. A preview that cannot be had is skipped."""
-        info = json.dumps(version, indent=4, ensure_ascii=False).encode()
-        await self._in_pool(_write_atomically, info_path(path), info)
-        url = _first_image(version)
-        if url is None:
-            return
-        try:
-            png = await self._in_pool(_as_png, await self._fetch_small(url))
-        except Exception as exc:
-            log.warning("download: no preview for %s (%s: %s)", path.name, type(exc).__name__, exc)
-            return
-        await self._in_pool(_write_atomically, preview_path(path), png)
-
-    async def _fetch_small(self, url: str) -> bytes:
-        async with egress.stream(
-            self.http,
-            url,
-            allow_private=self.config.allow_private,
-            trusted=self.civitai.is_civitai,
-            resolve=self.resolve,
-        ) as response:
-            if response.status_code != 200:
-                raise ValueError(f"HTTP {response.status_code}")
-            data = b""
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > MAX_PREVIEW_BYTES:
-                    raise ValueError(f"larger than {MAX_PREVIEW_BYTES} bytes")
-            return data
-
-    async def _record(
-        self, kind: str, version: dict[str, Any] | None, path: Path, hashes: FileHashes
-    ) -> None:
-        """The file's hashes (the hasher then skips it) and Civitai's answer by its hash."""
-        if version is not None:
-            summary = summarize(version, self.civitai.url)
-            await self.info.save_lookup(hashes.sha256, summary, self.config.civitai_ttl)
-        if kind not in FOLDERS:
-            return
-        stat = path.stat()
-        await self.info.save_file(
-            ModelFile(
-                path=str(path.absolute()),
-                size=stat.st_size,
-                mtime_ns=stat.st_mtime_ns,
-                kind=kind,
-                rel=path.name,
-                sha256=hashes.sha256,
-                autov3=hashes.autov3,
-            )
-        )
-
-    async def _request_refresh(self, kind: str) -> None:
-        """Ask the workers' catalogue keepers to rescan, as POST /refresh-checkpoints does; a
-        request made moments ago (another download) is widened rather than replaced."""
-        now = time.time()
-        previous = await self.catalogue.get_control(REFRESH_REQUESTED) or {}
-        what = set(previous.get("what") or []) if now - previous.get("at", 0) < 60 else set()
-        if kind in REFRESH_FOR_KIND:
-            what.add(REFRESH_FOR_KIND[kind])
-        await self.catalogue.set_control(REFRESH_REQUESTED, {"at": now, "what": sorted(what)})
 
     async def _cancel(self, claim: DownloadClaim) -> None:
         await self._remove_part(claim)
@@ -470,25 +323,3 @@ class Speed:
         self.samples.append((self.clock(), done))
         (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
         return (d1 - d0) / (t1 - t0) if t1 > t0 else None
-
-
-def _first_image(version: dict[str, Any]) -> str | None:
-    for image in version.get("images") or []:
-        if isinstance(image, dict) and image.get("url") and image.get("type", "image") == "image":
-            return str(image["url"])
-    return None
-
-
-def _as_png(data: bytes) -> bytes:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        out = io.BytesIO()
-        image.save(out, "PNG")
-    return out.getvalue()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
