@@ -123,15 +123,16 @@ class Settings(BaseSettings):
     )
     webhook_allow_private: bool = Field(
         False,
-        description="allow webhook URLs (and IMAGE_URLS) that resolve to loopback, "
+        description="allow webhook URLs (and IMAGE_URLS, and model downloads' hosts other "
+        "than CIVITAI_URL) that resolve to loopback, "
         "private and other internal addresses (receivers on your own network)",
     )
     webhook_ca_bundle: str = Field(
         "",
         description="a PEM file of CA certificates to trust, besides the public CAs, for "
-        "https webhook URLs (and IMAGE_URLS): receivers whose certificates come from your own "
-        "CA; empty: the public CAs only. The certificate is always checked for the URL's host "
-        "name, also when private addresses are allowed",
+        "https webhook URLs (and IMAGE_URLS and model downloads): receivers whose "
+        "certificates come from your own CA; empty: the public CAs only. The certificate is "
+        "always checked for the URL's host name, also when private addresses are allowed",
     )
     webhook_images: Literal["base64", "url", "none"] = Field(
         "base64",
