@@ -18,10 +18,11 @@ from a1111_proxy.catalogue import find_checkpoint
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import civitai_lookups, model_files
 from a1111_proxy.db.upsert import upsert
+from a1111_proxy.model_layout import KIND_FOLDERS
 
 # Catalogue entry -> kind of model, and each kind's folder in A1111's models layout.
 CATALOGUE_KINDS = {"sd-models": "checkpoint", "loras": "lora"}
-FOLDERS = {"checkpoint": "Stable-diffusion", "lora": "Lora"}
+FOLDERS = {kind: KIND_FOLDERS[kind] for kind in CATALOGUE_KINDS.values()}
 
 
 FileKey = tuple[str, int, int]  # path, size, mtime_ns

@@ -99,9 +99,10 @@ class Settings(BaseSettings):
     )
     models_dir: str = Field(
         "./models",
-        description="A1111 layout (`Stable-diffusion/`, `Lora/`, `ControlNet/`): the "
-        "worker hashes the checkpoints and LoRAs there for Civitai (nothing happens while it "
-        "does not exist); also where the bundled engine finds its models",
+        description="A1111 layout (`Stable-diffusion/`, `Lora/`, `ControlNet/`, `VAE/`, "
+        "`embeddings/`): the worker hashes the checkpoints and LoRAs there for Civitai "
+        "(nothing happens while it does not exist) and puts model downloads there; also where "
+        "the bundled engine finds its models",
     )
     response_mode: Literal["auto", "async", "wait"] = Field(
         "auto",
@@ -129,15 +130,16 @@ class Settings(BaseSettings):
     )
     webhook_allow_private: bool = Field(
         False,
-        description="allow webhook URLs (and IMAGE_URLS) that resolve to loopback, "
+        description="allow webhook URLs (and IMAGE_URLS, and model downloads' hosts other "
+        "than CIVITAI_URL) that resolve to loopback, "
         "private and other internal addresses (receivers on your own network)",
     )
     webhook_ca_bundle: str = Field(
         "",
         description="a PEM file of CA certificates to trust, besides the public CAs, for "
-        "https webhook URLs (and IMAGE_URLS): receivers whose certificates come from your own "
-        "CA; empty: the public CAs only. The certificate is always checked for the URL's host "
-        "name, also when private addresses are allowed",
+        "https webhook URLs (and IMAGE_URLS and model downloads): receivers whose "
+        "certificates come from your own CA; empty: the public CAs only. The certificate is "
+        "always checked for the URL's host name, also when private addresses are allowed",
     )
     webhook_images: Literal["base64", "url", "none"] = Field(
         "base64",
@@ -167,17 +169,34 @@ class Settings(BaseSettings):
         description="Civitai metadata on `sd-models` and `loras`; `false` turns the "
         "lookups and the `civitai` key off",
     )
-    civitai_url: str = Field("https://civitai.com", description="the Civitai site to ask")
+    civitai_url: str = Field(
+        "https://civitai.com",
+        description="the Civitai site to ask (trusted by model downloads' egress guard: it may "
+        "be a mirror on your network)",
+    )
     civitai_token: SecretStr = Field(
         SecretStr(""),
-        description="a Civitai API key, sent as a bearer token (optional: "
-        "by-hash lookups are public)",
+        description="a Civitai API key, sent as a bearer token to CIVITAI_URL only (optional: "
+        "by-hash lookups are public; model downloads that need a login or early access need it)",
     )
     civitai_ttl_seconds: float = Field(
         604800.0,
         gt=0,
         description="how long a Civitai answer (a 404 too) is kept before the "
         "worker asks again (604800: 7 days)",
+    )
+    download_allow_pickle: bool = Field(
+        False,
+        description="let POST /sdapi/v1/models/downloads fetch pickle files (`.ckpt`, `.pt`, "
+        "`.pth`, `.bin`), which can run code when A1111 loads them; `false` refuses them (the "
+        "download fails saying so) and takes `.safetensors` and `.gguf` only",
+    )
+    download_reserve_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="free space a model download must leave on MODELS_DIR's disk: one that "
+        "would leave less (by the size Civitai or the server reports) fails before it starts "
+        "(1073741824: 1 GiB)",
     )
     retention_seconds: int = Field(
         604800,

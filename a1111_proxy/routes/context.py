@@ -19,7 +19,14 @@ from starlette.requests import Request
 from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.cpu_pool import CpuPool
-from a1111_proxy.errors import AdminOnly, CatalogueNotReady, InvalidRequest, JobNotFound
+from a1111_proxy.downloads import DownloadRecord, DownloadStore
+from a1111_proxy.errors import (
+    AdminOnly,
+    CatalogueNotReady,
+    DownloadNotFound,
+    InvalidRequest,
+    JobNotFound,
+)
 from a1111_proxy.jobs import JobRecord, JobRepository
 from a1111_proxy.middleware import Caller
 from a1111_proxy.model_info import ModelInfoStore
@@ -37,6 +44,7 @@ class State(TypedDict):
     repo: JobRepository
     catalogue: CatalogueStore
     model_info: ModelInfoStore
+    downloads: DownloadStore
     waiter: JobWaiter
     backends: BackendWatch
     schema_head: str
@@ -65,6 +73,10 @@ def catalogue(request: Request) -> CatalogueStore:
 
 def model_info(request: Request) -> ModelInfoStore:
     return request_state(request)["model_info"]
+
+
+def downloads(request: Request) -> DownloadStore:
+    return request_state(request)["downloads"]
 
 
 def waiter(request: Request) -> JobWaiter:
@@ -98,7 +110,7 @@ def is_admin(request: Request) -> bool:
 
 def require_admin(request: Request) -> None:
     """403 (AdminOnly) unless the caller is an admin: global options, catalogue refreshes,
-    checkpoint loads and /metrics act for every tenant."""
+    checkpoint loads, model downloads and /metrics act for every tenant."""
     if not is_admin(request):
         raise AdminOnly(
             f"{request.method} {request.url.path} changes or shows what every tenant shares, so "
@@ -124,6 +136,17 @@ async def find_job(request: Request, job_id: str) -> JobRecord:
     if row is None:
         raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
     return row
+
+
+async def find_download(request: Request, download_id: str) -> DownloadRecord:
+    """The model download with this id (404 DownloadNotFound otherwise)."""
+    found = await downloads(request).get(download_id)
+    if found is None:
+        raise DownloadNotFound(
+            f"No model download has the id {download_id!r}. List them with "
+            "GET /sdapi/v1/models/downloads."
+        )
+    return found
 
 
 async def read_catalogue(request: Request, name: str) -> tuple[Any, dict[str, str]]:
