@@ -100,19 +100,25 @@ def encode(
         return Conditioning(
             text.encode(pipe, cond[0][1], uncond[0][1], clip_skip=clip_skip, sdxl=sdxl)
         )
-    encoded: dict[str, Encoded] = {}
+    encoded: dict[tuple[str, bool], Encoded] = {}
 
-    def embed(words: str) -> Encoded:
-        if words not in encoded:
-            encoded[words] = text.encode_one(pipe, words, clip_skip=clip_skip, sdxl=sdxl)
-        return encoded[words]
+    # A1111 zeroes an SDXL negative only when every text of its schedule is empty.
+    zero_negative = all(words == "" for _, words in uncond)
+
+    def embed(words: str, negative: bool = False) -> Encoded:
+        key = (words, negative and zero_negative)
+        if key not in encoded:
+            encoded[key] = text.encode_one(
+                pipe, words, clip_skip=clip_skip, sdxl=sdxl, negative=key[1]
+            )
+        return encoded[key]
 
     pairs: dict[tuple[str, str], text.Embeds] = {}
 
     def pick(step: int) -> text.Embeds:
         key = (_text_at(cond, step), _text_at(uncond, step))
         if key not in pairs:
-            (c, pooled), (u, u_pooled) = embed(key[0]), embed(key[1])
+            (c, pooled), (u, u_pooled) = embed(key[0]), embed(key[1], negative=True)
             if c.shape[1] != u.shape[1]:  # A1111 pads the shorter one with empty-prompt chunks
                 empty = embed("")[0]
                 c, u = text.pad(c, empty, u.shape[1]), text.pad(u, empty, c.shape[1])
