@@ -347,10 +347,18 @@ def _run_batch(
 
 
 def _strength(params: Params) -> float | None:
-    """A1111 runs at least one step however low the strength (diffusers would run none and fail)."""
     if params.denoising_strength is None:
         return None
-    return max(params.denoising_strength, 1 / params.steps)
+    return img2img_strength(params.denoising_strength, params.steps)
+
+
+def img2img_strength(denoising_strength: float, steps: int) -> float:
+    """The strength that makes diffusers run A1111's img2img steps (sd_samplers_common's
+    setup_img2img_steps, sample_img2img): t_enc = int(min(strength, 0.999) * steps), then the
+    last t_enc + 1 sigmas of the `steps` schedule, so one step more than diffusers' int(steps *
+    strength), starting one sigma higher, and at least one step however low the strength."""
+    t_enc = int(min(denoising_strength, 0.999) * steps)
+    return min((t_enc + 1.5) / steps, 1.0)  # diffusers runs int(steps * strength) = t_enc + 1
 
 
 def _per_image(inputs: list[_Inputs], size: int, name: str) -> list[Any]:

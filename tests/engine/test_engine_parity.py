@@ -49,3 +49,42 @@ def test_a_non_empty_sdxl_negative_and_an_empty_sd15_negative_are_encoded(
     # A negative whose schedule has a non-empty text keeps "" encoded (A1111 checks all texts).
     edited = conditioning.encode(xl, "a cat", "[blurry::2]", steps=4, clip_skip=1, sdxl=True)
     assert edited.at(3).uncond.any()
+
+
+def a1111_img2img_timesteps(denoising_strength: float, steps: int) -> list[float]:
+    """A1111 (sd_samplers_common.setup_img2img_steps, sd_samplers_kdiffusion.sample_img2img,
+    img2img_fix_steps off): t_enc = int(min(strength, 0.999) * steps), sigma_sched =
+    sigmas[steps - t_enc - 1:]; the Uniform schedule's timesteps are linspace(999, 0, steps)."""
+    t_enc = int(min(denoising_strength, 0.999) * steps)
+    timesteps = torch.linspace(999, 0, steps, dtype=torch.float64)
+    return [round(float(t), 3) for t in timesteps[steps - t_enc - 1 :]]
+
+
+@pytest.mark.parametrize(("strength", "steps"), [(0.75, 20), (0.5, 7), (0.3, 10), (0.01, 8)])
+def test_img2img_runs_a1111s_steps_from_a1111s_starting_sigma(
+    sd15: Any, strength: float, steps: int
+) -> None:
+    import diffusers
+    from PIL import Image
+
+    from a1111_proxy.engine import pipeline, samplers, schedulers
+
+    scheduler = schedulers.make(sd15.scheduler.config, samplers.resolve("Euler"))
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(
+        **{**sd15.components, "scheduler": scheduler}
+    )
+    seen: list[float] = []
+
+    def record(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        seen.append(round(float(t), 3))
+        return tensors
+
+    img2img(
+        prompt="a cat",
+        image=Image.new("RGB", (64, 64), (90, 120, 200)),
+        strength=pipeline.img2img_strength(strength, steps),
+        num_inference_steps=steps,
+        output_type="latent",
+        callback_on_step_end=record,
+    )
+    assert seen == a1111_img2img_timesteps(strength, steps)
