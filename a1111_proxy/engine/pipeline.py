@@ -305,6 +305,8 @@ def _run_batch(
         resize_from=resize_from,
     )
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
+    if params.sampler.sampler.brownian:
+        tracking.brownian_seeds = seeds
     kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
     kwargs["output_type"] = output
     kwargs["generator"] = [

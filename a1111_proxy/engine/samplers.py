@@ -22,6 +22,8 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     # Schedules whose sigma flags this class accepts; others run only with their default.
     sigma_schedules: bool = True
+    # A1111's "brownian_noise": step noise from a Brownian tree seeded with the image seeds.
+    brownian: bool = False
 
 
 SAMPLERS: tuple[Sampler, ...] = (
@@ -32,13 +34,14 @@ SAMPLERS: tuple[Sampler, ...] = (
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m",),
     ),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", "karras", {}, ("k_dpmpp_sde",)),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", "karras", {}, ("k_dpmpp_sde",), brownian=True),
     Sampler(
         "DPM++ 2M SDE",
         "DPMSolverMultistepScheduler",
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m_sde",),
+        brownian=True,
     ),
     Sampler(
         "DPM++ 2M SDE Heun",
@@ -46,6 +49,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
         ("k_dpmpp_2m_sde_heun",),
+        brownian=True,
     ),
     # diffusers has no ancestral 2S; the single-step solver is the nearest (an approximation).
     Sampler(
@@ -61,6 +65,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
         ("k_dpmpp_3m_sde",),
+        brownian=True,
     ),
     Sampler(
         "Euler a",
