@@ -20,6 +20,7 @@ from PIL import Image
 
 from a1111_proxy.engine import (
     adapters,
+    attention,
     conditioning,
     control,
     images,
@@ -109,6 +110,7 @@ def generate(
         steps=conditioning.total_steps(params.sampler, params.steps),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
+        pad_cond_uncond=params.pad_cond_uncond,
     )
     passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
     if params.hires:
@@ -194,6 +196,7 @@ def _hires(
         hires_steps=conditioning.total_steps(hires.sampler, hires.steps or params.steps),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
+        pad_cond_uncond=params.pad_cond_uncond,
     )
     # ControlNet steers the second pass too, its control images fitted to the new size.
     steer = control.resized(units, second.width, second.height) if units is not None else None
@@ -339,6 +342,9 @@ def _run_batch(
     if inputs[0].control is not None:
         pipe = control.with_controlnet(pipe, inputs[0].control)
         kwargs.update(control.call_kwargs(inputs[0].control, task))
+    attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
+    if getattr(pipe, "controlnet", None) is not None:
+        attention.install(pipe.controlnet)
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()

@@ -24,25 +24,43 @@ class Embeds:
 
 
 @torch.no_grad()
-def encode(pipe: Any, prompt: str, negative: str, *, clip_skip: int, sdxl: bool) -> Embeds:
+def encode(
+    pipe: Any,
+    prompt: str,
+    negative: str,
+    *,
+    clip_skip: int,
+    sdxl: bool,
+    pad_cond_uncond: bool = False,
+) -> Embeds:
+    """pad_cond_uncond (A1111's option): the shorter of prompt and negative gets empty-prompt
+    chunks; without it (A1111's default) zero chunks that attention leaves out
+    (engine/attention.py), so each runs at its own length as in A1111."""
     pooled: torch.Tensor | None
     uncond_pooled: torch.Tensor | None
     if sdxl:
         cond, pooled = _encode_sdxl(pipe, prompt)
         uncond, uncond_pooled = _encode_sdxl(pipe, negative, negative=True)
         empty = _encode_sdxl(pipe, "")[0] if cond.shape[1] != uncond.shape[1] else None
+        empty = empty if pad_cond_uncond else _zero_chunk(cond)
     else:
         cond = _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, clip_skip)[0]
         uncond = _encode_one(pipe.tokenizer, pipe.text_encoder, negative, clip_skip)[0]
         pooled = uncond_pooled = None
         empty = (
             _encode_one(pipe.tokenizer, pipe.text_encoder, "", clip_skip)[0]
-            if cond.shape[1] != uncond.shape[1]
-            else None
+            if cond.shape[1] != uncond.shape[1] and pad_cond_uncond
+            else _zero_chunk(cond)
         )
-    if empty is not None:  # A1111 pads the shorter one with empty-prompt chunks
+    if cond.shape[1] != uncond.shape[1]:
+        assert empty is not None
         cond, uncond = _pad(cond, empty, uncond.shape[1]), _pad(uncond, empty, cond.shape[1])
     return Embeds(cond, uncond, pooled, uncond_pooled)
+
+
+def _zero_chunk(z: torch.Tensor) -> torch.Tensor:
+    """77 all-zero tokens: padding that engine/attention.py masks out of cross-attention."""
+    return torch.zeros(1, 77, z.shape[-1], device=z.device, dtype=z.dtype)
 
 
 def _pad(z: torch.Tensor, empty: torch.Tensor, length: int) -> torch.Tensor:
@@ -151,3 +169,4 @@ def encode_one(
 
 
 pad = _pad
+zero_chunk = _zero_chunk
