@@ -217,3 +217,69 @@ async def test_dpm_sde_gives_the_same_image_for_a_seed_alone_or_in_a_batch(
     # seed 8 alone is the batch's second image (batched maths may differ in the last bit)
     assert np.abs(pixels(batch, 1) - pixels(alone)).max() <= 1
     assert np.array_equal(pixels(batch, 0), pixels(again, 0))
+
+
+LONG = ", ".join(["a red house on a green hill"] * 4)  # over 75 tokens: two chunks
+
+
+def test_the_shorter_of_prompt_and_negative_is_padded_only_under_pad_cond_uncond(
+    sd15: Any,
+) -> None:
+    plain = text.encode(sd15, LONG, "blurry", clip_skip=1, sdxl=False)
+    assert plain.cond.shape[1] == plain.uncond.shape[1] == 154
+    assert not plain.uncond[:, 77:].any()  # zero tokens that attention leaves out
+    padded = text.encode(sd15, LONG, "blurry", clip_skip=1, sdxl=False, pad_cond_uncond=True)
+    empty = text.encode(sd15, "", "", clip_skip=1, sdxl=False).cond
+    torch.testing.assert_close(padded.uncond[:, 77:], empty)
+
+
+def test_unpadded_prompt_and_negative_run_the_unet_as_a1111_runs_them_apart(sd15: Any) -> None:
+    # A1111 sd_samplers_cfg_denoiser: lengths differ and pad_cond_uncond is off -> the cond and
+    # the uncond batches go through the model separately, each at its own token length.
+    import copy
+
+    from a1111_proxy.engine import attention
+
+    embeds = text.encode(sd15, LONG, "blurry", clip_skip=1, sdxl=False)
+    unet = copy.deepcopy(sd15.unet)
+    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        apart = torch.cat(
+            [
+                unet(x[:1], t, encoder_hidden_states=embeds.uncond[:, :77]).sample,
+                unet(x[1:], t, encoder_hidden_states=embeds.cond).sample,
+            ]
+        )
+        attention.install(unet)
+        batched = unet(x, t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond])).sample
+    torch.testing.assert_close(batched, apart, atol=1e-5, rtol=1e-4)
+
+
+def test_linked_model_folders_and_files_are_found_and_a_link_loop_is_walked_once(
+    tmp_path: Path,
+) -> None:
+    from a1111_proxy.engine.catalog import Catalog
+    from a1111_proxy.engine.controlnet import ControlNetCatalog
+    from a1111_proxy.engine.lora import LoraCatalog
+
+    shared = tmp_path / "shared"  # another tool's models folder, linked into MODELS_DIR
+    for folder, name in [("checkpoints/xl", "base"), ("loras", "style"), ("cn", "canny")]:
+        (shared / folder).mkdir(parents=True)
+        (shared / folder / f"{name}.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}")
+    models = tmp_path / "models"
+    for sub in ("Stable-diffusion", "Lora", "ControlNet"):
+        (models / sub).mkdir(parents=True)
+    (models / "Stable-diffusion" / "linked").symlink_to(shared / "checkpoints")
+    (models / "Stable-diffusion" / "one.safetensors").symlink_to(
+        shared / "checkpoints" / "xl" / "base.safetensors"
+    )
+    (models / "Stable-diffusion" / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    (shared / "checkpoints" / "xl" / "loop").symlink_to(shared / "checkpoints")
+    (models / "Lora" / "styles").symlink_to(shared / "loras")
+    (models / "ControlNet" / "canny.safetensors").symlink_to(shared / "cn" / "canny.safetensors")
+
+    names = [c.name for c in Catalog(models).checkpoints]
+    assert names == ["linked/xl/base.safetensors", "one.safetensors"]
+    assert [f.name for f in LoraCatalog(models).files] == ["style"]
+    assert [m.name for m in ControlNetCatalog(models).models] == ["canny"]
