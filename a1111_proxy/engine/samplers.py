@@ -91,13 +91,13 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler(
         "PLMS", "PNDMScheduler", "ddim", {"skip_prk_steps": True}, ("plms",), sigma_schedules=False
     ),
-    # A1111 defaults to uni_pc_order 3 and variant "bh1"; diffusers' bh1 gave NaN images in our
-    # tests (diffusers 0.42.1), so this runs its default "bh2".
+    # A1111's defaults: uni_pc_order 3, variant "bh1". A1111's UniPC ends at t = 1/N, the
+    # smallest trained sigma; diffusers' bh1 stepping on to sigma 0 divides by zero (NaN).
     Sampler(
         "UniPC",
         "UniPCMultistepScheduler",
         "uniform",
-        {"solver_type": "bh2", "solver_order": 3},
+        {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
         ("unipc",),
     ),
     Sampler("LCM", "LCMScheduler", "uniform", {}, ("k_lcm", "lcm"), sigma_schedules=False),

@@ -283,3 +283,24 @@ def test_linked_model_folders_and_files_are_found_and_a_link_loop_is_walked_once
     assert names == ["linked/xl/base.safetensors", "one.safetensors"]
     assert [f.name for f in LoraCatalog(models).files] == ["style"]
     assert [m.name for m in ControlNetCatalog(models).models] == ["canny"]
+
+
+def test_unipc_runs_a1111s_bh1_variant_to_the_smallest_trained_sigma_without_nans(
+    sd15: Any,
+) -> None:
+    # A1111: uni_pc_variant "bh1", uni_pc_order 3, skip_type time_uniform from t_T = 1 to
+    # t_0 = 1/N (uni_pc.py), i.e. down to the smallest trained sigma, never to sigma 0.
+    from a1111_proxy.engine import samplers, schedulers
+
+    scheduler = schedulers.make(sd15.scheduler.config, samplers.resolve("UniPC"))
+    assert scheduler.config.solver_type == "bh1" and scheduler.config.solver_order == 3
+    scheduler.set_timesteps(5)
+    alphas = scheduler.alphas_cumprod
+    sigma_min = float(((1 - alphas[0]) / alphas[0]) ** 0.5)
+    assert float(scheduler.sigmas[-1]) == pytest.approx(sigma_min, rel=1e-4)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            eps = sd15.unet(x, t, encoder_hidden_states=torch.ones(1, 77, 32)).sample
+        x = scheduler.step(eps, t, x).prev_sample
+    assert torch.isfinite(x).all()
