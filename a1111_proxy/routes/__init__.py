@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.routing import Mount, Route
 
 from a1111_proxy.catalogue import ENTRIES
-from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue, webhooks
+from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue, ui, webhooks
 
 # The catalogue entries answered as the worker stored them; the others have routes of their own.
 OWN_ROUTES = frozenset({"sd-models", "loras", "memory", "options"})
@@ -55,6 +55,10 @@ ROUTES = [
     Route("/openapi.json", docs.openapi_json, methods=["GET"]),
     Route("/doc", docs.doc, methods=["GET"]),
     Mount("/doc/static", app=docs.swagger_assets(), name="doc-static"),
+    Route("/", ui.to_ui, methods=["GET"]),
+    Route("/ui", ui.to_ui, methods=["GET"]),
+    Route("/ui/", ui.ui, methods=["GET"]),
+    Mount("/ui/assets/{version}", app=ui.Assets(), name="ui-assets"),
     # Last: whatever else is asked of A1111's API gets a clear 404 (or 405).
     Route("/sdapi/v1/{rest:path}", a1111.unsupported, methods=ANY_METHOD),
     Route("/controlnet/{rest:path}", a1111.unsupported, methods=ANY_METHOD),

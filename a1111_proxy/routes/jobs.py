@@ -13,11 +13,18 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from a1111_proxy import egress
+from a1111_proxy import egress, thumbnails
+from a1111_proxy.catalogue import checkpoint_names, find_checkpoint
 from a1111_proxy.db.tables import STATUSES
-from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, validation_detail
+from a1111_proxy.errors import (
+    ImageNotFound,
+    InvalidRequest,
+    JobNotFound,
+    ThumbnailUnavailable,
+    validation_detail,
+)
 from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
-from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
+from a1111_proxy.jobs import TERMINAL, JobFilter, JobRepository, NewJob
 from a1111_proxy.routes import context
 from a1111_proxy.routes.context import (
     caller,
@@ -25,6 +32,7 @@ from a1111_proxy.routes.context import (
     find_job,
     int_param,
     read_json_object,
+    text_param,
     visible_owner,
 )
 from a1111_proxy.schemas import (
@@ -423,17 +431,36 @@ def requested_steps(row: Any) -> int:
 
 
 async def list_jobs(request: Request) -> Response:
-    status = choice(request, "status", STATUSES)
-    kind = choice(request, "type", tuple(REQUEST_MODELS))
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
-    rows = await context.repo(request).page(
-        status=status, type=kind, owner=_listed_owner(request), before_seq=cursor, limit=limit
+    where = JobFilter(
+        status=choice(request, "status", STATUSES),
+        type=choice(request, "type", tuple(REQUEST_MODELS)),
+        owner=_listed_owner(request),
+        checkpoints=await _checkpoint_names(request),
+        prompt=text_param(request, "prompt", MAX_PROMPT_FILTER),
     )
-    next_cursor = str(rows[-1].seq) if len(rows) == limit else None
+    page = await context.repo(request).listing(where, before_seq=cursor, limit=limit)
+    next_cursor = None if page.next_seq is None else str(page.next_seq)
     return JSONResponse(
-        {"jobs": [render_job(row, with_result=False) for row in rows], "next_cursor": next_cursor}
+        {
+            "jobs": [render_job(row, with_result=False) for row in page.jobs],
+            "next_cursor": next_cursor,
+        }
     )
+
+
+MAX_PROMPT_FILTER = 200
+
+
+async def _checkpoint_names(request: Request) -> tuple[str, ...]:
+    """`?model=`: the checkpoint under every name A1111 knows it by (a job stores the name its
+    request gave), or only as given when the catalogue does not know it."""
+    wanted = (request.query_params.get("model") or "").strip()
+    if not wanted:
+        return ()
+    model = find_checkpoint(await context.catalogue(request).get("sd-models"), wanted)
+    return tuple(sorted({wanted} | (checkpoint_names(model) if model else set())))
 
 
 def _listed_owner(request: Request) -> str | None:
@@ -450,10 +477,42 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(render_job(row, with_result=False))
 
 
+IMAGE_HEADERS = {"Cache-Control": "private, max-age=86400", "Vary": "Authorization"}
+
+
 async def get_image(request: Request) -> Response:
-    repo = context.repo(request)
+    """A result image as stored, or (`?size=`) a cached thumbnail of it."""
     row = await find_job(request, request.path_params["job_id"])
     n = request.path_params["n"]
+    size = choice(request, "size", THUMBNAIL_SIZES)
+    if size is not None:
+        thumbnail = await _thumbnail(request, row, n, int(size))
+        return Response(thumbnail.data, media_type=thumbnail.media_type, headers=IMAGE_HEADERS)
+    data = await _image(context.repo(request), row, n)
+    return Response(data, media_type=_media_type(data), headers=IMAGE_HEADERS)
+
+
+THUMBNAIL_SIZES = tuple(str(size) for size in thumbnails.SIZES)
+
+
+async def _thumbnail(request: Request, row: Any, n: int, size: int) -> thumbnails.Thumbnail:
+    """From the process's cache, else made on the CpuPool (off the event loop) and cached."""
+    cache = context.thumbnails(request)
+    key = (row.id, n, size)
+    found = cache.get(key)
+    if found is None:
+        data = await _image(context.repo(request), row, n)
+        try:
+            found = await context.cpu(request).run(thumbnails.make_thumbnail, data, size)
+        except ValueError as exc:
+            raise ThumbnailUnavailable(
+                f"Image {n} of job {row.id} cannot be scaled down ({exc}); GET it without `size`."
+            ) from None
+        cache.put(key, found)
+    return found
+
+
+async def _image(repo: JobRepository, row: Any, n: int) -> bytes:
     # Only an index the job can have reaches the database (2**63 would overflow its integer).
     has = n < row.image_count  # stored with the final answer: completed, or canceled
     data = await repo.image(row.seq, n) if has else None
@@ -462,9 +521,7 @@ async def get_image(request: Request) -> Response:
             f"Job {row.id} has no image {n}: it is {row.status} with {row.image_count} image(s) "
             "(numbered from 0)."
         )
-    return Response(
-        data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=86400"}
-    )
+    return data
 
 
 def _media_type(data: bytes) -> str:
