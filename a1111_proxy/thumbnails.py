@@ -19,9 +19,9 @@ SIZES = (64, 128, 256, 512)
 WEBP = features.check("webp")
 MEDIA_TYPE = "image/webp" if WEBP else "image/jpeg"
 QUALITY = 80
-# One image's pixels when decoded: a stored result larger than this is not thumbnailed (A1111
-# makes images of at most 16384 x 16384 = 268 million; this is Pillow's own bomb limit x 2).
-MAX_PIXELS = 2 * 89_478_485
+# The most pixels an image may have to be thumbnailed (8192 x 8192, 200 MB decoded as RGB, on
+# each of the CpuPool's threads at worst); a larger result is refused, GET it whole instead.
+MAX_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,11 @@ class JobFilter:
 
 
 def prompt_like(text: str) -> ColumnElement[bool]:
-    """Whether the stored request (JSON) holds `text` as JSON writes it inside a string, ignoring
-    ASCII case: a cheap first look; prompt_matches then checks the prompt itself."""
-    written = json.dumps(text)[1:-1]  # escaped as the request column has it
-    return jobs.c.request.icontains(written, autoescape=True)
+    """Whether the stored request (JSON) holds `text` as JSON writes it inside a string (with
+    non-ASCII characters escaped, as the API stores it, or not), ignoring ASCII case: a cheap
+    first look; prompt_matches then checks the prompt itself."""
+    forms = {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
+    return or_(*(jobs.c.request.icontains(form, autoescape=True) for form in sorted(forms)))
 
 
 def prompt_matches(record: JobRecord, text: str) -> bool:

@@ -3,7 +3,7 @@
 // device), from /health's admin detail; a tenant sees the summary /health gives anyone.
 
 import { ApiError, call, session } from "./api.js";
-import { bytes, chip, duration, every, facts, h, keepingState, local, section } from "./dom.js";
+import { bytes, chip, duration, every, facts, fill, h, keepingState, local, section } from "./dom.js";
 import { modelName } from "./models.js";
 
 const REFRESH_MS = 3000;
@@ -27,7 +27,7 @@ export function render(root) {
     const key = JSON.stringify([health, memory]);
     if (key === shown) return;
     shown = key;
-    keepingState(body, () => body.replaceChildren(...(Array.isArray(health.workers) ? detail(health, memory) : summary(health))));
+    keepingState(body, () => fill(body, Array.isArray(health.workers) ? detail(health, memory) : summary(health)));
   }
 
   const live = every(REFRESH_MS, refresh);

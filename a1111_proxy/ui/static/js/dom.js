@@ -19,6 +19,12 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// Replaces el's children (nested arrays flattened; null, undefined and false left out).
+export function fill(el, ...children) {
+  el.replaceChildren(...flat(children));
+  return el;
+}
+
 function flat(children) {
   return children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false)
     .map((c) => (c instanceof Node ? c : String(c)));
@@ -137,7 +143,7 @@ export function errorBox(error) {
 export function copyButton(label, text) {
   return h("button", {
     type: "button",
-    class: "secondary",
+    class: "secondary small",
     async onclick() {
       try {
         await navigator.clipboard.writeText(text());

@@ -4,7 +4,7 @@
 
 import { blobUrl, call, follow, session, showImage } from "./api.js";
 import {
-  announce, between, chip, copyButton, duration, errorBox, every, facts, h, keepingState, local,
+  announce, between, chip, copyButton, duration, errorBox, every, facts, fill, h, keepingState, local,
   progress, section, toast,
 } from "./dom.js";
 import { modelName } from "./models.js";
@@ -21,13 +21,14 @@ export function render(root, { params: [id] }) {
   const hooks = h("div", { class: "hooks" });
   let job = null;
   let hooksTimer = null;
+  let watched = false; // followed live: its progress stays shown once it ends
 
   root.append(h("h1", { tabindex: "-1" }, "Job ", h("code", {}, id)), h("p", { class: "muted" }, "Loading…"));
 
   function show(next) {
     const ended = job && !TERMINAL.has(job.status) && TERMINAL.has(next.status);
     job = next;
-    keepingState(root, () => root.replaceChildren(...page(job, { bar, preview, hooks, act })));
+    keepingState(root, () => fill(root, page(job, { bar, preview, hooks, act, watched })));
     if (ended) announce(`Job ${job.status}`);
     if (job.webhook && !hooksTimer) hooksTimer = every(HOOKS_MS, loadHooks);
   }
@@ -87,7 +88,7 @@ export function render(root, { params: [id] }) {
       return true;
     }
     if (TERMINAL.has(name)) {
-      bar.set(1);
+      if (name === "completed") bar.set(1);
       show(data);
       return false;
     }
@@ -98,6 +99,7 @@ export function render(root, { params: [id] }) {
     bar.set(found.progress);
     show(found);
     if (!TERMINAL.has(found.status)) {
+      watched = true;
       follow(`${path}/events`, onEvent, stop.signal).catch((error) => toast(error.message, "error"));
     }
   }).catch((error) => {
@@ -111,13 +113,13 @@ export function render(root, { params: [id] }) {
   };
 }
 
-function page(job, { bar, preview, hooks, act }) {
+function page(job, { bar, preview, hooks, act, watched }) {
   const running = !TERMINAL.has(job.status);
   return [
     h("div", { class: "title-row" },
       h("h1", { tabindex: "-1" }, "Job ", h("code", {}, job.id)), chip(job.status)),
     actions(job, act),
-    running ? live(job, bar, preview) : null,
+    running || watched ? live(job, bar, preview) : null,
     job.error ? h("div", { class: "error-box", role: "alert" },
       h("strong", {}, job.error.code || "error"), ": ", job.error.message || "") : null,
     job.render_error ? h("div", { class: "error-box" }, job.render_error) : null,
@@ -164,7 +166,8 @@ function live(job, bar, preview) {
   const where = job.status === "queued"
     ? [job.queue_position ? `Waiting: number ${job.queue_position} in the queue.` : "Waiting in the queue.",
       job.waiting_reason ? ` ${job.waiting_reason}` : ""]
-    : [`Running on ${job.backend || "a backend"}.`];
+    : job.status === "processing" ? [`Running on ${job.backend || "a backend"}.`]
+      : [`Ended ${job.status}.`];
   return h("div", { class: "live card" }, h("p", {}, where), bar.el, preview);
 }
 

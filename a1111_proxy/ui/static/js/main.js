@@ -73,8 +73,7 @@ function showWho() {
   const out = document.getElementById("signout");
   out.hidden = !session.token;
   who.textContent = session.tokensOff ? "tokens off: admin"
-    : session.role === "admin" ? "signed in: admin"
-      : session.role === "tenant" ? "signed in: tenant" : "";
+    : !session.token ? "" : session.role ? `signed in: ${session.role}` : "";
 }
 
 // Learn the role in the background: pages that need it wait for session.ready.

@@ -42,7 +42,7 @@ export function render(root) {
   root.append(
     h("div", { class: "title-row" }, h("h1", { tabindex: "-1" }, "Models"), refresh),
     h("form", { class: "filters", role: "search", onsubmit: (e) => e.preventDefault(), oninput: () => narrow() },
-      field("Show only", filter)),
+      field("Filter models", filter)),
     list);
   session.ready.then(() => { refresh.hidden = session.role !== "admin"; });
 

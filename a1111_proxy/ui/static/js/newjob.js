@@ -3,7 +3,7 @@
 // job, then shown live on its own page. `#/new?from=<id>` starts from that job's request.
 
 import { call } from "./api.js";
-import { announce, errorBox, field, h, select, uid } from "./dom.js";
+import { announce, errorBox, field, fill, h, select, uid } from "./dom.js";
 import { civitaiPreview, loadModels, modelName } from "./models.js";
 
 // The body keys this form sets; the others of a job it starts from are sent as they were.
@@ -45,7 +45,7 @@ export function render(root, { query }) {
     const img2img = kindOf() === "img2img";
     drop.el.hidden = !img2img;
     hires.hidden = img2img || !c.enable_hr.checked;
-    c.enable_hr.closest(".field").hidden = img2img;
+    c.enable_hr.closest("label").hidden = img2img;
     denoising.hidden = !img2img && !c.enable_hr.checked;
   }
 
@@ -78,7 +78,7 @@ export function render(root, { query }) {
   kind, drop.el,
   field("Prompt", c.prompt), field("Negative prompt", c.negative_prompt),
   loras.el,
-  h("div", { class: "grid" }, field("Model", c.model), modelInfo),
+  h("div", { class: "model-row" }, field("Model", c.model), modelInfo),
   h("div", { class: "grid" },
     field("Sampler", c.sampler_name), field("Schedule type", c.scheduler),
     field("Width", c.width), field("Height", c.height),
@@ -90,7 +90,7 @@ export function render(root, { query }) {
       }, "Random")),
       h("small", { class: "hint", id: `${c.seed.id}-hint` }, "-1: a new one each run")),
     field("Batch size", c.batch_size), field("Batch count", c.n_iter)),
-  field("Hires fix", c.enable_hr), hires, denoising,
+  h("label", { class: "check" }, c.enable_hr, "Hires fix"), hires, denoising,
   h("details", {}, h("summary", {}, "More"), h("div", { class: "grid" },
     field("Priority", c.priority, "higher runs first"),
     field("Webhook URL", c.webhook_url, "POSTed to when the job ends"))),
@@ -105,16 +105,16 @@ export function render(root, { query }) {
   function describeModel() {
     const entry = checkpoints.find((m) => m.title === c.model.value);
     const civitai = entry && entry.civitai;
-    modelInfo.replaceChildren(...(entry ? [civitaiPreview(civitai, 96), h("p", {},
+    fill(modelInfo, ...(entry ? [civitaiPreview(civitai, 96), h("p", {},
       civitai ? `${civitai.model_name} · ${civitai.version_name || ""} (${civitai.base_model || "base model unknown"})` : modelName(entry.title),
       civitai && civitai.trained_words && civitai.trained_words.length ? h("small", { class: "hint" }, ` Trigger words: ${civitai.trained_words.join(", ")}`) : null)] : []));
   }
 
   const catalogue = Promise.all([
-    fill(c.sampler_name, "/sdapi/v1/samplers", (s) => [s.name, s.name]),
-    fill(c.scheduler, "/sdapi/v1/schedulers", (s) => [s.name, s.label || s.name]),
-    fill(c.hr_upscaler, "/sdapi/v1/latent-upscale-modes", (m) => [m.name, m.name]),
-    fill(c.hr_upscaler, "/sdapi/v1/upscalers", (u) => [u.name, u.name]),
+    addOptions(c.sampler_name, "/sdapi/v1/samplers", (s) => [s.name, s.name]),
+    addOptions(c.scheduler, "/sdapi/v1/schedulers", (s) => [s.name, s.label || s.name]),
+    addOptions(c.hr_upscaler, "/sdapi/v1/latent-upscale-modes", (m) => [m.name, m.name]),
+    addOptions(c.hr_upscaler, "/sdapi/v1/upscalers", (u) => [u.name, u.name]),
     loadModels().then((found) => {
       checkpoints = found.checkpoints;
       for (const m of checkpoints) c.model.append(h("option", { value: m.title }, modelName(m.title)));
@@ -147,12 +147,12 @@ function controls() {
   c.scheduler = select("scheduler", [["", "automatic"]]);
   c.hr_upscaler = select("hr_upscaler", []);
   c.enable_hr = h("input", { type: "checkbox", name: "enable_hr" });
-  c.webhook_url = h("input", { type: "url", name: "webhook_url", placeholder: "https://…" });
+  c.webhook_url = h("input", { type: "url", name: "webhook_url" });
   for (const control of Object.values(c)) control.id = uid("f");
   return c;
 }
 
-async function fill(control, path, option) {
+async function addOptions(control, path, option) {
   try {
     for (const entry of await call(path)) {
       const [value, text] = option(entry);

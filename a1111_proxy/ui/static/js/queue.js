@@ -2,7 +2,7 @@
 // stream), and what waits, in the order workers take it, with its estimated start.
 
 import { call, follow } from "./api.js";
-import { ago, chip, duration, every, h, keepingState, progress, section, toast } from "./dom.js";
+import { ago, chip, duration, every, fill, h, keepingState, progress, section, toast } from "./dom.js";
 
 const REFRESH_MS = 2000;
 const TERMINAL = new Set(["completed", "error", "canceled"]);
@@ -24,7 +24,7 @@ export function render(root) {
     const key = JSON.stringify(value);
     if (shown[name] === key) return;
     shown[name] = key;
-    keepingState(el, () => el.replaceChildren(...[build()].flat()));
+    keepingState(el, () => fill(el, build()));
   }
 
   async function refresh() {
