@@ -194,7 +194,9 @@ def test_a_job_submitted_from_the_form_runs_live_to_100_percent_and_shows_its_im
     page.wait_for_function(f"() => {bar}?.value === 100")
     expect(page.locator("main .title-row .chip")).to_have_text("completed")
     expect(page.locator("figure img")).to_have_count(1)
-    page.wait_for_function("() => [...document.querySelectorAll('figure img')].every(i => i.naturalWidth)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('figure img')].every(i => i.naturalWidth)"
+    )
     expect(page.locator("figcaption")).to_contain_text(f"Seed: {seed}")
 
     sent = web.job(ALICE, job_id)["request"]
@@ -208,7 +210,8 @@ def test_a_job_submitted_from_the_form_runs_live_to_100_percent_and_shows_its_im
     expect(row.locator(".chip")).to_have_text("completed")
     expect(row).to_contain_text(prompt)
     page.wait_for_function(
-        "id => document.querySelector(`li[data-id='${id}'] img.thumb`)?.naturalWidth > 0", arg=job_id
+        "id => document.querySelector(`li[data-id='${id}'] img.thumb`)?.naturalWidth > 0",
+        arg=job_id,
     )
 
 
@@ -251,7 +254,8 @@ def test_a_jobs_webhook_attempts_are_shown_and_a_delivery_is_sent_again(
     web: Web, open_page: Any
 ) -> None:
     path = f"/hook-{uuid.uuid4().hex[:8]}"
-    job_id = web.submit(ALICE, prompt="a hooked one", fake_seconds=0.1, webhook_url=web.hooks + path)
+    hook = web.hooks + path
+    job_id = web.submit(ALICE, prompt="a hooked one", fake_seconds=0.1, webhook_url=hook)
     web.wait_status(job_id, "completed")
     wait_for(lambda: len(web.sink.at(path)) == 1, what="the first delivery")
     page = open_page(ALICE)
@@ -348,9 +352,11 @@ def test_the_copied_curl_and_python_make_the_same_job_again(
 
 # --- every page: names, phones, dark ---------------------------------------------------------
 
+# The controls on screen that have no accessible name (a label, aria-label, or their text).
 UNNAMED = """() => [...document.querySelectorAll('input, select, textarea, button, a[href]')]
   .filter(el => el.getClientRects().length)
-  .filter(el => !(el.getAttribute('aria-label') || [...(el.labels || [])].map(l => l.textContent).join('').trim()
+  .filter(el => !(el.getAttribute('aria-label')
+    || [...(el.labels || [])].map(l => l.textContent).join('').trim()
     || (['BUTTON', 'A'].includes(el.tagName) && el.textContent.trim())))
   .map(el => el.outerHTML.slice(0, 120))"""
 
