@@ -58,7 +58,7 @@ ROUTES = [
     Route("/", ui.to_ui, methods=["GET"]),
     Route("/ui", ui.to_ui, methods=["GET"]),
     Route("/ui/", ui.ui, methods=["GET"]),
-    Mount("/ui/assets/{version}", app=ui.Assets(), name="ui-assets"),
+    Route("/ui/assets/{version}/{path:path}", ui.asset, methods=["GET"]),
     # Last: whatever else is asked of A1111's API gets a clear 404 (or 405).
     Route("/sdapi/v1/{rest:path}", a1111.unsupported, methods=ANY_METHOD),
     Route("/controlnet/{rest:path}", a1111.unsupported, methods=ANY_METHOD),

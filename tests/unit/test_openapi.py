@@ -20,6 +20,7 @@ UNDOCUMENTED = {
     "/",
     "/ui",
     "/ui/",
+    "/ui/assets/{version}/{path:path}",
     "/sdapi/v1/{rest:path}",
     "/controlnet/{rest:path}",
 }

@@ -105,7 +105,14 @@ export function ago(iso) {
   const s = (Date.now() - Date.parse(iso)) / 1000;
   const text = s < 45 ? "just now" : s < 5400 ? `${Math.round(s / 60)} min ago`
     : s < 129600 ? `${Math.round(s / 3600)} h ago` : `${Math.round(s / 86400)} d ago`;
-  return h("time", { datetime: iso, title: new Date(iso).toLocaleString() }, text);
+  return h("time", { datetime: iso, title: stamp(iso) }, text);
+}
+
+// "2026-11-30 15:34" in local time, without Intl (whose first use costs a list's paint).
+export function stamp(iso) {
+  const d = new Date(iso);
+  const two = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}`;
 }
 
 export const local = (iso) => (iso ? new Date(iso).toLocaleString() : "");

@@ -24,7 +24,7 @@ export function render(root, { query }) {
   let generation = 0; // a change of filters makes answers to older requests stale
   let painted = false;
 
-  const form = filterForm(filters, () => {
+  const { form, listModels } = filterForm(filters, () => {
     history.replaceState(null, "", `#/jobs${search(filters) ? `?${search(filters)}` : ""}`);
     generation += 1;
     rows.clear();
@@ -54,7 +54,11 @@ export function render(root, { query }) {
         : done ? "No jobs match." : "Looking further back…";
       if (!painted) {
         painted = true;
-        requestAnimationFrame(() => performance.mark("jobs-painted"));
+        requestAnimationFrame(() => {
+          performance.mark("jobs-painted");
+          window.dispatchEvent(new Event("jobs-painted"));
+        });
+        listModels(); // after the first paint: the list does not wait for the catalogue
       }
     } catch (error) {
       note.textContent = error.message;
@@ -129,13 +133,13 @@ function filterForm(filters, changed) {
     changed();
   };
   const typed = debounce(update, 300);
-  loadModels().then(({ checkpoints }) => {
+  const listModels = () => loadModels().then(({ checkpoints }) => {
     for (const entry of checkpoints) {
       if (entry.title === filters.model) continue;
       model.append(h("option", { value: entry.title }, modelName(entry.title)));
     }
   }).catch(() => {}); // no catalogue yet: the filter still takes a model from the address
-  return h("form", {
+  const form = h("form", {
     class: "filters",
     role: "search",
     "aria-label": "Filter jobs",
@@ -144,6 +148,7 @@ function filterForm(filters, changed) {
     oninput: (event) => { if (event.target === prompt) typed(); },
   },
   field("Status", status), field("Type", type), field("Model", model), field("Prompt contains", prompt));
+  return { form, listModels };
 }
 
 const state = (job) => `${job.status}:${Math.round(job.progress * 100)}`;

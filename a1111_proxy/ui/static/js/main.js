@@ -3,23 +3,18 @@
 
 import { ApiError, call, releaseImages, session, signIn, signOut, whoami } from "./api.js";
 import { errorBox, field, h } from "./dom.js";
-import * as backends from "./backends.js";
-import * as job from "./job.js";
-import * as jobs from "./jobs.js";
-import * as models from "./models.js";
-import * as newJob from "./newjob.js";
-import * as queue from "./queue.js";
 
 performance.mark("ui-start");
 
+// Each page's module is loaded when it is first shown (the page preloads the jobs list's).
 const ROUTES = [
-  [/^\/queue$/, queue.render, "Queue", "queue"],
-  [/^\/jobs$/, jobs.render, "Jobs", "jobs"],
-  [/^\/jobs\/([^/]+)$/, job.render, "Job", "jobs"],
-  [/^\/new$/, newJob.render, "New job", "new"],
-  [/^\/models$/, models.render, "Models", "models"],
-  [/^\/backends$/, backends.render, "Backends", "backends"],
-  [/^\/signin$/, renderSignIn, "Sign in", "signin"],
+  [/^\/queue$/, () => import("./queue.js"), "Queue", "queue"],
+  [/^\/jobs$/, () => import("./jobs.js"), "Jobs", "jobs"],
+  [/^\/jobs\/([^/]+)$/, () => import("./job.js"), "Job", "jobs"],
+  [/^\/new$/, () => import("./newjob.js"), "New job", "new"],
+  [/^\/models$/, () => import("./models.js"), "Models", "models"],
+  [/^\/backends$/, () => import("./backends.js"), "Backends", "backends"],
+  [/^\/signin$/, async () => ({ render: renderSignIn }), "Sign in", "signin"],
 ];
 const HOME = "#/jobs";
 
@@ -27,14 +22,19 @@ const main = document.getElementById("main");
 let leave = null; // the current page's cleanup
 let first = true;
 
-function route() {
+let routing = 0; // the latest route asked for: an older one still loading is dropped
+
+async function route() {
+  const asked = ++routing;
   const [path, search = ""] = location.hash.replace(/^#/, "").split("?");
   const found = ROUTES.find(([pattern]) => pattern.test(path));
   if (!found) {
     location.replace(HOME);
     return;
   }
-  const [pattern, render, title, nav] = found;
+  const [pattern, load, title, nav] = found;
+  const page = await load();
+  if (asked !== routing) return;
   if (leave) leave();
   releaseImages();
   main.replaceChildren();
@@ -43,8 +43,9 @@ function route() {
     if (link.dataset.nav === nav) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
+  if (nav !== "jobs") learnRole();
   const params = path.match(pattern).slice(1).map(decodeURIComponent);
-  leave = render(main, { params, query: new URLSearchParams(search) }) || null;
+  leave = page.render(main, { params, query: new URLSearchParams(search) }) || null;
   if (!first) main.focus({ preventScroll: true });
   first = false;
   window.scrollTo(0, 0);
@@ -76,11 +77,23 @@ function showWho() {
     : !session.token ? "" : session.role ? `signed in: ${session.role}` : "";
 }
 
-// Learn the role in the background: pages that need it wait for session.ready.
-session.ready = whoami().then(() => {
-  session.tokensOff = !session.token && session.role === "admin";
-  showWho();
-}).catch(() => showWho());
+// Learn the role in the background: pages that need it wait for session.ready. On the jobs
+// list, not before its first page is painted: that answer comes first.
+let learned;
+session.ready = new Promise((resolve) => { learned = resolve; });
+let learning = false;
+function learnRole() {
+  if (learning) return;
+  learning = true;
+  whoami().then(() => {
+    session.tokensOff = !session.token && session.role === "admin";
+  }).catch(() => {}).finally(() => {
+    showWho();
+    learned();
+  });
+}
+window.addEventListener("jobs-painted", learnRole, { once: true });
+setTimeout(learnRole, 1000);
 
 // --- signing in ----------------------------------------------------------------------------
 
@@ -108,7 +121,7 @@ function renderSignIn(root, { query }) {
         return;
       }
       signIn(token);
-      session.ready = whoami().then(showWho);
+      session.ready = whoami().then(showWho, showWho);
       await session.ready;
       location.hash = next;
     },

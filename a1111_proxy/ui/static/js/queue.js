@@ -57,13 +57,18 @@ export function render(root) {
     const bar = progress(`Progress of job ${job.id}`);
     const preview = h("img", { class: "preview", alt: `Live preview of job ${job.id}`, hidden: true });
     bar.set(job.progress);
+    const prompt = h("p", { class: "job-prompt" });
     const card = h("article", { class: "card slot", "data-id": job.id },
-      h("h3", {}, job.backend || "a backend"),
-      h("p", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, `${job.type} ${job.id.slice(0, 8)}`),
-        " · started ", ago(job.started_at), job.priority ? ` · priority ${job.priority}` : ""),
-      bar.el, preview,
-      h("button", { type: "button", class: "secondary", onclick: () => cancel(job.id) }, "Cancel"));
+      h("div", { class: "slot-preview" }, preview),
+      h("div", { class: "slot-main" },
+        h("h3", {}, job.backend || "a backend"),
+        prompt,
+        h("p", { class: "job-meta" }, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, `${job.type} ${job.id.slice(0, 8)}`),
+          " · started ", ago(job.started_at), job.priority ? ` · priority ${job.priority}` : ""),
+        bar.el,
+        h("button", { type: "button", class: "secondary small", onclick: () => cancel(job.id) }, "Cancel")));
     follow(`/sdapi/v1/jobs/${encodeURIComponent(job.id)}/events`, (name, data) => {
+      if (name === "status" && typeof data.request?.prompt === "string") prompt.textContent = data.request.prompt;
       if (name === "progress") {
         bar.set(data.progress, [data.steps && `step ${data.step} of ${data.steps}`, data.eta && `${duration(data.eta)} left`].filter(Boolean).join(" · "));
         if (data.preview) {
