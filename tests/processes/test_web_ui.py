@@ -9,6 +9,8 @@ Skipped, saying why, where there is no Chromium."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -22,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import ASYNC, free_port, serve, wait_for
@@ -213,6 +216,47 @@ def test_a_job_submitted_from_the_form_runs_live_to_100_percent_and_shows_its_im
         "id => document.querySelector(`li[data-id='${id}'] img.thumb`)?.naturalWidth > 0",
         arg=job_id,
     )
+
+
+def test_an_init_image_dropped_on_the_form_makes_an_img2img_job_that_runs_again_the_same(
+    web: Web, open_page: Any
+) -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(out, "PNG")
+    page = open_page(ALICE)
+    page.goto(f"{web.base}/ui/#/new")
+    page.get_by_label("img2img").check()
+    page.get_by_label("Prompt", exact=True).fill("the same, in autumn")
+    page.evaluate(DROP, base64.b64encode(out.getvalue()).decode())
+    expect(page.get_by_alt_text("The init image")).to_be_visible()
+    expect(page.get_by_label("Width")).to_have_value("64")  # the image's own size
+    expect(page.get_by_label("Height")).to_have_value("48")
+    page.get_by_label("Denoising strength").fill("0.4")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("main .title-row .chip")).to_have_text("completed")
+    first = page.url.rsplit("/", 1)[1]
+    sent = web.job(ALICE, first)
+    assert sent["type"] == "img2img" and sent["request"]["denoising_strength"] == 0.4
+    assert sent["request"]["init_images"][0].startswith("data:image/png;base64,")
+
+    page.get_by_role("button", name="Run again").click()
+    expect(page).not_to_have_url(re.compile(first))
+    expect(page.locator("main .title-row .chip")).to_have_text("completed")
+    again = web.job(ALICE, page.url.rsplit("/", 1)[1])
+    assert again["type"] == "img2img" and again["request"] == sent["request"]
+
+
+# Drops a PNG (base64) on the form's drop zone, as a file dragged from the desktop would.
+DROP = """async (b64) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], "init.png", { type: "image/png" }));
+  const zone = document.querySelector(".drop");
+  const event = (name) =>
+    new DragEvent(name, { dataTransfer: data, bubbles: true, cancelable: true });
+  zone.dispatchEvent(event("dragover"));
+  zone.dispatchEvent(event("drop"));
+}"""
 
 
 def test_the_queue_shows_the_running_job_live_and_a_queued_job_is_canceled_from_its_page(

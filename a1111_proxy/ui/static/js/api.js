@@ -38,7 +38,7 @@ function describe(status, body) {
   return `The server answered ${status}`;
 }
 
-export function authHeaders(token = session.token) {
+function authHeaders(token = session.token) {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 

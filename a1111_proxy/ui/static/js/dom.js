@@ -91,7 +91,7 @@ export function duration(seconds) {
   return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
-export const seconds = (iso) => (iso ? Date.parse(iso) / 1000 : null);
+const seconds = (iso) => (iso ? Date.parse(iso) / 1000 : null);
 
 export function between(from, to) {
   const a = seconds(from);
@@ -109,7 +109,7 @@ export function ago(iso) {
 }
 
 // "2026-11-30 15:34" in local time, without Intl (whose first use costs a list's paint).
-export function stamp(iso) {
+function stamp(iso) {
   const d = new Date(iso);
   const two = (n) => String(n).padStart(2, "0");
   return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}`;

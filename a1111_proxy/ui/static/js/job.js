@@ -34,6 +34,7 @@ export function render(root, { params: [id] }) {
   }
 
   let shownHooks = "";
+  let settled = 0; // polls in a row that found the job ended and no delivery under way
   async function loadHooks() {
     const { deliveries } = await call(`${path}/webhooks`, { signal: stop.signal });
     const seen = JSON.stringify(deliveries);
@@ -42,7 +43,9 @@ export function render(root, { params: [id] }) {
       keepingState(hooks, () => hooks.replaceChildren(deliveryList(deliveries, redeliver)));
     }
     const busy = deliveries.some((d) => d.status === "pending" || d.status === "sending");
-    if (!busy && TERMINAL.has(job.status) && deliveries.length) {
+    settled = !busy && TERMINAL.has(job.status) ? settled + 1 : 0;
+    // Settled: nothing more will come (a minute on, a job that ended sent all it will send).
+    if (settled && (deliveries.length || settled * HOOKS_MS > 60000)) {
       hooksTimer.stop();
       hooksTimer = "stopped";
     }

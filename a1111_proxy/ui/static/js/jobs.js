@@ -153,7 +153,7 @@ function filterForm(filters, changed) {
 
 const state = (job) => `${job.status}:${Math.round(job.progress * 100)}`;
 
-export function row(job, timed = false) {
+function row(job, timed = false) {
   const prompt = typeof job.request.prompt === "string" && job.request.prompt.trim();
   const model = job.request.override_settings && job.request.override_settings.sd_model_checkpoint;
   const meta = [

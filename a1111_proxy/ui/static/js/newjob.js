@@ -8,7 +8,7 @@ import { civitaiPreview, loadModels, modelName } from "./models.js";
 
 // The body keys this form sets; the others of a job it starts from are sent as they were.
 const NUMBERS = {
-  width: [512, 64, 4096, 8], height: [512, 64, 4096, 8], steps: [20, 1, 500, 1],
+  width: [512, 8, 16384, 8], height: [512, 8, 16384, 8], steps: [20, 1, 500, 1],
   cfg_scale: [7, 1, 30, 0.5], seed: [-1, -1, 4294967295, 1], batch_size: [1, 1, 64, 1],
   n_iter: [1, 1, 100, 1], hr_scale: [2, 1, 4, 0.05], hr_second_pass_steps: [0, 0, 500, 1],
   denoising_strength: [0.7, 0, 1, 0.05], priority: [0, -1000, 1000, 1],
@@ -30,8 +30,8 @@ export function render(root, { query }) {
   const drop = dropZone((dataUrl, image) => {
     init = dataUrl;
     if (image) {
-      c.width.value = Math.min(4096, Math.round(image.naturalWidth / 8) * 8);
-      c.height.value = Math.min(4096, Math.round(image.naturalHeight / 8) * 8);
+      c.width.value = Math.max(8, Math.round(image.naturalWidth / 8) * 8);
+      c.height.value = Math.max(8, Math.round(image.naturalHeight / 8) * 8);
     }
   });
   const hires = h("fieldset", { class: "grid" }, h("legend", {}, "Hires fix"),
@@ -252,7 +252,7 @@ function loraPicker(prompt) {
     const trained = (entry && entry.civitai && entry.civitai.trained_words) || [];
     words.replaceChildren(...trained.map((word) => h("button", { type: "button", class: "secondary small", onclick: () => insert(word) }, `+ ${word}`)));
   });
-  const el = h("fieldset", { class: "grid lora" }, h("legend", {}, "LoRA"),
+  const el = h("fieldset", { class: "grid lora", hidden: true }, h("legend", {}, "LoRA"),
     field("LoRA", choice), field("Weight", weight),
     h("div", { class: "field" }, h("button", {
       type: "button", class: "secondary",

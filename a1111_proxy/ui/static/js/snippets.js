@@ -77,7 +77,7 @@ export function python(job, origin = location.origin) {
 }
 
 // A JSON value as a Python literal.
-export function py(value, indent = 0) {
+function py(value, indent = 0) {
   if (value === null || value === undefined) return "None";
   if (value === true) return "True";
   if (value === false) return "False";
