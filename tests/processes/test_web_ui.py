@@ -25,7 +25,12 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+from tests.fakes.civitai import version
 from tests.fakes.webhook_sink import WebhookSink
 from tests.servers import ASYNC, free_port, serve, wait_for
 from tests.stack import Stack
@@ -47,6 +52,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: 
 ALICE, BOB, OPS = "alice-token", "bob-token", "ops-token"
 TOKEN_KEY = "a1111-proxy.token"  # where the page keeps the token (js/api.js)
 MODEL = "fake-model.safetensors [f4ce0f4ce0]"
+MODEL_SHA256 = "f4ce0f4ce0" + "0" * 54
 WAIT_MS = 60_000  # a bound only a real failure reaches
 expect.set_options(timeout=WAIT_MS)
 
@@ -80,10 +86,21 @@ class Web:
         )
 
 
+def fake_civitai() -> Starlette:
+    """Civitai's by-hash route, knowing the fake backend's one checkpoint."""
+
+    async def by_hash(request: Request) -> Response:
+        if request.path_params["hash"].lower() != MODEL_SHA256:
+            return JSONResponse({"error": "Model not found"}, status_code=404)
+        return JSONResponse(version(2000, "Fake Checkpoint", trainedWords=["fakestyle"]))
+
+    return Starlette(routes=[Route("/api/v1/model-versions/by-hash/{hash}", by_hash)])
+
+
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     sink = WebhookSink()
-    with serve(sink.app) as hooks:
+    with serve(sink.app) as hooks, serve(fake_civitai()) as civitai:
         stack = Stack(
             tmp_path_factory.mktemp("web-ui"),
             [f"http://127.0.0.1:{free_port()}"],  # not used: BACKEND=fake
@@ -93,6 +110,8 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
             A1111_PROXY_API_TOKENS=f"alice:{ALICE},bob:{BOB}",
             A1111_PROXY_ADMIN_TOKENS=f"ops:{OPS}",
             A1111_PROXY_WEBHOOK_ALLOW_PRIVATE="true",
+            A1111_PROXY_CIVITAI_ENABLED="true",
+            A1111_PROXY_CIVITAI_URL=civitai,
         )
         try:
             stack.start_api()
@@ -392,6 +411,41 @@ def test_the_copied_curl_and_python_make_the_same_job_again(
         listed = client.get("/sdapi/v1/jobs", params={"prompt": tag}).json()["jobs"]
     by_python = [job for job in listed if job["id"] != original and job["request"].get("seed") == 7]
     assert by_python, "the Python call made no job with the same seed"
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def test_models_show_what_civitai_says_and_only_an_admin_is_offered_a_refresh(
+    web: Web, open_page: Any
+) -> None:
+    def enriched() -> bool:
+        with web.client(ALICE) as client:
+            listed = client.get("/sdapi/v1/sd-models").json()  # 503 before the first fetch
+        return isinstance(listed, list) and "civitai" in listed[0]
+
+    wait_for(enriched, timeout=60, what="the worker to ask the fake Civitai")
+    page = open_page(ALICE)
+    page.goto(f"{web.base}/ui/#/models")
+    card = page.locator(".models > li").first
+    for text in ("fake-model", "Fake Checkpoint · v1.0", "SD 1.5", "fakestyle", "f4ce0f4ce0"):
+        expect(card).to_contain_text(text)
+    expect(page.get_by_role("button", name="Refresh models")).to_be_hidden()
+    page.get_by_label("Filter models").fill("fakestyle")
+    expect(card).to_be_visible()
+    page.get_by_label("Filter models").fill("no such model")
+    expect(card).to_be_hidden()
+    page.goto(f"{web.base}/ui/#/new")
+    page.get_by_label("Model", exact=True).select_option(MODEL)
+    expect(page.locator(".model-info")).to_contain_text("Fake Checkpoint · v1.0 (SD 1.5)")
+
+    admin = open_page(OPS)
+    admin.goto(f"{web.base}/ui/#/models")
+    refresh = admin.get_by_role("button", name="Refresh models")
+    refresh.click()
+    expect(admin.get_by_text("Asked the workers to rescan their models")).to_be_visible()
+    expect(refresh).to_be_enabled()  # the lists were fetched again and shown
+    expect(admin.locator(".models > li").first).to_contain_text("Fake Checkpoint")
 
 
 # --- every page: names, phones, dark ---------------------------------------------------------
