@@ -431,11 +431,13 @@ def requested_steps(row: Any) -> int:
 
 
 async def list_jobs(request: Request) -> Response:
+    status = choice(request, "status", STATUSES)
+    kind = choice(request, "type", tuple(REQUEST_MODELS))
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
     where = JobFilter(
-        status=choice(request, "status", STATUSES),
-        type=choice(request, "type", tuple(REQUEST_MODELS)),
+        status=status,
+        type=kind,
         owner=_listed_owner(request),
         checkpoints=await _checkpoint_names(request),
         prompt=text_param(request, "prompt", MAX_PROMPT_FILTER),
