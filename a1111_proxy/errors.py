@@ -60,6 +60,13 @@ class DeliveryNotFound(ProxyError):
     code = "delivery_not_found"
 
 
+class DownloadNotFound(ProxyError):
+    """No model download has this id. List them with GET /sdapi/v1/models/downloads."""
+
+    status_code = 404
+    code = "download_not_found"
+
+
 class IdempotencyKeyReused(ProxyError):
     """This Idempotency-Key was already used with a different request body. Use a new key for a
     new request, or send the original body to get the original job back."""

@@ -5,7 +5,18 @@ from __future__ import annotations
 from starlette.routing import Mount, Route
 
 from a1111_proxy.catalogue import ENTRIES
-from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue, ui, webhooks
+from a1111_proxy.routes import (
+    a1111,
+    docs,
+    downloads,
+    events,
+    health,
+    jobs,
+    models,
+    queue,
+    ui,
+    webhooks,
+)
 
 # The catalogue entries answered as the worker stored them; the others have routes of their own.
 OWN_ROUTES = frozenset({"sd-models", "loras", "memory", "options"})
@@ -35,6 +46,11 @@ ROUTES = [
     Route("/sdapi/v1/sd-models/{name:path}", models.get_sd_model, methods=["GET"]),
     Route("/sdapi/v1/loras", models.list_loras, methods=["GET"]),
     Route("/sdapi/v1/loras/{name:path}", models.get_lora, methods=["GET"]),
+    Route(downloads.PATH, downloads.add_download, methods=["POST"]),
+    Route(downloads.PATH, downloads.list_downloads, methods=["GET"]),
+    Route(f"{downloads.PATH}/{{download_id}}", downloads.get_download, methods=["GET"]),
+    Route(f"{downloads.PATH}/{{download_id}}/cancel", downloads.cancel_download, methods=["POST"]),
+    Route(f"{downloads.PATH}/{{download_id}}/events", downloads.download_events, methods=["GET"]),
     *(Route(f"/sdapi/v1/{name}", a1111.catalogue_entry, methods=["GET"]) for name in CATALOGUE),
     Route("/sdapi/v1/refresh-checkpoints", a1111.refresh_checkpoints, methods=["POST"]),
     Route("/sdapi/v1/refresh-loras", a1111.refresh_loras, methods=["POST"]),

@@ -72,12 +72,13 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     wait = wait_preference(
         request, default_wait=wait_by_default, has_webhook=proxy.webhook_url is not None
     )
+    payload = json.dumps(a1111_body)
+    shown = stored_request(without_credentials(a1111_body), [item.as_dict() for item in resized])
     new = NewJob(
         type=kind,
-        request=json.dumps(
-            stored_request(without_credentials(a1111_body), [item.as_dict() for item in resized])
-        ),
-        payload=json.dumps(a1111_body),
+        # Most bodies carry no image or credential to leave out: then the two are the same text.
+        request=payload if shown == a1111_body else json.dumps(shown),
+        payload=payload,
         priority=proxy.priority,
         webhook_url=proxy.webhook_url,
         webhook_secret=proxy.webhook_secret,

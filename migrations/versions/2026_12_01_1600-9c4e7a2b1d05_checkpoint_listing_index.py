@@ -1,7 +1,7 @@
 """checkpoint listing index: jobs that asked for a checkpoint, newest first (GET /jobs?model=)
 
 Revision ID: 9c4e7a2b1d05
-Revises: 0bf2657d334f
+Revises: c3a836179eef
 Create Date: 2026-12-01 16:00:00
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "9c4e7a2b1d05"
-down_revision: str | None = "0bf2657d334f"
+down_revision: str | None = "c3a836179eef"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
