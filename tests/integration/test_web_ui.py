@@ -1,13 +1,15 @@
 """The web UI's server side over a real uvicorn: the page and its assets need no token (the API
-still does), with their cache headers; `/` leads to the page; and thumbnails of result images
-(`GET /sdapi/v1/jobs/{id}/images/{n}?size=`), made on the CpuPool and kept in memory. The
-page itself is driven in a browser in tests/processes/test_web_ui.py."""
+still does), with their cache headers; `/` leads to the page; thumbnails of result images
+(`GET /sdapi/v1/jobs/{id}/images/{n}?size=`), made on the CpuPool and kept in memory; and, in
+Chromium, the page with tokens off. The page is driven through every feature, with tokens on,
+against real processes in tests/processes/test_web_ui.py."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import re
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -204,3 +206,35 @@ def test_with_no_thumbnail_cache_each_thumbnail_is_made_again(
         for _ in range(2):
             assert thumbnail(url, job_id, 0, 64, {}).status_code == 200
     assert [name for name, _ in gate.ran] == ["make_thumbnail", "make_thumbnail"]
+
+
+# --- tokens off, in a browser -----------------------------------------------------------------
+
+CHROMIUM = (
+    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+)
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no headless Chromium on this machine (install one, e.g. `apt-get install chromium`, "
+    "to run the web UI's browser tests)",
+)
+def test_with_tokens_off_the_page_lists_jobs_at_once_and_says_no_token_is_needed(
+    sqlite_url: str, settings_for: Any
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with serve(create_app(settings_for(database_url=sqlite_url))) as url, sync_playwright() as p:
+        job_id = submitted(url, {})
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/")
+            expect(page.locator(f'li[data-id="{job_id}"]')).to_contain_text("a fox")
+            expect(page.locator("#who")).to_have_text("tokens off: admin")
+            expect(page.get_by_role("button", name="Sign out")).to_be_hidden()
+            page.goto(f"{url}/ui/#/signin")
+            expect(page.get_by_text("This server has tokens off")).to_be_visible()
+        finally:
+            browser.close()

@@ -220,6 +220,9 @@ def test_a_job_submitted_from_the_form_runs_live_to_100_percent_and_shows_its_im
         "() => [...document.querySelectorAll('figure img')].every(i => i.naturalWidth)"
     )
     expect(page.locator("figcaption")).to_contain_text(f"Seed: {seed}")
+    download = page.get_by_role("link", name="Download image 1")
+    expect(download).to_have_attribute("download", f"{job_id}-0.png")
+    expect(download).to_have_attribute("href", re.compile("^data:image/png;base64,"))
 
     sent = web.job(ALICE, job_id)["request"]
     assert sent["prompt"] == prompt and sent["seed"] == int(seed)
