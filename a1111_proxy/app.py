@@ -22,6 +22,7 @@ from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.routes import ROUTES
 from a1111_proxy.routes.context import State
 from a1111_proxy.settings import Settings
+from a1111_proxy.thumbnails import ThumbnailCache
 from a1111_proxy.waiter import JobWaiter
 from a1111_proxy.wakeup import NOTIFY_CHANNEL, PROGRESS_CHANNEL, make_wakeup
 
@@ -63,6 +64,7 @@ def make_lifespan(
                 "backends": backends,
                 "schema_head": head_revision(),
                 "cpu": cpu,
+                "thumbnails": ThumbnailCache(settings.thumbnail_cache_bytes),
             }
         finally:
             cpu.close()

@@ -213,18 +213,21 @@ def find_checkpoint(models: Any, wanted: str) -> dict[str, Any] | None:
     """A1111's checkpoint aliases: title, model_name, file name, short/long hash, 'name [hash]'."""
     wanted = wanted.strip()
     for model in models or []:
-        if not isinstance(model, dict):
-            continue
-        filename = str(model.get("filename") or "")
-        names = {
-            model.get("title"),
-            model.get("model_name"),
-            model.get("hash"),
-            model.get("sha256"),
-            filename.rsplit("/", 1)[-1],
-            filename.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-            (model.get("sha256") or "")[:10] or None,
-        }
-        if wanted in {n for n in names if n}:
+        if isinstance(model, dict) and wanted in checkpoint_names(model):
             return model
     return None
+
+
+def checkpoint_names(model: dict[str, Any]) -> set[str]:
+    """Every name A1111 knows a checkpoint by (what a job's sd_model_checkpoint may say)."""
+    filename = str(model.get("filename") or "")
+    names = {
+        model.get("title"),
+        model.get("model_name"),
+        model.get("hash"),
+        model.get("sha256"),
+        filename.rsplit("/", 1)[-1],
+        filename.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+        (model.get("sha256") or "")[:10] or None,
+    }
+    return {str(n) for n in names if n}

@@ -45,6 +45,14 @@ class ImageNotFound(ProxyError):
     code = "image_not_found"
 
 
+class ThumbnailUnavailable(ProxyError):
+    """This image cannot be scaled down (it is not an image Pillow reads, or too large to
+    decode); GET it without `size`."""
+
+    status_code = 422
+    code = "thumbnail_unavailable"
+
+
 class DeliveryNotFound(ProxyError):
     """This job has no such webhook delivery to send again."""
 

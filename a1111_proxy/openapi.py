@@ -153,7 +153,21 @@ OPERATIONS: list[Op] = [
                 },
                 "only these",
             ),
-            _query("type", {"type": "string"}, "only this job type"),
+            _query("type", {"type": "string", "enum": ["txt2img", "img2img"]}, "only this type"),
+            _query(
+                "model",
+                {"type": "string"},
+                "only jobs that asked for this checkpoint (by any name A1111 knows it by: "
+                "title, model name, file name, hash)",
+            ),
+            _query(
+                "prompt",
+                {"type": "string", "maxLength": 200},
+                "only jobs whose prompt holds this text, ignoring case; a page then looks at "
+                "no more than 2,000 jobs and may hold fewer than `limit` (even none) with a "
+                "`next_cursor` to go on with",
+            ),
+            _query("owner", {"type": "string"}, "admins: only this tenant's jobs"),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size"),
             _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
         ],
@@ -179,10 +193,23 @@ OPERATIONS: list[Op] = [
     Op(
         "get",
         "/sdapi/v1/jobs/{job_id}/images/{n}",
-        "One result image",
+        "One result image, or a thumbnail of it",
         "jobs",
-        {200: "image", 404: s.A1111Error},
-        params=[JOB_ID, _path("n", {"type": "integer", "minimum": 0})],
+        {200: "image", 404: s.A1111Error, 422: "any"},
+        params=[
+            JOB_ID,
+            _path("n", {"type": "integer", "minimum": 0}),
+            _query(
+                "size",
+                {"type": "integer", "enum": [64, 128, 256, 512]},
+                "a thumbnail: the image scaled down (never up) so that its longer side is at "
+                "most this, as WebP, cached",
+            ),
+        ],
+        description="The image as stored (PNG as A1111 made it, or JPEG/WebP), or with `size` "
+        "a thumbnail, kept in the API process's memory (THUMBNAIL_CACHE_BYTES). Both are "
+        "`Cache-Control: private, max-age=86400`. 422 `thumbnail_unavailable` for an image "
+        "that cannot be scaled (larger than 8192 x 8192, or not an image).",
     ),
     Op(
         "get",

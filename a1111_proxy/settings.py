@@ -246,6 +246,13 @@ class Settings(BaseSettings):
         "aspect ratio kept; the job shows it in `input_images_resized`); 0: never, images reach "
         "A1111 as sent",
     )
+    thumbnail_cache_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="how many bytes of thumbnails (`GET .../images/{n}?size=`, what the web UI "
+        "lists) each API process keeps in memory, least recently used dropped first "
+        "(33554432: 32 MiB); 0: none kept, each is made again",
+    )
     image_urls: bool = Field(
         False,
         description="accept http(s) URLs as input images: the API fetches them through "

@@ -95,6 +95,7 @@ jobs = Table(
     # An owner's jobs by status; and its last turn among its queued jobs of a priority.
     Index("ix_jobs_owner_turns", "owner", "status", "priority", "turn"),
     Index("ix_jobs_owner_seq", "owner", "seq"),  # a tenant's listing; its submit rate
+    Index("ix_jobs_checkpoint_seq", "checkpoint", "seq"),  # a listing by model (?model=)
 )
 
 # The claim order (jobs/clauses.py QUEUE_ORDER), so that a claim reads its first rows only.

@@ -11,9 +11,11 @@ from a1111_proxy.routes import (
     downloads,
     events,
     health,
+    images,
     jobs,
     models,
     queue,
+    ui,
     webhooks,
 )
 
@@ -31,7 +33,7 @@ ROUTES = [
     Route("/sdapi/v1/jobs", jobs.list_jobs, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}", jobs.get_job, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
-    Route("/sdapi/v1/jobs/{job_id}/images/{n:int}", jobs.get_image, methods=["GET"]),
+    Route("/sdapi/v1/jobs/{job_id}/images/{n:int}", images.get_image, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/events", events.job_events, methods=["GET"]),
     Route("/sdapi/v1/queue", queue.queue, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/webhooks", webhooks.list_deliveries, methods=["GET"]),
@@ -70,6 +72,10 @@ ROUTES = [
     Route("/openapi.json", docs.openapi_json, methods=["GET"]),
     Route("/doc", docs.doc, methods=["GET"]),
     Mount("/doc/static", app=docs.swagger_assets(), name="doc-static"),
+    Route("/", ui.to_ui, methods=["GET"]),
+    Route("/ui", ui.to_ui, methods=["GET"]),
+    Route("/ui/", ui.ui, methods=["GET"]),
+    Route("/ui/assets/{version}/{path:path}", ui.asset, methods=["GET"]),
     # Last: whatever else is asked of A1111's API gets a clear 404 (or 405).
     Route("/sdapi/v1/{rest:path}", a1111.unsupported, methods=ANY_METHOD),
     Route("/controlnet/{rest:path}", a1111.unsupported, methods=ANY_METHOD),

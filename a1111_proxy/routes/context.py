@@ -31,6 +31,7 @@ from a1111_proxy.jobs import JobRecord, JobRepository
 from a1111_proxy.middleware import Caller
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
+from a1111_proxy.thumbnails import ThumbnailCache
 from a1111_proxy.waiter import JobWaiter
 
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -49,6 +50,7 @@ class State(TypedDict):
     backends: BackendWatch
     schema_head: str
     cpu: CpuPool
+    thumbnails: ThumbnailCache
 
 
 class RequestState(State, total=False):
@@ -94,6 +96,11 @@ def schema_head(request: Request) -> str:
 def cpu(request: Request) -> CpuPool:
     """The process's bounded pool for heavy work on what requests carry (cpu_pool.py)."""
     return request_state(request)["cpu"]
+
+
+def thumbnails(request: Request) -> ThumbnailCache:
+    """The process's cache of thumbnails (thumbnails.py)."""
+    return request_state(request)["thumbnails"]
 
 
 def caller(request: Request) -> Caller:
@@ -291,6 +298,23 @@ def int_param(
             }
         ]
     )
+
+
+def text_param(request: Request, name: str, max_length: int) -> str | None:
+    """The query parameter `name`, stripped (None when absent or blank; 422 when longer than
+    `max_length` characters)."""
+    value = (request.query_params.get(name) or "").strip()
+    if len(value) > max_length:
+        raise InvalidRequest(
+            [
+                {
+                    "loc": ["query", name],
+                    "msg": f"must be at most {max_length} characters",
+                    "type": "string_too_long",
+                }
+            ]
+        )
+    return value or None
 
 
 def bool_param(request: Request, name: str, *, default: bool) -> bool:
