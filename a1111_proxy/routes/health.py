@@ -19,7 +19,8 @@ async def health(request: Request) -> Response:
     with the reasons."""
     repo = context.repo(request)
     stale_after = context.settings(request).worker_stale_seconds
-    problems: list[str] = []
+    # Each problem twice: in full for an admin, and without addresses or errors for anyone.
+    problems: list[tuple[str, str]] = []
     report: dict[str, Any] = {"database": "ok", "workers": [], "backends": [], "queue": None}
     try:
         await repo.ping()
@@ -27,7 +28,7 @@ async def health(request: Request) -> Response:
         report["queue"] = await repo.counts()
     except Exception as exc:
         report["database"] = scrub(f"unreachable: {type(exc).__name__}: {exc}")
-        problems.append("the database does not answer")
+        problems.append(("the database does not answer",) * 2)
         workers = []
     now = time.time()
     for row in workers:
@@ -41,24 +42,24 @@ async def health(request: Request) -> Response:
         )
         report["backends"] += slots
     if report["database"] == "ok" and not workers:
-        problems.append(
+        no_worker = (
             f"no worker has sent a heartbeat in the last {stale_after:.0f} s: start one with "
             "`a1111-proxy worker`"
         )
+        problems.append((no_worker, no_worker))
     if workers and all(slot["state"] == "down" for slot in report["backends"]):
-        problems.append(
-            "every backend slot is down: "
-            + "; ".join(f"{s['backend']}: {s['last_error']}" for s in report["backends"])
-        )
+        errors = "; ".join(f"{s['backend']}: {s['last_error']}" for s in report["backends"])
+        problems.append((f"every backend slot is down: {errors}", "every backend slot is down"))
     report["status"] = "ok" if not problems else "unhealthy"
-    report["problems"] = problems
+    report["problems"] = [detailed for detailed, _ in problems]
     status = 200 if not problems else 503
     if not context.is_admin(request):
-        return JSONResponse(_for_anyone(report), status_code=status)
+        public = [general for _, general in problems]
+        return JSONResponse(_for_anyone(report, public), status_code=status)
     return JSONResponse(report, status_code=status)
 
 
-def _for_anyone(report: dict[str, Any]) -> dict[str, Any]:
+def _for_anyone(report: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     """What /health shows without an admin token: whether it is healthy and what to look at,
     with no backend address, worker host, job id or backend error (an open route must not hand
     an attacker the network's layout or a URL's credentials)."""
@@ -71,14 +72,10 @@ def _for_anyone(report: dict[str, Any]) -> dict[str, Any]:
             "total": len(slots),
             "down": sum(1 for slot in slots if slot.get("state") == "down"),
         },
-        "problems": [_general(problem) for problem in report["problems"]],
+        "problems": problems,
         "detail": "send an admin token (A1111_PROXY_ADMIN_TOKENS) for workers, backends and "
         "their errors",
     }
-
-
-def _general(problem: str) -> str:
-    return problem.split(":", 1)[0] if problem.startswith("every backend slot") else problem
 
 
 async def ready(request: Request) -> Response:
