@@ -19,6 +19,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from a1111_proxy.db.sqlite_driver import DBAPI
+
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
@@ -67,7 +69,7 @@ class Database:
 
 def _sqlite_engine(url: str, begin: str, *, pool_size: int, echo: bool) -> AsyncEngine:
     engine = create_async_engine(
-        url, pool_size=pool_size, max_overflow=0, pool_timeout=60, echo=echo
+        url, module=DBAPI, pool_size=pool_size, max_overflow=0, pool_timeout=60, echo=echo
     )
 
     @event.listens_for(engine.sync_engine, "connect")
