@@ -15,6 +15,7 @@ from a1111_proxy.backends.fake import FakeBackend
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.civitai import CivitaiClient
 from a1111_proxy.db.engine import Database
+from a1111_proxy.deliveries import outbox_wakeup
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
@@ -69,8 +70,9 @@ def build_sender(settings: Settings, repo: JobRepository) -> WebhookSender:
         images=settings.webhook_images,
         public_url=settings.public_base_url(),
     )
-    # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
-    wakeup = make_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
+    # Woken by the outbox only, not by every job's change; webhooks need no millisecond
+    # latency: where there are no file events, poll less often than for jobs.
+    wakeup = outbox_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
     return WebhookSender(repo, wakeup, config)
 
 
