@@ -57,6 +57,11 @@ class Wakeup(Protocol):
         """Wait until the database may have changed (True) or `timeout` passes (False)."""
         ...
 
+    def catch_up(self) -> None:
+        """Forget the changes seen so far: the next wait() wakes only for later commits. For a
+        caller about to look at the database, which sees those changes itself."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -93,6 +98,10 @@ class SqliteWakeup:
             return self._conn.execute(self.mark).fetchone()
         except sqlite3.Error:  # not migrated yet: every commit counts
             return object()
+
+    def catch_up(self) -> None:
+        self._version = self._read()
+        self._marked = self._read_mark()
 
     def committed(self) -> bool:
         """Whether another connection committed since the last look."""
@@ -236,6 +245,9 @@ class PostgresWakeup:
 
     def _on_notify(self, *_args: Any) -> None:
         self._event.set()
+
+    def catch_up(self) -> None:
+        self._event.clear()
 
     async def wait(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):

@@ -180,6 +180,9 @@ class Worker:
                 await first()
         while not self._stop.is_set():
             self._slot_freed.clear()  # before claiming: a slot freed meanwhile is not missed
+            # The claim sees every commit made so far: only later ones are worth waking for
+            # (not the worker's own claim and result just before, one empty claim each).
+            self.wakeup.catch_up()
             try:
                 if await self._fill_slots():
                     continue

@@ -75,3 +75,19 @@ async def test_a_commit_published_just_after_its_file_event_is_seen_without_a_re
     finally:
         waiting.cancel()
         await waiter.close()
+
+
+async def test_a_wake_up_caught_up_sleeps_through_the_commits_before_it(sqlite_url: str) -> None:
+    waiter = SqliteWakeup(sqlite_url, 0.005)
+    await waiter.start()
+    path = str(sqlite_path(sqlite_url))
+    try:
+        with sqlite3.connect(path) as conn:
+            conn.execute("INSERT INTO workers VALUES ('w1', 1.0, 1.0, '[]')")
+        waiter.catch_up()  # the caller is about to look at what that commit did
+        assert await waiter.wait(0.3) is False
+        with sqlite3.connect(path) as conn:
+            conn.execute("INSERT INTO workers VALUES ('w2', 1.0, 1.0, '[]')")
+        assert await waiter.wait(10) is True
+    finally:
+        await waiter.close()
