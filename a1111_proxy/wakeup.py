@@ -214,8 +214,7 @@ class FolderWatch:
 
     async def wait(self, timeout: float) -> bool:
         """True: one of the database's files was written; False: `timeout` passed."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.event.wait(), timeout)
+        await wait_set(self.event, timeout)
         written = self.event.is_set()
         self.event.clear()
         return written
@@ -250,8 +249,7 @@ class PostgresWakeup:
         self._event.clear()
 
     async def wait(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        await wait_set(self._event, timeout)
         woke = self._event.is_set()
         self._event.clear()
         return woke
@@ -261,6 +259,14 @@ class PostgresWakeup:
             with contextlib.suppress(Exception):
                 await self._conn.close()
             self._conn = None
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> None:
+    """Until `event` is set or `timeout` passes. Not asyncio.wait_for: on Python 3.11 it can
+    swallow a cancellation that arrives as the event is set, and the waiter then sleeps on."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
 
 
 def make_wakeup(
