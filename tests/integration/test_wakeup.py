@@ -91,3 +91,30 @@ async def test_a_wake_up_caught_up_sleeps_through_the_commits_before_it(sqlite_u
         assert await waiter.wait(10) is True
     finally:
         await waiter.close()
+
+
+async def test_a_wait_cancelled_as_its_file_event_arrives_ends_at_once(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter's owner (first_of in the worker and the webhook sender) cancels the waits it no
+    longer needs; the cancellation must win even when the event has just come."""
+    monkeypatch.setattr(wakeups, "WATCH_RECHECK_SECONDS", 3600)
+    waiter = SqliteWakeup(sqlite_url, 3600)
+    await waiter.start()
+    watch = waiter._watch
+    if watch is None:
+        pytest.skip("no inotify here: the waiter polls data_version instead")
+    asyncio.get_running_loop().remove_reader(watch.fd)
+    waiting = asyncio.create_task(waiter.wait(3600))
+    try:
+        for _ in range(3):
+            await asyncio.sleep(0)  # the waiter sleeps on the file event
+        watch.event.set()
+        await asyncio.sleep(0)  # the event's wait is done; the waiter has not resumed yet
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await waiting
+    finally:
+        waiting.cancel()
+        await waiter.close()
