@@ -25,7 +25,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -172,6 +184,17 @@ class DeliveryRepository:
             earlier.c.lease_expires_at >= now,
         )
         return and_(or_(pending, abandoned), ~overtaking)
+
+    async def outstanding(self) -> bool:
+        """Whether any message is pending or being sent (each read on its partial index)."""
+        query = select(
+            or_(
+                exists().where(_d.c.status == literal_column("'pending'")),
+                exists().where(_d.c.status == literal_column("'sending'")),
+            )
+        )
+        async with self.db.reading() as conn:
+            return bool((await conn.execute(query)).scalar())
 
     async def has_due(self) -> bool:
         query = select(_d.c.seq).where(self._due(self.clock())).limit(1)
