@@ -19,7 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from a1111_proxy.db.sqlite_driver import DBAPI
+from a1111_proxy.db.sqlite_driver import DBAPI, READ_DBAPI
 
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -39,7 +39,7 @@ class Database:
             check_sqlite_version()
             ensure_sqlite_dir(url)
             self.write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, echo=echo)
-            self.read_engine = _sqlite_engine(url, "BEGIN", pool_size=4, echo=echo)
+            self.read_engine = _sqlite_engine(url, "BEGIN", pool_size=4, echo=echo, reads=True)
         else:
             self.write_engine = create_async_engine(
                 url, pool_size=10, max_overflow=10, pool_pre_ping=True, echo=echo
@@ -67,9 +67,16 @@ class Database:
             await self.read_engine.dispose()
 
 
-def _sqlite_engine(url: str, begin: str, *, pool_size: int, echo: bool) -> AsyncEngine:
+def _sqlite_engine(
+    url: str, begin: str, *, pool_size: int, echo: bool, reads: bool = False
+) -> AsyncEngine:
     engine = create_async_engine(
-        url, module=DBAPI, pool_size=pool_size, max_overflow=0, pool_timeout=60, echo=echo
+        url,
+        module=READ_DBAPI if reads else DBAPI,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=60,
+        echo=echo,
     )
 
     @event.listens_for(engine.sync_engine, "connect")

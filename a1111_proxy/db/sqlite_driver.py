@@ -7,6 +7,10 @@ statement is one round trip: the cursor is made and closed in the caller's threa
 objects; the connection is opened with check_same_thread=False), and execute fetches its rows in
 the same call. Everything else is aiosqlite's: the thread, the queue, the errors, the dialect's
 URL handling. `DBAPI` is what `create_async_engine(..., module=DBAPI)` takes.
+
+`READ_DBAPI` is for read-only transactions: their deferred BEGIN and their ROLLBACK run in the
+caller's thread too (in WAL mode neither waits for a lock nor touches a file), so a read is one
+round trip per SELECT and nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ class Cursor(aiosqlite.Cursor):
     _rows: list[Any] | None = None
 
     async def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> Cursor:
+        if sql == "BEGIN":  # deferred: takes no lock, reads nothing
+            self._rows = None
+            self._cursor.execute(sql)
+            return self
         run = partial(_execute_and_fetch, self._cursor, sql, parameters or ())
         self._rows = await self._conn._execute(run)  # type: ignore[no-untyped-call]  # aiosqlite's
         return self
@@ -69,24 +77,38 @@ class Connection(aiosqlite.Connection):
     def cursor(self) -> Cursor:  # type: ignore[override]  # SQLAlchemy enters it: no await
         return Cursor(self, self._conn.cursor())
 
+    async def rollback(self) -> None:
+        if self._conn.in_transaction:  # not the pool's reset after a commit: nothing to undo
+            await super().rollback()
 
-def connect(database: str | Any, *, iter_chunk_size: int = 64, **kwargs: Any) -> Connection:
+
+class ReadConnection(Connection):
+    """A connection that only reads: ending its transaction releases a snapshot, nothing more."""
+
+    async def rollback(self) -> None:
+        self._conn.rollback()
+
+
+def connector(
+    kind: type[Connection], database: str | Any, iter_chunk_size: int = 64, **kwargs: Any
+) -> Connection:
     """aiosqlite.connect, with the connection usable from the event loop's thread too."""
 
-    def connector() -> sqlite3.Connection:
+    def connect() -> sqlite3.Connection:
         options = {**kwargs, "check_same_thread": False}
         made: sqlite3.Connection = sqlite3.connect(database, **options)
         return made
 
-    return Connection(connector, iter_chunk_size)
+    return kind(connect, iter_chunk_size)
 
 
-def _module() -> types.ModuleType:
+def _module(kind: type[Connection]) -> types.ModuleType:
     """aiosqlite's names (its errors, version), with this connect and Connection."""
-    module = types.ModuleType(__name__ + ".aiosqlite")
+    module = types.ModuleType(f"{__name__}.aiosqlite.{kind.__name__}")
     module.__dict__.update({name: getattr(aiosqlite, name) for name in aiosqlite.__all__})
-    module.__dict__.update(connect=connect, Connection=Connection, Cursor=Cursor)
+    module.__dict__.update(connect=partial(connector, kind), Connection=kind, Cursor=Cursor)
     return module
 
 
-DBAPI = AsyncAdapt_aiosqlite_dbapi(_module(), sqlite3)
+DBAPI = AsyncAdapt_aiosqlite_dbapi(_module(Connection), sqlite3)
+READ_DBAPI = AsyncAdapt_aiosqlite_dbapi(_module(ReadConnection), sqlite3)
