@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import func, select, text
+from sqlalchemy import bindparam, func, select, text
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_images, job_previews, jobs
@@ -24,6 +24,16 @@ from a1111_proxy.jobs.clauses import (
 from a1111_proxy.jobs.records import JOB_COLUMNS, JobRecord, JobState, job_record, job_state
 from a1111_proxy.redaction import backend_name
 
+# What a client polling a job reads, built once (building a statement costs more than running
+# it on SQLite): the job by id (and owner), and its images.
+_JOB = select(*JOB_COLUMNS).where(jobs.c.id == bindparam("b_id"))
+_OWNED_JOB = _JOB.where(jobs.c.owner == bindparam("b_owner"))
+_IMAGES = (
+    select(job_images.c.data)
+    .where(job_images.c.job_seq == bindparam("b_seq"))
+    .order_by(job_images.c.n)
+)
+
 
 class JobReads:
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
@@ -34,9 +44,7 @@ class JobReads:
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self.db.reading() as conn:
-            row = (
-                await conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id))
-            ).one_or_none()
+            row = (await conn.execute(_JOB, {"b_id": job_id})).one_or_none()
         return None if row is None else job_record(row)
 
     async def page(
@@ -65,11 +73,8 @@ class JobReads:
         return [job_record(row, with_result=False) for row in rows]
 
     async def images(self, seq: int) -> list[bytes]:
-        query = (
-            select(job_images.c.data).where(job_images.c.job_seq == seq).order_by(job_images.c.n)
-        )
         async with self.db.reading() as conn:
-            return list((await conn.execute(query)).scalars())
+            return list((await conn.execute(_IMAGES, {"b_seq": seq})).scalars())
 
     async def image(self, seq: int, n: int) -> bytes | None:
         query = select(job_images.c.data).where(job_images.c.job_seq == seq, job_images.c.n == n)
@@ -91,9 +96,8 @@ class JobReads:
 
     async def owned(self, owner: str, job_id: str) -> JobRecord | None:
         """The job, if `owner` submitted it."""
-        query = select(*JOB_COLUMNS).where(jobs.c.id == job_id, jobs.c.owner == owner)
         async with self.db.reading() as conn:
-            row = (await conn.execute(query)).one_or_none()
+            row = (await conn.execute(_OWNED_JOB, {"b_id": job_id, "b_owner": owner})).one_or_none()
         return None if row is None else job_record(row)
 
     async def running_of(self, owner: str | None, job_id: str | None = None) -> list[JobRecord]:
