@@ -22,6 +22,7 @@ import sqlite3
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -123,7 +124,9 @@ class SqliteWakeup:
 
     async def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
+        pauses: Iterator[float] = iter(())
         while True:
+            seen = self._version
             if self.changed():
                 return True
             left = deadline - time.monotonic()
@@ -131,25 +134,14 @@ class SqliteWakeup:
                 return False
             if self._watch is None:
                 await asyncio.sleep(min(self.poll_seconds, left))
-            elif await self._watch.wait(min(WATCH_RECHECK_SECONDS, left)):
-                if await self._settle(deadline):
-                    return True
-
-    async def _settle(self, deadline: float) -> bool:
-        """After a write to the database's files: SQLite writes a commit's pages to the -wal
-        file, then publishes the commit in shared memory (no file event). Woken in between, a
-        look sees nothing yet; look again a few times over the next milliseconds rather than
-        at the next recheck, a quarter of a second later."""
-        for pause in SETTLE_PAUSES:
-            version = self._version
-            if self.changed():
-                return True
-            if self._version != version:  # a commit that moved no mark: nothing to wait for
-                return False
-            if time.monotonic() + pause >= deadline:
-                return False
-            await asyncio.sleep(pause)
-        return self.changed()
+                continue
+            if self._version != seen:  # a commit explained the file event (one the mark ignores)
+                pauses = iter(())
+            if await self._watch.wait(min(next(pauses, WATCH_RECHECK_SECONDS), left)):
+                # SQLite writes a commit's pages to the -wal file (this event), then publishes
+                # the commit in shared memory (no event): a look in between sees nothing yet.
+                # Look again within milliseconds (or at the next event), not at the next recheck.
+                pauses = iter(SETTLE_PAUSES)
 
     async def close(self) -> None:
         if self._watch is not None:

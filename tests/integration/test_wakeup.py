@@ -118,3 +118,37 @@ async def test_a_wait_cancelled_as_its_file_event_arrives_ends_at_once(
     finally:
         waiting.cancel()
         await waiter.close()
+
+
+async def test_while_it_looks_again_after_an_early_file_event_a_new_commit_wakes_it_at_once(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The looks after an event that showed no commit yet are waits on the next file event
+    too, never blind sleeps: a job submitted meanwhile is claimed at once."""
+    monkeypatch.setattr(wakeups, "WATCH_RECHECK_SECONDS", 3600)
+    monkeypatch.setattr(wakeups, "SETTLE_PAUSES", (3600,))
+    waiter = SqliteWakeup(sqlite_url, 3600)
+    await waiter.start()
+    watch = waiter._watch
+    if watch is None:
+        pytest.skip("no inotify here: the waiter polls data_version instead")
+    looked = asyncio.Event()
+    look = waiter.committed
+
+    def counted() -> bool:
+        looked.set()
+        return look()
+
+    waiter.committed = counted  # type: ignore[method-assign]
+    waiting = asyncio.create_task(waiter.wait(7200))
+    try:
+        await asyncio.wait_for(looked.wait(), 10)
+        looked.clear()
+        watch.event.set()  # a file event that no commit explains (yet)
+        await asyncio.wait_for(looked.wait(), 10)  # it looked, and now looks again later
+        with sqlite3.connect(str(sqlite_path(sqlite_url))) as conn:
+            conn.execute("INSERT INTO workers VALUES ('w', 1.0, 1.0, '[]')")
+        assert await asyncio.wait_for(waiting, 10) is True
+    finally:
+        waiting.cancel()
+        await waiter.close()
