@@ -94,6 +94,21 @@ class JobReads:
 
     # --- one caller's jobs (A1111's global /progress, /interrupt, /skip, per caller) ---------
 
+    async def shown(
+        self, job_id: str, owner: str | None
+    ) -> tuple[JobRecord, list[bytes] | None] | None:
+        """The job (only `owner`'s, if given) and its images if it has any, in one read: what
+        GET /jobs/{id} shows, for a client polling it."""
+        query = _JOB if owner is None else _OWNED_JOB
+        async with self.db.reading() as conn:
+            row = (await conn.execute(query, {"b_id": job_id, "b_owner": owner})).one_or_none()
+            if row is None:
+                return None
+            images = None
+            if row.image_count:
+                images = list((await conn.execute(_IMAGES, {"b_seq": row.seq})).scalars())
+        return job_record(row), images
+
     async def owned(self, owner: str, job_id: str) -> JobRecord | None:
         """The job, if `owner` submitted it."""
         async with self.db.reading() as conn:
