@@ -79,7 +79,6 @@ _FENCED = and_(
     jobs.c.lease_token == bindparam("b_token"),
     jobs.c.status == "processing",
 )
-_DELETE_IMAGES = delete(job_images).where(job_images.c.job_seq == bindparam("b_seq"))
 _INSERT_IMAGES = insert(job_images)
 
 
@@ -320,7 +319,7 @@ class JobMachine:
             done = (await conn.execute(_complete_statement(status), values)).one_or_none()
             if done is None:
                 return False  # nothing was written
-            await conn.execute(_DELETE_IMAGES, {"b_seq": claim.seq})
+            # A job's images are written here only, once: the fence lets one write through.
             if images:
                 await conn.execute(
                     _INSERT_IMAGES,
