@@ -9,9 +9,10 @@ where a part needs one, the worker (`a1111-proxy worker`). Async requests send
 Parts (`--only` picks some, comma-separated):
 
   overhead  N sequential jobs (service time S, 1 backend). Each is submitted, then polled with
-            GET /sdapi/v1/jobs/{id} every ~2 ms until completed; overhead = (completed seen -
-            submit sent) - S. p50 and max, plus where the time went (from the job's own
-            created/started/completed stamps).
+            GET /sdapi/v1/jobs/{id} every ~2 ms (--poll-ms; issue 16 measures with 10) until
+            completed; overhead = (completed seen - submit sent) - S. p50 and max, where the
+            time went (from the job's own created/started/completed stamps), and the CPU each
+            process spent per job.
   wait      N sequential txt2img answered in the default mode (held until done, A1111's body),
             each followed by the same request sent straight to the fake A1111; added by the
             proxy = proxied - direct, per pair: p50 and p95.
@@ -208,7 +209,7 @@ def part_overhead(root: Path, args: argparse.Namespace, report: Report) -> None:
         + ", ".join(f"{name} {ms(seconds / jobs_run):.1f} ms" for name, seconds in used.items())
     )
     p50 = ms(pct(found["overheads"], 50))
-    report.add("overhead_p50", "per-job overhead p50", p50, "ms", "<= 25 ms", p50 <= 25)
+    report.add("overhead_p50", "per-job overhead p50", p50, "ms", "<= 15 ms", p50 <= 15)
     report.add("overhead_max", "per-job overhead max", ms(max(found["overheads"])), "ms")
 
 
@@ -298,6 +299,12 @@ async def measure_burst(port: int, slots: int, n: int, poll: float) -> dict[str,
     }
 
 
+def burst_target(service_time: float) -> float:
+    """The efficiency aimed at: 0.98 with 0.5 s generations or longer, 0.95 with shorter ones
+    (what a job costs beyond its generation weighs more)."""
+    return 0.98 if service_time >= 0.5 else 0.95
+
+
 def part_burst(root: Path, args: argparse.Namespace, report: Report) -> None:
     s = args.service_time
     for spec in args.burst.split(","):
@@ -344,8 +351,8 @@ def part_burst(root: Path, args: argparse.Namespace, report: Report) -> None:
             f"burst efficiency, {slots} slot(s), N={n}",
             eff,
             "",
-            ">= 0.97",
-            eff >= 0.97,
+            f">= {burst_target(s):.2f}",
+            eff >= burst_target(s),
         )
 
 
