@@ -23,23 +23,33 @@ from a1111_proxy.db.sqlite_driver import DBAPI, READ_DBAPI
 
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
 
 
+SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
+
+
 class Database:
     """A read engine and a write engine (the same engine on PostgreSQL)."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, sqlite_synchronous: str = "normal") -> None:
+        """`sqlite_synchronous` (SQLITE_SYNCHRONOUS): `normal`, a commit survives the process
+        being killed and is on disk at the next WAL checkpoint; `full`, it is on disk (fsync)
+        before the commit returns, so it survives a power cut too."""
         self.url = url
         self.dialect = make_url(url).get_backend_name()
         if self.is_sqlite:
             check_sqlite_version()
             ensure_sqlite_dir(url)
-            self.write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, echo=echo)
-            self.read_engine = _sqlite_engine(url, "BEGIN", pool_size=4, echo=echo, reads=True)
+            pragmas = (*SQLITE_PRAGMAS, f"PRAGMA synchronous={SYNCHRONOUS[sqlite_synchronous]}")
+            self.write_engine = _sqlite_engine(
+                url, "BEGIN IMMEDIATE", pragmas, pool_size=1, echo=echo
+            )
+            self.read_engine = _sqlite_engine(
+                url, "BEGIN", pragmas, pool_size=4, echo=echo, reads=True
+            )
         else:
             self.write_engine = create_async_engine(
                 url, pool_size=10, max_overflow=10, pool_pre_ping=True, echo=echo
@@ -68,7 +78,13 @@ class Database:
 
 
 def _sqlite_engine(
-    url: str, begin: str, *, pool_size: int, echo: bool, reads: bool = False
+    url: str,
+    begin: str,
+    pragmas: tuple[str, ...],
+    *,
+    pool_size: int,
+    echo: bool,
+    reads: bool = False,
 ) -> AsyncEngine:
     engine = create_async_engine(
         url,
@@ -84,7 +100,7 @@ def _sqlite_engine(
         # Take transaction control away from the driver, so that BEGIN is ours to issue.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in SQLITE_PRAGMAS:
+        for pragma in pragmas:
             cursor.execute(pragma)
         cursor.close()
 
