@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -53,6 +53,10 @@ REFRESH_REQUESTED = "refresh_requested"  # {"at": unix seconds, "what": [...]}
 # POST /sdapi/v1/unload-checkpoint and reload-checkpoint: the state every backend is asked to
 # reach between its jobs, {"version": n, "loaded": bool, "at": unix seconds}; the latest wins.
 CHECKPOINT_REQUEST = "checkpoint_request"
+
+# A control value by key: the worker reads the checkpoint request before each claim, so the
+# statement is built once.
+_CONTROL = select(controls.c.value).where(controls.c.key == bindparam("b_key"))
 
 
 @dataclass(frozen=True)
@@ -119,9 +123,7 @@ class CatalogueStore:
 
     async def get_control(self, key: str) -> Any:
         async with self.db.reading() as conn:
-            value = (
-                await conn.execute(select(controls.c.value).where(controls.c.key == key))
-            ).scalar_one_or_none()
+            value = (await conn.execute(_CONTROL, {"b_key": key})).scalar_one_or_none()
         return None if value is None else json.loads(value)
 
     async def submit_defaults_in(self, conn: AsyncConnection, owners: set[str]) -> SubmitDefaults:

@@ -26,11 +26,25 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import webhook_attempts, webhook_deliveries
+from a1111_proxy.wakeup import OUTBOX_CHANNEL, Wakeup, make_wakeup, notify
 
 INTERMEDIATE = ("started", "progress")
 PROGRESS_INTERVAL_SECONDS = 0.5  # at most 2 progress messages a second per job
@@ -38,6 +52,21 @@ RESPONSE_BODY_STORED = 4096  # characters of a receiver's answer kept in the log
 
 _d = webhook_deliveries
 _NO_LEASE = {"lease_token": None, "lease_expires_at": None}
+
+# What moves when there is something new to send (the sender's wake-up on SQLite follows it): a
+# message queued, or a pending one made due sooner (a redelivery). One index entry each.
+OUTBOX_MARK = str(
+    select(
+        select(func.max(_d.c.seq)).scalar_subquery(),
+        select(func.min(_d.c.next_attempt_at)).where(_d.c.status == "pending").scalar_subquery(),
+    ).compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True})
+)
+
+
+def outbox_wakeup(database_url: str, poll_seconds: float) -> Wakeup:
+    """What the webhook sender sleeps on: woken when a message is queued or made due, not by
+    every change of a job (PostgreSQL: the outbox's channel; SQLite: OUTBOX_MARK)."""
+    return make_wakeup(database_url, poll_seconds, channels=(OUTBOX_CHANNEL,), mark=OUTBOX_MARK)
 
 
 @dataclass(frozen=True)
@@ -127,6 +156,7 @@ class DeliveryRepository:
                 updated_at=now,
             )
         )
+        await notify(self.db, conn, OUTBOX_CHANNEL)
 
     def undelivered(self, job_seq: ColumnElement[int]) -> ColumnElement[bool]:
         """SQL for another table's query: the job `job_seq` (a column there) has a message
@@ -155,6 +185,17 @@ class DeliveryRepository:
             earlier.c.lease_expires_at >= now,
         )
         return and_(or_(pending, abandoned), ~overtaking)
+
+    async def outstanding(self) -> bool:
+        """Whether any message is pending or being sent (each read on its partial index)."""
+        query = select(
+            or_(
+                exists().where(_d.c.status == literal_column("'pending'")),
+                exists().where(_d.c.status == literal_column("'sending'")),
+            )
+        )
+        async with self.db.reading() as conn:
+            return bool((await conn.execute(query)).scalar())
 
     async def has_due(self) -> bool:
         query = select(_d.c.seq).where(self._due(self.clock())).limit(1)
@@ -342,6 +383,7 @@ class DeliveryRepository:
                     .where(_d.c.seq == row.seq)
                     .values(next_attempt_at=now, updated_at=now)
                 )
+            await notify(self.db, conn, OUTBOX_CHANNEL)
             return (await conn.execute(select(_d).where(_d.c.seq == row.seq))).one()
 
     def _pick(self, job_seq: int, delivery_id: str | None) -> Any:

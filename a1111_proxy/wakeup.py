@@ -5,6 +5,11 @@ commits. On Linux, inotify on the database's folder says when its files are writ
 sleeps until then (no CPU while nothing happens) and confirms with data_version; elsewhere (or
 if inotify is unavailable) it reads data_version every POLL_SECONDS, which costs microseconds.
 PostgreSQL: LISTEN on the channel that job writes NOTIFY.
+
+A waiter that cares about one kind of change (the webhook sender: a message queued) names it:
+on PostgreSQL a channel of its own, on SQLite a `mark`, a query whose answer moves with that
+change (the outbox's latest row), read on the waiter's own connection only when data_version
+moved. Other commits then cost it a microsecond read instead of a round of queries.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sqlite3
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +36,8 @@ NOTIFY_CHANNEL = "a1111_proxy_jobs"
 # Progress and previews: only the API's event streams listen here, so workers are not woken
 # several times a second by every running job's progress.
 PROGRESS_CHANNEL = "a1111_proxy_progress"
+# A webhook message queued (or made due again): only the webhook sender listens here.
+OUTBOX_CHANNEL = "a1111_proxy_outbox"
 
 
 async def notify(db: Database, conn: AsyncConnection, channel: str = NOTIFY_CHANNEL) -> None:
@@ -50,23 +58,33 @@ class Wakeup(Protocol):
         """Wait until the database may have changed (True) or `timeout` passes (False)."""
         ...
 
+    def catch_up(self) -> None:
+        """Forget the changes seen so far: the next wait() wakes only for later commits. For a
+        caller about to look at the database, which sees those changes itself."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class SqliteWakeup:
     sees_every_commit = True
 
-    def __init__(self, url: str, poll_seconds: float) -> None:
+    def __init__(self, url: str, poll_seconds: float, mark: str | None = None) -> None:
+        """`mark`: a query; a commit wakes this waiter only if the query's answer moved."""
         self.path = sqlite_path(url)
         self.poll_seconds = poll_seconds
+        self.mark = mark
+        self.sees_every_commit = mark is None
         self._conn: sqlite3.Connection | None = None
         self._version: int | None = None
+        self._marked: Any = None
         self._watch: FolderWatch | None = None
 
     async def start(self) -> None:
         if self.path is not None:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._version = self._read()
+            self._marked = self._read_mark()
             self._watch = FolderWatch.open(Path(self.path))
 
     def _read(self) -> int | None:
@@ -74,25 +92,56 @@ class SqliteWakeup:
             return None
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
-    def changed(self) -> bool:
+    def _read_mark(self) -> Any:
+        if self._conn is None or self.mark is None:
+            return None
+        try:
+            return self._conn.execute(self.mark).fetchone()
+        except sqlite3.Error:  # not migrated yet: every commit counts
+            return object()
+
+    def catch_up(self) -> None:
+        self._version = self._read()
+        self._marked = self._read_mark()
+
+    def committed(self) -> bool:
+        """Whether another connection committed since the last look."""
         version = self._read()
         if version != self._version:
             self._version = version
             return True
         return False
 
+    def changed(self) -> bool:
+        """Whether another connection committed (what the mark follows) since the last look."""
+        if not self.committed():
+            return False
+        marked = self._read_mark()
+        if self.mark is not None and marked == self._marked:
+            return False
+        self._marked = marked
+        return True
+
     async def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
+        pauses: Iterator[float] = iter(())
         while True:
+            seen = self._version
             if self.changed():
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self._watch is not None:
-                await self._watch.wait(min(WATCH_RECHECK_SECONDS, left))
-            else:
+            if self._watch is None:
                 await asyncio.sleep(min(self.poll_seconds, left))
+                continue
+            if self._version != seen:  # a commit explained the file event (one the mark ignores)
+                pauses = iter(())
+            if await self._watch.wait(min(next(pauses, WATCH_RECHECK_SECONDS), left)):
+                # SQLite writes a commit's pages to the -wal file (this event), then publishes
+                # the commit in shared memory (no event): a look in between sees nothing yet.
+                # Look again within milliseconds (or at the next event), not at the next recheck.
+                pauses = iter(SETTLE_PAUSES)
 
     async def close(self) -> None:
         if self._watch is not None:
@@ -106,6 +155,8 @@ class SqliteWakeup:
 # With inotify, data_version is still read this often in case an event was missed (a network
 # file system, a full event queue): a few reads a second, not two hundred.
 WATCH_RECHECK_SECONDS = 0.25
+# After a file event that showed no commit yet, look again after these pauses (31 ms in all).
+SETTLE_PAUSES = (0.001, 0.002, 0.004, 0.008, 0.016)
 _IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
@@ -153,10 +204,12 @@ class FolderWatch:
             if name.startswith(self.prefix):
                 self.event.set()
 
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.event.wait(), timeout)
+    async def wait(self, timeout: float) -> bool:
+        """True: one of the database's files was written; False: `timeout` passed."""
+        await wait_set(self.event, timeout)
+        written = self.event.is_set()
         self.event.clear()
+        return written
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -184,9 +237,11 @@ class PostgresWakeup:
     def _on_notify(self, *_args: Any) -> None:
         self._event.set()
 
+    def catch_up(self) -> None:
+        self._event.clear()
+
     async def wait(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        await wait_set(self._event, timeout)
         woke = self._event.is_set()
         self._event.clear()
         return woke
@@ -198,10 +253,22 @@ class PostgresWakeup:
             self._conn = None
 
 
+async def wait_set(event: asyncio.Event, timeout: float) -> None:
+    """Until `event` is set or `timeout` passes. Not asyncio.wait_for: on Python 3.11 it can
+    swallow a cancellation that arrives as the event is set, and the waiter then sleeps on."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
 def make_wakeup(
-    url: str, poll_seconds: float, channels: tuple[str, ...] = (NOTIFY_CHANNEL,)
+    url: str,
+    poll_seconds: float,
+    channels: tuple[str, ...] = (NOTIFY_CHANNEL,),
+    mark: str | None = None,
 ) -> Wakeup:
-    """`channels`: what PostgreSQL NOTIFY channels to listen on (SQLite sees every commit)."""
+    """`channels`: what PostgreSQL NOTIFY channels to listen on. SQLite sees every commit, or,
+    with a `mark` query, only those that move its answer."""
     if make_url(url).get_backend_name() == "sqlite":
-        return SqliteWakeup(url, poll_seconds)
+        return SqliteWakeup(url, poll_seconds, mark)
     return PostgresWakeup(url, channels)

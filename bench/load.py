@@ -9,9 +9,10 @@ where a part needs one, the worker (`a1111-proxy worker`). Async requests send
 Parts (`--only` picks some, comma-separated):
 
   overhead  N sequential jobs (service time S, 1 backend). Each is submitted, then polled with
-            GET /sdapi/v1/jobs/{id} every ~2 ms until completed; overhead = (completed seen -
-            submit sent) - S. p50 and max, plus where the time went (from the job's own
-            created/started/completed stamps).
+            GET /sdapi/v1/jobs/{id} every ~2 ms (--poll-ms; issue 16 measures with 10) until
+            completed; overhead = (completed seen - submit sent) - S. p50 and max, where the
+            time went (from the job's own created/started/completed stamps), and the CPU each
+            process spent per job.
   wait      N sequential txt2img answered in the default mode (held until done, A1111's body),
             each followed by the same request sent straight to the fake A1111; added by the
             proxy = proxied - direct, per pair: p50 and p95.
@@ -111,6 +112,21 @@ def count_jobs(database_url: str) -> Counter[str]:
         engine.dispose()
 
 
+def process_groups(d: Deployment) -> dict[str, list[psutil.Process]]:
+    """The deployment's processes by role; the API's include its SERVE_PROCESSES children."""
+    api = psutil.Process(d.api_pid)
+    return {
+        "API": [api, *api.children(recursive=True)],
+        "worker": [psutil.Process(p.pid) for p in d.stack.procs if p is not d.stack.api_proc],
+        "fake A1111": [psutil.Process(p.pid) for p in d.fakes],
+        "bench client": [psutil.Process()],
+    }
+
+
+def group_cpu(procs: list[psutil.Process]) -> float:
+    return sum(cpu_seconds(p.cpu_times()) for p in procs)
+
+
 def line(name: str, values: list[float]) -> None:
     print(
         f"  {name:<44} p50 {ms(pct(values, 50)):7.1f} ms   p90 {ms(pct(values, 90)):7.1f} ms"
@@ -173,7 +189,10 @@ def part_overhead(root: Path, args: argparse.Namespace, report: Report) -> None:
     with deployment(
         root, "overhead", log_level=args.log_level, fakes=1, service_time=s, workers=1
     ) as d:
+        groups = process_groups(d)
+        cpu0 = {name: group_cpu(procs) for name, procs in groups.items()}
         found = asyncio.run(measure_overhead(d.api_port, n, s, poll))
+        used = {name: group_cpu(procs) - cpu0[name] for name, procs in groups.items()}
     line("overhead (seen completed - submit sent - S)", found["overheads"])
     print("  where it goes (from the job's own timestamps; they add up only roughly):")
     line("  submit round trip (POST -> 202)", found["rtt"])
@@ -184,8 +203,13 @@ def part_overhead(root: Path, args: argparse.Namespace, report: Report) -> None:
         f"  polls per job: p50 {pct(found['polls'], 50):.0f}; "
         f"failures: {dict(found['failures']) or 'none'}"
     )
+    jobs_run = n + 3  # with the warm-up jobs
+    print(
+        "  CPU per job (what a busy machine pays for it): "
+        + ", ".join(f"{name} {ms(seconds / jobs_run):.1f} ms" for name, seconds in used.items())
+    )
     p50 = ms(pct(found["overheads"], 50))
-    report.add("overhead_p50", "per-job overhead p50", p50, "ms", "<= 25 ms", p50 <= 25)
+    report.add("overhead_p50", "per-job overhead p50", p50, "ms", "<= 15 ms", p50 <= 15)
     report.add("overhead_max", "per-job overhead max", ms(max(found["overheads"])), "ms")
 
 
@@ -275,6 +299,12 @@ async def measure_burst(port: int, slots: int, n: int, poll: float) -> dict[str,
     }
 
 
+def burst_target(service_time: float) -> float:
+    """The efficiency aimed at: 0.98 with 0.5 s generations or longer, 0.95 with shorter ones
+    (what a job costs beyond its generation weighs more)."""
+    return 0.98 if service_time >= 0.5 else 0.95
+
+
 def part_burst(root: Path, args: argparse.Namespace, report: Report) -> None:
     s = args.service_time
     for spec in args.burst.split(","):
@@ -321,8 +351,8 @@ def part_burst(root: Path, args: argparse.Namespace, report: Report) -> None:
             f"burst efficiency, {slots} slot(s), N={n}",
             eff,
             "",
-            ">= 0.97",
-            eff >= 0.97,
+            f">= {burst_target(s):.2f}",
+            eff >= burst_target(s),
         )
 
 

@@ -180,6 +180,9 @@ class Worker:
                 await first()
         while not self._stop.is_set():
             self._slot_freed.clear()  # before claiming: a slot freed meanwhile is not missed
+            # The claim sees every commit made so far: only later ones are worth waking for
+            # (not the worker's own claim and result just before, one empty claim each).
+            self.wakeup.catch_up()
             try:
                 if await self._fill_slots():
                     continue
@@ -314,12 +317,13 @@ class Worker:
         task.add_done_callback(lambda done: self._finished(slot, done, claim.id))
 
     async def _backend_free(self, slot: Slot, task: asyncio.Task[str], claim: Claim) -> None:
-        """The backend answered. When jobs were waiting, start claiming its next one at once,
-        in a task of its own that takes the database before this job stores its result (on
-        SQLite, one writer, the two would otherwise queue the other way round, and the backend
-        would wait for the store and a dispatcher wake-up). The store never waits for the
-        claim itself, so a slow claim (PostgreSQL under contention) cannot hold a finished
-        result past its lease. With nothing waiting, the store goes first."""
+        """The backend answered. When jobs were waiting, claim its next one and start it
+        before this job stores its result, so that the backend never waits for the store (on
+        SQLite, one writer, the store would otherwise go first). A crash in between loses
+        nothing: this job is still `processing` under its lease, and runs again once the lease
+        expires. The wait is bounded (half a heartbeat), so that a slow claim (a lock held
+        elsewhere) cannot hold a finished result near the end of its lease: the claim then
+        goes on beside the store. With nothing waiting, the store goes first."""
         if slot.task is not task:
             return
         slot.finishing.add(task)
@@ -331,7 +335,7 @@ class Worker:
         claiming = asyncio.create_task(self._claim_next())
         self._side_claims.add(claiming)
         claiming.add_done_callback(self._side_claims.discard)
-        await asyncio.sleep(0)  # the claim runs up to its first database call
+        await asyncio.wait({claiming}, timeout=self.timing.heartbeat_seconds / 2)
 
     async def _claim_next(self) -> None:
         try:

@@ -15,6 +15,7 @@ from a1111_proxy.backends.fake import FakeBackend
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.civitai import CivitaiClient
 from a1111_proxy.db.engine import Database
+from a1111_proxy.deliveries import outbox_wakeup
 from a1111_proxy.downloads import DownloadStore
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.model_info import ModelInfoStore
@@ -65,8 +66,9 @@ def build_worker(settings: Settings, db: Database) -> Worker:
 
 
 def build_sender(settings: Settings, repo: JobRepository) -> WebhookSender:
-    # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
-    wakeup = make_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
+    # Woken by the outbox only, not by every job's change; webhooks need no millisecond
+    # latency: where there are no file events, poll less often than for jobs.
+    wakeup = outbox_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
     return WebhookSender(repo, wakeup, sender_config(settings))
 
 

@@ -55,7 +55,10 @@ class SenderConfig:
     concurrency: int = 16
     per_host: int = 4
     lease_seconds: float = 120.0  # longer than a claimed delivery waits for its host and sends
-    idle_seconds: float = 0.25  # look for due deliveries at least this often
+    idle_seconds: float = 0.25  # look for due deliveries at least this often while any wait
+    # With none pending or being sent, only a queued message wakes the sender (its wake-up);
+    # it still looks this often, in case a wake-up was missed.
+    quiet_seconds: float = 5.0
     timeout_seconds: float = TOTAL_TIMEOUT_SECONDS  # one attempt, DNS to last byte read
     stop_grace_seconds: float = 5.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
@@ -112,12 +115,12 @@ class WebhookSender:
     async def run(self) -> None:
         """Send due deliveries until stop(); then let those in flight finish, briefly."""
         await self.wakeup.start()
-        idle = self.config.idle_seconds
         try:
             while not self._stop.is_set():
                 if await self._step():
                     continue
                 self._freed.clear()
+                idle = await self._idle_seconds()
                 await first_of(
                     self._stop.wait(), self._freed.wait(), self.wakeup.wait(idle), timeout=idle
                 )
@@ -145,6 +148,19 @@ class WebhookSender:
             log.exception("webhook sender: claiming deliveries failed; trying again")
             await asyncio.sleep(self.config.idle_seconds)
             return False
+
+    async def _idle_seconds(self) -> float:
+        """How long to sleep when nothing is due: a message waiting for its retry, or for an
+        abandoned lease to expire, becomes due by time alone, so look again soon; with none
+        outstanding, a new one comes with a wake-up."""
+        if self._inflight:
+            return self.config.idle_seconds
+        try:
+            outstanding = await self.deliveries.outstanding()
+        except Exception:
+            log.exception("webhook sender: looking for outstanding deliveries failed")
+            return self.config.idle_seconds
+        return self.config.idle_seconds if outstanding else self.config.quiet_seconds
 
     async def _start_due(self) -> bool:
         """Claim as many due deliveries as there is room for and start sending them."""

@@ -19,6 +19,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from a1111_proxy.db.sqlite_driver import DBAPI, READ_DBAPI
+
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA busy_timeout=10000",
@@ -45,7 +47,9 @@ class Database:
             self.write_engine = _sqlite_engine(
                 url, "BEGIN IMMEDIATE", pragmas, pool_size=1, echo=echo
             )
-            self.read_engine = _sqlite_engine(url, "BEGIN", pragmas, pool_size=4, echo=echo)
+            self.read_engine = _sqlite_engine(
+                url, "BEGIN", pragmas, pool_size=4, echo=echo, reads=True
+            )
         else:
             self.write_engine = create_async_engine(
                 url, pool_size=10, max_overflow=10, pool_pre_ping=True, echo=echo
@@ -74,10 +78,21 @@ class Database:
 
 
 def _sqlite_engine(
-    url: str, begin: str, pragmas: tuple[str, ...], *, pool_size: int, echo: bool
+    url: str,
+    begin: str,
+    pragmas: tuple[str, ...],
+    *,
+    pool_size: int,
+    echo: bool,
+    reads: bool = False,
 ) -> AsyncEngine:
     engine = create_async_engine(
-        url, pool_size=pool_size, max_overflow=0, pool_timeout=60, echo=echo
+        url,
+        module=READ_DBAPI if reads else DBAPI,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=60,
+        echo=echo,
     )
 
     @event.listens_for(engine.sync_engine, "connect")

@@ -69,7 +69,7 @@ def past_deadline(now: float) -> ColumnElement[bool]:
     return and_(jobs.c.deadline_at.is_not(None), jobs.c.deadline_at <= now)
 
 
-def not_expired(now: float) -> ColumnElement[bool]:
+def not_expired(now: float | ColumnElement[float]) -> ColumnElement[bool]:
     return or_(jobs.c.deadline_at.is_(None), jobs.c.deadline_at > now)
 
 

@@ -14,6 +14,7 @@ every move to a terminal status `completed`, each when the job's `webhook_events
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -23,16 +24,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
+    Double,
     Integer,
     String,
+    Update,
     and_,
     bindparam,
     cast,
     delete,
     func,
     insert,
-    literal,
     literal_column,
     select,
     update,
@@ -64,6 +67,92 @@ _PAYLOAD = (
     .scalar_subquery()
     .label("payload")
 )
+
+
+# The statements of the hot path (a claim, a result stored) are built once, with their values
+# bound at each run: building one and its cache key costs more than running it on SQLite.
+_NOW: BindParameter[float] = bindparam("b_now", type_=Double)
+_WAITING = and_(QUEUED, jobs.c.run_after <= _NOW, not_expired(_NOW))
+_MORE_WAITING = select(jobs.c.seq).where(_WAITING).limit(1)
+_FENCED = and_(
+    jobs.c.seq == bindparam("b_seq"),
+    jobs.c.lease_token == bindparam("b_token"),
+    jobs.c.status == "processing",
+)
+_INSERT_IMAGES = insert(job_images)
+
+
+@functools.cache
+def _claim_statement(slots: int) -> Update:
+    """Lease up to `slots` due jobs in queue order, returning what the worker needs of them.
+    Binds: now, owner, prefix (of the lease tokens), expires, and backend for one slot."""
+    due = (
+        select(jobs.c.seq)
+        .where(_WAITING)
+        .order_by(*QUEUE_ORDER)
+        # Written into the SQL (a few distinct statements): PostgreSQL's generic plan of a
+        # bound LIMIT expects many rows and joins them by scanning the whole table.
+        .limit(literal_column(str(slots), Integer))
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    return (
+        update(jobs)
+        # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
+        .where(jobs.c.seq == due.c.seq, QUEUED)
+        .values(
+            status="processing",
+            attempts=jobs.c.attempts + 1,
+            lease_owner=bindparam("b_owner"),
+            lease_token=bindparam("b_prefix", type_=String) + cast(jobs.c.seq, String),
+            lease_expires_at=bindparam("b_expires", type_=Double),
+            progress=0.0,
+            eta_relative=None,
+            started_at=func.coalesce(jobs.c.started_at, _NOW),
+            updated_at=_NOW,
+            # One slot (the usual case: a slot freed alone) needs no placing afterwards.
+            **({"backend": bindparam("b_backend")} if slots == 1 else {}),
+        )
+        .returning(
+            jobs.c.id,
+            jobs.c.type,
+            jobs.c.attempts,
+            jobs.c.max_attempts,
+            jobs.c.checkpoint,
+            jobs.c.priority,
+            jobs.c.turn,
+            jobs.c.lease_token,
+            *WEBHOOK_COLUMNS,
+            _PAYLOAD,
+        )
+    )
+
+
+@functools.cache
+def _complete_statement(status: str) -> Update:
+    """End the lease holder's job `status` (completed, or canceled with a partial answer),
+    storing the answer; `completed` only while no cancel was asked for. Binds: seq, token,
+    now, result, image_count, error."""
+    fenced = _FENCED
+    if status == "completed":
+        fenced = and_(fenced, jobs.c.cancel_requested_at.is_(None))
+    error = bindparam("b_error", type_=String)
+    return (
+        update(jobs)
+        .where(fenced)
+        .values(
+            status=status,
+            result=bindparam("b_result"),
+            image_count=bindparam("b_image_count"),
+            progress=1.0 if status == "completed" else jobs.c.progress,
+            eta_relative=0.0,
+            error=cancel_error(error) if status == "canceled" else error,
+            completed_at=_NOW,
+            updated_at=_NOW,
+            **NO_LEASE,
+        )
+        .returning(*WEBHOOK_COLUMNS)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,50 +207,16 @@ class JobMachine:
     async def _claim_in(
         self, conn: AsyncConnection, owner: str, slots: Slots, now: float
     ) -> list[tuple[int, Claim]]:
-        waiting = and_(QUEUED, jobs.c.run_after <= now, not_expired(now))
-        due = (
-            select(jobs.c.seq)
-            .where(waiting)
-            .order_by(*QUEUE_ORDER)
-            # Written into the SQL (a few distinct statements): PostgreSQL's generic plan of a
-            # bound LIMIT expects many rows and joins them by scanning the whole table.
-            .limit(literal_column(str(len(slots)), Integer))
-            .with_for_update(skip_locked=True)
-            .cte("due")
-        )
         # One random prefix per claim plus the job's seq: a token no other claim ever had.
-        prefix = uuid.uuid4().hex[:16] + ":"
-        stmt = (
-            update(jobs)
-            # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
-            .where(jobs.c.seq == due.c.seq, QUEUED)
-            .values(
-                status="processing",
-                attempts=jobs.c.attempts + 1,
-                lease_owner=owner,
-                lease_token=literal(prefix) + cast(jobs.c.seq, String),
-                lease_expires_at=now + self.lease_seconds,
-                progress=0.0,
-                eta_relative=None,
-                started_at=func.coalesce(jobs.c.started_at, now),
-                updated_at=now,
-                # One slot (the usual case: a slot freed alone) needs no placing afterwards.
-                **({"backend": slots[0][0]} if len(slots) == 1 else {}),
-            )
-            .returning(
-                jobs.c.id,
-                jobs.c.type,
-                jobs.c.attempts,
-                jobs.c.max_attempts,
-                jobs.c.checkpoint,
-                jobs.c.priority,
-                jobs.c.turn,
-                jobs.c.lease_token,
-                *WEBHOOK_COLUMNS,
-                _PAYLOAD,
-            )
-        )
-        rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.turn, r.seq))
+        values = {
+            "b_now": now,
+            "b_owner": owner,
+            "b_prefix": uuid.uuid4().hex[:16] + ":",
+            "b_expires": now + self.lease_seconds,
+            "b_backend": slots[0][0],
+        }
+        claimed = await conn.execute(_claim_statement(len(slots)), values)
+        rows = sorted(claimed.all(), key=lambda r: (-r.priority, r.turn, r.seq))
         if not rows:
             return []
         placed = place(rows, slots)
@@ -175,7 +230,7 @@ class JobMachine:
             await notify(self.db, conn)
         # Whether more are waiting: the worker then claims a slot's next job the moment its
         # backend answers, and otherwise stores the result first (worker/loop.py).
-        more = (await conn.execute(select(jobs.c.seq).where(waiting).limit(1))).first()
+        more = (await conn.execute(_MORE_WAITING, {"b_now": now})).first()
         return [
             (index, claim_record(row, slots[index][0], more_queued=more is not None))
             for index, row in placed
@@ -252,34 +307,22 @@ class JobMachine:
         False: nothing was written, because the lease was lost or (for `completed`) a cancel
         was asked for meanwhile; `requests()` tells which."""
         now = self.clock()
-        fenced = self._fenced(claim)
-        if status == "completed":
-            fenced = and_(fenced, jobs.c.cancel_requested_at.is_(None))
+        values = {
+            "b_seq": claim.seq,
+            "b_token": claim.token,
+            "b_now": now,
+            "b_result": json.dumps(result),
+            "b_image_count": len(images),
+            "b_error": error,
+        }
         async with self.db.writing() as conn:
-            done = (
-                await conn.execute(
-                    update(jobs)
-                    .where(fenced)
-                    .values(
-                        status=status,
-                        result=json.dumps(result),
-                        image_count=len(images),
-                        progress=1.0 if status == "completed" else jobs.c.progress,
-                        eta_relative=0.0,
-                        error=cancel_error(error) if status == "canceled" else error,
-                        completed_at=now,
-                        updated_at=now,
-                        **NO_LEASE,
-                    )
-                    .returning(*WEBHOOK_COLUMNS)
-                )
-            ).one_or_none()
+            done = (await conn.execute(_complete_statement(status), values)).one_or_none()
             if done is None:
                 return False  # nothing was written
-            await conn.execute(delete(job_images).where(job_images.c.job_seq == claim.seq))
+            # A job's images are written here only, once: the fence lets one write through.
             if images:
                 await conn.execute(
-                    insert(job_images),
+                    _INSERT_IMAGES,
                     [{"job_seq": claim.seq, "n": n, "data": data} for n, data in enumerate(images)],
                 )
             await announce(self.deliveries, conn, done, "completed", now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -15,6 +15,18 @@ from a1111_proxy.jobs.records import AnyRow
 ADVISORY_SPACE = 7861_0001  # first key of our advisory locks (one per backend, during a claim)
 
 Slots = Sequence[tuple[str, str | None]]  # (backend name, checkpoint it last ran)
+
+# The backends among b_names that run a job of a worker other than b_owner (built once: see
+# machine.py's statements).
+_BUSY = (
+    select(jobs.c.backend)
+    .distinct()
+    .where(
+        jobs.c.status == "processing",
+        jobs.c.backend.in_(bindparam("b_names", expanding=True)),
+        jobs.c.lease_owner != bindparam("b_owner"),
+    )
+)
 
 
 async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slots) -> list[int]:
@@ -37,19 +49,7 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
             ),
             {"names": names, "space": ADVISORY_SPACE},
         )
-    busy = set(
-        (
-            await conn.execute(
-                select(jobs.c.backend)
-                .distinct()
-                .where(
-                    jobs.c.status == "processing",
-                    jobs.c.backend.in_(names),
-                    jobs.c.lease_owner != owner,
-                )
-            )
-        ).scalars()
-    )
+    busy = set((await conn.execute(_BUSY, {"b_names": names, "b_owner": owner})).scalars())
     free = set(names) - busy
     taken: set[str] = set()
     indexes = []

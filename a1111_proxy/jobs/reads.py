@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, func, select, text
+from sqlalchemy import Select, bindparam, func, select, text
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_images, job_previews, jobs
@@ -36,6 +36,16 @@ from a1111_proxy.jobs.records import (
 )
 from a1111_proxy.redaction import backend_name
 
+# What a client polling a job reads, built once (building a statement costs more than running
+# it on SQLite): the job by id (and owner), and its images.
+_JOB = select(*JOB_COLUMNS).where(jobs.c.id == bindparam("b_id"))
+_OWNED_JOB = _JOB.where(jobs.c.owner == bindparam("b_owner"))
+_IMAGES = (
+    select(job_images.c.data)
+    .where(job_images.c.job_seq == bindparam("b_seq"))
+    .order_by(job_images.c.n)
+)
+
 
 class JobReads:
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
@@ -46,9 +56,7 @@ class JobReads:
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self.db.reading() as conn:
-            row = (
-                await conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id))
-            ).one_or_none()
+            row = (await conn.execute(_JOB, {"b_id": job_id})).one_or_none()
         return None if row is None else job_record(row)
 
     async def page(
@@ -101,11 +109,8 @@ class JobReads:
         return JobPage([r for r in records if prompt_matches(r, prompt)], next_seq)
 
     async def images(self, seq: int) -> list[bytes]:
-        query = (
-            select(job_images.c.data).where(job_images.c.job_seq == seq).order_by(job_images.c.n)
-        )
         async with self.db.reading() as conn:
-            return list((await conn.execute(query)).scalars())
+            return list((await conn.execute(_IMAGES, {"b_seq": seq})).scalars())
 
     async def image(self, seq: int, n: int) -> bytes | None:
         query = select(job_images.c.data).where(job_images.c.job_seq == seq, job_images.c.n == n)
@@ -125,11 +130,25 @@ class JobReads:
 
     # --- one caller's jobs (A1111's global /progress, /interrupt, /skip, per caller) ---------
 
+    async def shown(
+        self, job_id: str, owner: str | None
+    ) -> tuple[JobRecord, list[bytes] | None] | None:
+        """The job (only `owner`'s, if given) and its images if it has any, in one read: what
+        GET /jobs/{id} shows, for a client polling it."""
+        query = _JOB if owner is None else _OWNED_JOB
+        async with self.db.reading() as conn:
+            row = (await conn.execute(query, {"b_id": job_id, "b_owner": owner})).one_or_none()
+            if row is None:
+                return None
+            images = None
+            if row.image_count:
+                images = list((await conn.execute(_IMAGES, {"b_seq": row.seq})).scalars())
+        return job_record(row), images
+
     async def owned(self, owner: str, job_id: str) -> JobRecord | None:
         """The job, if `owner` submitted it."""
-        query = select(*JOB_COLUMNS).where(jobs.c.id == job_id, jobs.c.owner == owner)
         async with self.db.reading() as conn:
-            row = (await conn.execute(query)).one_or_none()
+            row = (await conn.execute(_OWNED_JOB, {"b_id": job_id, "b_owner": owner})).one_or_none()
         return None if row is None else job_record(row)
 
     async def running_of(self, owner: str | None, job_id: str | None = None) -> list[JobRecord]:

@@ -154,6 +154,11 @@ class JobRepository:
     async def owned(self, owner: str, job_id: str) -> JobRecord | None:
         return await self.reads.owned(owner, job_id)
 
+    async def shown(
+        self, job_id: str, owner: str | None
+    ) -> tuple[JobRecord, list[bytes] | None] | None:
+        return await self.reads.shown(job_id, owner)
+
     async def running_of(self, owner: str | None, job_id: str | None = None) -> list[JobRecord]:
         return await self.reads.running_of(owner, job_id)
 

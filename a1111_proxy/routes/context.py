@@ -141,8 +141,20 @@ async def find_job(request: Request, job_id: str) -> JobRecord:
     store = repo(request)
     row = await (store.get(job_id) if owner is None else store.owned(owner, job_id))
     if row is None:
-        raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
+        raise _not_found(job_id)
     return row
+
+
+async def find_job_shown(request: Request, job_id: str) -> tuple[JobRecord, list[bytes] | None]:
+    """find_job, with the job's images (None when it has none), read together."""
+    found = await repo(request).shown(job_id, visible_owner(request))
+    if found is None:
+        raise _not_found(job_id)
+    return found
+
+
+def _not_found(job_id: str) -> JobNotFound:
+    return JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
 
 
 async def find_download(request: Request, download_id: str) -> DownloadRecord:

@@ -398,9 +398,8 @@ def _fingerprint(body: dict[str, Any]) -> str:
 
 async def get_job(request: Request) -> Response:
     repo = context.repo(request)
-    row = await find_job(request, request.path_params["job_id"])
     # A completed job's images, or those A1111 answered an interrupted one with (canceled).
-    images = await repo.images(row.seq) if row.image_count else None
+    row, images = await context.find_job_shown(request, request.path_params["job_id"])
     view = await render_with_position(repo, row, images)
     if row.status == "queued":
         outage = await context.backends(request).outage()

@@ -457,6 +457,17 @@ async def test_the_retries_end_when_the_schedule_is_used_up(
     assert len(attempts) == len(FAST_RETRIES.schedule) == len(receiver.received)
 
 
+async def test_the_sender_looks_often_only_while_a_message_is_outstanding(
+    repo: JobRepository, sender_for: Callable[..., WebhookSender]
+) -> None:
+    """A message waiting for its retry becomes due by time alone; with none outstanding, only
+    a wake-up (a message queued) brings work, so the sender does not read 4 times a second."""
+    sender = sender_for(repo, idle_seconds=0.02, quiet_seconds=7.0)
+    assert await sender._idle_seconds() == 7.0
+    await repo.cancel(await submit(repo, "http://127.0.0.1:9/hook"))  # `completed` is queued
+    assert await sender._idle_seconds() == 0.02
+
+
 async def test_started_and_progress_messages_are_tried_once(
     repo: JobRepository,
     sink: tuple[WebhookSink, str],

@@ -444,6 +444,94 @@ async def test_a_backend_starts_its_next_job_while_the_last_result_is_still_bein
     assert fake.max_in_flight == 1  # and still ran one job at a time
 
 
+class Recorded(JobRepository):
+    """Records the order of claims and result stores, and what the backend had been sent by
+    the time each result was committed."""
+
+    def __init__(self, *args: Any, backend: FakeBackend, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.events: list[tuple[str, str]] = []
+        self.sent_when_stored: dict[str, int] = {}
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        claimed = await super().claim(*args, **kwargs)
+        self.events += [("claimed", claim.id) for _, claim in claimed]
+        return claimed
+
+    async def complete(self, claim: Any, *args: Any, **kwargs: Any) -> bool:
+        self.events.append(("storing", claim.id))
+        stored = await super().complete(claim, *args, **kwargs)
+        self.sent_when_stored[claim.id] = len(self.backend.generation_requests())
+        return stored
+
+
+async def test_a_backends_next_job_is_claimed_and_sent_before_the_last_result_is_stored(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    fake = fakes[0]
+    recorded = Recorded(repo.db, backend=fake, max_attempts=3, lease_seconds=5)
+    first, second = await submit(recorded, seed=1), await submit(recorded, seed=2)
+    await make_worker(recorded, [fake], database_url).run_until_empty()
+    assert recorded.events == [
+        ("claimed", first),
+        ("claimed", second),  # the moment the backend answered, before storing its result
+        ("storing", first),
+        ("storing", second),
+    ]
+    assert recorded.sent_when_stored == {first: 2, second: 2}
+    assert fake.max_in_flight == 1
+    assert {(await repo.get(i)).status for i in (first, second)} == {"completed"}
+
+
+class DiesBeforeStoring(JobRepository):
+    """A worker process that dies as it is about to store a result: from then on, nothing it
+    does reaches the database."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dying = asyncio.Event()
+
+    async def complete(self, *args: Any, **kwargs: Any) -> bool:
+        self.dying.set()
+        await asyncio.Event().wait()  # never returns
+        raise AssertionError("unreachable")
+
+    async def release(self, *args: Any, **kwargs: Any) -> bool:
+        return False  # a dead process gives nothing back
+
+
+async def test_a_worker_dying_between_the_next_claim_and_the_last_store_loses_no_job(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    dead = DiesBeforeStoring(repo.db, max_attempts=3, lease_seconds=0.5)
+    first, second = await submit(dead, seed=1), await submit(dead, seed=2)
+    worker = make_worker(dead, [fakes[0]], database_url)
+    run = asyncio.create_task(worker.run_until_empty())
+    await asyncio.wait_for(dead.dying.wait(), 10)
+    # The next job was claimed before the first result was stored, and the first is still
+    # `processing` under its lease: the crash leaves both to the reaper.
+    assert (await repo.get(first)).status == (await repo.get(second)).status == "processing"
+    running = worker._running()
+    run.cancel()
+    for task in running:
+        task.cancel()
+    await asyncio.gather(run, *running, return_exceptions=True)
+
+    survivor = JobRepository(repo.db, max_attempts=3, lease_seconds=0.5)
+    requeued: set[str] = set()
+
+    async def reaped_both() -> bool:
+        requeued.update(job_id for job_id, _ in await survivor.reap_expired())
+        return requeued == {first, second}
+
+    await wait_until(reaped_both)
+    await make_worker(survivor, [fakes[1]], database_url).run_until_empty()
+    one, two = await repo.get(first), await repo.get(second)
+    assert one.status == two.status == "completed"
+    assert one.attempts == 2 and len(await repo.images(one.seq)) == 1
+
+
 async def test_a_catalogue_refresh_while_a_backend_is_down_warns_and_keeps_the_last_one(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

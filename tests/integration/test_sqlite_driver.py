@@ -1,0 +1,77 @@
+"""The SQLite driver under the engines (a1111_proxy/db/sqlite_driver.py): aiosqlite with one
+round trip to the connection's thread per statement, and otherwise the same answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from a1111_proxy.db.engine import Database
+from a1111_proxy.db.tables import workers
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def db(sqlite_url: str) -> AsyncIterator[Database]:
+    made = Database(sqlite_url)
+    yield made
+    await made.dispose()
+
+
+async def count_round_trips(conn: AsyncConnection) -> list[Any]:
+    """Every call that the driver connection under `conn` sends to its thread, from now on."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    sent: list[Any] = []
+    forward = driver._execute
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(fn)
+        return await forward(fn, *args, **kwargs)
+
+    driver._execute = counted
+    return sent
+
+
+async def test_a_statement_and_its_rows_take_one_round_trip_to_the_connections_thread(
+    db: Database,
+) -> None:
+    async with db.write_engine.connect() as conn:
+        sent = await count_round_trips(conn)
+        async with conn.begin():
+            rows = (await conn.execute(text("SELECT 1 UNION SELECT 2 ORDER BY 1"))).all()
+    assert [tuple(row) for row in rows] == [(1,), (2,)]
+    # BEGIN IMMEDIATE (it may wait for the lock), the statement, COMMIT (it may write), and no
+    # rollback when the pool takes the connection back; aiosqlite alone makes 4 round trips of
+    # each statement (open a cursor, execute, fetch, close), and one for that rollback.
+    assert len(sent) == 3
+
+
+async def test_a_read_is_one_round_trip_per_select_and_nothing_else(db: Database) -> None:
+    async with db.reading() as conn:
+        sent = await count_round_trips(conn)
+        one = (await conn.execute(text("SELECT 1"))).scalar()
+    assert one == 1
+    assert len(sent) == 1  # its deferred BEGIN and its ROLLBACK run in the caller's thread
+
+
+async def test_writes_returning_rows_counts_and_errors_are_the_drivers_own(db: Database) -> None:
+    row = {"id": "w1", "started_at": 1.0, "heartbeat_at": 2.0, "slots": "[]"}
+    async with db.writing() as conn:
+        returned = (await conn.execute(insert(workers).returning(workers.c.id), row)).all()
+        many = await conn.execute(insert(workers), [{**row, "id": "w2"}, {**row, "id": "w3"}])
+        changed = await conn.execute(update(workers).values(heartbeat_at=3.0))
+    assert [r.id for r in returned] == ["w1"]
+    assert many.rowcount == 2 and changed.rowcount == 3
+    with pytest.raises(IntegrityError):
+        async with db.writing() as conn:
+            await conn.execute(insert(workers), row)
+    async with db.reading() as conn:
+        ids = (await conn.execute(select(workers.c.id).order_by(workers.c.id))).scalars().all()
+        streamed = [r.id async for r in await conn.stream(select(workers.c.id))]
+    assert ids == ["w1", "w2", "w3"] and sorted(streamed) == ids
