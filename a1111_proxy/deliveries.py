@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import webhook_attempts, webhook_deliveries
+from a1111_proxy.wakeup import WEBHOOK_CHANNEL, notify
 
 INTERMEDIATE = ("started", "progress")
 PROGRESS_INTERVAL_SECONDS = 0.5  # at most 2 progress messages a second per job
@@ -126,6 +127,7 @@ class DeliveryRepository:
                 updated_at=now,
             )
         )
+        await notify(self.db, conn, WEBHOOK_CHANNEL)  # the senders, once this commits
 
     def undelivered(self, job_seq: ColumnElement[int]) -> ColumnElement[bool]:
         """SQL for another table's query: the job `job_seq` (a column there) has a message
@@ -324,6 +326,7 @@ class DeliveryRepository:
                     .where(_d.c.seq == row.seq)
                     .values(next_attempt_at=now, updated_at=now)
                 )
+            await notify(self.db, conn, WEBHOOK_CHANNEL)
             return (await conn.execute(select(_d).where(_d.c.seq == row.seq))).one()
 
     def _pick(self, job_seq: int, delivery_id: str | None) -> Any:

@@ -101,6 +101,11 @@ class Worker:
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._claiming = asyncio.Lock()
+        # Slots freed by their backend's answer so far, and how many of those had been freed
+        # when the latest claim began: a claim for a freed slot is then skipped when a claim
+        # that began later has looked at that slot already (_fill_slots).
+        self._frees = 0
+        self._looked = 0
         self._side_claims: set[asyncio.Task[None]] = set()  # see _backend_free
         self.started_at = time.time()
 
@@ -181,8 +186,9 @@ class Worker:
         while not self._stop.is_set():
             self._slot_freed.clear()  # before claiming: a slot freed meanwhile is not missed
             try:
-                if await self._fill_slots():
-                    continue
+                # Then wait, whether it claimed or not: a claim takes a job for every free slot
+                # it can fill; what frees a slot or queues a job later wakes this loop.
+                await self._fill_slots()
             except OperationalError as exc:
                 # Locked by a stuck process, or the database is away: keep trying, never die.
                 log.warning(
@@ -195,9 +201,16 @@ class Worker:
                 waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
             await first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
 
-    async def _fill_slots(self) -> bool:
-        """Claim a job for every free slot, in one transaction. True if any was claimed."""
+    async def _fill_slots(self, freed: int = 0) -> bool:
+        """Claim a job for every free slot, in one transaction. True if any was claimed.
+
+        `freed`: the claim is for the slot freed as the `freed`-th (`_claim_next`); it is
+        skipped when a claim that began after that has looked at the slot already. Backends
+        that answer while a claim runs so queue one claim for all of them, not one each."""
         async with self._claiming:  # the dispatcher and a job's end may both ask at once
+            if freed and self._looked >= freed:
+                return False
+            self._looked = self._frees
             return await self._fill_free_slots()
 
     async def _fill_free_slots(self) -> bool:
@@ -209,11 +222,13 @@ class Worker:
         await self._apply_checkpoint_request(usable)
         for slot in usable:
             await self._apply_options(slot)
+        began = time.perf_counter()
         claimed = await self.repo.claim(
             self.worker_id, [(slot.backend.name, slot.checkpoint) for slot in usable]
         )
+        took = time.perf_counter() - began
         for index, claim in claimed:
-            self._start(usable[index], claim)
+            self._start(usable[index], claim, took)
         return bool(claimed)
 
     async def _usable_slots(self) -> list[Slot]:
@@ -290,13 +305,16 @@ class Worker:
             if slot.backend in silent and slot.state == "idle":
                 self._rest_down(slot, "did not answer the catalogue fetch")
 
-    def _start(self, slot: Slot, claim: Claim) -> None:
+    def _start(self, slot: Slot, claim: Claim, claim_seconds: float) -> None:
+        """Run `claim` on `slot`; `claim_seconds`: how long its claim transaction took (logged:
+        a claim that waits on others' locks or on the database shows there)."""
         log.info(
-            "job %s: attempt %d on %s",
+            "job %s: attempt %d on %s (claimed in %.1f ms)",
             claim.id,
             claim.attempts,
             slot.backend.name,
-            extra={"job_id": claim.id},
+            claim_seconds * 1000,
+            extra={"job_id": claim.id, "claim_ms": round(claim_seconds * 1000, 2)},
         )
         slot.claim, slot.state = claim, "busy"
         slot.checkpoint = claim.checkpoint or slot.checkpoint
@@ -324,20 +342,22 @@ class Worker:
             return
         slot.finishing.add(task)
         slot.task, slot.claim, slot.state, slot.failures = None, None, "idle", 0
+        self._frees += 1
         # The dispatcher is told (_slot_freed) only once this job has stored its result
         # (_finished): an empty claim of its own must not hold the writer before that store.
         if not claim.more_queued:
             return
-        claiming = asyncio.create_task(self._claim_next())
+        claiming = asyncio.create_task(self._claim_next(self._frees), name="claim-next")
         self._side_claims.add(claiming)
         claiming.add_done_callback(self._side_claims.discard)
         await asyncio.sleep(0)  # the claim runs up to its first database call
 
-    async def _claim_next(self) -> None:
+    async def _claim_next(self, freed: int) -> None:
         try:
-            await self._fill_slots()
+            await self._fill_slots(freed)
         except Exception as exc:  # the dispatcher tries again
             log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
+            self._slot_freed.set()
 
     def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
         outcome = (
@@ -350,7 +370,8 @@ class Worker:
         if task in slot.finishing:  # the slot moved on when the backend answered
             slot.finishing.discard(task)
             slot.jobs_done += outcome == "completed"
-            self._slot_freed.set()
+            if slot.task is None:  # no next job was claimed for it meanwhile: claim one now
+                self._slot_freed.set()
             return
         slot.task, slot.claim = None, None
         if outcome == "requeued":  # the backend was unavailable: rest this slot, then probe

@@ -18,7 +18,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
-from a1111_proxy.wakeup import make_wakeup
+from a1111_proxy.wakeup import WEBHOOK_CHANNEL, WORK_CHANNEL, make_wakeup
 from worker.catalogue import CatalogueKeeper
 from worker.enricher import CivitaiEnricher
 from worker.execute import Timing
@@ -47,7 +47,7 @@ def build_worker(settings: Settings, db: Database) -> Worker:
     return Worker(
         repo=repo,
         backends=list(backends),
-        wakeup=make_wakeup(settings.database_url, settings.poll_seconds),
+        wakeup=make_wakeup(settings.database_url, settings.poll_seconds, (WORK_CHANNEL,)),
         timing=Timing(
             progress_seconds=settings.progress_seconds,
             heartbeat_seconds=settings.heartbeat_seconds,
@@ -70,7 +70,9 @@ def build_sender(settings: Settings, repo: JobRepository) -> WebhookSender:
         public_url=settings.public_base_url(),
     )
     # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
-    wakeup = make_wakeup(settings.database_url, max(settings.poll_seconds, 0.05))
+    wakeup = make_wakeup(
+        settings.database_url, max(settings.poll_seconds, 0.05), (WEBHOOK_CHANNEL,)
+    )
     return WebhookSender(repo, wakeup, config)
 
 

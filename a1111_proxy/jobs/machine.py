@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -54,7 +55,7 @@ from a1111_proxy.jobs.outbox import announce
 from a1111_proxy.jobs.placement import Slots, idle_slots, place
 from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
 from a1111_proxy.redaction import backend_name
-from a1111_proxy.wakeup import PROGRESS_CHANNEL, notify
+from a1111_proxy.wakeup import DUE, PROGRESS_CHANNEL, notify
 
 # The job's A1111 body, read in the claim's own UPDATE ... RETURNING (one statement less).
 _PAYLOAD = (
@@ -129,6 +130,11 @@ class JobMachine:
             .with_for_update(skip_locked=True)
             .cte("due")
         )
+        # Whether more jobs wait than this claim takes: the worker then claims a slot's next job
+        # the moment its backend answers, and otherwise stores the result first
+        # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
+        # are taking at this moment count as waiting; a hint, not a promise).
+        more = exists(select(jobs.c.seq).where(waiting, jobs.c.seq.not_in(select(due.c.seq))))
         # One random prefix per claim plus the job's seq: a token no other claim ever had.
         prefix = uuid.uuid4().hex[:16] + ":"
         stmt = (
@@ -159,6 +165,7 @@ class JobMachine:
                 jobs.c.lease_token,
                 *WEBHOOK_COLUMNS,
                 _PAYLOAD,
+                more.label("more_queued"),
             )
         )
         rows = sorted((await conn.execute(stmt)).all(), key=lambda r: (-r.priority, r.turn, r.seq))
@@ -173,11 +180,8 @@ class JobMachine:
         announced = [await announce(self.deliveries, conn, row, "started", now) for row in rows]
         if any(announced):
             await notify(self.db, conn)
-        # Whether more are waiting: the worker then claims a slot's next job the moment its
-        # backend answers, and otherwise stores the result first (worker/loop.py).
-        more = (await conn.execute(select(jobs.c.seq).where(waiting).limit(1))).first()
         return [
-            (index, claim_record(row, slots[index][0], more_queued=more is not None))
+            (index, claim_record(row, slots[index][0], more_queued=bool(row.more_queued)))
             for index, row in placed
         ]
 
@@ -335,7 +339,7 @@ class JobMachine:
         )
         async with self.db.writing() as conn:
             done = (await conn.execute(stmt)).rowcount == 1
-            await notify(self.db, conn)
+            await notify(self.db, conn, *DUE)
         return done
 
 
