@@ -222,7 +222,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
         claims, per_worker = claim_times(d.dir)
     print_figures(args, first, done_at, jobs, reports, claims, per_worker, samples)
     print(
-        f"  database: {(commits1 - commits0) / (done_at - first):.0f} transactions/s; "
+        f"  database: {(commits1 - commits0) / (done_at - first):.0f} transactions/s "
+        f"({(commits1 - commits0) / len(jobs):.1f} a job); "
         f"load average {load0[0]:.1f} before, {load1[0]:.1f} after"
     )
     spent = {k: cpu1.get(k, 0) - cpu0.get(k, 0) for k in cpu1}
