@@ -166,6 +166,7 @@ class Worker:
     async def _run_until_empty(self) -> None:
         while True:
             self._slot_freed.clear()
+            await self._read_requests()
             await self._fill_slots()
             running = self._running()
             if running:  # until a job ends, or a backend answers (its slot is free then)
@@ -186,6 +187,7 @@ class Worker:
         while not self._stop.is_set():
             self._slot_freed.clear()  # before claiming: a slot freed meanwhile is not missed
             try:
+                await self._read_requests()
                 # Then wait, whether it claimed or not: a claim takes a job for every free slot
                 # it can fill; what frees a slot or queues a job later wakes this loop.
                 await self._fill_slots()
@@ -253,10 +255,11 @@ class Worker:
         except Exception as exc:
             log.warning("could not apply options to %s: %s", slot.backend.name, exc)
 
-    async def _apply_checkpoint_request(self, usable: list[Slot]) -> None:
-        """POST /sdapi/v1/unload-checkpoint or reload-checkpoint reach each backend between its
-        jobs, never during one (nor during another worker's job on a shared A1111); then the
-        heartbeat tells the API, which waits for it, and /memory is refetched."""
+    async def _read_requests(self) -> None:
+        """Look for an unload/reload request (at most every CHECKPOINT_READ_SECONDS), each time
+        the dispatcher wakes (a request NOTIFYs the workers, and it wakes every second anyway).
+        The claims made the moment a backend answers apply what it read: a backend's hand-over
+        to its next job costs no read of its own."""
         keeper = self.keeper
         if keeper is None:
             return
@@ -265,6 +268,14 @@ class Worker:
             for slot in self.slots:
                 slot.checkpoint_version = keeper.checkpoint_baseline
             await self._beat()
+
+    async def _apply_checkpoint_request(self, usable: list[Slot]) -> None:
+        """POST /sdapi/v1/unload-checkpoint or reload-checkpoint reach each backend between its
+        jobs, never during one (nor during another worker's job on a shared A1111); then the
+        heartbeat tells the API, which waits for it, and /memory is refetched."""
+        keeper = self.keeper
+        if keeper is None or keeper.checkpoint_baseline is None:
+            return
         request = keeper.checkpoint_request
         if request is None:
             return
