@@ -63,9 +63,14 @@ class Slot:
     # Jobs whose backend has answered and that are storing their result while the slot's next
     # job already runs.
     finishing: set[asyncio.Task[str]] = field(default_factory=set)
+    reserved: bool = False  # a claim running now is looking for a job for it
 
     def free(self, now: float) -> bool:
-        return self.task is None and (self.state != "down" or now >= self.rest_until)
+        return (
+            self.task is None
+            and not self.reserved
+            and (self.state != "down" or now >= self.rest_until)
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -100,12 +105,6 @@ class Worker:
         self.slots = [Slot(backend) for backend in self.backends]
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._claiming = asyncio.Lock()
-        # Slots freed by their backend's answer so far, and how many of those had been freed
-        # when the latest claim began: a claim for a freed slot is then skipped when a claim
-        # that began later has looked at that slot already (_fill_slots).
-        self._frees = 0
-        self._looked = 0
         self._side_claims: set[asyncio.Task[None]] = set()  # see _backend_free
         self.started_at = time.time()
 
@@ -203,42 +202,43 @@ class Worker:
                 waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
             await first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
 
-    async def _fill_slots(self, freed: int = 0) -> bool:
+    async def _fill_slots(self) -> bool:
         """Claim a job for every free slot, in one transaction. True if any was claimed.
 
-        `freed`: the claim is for the slot freed as the `freed`-th (`_claim_next`); it is
-        skipped when a claim that began after that has looked at the slot already. Backends
-        that answer while a claim runs so queue one claim for all of them, not one each."""
-        async with self._claiming:  # the dispatcher and a job's end may both ask at once
-            if freed and self._looked >= freed:
-                return False
-            self._looked = self._frees
-            return await self._fill_free_slots()
-
-    async def _fill_free_slots(self) -> bool:
+        The slots are reserved while it runs: a claim that starts meanwhile (a backend answered)
+        runs beside it, for the slots that are free then, instead of waiting for it; so a
+        backend's next job never waits for a claim made for other backends, and no slot is
+        looked at by two claims."""
         if self._stop.is_set():
             return False
-        usable = await self._usable_slots()
+        usable = await self._reserve_free_slots()
         if not usable:
             return False
-        await self._apply_checkpoint_request(usable)
-        for slot in usable:
-            await self._apply_options(slot)
-        began = time.perf_counter()
-        claimed = await self.repo.claim(
-            self.worker_id, [(slot.backend.name, slot.checkpoint) for slot in usable]
-        )
-        took = time.perf_counter() - began
+        try:
+            await self._apply_checkpoint_request(usable)
+            for slot in usable:
+                await self._apply_options(slot)
+            began = time.perf_counter()
+            claimed = await self.repo.claim(
+                self.worker_id, [(slot.backend.name, slot.checkpoint) for slot in usable]
+            )
+            took = time.perf_counter() - began
+        finally:
+            for slot in usable:
+                slot.reserved = False
         for index, claim in claimed:
             self._start(usable[index], claim, took)
         return bool(claimed)
 
-    async def _usable_slots(self) -> list[Slot]:
+    async def _reserve_free_slots(self) -> list[Slot]:
+        """The free slots, reserved; one that is down only if its probe says it is back."""
         usable = []
         for slot in self.slots:
             if not slot.free(time.monotonic()):
                 continue
+            slot.reserved = True
             if slot.state == "down" and not await self._probe(slot):
+                slot.reserved = False
                 continue
             usable.append(slot)
         return usable
@@ -353,19 +353,20 @@ class Worker:
             return
         slot.finishing.add(task)
         slot.task, slot.claim, slot.state, slot.failures = None, None, "idle", 0
-        self._frees += 1
         # The dispatcher is told (_slot_freed) only once this job has stored its result
         # (_finished): an empty claim of its own must not hold the writer before that store.
         if not claim.more_queued:
             return
-        claiming = asyncio.create_task(self._claim_next(self._frees), name="claim-next")
+        claiming = asyncio.create_task(self._claim_next(slot), name="claim-next")
         self._side_claims.add(claiming)
         claiming.add_done_callback(self._side_claims.discard)
         await asyncio.sleep(0)  # the claim runs up to its first database call
 
-    async def _claim_next(self, freed: int) -> None:
+    async def _claim_next(self, slot: Slot) -> None:
+        if not slot.free(time.monotonic()):
+            return  # a claim that started meanwhile has it (or has given it its next job)
         try:
-            await self._fill_slots(freed)
+            await self._fill_slots()
         except Exception as exc:  # the dispatcher tries again
             log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
             self._slot_freed.set()
@@ -381,7 +382,7 @@ class Worker:
         if task in slot.finishing:  # the slot moved on when the backend answered
             slot.finishing.discard(task)
             slot.jobs_done += outcome == "completed"
-            if slot.task is None:  # no next job was claimed for it meanwhile: claim one now
+            if slot.free(time.monotonic()):  # no claim gave it its next job: claim one now
                 self._slot_freed.set()
             return
         slot.task, slot.claim = None, None

@@ -207,12 +207,13 @@ async def until(check: Callable[[], bool]) -> None:
             await asyncio.sleep(0.005)
 
 
-async def test_backends_that_answer_while_a_claim_runs_share_one_claim_after_it(
+async def test_backends_that_answer_while_a_claim_runs_get_their_next_jobs_without_waiting(
     database_url: str,
 ) -> None:
     """A worker with four busy slots and one whose backend runs another worker's job: three
-    backends answer while the claim for the first one is held. One claim takes their next
-    jobs; none is made for each of them that would find only the other worker's backend."""
+    backends answer while the claim made for the first one is held. Their next jobs are
+    claimed meanwhile, and no claim looks at a slot that another claim is looking at (the
+    other worker's backend, left to the held claim): none comes back empty."""
     db = Database(database_url)
     repo = RecordedClaims(db)
     elsewhere = FakeBackend("http://elsewhere")
@@ -235,12 +236,14 @@ async def test_backends_that_answer_while_a_claim_runs_share_one_claim_after_it(
         await asyncio.wait_for(repo.holding.wait(), 30)
         for fake in own[1:]:
             fake.finish_current()
-        await until(lambda: all(slot.state == "idle" for slot in worker.slots[1:4]))
+        await until(lambda: all(len(fake.generation_requests()) == 2 for fake in own[1:]))
         repo.release.set()
-        await until(lambda: sum(len(fake.generation_requests()) for fake in own) == 8)
+        await until(lambda: len(own[0].generation_requests()) == 2)
     finally:
+        repo.release.set()
         worker.stop()
         await running
         await db.dispose()
     for_freed_slots = [got for asked_by, got in repo.made if asked_by == "claim-next"]
     assert for_freed_slots and 0 not in for_freed_slots
+    assert [fake.max_in_flight for fake in own] == [1] * 4  # no slot got two jobs
