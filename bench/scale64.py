@@ -136,6 +136,19 @@ async def wait_drained(dsn: str, samples: list[tuple[int, int]]) -> None:
         await conn.close()
 
 
+async def server_pids(dsn: str) -> list[int]:
+    """The server processes of this database's connections (the benchmark's own left out)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [row["pid"] for row in rows]
+    finally:
+        await conn.close()
+
+
 async def commits(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
@@ -184,9 +197,13 @@ def claim_times(root: Path) -> tuple[list[float], Counter[str]]:
     return took, per_worker
 
 
-def process_cpu(deployment: Deployment) -> dict[str, float]:
-    """CPU seconds so far of each kind of process (the API's children included)."""
+def process_cpu(deployment: Deployment, dsn: str) -> dict[str, float]:
+    """CPU seconds so far of each kind of process (the API's children included), and of the
+    PostgreSQL server processes that serve this database's connections."""
     spent: Counter[str] = Counter()
+    for pid in asyncio.run(server_pids(dsn)):
+        with contextlib.suppress(psutil.Error):
+            spent["postgres"] += cpu_seconds(psutil.Process(pid).cpu_times())
     for proc in [*deployment.fakes, *deployment.stack.procs]:
         kind = proc.log_path.stem.rstrip("0123456789")
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -205,7 +222,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
         samples: list[tuple[int, int]] = []
         asyncio.run(wait_drained(dsn, samples))
         bodies = [json.dumps({**SMALL, "seed": i}).encode() for i in range(n)]
-        cpu0, commits0, load0 = process_cpu(d), asyncio.run(commits(dsn)), psutil.getloadavg()
+        cpu0, commits0, load0 = process_cpu(d, dsn), asyncio.run(commits(dsn)), psutil.getloadavg()
 
         async def measured() -> float:
             submitting = asyncio.create_task(submit_all(d.api_port, bodies, args.clients))
@@ -216,7 +233,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
 
         first = asyncio.run(measured())
         done_at = time.time()
-        cpu1, commits1, load1 = process_cpu(d), asyncio.run(commits(dsn)), psutil.getloadavg()
+        cpu1, commits1, load1 = process_cpu(d, dsn), asyncio.run(commits(dsn)), psutil.getloadavg()
         jobs = asyncio.run(finished_jobs(dsn, first - 0.001))
         reports = fleet_reports(d.fake_urls)
         claims, per_worker = claim_times(d.dir)
@@ -230,7 +247,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     print(
         "  CPU seconds in the run: "
         + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in sorted(spent.items()))
-        + f" (of {done_at - first:.1f} s wall, {psutil.cpu_count()} cores)"
+        + f" (of {done_at - first:.1f} s wall, {psutil.cpu_count()} cores); "
+        + f"{ms(sum(spent.values()) / len(jobs)):.1f} ms a job in all"
     )
 
 
