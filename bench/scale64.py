@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,18 @@ from harness import (
     wait_for,
 )
 
+from a1111_proxy.backends.a1111 import A1111Backend
+from a1111_proxy.backends.fake import tiny_png
+from a1111_proxy.cli import skip_missing_sniffio
+from a1111_proxy.db.engine import Database
+from a1111_proxy.jobs import JobRepository, NewJob
+from a1111_proxy.migrate import upgrade
 from tests.stack import Stack
 
 SMALL = {"prompt": "a lighthouse at dusk", "steps": 20}
+FLEET = "tests.fakes.a1111_fleet"
+IMAGE = tiny_png("a result", 64)
+PREVIEW = base64.b64encode(tiny_png("a preview", 16)).decode()
 
 
 @contextlib.contextmanager
@@ -69,12 +79,7 @@ def fleet_deployment(root: Path, args: argparse.Namespace) -> Iterator[tuple[Dep
     root.mkdir(parents=True)
     ports = root / "fleet.json"
     sizes = ["--count", str(args.backends), "--service-time", str(args.service_time)]
-    fleet = Proc(
-        [*sizes, "--ports-file", str(ports)],
-        {},
-        root / "fleet.log",
-        module="tests.fakes.a1111_fleet",
-    )
+    fleet = Proc([*sizes, "--ports-file", str(ports)], {}, root / "fleet.log", module=FLEET)
     stack: Stack | None = None
     try:
         wait_for(ports.exists, timeout=60, what="the fleet's ports")
@@ -217,7 +222,7 @@ def process_cpu(deployment: Deployment, dsn: str) -> dict[str, float]:
 def run(args: argparse.Namespace, root: Path) -> None:
     backends = args.backends
     n = backends * args.jobs_per_backend
-    with fleet_deployment(root / "scale64", args) as (d, dsn):
+    with fleet_deployment(root, args) as (d, dsn):
         warm_up(d.api_port, backends)
         samples: list[tuple[int, int]] = []
         asyncio.run(wait_drained(dsn, samples))
@@ -317,6 +322,77 @@ def steady_share(runs: dict[str, list[list[float]]]) -> float:
     return busy / (len(runs) * (end - start))
 
 
+# --------------------------------------------------------------------------------------------
+# costs: what each of a worker's per-job calls costs in CPU
+# --------------------------------------------------------------------------------------------
+
+
+async def cpu_per_call(call: Callable[[], Awaitable[object]], times: int) -> float:
+    """CPU seconds of this process per call (one warm-up call first)."""
+    await call()
+    began = time.process_time()
+    for _ in range(times):
+        await call()
+    return (time.process_time() - began) / times
+
+
+async def measure_costs(url: str, urls: list[str], times: int) -> dict[str, float]:
+    """The worker's calls, made by this process the way a worker makes them: its share of the
+    64 backends is one, the 63 others run another worker's jobs."""
+    mine, theirs = Database(url), Database(url)
+    repo, rival = JobRepository(mine), JobRepository(theirs)
+    backend = A1111Backend(urls[0])
+    body = json.dumps(SMALL)
+    try:
+        for _ in range(times + len(urls) + 10):
+            await repo.submit(NewJob("txt2img", request=body, payload=body))
+        for other in urls[1:]:
+            await rival.claim("another-worker", [(other, None)])
+        slots: list[tuple[str, str | None]] = [(u, None) for u in urls]
+
+        async def claim_and_store() -> None:
+            claimed = await repo.claim("a-worker", slots)
+            await repo.complete(claimed[0][1], {"images": []}, [IMAGE])
+
+        running = (await repo.claim("a-worker", slots))[0][1]
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "claim a job (64 slots, 63 busy elsewhere) and store its result": claim_and_store,
+            "store progress (touch)": lambda: repo.touch(running, progress=0.5, eta=1.0),
+            "store progress and a preview": lambda: repo.touch(
+                running, progress=0.5, eta=1.0, preview=PREVIEW
+            ),
+            "look for a cancel or skip (requests)": lambda: repo.requests(running),
+            "read A1111's progress": lambda: backend.progress(),
+            "read A1111's progress with its preview": lambda: backend.progress(with_image=True),
+            "A1111 generation (POST and answer; the fake's 10 ms idle)": lambda: backend.generate(
+                "txt2img", dict(SMALL)
+            ),
+        }
+        return {label: await cpu_per_call(call, times) for label, call in calls.items()}
+    finally:
+        await backend.aclose()
+        await mine.dispose()
+        await theirs.dispose()
+
+
+def part_costs(args: argparse.Namespace, root: Path) -> None:
+    skip_missing_sniffio()  # as `a1111-proxy worker` does
+    root.mkdir(parents=True)
+    ports = root / "fleet.json"
+    sizes = ["--count", str(args.backends), "--service-time", "0.01"]
+    fleet = Proc([*sizes, "--ports-file", str(ports)], {}, root / "fleet.log", module=FLEET)
+    try:
+        wait_for(ports.exists, timeout=60, what="the fleet's ports")
+        with pg_database(args.pg) as url:
+            upgrade(url)
+            costs = asyncio.run(measure_costs(url, json.loads(ports.read_text()), args.calls))
+    finally:
+        fleet.stop(timeout=5)
+    print(f"what a worker's calls cost, CPU of the calling process ({args.calls} calls each):")
+    for label, seconds in costs.items():
+        print(f"  {label}: {ms(seconds):.2f} ms")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -332,17 +408,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--log-level", default="info", help="info: the workers log each claim's duration")
     add("--set", action="append", default=[], help="NAME=VALUE: a setting of the proxy's processes")
     add("--keep", help="keep the processes' logs in this folder (by default, they are removed)")
+    add("--only", default="backlog,costs", help="parts: backlog, costs (comma-separated)")
+    add("--calls", type=int, default=200, help="costs: calls of each kind")
     return parser.parse_args(argv)
 
 
 def main() -> int:
     args = parse_args()
     clean_environ()
-    if args.keep:
-        run(args, Path(args.keep))
-        return 0
+    parts = {"backlog": run, "costs": part_costs}
     with tempfile.TemporaryDirectory(prefix="a1111-proxy-scale64-") as tmp:
-        run(args, Path(tmp))
+        root = Path(args.keep or tmp)
+        for name in args.only.split(","):
+            parts[name](args, root / name)
     return 0
 
 
