@@ -13,6 +13,7 @@ from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.cpu_pool import CpuPool
 from a1111_proxy.db.engine import Database
+from a1111_proxy.downloads import DownloadStore
 from a1111_proxy.errors import EXCEPTION_HANDLERS
 from a1111_proxy.jobs import JobRepository, TenantLimits
 from a1111_proxy.middleware import BodyLimit, TokenAuth
@@ -21,6 +22,7 @@ from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.routes import ROUTES
 from a1111_proxy.routes.context import State
 from a1111_proxy.settings import Settings
+from a1111_proxy.thumbnails import ThumbnailCache
 from a1111_proxy.waiter import JobWaiter
 from a1111_proxy.wakeup import NOTIFY_CHANNEL, PROGRESS_CHANNEL, make_wakeup
 
@@ -31,7 +33,7 @@ def make_lifespan(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         # The engine is made here so that it binds to the server's event loop.
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         catalogue = CatalogueStore(db)
         repo = JobRepository(
             db,
@@ -57,10 +59,12 @@ def make_lifespan(
                 "repo": repo,
                 "catalogue": catalogue,
                 "model_info": ModelInfoStore(db),
+                "downloads": DownloadStore(db),
                 "waiter": waiter,
                 "backends": backends,
                 "schema_head": head_revision(),
                 "cpu": cpu,
+                "thumbnails": ThumbnailCache(settings.thumbnail_cache_bytes),
             }
         finally:
             cpu.close()

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import catalogue, controls
+from a1111_proxy.db.upsert import insert_missing, upsert
 from a1111_proxy.wakeup import WORK_CHANNEL
 
 # What the worker fetches from a backend (Backend.catalogue_entry), by the name the API answers
@@ -161,23 +162,13 @@ class CatalogueStore:
     async def merge_pending_options(self, options: dict[str, Any]) -> int:
         """Add options for the worker to apply to every backend between jobs; return the version."""
         async with self.db.writing() as conn:
-            row = (
-                await conn.execute(
-                    select(controls.c.value).where(controls.c.key == PENDING_OPTIONS)
-                )
-            ).scalar_one_or_none()
-            current: dict[str, Any] = json.loads(row) if row else {"version": 0, "options": {}}
+            empty = {"version": 0, "options": {}}
+            current = await self._locked_control(conn, PENDING_OPTIONS, empty)
             merged: dict[str, Any] = {
                 "version": current["version"] + 1,
                 "options": {**current["options"], **options},
             }
-            values = {"value": json.dumps(merged), "updated_at": self.clock()}
-            if row is None:
-                await conn.execute(insert(controls).values(key=PENDING_OPTIONS, **values))
-            else:
-                await conn.execute(
-                    update(controls).where(controls.c.key == PENDING_OPTIONS).values(**values)
-                )
+            await self._set_control_in(conn, PENDING_OPTIONS, merged)
         return int(merged["version"])
 
     async def request_checkpoint(self, loaded: bool) -> int:
@@ -185,37 +176,33 @@ class CatalogueStore:
         reload names the default checkpoint set with POST /options, when there is one); return
         the request's version, which workers report once they applied it."""
         async with self.db.writing() as conn:
-            found: dict[str, str] = {
-                key: value
-                for key, value in (
-                    await conn.execute(
-                        select(controls.c.key, controls.c.value).where(
-                            controls.c.key.in_([CHECKPOINT_REQUEST, DEFAULT_CHECKPOINT])
-                        )
-                    )
-                ).all()
-            }
-            row = found.get(CHECKPOINT_REQUEST)
-            version = int(json.loads(row)["version"] if row else 0) + 1
+            current = await self._locked_control(conn, CHECKPOINT_REQUEST, {"version": 0})
+            version = int(current["version"]) + 1
             request: dict[str, Any] = {"version": version, "loaded": loaded, "at": self.clock()}
-            if loaded and found.get(DEFAULT_CHECKPOINT):
-                request["checkpoint"] = json.loads(found[DEFAULT_CHECKPOINT])
-            values = {"value": json.dumps(request), "updated_at": self.clock()}
-            if row is None:
-                await conn.execute(insert(controls).values(key=CHECKPOINT_REQUEST, **values))
-            else:
-                await conn.execute(
-                    update(controls).where(controls.c.key == CHECKPOINT_REQUEST).values(**values)
-                )
+            default = (await self.submit_defaults_in(conn, set())).checkpoint
+            if loaded and default:
+                request["checkpoint"] = default
+            await self._set_control_in(conn, CHECKPOINT_REQUEST, request)
             if not self.db.is_sqlite:  # wake idle workers (SQLite's change counter does itself)
                 await conn.execute(select(func.pg_notify(WORK_CHANNEL, "")))
         return version
 
+    async def _locked_control(self, conn: AsyncConnection, key: str, empty: Any) -> Any:
+        """A control's value (`empty` when it has none yet), its row locked until the caller's
+        transaction ends: two API processes changing it at once take turns, and neither's change
+        is lost (SQLite's write transaction holds the whole database anyway)."""
+        values = {"key": key, "value": json.dumps(empty), "updated_at": self.clock()}
+        await conn.execute(insert_missing(self.db, controls, values))
+        query = select(controls.c.value).where(controls.c.key == key).with_for_update()
+        return json.loads((await conn.execute(query)).scalar_one())
+
+    async def _set_control_in(self, conn: AsyncConnection, key: str, value: Any) -> None:
+        values = {"value": json.dumps(value), "updated_at": self.clock()}
+        await conn.execute(update(controls).where(controls.c.key == key).values(**values))
+
     async def _upsert(self, table: Any, key_column: Any, key: str, values: dict[str, Any]) -> None:
         async with self.db.writing() as conn:
-            done = await conn.execute(update(table).where(key_column == key).values(**values))
-            if done.rowcount == 0:
-                await conn.execute(insert(table).values({key_column.name: key, **values}))
+            await conn.execute(upsert(self.db, table, {key_column.name: key, **values}))
 
 
 def checkpoint_titles(models: Any) -> list[str]:
@@ -226,18 +213,21 @@ def find_checkpoint(models: Any, wanted: str) -> dict[str, Any] | None:
     """A1111's checkpoint aliases: title, model_name, file name, short/long hash, 'name [hash]'."""
     wanted = wanted.strip()
     for model in models or []:
-        if not isinstance(model, dict):
-            continue
-        filename = str(model.get("filename") or "")
-        names = {
-            model.get("title"),
-            model.get("model_name"),
-            model.get("hash"),
-            model.get("sha256"),
-            filename.rsplit("/", 1)[-1],
-            filename.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-            (model.get("sha256") or "")[:10] or None,
-        }
-        if wanted in {n for n in names if n}:
+        if isinstance(model, dict) and wanted in checkpoint_names(model):
             return model
     return None
+
+
+def checkpoint_names(model: dict[str, Any]) -> set[str]:
+    """Every name A1111 knows a checkpoint by (what a job's sd_model_checkpoint may say)."""
+    filename = str(model.get("filename") or "")
+    names = {
+        model.get("title"),
+        model.get("model_name"),
+        model.get("hash"),
+        model.get("sha256"),
+        filename.rsplit("/", 1)[-1],
+        filename.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+        (model.get("sha256") or "")[:10] or None,
+    }
+    return {str(n) for n in names if n}

@@ -9,6 +9,7 @@ webhook URL. Its life:
        |                  +----lease expired (sender died)--> claimed again
        +--redeliver (manual)-- delivered | failed | superseded
     pending --a newer message for the same job--> superseded   (started/progress only)
+    sending, lease expired, a newer message for the same job --> superseded   (the same)
 
 Rows are added by JobRepository inside the transaction that changes the job (`add`), so a crash
 after that commit loses no message. The sender claims due rows in a short transaction, sends
@@ -196,6 +197,7 @@ class DeliveryRepository:
             )
         )
         async with self.db.writing() as conn:
+            await conn.execute(self._supersede_abandoned(now))
             rows = (await conn.execute(stmt)).all()
         return sorted(
             (
@@ -214,6 +216,22 @@ class DeliveryRepository:
                 for r in rows
             ),
             key=lambda d: d.seq,
+        )
+
+    def _supersede_abandoned(self, now: float) -> Any:
+        """A `started` or `progress` message whose sender died sending it is not sent again once
+        the job has a newer one: that carries a fresher snapshot, and the old one, sent beside
+        it, could reach the receiver after it."""
+        newer = _d.alias("newer")
+        return (
+            update(_d)
+            .where(
+                _d.c.status == "sending",
+                _d.c.lease_expires_at < now,
+                _d.c.event.in_(INTERMEDIATE),
+                exists().where(newer.c.job_seq == _d.c.job_seq, newer.c.seq > _d.c.seq),
+            )
+            .values(status="superseded", next_attempt_at=None, updated_at=now, **_NO_LEASE)
         )
 
     def _fenced(self, delivery: Delivery) -> Any:

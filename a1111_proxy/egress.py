@@ -12,6 +12,9 @@ Certificates are checked against the public CAs (certifi's, as httpx does), plus
 WEBHOOK_CA_BUNDLE when set (receivers with certificates from a private CA).
 
 Redirects are never followed; answers are read up to 64 KiB; one attempt takes at most 15 s.
+`stream` (model downloads) is the exception: it follows a few redirects, checking every hop, and
+its caller reads the body as it comes; hosts the caller trusts (the configured Civitai site) may
+be internal, and only they get the caller's credentials.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
@@ -35,6 +39,8 @@ from a1111_proxy import __version__
 CONNECT_TIMEOUT_SECONDS = 5.0
 TOTAL_TIMEOUT_SECONDS = 15.0
 MAX_RESPONSE_BYTES = 64 * 1024
+MAX_REDIRECTS = 5  # `stream` only
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 log = logging.getLogger("a1111_proxy.egress")
 
 BLOCKED_NETWORKS = tuple(
@@ -188,13 +194,16 @@ class Answer:
     address: str | None = None
 
 
-def make_client(ca_bundle: str = "") -> httpx.AsyncClient:
+def make_client(
+    ca_bundle: str = "", *, timeout: float = TOTAL_TIMEOUT_SECONDS
+) -> httpx.AsyncClient:
     """One client per sender. No keep-alive: a pooled connection is keyed by IP, and must not be
     reused for another host name (its TLS certificate was checked for the first one).
-    `ca_bundle`: a PEM file of CA certificates trusted besides the public ones."""
+    `ca_bundle`: a PEM file of CA certificates trusted besides the public ones; `timeout`: the
+    longest wait for a connection's next bytes."""
     return httpx.AsyncClient(
         verify=tls_context(ca_bundle),
-        timeout=httpx.Timeout(TOTAL_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+        timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_SECONDS),
         limits=httpx.Limits(max_keepalive_connections=0),
         follow_redirects=False,
         trust_env=False,
@@ -335,6 +344,67 @@ async def fetch(
         raise ValueError(f"no complete answer within {TOTAL_TIMEOUT_SECONDS:g} s") from None
     except httpx.HTTPError as exc:
         raise ValueError(f"it could not be fetched ({type(exc).__name__})") from None
+
+
+@asynccontextmanager
+async def stream(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    allow_private: bool,
+    headers: Mapping[str, str] | None = None,
+    trusted: Callable[[str], bool] = lambda url: False,
+    trusted_headers: Mapping[str, str] | None = None,
+    resolve: Resolver = system_resolve,
+) -> AsyncIterator[httpx.Response]:
+    """GET `url` through the guard, following up to MAX_REDIRECTS redirects, each hop resolved
+    and checked, except hosts that `trusted` accepts (they may be internal). `trusted_headers`
+    (a token) go to trusted hosts only: a redirect elsewhere never carries them. Yields the last
+    answer with its body unread; raises Blocked, Unresolvable, httpx.HTTPError."""
+    for _ in range(MAX_REDIRECTS + 1):
+        is_trusted = trusted(url)
+        sent = {**(headers or {}), **((trusted_headers or {}) if is_trusted else {})}
+        targets = await pin(url, allow_private=allow_private or is_trusted, resolve=resolve)
+        response = await _get_first(client, targets, sent)
+        location = response.headers.get("location")
+        if response.status_code not in REDIRECTS or not location:
+            break
+        await response.aclose()
+        url = _redirected(url, location)
+    else:
+        raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=None)
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
+def _redirected(url: str, location: str) -> str:
+    target = httpx.URL(url).join(location)
+    if target.scheme not in ("http", "https"):
+        raise httpx.UnsupportedProtocol(f"a redirect to a {target.scheme}: URL")
+    return str(target)
+
+
+async def _get_first(
+    client: httpx.AsyncClient, targets: list[Target], headers: dict[str, str]
+) -> httpx.Response:
+    """GET from the first address that accepts a connection; an error from the last one is
+    raised."""
+    for target in targets:
+        extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+        request = client.build_request(
+            "GET",
+            target.url,
+            extensions=extensions,
+            headers={**headers, "Host": target.host_header},
+        )
+        try:
+            return await client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if target is targets[-1]:
+                raise
+    raise AssertionError("pin() returns at least one target")
 
 
 async def _read_limited(response: httpx.Response) -> str:

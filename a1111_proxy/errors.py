@@ -45,11 +45,26 @@ class ImageNotFound(ProxyError):
     code = "image_not_found"
 
 
+class ThumbnailUnavailable(ProxyError):
+    """This image cannot be scaled down (it is not an image Pillow reads, or too large to
+    decode); GET it without `size`."""
+
+    status_code = 422
+    code = "thumbnail_unavailable"
+
+
 class DeliveryNotFound(ProxyError):
     """This job has no such webhook delivery to send again."""
 
     status_code = 404
     code = "delivery_not_found"
+
+
+class DownloadNotFound(ProxyError):
+    """No model download has this id. List them with GET /sdapi/v1/models/downloads."""
+
+    status_code = 404
+    code = "download_not_found"
 
 
 class IdempotencyKeyReused(ProxyError):

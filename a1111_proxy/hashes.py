@@ -35,11 +35,15 @@ class FileHashes:
         return self.sha256[:10]
 
 
-def hash_file(path: Path, stop: threading.Event | None = None) -> FileHashes:
-    """SHA256 of the file, and AutoV3 when it is a well-formed .safetensors file."""
+def hash_file(
+    path: Path, stop: threading.Event | None = None, *, suffix: str | None = None
+) -> FileHashes:
+    """SHA256 of the file, and AutoV3 when it is a well-formed .safetensors file. `suffix`: its
+    type when its name does not end with it (a download's `.part` file)."""
     whole = hashlib.sha256()
     with path.open("rb") as file:
-        data_start = _safetensors_data_start(file) if path.suffix == ".safetensors" else None
+        is_safetensors = (suffix or path.suffix) == ".safetensors"
+        data_start = _safetensors_data_start(file) if is_safetensors else None
         if data_start is None:
             _feed(file, [whole], stop)
             return FileHashes(whole.hexdigest())

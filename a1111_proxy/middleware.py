@@ -16,8 +16,9 @@ from a1111_proxy.errors import BodyTooLarge, a1111_error
 
 # /metrics is not open: it names the backends and shows the load (Prometheus sends an admin
 # token with `authorization: {credentials: ...}` in its scrape config). /health answers anyone,
-# and shows its details only to an admin.
-OPEN_PATHS = ("/health", "/ready", "/doc", "/openapi.json")
+# and shows its details only to an admin. The web UI's page and assets (/ui, and / that
+# redirects there) hold no data: its script sends the token on the API calls it makes.
+OPEN_PATHS = ("/health", "/ready", "/doc", "/openapi.json", "/ui")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,7 @@ def _client_address(scope: Scope) -> str:
 
 
 def _is_open(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS)
+    return path == "/" or any(path == p or path.startswith(p + "/") for p in OPEN_PATHS)
 
 
 def _presented_token(header: str | None) -> bytes | None:

@@ -13,15 +13,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from a1111_proxy.catalogue import find_checkpoint
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import civitai_lookups, model_files
+from a1111_proxy.db.upsert import upsert
+from a1111_proxy.model_layout import KIND_FOLDERS
 
 # Catalogue entry -> kind of model, and each kind's folder in A1111's models layout.
 CATALOGUE_KINDS = {"sd-models": "checkpoint", "loras": "lora"}
-FOLDERS = {"checkpoint": "Stable-diffusion", "lora": "Lora"}
+FOLDERS = {kind: KIND_FOLDERS[kind] for kind in CATALOGUE_KINDS.values()}
 
 
 FileKey = tuple[str, int, int]  # path, size, mtime_ns
@@ -129,14 +130,8 @@ class ModelInfoStore:
 
     async def _upsert(self, table: Table, values: dict[str, Any]) -> None:
         """Insert or replace by primary key, atomically: two workers may save the same row."""
-        dialect = sqlite if self.db.is_sqlite else postgresql
-        statement = dialect.insert(table).values(**values)
-        key = [column.name for column in table.primary_key]
-        statement = statement.on_conflict_do_update(
-            index_elements=key, set_={k: v for k, v in values.items() if k not in key}
-        )
         async with self.db.writing() as conn:
-            await conn.execute(statement)
+            await conn.execute(upsert(self.db, table, values))
 
 
 class FileIndex:

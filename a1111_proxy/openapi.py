@@ -96,6 +96,8 @@ PER_CALLER = (
     "jobs."
 )
 CIVITAI = _query("civitai", {"type": "boolean"}, "false: leave out the civitai key")
+DOWNLOADS = "/sdapi/v1/models/downloads"
+DOWNLOAD_ID = _path("download_id")
 CATALOGUE_LISTS = (
     "samplers",
     "schedulers",
@@ -151,7 +153,21 @@ OPERATIONS: list[Op] = [
                 },
                 "only these",
             ),
-            _query("type", {"type": "string"}, "only this job type"),
+            _query("type", {"type": "string", "enum": ["txt2img", "img2img"]}, "only this type"),
+            _query(
+                "model",
+                {"type": "string"},
+                "only jobs that asked for this checkpoint (by any name A1111 knows it by: "
+                "title, model name, file name, hash)",
+            ),
+            _query(
+                "prompt",
+                {"type": "string", "maxLength": 200},
+                "only jobs whose prompt holds this text, ignoring case; a page then looks at "
+                "no more than 2,000 jobs and may hold fewer than `limit` (even none) with a "
+                "`next_cursor` to go on with",
+            ),
+            _query("owner", {"type": "string"}, "admins: only this tenant's jobs"),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size"),
             _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
         ],
@@ -177,10 +193,23 @@ OPERATIONS: list[Op] = [
     Op(
         "get",
         "/sdapi/v1/jobs/{job_id}/images/{n}",
-        "One result image",
+        "One result image, or a thumbnail of it",
         "jobs",
-        {200: "image", 404: s.A1111Error},
-        params=[JOB_ID, _path("n", {"type": "integer", "minimum": 0})],
+        {200: "image", 404: s.A1111Error, 422: "any"},
+        params=[
+            JOB_ID,
+            _path("n", {"type": "integer", "minimum": 0}),
+            _query(
+                "size",
+                {"type": "integer", "enum": [64, 128, 256, 512]},
+                "a thumbnail: the image scaled down (never up) so that its longer side is at "
+                "most this, as WebP, cached",
+            ),
+        ],
+        description="The image as stored (PNG as A1111 made it, or JPEG/WebP), or with `size` "
+        "a thumbnail, kept in the API process's memory (THUMBNAIL_CACHE_BYTES). Both are "
+        "`Cache-Control: private, max-age=86400`. 422 `thumbnail_unavailable` for an image "
+        "that cannot be scaled (larger than 8192 x 8192, or not an image).",
     ),
     Op(
         "get",
@@ -299,6 +328,67 @@ OPERATIONS: list[Op] = [
             params=[_path("name"), CIVITAI],
         )
         for name, how in (("sd-models", "title, name or hash"), ("loras", "name or alias"))
+    ),
+    Op(
+        "post",
+        DOWNLOADS,
+        "Download a model from Civitai (or a URL) into MODELS_DIR (admins)",
+        "models",
+        {202: s.Download, 403: s.A1111Error, 422: s.ValidationFailed},
+        body=s.DownloadRequest,
+        description="Answers 202 with the download, `queued`; a worker resolves the source "
+        "with Civitai, checks it (no pickle unless A1111_PROXY_DOWNLOAD_ALLOW_PICKLE; enough "
+        "free disk), streams it into `<name>.part` (resumed with Range after a dropped "
+        "connection or a restart), checks Civitai's SHA256, moves it into its kind's folder "
+        "with A1111's `.civitai.info` and `.preview.png` sidecars, and asks the backends to "
+        "rescan. Only the worker talks to Civitai.",
+    ),
+    Op(
+        "get",
+        DOWNLOADS,
+        "Model downloads, newest first (admins)",
+        "models",
+        {200: s.DownloadList, 403: s.A1111Error, 422: s.ValidationFailed},
+        params=[
+            _query(
+                "status",
+                {
+                    "type": "string",
+                    "enum": ["queued", "running", "completed", "failed", "canceled"],
+                },
+                "only these",
+            ),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "default 50"),
+        ],
+    ),
+    Op(
+        "get",
+        f"{DOWNLOADS}/{{download_id}}",
+        "One model download, with bytes done and total, speed and ETA (admins)",
+        "models",
+        {200: s.Download, 403: s.A1111Error, 404: s.A1111Error},
+        params=[DOWNLOAD_ID],
+    ),
+    Op(
+        "post",
+        f"{DOWNLOADS}/{{download_id}}/cancel",
+        "Cancel a model download (admins)",
+        "models",
+        {200: s.Download, 403: s.A1111Error, 404: s.A1111Error},
+        params=[DOWNLOAD_ID],
+        description="A queued download ends at once; a running one stops within a second and "
+        "its part file is removed; a finished one is left as it is.",
+    ),
+    Op(
+        "get",
+        f"{DOWNLOADS}/{{download_id}}/events",
+        "Follow a model download: its progress as Server-Sent Events (admins)",
+        "models",
+        {200: "event-stream", 204: "empty", 403: s.A1111Error, 404: s.A1111Error},
+        params=[DOWNLOAD_ID, _header("Last-Event-ID", "`final`: answered 204")],
+        description="`text/event-stream`: `progress` with the download (as GET shows it) on "
+        "connect and whenever it changes, then one `completed`, `failed` or `canceled` (id "
+        "`final`) and the stream ends. A `: ping` comment keeps an idle stream open.",
     ),
     *(
         Op(
@@ -432,6 +522,9 @@ MODELS: list[type[BaseModel]] = [
     s.DeliveryList,
     s.Delivery,
     s.QueueView,
+    s.DownloadRequest,
+    s.Download,
+    s.DownloadList,
 ]
 
 
@@ -497,6 +590,8 @@ _OUTPUTS = {
     s.DeliveryList,
     s.Delivery,
     s.QueueView,
+    s.Download,
+    s.DownloadList,
 }
 
 

@@ -644,3 +644,85 @@ class Delivery(BaseModel):
 class DeliveryList(BaseModel):
     job_id: str
     deliveries: list[Delivery]
+
+
+# --- model downloads ------------------------------------------------------------------------
+
+DownloadKind = Literal["checkpoint", "lora", "controlnet", "vae", "embedding"]
+
+
+class DownloadRequest(BaseModel):
+    """POST /sdapi/v1/models/downloads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="a Civitai model-version id (`128713`), a civitai.com model URL (its "
+        "newest version) or version URL (`?modelVersionId=`, `/api/download/models/<id>`), an "
+        "AIR (`urn:air:sd1:lora:civitai:<model>@<version>`), a file's sha256 (Civitai finds "
+        "its version), or a direct https URL",
+    )
+    kind: DownloadKind | None = Field(
+        None,
+        description="the folder it goes to (Stable-diffusion, Lora, ControlNet, VAE, "
+        "embeddings); absent: from Civitai's model type (needed for a direct URL)",
+    )
+    file: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="one of the version's files, by name or id (absent: its primary file); "
+        "for a direct URL, the name to save it under (absent: the URL's last segment)",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern="^[0-9a-fA-F]{64}$",
+        description="for a direct URL, the SHA256 to check the file against (a Civitai "
+        "file is checked against Civitai's)",
+    )
+
+
+class DownloadLinks(BaseModel):
+    self: str
+    cancel: str
+    events: str = Field(description="its Server-Sent Events stream")
+
+
+class Download(BaseModel):
+    """A model download: where it comes from, where it goes, and how far it is."""
+
+    id: str = Field(description="UUID")
+    status: Literal["queued", "running", "completed", "failed", "canceled"]
+    source: str = Field(description="as given")
+    kind: DownloadKind | None = Field(description="null until the worker asked Civitai")
+    file: str | None = Field(description="the file asked for, as given")
+    path: str | None = Field(
+        description="where the file goes inside MODELS_DIR (`Lora/name.safetensors`), once known"
+    )
+    sha256: str | None = Field(
+        description="what the file is checked against; once completed, its own"
+    )
+    bytes_done: int
+    bytes_total: int | None = Field(description="Civitai's size until the server announces it")
+    progress: float | None = Field(None, ge=0, le=1)
+    speed: float | None = Field(description="bytes per second, lately (while running)")
+    eta: float | None = Field(description="seconds left at that speed (while running)")
+    error: str | None = Field(
+        description="why it failed; while queued after a failed try, that try's error"
+    )
+    attempts: int = Field(description="times a worker took it (a resume counts one more)")
+    cancel_requested: bool
+    requested_by: str | None = Field(description="the admin's tenant name")
+    civitai: dict[str, Any] | None = Field(
+        description="what Civitai says of the version (as `civitai` on /sd-models), once known"
+    )
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    links: DownloadLinks
+
+
+class DownloadList(BaseModel):
+    downloads: list[Download] = Field(description="newest first")

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         "sqlite+aiosqlite:///./data/a1111_proxy.db",
         description="the job database; `postgresql+asyncpg://user:pass@host/db` to scale out",
     )
+    sqlite_synchronous: Literal["normal", "full"] = Field(
+        "normal",
+        description="SQLite's durability (WAL mode): `normal`, an acknowledged job survives any "
+        "crash of our processes and reaches the disk at the next checkpoint (a power cut may "
+        "lose the last moments); `full`, each commit is fsynced before the answer (survives a "
+        "power cut; each submit batch waits for the disk)",
+    )
     host: str = Field("127.0.0.1", description="where the API listens")
     port: int = Field(7861, ge=0, le=65535, description="the API's port")
     serve_processes: int = Field(
@@ -92,9 +99,10 @@ class Settings(BaseSettings):
     )
     models_dir: str = Field(
         "./models",
-        description="A1111 layout (`Stable-diffusion/`, `Lora/`, `ControlNet/`): the "
-        "worker hashes the checkpoints and LoRAs there for Civitai (nothing happens while it "
-        "does not exist); also where the bundled engine finds its models",
+        description="A1111 layout (`Stable-diffusion/`, `Lora/`, `ControlNet/`, `VAE/`, "
+        "`embeddings/`): the worker hashes the checkpoints and LoRAs there for Civitai "
+        "(nothing happens while it does not exist) and puts model downloads there; also where "
+        "the bundled engine finds its models",
     )
     response_mode: Literal["auto", "async", "wait"] = Field(
         "auto",
@@ -122,20 +130,34 @@ class Settings(BaseSettings):
     )
     webhook_allow_private: bool = Field(
         False,
-        description="allow webhook URLs (and IMAGE_URLS) that resolve to loopback, "
+        description="allow webhook URLs (and IMAGE_URLS, and model downloads' hosts other "
+        "than CIVITAI_URL) that resolve to loopback, "
         "private and other internal addresses (receivers on your own network)",
     )
     webhook_ca_bundle: str = Field(
         "",
         description="a PEM file of CA certificates to trust, besides the public CAs, for "
-        "https webhook URLs (and IMAGE_URLS): receivers whose certificates come from your own "
-        "CA; empty: the public CAs only. The certificate is always checked for the URL's host "
-        "name, also when private addresses are allowed",
+        "https webhook URLs (and IMAGE_URLS and model downloads): receivers whose "
+        "certificates come from your own CA; empty: the public CAs only. The certificate is "
+        "always checked for the URL's host name, also when private addresses are allowed",
     )
     webhook_images: Literal["base64", "url", "none"] = Field(
         "base64",
         description="images in `job.completed`: `base64` (in `data.result.images`), "
         "`url` (left out; `data.image_urls` made absolute with PUBLIC_URL), `none` (left out)",
+    )
+    webhook_retry_seconds: Annotated[list[Annotated[float, Field(ge=0)]], NoDecode] = Field(
+        [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="`job.completed` is sent at once, then after a failed attempt again after "
+        "each of these waits in turn (seconds, each ±20 %); when they are used up it is `failed` "
+        "(about a day in all by default)",
+    )
+    webhook_lease_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="how long a worker holds a webhook delivery it took up to send; one whose "
+        "worker died is sent again, by another, after this long. Keep it well above the 15 s one "
+        "attempt may take",
     )
     public_url: str = Field(
         "",
@@ -147,17 +169,34 @@ class Settings(BaseSettings):
         description="Civitai metadata on `sd-models` and `loras`; `false` turns the "
         "lookups and the `civitai` key off",
     )
-    civitai_url: str = Field("https://civitai.com", description="the Civitai site to ask")
+    civitai_url: str = Field(
+        "https://civitai.com",
+        description="the Civitai site to ask (trusted by model downloads' egress guard: it may "
+        "be a mirror on your network)",
+    )
     civitai_token: SecretStr = Field(
         SecretStr(""),
-        description="a Civitai API key, sent as a bearer token (optional: "
-        "by-hash lookups are public)",
+        description="a Civitai API key, sent as a bearer token to CIVITAI_URL only (optional: "
+        "by-hash lookups are public; model downloads that need a login or early access need it)",
     )
     civitai_ttl_seconds: float = Field(
         604800.0,
         gt=0,
         description="how long a Civitai answer (a 404 too) is kept before the "
         "worker asks again (604800: 7 days)",
+    )
+    download_allow_pickle: bool = Field(
+        False,
+        description="let POST /sdapi/v1/models/downloads fetch pickle files (`.ckpt`, `.pt`, "
+        "`.pth`, `.bin`), which can run code when A1111 loads them; `false` refuses them (the "
+        "download fails saying so) and takes `.safetensors` and `.gguf` only",
+    )
+    download_reserve_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="free space a model download must leave on MODELS_DIR's disk: one that "
+        "would leave less (by the size Civitai or the server reports) fails before it starts "
+        "(1073741824: 1 GiB)",
     )
     retention_seconds: int = Field(
         604800,
@@ -206,6 +245,13 @@ class Settings(BaseSettings):
         description="opt-in: resize input images whose longer side exceeds this (LANCZOS, "
         "aspect ratio kept; the job shows it in `input_images_resized`); 0: never, images reach "
         "A1111 as sent",
+    )
+    thumbnail_cache_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="how many bytes of thumbnails (`GET .../images/{n}?size=`, what the web UI "
+        "lists) each API process keeps in memory, least recently used dropped first "
+        "(33554432: 32 MiB); 0: none kept, each is made again",
     )
     image_urls: bool = Field(
         False,
@@ -361,7 +407,14 @@ class Settings(BaseSettings):
             return words.get(value.strip().lower(), value.strip().lower())
         return value
 
-    @field_validator("api_tokens", "admin_tokens", "a1111_urls", "cors_origins", mode="before")
+    @field_validator(
+        "api_tokens",
+        "admin_tokens",
+        "a1111_urls",
+        "cors_origins",
+        "webhook_retry_seconds",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)

@@ -84,7 +84,7 @@ def default(info: FieldInfo) -> str:
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if isinstance(value, list):
-        value = ",".join(str(item) for item in value)
+        value = ",".join(_number(item) for item in value)
     if isinstance(value, bool):
         value = str(value).lower()
     if isinstance(value, int | float):

@@ -127,7 +127,7 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_http(url: str, timeout: float = 20, proc: Proc | None = None) -> None:
+def wait_http(url: str, timeout: float = 60, proc: Proc | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.popen.poll() is not None:

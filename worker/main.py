@@ -15,11 +15,14 @@ from a1111_proxy.backends.fake import FakeBackend
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.civitai import CivitaiClient
 from a1111_proxy.db.engine import Database
+from a1111_proxy.downloads import DownloadStore
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
 from a1111_proxy.wakeup import WEBHOOK_CHANNEL, WORK_CHANNEL, make_wakeup
+from a1111_proxy.webhooks import RetryPolicy
 from worker.catalogue import CatalogueKeeper
+from worker.downloader import DownloadConfig, Downloader
 from worker.enricher import CivitaiEnricher
 from worker.execute import Timing
 from worker.hasher import ModelHasher
@@ -62,31 +65,61 @@ def build_worker(settings: Settings, db: Database) -> Worker:
 
 
 def build_sender(settings: Settings, repo: JobRepository) -> WebhookSender:
-    config = SenderConfig(
+    # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
+    wakeup = make_wakeup(
+        settings.database_url, max(settings.poll_seconds, 0.05), (WEBHOOK_CHANNEL,)
+    )
+    return WebhookSender(repo, wakeup, sender_config(settings))
+
+
+def sender_config(settings: Settings) -> SenderConfig:
+    return SenderConfig(
         default_secret=settings.webhook_secret.get_secret_value(),
         allow_private=settings.webhook_allow_private,
         ca_bundle=settings.webhook_ca_bundle,
         images=settings.webhook_images,
         public_url=settings.public_base_url(),
+        lease_seconds=settings.webhook_lease_seconds,
+        policy=RetryPolicy(schedule=(0.0, *settings.webhook_retry_seconds)),
     )
-    # Webhooks need no millisecond latency: poll for outbox changes less often than for jobs.
-    wakeup = make_wakeup(
-        settings.database_url, max(settings.poll_seconds, 0.05), (WEBHOOK_CHANNEL,)
-    )
-    return WebhookSender(repo, wakeup, config)
 
 
 def build_chores(settings: Settings, db: Database) -> list[Chore]:
-    """The model hasher (it idles while MODELS_DIR is missing) and, unless Civitai is turned off,
-    the Civitai enricher."""
+    """The model hasher (it idles while MODELS_DIR is missing), the model downloader and, unless
+    Civitai is turned off, the Civitai enricher."""
     info = ModelInfoStore(db)
     chores: list[Chore] = [ModelHasher(info, Path(settings.models_dir))]
+    token = settings.civitai_token.get_secret_value()
+    chores.append(build_downloader(settings, db, CivitaiClient(settings.civitai_url, token)))
     if settings.civitai_enabled:
-        client = CivitaiClient(settings.civitai_url, settings.civitai_token.get_secret_value())
+        client = CivitaiClient(settings.civitai_url, token)
         chores.append(
             CivitaiEnricher(CatalogueStore(db), info, client, ttl=settings.civitai_ttl_seconds)
         )
     return chores
+
+
+def build_downloader(settings: Settings, db: Database, civitai: CivitaiClient) -> Downloader:
+    """Model downloads into MODELS_DIR, one at a time per worker process; the egress guard's
+    settings are the webhooks'."""
+    config = DownloadConfig(
+        models_dir=Path(settings.models_dir),
+        allow_pickle=settings.download_allow_pickle,
+        reserve_bytes=settings.download_reserve_bytes,
+        allow_private=settings.webhook_allow_private,
+        ca_bundle=settings.webhook_ca_bundle,
+        lease_seconds=settings.lease_seconds,
+        heartbeat_seconds=min(1.0, settings.heartbeat_seconds),
+        civitai_ttl=settings.civitai_ttl_seconds,
+    )
+    return Downloader(
+        DownloadStore(db),
+        civitai,
+        CatalogueStore(db),
+        ModelInfoStore(db),
+        config,
+        worker_id=f"{socket.gethostname()}:{os.getpid()}:downloads",
+    )
 
 
 def build_upkeep(settings: Settings, repo: JobRepository) -> list[Chore]:
@@ -131,7 +164,7 @@ def _diffusers_backend(settings: Settings) -> Backend:
 
 
 async def run(settings: Settings) -> int:
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     worker = build_worker(settings, db)
     sender = build_sender(settings, worker.repo)
     loop = asyncio.get_running_loop()

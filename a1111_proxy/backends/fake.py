@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import hashlib
 import itertools
 import json
 import struct
@@ -90,7 +91,8 @@ CATALOGUE: dict[str, Any] = {
 
 
 def tiny_png(text: str, size: int = 8) -> bytes:
-    """A valid PNG (size x size, grey) with a `parameters` text chunk, as A1111 writes."""
+    """A valid PNG (size x size) with a `parameters` text chunk, as A1111 writes: a diagonal
+    blend of two colours taken from `text`'s hash, so that different images look different."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -100,7 +102,14 @@ def tiny_png(text: str, size: int = 8) -> bytes:
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
         )
 
-    raw = b"".join(b"\x00" + bytes([128, 128, 128]) * size for _ in range(size))
+    digest = hashlib.sha256(text.encode()).digest()
+    start, end = digest[:3], digest[3:6]
+
+    def pixel(x: int, y: int) -> bytes:
+        t = (x + y) / max(1, 2 * size - 2)
+        return bytes(round(a + (b - a) * t) for a, b in zip(start, end, strict=True))
+
+    raw = b"".join(b"\x00" + b"".join(pixel(x, y) for x in range(size)) for y in range(size))
     return b"".join(
         [
             b"\x89PNG\r\n\x1a\n",

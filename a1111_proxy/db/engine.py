@@ -30,26 +30,38 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
 PING_IDLE_SECONDS = 1.0
+SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 
 class Database:
     """A read engine and a write engine (the same engine on PostgreSQL)."""
 
     def __init__(
-        self, url: str, *, echo: bool = False, ping_idle_seconds: float = PING_IDLE_SECONDS
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        sqlite_synchronous: str = "normal",
+        ping_idle_seconds: float = PING_IDLE_SECONDS,
     ) -> None:
+        """`sqlite_synchronous` (SQLITE_SYNCHRONOUS): `normal`, a commit survives the process
+        being killed and is on disk at the next WAL checkpoint; `full`, it is on disk (fsync)
+        before the commit returns, so it survives a power cut too. `ping_idle_seconds`
+        (PostgreSQL): how long a pooled connection may sit unused before it is pinged."""
         self.url = url
         self.dialect = make_url(url).get_backend_name()
         if self.is_sqlite:
             check_sqlite_version()
             ensure_sqlite_dir(url)
-            self.write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, echo=echo)
-            self.read_engine = _sqlite_engine(url, "BEGIN", pool_size=4, echo=echo)
+            pragmas = (*SQLITE_PRAGMAS, f"PRAGMA synchronous={SYNCHRONOUS[sqlite_synchronous]}")
+            self.write_engine = _sqlite_engine(
+                url, "BEGIN IMMEDIATE", pragmas, pool_size=1, echo=echo
+            )
+            self.read_engine = _sqlite_engine(url, "BEGIN", pragmas, pool_size=4, echo=echo)
         else:
             self.write_engine = create_async_engine(url, pool_size=10, max_overflow=10, echo=echo)
             _ping_when_idle(self.write_engine, ping_idle_seconds)
@@ -95,7 +107,9 @@ def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
             raise DisconnectionError(f"a pooled connection did not answer: {exc}") from exc
 
 
-def _sqlite_engine(url: str, begin: str, *, pool_size: int, echo: bool) -> AsyncEngine:
+def _sqlite_engine(
+    url: str, begin: str, pragmas: tuple[str, ...], *, pool_size: int, echo: bool
+) -> AsyncEngine:
     engine = create_async_engine(
         url, pool_size=pool_size, max_overflow=0, pool_timeout=60, echo=echo
     )
@@ -105,7 +119,7 @@ def _sqlite_engine(url: str, begin: str, *, pool_size: int, echo: bool) -> Async
         # Take transaction control away from the driver, so that BEGIN is ours to issue.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in SQLITE_PRAGMAS:
+        for pragma in pragmas:
             cursor.execute(pragma)
         cursor.close()
 

@@ -95,6 +95,7 @@ jobs = Table(
     # An owner's jobs by status; and its last turn among its queued jobs of a priority.
     Index("ix_jobs_owner_turns", "owner", "status", "priority", "turn"),
     Index("ix_jobs_owner_seq", "owner", "seq"),  # a tenant's listing; its submit rate
+    Index("ix_jobs_checkpoint_seq", "checkpoint", "seq"),  # a listing by model (?model=)
 )
 
 # The claim order (jobs/clauses.py QUEUE_ORDER), so that a claim reads its first rows only.
@@ -262,4 +263,57 @@ civitai_lookups = Table(
     Column("body", Text, nullable=True),
     Column("fetched_at", Double, nullable=False),
     Column("expires_at", Double, nullable=False),
+)
+
+# Model downloads (POST /sdapi/v1/models/downloads): one row per file to fetch into MODELS_DIR.
+# The API adds it `queued`; a worker claims it with a lease (`running`, fenced by `lease_token`,
+# renewed while it streams), resolves the source (Civitai's model-version JSON into `version`,
+# the file's `url`, `sha256`, `kind` and `path` inside MODELS_DIR), streams into `<path>.part`
+# and ends it `completed`, `failed` or `canceled`. A lease that expires (the worker died) lets
+# another worker claim it and resume from the part file.
+DOWNLOAD_STATUSES = ("queued", "running", "completed", "failed", "canceled")
+
+downloads = Table(
+    "downloads",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("source", Text, nullable=False),  # as the admin gave it
+    Column("kind", String(16), nullable=True),  # given, or Civitai's type once resolved
+    Column("file", String(500), nullable=True),  # the file asked for (a version's file name)
+    Column("sha256", String(64), nullable=True),  # expected: given, or Civitai's
+    Column("status", String(16), nullable=False),
+    Column("requested_by", String(200), nullable=True),
+    Column("url", Text, nullable=True),  # where the file is fetched from, once resolved
+    Column("path", String(1024), nullable=True),  # inside MODELS_DIR, "<folder>/<file name>"
+    Column("version", Text, nullable=True),  # Civitai's model-version JSON
+    Column("bytes_done", BigInteger, nullable=False, server_default=text("0")),
+    Column("bytes_total", BigInteger, nullable=True),
+    Column("speed", Double, nullable=True),  # bytes per second, lately
+    Column("error", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("run_after", Double, nullable=False),
+    Column("lease_owner", String(200), nullable=True),
+    Column("lease_token", String(36), nullable=True),
+    Column("lease_expires_at", Double, nullable=True),
+    Column("cancel_requested_at", Double, nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("started_at", Double, nullable=True),
+    Column("completed_at", Double, nullable=True),
+    Column("updated_at", Double, nullable=False),
+    CheckConstraint(f"status IN {DOWNLOAD_STATUSES!r}", name="status"),
+    CheckConstraint("(status = 'running') = (lease_token IS NOT NULL)", name="lease"),
+    Index(
+        "ix_downloads_due",
+        "run_after",
+        postgresql_where=text("status = 'queued'"),
+        sqlite_where=text("status = 'queued'"),
+    ),
+    Index(
+        "ix_downloads_leases",
+        "lease_expires_at",
+        postgresql_where=text("status = 'running'"),
+        sqlite_where=text("status = 'running'"),
+    ),
+    Index("ix_downloads_status_seq", "status", "seq"),
 )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from a1111_proxy.engine import folders
 from a1111_proxy.engine.errors import InvalidParams
 
 CHECKPOINT_DIR = "Stable-diffusion"
@@ -65,13 +66,11 @@ class Catalog:
         found: list[Checkpoint] = []
         if not self.root.is_dir():
             return found
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            here = Path(dirpath)
+        for here, dirnames, filenames in folders.walk(self.root):
             if (here / "model_index.json").is_file() and here != self.root:
                 found.append(Checkpoint(here.relative_to(self.root).as_posix(), here, True))
                 dirnames.clear()
                 continue
-            dirnames.sort()
             for filename in sorted(filenames):
                 if filename.lower().endswith(SINGLE_FILE + PICKLED):
                     path = here / filename

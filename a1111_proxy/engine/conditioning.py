@@ -4,8 +4,9 @@ Each distinct text of the prompt's and the negative prompt's schedules (engine/s
 encoded once. The pipeline starts with step 0's embeddings; after each step the step callback
 puts in those of the next step. Diffusers' SD and SDXL pipelines read `prompt_embeds` (with
 classifier-free guidance: cat([uncond, cond])) and SDXL's pooled `add_text_embeds` back from
-the callback's return value. Per step, the cond and uncond pair is padded to one length with
-empty-prompt chunks, as A1111 does. A prompt without editing is encoded exactly as before.
+the callback's return value. Per step, the cond and uncond pair is padded to one length: with
+empty-prompt chunks under A1111's pad_cond_uncond, else with zero chunks that cross-attention
+leaves out (engine/attention.py). A prompt without editing is encoded exactly as before.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def encode(
     clip_skip: int,
     sdxl: bool,
     hires_steps: int | None = None,
+    pad_cond_uncond: bool = False,
 ) -> Conditioning:
     """steps: the first pass's total steps; hires_steps: the second pass's, when encoding for
     hires fix (A1111 counts its edits on from the first pass)."""
@@ -98,23 +100,36 @@ def encode(
     uncond = schedule.prompt_schedule(negative, steps, hires_steps)
     if len(cond) == 1 and len(uncond) == 1:  # the common case: exactly the unscheduled path
         return Conditioning(
-            text.encode(pipe, cond[0][1], uncond[0][1], clip_skip=clip_skip, sdxl=sdxl)
+            text.encode(
+                pipe,
+                cond[0][1],
+                uncond[0][1],
+                clip_skip=clip_skip,
+                sdxl=sdxl,
+                pad_cond_uncond=pad_cond_uncond,
+            )
         )
-    encoded: dict[str, Encoded] = {}
+    encoded: dict[tuple[str, bool], Encoded] = {}
 
-    def embed(words: str) -> Encoded:
-        if words not in encoded:
-            encoded[words] = text.encode_one(pipe, words, clip_skip=clip_skip, sdxl=sdxl)
-        return encoded[words]
+    # A1111 zeroes an SDXL negative only when every text of its schedule is empty.
+    zero_negative = all(words == "" for _, words in uncond)
+
+    def embed(words: str, negative: bool = False) -> Encoded:
+        key = (words, negative and zero_negative)
+        if key not in encoded:
+            encoded[key] = text.encode_one(
+                pipe, words, clip_skip=clip_skip, sdxl=sdxl, negative=key[1]
+            )
+        return encoded[key]
 
     pairs: dict[tuple[str, str], text.Embeds] = {}
 
     def pick(step: int) -> text.Embeds:
         key = (_text_at(cond, step), _text_at(uncond, step))
         if key not in pairs:
-            (c, pooled), (u, u_pooled) = embed(key[0]), embed(key[1])
-            if c.shape[1] != u.shape[1]:  # A1111 pads the shorter one with empty-prompt chunks
-                empty = embed("")[0]
+            (c, pooled), (u, u_pooled) = embed(key[0]), embed(key[1], negative=True)
+            if c.shape[1] != u.shape[1]:  # empty-prompt chunks or masked zero chunks
+                empty = embed("")[0] if pad_cond_uncond else text.zero_chunk(c)
                 c, u = text.pad(c, empty, u.shape[1]), text.pad(u, empty, c.shape[1])
             pairs[key] = text.Embeds(c, u, pooled, u_pooled)
         return pairs[key]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from a1111_proxy.engine import folders
 from a1111_proxy.engine.errors import InvalidParams
 
 CONTROLNET_DIR = "ControlNet"
@@ -291,13 +292,11 @@ class ControlNetCatalog:
         self.pickled = []
         if not self.root.is_dir():
             return found
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            here = Path(dirpath)
+        for here, dirnames, filenames in folders.walk(self.root):
             if (here / "config.json").is_file() and here != self.root:
                 found.append(ControlNetFile(here.name, here, True, _folder_hash(here)))
                 dirnames.clear()
                 continue
-            dirnames.sort()
             for filename in sorted(filenames):
                 path = here / filename
                 if filename.lower().endswith(".safetensors"):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from a1111_proxy.engine import folders
 from a1111_proxy.engine.catalog import read_header
 from a1111_proxy.engine.errors import InvalidParams
 
@@ -102,11 +103,10 @@ class LoraCatalog:
         found: list[LoraFile] = []
         if not self.root.is_dir():
             return found
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames.sort()
+        for here, _, filenames in folders.walk(self.root):
             for filename in sorted(filenames):
                 if filename.lower().endswith((".safetensors", ".pt", ".ckpt")):
-                    path = Path(dirpath) / filename
+                    path = here / filename
                     found.append(LoraFile(path.stem, path))
         return sorted(found, key=lambda f: f.name.lower())
 

@@ -4,11 +4,13 @@ One generator per image seeded with that image's seed; `randn((4, H/8, W/8))` in
 device (A1111's default "GPU" source) or on the CPU ("CPU" source). Variation seeds blend a second
 noise in with A1111's slerp; "Seed resize from" draws at the old size and pastes it centred. The
 same generators then make the step noise of ancestral samplers, as in A1111 (re-seeded with
-seed + ENSD when an eta noise seed delta is set).
+seed + ENSD when an eta noise seed delta is set). The SDE samplers (DPM++ SDE, 2M SDE, 3M SDE)
+take their step noise from a Brownian tree per image seeded with the image's seed instead.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +86,29 @@ def _paste_centred(
     cw, ch = min(w - dx, sw - tx), min(h - dy, sh - ty)
     out[:, dy : dy + ch, dx : dx + cw] = small[:, ty : ty + ch, tx : tx + cw]
     return out
+
+
+class BrownianNoise:
+    """k-diffusion's BrownianTreeNoiseSampler as A1111's create_noise_sampler makes it: one
+    torchsde Brownian tree per image, seeded with that image's seed (not seed + ENSD), spanning
+    the schedule's smallest non-zero sigma to its largest, on the CPU; called with two sigmas it
+    gives unit-variance noise for the step between them."""
+
+    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor, seeds: list[int]) -> None:
+        import torchsde  # only the SDE samplers need it
+
+        low = torch.as_tensor(sigmas[sigmas > 0].min()).cpu().float()
+        high = torch.as_tensor(sigmas.max()).cpu().float()
+        w0 = torch.zeros_like(x[0], device="cpu", dtype=torch.float32)
+        self.device, self.dtype = x.device, x.dtype
+        self.trees = [torchsde.BrownianTree(low, w0, high, entropy=int(s)) for s in seeds]
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        t0 = torch.as_tensor(sigma).cpu().float()
+        t1 = torch.as_tensor(sigma_next).cpu().float()
+        sign = 1.0 if t0 < t1 else -1.0
+        low, high = (t0, t1) if t0 < t1 else (t1, t0)
+        with warnings.catch_warnings():  # torchsde warns (and clamps) at float32 rounding
+            warnings.simplefilter("ignore", UserWarning)
+            w = torch.stack([tree(low, high) for tree in self.trees]) * sign
+        return (w / (t1 - t0).abs().sqrt()).to(device=self.device, dtype=self.dtype)

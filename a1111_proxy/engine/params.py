@@ -86,6 +86,7 @@ class Params:
     # LoRA and ControlNet (engine/lora.py, engine/controlnet.py)
     loras: tuple[LoraUse, ...] = ()  # from the prompt's <lora:...> tags
     controlnet_units: tuple[ControlUnit, ...] = ()  # the enabled ones
+    pad_cond_uncond: bool = False  # A1111's option: pad prompt/negative to one length
 
     @property
     def count(self) -> int:
@@ -133,6 +134,7 @@ class Params:
             eta_noise_seed_delta=_int_setting(
                 settings, "eta_noise_seed_delta", 0, low=0, high=2**32
             ),
+            pad_cond_uncond=bool(settings.get("pad_cond_uncond", False)),
             send_images=request.send_images,
             styles=list(request.styles or []),
             parameters=echo_parameters(kind, request),

@@ -20,6 +20,7 @@ from PIL import Image
 
 from a1111_proxy.engine import (
     adapters,
+    attention,
     conditioning,
     control,
     images,
@@ -109,6 +110,7 @@ def generate(
         steps=conditioning.total_steps(params.sampler, params.steps),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
+        pad_cond_uncond=params.pad_cond_uncond,
     )
     passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
     if params.hires:
@@ -194,6 +196,7 @@ def _hires(
         hires_steps=conditioning.total_steps(hires.sampler, hires.steps or params.steps),
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
+        pad_cond_uncond=params.pad_cond_uncond,
     )
     # ControlNet steers the second pass too, its control images fitted to the new size.
     steer = control.resized(units, second.width, second.height) if units is not None else None
@@ -305,6 +308,8 @@ def _run_batch(
         resize_from=resize_from,
     )
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
+    if params.sampler.sampler.brownian:
+        tracking.brownian_seeds = seeds
     kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
     kwargs["output_type"] = output
     kwargs["generator"] = [
@@ -337,6 +342,9 @@ def _run_batch(
     if inputs[0].control is not None:
         pipe = control.with_controlnet(pipe, inputs[0].control)
         kwargs.update(control.call_kwargs(inputs[0].control, task))
+    attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
+    if getattr(pipe, "controlnet", None) is not None:
+        attention.install(pipe.controlnet)
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()
@@ -347,10 +355,18 @@ def _run_batch(
 
 
 def _strength(params: Params) -> float | None:
-    """A1111 runs at least one step however low the strength (diffusers would run none and fail)."""
     if params.denoising_strength is None:
         return None
-    return max(params.denoising_strength, 1 / params.steps)
+    return img2img_strength(params.denoising_strength, params.steps)
+
+
+def img2img_strength(denoising_strength: float, steps: int) -> float:
+    """The strength that makes diffusers run A1111's img2img steps (sd_samplers_common's
+    setup_img2img_steps, sample_img2img): t_enc = int(min(strength, 0.999) * steps), then the
+    last t_enc + 1 sigmas of the `steps` schedule, so one step more than diffusers' int(steps *
+    strength), starting one sigma higher, and at least one step however low the strength."""
+    t_enc = int(min(denoising_strength, 0.999) * steps)
+    return min((t_enc + 1.5) / steps, 1.0)  # diffusers runs int(steps * strength) = t_enc + 1
 
 
 def _per_image(inputs: list[_Inputs], size: int, name: str) -> list[Any]:

@@ -22,6 +22,8 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     # Schedules whose sigma flags this class accepts; others run only with their default.
     sigma_schedules: bool = True
+    # A1111's "brownian_noise": step noise from a Brownian tree seeded with the image seeds.
+    brownian: bool = False
 
 
 SAMPLERS: tuple[Sampler, ...] = (
@@ -32,13 +34,14 @@ SAMPLERS: tuple[Sampler, ...] = (
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m",),
     ),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", "karras", {}, ("k_dpmpp_sde",)),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", "karras", {}, ("k_dpmpp_sde",), brownian=True),
     Sampler(
         "DPM++ 2M SDE",
         "DPMSolverMultistepScheduler",
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m_sde",),
+        brownian=True,
     ),
     Sampler(
         "DPM++ 2M SDE Heun",
@@ -46,6 +49,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
         ("k_dpmpp_2m_sde_heun",),
+        brownian=True,
     ),
     # diffusers has no ancestral 2S; the single-step solver is the nearest (an approximation).
     Sampler(
@@ -61,6 +65,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
         ("k_dpmpp_3m_sde",),
+        brownian=True,
     ),
     Sampler(
         "Euler a",
@@ -86,13 +91,13 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler(
         "PLMS", "PNDMScheduler", "ddim", {"skip_prk_steps": True}, ("plms",), sigma_schedules=False
     ),
-    # A1111 defaults to uni_pc_order 3 and variant "bh1"; diffusers' bh1 gave NaN images in our
-    # tests (diffusers 0.42.1), so this runs its default "bh2".
+    # A1111's defaults: uni_pc_order 3, variant "bh1". A1111's UniPC ends at t = 1/N, the
+    # smallest trained sigma; diffusers' bh1 stepping on to sigma 0 divides by zero (NaN).
     Sampler(
         "UniPC",
         "UniPCMultistepScheduler",
         "uniform",
-        {"solver_type": "bh2", "solver_order": 3},
+        {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
         ("unipc",),
     ),
     Sampler("LCM", "LCMScheduler", "uniform", {}, ("k_lcm", "lcm"), sigma_schedules=False),

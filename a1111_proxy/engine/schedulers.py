@@ -16,6 +16,7 @@ from typing import Any
 import diffusers
 import torch
 
+from a1111_proxy.engine.noise import BrownianNoise
 from a1111_proxy.engine.samplers import Resolved
 
 _SPACING = {"sgm_uniform": "trailing", "simple": "trailing", "ddim": "leading"}
@@ -55,6 +56,8 @@ class Tracking:
         self.last_x0: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None  # A1111's initial noise, for add_noise
         self.generators: list[torch.Generator] | None = None  # A1111's, for the step noise
+        self.brownian_seeds: list[int] | None = None  # SDE samplers: A1111's seeded trees
+        self._brownian: BrownianNoise | None = None
         self._step, self._add_noise = scheduler.step, scheduler.add_noise
         # On this instance only; wraps() keeps the signatures, which pipelines inspect to decide
         # whether to pass `generator` and `eta`.
@@ -67,6 +70,8 @@ class Tracking:
         return_dict = kwargs.pop("return_dict", True)
         if self.generators is not None and "generator" in kwargs:
             kwargs["generator"] = self.generators
+        if self.brownian_seeds is not None:
+            self._brownian_noise(args, kwargs)
         out = self._step(*args, return_dict=True, **kwargs)
         x0 = getattr(out, "pred_original_sample", None)
         if x0 is None:
@@ -75,6 +80,23 @@ class Tracking:
             x0 = self.scheduler.model_outputs[-1]
         self.last_x0 = x0
         return out if return_dict else (out.prev_sample,)
+
+    def _brownian_noise(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """DPM++ SDE draws from the scheduler's own noise sampler (made seeded here); the
+        multistep SDE solvers take the step's noise as `variance_noise`."""
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        sample = args[2] if len(args) > 2 else kwargs["sample"]
+        scheduler = self.scheduler
+        if self._brownian is None:
+            assert self.brownian_seeds is not None
+            self._brownian = BrownianNoise(sample, scheduler.sigmas, self.brownian_seeds)
+        if hasattr(scheduler, "noise_sampler"):
+            scheduler.noise_sampler = self._brownian
+            return
+        if scheduler.step_index is None:
+            scheduler._init_step_index(timestep)
+        i = scheduler.step_index
+        kwargs["variance_noise"] = self._brownian(scheduler.sigmas[i], scheduler.sigmas[i + 1])
 
     def add_noise(
         self, original: torch.Tensor, noise: torch.Tensor, timesteps: Any

@@ -24,25 +24,43 @@ class Embeds:
 
 
 @torch.no_grad()
-def encode(pipe: Any, prompt: str, negative: str, *, clip_skip: int, sdxl: bool) -> Embeds:
+def encode(
+    pipe: Any,
+    prompt: str,
+    negative: str,
+    *,
+    clip_skip: int,
+    sdxl: bool,
+    pad_cond_uncond: bool = False,
+) -> Embeds:
+    """pad_cond_uncond (A1111's option): the shorter of prompt and negative gets empty-prompt
+    chunks; without it (A1111's default) zero chunks that attention leaves out
+    (engine/attention.py), so each runs at its own length as in A1111."""
     pooled: torch.Tensor | None
     uncond_pooled: torch.Tensor | None
     if sdxl:
         cond, pooled = _encode_sdxl(pipe, prompt)
-        uncond, uncond_pooled = _encode_sdxl(pipe, negative)
+        uncond, uncond_pooled = _encode_sdxl(pipe, negative, negative=True)
         empty = _encode_sdxl(pipe, "")[0] if cond.shape[1] != uncond.shape[1] else None
+        empty = empty if pad_cond_uncond else _zero_chunk(cond)
     else:
         cond = _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, clip_skip)[0]
         uncond = _encode_one(pipe.tokenizer, pipe.text_encoder, negative, clip_skip)[0]
         pooled = uncond_pooled = None
         empty = (
             _encode_one(pipe.tokenizer, pipe.text_encoder, "", clip_skip)[0]
-            if cond.shape[1] != uncond.shape[1]
-            else None
+            if cond.shape[1] != uncond.shape[1] and pad_cond_uncond
+            else _zero_chunk(cond)
         )
-    if empty is not None:  # A1111 pads the shorter one with empty-prompt chunks
+    if cond.shape[1] != uncond.shape[1]:
+        assert empty is not None
         cond, uncond = _pad(cond, empty, uncond.shape[1]), _pad(uncond, empty, cond.shape[1])
     return Embeds(cond, uncond, pooled, uncond_pooled)
+
+
+def _zero_chunk(z: torch.Tensor) -> torch.Tensor:
+    """77 all-zero tokens: padding that engine/attention.py masks out of cross-attention."""
+    return torch.zeros(1, 77, z.shape[-1], device=z.device, dtype=z.dtype)
 
 
 def _pad(z: torch.Tensor, empty: torch.Tensor, length: int) -> torch.Tensor:
@@ -51,8 +69,12 @@ def _pad(z: torch.Tensor, empty: torch.Tensor, length: int) -> torch.Tensor:
     return z
 
 
-def _encode_sdxl(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode_sdxl(
+    pipe: Any, prompt: str, *, negative: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     # SDXL: both encoders' penultimate hidden states, no final LayerNorm; A1111 ignores clip skip.
+    if negative and prompt == "":
+        return _zeros_sdxl(pipe)
     first, _ = _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, 2, final_norm=False)
     second, pooled = _encode_one(
         pipe.tokenizer_2,
@@ -63,6 +85,18 @@ def _encode_sdxl(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | N
         pad_after_eos=pipe.tokenizer_2.pad_token_id,
     )
     return torch.cat([first, second], dim=-1), pooled
+
+
+def _zeros_sdxl(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111 (sd_models_xl.py, force_zero_negative_prompt): an empty SDXL negative prompt is
+    all-zero cross-attention embeddings and an all-zero pooled vector, not the encoded ""."""
+    te1, te2 = pipe.text_encoder, pipe.text_encoder_2
+    width = te1.config.hidden_size + te2.config.hidden_size
+    pooled = te2.config.projection_dim
+    return (
+        torch.zeros(1, 77, width, device=te2.device, dtype=te2.dtype),
+        torch.zeros(1, pooled, device=te2.device, dtype=te2.dtype),
+    )
 
 
 def _encode_one(
@@ -125,12 +159,14 @@ def _emphasis(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
 # Used by engine/conditioning.py (prompt editing: one text at a time, paired per step).
 @torch.no_grad()
 def encode_one(
-    pipe: Any, prompt: str, *, clip_skip: int, sdxl: bool
+    pipe: Any, prompt: str, *, clip_skip: int, sdxl: bool, negative: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One prompt's embeddings (and SDXL's pooled output), unpadded."""
+    """One prompt's embeddings (and SDXL's pooled output), unpadded. `negative`: an empty SDXL
+    negative prompt is zeros, as in A1111."""
     if sdxl:
-        return _encode_sdxl(pipe, prompt)
+        return _encode_sdxl(pipe, prompt, negative=negative)
     return _encode_one(pipe.tokenizer, pipe.text_encoder, prompt, clip_skip)[0], None
 
 
 pad = _pad
+zero_chunk = _zero_chunk

@@ -75,8 +75,8 @@ def _image(image: Image.Image, hires: Hires) -> Image.Image:
 
 def second_pass_params(params: Params, hires: Hires) -> Params | None:
     """The second pass as an img2img run of exactly `hr_second_pass_steps` (or `steps`) steps,
-    as A1111 runs it: a schedule of int(steps / strength) steps entered at `strength` (diffusers
-    runs int(schedule * strength) of them, so the strength is nudged to land on the count).
+    as A1111 runs it: a schedule of int(steps / strength) steps entered at `strength` (the
+    strength is nudged so that img2img's t_enc + 1 (engine/pipeline.py) lands on the count).
     None when the strength is 0 (nothing to denoise)."""
     wanted = hires.steps or params.steps
     strength = hires.denoising_strength
@@ -91,7 +91,7 @@ def second_pass_params(params: Params, hires: Hires) -> Params | None:
         negative_prompt=hires.negative_prompt,
         sampler=hires.sampler,
         steps=schedule,
-        denoising_strength=min((wanted + 0.5) / schedule, 1.0),
+        denoising_strength=min((wanted - 0.5) / schedule, 1.0),
         width=width * LATENT_FACTOR,
         height=height * LATENT_FACTOR,
         hires=None,

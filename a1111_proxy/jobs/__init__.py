@@ -20,7 +20,8 @@ Jobs are born queued (intake.py); only machine.py and control.py change a job's 
     placement.py  which slots may take a job in a claim (one job per backend), and where each goes
     control.py    cancel, interrupt, skip, and the sweeps of lost leases and deadlines
     outbox.py     the webhook message a change queues, in the transaction of that change
-    reads.py      job views, listing, the queue, one caller's jobs, snapshots for streams
+    reads.py      job views, listings (by status, type, owner, checkpoint, prompt text), the
+                  queue, one caller's jobs, snapshots for streams
     metrics.py    the aggregate queries behind /metrics
     workers.py    the worker registry (heartbeats)
     retention.py  deleting old finished jobs; SQLite's incremental vacuum
@@ -30,6 +31,7 @@ Jobs are born queued (intake.py); only machine.py and control.py change a job's 
 
 from __future__ import annotations
 
+from a1111_proxy.jobs.clauses import JobFilter
 from a1111_proxy.jobs.intake import NewJob, Submitted, TenantLimits
 from a1111_proxy.jobs.machine import Touch, retry_delay
 from a1111_proxy.jobs.metrics import Histogram, JobMetrics
@@ -37,6 +39,7 @@ from a1111_proxy.jobs.records import (
     GENERATIONS,
     TERMINAL,
     Claim,
+    JobPage,
     JobRecord,
     JobState,
     WorkerRecord,
@@ -51,7 +54,9 @@ __all__ = [
     "TERMINAL",
     "Claim",
     "Histogram",
+    "JobFilter",
     "JobMetrics",
+    "JobPage",
     "JobRecord",
     "JobRepository",
     "JobState",

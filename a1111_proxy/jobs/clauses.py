@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, case, literal, literal_column, or_, select
 
 from a1111_proxy.db.tables import STATUSES, jobs
+from a1111_proxy.jobs.records import JobRecord
 
 # The claim order: highest priority first, then by turn (fair share across owners, turns.py),
 # then oldest. The queue view shows the same order; ix_jobs_queue serves it.
@@ -90,3 +92,44 @@ def cancel_error(default: Any) -> Any:
         jobs.c.cancel_requested_at >= jobs.c.deadline_at,
     )
     return case((asked_after_deadline, literal(DEADLINE_ERROR)), else_=default)
+
+
+# How many jobs (of those the other filters keep) one page filtered by prompt text looks at.
+PROMPT_SCAN = 2000
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What a listing keeps: each field that is set must hold (`checkpoints`: any of them)."""
+
+    status: str | None = None
+    type: str | None = None
+    owner: str | None = None  # a tenant's jobs only
+    checkpoints: tuple[str, ...] = ()  # the job's requested checkpoint, under any of its names
+    prompt: str | None = None  # text in the prompt, ignoring case
+
+    def clauses(self) -> list[ColumnElement[bool]]:
+        """WHERE terms for all but `prompt` (see prompt_like)."""
+        terms = []
+        if self.owner is not None:
+            terms.append(jobs.c.owner == self.owner)
+        if self.status is not None:
+            terms.append(jobs.c.status == self.status)
+        if self.type is not None:
+            terms.append(jobs.c.type == self.type)
+        if self.checkpoints:
+            terms.append(jobs.c.checkpoint.in_(self.checkpoints))
+        return terms
+
+
+def prompt_like(text: str) -> ColumnElement[bool]:
+    """Whether the stored request (JSON) holds `text` as JSON writes it inside a string (with
+    non-ASCII characters escaped, as the API stores it, or not), ignoring ASCII case: a cheap
+    first look; prompt_matches then checks the prompt itself."""
+    forms = {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
+    return or_(*(jobs.c.request.icontains(form, autoescape=True) for form in sorted(forms)))
+
+
+def prompt_matches(record: JobRecord, text: str) -> bool:
+    prompt = record.request.get("prompt")
+    return isinstance(prompt, str) and text.casefold() in prompt.casefold()

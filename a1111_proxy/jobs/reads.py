@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Select, func, select, text
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import job_images, job_previews, jobs
 from a1111_proxy.jobs.clauses import (
+    PROMPT_SCAN,
     QUEUE_ORDER,
     QUEUED,
+    JobFilter,
     deadline_sweep_due,
     of_owner,
+    prompt_like,
+    prompt_matches,
     queued_ahead_of,
 )
-from a1111_proxy.jobs.records import JOB_COLUMNS, JobRecord, JobState, job_record, job_state
+from a1111_proxy.jobs.records import (
+    JOB_COLUMNS,
+    JobPage,
+    JobRecord,
+    JobState,
+    job_record,
+    job_state,
+)
 from a1111_proxy.redaction import backend_name
 
 
@@ -51,18 +63,42 @@ class JobReads:
         """Jobs newest first, without their results (`result` is None: a listing never shows
         it); `owner`: only that tenant's; `before_seq` continues from the last job of a
         previous page."""
-        query = select(*JOB_COLUMNS).order_by(jobs.c.seq.desc()).limit(limit)
-        if owner is not None:
-            query = query.where(jobs.c.owner == owner)
-        if status is not None:
-            query = query.where(jobs.c.status == status)
-        if type is not None:
-            query = query.where(jobs.c.type == type)
+        found = await self.listing(
+            JobFilter(status=status, type=type, owner=owner), before_seq=before_seq, limit=limit
+        )
+        return found.jobs
+
+    async def listing(
+        self, where: JobFilter, *, before_seq: int | None = None, limit: int = 50
+    ) -> JobPage:
+        """A page of jobs newest first (without results) and where the next page starts.
+
+        With `where.prompt` a page looks at no more than PROMPT_SCAN jobs (those that pass the
+        other filters): it may hold fewer than `limit` jobs, even none, and still have a next
+        page. The prompt is matched in SQL against the stored request (LIKE over its JSON, so
+        only a small window is read), then exactly against the decoded `prompt`."""
+        query = select(*JOB_COLUMNS).where(*where.clauses()).order_by(jobs.c.seq.desc())
         if before_seq is not None:
             query = query.where(jobs.c.seq < before_seq)
+        if where.prompt is None:
+            async with self.db.reading() as conn:
+                rows = (await conn.execute(query.limit(limit))).all()
+            next_seq = rows[-1].seq if len(rows) == limit else None
+            return JobPage([job_record(row, with_result=False) for row in rows], next_seq)
+        return await self._prompt_page(query, where.prompt, limit)
+
+    async def _prompt_page(self, query: Select[Any], prompt: str, limit: int) -> JobPage:
+        window = query.with_only_columns(jobs.c.seq, prompt_like(prompt)).limit(PROMPT_SCAN)
         async with self.db.reading() as conn:
-            rows = (await conn.execute(query)).all()
-        return [job_record(row, with_result=False) for row in rows]
+            scanned = (await conn.execute(window)).all()
+            hits = [seq for seq, hit in scanned if hit][:limit]
+            rows = (await conn.execute(query.where(jobs.c.seq.in_(hits)))).all() if hits else []
+        if len(hits) == limit:
+            next_seq: int | None = hits[-1]
+        else:
+            next_seq = scanned[-1].seq if len(scanned) == PROMPT_SCAN else None
+        records = [job_record(row, with_result=False) for row in rows]
+        return JobPage([r for r in records if prompt_matches(r, prompt)], next_seq)
 
     async def images(self, seq: int) -> list[bytes]:
         query = (

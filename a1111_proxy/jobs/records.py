@@ -83,6 +83,15 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class JobPage:
+    """A page of a listing: its jobs, and the `seq` the next page continues before (None: this
+    was the last page)."""
+
+    jobs: list[JobRecord]
+    next_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class JobState:
     """What changes while a job runs, for event streams and wait mode (never the preview
     image itself: `preview_at` is when the latest one was stored)."""

@@ -11,13 +11,14 @@ from typing import Any
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.db.engine import Database
 from a1111_proxy.deliveries import DeliveryRepository
+from a1111_proxy.jobs.clauses import JobFilter
 from a1111_proxy.jobs.control import JobControl
 from a1111_proxy.jobs.intake import NO_LIMITS, JobIntake, NewJob, Submitted, TenantLimits
 from a1111_proxy.jobs.machine import JobMachine, Touch
 from a1111_proxy.jobs.metrics import JobMetrics, JobMetricsQueries
 from a1111_proxy.jobs.placement import Slots
 from a1111_proxy.jobs.reads import JobReads
-from a1111_proxy.jobs.records import Claim, JobRecord, JobState, WorkerRecord
+from a1111_proxy.jobs.records import Claim, JobPage, JobRecord, JobState, WorkerRecord
 from a1111_proxy.jobs.retention import Retention
 from a1111_proxy.jobs.workers import WorkerRegistry
 
@@ -132,6 +133,11 @@ class JobRepository:
         return await self.reads.page(
             status=status, type=type, owner=owner, before_seq=before_seq, limit=limit
         )
+
+    async def listing(
+        self, where: JobFilter, *, before_seq: int | None = None, limit: int = 50
+    ) -> JobPage:
+        return await self.reads.listing(where, before_seq=before_seq, limit=limit)
 
     async def images(self, seq: int) -> list[bytes]:
         return await self.reads.images(seq)

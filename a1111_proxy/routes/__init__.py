@@ -5,7 +5,19 @@ from __future__ import annotations
 from starlette.routing import Mount, Route
 
 from a1111_proxy.catalogue import ENTRIES
-from a1111_proxy.routes import a1111, docs, events, health, jobs, models, queue, webhooks
+from a1111_proxy.routes import (
+    a1111,
+    docs,
+    downloads,
+    events,
+    health,
+    images,
+    jobs,
+    models,
+    queue,
+    ui,
+    webhooks,
+)
 
 # The catalogue entries answered as the worker stored them; the others have routes of their own.
 OWN_ROUTES = frozenset({"sd-models", "loras", "memory", "options"})
@@ -21,7 +33,7 @@ ROUTES = [
     Route("/sdapi/v1/jobs", jobs.list_jobs, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}", jobs.get_job, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
-    Route("/sdapi/v1/jobs/{job_id}/images/{n:int}", jobs.get_image, methods=["GET"]),
+    Route("/sdapi/v1/jobs/{job_id}/images/{n:int}", images.get_image, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/events", events.job_events, methods=["GET"]),
     Route("/sdapi/v1/queue", queue.queue, methods=["GET"]),
     Route("/sdapi/v1/jobs/{job_id}/webhooks", webhooks.list_deliveries, methods=["GET"]),
@@ -35,6 +47,11 @@ ROUTES = [
     Route("/sdapi/v1/sd-models/{name:path}", models.get_sd_model, methods=["GET"]),
     Route("/sdapi/v1/loras", models.list_loras, methods=["GET"]),
     Route("/sdapi/v1/loras/{name:path}", models.get_lora, methods=["GET"]),
+    Route(downloads.PATH, downloads.add_download, methods=["POST"]),
+    Route(downloads.PATH, downloads.list_downloads, methods=["GET"]),
+    Route(f"{downloads.PATH}/{{download_id}}", downloads.get_download, methods=["GET"]),
+    Route(f"{downloads.PATH}/{{download_id}}/cancel", downloads.cancel_download, methods=["POST"]),
+    Route(f"{downloads.PATH}/{{download_id}}/events", downloads.download_events, methods=["GET"]),
     *(Route(f"/sdapi/v1/{name}", a1111.catalogue_entry, methods=["GET"]) for name in CATALOGUE),
     Route("/sdapi/v1/refresh-checkpoints", a1111.refresh_checkpoints, methods=["POST"]),
     Route("/sdapi/v1/refresh-loras", a1111.refresh_loras, methods=["POST"]),
@@ -55,6 +72,10 @@ ROUTES = [
     Route("/openapi.json", docs.openapi_json, methods=["GET"]),
     Route("/doc", docs.doc, methods=["GET"]),
     Mount("/doc/static", app=docs.swagger_assets(), name="doc-static"),
+    Route("/", ui.to_ui, methods=["GET"]),
+    Route("/ui", ui.to_ui, methods=["GET"]),
+    Route("/ui/", ui.ui, methods=["GET"]),
+    Route("/ui/assets/{version}/{path:path}", ui.asset, methods=["GET"]),
     # Last: whatever else is asked of A1111's API gets a clear 404 (or 405).
     Route("/sdapi/v1/{rest:path}", a1111.unsupported, methods=ANY_METHOD),
     Route("/controlnet/{rest:path}", a1111.unsupported, methods=ANY_METHOD),

@@ -19,11 +19,19 @@ from starlette.requests import Request
 from a1111_proxy.availability import BackendWatch
 from a1111_proxy.catalogue import CatalogueStore
 from a1111_proxy.cpu_pool import CpuPool
-from a1111_proxy.errors import AdminOnly, CatalogueNotReady, InvalidRequest, JobNotFound
+from a1111_proxy.downloads import DownloadRecord, DownloadStore
+from a1111_proxy.errors import (
+    AdminOnly,
+    CatalogueNotReady,
+    DownloadNotFound,
+    InvalidRequest,
+    JobNotFound,
+)
 from a1111_proxy.jobs import JobRecord, JobRepository
 from a1111_proxy.middleware import Caller
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
+from a1111_proxy.thumbnails import ThumbnailCache
 from a1111_proxy.waiter import JobWaiter
 
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -37,10 +45,12 @@ class State(TypedDict):
     repo: JobRepository
     catalogue: CatalogueStore
     model_info: ModelInfoStore
+    downloads: DownloadStore
     waiter: JobWaiter
     backends: BackendWatch
     schema_head: str
     cpu: CpuPool
+    thumbnails: ThumbnailCache
 
 
 class RequestState(State, total=False):
@@ -67,6 +77,10 @@ def model_info(request: Request) -> ModelInfoStore:
     return request_state(request)["model_info"]
 
 
+def downloads(request: Request) -> DownloadStore:
+    return request_state(request)["downloads"]
+
+
 def waiter(request: Request) -> JobWaiter:
     return request_state(request)["waiter"]
 
@@ -84,6 +98,11 @@ def cpu(request: Request) -> CpuPool:
     return request_state(request)["cpu"]
 
 
+def thumbnails(request: Request) -> ThumbnailCache:
+    """The process's cache of thumbnails (thumbnails.py)."""
+    return request_state(request)["thumbnails"]
+
+
 def caller(request: Request) -> Caller:
     """Who is calling: the token's tenant and role, or the client's address when tokens are
     off."""
@@ -98,7 +117,7 @@ def is_admin(request: Request) -> bool:
 
 def require_admin(request: Request) -> None:
     """403 (AdminOnly) unless the caller is an admin: global options, catalogue refreshes,
-    checkpoint loads and /metrics act for every tenant."""
+    checkpoint loads, model downloads and /metrics act for every tenant."""
     if not is_admin(request):
         raise AdminOnly(
             f"{request.method} {request.url.path} changes or shows what every tenant shares, so "
@@ -124,6 +143,17 @@ async def find_job(request: Request, job_id: str) -> JobRecord:
     if row is None:
         raise JobNotFound(f"No job has the id {job_id!r}. List jobs with GET /sdapi/v1/jobs.")
     return row
+
+
+async def find_download(request: Request, download_id: str) -> DownloadRecord:
+    """The model download with this id (404 DownloadNotFound otherwise)."""
+    found = await downloads(request).get(download_id)
+    if found is None:
+        raise DownloadNotFound(
+            f"No model download has the id {download_id!r}. List them with "
+            "GET /sdapi/v1/models/downloads."
+        )
+    return found
 
 
 async def read_catalogue(request: Request, name: str) -> tuple[Any, dict[str, str]]:
@@ -169,6 +199,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise InvalidRequest(
             [{"loc": ["body"], "msg": "the body must be a JSON object", "type": "dict_type"}]
         )
+    if not _may_be_unstorable(raw):
+        return body
     problem = unstorable(body, surrogates=_may_hold_surrogates(raw))
     if problem is not None:
         loc, msg = problem
@@ -178,6 +210,18 @@ async def read_json_object(request: Request) -> dict[str, Any]:
 
 MAX_DEPTH = 64  # A1111 bodies nest about 6 levels (alwayson_scripts -> args -> unit -> ...)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _may_be_unstorable(raw: bytes) -> bool:
+    """Whether the parsed body needs the walk of `unstorable`: only when its text has a NaN or
+    Infinity token, a surrogate escape, or brackets enough to nest past MAX_DEPTH (a typical
+    A1111 body has none of these, and the walk would cost every submit)."""
+    return (
+        b"NaN" in raw
+        or b"Infinity" in raw
+        or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+        or _may_hold_surrogates(raw)
+    )
 
 
 def _may_hold_surrogates(raw: bytes) -> bool:
@@ -254,6 +298,23 @@ def int_param(
             }
         ]
     )
+
+
+def text_param(request: Request, name: str, max_length: int) -> str | None:
+    """The query parameter `name`, stripped (None when absent or blank; 422 when longer than
+    `max_length` characters)."""
+    value = (request.query_params.get(name) or "").strip()
+    if len(value) > max_length:
+        raise InvalidRequest(
+            [
+                {
+                    "loc": ["query", name],
+                    "msg": f"must be at most {max_length} characters",
+                    "type": "string_too_long",
+                }
+            ]
+        )
+    return value or None
 
 
 def bool_param(request: Request, name: str, *, default: bool) -> bool:

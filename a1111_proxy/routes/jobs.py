@@ -1,4 +1,4 @@
-"""Submitting jobs and reading, listing and canceling them."""
+"""Submitting jobs and reading, listing and canceling them (their images: routes/images.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from a1111_proxy import egress
+from a1111_proxy.catalogue import checkpoint_names, find_checkpoint
 from a1111_proxy.db.tables import STATUSES
-from a1111_proxy.errors import ImageNotFound, InvalidRequest, JobNotFound, validation_detail
+from a1111_proxy.errors import InvalidRequest, JobNotFound, validation_detail
 from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
-from a1111_proxy.jobs import TERMINAL, JobRepository, NewJob
+from a1111_proxy.jobs import TERMINAL, JobFilter, JobRepository, NewJob
 from a1111_proxy.routes import context
 from a1111_proxy.routes.context import (
     caller,
@@ -25,6 +26,7 @@ from a1111_proxy.routes.context import (
     find_job,
     int_param,
     read_json_object,
+    text_param,
     visible_owner,
 )
 from a1111_proxy.schemas import (
@@ -64,12 +66,13 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     wait = wait_preference(
         request, default_wait=wait_by_default, has_webhook=proxy.webhook_url is not None
     )
+    payload = json.dumps(a1111_body)
+    shown = stored_request(without_credentials(a1111_body), [item.as_dict() for item in resized])
     new = NewJob(
         type=kind,
-        request=json.dumps(
-            stored_request(without_credentials(a1111_body), [item.as_dict() for item in resized])
-        ),
-        payload=json.dumps(a1111_body),
+        # Most bodies carry no image or credential to leave out: then the two are the same text.
+        request=payload if shown == a1111_body else json.dumps(shown),
+        payload=payload,
         priority=proxy.priority,
         webhook_url=proxy.webhook_url,
         webhook_secret=proxy.webhook_secret,
@@ -427,13 +430,34 @@ async def list_jobs(request: Request) -> Response:
     kind = choice(request, "type", tuple(REQUEST_MODELS))
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = int_param(request, "cursor", default=None, low=1, high=2**62)
-    rows = await context.repo(request).page(
-        status=status, type=kind, owner=_listed_owner(request), before_seq=cursor, limit=limit
+    where = JobFilter(
+        status=status,
+        type=kind,
+        owner=_listed_owner(request),
+        checkpoints=await _checkpoint_names(request),
+        prompt=text_param(request, "prompt", MAX_PROMPT_FILTER),
     )
-    next_cursor = str(rows[-1].seq) if len(rows) == limit else None
+    page = await context.repo(request).listing(where, before_seq=cursor, limit=limit)
+    next_cursor = None if page.next_seq is None else str(page.next_seq)
     return JSONResponse(
-        {"jobs": [render_job(row, with_result=False) for row in rows], "next_cursor": next_cursor}
+        {
+            "jobs": [render_job(row, with_result=False) for row in page.jobs],
+            "next_cursor": next_cursor,
+        }
     )
+
+
+MAX_PROMPT_FILTER = 200
+
+
+async def _checkpoint_names(request: Request) -> tuple[str, ...]:
+    """`?model=`: the checkpoint under every name A1111 knows it by (a job stores the name its
+    request gave), or only as given when the catalogue does not know it."""
+    wanted = (request.query_params.get("model") or "").strip()
+    if not wanted:
+        return ()
+    model = find_checkpoint(await context.catalogue(request).get("sd-models"), wanted)
+    return tuple(sorted({wanted} | (checkpoint_names(model) if model else set())))
 
 
 def _listed_owner(request: Request) -> str | None:
@@ -448,28 +472,3 @@ async def cancel_job(request: Request) -> Response:
     if row is None:
         raise JobNotFound()
     return JSONResponse(render_job(row, with_result=False))
-
-
-async def get_image(request: Request) -> Response:
-    repo = context.repo(request)
-    row = await find_job(request, request.path_params["job_id"])
-    n = request.path_params["n"]
-    # Only an index the job can have reaches the database (2**63 would overflow its integer).
-    has = n < row.image_count  # stored with the final answer: completed, or canceled
-    data = await repo.image(row.seq, n) if has else None
-    if data is None:
-        raise ImageNotFound(
-            f"Job {row.id} has no image {n}: it is {row.status} with {row.image_count} image(s) "
-            "(numbered from 0)."
-        )
-    return Response(
-        data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=86400"}
-    )
-
-
-def _media_type(data: bytes) -> str:
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "image/png"

@@ -37,6 +37,7 @@ from tests.fakes.civitai import (
 from tests.fakes.clock import Clock
 from tests.servers import ASYNC, serve
 from worker.catalogue import CatalogueKeeper
+from worker.downloader import Downloader
 from worker.enricher import CivitaiEnricher
 from worker.execute import Timing
 from worker.hasher import ModelHasher
@@ -340,8 +341,8 @@ async def test_with_civitai_turned_off_the_api_shows_a1111s_lists_and_no_lookups
     for chore in chores:
         await chore.aclose()
     assert listed == MODELS
-    assert [type(chore) for chore in chores] == [ModelHasher]
+    assert [type(chore) for chore in chores] == [ModelHasher, Downloader]
     enabled = build_chores(settings_for(database_url=sqlite_url), db)
     for chore in enabled:
         await chore.aclose()
-    assert [type(chore) for chore in enabled] == [ModelHasher, CivitaiEnricher]
+    assert [type(chore) for chore in enabled] == [ModelHasher, Downloader, CivitaiEnricher]

@@ -202,6 +202,17 @@ def test_an_idempotency_key_is_per_tenant(api: httpx.Client) -> None:
     assert bobs["id"] != first["id"] and bobs["owner"] == "bob"
 
 
+def alices_refused_submit(api: httpx.Client) -> httpx.Response:
+    answer = api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "cat"},
+        headers={**bearer(ALICE), "Prefer": "respond-async"},
+    )
+    assert answer.status_code == 429, answer.text
+    assert answer.json()["code"] == "tenant_limit"
+    return answer
+
+
 def test_a_tenant_over_its_queue_limit_gets_429_and_others_go_on(
     database_url: str,
     settings_for,  # type: ignore[no-untyped-def]
@@ -211,11 +222,7 @@ def test_a_tenant_over_its_queue_limit_gets_429_and_others_go_on(
         httpx.Client(base_url=url) as api,
     ):
         kept = [submit(api, headers=bearer(ALICE))["id"] for _ in range(2)]
-        refused = api.post(
-            "/sdapi/v1/txt2img",
-            json={"prompt": "cat"},
-            headers={**bearer(ALICE), "Prefer": "respond-async"},
-        )
+        refused = alices_refused_submit(api)
         assert refused.status_code == 429
         assert refused.json()["code"] == "tenant_limit"
         assert "TENANT_MAX_QUEUED" in refused.json()["detail"]
@@ -235,11 +242,7 @@ def test_a_tenant_over_its_submit_rate_gets_429_with_the_seconds_to_wait(
     ):
         for _ in range(3):
             submit(api, headers=bearer(ALICE))
-        refused = api.post(
-            "/sdapi/v1/txt2img",
-            json={"prompt": "cat"},
-            headers={**bearer(ALICE), "Prefer": "respond-async"},
-        )
+        refused = alices_refused_submit(api)
         assert refused.status_code == 429 and "SUBMITS_PER_MINUTE" in refused.json()["detail"]
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
         submit(api, headers=bearer(BOB))

@@ -565,3 +565,26 @@ async def test_a_stored_url_the_client_cannot_parse_is_a_failed_attempt_not_a_st
     [(delivery, attempts)] = await deliveries(repo, job_id)
     assert delivery.status in ("pending", "failed") and attempts
     assert "cannot send to this URL" in (attempts[-1].error or "")
+
+
+async def test_a_started_message_whose_sender_died_is_superseded_not_sent_after_completed(
+    repo: JobRepository,
+    sink: tuple[WebhookSink, str],
+) -> None:
+    clock = Clock(1000.0)
+    repo = JobRepository(repo.db, max_attempts=3, lease_seconds=5, clock=clock)
+    job_id = await submit(repo, f"{sink[1]}/hook", events=["started", "completed"])
+    claim = await claim_next(repo, "w", "b")
+    assert claim is not None
+    [started] = await repo.deliveries.claim(10, lease_seconds=30)  # its sender dies sending it
+    assert started.event == "started"
+    await repo.complete(claim, {"images": [], "parameters": {}, "info": "{}"}, [])
+    assert await repo.deliveries.claim(10, lease_seconds=30) == []  # completed waits its turn
+    clock.advance(31)
+    # Both were due: sent side by side, the old snapshot could reach the receiver last.
+    [completed] = await repo.deliveries.claim(10, lease_seconds=30)
+    assert completed.event == "completed"
+    assert [(d.event, d.status) for d, _ in await deliveries(repo, job_id)] == [
+        ("started", "superseded"),
+        ("completed", "sending"),
+    ]

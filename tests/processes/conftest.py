@@ -1,9 +1,11 @@
 """Fixtures of the processes tier: the fake A1111 a module's processes talk to, and a client as
-A1111 clients are. A module starts its own `stack` (tests/stack.py) from `fake.url`."""
+A1111 clients are. A module starts its own `stack` (tests/stack.py) from `fake.url`. Each test's
+reports are kept on it (`item.reports`), so that a fixture can tell at teardown whether the test
+failed (the browser tests then save a screenshot)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import httpx
 import pytest
@@ -28,3 +30,12 @@ def api(stack: Stack) -> Iterator[httpx.Client]:
     """A client as A1111 clients are: no Prefer header (stack.api asks for async)."""
     with httpx.Client(base_url=stack.base, timeout=30) as client:
         yield client
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.reports = {**getattr(item, "reports", {}), report.when: report}  # type: ignore[attr-defined]
+    return report

@@ -202,3 +202,17 @@ def test_compose_runs_postgresql_api_and_worker_replicas_on_the_environments_a11
             "service_completed_successfully"
         )
     assert (ROOT / "deploy" / "nginx.conf").exists()
+
+
+def test_compose_gives_the_workers_and_a1111_one_models_volume_that_workers_may_write() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    worker_mounts = [m.split(":") for m in services["worker"]["volumes"]]
+    a1111_mounts = [m.split(":") for m in services["a1111"]["volumes"]]
+    assert ["models", "/data/models"] in worker_mounts  # read-write: downloads land here
+    assert services["worker"]["environment"]["A1111_PROXY_MODELS_DIR"] == "/data/models"
+    assert [m[0] for m in a1111_mounts] == ["models"]
+    assert "models" in compose["volumes"]
+    assert services["a1111"]["profiles"] == ["a1111"]  # only with --profile a1111

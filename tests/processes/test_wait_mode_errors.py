@@ -131,7 +131,6 @@ def test_an_answer_that_is_not_a1111s_is_a_502_naming_the_backend(
     [
         (404, {"detail": "Not Found"}, "--api"),  # A1111 started without --api
         (405, {"detail": "Method Not Allowed"}, "--api"),
-        (401, {"detail": "Incorrect username or password"}, "A1111_PROXY_A1111_AUTH"),
     ],
 )
 def test_an_a1111_that_the_proxy_cannot_use_is_a_502_not_a_refusal_of_the_clients_request(
@@ -142,6 +141,19 @@ def test_an_a1111_that_the_proxy_cannot_use_is_a_502_not_a_refusal_of_the_client
     body = our_error(response, 502, "backend_bad_response")
     assert f"HTTP {status}" in body["detail"] and says in body["detail"]
     assert "www-authenticate" not in response.headers  # the client's own credentials are fine
+
+
+def test_an_a1111_that_wants_a_password_is_a_503_saying_to_set_a1111_auth(
+    fake: FakeA1111, api: httpx.Client
+) -> None:
+    """A 401 from A1111 (--api-auth, no A1111_AUTH) leaves the backend unusable until the
+    operator sets the password: the job goes back to the queue, and the held client gets 503
+    and what to set, never the 401 (its own credentials are fine)."""
+    fake.fail_next(1, status=401, body={"detail": "Incorrect username or password"})
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "misconfigured"})
+    body = our_error(response, 503, "backend_unavailable")
+    assert "HTTP 401" in body["detail"] and "A1111_PROXY_A1111_AUTH" in body["detail"]
+    assert "www-authenticate" not in response.headers
 
 
 def test_a1111_refusing_what_is_missing_is_still_its_own_404(

@@ -23,8 +23,10 @@ from a1111_proxy.egress import (
     pinned_request,
     post,
 )
+from a1111_proxy.settings import Settings
 from a1111_proxy.signatures import signing_key, webhook_headers
-from a1111_proxy.webhooks import RetryPolicy, judge
+from a1111_proxy.webhooks import SCHEDULE_SECONDS, RetryPolicy, judge
+from worker.main import sender_config
 
 pytestmark = pytest.mark.anyio
 
@@ -201,6 +203,21 @@ def test_the_retry_schedule_runs_about_a_day_with_20_percent_jitter() -> None:
     assert low.delay_after(1) == pytest.approx(4.0) and high.delay_after(1) == pytest.approx(6.0)
     assert sum(mid.delay_after(n) or 0 for n in range(8)) / 3600 == pytest.approx(27.6, abs=0.1)
     assert mid.delay_after(8) is None  # eight attempts in all
+
+
+def test_the_retry_schedule_and_the_senders_lease_are_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    default = sender_config(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert default.policy.schedule == SCHEDULE_SECONDS and default.lease_seconds == 120
+    monkeypatch.setenv("A1111_PROXY_WEBHOOK_RETRY_SECONDS", "0.2, 1")
+    monkeypatch.setenv("A1111_PROXY_WEBHOOK_LEASE_SECONDS", "2.5")
+    quick = sender_config(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert quick.policy.schedule == (0.0, 0.2, 1.0) and quick.lease_seconds == 2.5
+    assert quick.policy.delay_after(3) is None  # three attempts in all
+    monkeypatch.setenv("A1111_PROXY_WEBHOOK_RETRY_SECONDS", "5,-1")
+    with pytest.raises(ValueError, match="webhook_retry_seconds"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 def test_retry_after_can_lengthen_a_wait_but_never_shorten_it() -> None:

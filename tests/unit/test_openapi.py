@@ -13,7 +13,17 @@ from a1111_proxy.openapi import OPERATIONS, build_spec
 from a1111_proxy.routes import ROUTES
 from tests.servers import ROOT
 
-UNDOCUMENTED = {"/openapi.json", "/doc", "/sdapi/v1/{rest:path}", "/controlnet/{rest:path}"}
+# Pages for people (Swagger UI, the web UI), not API operations.
+UNDOCUMENTED = {
+    "/openapi.json",
+    "/doc",
+    "/",
+    "/ui",
+    "/ui/",
+    "/ui/assets/{version}/{path:path}",
+    "/sdapi/v1/{rest:path}",
+    "/controlnet/{rest:path}",
+}
 
 
 def test_every_route_is_documented_and_every_documented_operation_exists() -> None:
