@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import catalogue, controls
 from a1111_proxy.db.upsert import insert_missing, upsert
-from a1111_proxy.wakeup import NOTIFY_CHANNEL
+from a1111_proxy.wakeup import WORK_CHANNEL
 
 # What the worker fetches from a backend (Backend.catalogue_entry), by the name the API answers
 # it under: /sdapi/v1/<name>, or /controlnet/<rest> for `controlnet-<rest>`.
@@ -186,7 +186,7 @@ class CatalogueStore:
                 request["checkpoint"] = default
             await self._set_control_in(conn, CHECKPOINT_REQUEST, request)
             if not self.db.is_sqlite:  # wake idle workers (SQLite's change counter does itself)
-                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+                await conn.execute(select(func.pg_notify(WORK_CHANNEL, "")))
         return version
 
     async def _locked_control(self, conn: AsyncConnection, key: str, empty: Any) -> Any:

@@ -32,19 +32,29 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database, sqlite_path
 
+# A job changed (submitted, started, ended...): the API's waiters and event streams listen here.
 NOTIFY_CHANNEL = "a1111_proxy_jobs"
 # Progress and previews: only the API's event streams listen here, so workers are not woken
 # several times a second by every running job's progress.
 PROGRESS_CHANNEL = "a1111_proxy_progress"
 # A webhook message queued (or made due again): only the webhook sender listens here.
 OUTBOX_CHANNEL = "a1111_proxy_outbox"
+# Work for the workers' dispatchers: a job became due (submitted, put back in the queue) or a
+# request waits that they apply between jobs. Only they listen here: a job that ends wakes no
+# worker to claim (the one that ran it claims its backend's next job itself), so the claims
+# that each job's end would cost grow with the jobs, not with jobs x workers.
+WORK_CHANNEL = "a1111_proxy_work"
+# What a change that makes a job due NOTIFYs.
+DUE = (NOTIFY_CHANNEL, WORK_CHANNEL)
 
 
-async def notify(db: Database, conn: AsyncConnection, channel: str = NOTIFY_CHANNEL) -> None:
-    """PostgreSQL: NOTIFY `channel` when `conn`'s transaction commits. SQLite: nothing to do
-    (every commit changes the data_version that SqliteWakeup reads)."""
+async def notify(db: Database, conn: AsyncConnection, *channels: str) -> None:
+    """PostgreSQL: NOTIFY each of `channels` (NOTIFY_CHANNEL when none is named) when `conn`'s
+    transaction commits, in one statement. SQLite: nothing to do (every commit changes the
+    data_version that SqliteWakeup reads)."""
     if not db.is_sqlite:
-        await conn.execute(select(func.pg_notify(channel, "")))
+        named = channels or (NOTIFY_CHANNEL,)
+        await conn.execute(select(*(func.pg_notify(channel, "") for channel in named)))
 
 
 class Wakeup(Protocol):

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -192,6 +193,38 @@ def deployment(
         for proc in procs:
             proc.stop(timeout=5)
         log_problems(where)
+
+
+# --------------------------------------------------------------------------------------------
+# A throwaway PostgreSQL database
+# --------------------------------------------------------------------------------------------
+
+
+def pg_admin(statement: str, dsn: str) -> None:
+    """Run one statement on the PostgreSQL server of `dsn` (CREATE or DROP DATABASE)."""
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def pg_database(dsn: str) -> Iterator[str]:
+    """A throwaway database on the PostgreSQL server of `dsn` (an admin connection that may
+    create databases), as an asyncpg SQLAlchemy URL; dropped afterwards."""
+    name = f"a1111_proxy_bench_{uuid.uuid4().hex[:8]}"
+    pg_admin(f'CREATE DATABASE "{name}"', dsn)
+    host = dsn.split("://", 1)[1].rsplit("/", 1)[0]
+    try:
+        yield f"postgresql+asyncpg://{host}/{name}"
+    finally:
+        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', dsn)
 
 
 # --------------------------------------------------------------------------------------------

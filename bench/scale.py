@@ -22,39 +22,14 @@ import contextlib
 import itertools
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-from harness import Deployment, Http, clean_environ, deployment, ms, pct, ts
+from harness import Deployment, Http, clean_environ, deployment, ms, pct, pg_database, ts
 
 SMALL = b'{"prompt": "a lighthouse at dusk", "steps": 4}'
-
-
-def admin(statement: str, dsn: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
-@contextlib.contextmanager
-def pg_database(dsn: str) -> Iterator[str]:
-    """A throwaway database on the PostgreSQL server of `dsn`, dropped afterwards."""
-    name = f"a1111_proxy_bench_{uuid.uuid4().hex[:8]}"
-    admin(f'CREATE DATABASE "{name}"', dsn)
-    host = dsn.split("://", 1)[1].rsplit("/", 1)[0]
-    try:
-        yield f"postgresql+asyncpg://{host}/{name}"
-    finally:
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', dsn)
 
 
 @contextlib.contextmanager

@@ -63,9 +63,14 @@ class Slot:
     # Jobs whose backend has answered and that are storing their result while the slot's next
     # job already runs.
     finishing: set[asyncio.Task[str]] = field(default_factory=set)
+    reserved: bool = False  # a claim running now is looking for a job for it
 
     def free(self, now: float) -> bool:
-        return self.task is None and (self.state != "down" or now >= self.rest_until)
+        return (
+            self.task is None
+            and not self.reserved
+            and (self.state != "down" or now >= self.rest_until)
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -100,7 +105,6 @@ class Worker:
         self.slots = [Slot(backend) for backend in self.backends]
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._claiming = asyncio.Lock()
         self._side_claims: set[asyncio.Task[None]] = set()  # see _backend_free
         self.started_at = time.time()
 
@@ -161,6 +165,7 @@ class Worker:
     async def _run_until_empty(self) -> None:
         while True:
             self._slot_freed.clear()
+            await self._read_requests()
             await self._fill_slots()
             running = self._running()
             if running:  # until a job ends, or a backend answers (its slot is free then)
@@ -184,8 +189,10 @@ class Worker:
             # (not the worker's own claim and result just before, one empty claim each).
             self.wakeup.catch_up()
             try:
-                if await self._fill_slots():
-                    continue
+                await self._read_requests()
+                # Then wait, whether it claimed or not: a claim takes a job for every free slot
+                # it can fill; what frees a slot or queues a job later wakes this loop.
+                await self._fill_slots()
             except OperationalError as exc:
                 # Locked by a stuck process, or the database is away: keep trying, never die.
                 log.warning(
@@ -199,32 +206,42 @@ class Worker:
             await first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
 
     async def _fill_slots(self) -> bool:
-        """Claim a job for every free slot, in one transaction. True if any was claimed."""
-        async with self._claiming:  # the dispatcher and a job's end may both ask at once
-            return await self._fill_free_slots()
+        """Claim a job for every free slot, in one transaction. True if any was claimed.
 
-    async def _fill_free_slots(self) -> bool:
+        The slots are reserved while it runs: a claim that starts meanwhile (a backend answered)
+        runs beside it, for the slots that are free then, instead of waiting for it; so a
+        backend's next job never waits for a claim made for other backends, and no slot is
+        looked at by two claims."""
         if self._stop.is_set():
             return False
-        usable = await self._usable_slots()
+        usable = await self._reserve_free_slots()
         if not usable:
             return False
-        await self._apply_checkpoint_request(usable)
-        for slot in usable:
-            await self._apply_options(slot)
-        claimed = await self.repo.claim(
-            self.worker_id, [(slot.backend.name, slot.checkpoint) for slot in usable]
-        )
+        try:
+            await self._apply_checkpoint_request(usable)
+            for slot in usable:
+                await self._apply_options(slot)
+            began = time.perf_counter()
+            claimed = await self.repo.claim(
+                self.worker_id, [(slot.backend.name, slot.checkpoint) for slot in usable]
+            )
+            took = time.perf_counter() - began
+        finally:
+            for slot in usable:
+                slot.reserved = False
         for index, claim in claimed:
-            self._start(usable[index], claim)
+            self._start(usable[index], claim, took)
         return bool(claimed)
 
-    async def _usable_slots(self) -> list[Slot]:
+    async def _reserve_free_slots(self) -> list[Slot]:
+        """The free slots, reserved; one that is down only if its probe says it is back."""
         usable = []
         for slot in self.slots:
             if not slot.free(time.monotonic()):
                 continue
+            slot.reserved = True
             if slot.state == "down" and not await self._probe(slot):
+                slot.reserved = False
                 continue
             usable.append(slot)
         return usable
@@ -241,10 +258,11 @@ class Worker:
         except Exception as exc:
             log.warning("could not apply options to %s: %s", slot.backend.name, exc)
 
-    async def _apply_checkpoint_request(self, usable: list[Slot]) -> None:
-        """POST /sdapi/v1/unload-checkpoint or reload-checkpoint reach each backend between its
-        jobs, never during one (nor during another worker's job on a shared A1111); then the
-        heartbeat tells the API, which waits for it, and /memory is refetched."""
+    async def _read_requests(self) -> None:
+        """Look for an unload/reload request (at most every CHECKPOINT_READ_SECONDS), each time
+        the dispatcher wakes (a request NOTIFYs the workers, and it wakes every second anyway).
+        The claims made the moment a backend answers apply what it read: a backend's hand-over
+        to its next job costs no read of its own."""
         keeper = self.keeper
         if keeper is None:
             return
@@ -253,6 +271,14 @@ class Worker:
             for slot in self.slots:
                 slot.checkpoint_version = keeper.checkpoint_baseline
             await self._beat()
+
+    async def _apply_checkpoint_request(self, usable: list[Slot]) -> None:
+        """POST /sdapi/v1/unload-checkpoint or reload-checkpoint reach each backend between its
+        jobs, never during one (nor during another worker's job on a shared A1111); then the
+        heartbeat tells the API, which waits for it, and /memory is refetched."""
+        keeper = self.keeper
+        if keeper is None or keeper.checkpoint_baseline is None:
+            return
         request = keeper.checkpoint_request
         if request is None:
             return
@@ -293,13 +319,16 @@ class Worker:
             if slot.backend in silent and slot.state == "idle":
                 self._rest_down(slot, "did not answer the catalogue fetch")
 
-    def _start(self, slot: Slot, claim: Claim) -> None:
+    def _start(self, slot: Slot, claim: Claim, claim_seconds: float) -> None:
+        """Run `claim` on `slot`; `claim_seconds`: how long its claim transaction took (logged:
+        a claim that waits on others' locks or on the database shows there)."""
         log.info(
-            "job %s: attempt %d on %s",
+            "job %s: attempt %d on %s (claimed in %.1f ms)",
             claim.id,
             claim.attempts,
             slot.backend.name,
-            extra={"job_id": claim.id},
+            claim_seconds * 1000,
+            extra={"job_id": claim.id, "claim_ms": round(claim_seconds * 1000, 2)},
         )
         slot.claim, slot.state = claim, "busy"
         slot.checkpoint = claim.checkpoint or slot.checkpoint
@@ -332,16 +361,19 @@ class Worker:
         # (_finished): an empty claim of its own must not hold the writer before that store.
         if not claim.more_queued:
             return
-        claiming = asyncio.create_task(self._claim_next())
+        claiming = asyncio.create_task(self._claim_next(slot), name="claim-next")
         self._side_claims.add(claiming)
         claiming.add_done_callback(self._side_claims.discard)
         await asyncio.wait({claiming}, timeout=self.timing.heartbeat_seconds / 2)
 
-    async def _claim_next(self) -> None:
+    async def _claim_next(self, slot: Slot) -> None:
+        if not slot.free(time.monotonic()):
+            return  # a claim that started meanwhile has it (or has given it its next job)
         try:
             await self._fill_slots()
         except Exception as exc:  # the dispatcher tries again
             log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
+            self._slot_freed.set()
 
     def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
         outcome = (
@@ -354,7 +386,8 @@ class Worker:
         if task in slot.finishing:  # the slot moved on when the backend answered
             slot.finishing.discard(task)
             slot.jobs_done += outcome == "completed"
-            self._slot_freed.set()
+            if slot.free(time.monotonic()):  # no claim gave it its next job: claim one now
+                self._slot_freed.set()
             return
         slot.task, slot.claim = None, None
         if outcome == "requeued":  # the backend was unavailable: rest this slot, then probe

@@ -20,7 +20,7 @@ from a1111_proxy.downloads import DownloadStore
 from a1111_proxy.jobs import JobRepository
 from a1111_proxy.model_info import ModelInfoStore
 from a1111_proxy.settings import Settings
-from a1111_proxy.wakeup import make_wakeup
+from a1111_proxy.wakeup import WORK_CHANNEL, make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
 from worker.catalogue import CatalogueKeeper
 from worker.downloader import DownloadConfig, Downloader
@@ -51,7 +51,7 @@ def build_worker(settings: Settings, db: Database) -> Worker:
     return Worker(
         repo=repo,
         backends=list(backends),
-        wakeup=make_wakeup(settings.database_url, settings.poll_seconds),
+        wakeup=make_wakeup(settings.database_url, settings.poll_seconds, (WORK_CHANNEL,)),
         timing=Timing(
             progress_seconds=settings.progress_seconds,
             heartbeat_seconds=settings.heartbeat_seconds,

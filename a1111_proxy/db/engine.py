@@ -4,11 +4,19 @@ SQLite has one writer at a time. A deferred transaction that reads and then writ
 SQLITE_BUSY at once, whatever busy_timeout says, so every write transaction here begins
 IMMEDIATE, on a write engine with a single pooled connection (writers queue in-process, which is
 fairer than SQLite's busy-sleep). Reads use a separate engine and never block the writer (WAL).
+
+PostgreSQL: a pooled connection that sat unused for PING_IDLE_SECONDS is pinged before it is
+handed out, and replaced when the server no longer answers it (a restart, an idle timeout of a
+proxy in between). One used more recently is handed out as it is: SQLAlchemy's pre-ping on
+every checkout costs three round trips (BEGIN, the ping, ROLLBACK) on asyncpg, as many as the
+work of a short transaction, and a restart takes longer than PING_IDLE_SECONDS, so a connection
+from before it has been idle that long when the server is back.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +25,7 @@ from urllib.parse import urlparse
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from a1111_proxy.db.sqlite_driver import DBAPI, READ_DBAPI
@@ -26,18 +35,25 @@ SQLITE_PRAGMAS = (
     "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
-
-
+PING_IDLE_SECONDS = 1.0
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 
 class Database:
     """A read engine and a write engine (the same engine on PostgreSQL)."""
 
-    def __init__(self, url: str, *, echo: bool = False, sqlite_synchronous: str = "normal") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        sqlite_synchronous: str = "normal",
+        ping_idle_seconds: float = PING_IDLE_SECONDS,
+    ) -> None:
         """`sqlite_synchronous` (SQLITE_SYNCHRONOUS): `normal`, a commit survives the process
         being killed and is on disk at the next WAL checkpoint; `full`, it is on disk (fsync)
-        before the commit returns, so it survives a power cut too."""
+        before the commit returns, so it survives a power cut too. `ping_idle_seconds`
+        (PostgreSQL): how long a pooled connection may sit unused before it is pinged."""
         self.url = url
         self.dialect = make_url(url).get_backend_name()
         if self.is_sqlite:
@@ -51,9 +67,8 @@ class Database:
                 url, "BEGIN", pragmas, pool_size=4, echo=echo, reads=True
             )
         else:
-            self.write_engine = create_async_engine(
-                url, pool_size=10, max_overflow=10, pool_pre_ping=True, echo=echo
-            )
+            self.write_engine = create_async_engine(url, pool_size=10, max_overflow=10, echo=echo)
+            _ping_when_idle(self.write_engine, ping_idle_seconds)
             self.read_engine = self.write_engine
 
     @property
@@ -75,6 +90,25 @@ class Database:
         await self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()
+
+
+def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
+    """Ping a pooled connection unused for `idle_seconds` before handing it out; the pool
+    replaces it when the ping fails."""
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned_at = record.info.pop("returned_at", None)
+        if returned_at is None or time.monotonic() - returned_at < idle_seconds:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError(f"a pooled connection did not answer: {exc}") from exc
 
 
 def _sqlite_engine(

@@ -27,7 +27,7 @@ from a1111_proxy.jobs.clauses import (
 )
 from a1111_proxy.jobs.outbox import announce
 from a1111_proxy.jobs.records import JOB_COLUMNS, TERMINAL, JobRecord, error_json, job_record
-from a1111_proxy.wakeup import notify
+from a1111_proxy.wakeup import DUE, notify
 
 
 class JobControl:
@@ -162,7 +162,7 @@ class JobControl:
                 if row.status in TERMINAL:
                     await announce(self.deliveries, conn, row, "completed", now)
             if rows:
-                await notify(self.db, conn)
+                await notify(self.db, conn, *DUE)
         return [(row.id, row.status) for row in rows]
 
     async def expire_deadlines(self) -> tuple[list[str], list[str]]:

@@ -26,7 +26,7 @@ from a1111_proxy.db.tables import job_payloads, jobs
 from a1111_proxy.errors import IdempotencyKeyReused, TenantLimitReached
 from a1111_proxy.jobs.records import GENERATIONS, JOB_COLUMNS, AnyRow, JobRecord, job_record
 from a1111_proxy.jobs.turns import assign_turns
-from a1111_proxy.wakeup import notify
+from a1111_proxy.wakeup import DUE, notify
 
 BATCH = 256  # jobs committed in one transaction at most
 # A full queue has no known time at which it frees a place; a few seconds keeps clients polite.
@@ -211,7 +211,7 @@ class JobIntake:
                 for r, payload in zip(rows, payloads, strict=True)
             ],
         )
-        await notify(self.db, conn)
+        await notify(self.db, conn, *DUE)
         return [by_id[r["id"]] for r in rows]
 
     async def _submit_idempotent(self, new: NewJob) -> Submitted:

@@ -34,6 +34,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     delete,
+    exists,
     func,
     insert,
     literal_column,
@@ -57,7 +58,7 @@ from a1111_proxy.jobs.outbox import announce
 from a1111_proxy.jobs.placement import Slots, idle_slots, place
 from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
 from a1111_proxy.redaction import backend_name
-from a1111_proxy.wakeup import PROGRESS_CHANNEL, notify
+from a1111_proxy.wakeup import DUE, PROGRESS_CHANNEL, notify
 
 # The job's A1111 body, read in the claim's own UPDATE ... RETURNING (one statement less).
 _PAYLOAD = (
@@ -73,7 +74,6 @@ _PAYLOAD = (
 # bound at each run: building one and its cache key costs more than running it on SQLite.
 _NOW: BindParameter[float] = bindparam("b_now", type_=Double)
 _WAITING = and_(QUEUED, jobs.c.run_after <= _NOW, not_expired(_NOW))
-_MORE_WAITING = select(jobs.c.seq).where(_WAITING).limit(1)
 _FENCED = and_(
     jobs.c.seq == bindparam("b_seq"),
     jobs.c.lease_token == bindparam("b_token"),
@@ -96,6 +96,11 @@ def _claim_statement(slots: int) -> Update:
         .with_for_update(skip_locked=True)
         .cte("due")
     )
+    # Whether more jobs wait than this claim takes: the worker then claims a slot's next job
+    # the moment its backend answers, and otherwise stores the result first
+    # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
+    # are taking at this moment count as waiting; a hint, not a promise).
+    more = exists(select(jobs.c.seq).where(_WAITING, jobs.c.seq.not_in(select(due.c.seq))))
     return (
         update(jobs)
         # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
@@ -124,6 +129,7 @@ def _claim_statement(slots: int) -> Update:
             jobs.c.lease_token,
             *WEBHOOK_COLUMNS,
             _PAYLOAD,
+            more.label("more_queued"),
         )
     )
 
@@ -228,11 +234,8 @@ class JobMachine:
         announced = [await announce(self.deliveries, conn, row, "started", now) for row in rows]
         if any(announced):
             await notify(self.db, conn)
-        # Whether more are waiting: the worker then claims a slot's next job the moment its
-        # backend answers, and otherwise stores the result first (worker/loop.py).
-        more = (await conn.execute(_MORE_WAITING, {"b_now": now})).first()
         return [
-            (index, claim_record(row, slots[index][0], more_queued=more is not None))
+            (index, claim_record(row, slots[index][0], more_queued=bool(row.more_queued)))
             for index, row in placed
         ]
 
@@ -378,7 +381,7 @@ class JobMachine:
         )
         async with self.db.writing() as conn:
             done = (await conn.execute(stmt)).rowcount == 1
-            await notify(self.db, conn)
+            await notify(self.db, conn, *DUE)
         return done
 
 

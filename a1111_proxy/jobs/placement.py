@@ -35,22 +35,16 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
     The owner's own jobs do not count: its slots are free only when their backend has
     answered (a job still storing its result no longer occupies the backend).
     SQLite serialises write transactions, so reading is enough. PostgreSQL runs claims of
-    several workers at once: each first takes a transaction-scoped advisory lock per
-    backend, in the order of the lock keys (so two claims never deadlock), and so two
-    claims never both see a backend idle.
+    several workers at once: each takes a transaction-scoped advisory lock per backend that
+    looks idle (`_lock_idle`), then looks again under the locks, so two claims never both see
+    a backend idle.
     """
     names = sorted({name for name, _ in slots})
     if not db.is_sqlite:
-        await conn.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(:space, key) FROM (SELECT DISTINCT "
-                "hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name) AS k "
-                "ORDER BY key"
-            ),
-            {"names": names, "space": ADVISORY_SPACE},
-        )
-    busy = set((await conn.execute(_BUSY, {"b_names": names, "b_owner": owner})).scalars())
-    free = set(names) - busy
+        names = await _lock_idle(conn, owner, names)
+        if not names:
+            return []
+    free = set(names) - await _busy(conn, owner, names)
     taken: set[str] = set()
     indexes = []
     for index, (name, _) in enumerate(slots):
@@ -58,6 +52,32 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
             taken.add(name)
             indexes.append(index)
     return indexes
+
+
+# The backends of `names` that run no job of another worker, each locked (in the order of the
+# lock keys, so that two claims never deadlock) until the transaction ends. A backend busy at
+# the statement's start is left alone: workers sharing many backends then lock only the few
+# that are idle, instead of queueing behind each other's locks on all of them; the worker whose
+# job ends there NOTIFYs when it has stored it, and the claims that follow see it idle.
+_LOCK_IDLE = text(
+    "SELECT name, pg_advisory_xact_lock(:space, key) FROM ("
+    "SELECT DISTINCT name, hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name "
+    "WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.status = 'processing' "
+    "AND jobs.backend = name AND jobs.lease_owner <> :owner)) AS idle "
+    "ORDER BY key"
+)
+
+
+async def _lock_idle(conn: AsyncConnection, owner: str, names: list[str]) -> list[str]:
+    """PostgreSQL: lock the backends among `names` that look idle; their names."""
+    params = {"names": names, "owner": owner, "space": ADVISORY_SPACE}
+    return sorted(set((await conn.execute(_LOCK_IDLE, params)).scalars()))
+
+
+async def _busy(conn: AsyncConnection, owner: str, names: list[str]) -> set[str]:
+    """Which of `names` run a job of another worker (a fresh look: after the locks are held,
+    it sees every claim that held one of them before)."""
+    return set((await conn.execute(_BUSY, {"b_names": names, "b_owner": owner})).scalars())
 
 
 def place(rows: list[AnyRow], slots: Slots) -> list[tuple[int, AnyRow]]:
