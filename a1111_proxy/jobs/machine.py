@@ -100,7 +100,14 @@ def _claim_statement(slots: int) -> Update:
     # the moment its backend answers, and otherwise stores the result first
     # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
     # are taking at this moment count as waiting; a hint, not a promise).
-    more = exists(select(jobs.c.seq).where(_WAITING, jobs.c.seq.not_in(select(due.c.seq))))
+    # In queue order with a limit, so the look walks the queue index and stops at the first.
+    beyond = (
+        select(jobs.c.seq)
+        .where(_WAITING, jobs.c.seq.not_in(select(due.c.seq)))
+        .order_by(*QUEUE_ORDER)
+        .limit(1)
+    )
+    more = exists(beyond)
     return (
         update(jobs)
         # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
