@@ -45,6 +45,10 @@ def _sd_model(catalog: Catalog, checkpoint: Checkpoint) -> dict[str, Any]:
     }
 
 
+# A1111's schedules made from the model's own sigmas (its /sdapi/v1/schedulers "need_inner_model").
+INNER_MODEL_SCHEDULES = frozenset({"uniform", "sgm_uniform", "simple", "normal", "ddim", "beta"})
+
+
 class DiffusersBackend:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -152,9 +156,9 @@ class DiffusersBackend:
                 {
                     "name": key,
                     "label": label,
-                    "aliases": None,
-                    "default_rho": -1.0,
-                    "need_inner_model": False,
+                    "aliases": ["SGMUniform"] if key == "sgm_uniform" else None,
+                    "default_rho": {"karras": 7.0, "polyexponential": 1.0}.get(key, -1.0),
+                    "need_inner_model": key in INNER_MODEL_SCHEDULES,
                 }
                 for key, label in SCHEDULES.items()
             ],

@@ -288,7 +288,7 @@ def _run_batch(
     output: str = "pil",  # "latent" for hires fix's latent upscalers
 ) -> list[Any]:
     task = _task(params, loaded, inputs[0])
-    scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler)
+    scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler, sdxl=loaded.sdxl)
     tracking = schedulers.Tracking(scheduler)
     pipe = _task_pipeline(loaded, task, scheduler)
     size = len(seeds)

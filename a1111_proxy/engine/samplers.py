@@ -24,6 +24,9 @@ class Sampler:
     sigma_schedules: bool = True
     # A1111's "brownian_noise": step noise from a Brownian tree seeded with the image seeds.
     brownian: bool = False
+    # Steps on one sigma at a time: runs every schedule of sigmas.py (A1111's k-diffusion
+    # samplers but Heun, DPM2 and DPM++ SDE, whose diffusers classes interleave sigmas).
+    stepwise: bool = False
 
 
 SAMPLERS: tuple[Sampler, ...] = (
@@ -33,6 +36,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         "karras",
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m",),
+        stepwise=True,
     ),
     Sampler("DPM++ SDE", "DPMSolverSDEScheduler", "karras", {}, ("k_dpmpp_sde",), brownian=True),
     Sampler(
@@ -42,6 +46,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m_sde",),
         brownian=True,
+        stepwise=True,
     ),
     Sampler(
         "DPM++ 2M SDE Heun",
@@ -50,6 +55,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
         ("k_dpmpp_2m_sde_heun",),
         brownian=True,
+        stepwise=True,
     ),
     # diffusers has no ancestral 2S; the single-step solver is the nearest (an approximation).
     Sampler(
@@ -58,6 +64,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         "karras",
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2s_a",),
+        stepwise=True,
     ),
     Sampler(
         "DPM++ 3M SDE",
@@ -66,6 +73,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
         ("k_dpmpp_3m_sde",),
         brownian=True,
+        stepwise=True,
     ),
     Sampler(
         "Euler a",
@@ -74,9 +82,10 @@ SAMPLERS: tuple[Sampler, ...] = (
         {},
         ("k_euler_a", "k_euler_ancestral"),
         sigma_schedules=False,
+        stepwise=True,
     ),
-    Sampler("Euler", "EulerDiscreteScheduler", "uniform", {}, ("k_euler",)),
-    Sampler("LMS", "LMSDiscreteScheduler", "uniform", {}, ("k_lms",)),
+    Sampler("Euler", "EulerDiscreteScheduler", "uniform", {}, ("k_euler",), stepwise=True),
+    Sampler("LMS", "LMSDiscreteScheduler", "uniform", {}, ("k_lms",), stepwise=True),
     Sampler("Heun", "HeunDiscreteScheduler", "uniform", {}, ("k_heun",)),
     Sampler("DPM2", "KDPM2DiscreteScheduler", "karras", {}, ("k_dpm_2",)),
     Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", "karras", {}, ("k_dpm_2_a",)),
@@ -114,12 +123,17 @@ SCHEDULES: dict[str, str] = {
     "normal": "Normal",
     "ddim": "DDIM",
     "beta": "Beta",
+    "polyexponential": "Polyexponential",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
 }
 SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}
 UNSUPPORTED_SAMPLERS = ("DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
-UNSUPPORTED_SCHEDULES = ("polyexponential", "kl_optimal", "align_your_steps")
 SIGMA_SCHEDULES = frozenset({"karras", "exponential", "beta"})
+# Made by sigmas.py: for the stepwise samplers only.
+FORMULA_SCHEDULES = frozenset({"polyexponential", "kl_optimal", "align_your_steps"})
 
+STEPWISE = tuple(s.name for s in SAMPLERS if s.stepwise)
 _BY_NAME = {s.name.lower(): s for s in SAMPLERS} | {
     alias.lower(): s for s in SAMPLERS for alias in s.aliases
 }
@@ -165,16 +179,21 @@ def resolve(sampler_name: str | None, schedule: str | None = None) -> Resolved:
         )
     if found == "automatic":
         found = sampler.default_schedule
-    if (
-        found in SIGMA_SCHEDULES
-        and not sampler.sigma_schedules
-        and found != sampler.default_schedule
-    ):
+    if _refuses(sampler, found):
         raise UnknownSampler(
             f"sampler {sampler.name!r} cannot use the {SCHEDULES[found]!r} schedule in diffusers; "
             "use schedule 'Automatic' (or 'Uniform', 'SGM Uniform', 'Simple') or another sampler"
+            + (f" ({', '.join(STEPWISE)} run it)" if found in FORMULA_SCHEDULES else "")
         )
     return Resolved(sampler, found)
+
+
+def _refuses(sampler: Sampler, schedule: str) -> bool:
+    if schedule == sampler.default_schedule or sampler.stepwise:
+        return False
+    if schedule in FORMULA_SCHEDULES:
+        return True
+    return schedule in SIGMA_SCHEDULES and not sampler.sigma_schedules
 
 
 def _schedule_key(schedule: str) -> str:
@@ -185,11 +204,6 @@ def _schedule_key(schedule: str) -> str:
     raise UnknownSampler(
         f"unknown schedule type {schedule!r}; the diffusers engine runs: "
         f"{', '.join(SCHEDULES.values())}"
-        + (
-            " (A1111's Polyexponential, KL Optimal and Align Your Steps are not supported)"
-            if key in UNSUPPORTED_SCHEDULES
-            else ""
-        )
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import diffusers
 import torch
 
+from a1111_proxy.engine import sigmas
 from a1111_proxy.engine.noise import BrownianNoise
 from a1111_proxy.engine.samplers import Resolved
 
@@ -27,7 +28,9 @@ _SIGMA_FLAGS = {
 }
 
 
-def make(base_config: Any, resolved: Resolved) -> Any:
+def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
+    """A fresh scheduler for `resolved`; its sigmas from sigmas.py where the diffusers class
+    cannot make the schedule (`sdxl`: which Align Your Steps table)."""
     sampler = resolved.sampler
     cls = getattr(diffusers, sampler.scheduler_class)
     wanted: dict[str, Any] = dict(sampler.kwargs)
@@ -40,12 +43,18 @@ def make(base_config: Any, resolved: Resolved) -> Any:
         if flag in accepted:
             config[flag] = False
     sigma_flag = _SIGMA_FLAGS.get(resolved.schedule)
-    if sigma_flag is not None:
-        if sigma_flag not in accepted:
-            raise ValueError(f"{sampler.name} cannot use the {resolved.schedule} schedule")
+    formula = resolved.schedule in sigmas.OWN or (
+        sigma_flag is not None and sigma_flag not in accepted
+    )
+    if formula and not sampler.stepwise:
+        raise ValueError(f"{sampler.name} cannot use the {resolved.schedule} schedule")
+    if sigma_flag is not None and not formula:
         wanted[sigma_flag] = True
     config.update({k: v for k, v in wanted.items() if k in accepted})
-    return cls.from_config(config)
+    scheduler = cls.from_config(config)
+    if formula:
+        sigmas.install(scheduler, resolved.schedule, sdxl)
+    return scheduler
 
 
 class Tracking:

@@ -39,13 +39,13 @@ def test_an_unknown_sampler_is_refused_with_the_valid_names() -> None:
         resolve("Nope")
     with pytest.raises(UnknownSampler, match="no diffusers equivalent"):
         resolve("DPM adaptive")
-    with pytest.raises(UnknownSampler, match="unknown schedule type 'KL Optimal'"):
-        resolve("Euler", "KL Optimal")
+    with pytest.raises(UnknownSampler, match="unknown schedule type 'Karras Exp'"):
+        resolve("Euler", "Karras Exp")
 
 
-def test_a_sampler_without_sigma_schedules_refuses_karras() -> None:
-    with pytest.raises(UnknownSampler, match="'Euler a' cannot use the 'Karras' schedule"):
-        resolve("Euler a", "karras")
+def test_a_timestep_sampler_refuses_a_sigma_schedule() -> None:
+    with pytest.raises(UnknownSampler, match="'PLMS' cannot use the 'Karras' schedule"):
+        resolve("PLMS", "karras")
 
 
 def test_seeds_are_seed_plus_index_unless_a_variation_strength_is_set() -> None:
