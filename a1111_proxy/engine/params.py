@@ -22,8 +22,8 @@ from a1111_proxy.engine.samplers import Resolved, resolve
 from a1111_proxy.schemas import REQUEST_MODELS, Img2ImgRequest, Txt2ImgRequest
 
 Kind = Literal["txt2img", "img2img"]
-RandnSource = Literal["GPU", "CPU"]  # where the initial noise is drawn (A1111's default: GPU)
-RANDN_SOURCES: dict[str, RandnSource] = {"GPU": "GPU", "CPU": "CPU"}
+RandnSource = Literal["GPU", "CPU", "NV"]  # where the initial noise is drawn (A1111's default: GPU)
+RANDN_SOURCES: dict[str, RandnSource] = {"GPU": "GPU", "CPU": "CPU", "NV": "NV"}
 
 MAX_SEED = 4294967294
 # The txt2img-only fields A1111's img2img body does not have (our schema shares one base class).
@@ -263,8 +263,8 @@ def _randn_source(settings: dict[str, Any]) -> RandnSource:
     found = RANDN_SOURCES.get(value)
     if found is None:
         raise InvalidParams(
-            f"override_settings.randn_source {value!r} is not supported; use 'GPU' (the default) "
-            "or 'CPU' (A1111's 'NV' is not)"
+            f"override_settings.randn_source {value!r} is not supported; use 'GPU' (the default), "
+            "'CPU' or 'NV'"
         )
     return found
 

@@ -313,7 +313,7 @@ def _run_batch(
     kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
     kwargs["output_type"] = output
     kwargs["generator"] = [
-        torch.Generator(drawn.generators[0].device).manual_seed(s) for s in seeds
+        torch.Generator(noise.device_of(drawn.generators[0])).manual_seed(s) for s in seeds
     ]
     # Only img2img has a strength: txt2img bodies carry hires fix's (webuiapi always sends 0.7).
     strength = _strength(params) if params.kind == "img2img" else None

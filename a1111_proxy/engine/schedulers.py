@@ -9,15 +9,18 @@ img2img pipeline would draw its own, and draws step noise from A1111's per-image
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import diffusers
 import torch
 
 from a1111_proxy.engine import sigmas
-from a1111_proxy.engine.noise import BrownianNoise
+from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
 
 _SPACING = {"sgm_uniform": "trailing", "simple": "trailing", "ddim": "leading"}
@@ -57,6 +60,33 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
     return scheduler
 
 
+# Step noise a scheduler's `randn_tensor` gives instead of its own, while set: how the ancestral
+# schedulers draw from A1111's "NV" generators, which are not torch generators.
+_STEP_NOISE: contextvars.ContextVar[Callable[[tuple[int, ...], torch.device], torch.Tensor]] = (
+    contextvars.ContextVar("step_noise")
+)
+
+
+def _takes_step_noise(scheduler: Any) -> None:
+    """Route the randn_tensor of `scheduler`'s module through _STEP_NOISE (once per module;
+    without a value set it is diffusers' own)."""
+    module = sys.modules[type(scheduler).__module__]
+    own = getattr(module, "randn_tensor", None)
+    if own is None or getattr(own, "_a1111_step_noise", False):
+        return
+
+    @functools.wraps(own)
+    def randn_tensor(shape: Any, *args: Any, **kwargs: Any) -> Any:
+        given = _STEP_NOISE.get(None)
+        if given is None:
+            return own(shape, *args, **kwargs)
+        found = given(tuple(shape), kwargs.get("device") or torch.device("cpu"))
+        return found.to(dtype=kwargs.get("dtype") or found.dtype)
+
+    randn_tensor._a1111_step_noise = True  # type: ignore[attr-defined]
+    vars(module)["randn_tensor"] = randn_tensor
+
+
 class Tracking:
     """Hooks on one run's scheduler: its last x0 estimate, and A1111's noise for add_noise."""
 
@@ -64,7 +94,7 @@ class Tracking:
         self.scheduler = scheduler
         self.last_x0: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None  # A1111's initial noise, for add_noise
-        self.generators: list[torch.Generator] | None = None  # A1111's, for the step noise
+        self.generators: list[Generator] | None = None  # A1111's, for the step noise
         self.brownian_seeds: list[int] | None = None  # SDE samplers: A1111's seeded trees
         self._brownian: BrownianNoise | None = None
         self._step, self._add_noise = scheduler.step, scheduler.add_noise
@@ -77,11 +107,17 @@ class Tracking:
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
-        if self.generators is not None and "generator" in kwargs:
+        philox = self._philox()
+        if self.generators is not None and "generator" in kwargs and philox is None:
             kwargs["generator"] = self.generators
         if self.brownian_seeds is not None:
             self._brownian_noise(args, kwargs)
-        out = self._step(*args, return_dict=True, **kwargs)
+        token = None if philox is None else _STEP_NOISE.set(philox)
+        try:
+            out = self._step(*args, return_dict=True, **kwargs)
+        finally:
+            if token is not None:
+                _STEP_NOISE.reset(token)
         x0 = getattr(out, "pred_original_sample", None)
         if x0 is None:
             x0 = getattr(out, "denoised", None)
@@ -89,6 +125,19 @@ class Tracking:
             x0 = self.scheduler.model_outputs[-1]
         self.last_x0 = x0
         return out if return_dict else (out.prev_sample,)
+
+    def _philox(self) -> Callable[[tuple[int, ...], torch.device], torch.Tensor] | None:
+        """With "NV" generators: what the step draws, one draw per image as A1111's
+        ImageRNG.next() makes it."""
+        generators = self.generators
+        if not generators or not isinstance(generators[0], Philox):
+            return None
+        _takes_step_noise(self.scheduler)
+
+        def step_noise(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+            return torch.stack([draw(g, shape[1:], device) for g in generators])
+
+        return step_noise
 
     def _brownian_noise(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """DPM++ SDE draws from the scheduler's own noise sampler (made seeded here); the
