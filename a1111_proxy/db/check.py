@@ -45,6 +45,12 @@ async def check_database(url: str) -> None:
         db = Database(url)
     except OSError as exc:  # the SQLite file's folder could not be made
         raise _folder_problem(url, exc) from None
+    path = sqlite_path(url) if db.is_sqlite else None
+    if path is not None and os.path.isdir(path):
+        # Said before connecting: aiosqlite's thread, ending after a failed connect, may
+        # outlive the event loop and print a traceback under the explanation.
+        await db.dispose()
+        raise _sqlite_problem(url, path, IsADirectoryError(str(path)))
     try:
         async with db.write_engine.connect() as conn:
             await (_probe_sqlite(conn) if db.is_sqlite else _probe_postgres(url, conn))
