@@ -10,6 +10,7 @@ take their step noise from a Brownian tree per image seeded with the image's see
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -54,6 +55,14 @@ def make(
     if ensd:
         generators = [torch.Generator(where).manual_seed(int(s) + ensd) for s in seeds]
     return Noise(torch.stack(xs).to(device), generators)
+
+
+def stream(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for an extra noise stream of one image (e.g. the noise mask's): seeded
+    from the image's seed and the stream's name, so it is reproducible on any device and
+    independent of A1111's generators."""
+    digest = hashlib.sha256(f"{name}:{int(seed)}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
