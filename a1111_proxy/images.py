@@ -74,6 +74,9 @@ def image_fields(kind: str, body: dict[str, Any]) -> Iterator[tuple[list[str | i
                 yield [key], body, key
     if kind in ("txt2img", "img2img"):
         yield from _controlnet_images(body)
+        noise_mask = body.get("noise_mask")  # our extension (engine/noise_mask.py)
+        if isinstance(noise_mask, dict) and isinstance(noise_mask.get("mask"), str):
+            yield ["noise_mask", "mask"], noise_mask, "mask"
     if kind in ("interrogate", "extra-single-image") and isinstance(body.get("image"), str):
         yield ["image"], body, "image"
     if kind == "extra-batch-images":
@@ -98,13 +101,21 @@ def _controlnet_images(body: dict[str, Any]) -> Iterator[tuple[list[str | int], 
                 continue
             base: list[str | int] = ["alwayson_scripts", name, "args", i]
             for key in ("image", "input_image", "mask", "mask_image"):
-                value = unit.get(key)
-                if isinstance(value, str) and value:
-                    yield [*base, key], unit, key
-                elif isinstance(value, dict):
-                    for sub in ("image", "mask"):
-                        if isinstance(value.get(sub), str) and value[sub]:
-                            yield [*base, key, sub], value, sub
+                yield from _unit_images([*base, key], unit, key)
+                for n, _ in enumerate(_list(unit.get(key))):  # several (IP-Adapter's images)
+                    yield from _unit_images([*base, key, n], unit[key], n)
+
+
+def _unit_images(
+    loc: list[str | int], container: Any, key: Any
+) -> Iterator[tuple[list[str | int], Any, Any]]:
+    value = container[key] if isinstance(container, list) else container.get(key)
+    if isinstance(value, str) and value:
+        yield loc, container, key
+    elif isinstance(value, dict):
+        for sub in ("image", "mask"):
+            if isinstance(value.get(sub), str) and value[sub]:
+                yield [*loc, sub], value, sub
 
 
 def _list(value: Any) -> list[Any]:

@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from a1111_proxy.jobs.records import JobRecord
 from a1111_proxy.redaction import scrub_all
@@ -40,6 +47,36 @@ class _Lenient(BaseModel):
     # Unknown keys are kept and passed on to A1111; numbers become strings where A1111 wants
     # strings ("prompt": 123), as pydantic v1 did.
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True, populate_by_name=True)
+
+
+class NoiseMask(BaseModel):
+    """a1111-proxy extension (bundled engine only; A1111 has no such field): during the steps
+    in [start, end) (fractions of the run's steps), fresh seeded noise is put back into the
+    mask's white region after each step, so that region is re-imagined while the rest
+    converges. docs/engine.md gives the formula."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mask: str = Field(
+        min_length=1,
+        description="base64 image (or data: URI); white re-imagines, black keeps, grey between; "
+        "stretched to the image size",
+    )
+    strength: float = Field(
+        1.0, ge=0, le=1, allow_inf_nan=False, description="0: no effect; 1: all noise fresh"
+    )
+    start: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False, description="first step, as a fraction of the steps"
+    )
+    end: float = Field(
+        0.5, ge=0, le=1, allow_inf_nan=False, description="end of the range (not included)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NoiseMask:
+        if self.start > self.end:
+            raise ValueError(f"start ({self.start}) must not be after end ({self.end})")
+        return self
 
 
 class Txt2ImgRequest(_Lenient):
@@ -108,6 +145,11 @@ class Txt2ImgRequest(_Lenient):
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = {}
     infotext: str | None = None
+    noise_mask: NoiseMask | None = Field(
+        None,
+        description="a1111-proxy extension, bundled engine only (refused with 422 when the "
+        "backend is A1111): re-inject seeded noise in a masked region during a step range",
+    )
 
 
 class Img2ImgRequest(Txt2ImgRequest):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress, Refresh
-from a1111_proxy.engine import control, detect, hires, memory
+from a1111_proxy.engine import control, detect, hires, ip_adapter, memory
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.controlnet import ControlNetCatalog
@@ -209,6 +209,7 @@ class DiffusersBackend:
     def _unload(self) -> None:
         names = self.models.loaded()
         control.unload(self.models)
+        ip_adapter.unload(self.models)
         self.models.unload_all()
         log.info("unloaded %s", ", ".join(names) or "nothing (no model was loaded)")
 

@@ -20,6 +20,17 @@ from a1111_proxy.engine.errors import InvalidParams
 
 CONTROLNET_DIR = "ControlNet"
 API_VERSION = 2  # what the extension's /controlnet/version answers
+IP_ADAPTER_PREFIX = "ip-adapter"  # units with these modules are image prompts
+# The extension's IP-Adapter preprocessors (old and new names) -> the CLIP vision encoder each
+# runs; the unit's model must be made for that encoder (engine/ip_adapter.py checks its widths).
+IP_ADAPTER_MODULES = {
+    "ip-adapter_clip_sd15": "ViT-H",
+    "ip-adapter_clip_h": "ViT-H",
+    "ip-adapter_clip_sdxl_plus_vith": "ViT-H",
+    "ip-adapter_clip_sdxl": "ViT-bigG",
+    "ip-adapter_clip_g": "ViT-bigG",
+    "ip-adapter_clip_bigg": "ViT-bigG",
+}
 PICKLED = (".pth", ".pt", ".ckpt", ".bin")
 RESIZE_MODES = {  # the extension's names and old aliases -> A1111's resize mode numbers
     "just resize": 0,
@@ -151,14 +162,27 @@ class ControlUnit:
 
 
 def parse_units(alwayson_scripts: dict[str, Any] | None) -> tuple[ControlUnit, ...]:
-    """The enabled units of `alwayson_scripts.ControlNet.args`. Raises InvalidParams."""
+    """The enabled units of `alwayson_scripts.ControlNet.args`, but for IP-Adapter units
+    (engine/image_prompts.py). Raises InvalidParams."""
+    return tuple(
+        _unit(i, arg) for i, arg in enabled_args(alwayson_scripts) if not is_ip_adapter(arg)
+    )
+
+
+def enabled_args(alwayson_scripts: dict[str, Any] | None) -> list[tuple[int, dict[str, Any]]]:
+    """The enabled units of `alwayson_scripts.ControlNet.args` as (index, unit dict)."""
     for title, value in (alwayson_scripts or {}).items():
         if title.lower() == "controlnet":
             args = value.get("args") if isinstance(value, dict) else value
             if args is not None and not isinstance(args, list):
                 raise InvalidParams("alwayson_scripts.ControlNet.args must be a list of units")
-            return tuple(_unit(i, arg) for i, arg in enumerate(args or []) if _enabled(i, arg))
-    return ()
+            return [(i, arg) for i, arg in enumerate(args or []) if _enabled(i, arg)]
+    return []
+
+
+def is_ip_adapter(arg: dict[str, Any]) -> bool:
+    """An IP-Adapter unit (an image prompt), by its module's name."""
+    return str(arg.get("module") or "").strip().lower().startswith(IP_ADAPTER_PREFIX)
 
 
 def _enabled(index: int, arg: Any) -> bool:
@@ -179,8 +203,8 @@ def _unit(index: int, arg: dict[str, Any]) -> ControlUnit:
             f"{where}.model: the unit is enabled but has no model; name one "
             "from /controlnet/model_list"
         )
-    start = _float(arg, "guidance_start", 0.0, where)
-    end = _float(arg, "guidance_end", 1.0, where)
+    start = number(arg, "guidance_start", 0.0, where)
+    end = number(arg, "guidance_end", 1.0, where)
     if not 0.0 <= start <= end <= 1.0:
         raise InvalidParams(
             f"{where}: guidance_start and guidance_end must satisfy "
@@ -190,12 +214,12 @@ def _unit(index: int, arg: dict[str, Any]) -> ControlUnit:
         index=index,
         module=find_module(str(arg.get("module") or "none")),
         model=model,
-        weight=_float(arg, "weight", 1.0, where),
+        weight=number(arg, "weight", 1.0, where),
         image=_image(arg.get("image"), where),
         resize_mode=_resize_mode(arg.get("resize_mode", 1), where),
-        processor_res=int(_float(arg, "processor_res", -1, where)),
-        threshold_a=_float(arg, "threshold_a", -1.0, where),
-        threshold_b=_float(arg, "threshold_b", -1.0, where),
+        processor_res=int(number(arg, "processor_res", -1, where)),
+        threshold_a=number(arg, "threshold_a", -1.0, where),
+        threshold_b=number(arg, "threshold_b", -1.0, where),
         guidance_start=start,
         guidance_end=end,
         pixel_perfect=bool(arg.get("pixel_perfect", False)),
@@ -204,7 +228,7 @@ def _unit(index: int, arg: dict[str, Any]) -> ControlUnit:
     )
 
 
-def _float(arg: dict[str, Any], key: str, default: float, where: str) -> float:
+def number(arg: dict[str, Any], key: str, default: float, where: str) -> float:
     value = arg.get(key)
     if value is None:
         return default
@@ -348,9 +372,10 @@ class ControlNetCatalog:
 
     def module_list(self) -> dict[str, Any]:
         """The extension's /controlnet/module_list: the preprocessors the engine runs."""
+        image_prompts = {name: {"model_free": False, "sliders": []} for name in IP_ADAPTER_MODULES}
         return {
-            "module_list": [m.name for m in MODULES],
-            "module_detail": {m.name: m.detail for m in MODULES},
+            "module_list": [m.name for m in MODULES] + list(IP_ADAPTER_MODULES),
+            "module_detail": {m.name: m.detail for m in MODULES} | image_prompts,
         }
 
 

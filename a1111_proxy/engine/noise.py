@@ -12,6 +12,7 @@ image's seed instead.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -121,6 +122,14 @@ def make(
     if ensd:
         generators = [_generator(int(s) + ensd, source, where) for s in seeds]
     return Noise(torch.stack(xs).to(device), generators)
+
+
+def stream(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for an extra noise stream of one image (e.g. the noise mask's): seeded
+    from the image's seed and the stream's name, so it is reproducible on any device and
+    independent of A1111's generators."""
+    digest = hashlib.sha256(f"{name}:{int(seed)}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

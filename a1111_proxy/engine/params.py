@@ -13,13 +13,14 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from a1111_proxy.engine import controlnet, detect, lora
+from a1111_proxy.engine import controlnet, detect, image_prompts, lora
 from a1111_proxy.engine import hires as hires_fix
 from a1111_proxy.engine.controlnet import ControlUnit
 from a1111_proxy.engine.errors import HiresError, InvalidParams, UnknownSampler
+from a1111_proxy.engine.image_prompts import ImagePromptUnit
 from a1111_proxy.engine.lora import LoraUse
 from a1111_proxy.engine.samplers import Resolved, resolve
-from a1111_proxy.schemas import REQUEST_MODELS, Img2ImgRequest, Txt2ImgRequest
+from a1111_proxy.schemas import REQUEST_MODELS, Img2ImgRequest, NoiseMask, Txt2ImgRequest
 
 Kind = Literal["txt2img", "img2img"]
 RandnSource = Literal["GPU", "CPU", "NV"]  # where the initial noise is drawn (A1111's default: GPU)
@@ -87,6 +88,8 @@ class Params:
     loras: tuple[LoraUse, ...] = ()  # from the prompt's <lora:...> tags
     controlnet_units: tuple[ControlUnit, ...] = ()  # the enabled ones
     pad_cond_uncond: bool = False  # A1111's option: pad prompt/negative to one length
+    image_prompts: tuple[ImagePromptUnit, ...] = ()  # IP-Adapter units (engine/ip_adapter.py)
+    noise_mask: NoiseMask | None = None  # our extension (engine/noise_mask.py)
 
     @property
     def count(self) -> int:
@@ -136,6 +139,7 @@ class Params:
             ),
             pad_cond_uncond=bool(settings.get("pad_cond_uncond", False)),
             send_images=request.send_images,
+            noise_mask=request.noise_mask,
             styles=list(request.styles or []),
             parameters=echo_parameters(kind, request),
         )
@@ -172,6 +176,8 @@ def echo_parameters(kind: str, request: Txt2ImgRequest) -> dict[str, Any]:
     unknown keys dropped; img2img's images left out unless include_init_images."""
     fields = [f for f in type(request).model_fields if kind == "txt2img" or f not in TXT2IMG_ONLY]
     echoed = {name: getattr(request, name) for name in fields}
+    if echoed.get("noise_mask") is not None:
+        echoed["noise_mask"] = echoed["noise_mask"].model_dump()
     if kind == "img2img" and not echoed.get("include_init_images"):
         echoed["init_images"] = None
         echoed["mask"] = None
@@ -217,7 +223,8 @@ def _with_networks(params: Params, request: Txt2ImgRequest) -> Params:
             )
     uses = () if request.disable_extra_networks else lora.parse_uses(request.prompt or "")
     units = controlnet.parse_units(request.alwayson_scripts)
-    return dataclasses.replace(params, loras=uses, controlnet_units=units)
+    prompts = image_prompts.parse_units(request.alwayson_scripts)
+    return dataclasses.replace(params, loras=uses, controlnet_units=units, image_prompts=prompts)
 
 
 def _sampler(request: Txt2ImgRequest) -> Resolved:

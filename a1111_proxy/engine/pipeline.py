@@ -24,8 +24,10 @@ from a1111_proxy.engine import (
     conditioning,
     control,
     images,
+    ip_adapter,
     lora,
     noise,
+    noise_mask,
     schedulers,
     text,
     upscale,
@@ -85,6 +87,7 @@ class _Inputs:
     crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
     batch: upscale.Batch | None = None  # hires fix: each image's own start (images or latents)
     control: control.Control | None = None  # the ControlNet units' models and images
+    image_prompts: ip_adapter.ImagePrompts | None = None  # IP-Adapter units, embedded
 
 
 def generate(
@@ -103,6 +106,11 @@ def generate(
     units = inputs[0].control = control.prepare(models, loaded, params)
     if units is not None:
         generation.extra.update(units.infotext)
+    prompts = inputs[0].image_prompts = ip_adapter.prepare(models, loaded, params)
+    if prompts is not None:
+        generation.extra.update(prompts.infotext)
+    if params.noise_mask is not None:
+        generation.extra["Noise mask"] = noise_mask.describe(params.noise_mask)
     embeds = conditioning.encode(
         loaded.pipe,
         lora.strip_tags(params.prompt),
@@ -137,7 +145,16 @@ def generate(
         )
         made += (
             _hires(
-                models, config, loaded, params, state, first, seeds[window], subseeds[window], units
+                models,
+                config,
+                loaded,
+                params,
+                state,
+                first,
+                seeds[window],
+                subseeds[window],
+                units,
+                prompts,
             )
             if params.hires
             else first
@@ -176,6 +193,7 @@ def _hires(
     seeds: list[int],
     subseeds: list[int],
     units: control.Control | None = None,
+    prompts: ip_adapter.ImagePrompts | None = None,
 ) -> list[Image.Image]:
     """Hires fix's second pass (engine/hires.py, engine/upscale.py): upscale the first pass,
     then denoise it again at the new size, as img2img with its own noise from the same seeds."""
@@ -200,7 +218,7 @@ def _hires(
     )
     # ControlNet steers the second pass too, its control images fitted to the new size.
     steer = control.resized(units, second.width, second.height) if units is not None else None
-    inputs = [_Inputs(batch=start, control=steer)]
+    inputs = [_Inputs(batch=start, control=steer, image_prompts=prompts)]
     return _run_batch(models, config, loaded, second, embeds, inputs, state, seeds, subseeds)
 
 
@@ -345,6 +363,12 @@ def _run_batch(
     attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
     if getattr(pipe, "controlnet", None) is not None:
         attention.install(pipe.controlnet)
+    # Image prompts and the noise mask (engine/ip_adapter.py, engine/noise_mask.py) step first.
+    hooks = [
+        ip_adapter.install(pipe.unet, inputs[0].image_prompts, cfg=params.cfg_scale > 1, pipe=pipe),
+        noise_mask.injector(params, seeds, tracking),
+    ]
+    kwargs["callback_on_step_end"] = _before(hooks, kwargs["callback_on_step_end"])
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()
@@ -410,6 +434,21 @@ def _call_kwargs(
     if params.eta is not None:
         kwargs["eta"] = params.eta
     return kwargs
+
+
+def _before(hooks: list[Any], callback: Any) -> Any:
+    """`callback` with the step hooks that are not None run first."""
+    hooks = [hook for hook in hooks if hook is not None]
+    if not hooks:
+        return callback
+
+    def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        for hook in hooks:
+            tensors = hook(pipe, i, t, tensors)
+        done: dict[str, Any] = callback(pipe, i, t, tensors)
+        return done
+
+    return on_step_end
 
 
 def _callback(

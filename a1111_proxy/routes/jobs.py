@@ -60,6 +60,8 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
     proxy = validate_submission(kind, body, a1111_body, caps(context.settings(request)))
     if context.settings(request).backend == "diffusers":
         refuse_what_the_engine_cannot_run(kind, a1111_body)
+    if context.settings(request).backend == "a1111":
+        refuse_engine_only_fields(a1111_body)
     resized = await check_input_images(request, kind, a1111_body)
     key = idempotency_key(request)
     timeout = deadline_seconds(request, proxy.timeout)
@@ -331,6 +333,22 @@ async def check_input_images(request: Request, kind: str, body: dict[str, Any]) 
             [{"loc": ["body", *p.loc], "msg": p.message, "type": "image"} for p in problems]
         )
     return checked.resized
+
+
+def refuse_engine_only_fields(a1111_body: dict[str, Any]) -> None:
+    """Our extensions that only the bundled engine runs are refused, not silently dropped, when
+    the backend is an A1111 server (it would make a different image than asked for)."""
+    if a1111_body.get("noise_mask") is not None:
+        raise InvalidRequest(
+            [
+                {
+                    "loc": ["body", "noise_mask"],
+                    "msg": "noise_mask is an a1111-proxy extension that only the bundled engine "
+                    "runs (BACKEND=diffusers); an A1111 server has no such field. Leave it out",
+                    "type": "unsupported",
+                }
+            ]
+        )
 
 
 def refuse_what_the_engine_cannot_run(kind: str, a1111_body: dict[str, Any]) -> None:

@@ -14,7 +14,12 @@ pytest.importorskip("scipy", reason="the preprocessors need the engine extra (sc
 from PIL import Image, ImageDraw  # noqa: E402
 
 from a1111_proxy.engine import preprocessors  # noqa: E402
-from a1111_proxy.engine.controlnet import MODULES, ControlNetCatalog, parse_units  # noqa: E402
+from a1111_proxy.engine.controlnet import (  # noqa: E402
+    IP_ADAPTER_MODULES,
+    MODULES,
+    ControlNetCatalog,
+    parse_units,
+)
 from a1111_proxy.engine.errors import InvalidParams  # noqa: E402
 from a1111_proxy.engine.lora import LoraUse, parse_uses, strip_tags  # noqa: E402
 from a1111_proxy.engine.params import Params, problems  # noqa: E402
@@ -161,10 +166,32 @@ def test_a_bad_unit_is_refused_naming_the_field_and_what_to_send(
 
 def test_the_module_list_names_only_preprocessors_the_engine_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     answer = ControlNetCatalog(tmp_path).module_list()
-    assert answer["module_list"] == [m.name for m in MODULES]
-    assert set(answer["module_list"]) == set(preprocessors.PREPROCESSORS)
+    assert answer["module_list"] == [m.name for m in MODULES] + list(IP_ADAPTER_MODULES)
+    assert set(m.name for m in MODULES) == set(preprocessors.PREPROCESSORS)
     assert answer["module_detail"]["canny"]["sliders"][1]["name"] == "Canny Low Threshold"
     assert ControlNetCatalog(tmp_path).version() == {"version": 2}
+
+
+def test_ip_adapter_units_are_image_prompts_with_all_their_images() -> None:
+    ip = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15"}
+    scribble = unit()
+    body = {
+        "prompt": "x",
+        "alwayson_scripts": {
+            "controlnet": {"args": [scribble, {**ip, "image": ["AAAA", {"image": "BBBB"}]}]}
+        },
+    }
+    params = Params.from_payload("txt2img", body)
+    assert [u.index for u in params.controlnet_units] == [0]
+    (prompt,) = params.image_prompts
+    assert prompt.index == 1 and prompt.images == ("AAAA", "BBBB") and prompt.encoder == "ViT-H"
+    assert prompt.active(0, 4) and prompt.active(3, 4)
+    late = {**ip, "guidance_start": 0.5, "guidance_end": 0}
+    [found] = problems("txt2img", {"alwayson_scripts": {"controlnet": {"args": [late]}}})
+    assert "guidance_start and guidance_end must satisfy" in found
+    face = {**ip, "module": "ip-adapter_face_id"}
+    [found] = problems("txt2img", {"alwayson_scripts": {"controlnet": {"args": [face]}}})
+    assert "ip-adapter_face_id" in found and "ip-adapter_clip_sdxl" in found
 
 
 def test_checking_lora_and_controlnet_requests_needs_neither_torch_nor_numpy() -> None:
