@@ -32,7 +32,7 @@ from a1111_proxy.engine import (
 )
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled, InvalidParams
-from a1111_proxy.engine.infotext import Generation
+from a1111_proxy.engine.infotext import Generation, inpaint_fields
 from a1111_proxy.engine.models import Loaded, Models, assemble
 from a1111_proxy.engine.params import Params
 
@@ -219,17 +219,12 @@ def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
         blur_y=params.mask_blur_y,
     )
     mask = mask.resize(original.size) if mask.size != original.size else mask
-    blur = params.mask_blur_x if params.mask_blur_x == params.mask_blur_y else None
-    generation.extra["Mask blur"] = (
-        blur if blur is not None else f"{params.mask_blur_x}x{params.mask_blur_y}"
-    )
     filled = _fill(original, mask, params)
     box = (
         images.mask_box(mask, params.inpaint_full_res_padding) if params.inpaint_full_res else None
     )
+    generation.extra.update(inpaint_fields(params, only_masked=box is not None))
     if box is not None:
-        generation.extra["Inpaint area"] = "Only masked"
-        generation.extra["Masked area padding"] = params.inpaint_full_res_padding
         box = images.expand_to_ratio(box, params.width, params.height, original.size)
         size = (params.width, params.height)
         return _Inputs(
