@@ -26,6 +26,7 @@ from a1111_proxy.engine import (
     images,
     lora,
     noise,
+    precision,
     schedulers,
     text,
     upscale,
@@ -306,14 +307,14 @@ def _run_batch(
     if params.sampler.sampler.brownian:
         tracking.brownian_seeds = seeds
     kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
-    kwargs["output_type"] = output
+    kwargs["output_type"] = "latent"  # decoded below (engine/precision.py's fp32 fallback)
     kwargs["generator"] = [
         torch.Generator(drawn.generators[0].device).manual_seed(s) for s in seeds
     ]
     # Only img2img has a strength: txt2img bodies carry hires fix's (webuiapi always sends 0.7).
     strength = _strength(params) if params.kind == "img2img" else None
     if task == "txt2img":
-        kwargs["latents"] = drawn.latents.to(models.dtype)
+        kwargs["latents"] = drawn.latents  # fp32, as the steps keep them (engine/precision.py)
     elif task == "img2img":
         start = inputs[0].batch if inputs[0].batch is not None else _per_image(inputs, size, "init")
         kwargs.update(image=start, strength=strength)
@@ -330,7 +331,7 @@ def _run_batch(
             width=params.width,
         )
         if strength >= 1.0:
-            kwargs["latents"] = drawn.latents.to(models.dtype)
+            kwargs["latents"] = drawn.latents
         tracking.noise = drawn.latents
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
     embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
@@ -340,13 +341,15 @@ def _run_batch(
     attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
     if getattr(pipe, "controlnet", None) is not None:
         attention.install(pipe.controlnet)
+        precision.keep_latents_fp32(pipe.controlnet, fp32_output=False)
     pixels = params.width * params.height
     if pixels > config.vae_tiling_pixels:
         pipe.vae.enable_tiling()
     else:
         pipe.vae.disable_tiling()
     with torch.inference_mode():
-        return list(pipe(**kwargs).images)
+        latents = list(pipe(**kwargs).images)
+    return latents if output == "latent" else upscale.as_images(loaded.pipe, latents)
 
 
 def _strength(params: Params) -> float | None:
