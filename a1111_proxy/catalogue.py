@@ -44,6 +44,11 @@ ENTRIES: tuple[str, ...] = (
     "controlnet-module_list",
 )
 
+# What only the bundled engine answers, fetched with ENTRIES and after an unload or reload; the
+# detailed /health shows it (no A1111 route: an A1111 backend answers None).
+DEVICE = "device"
+ENGINE_FACTS: tuple[str, ...] = (DEVICE,)
+
 DEFAULT_CHECKPOINT = "default_checkpoint"
 # POST /options by a tenant (not an admin): its own default checkpoint and options, applied to
 # its jobs at submit, {"checkpoint": title or None, "options": {...}}; the key ends with its name.

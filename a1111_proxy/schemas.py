@@ -647,6 +647,13 @@ class Health(BaseModel):
     backends: list[dict[str, Any]]
     queue: dict[str, int] | None
     problems: list[str]
+    device: dict[str, Any] | None = Field(
+        None,
+        description="admins, bundled engine: what it runs on (type, name, memory total/used/"
+        "free in bytes, utilization_percent and temperature_c where NVML answers, torch, dtype, "
+        "vae_dtype, loaded_models with their dtypes, note on the CPU) as its worker last stored "
+        "it, and age_seconds; null with A1111 backends",
+    )
 
 
 class Ready(BaseModel):

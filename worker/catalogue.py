@@ -10,6 +10,7 @@ from typing import Any
 from a1111_proxy.backends import REFRESHES, Backend, Refresh
 from a1111_proxy.catalogue import (
     CHECKPOINT_REQUEST,
+    ENGINE_FACTS,
     ENTRIES,
     PENDING_OPTIONS,
     REFRESH_REQUESTED,
@@ -65,7 +66,7 @@ class CatalogueKeeper:
 
     async def _fetch_from(self, backend: Backend) -> bool:
         fetched, failure = 0, None
-        for name in ENTRIES:
+        for name in (*ENTRIES, *ENGINE_FACTS):
             try:
                 body = await backend.catalogue_entry(name)
             except Exception as exc:
@@ -102,14 +103,16 @@ class CatalogueKeeper:
         self.checkpoint_request = request
 
     async def refresh_memory(self, backend: Backend) -> None:
-        """Refetch /memory after an unload or reload, so it shows the memory freed or used."""
-        try:
-            body = await backend.catalogue_entry("memory")
-        except Exception as exc:
-            log.debug("memory from %s failed: %s", backend.name, exc)
-            return
-        if body is not None:
-            await self.store.put("memory", body, backend.name)
+        """Refetch /memory (and the engine's device facts) after an unload or reload, so they
+        show the memory freed or used and the models loaded."""
+        for name in ("memory", *ENGINE_FACTS):
+            try:
+                body = await backend.catalogue_entry(name)
+            except Exception as exc:
+                log.debug("%s from %s failed: %s", name, backend.name, exc)
+                continue
+            if body is not None:
+                await self.store.put(name, body, backend.name)
 
     async def _refresh_backends(self, usable: list[Backend], what: list[Refresh]) -> None:
         for backend in usable:

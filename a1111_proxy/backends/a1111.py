@@ -222,6 +222,8 @@ class A1111Backend:
         await self._client.post("/sdapi/v1/skip", timeout=CONTROL_TIMEOUT)
 
     async def catalogue_entry(self, name: str) -> Any:
+        if name not in CATALOGUE_PATHS:
+            return None  # the engine's own facts (catalogue.ENGINE_FACTS): A1111 has none
         response = await self._client.get(CATALOGUE_PATHS[name], timeout=CONTROL_TIMEOUT)
         self._check_credentials(response)
         if response.status_code == 404:

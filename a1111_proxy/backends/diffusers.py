@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress, Refresh
-from a1111_proxy.engine import control, detect, hires, ip_adapter, memory
+from a1111_proxy.engine import control, detect, device, hires, ip_adapter, memory
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.controlnet import ControlNetCatalog
@@ -166,6 +166,7 @@ class DiffusersBackend:
             "upscalers": hires.upscalers,  # hires fix's image upscalers
             "latent-upscale-modes": hires.latent_upscale_modes,
             "memory": lambda: memory.report(self.models.device),
+            "device": lambda: device.facts(self.models),
             "scripts": lambda: {"txt2img": [], "img2img": []},
             "loras": lambda: LoraCatalog(models_dir).entries(),
             "controlnet-version": lambda: ControlNetCatalog(models_dir).version(),

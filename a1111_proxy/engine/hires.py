@@ -84,7 +84,7 @@ class Hires:
             "Hires negative prompt": (
                 self.negative_prompt if self.negative_prompt != negative_prompt else None
             ),
-            "Hires schedule type": self.sampler.schedule_label if self.schedule_differs else None,
+            "Hires schedule type": self.sampler.schedule_used if self.schedule_differs else None,
         }
         if self.resize_x == 0 and self.resize_y == 0:
             fields["Hires upscale"] = self.scale
@@ -133,7 +133,8 @@ def from_request(
         negative_prompt=request.hr_negative_prompt or request.negative_prompt or "",
         sampler=hr_sampler,
         sampler_differs=hr_sampler.sampler.name != sampler.sampler.name,
-        schedule_differs=hr_sampler.schedule_label != sampler.schedule_label,
+        # A1111 writes the second pass's schedule where one runs and differs from the first's.
+        schedule_differs=hr_sampler.schedule_used not in (None, sampler.schedule_used),
     )
 
 

@@ -56,7 +56,7 @@ class Generation:
                 p.denoising_strength if p.kind == "img2img" or p.hires else None
             ),
             "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
-            "ENSD": p.eta_noise_seed_delta or None,
+            "ENSD": p.eta_noise_seed_delta if _uses_ensd(p) else None,
             "RNG": p.randn_source if p.randn_source != "GPU" else None,
         }
         for key, value in self.extra.items():
@@ -98,7 +98,7 @@ class Generation:
             "seed_resize_from_w": p.seed_resize_from_w,
             "seed_resize_from_h": p.seed_resize_from_h,
             "denoising_strength": p.denoising_strength,
-            "extra_generation_params": {"Schedule type": p.sampler.schedule_label, **self.extra},
+            "extra_generation_params": self._extra_generation_params(),
             "index_of_first_image": 0,
             "infotexts": [self.infotext(i) for i in range(count)],
             "styles": p.styles,
@@ -108,6 +108,36 @@ class Generation:
             "version": VERSION,
         }
         return json.dumps(body, default=lambda _: None)
+
+    def _extra_generation_params(self) -> dict[str, Any]:
+        """A1111's p.extra_generation_params: its k-diffusion samplers add the schedule they
+        ran when sampling (after what img2img's init and the networks wrote)."""
+        used = self.params.sampler.schedule_used
+        return {**self.extra, "Schedule type": used} if used is not None else dict(self.extra)
+
+
+_MASKED_CONTENT = {0: "fill", 2: "latent noise", 3: "latent nothing"}  # 1 "original": none
+
+
+def inpaint_fields(p: Params, *, only_masked: bool) -> dict[str, Any]:
+    """What A1111's img2img init writes for a masked job, in its order: the mask mode when
+    inverted, the blur when any (its value only when x and y agree), the "Only masked" area
+    and padding, and the masked content unless it is "original"."""
+    blurred = p.mask_blur_x > 0 or p.mask_blur_y > 0
+    fields: dict[str, Any] = {
+        "Mask mode": "Inpaint not masked" if p.inpainting_mask_invert else None,
+        "Mask blur": p.mask_blur_x if blurred and p.mask_blur_x == p.mask_blur_y else None,
+        "Inpaint area": "Only masked" if only_masked else None,
+        "Masked area padding": p.inpaint_full_res_padding if only_masked else None,
+        "Masked content": _MASKED_CONTENT.get(p.inpainting_fill),
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _uses_ensd(p: Params) -> bool:
+    """A1111's is_sampler_using_eta_noise_seed_delta: a delta is set, the sampler is one that
+    uses it (the ancestral ones), and eta is not 0 (unset means A1111's eta_ancestral, 1)."""
+    return p.eta_noise_seed_delta != 0 and p.sampler.sampler.uses_ensd and p.eta != 0
 
 
 def _seed_resize(p: Params) -> str | None:

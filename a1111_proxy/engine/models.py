@@ -25,6 +25,12 @@ from a1111_proxy.engine.catalog import Catalog, Checkpoint, architecture
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.infotext import ModelInfo
+from a1111_proxy.engine.precision import (
+    fell_back,
+    keep_latents_fp32,
+    match_vae_input,
+    upcast_sdxl_vae,
+)
 from a1111_proxy.engine.previews import Previews
 from a1111_proxy.engine.skeletons import skeleton
 
@@ -88,6 +94,8 @@ class Models:
         self.device = pick_device(config)
         self.dtype = pick_dtype(config, self.device)
         self.previews = Previews(config.models_dir, self.device, self.dtype)
+        # A1111's dtype_vae: float32 once a half-precision decode made NaNs (precision.py).
+        self.vae_fp32 = False
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._current: str | None = None
         self._lock = threading.Lock()
@@ -95,6 +103,7 @@ class Models:
     def get(self, wanted: str | None) -> Loaded:
         """The checkpoint asked for; None: the one used last (A1111's current model)."""
         with self._lock:
+            self._note_fp32_vae()
             name = wanted or self._current
             checkpoint = self.catalog.find(name)
             if checkpoint.name not in self._loaded:
@@ -117,6 +126,21 @@ class Models:
         with self._lock:
             return list(self._loaded)
 
+    def describe(self) -> list[dict[str, Any]] | str:
+        """The loaded checkpoints with their parts' dtypes, least recently used first; a
+        sentence instead while a model is being loaded (never waits for it)."""
+        if not self._lock.acquire(timeout=0.1):
+            return "busy: a checkpoint is being loaded or unloaded"
+        try:
+            return [_describe(loaded) for loaded in self._loaded.values()]
+        finally:
+            self._lock.release()
+
+    def _note_fp32_vae(self) -> None:
+        """A VAE that fell back to fp32 (precision.decode) keeps every later model's VAE fp32."""
+        if any(fell_back(m.pipe.vae) for m in self._loaded.values()):
+            self.vae_fp32 = True
+
     def _make_room(self) -> None:
         while len(self._loaded) >= max(self.config.cached_models, 1):
             name, _ = self._loaded.popitem(last=False)
@@ -135,7 +159,7 @@ class Models:
             raise InvalidParams(
                 f"cannot load checkpoint {checkpoint.name} as {arch}: {type(exc).__name__}: {exc}"
             ) from exc
-        self._place(pipe)
+        self._place(pipe, sdxl=arch.startswith("sdxl"))
         return Loaded(checkpoint, arch, pipe, self.catalog.sha256(checkpoint))
 
     def _from_files(self, cls: Any, checkpoint: Checkpoint, arch: str) -> Any:
@@ -159,7 +183,7 @@ class Models:
             **extra,
         )
 
-    def _place(self, pipe: Any) -> None:
+    def _place(self, pipe: Any, *, sdxl: bool) -> None:
         pipe.set_progress_bar_config(disable=True)
         cuda = self.device.type == "cuda"
         if cuda and self._offload(pipe):
@@ -169,6 +193,12 @@ class Models:
         if cuda:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
+        if self.vae_fp32:
+            pipe.vae.to(dtype=torch.float32)
+        elif sdxl and upcast_sdxl_vae(pipe.vae):
+            log.info("the SDXL VAE runs in float32 (its config's force_upcast)")
+        keep_latents_fp32(pipe.unet)
+        match_vae_input(pipe.vae)
         if self.config.compile:
             pipe.unet = torch.compile(pipe.unet, dynamic=False)
 
@@ -191,6 +221,17 @@ class Models:
                 free / 2**30,
             )
         return short
+
+
+def _describe(loaded: Loaded) -> dict[str, Any]:
+    pipe = loaded.pipe
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2")
+    dtypes = {
+        part: str(getattr(pipe, part).dtype).removeprefix("torch.")
+        for part in parts
+        if getattr(pipe, part, None) is not None
+    }
+    return {"name": loaded.checkpoint.name, "architecture": loaded.architecture, **dtypes}
 
 
 def vram_is_short(weight_bytes: int, free_bytes: int) -> bool:

@@ -28,13 +28,14 @@ from a1111_proxy.engine import (
     lora,
     noise,
     noise_mask,
+    precision,
     schedulers,
     text,
     upscale,
 )
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled, InvalidParams
-from a1111_proxy.engine.infotext import Generation
+from a1111_proxy.engine.infotext import Generation, inpaint_fields
 from a1111_proxy.engine.models import Loaded, Models, assemble
 from a1111_proxy.engine.params import Params
 
@@ -237,17 +238,12 @@ def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
         blur_y=params.mask_blur_y,
     )
     mask = mask.resize(original.size) if mask.size != original.size else mask
-    blur = params.mask_blur_x if params.mask_blur_x == params.mask_blur_y else None
-    generation.extra["Mask blur"] = (
-        blur if blur is not None else f"{params.mask_blur_x}x{params.mask_blur_y}"
-    )
     filled = _fill(original, mask, params)
     box = (
         images.mask_box(mask, params.inpaint_full_res_padding) if params.inpaint_full_res else None
     )
+    generation.extra.update(inpaint_fields(params, only_masked=box is not None))
     if box is not None:
-        generation.extra["Inpaint area"] = "Only masked"
-        generation.extra["Masked area padding"] = params.inpaint_full_res_padding
         box = images.expand_to_ratio(box, params.width, params.height, original.size)
         size = (params.width, params.height)
         return _Inputs(
@@ -329,14 +325,14 @@ def _run_batch(
     if params.sampler.sampler.brownian:
         tracking.brownian_seeds = seeds
     kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
-    kwargs["output_type"] = output
+    kwargs["output_type"] = "latent"  # decoded below (engine/precision.py's fp32 fallback)
     kwargs["generator"] = [
         torch.Generator(noise.device_of(drawn.generators[0])).manual_seed(s) for s in seeds
     ]
     # Only img2img has a strength: txt2img bodies carry hires fix's (webuiapi always sends 0.7).
     strength = _strength(params) if params.kind == "img2img" else None
     if task == "txt2img":
-        kwargs["latents"] = drawn.latents.to(models.dtype)
+        kwargs["latents"] = drawn.latents  # fp32, as the steps keep them (engine/precision.py)
     elif task == "img2img":
         start = inputs[0].batch if inputs[0].batch is not None else _per_image(inputs, size, "init")
         kwargs.update(image=start, strength=strength)
@@ -353,7 +349,7 @@ def _run_batch(
             width=params.width,
         )
         if strength >= 1.0:
-            kwargs["latents"] = drawn.latents.to(models.dtype)
+            kwargs["latents"] = drawn.latents
         tracking.noise = drawn.latents
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
     embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
@@ -363,6 +359,7 @@ def _run_batch(
     attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
     if getattr(pipe, "controlnet", None) is not None:
         attention.install(pipe.controlnet)
+        precision.keep_latents_fp32(pipe.controlnet, fp32_output=False)
     # Image prompts and the noise mask (engine/ip_adapter.py, engine/noise_mask.py) step first.
     hooks = [
         ip_adapter.install(pipe.unet, inputs[0].image_prompts, cfg=params.cfg_scale > 1, pipe=pipe),
@@ -375,7 +372,8 @@ def _run_batch(
     else:
         pipe.vae.disable_tiling()
     with torch.inference_mode():
-        return list(pipe(**kwargs).images)
+        latents = list(pipe(**kwargs).images)
+    return latents if output == "latent" else upscale.as_images(loaded.pipe, latents)
 
 
 def _strength(params: Params) -> float | None:

@@ -27,6 +27,16 @@ class Sampler:
     # Steps on one sigma at a time: runs every schedule of sigmas.py (A1111's k-diffusion
     # samplers but Heun, DPM2 and DPM++ SDE, whose diffusers classes interleave sigmas).
     stepwise: bool = False
+    # A1111's "uses_ensd": ancestral samplers, whose infotext carries ENSD when eta is not 0.
+    uses_ensd: bool = False
+    # A1111's timesteps samplers (DDIM, PLMS, UniPC) pick no schedule of their own.
+    timesteps: bool = False
+
+    @property
+    def names_its_schedule(self) -> bool:
+        """Whether A1111 gives this sampler a schedule of its own (options' `scheduler`), which
+        "Automatic" resolves to and the infotext names: the Karras / Exponential defaults."""
+        return self.default_schedule in SIGMA_SCHEDULES and not self.timesteps
 
 
 SAMPLERS: tuple[Sampler, ...] = (
@@ -65,6 +75,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2s_a",),
         stepwise=True,
+        uses_ensd=True,
     ),
     Sampler(
         "DPM++ 3M SDE",
@@ -83,12 +94,15 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("k_euler_a", "k_euler_ancestral"),
         sigma_schedules=False,
         stepwise=True,
+        uses_ensd=True,
     ),
     Sampler("Euler", "EulerDiscreteScheduler", "uniform", {}, ("k_euler",), stepwise=True),
     Sampler("LMS", "LMSDiscreteScheduler", "uniform", {}, ("k_lms",), stepwise=True),
     Sampler("Heun", "HeunDiscreteScheduler", "uniform", {}, ("k_heun",)),
     Sampler("DPM2", "KDPM2DiscreteScheduler", "karras", {}, ("k_dpm_2",)),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", "karras", {}, ("k_dpm_2_a",)),
+    Sampler(
+        "DPM2 a", "KDPM2AncestralDiscreteScheduler", "karras", {}, ("k_dpm_2_a",), uses_ensd=True
+    ),
     Sampler(
         "DDIM",
         "DDIMScheduler",
@@ -96,9 +110,16 @@ SAMPLERS: tuple[Sampler, ...] = (
         {"set_alpha_to_one": False},
         ("ddim",),
         sigma_schedules=False,
+        timesteps=True,
     ),
     Sampler(
-        "PLMS", "PNDMScheduler", "ddim", {"skip_prk_steps": True}, ("plms",), sigma_schedules=False
+        "PLMS",
+        "PNDMScheduler",
+        "ddim",
+        {"skip_prk_steps": True},
+        ("plms",),
+        sigma_schedules=False,
+        timesteps=True,
     ),
     # A1111's defaults: uni_pc_order 3, variant "bh1". A1111's UniPC ends at t = 1/N, the
     # smallest trained sigma; diffusers' bh1 stepping on to sigma 0 divides by zero (NaN).
@@ -108,6 +129,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         "uniform",
         {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
         ("unipc",),
+        timesteps=True,
     ),
     Sampler("LCM", "LCMScheduler", "uniform", {}, ("k_lcm", "lcm"), sigma_schedules=False),
 )
@@ -143,13 +165,24 @@ _BY_NAME = {s.name.lower(): s for s in SAMPLERS} | {
 class Resolved:
     sampler: Sampler
     schedule: str  # a key of SCHEDULES, never "automatic"
+    requested: str = "automatic"  # the key asked for (a name suffix counts), before resolving
 
     @property
     def schedule_label(self) -> str:
-        """What A1111 writes as "Schedule type": Automatic when it is the sampler's default."""
-        if self.schedule == self.sampler.default_schedule:
-            return "Automatic"
-        return SCHEDULES[self.schedule]
+        """What A1111 writes as "Schedule type": the schedule asked for; for "Automatic", the
+        sampler's own (Karras for DPM++ 2M) where A1111 gives it one, else "Automatic"."""
+        if self.requested != "automatic" or self.sampler.names_its_schedule:
+            return SCHEDULES[self.schedule]
+        return "Automatic"
+
+    @property
+    def schedule_used(self) -> str | None:
+        """The schedule A1111's k-diffusion samplers record in extra_generation_params (and
+        compare hires fix's with): None where no schedule function runs (Automatic without a
+        schedule of the sampler's own; the timesteps samplers)."""
+        if self.sampler.timesteps or self.schedule_label == "Automatic":
+            return None
+        return self.schedule_label
 
 
 def resolve(sampler_name: str | None, schedule: str | None = None) -> Resolved:
@@ -177,6 +210,7 @@ def resolve(sampler_name: str | None, schedule: str | None = None) -> Resolved:
                 else ""
             )
         )
+    requested = found
     if found == "automatic":
         found = sampler.default_schedule
     if _refuses(sampler, found):
@@ -185,7 +219,7 @@ def resolve(sampler_name: str | None, schedule: str | None = None) -> Resolved:
             "use schedule 'Automatic' (or 'Uniform', 'SGM Uniform', 'Simple') or another sampler"
             + (f" ({', '.join(STEPWISE)} run it)" if found in FORMULA_SCHEDULES else "")
         )
-    return Resolved(sampler, found)
+    return Resolved(sampler, found, requested)
 
 
 def _refuses(sampler: Sampler, schedule: str) -> bool:

@@ -160,6 +160,7 @@ class Tracking:
         self, original: torch.Tensor, noise: torch.Tensor, timesteps: Any
     ) -> torch.Tensor:
         if self.noise is not None and self.noise.shape == noise.shape:
-            noise = self.noise.to(device=noise.device, dtype=noise.dtype)
-        noisy: torch.Tensor = self._add_noise(original, noise, timesteps)
+            noise = self.noise.to(device=noise.device)
+        # fp32, as A1111 keeps the sampler's latents whatever the UNet's dtype (precision.py)
+        noisy: torch.Tensor = self._add_noise(original.float(), noise.float(), timesteps)
         return noisy

@@ -14,6 +14,7 @@ from typing import Any, TypeGuard
 import torch
 from PIL import Image
 
+from a1111_proxy.engine import precision
 from a1111_proxy.engine.hires import LATENT_FACTOR, Hires
 from a1111_proxy.engine.params import Params
 
@@ -100,15 +101,13 @@ def second_pass_params(params: Params, hires: Hires) -> Params | None:
 
 @torch.inference_mode()
 def as_images(pipe: Any, batch: Batch | list[Any]) -> list[Image.Image]:
-    """Latents decoded as the SD/SDXL pipelines decode them (images pass through)."""
+    """Latents decoded as the SD/SDXL pipelines decode them (images pass through), in the
+    VAE's dtype with A1111's fp32 fallback (engine/precision.py)."""
     batch = _stacked(batch)
     if not isinstance(batch, torch.Tensor):
         return list(batch)
     vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    if upcast:
-        vae.to(dtype=torch.float32)
-    latents = batch.to(device=vae.device, dtype=vae.dtype)
+    latents = batch.to(device=vae.device, dtype=torch.float32)
     mean = getattr(vae.config, "latents_mean", None)
     std = getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:
@@ -117,7 +116,5 @@ def as_images(pipe: Any, batch: Batch | list[Any]) -> list[Image.Image]:
         latents = latents + torch.tensor(mean).view(shape).to(latents)
     else:
         latents = latents / vae.config.scaling_factor
-    decoded = vae.decode(latents, return_dict=False)[0]
-    if upcast:
-        vae.to(dtype=torch.float16)
+    decoded = precision.decode(vae, latents)
     return list(pipe.image_processor.postprocess(decoded, output_type="pil"))

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from a1111_proxy import metrics as prometheus
+from a1111_proxy.catalogue import DEVICE
 from a1111_proxy.migrate import current_revision
 from a1111_proxy.redaction import scrub
 from a1111_proxy.routes import context
@@ -50,6 +51,7 @@ async def health(request: Request) -> Response:
     if workers and all(slot["state"] == "down" for slot in report["backends"]):
         errors = "; ".join(f"{s['backend']}: {s['last_error']}" for s in report["backends"])
         problems.append((f"every backend slot is down: {errors}", "every backend slot is down"))
+    report["device"] = await _device(request) if report["database"] == "ok" else None
     report["status"] = "ok" if not problems else "unhealthy"
     report["problems"] = [detailed for detailed, _ in problems]
     status = 200 if not problems else 503
@@ -57,6 +59,15 @@ async def health(request: Request) -> Response:
         public = [general for _, general in problems]
         return JSONResponse(_for_anyone(report, public), status_code=status)
     return JSONResponse(report, status_code=status)
+
+
+async def _device(request: Request) -> dict[str, Any] | None:
+    """The bundled engine's device facts as its worker last stored them (engine/device.py),
+    with their age; None with A1111 backends, or before the first fetch."""
+    entry = await context.catalogue(request).entry(DEVICE)
+    if entry is None:
+        return None
+    return {**entry.body, "age_seconds": round(max(time.time() - entry.fetched_at, 0.0), 3)}
 
 
 def _for_anyone(report: dict[str, Any], problems: list[str]) -> dict[str, Any]:

@@ -11,19 +11,23 @@ import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 torch = pytest.importorskip("torch", reason="the engine tests need the engine extra (torch)")
 pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
 
+from a1111_proxy.app import create_app  # noqa: E402
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.catalogue import CatalogueStore  # noqa: E402
 from a1111_proxy.db.engine import Database  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
+from a1111_proxy.engine.device import CPU_NOTE  # noqa: E402
 from a1111_proxy.jobs import JobRepository, NewJob  # noqa: E402
 from a1111_proxy.wakeup import make_wakeup  # noqa: E402
+from tests.servers import serve  # noqa: E402
 from worker.catalogue import CatalogueKeeper  # noqa: E402
 from worker.execute import Timing  # noqa: E402
 from worker.loop import Worker  # noqa: E402
@@ -104,6 +108,54 @@ async def test_memory_is_answered_in_a1111s_shape(backend: DiffusersBackend) -> 
     assert set(memory) == {"ram", "cuda"}
     assert set(memory["ram"]) == {"free", "used", "total"} and memory["ram"]["used"] > 0
     assert memory["cuda"] == {"error": "unavailable (the engine runs on cpu)"}
+
+
+async def test_the_detailed_health_shows_the_engines_device_and_loaded_models(
+    backend: DiffusersBackend, sqlite_url: str, settings_for: Any
+) -> None:
+    await backend.generate("txt2img", SMALL)
+    db = Database(sqlite_url)
+    try:
+        await CatalogueKeeper(CatalogueStore(db)).fetch_all([backend])
+    finally:
+        await db.dispose()
+    settings = settings_for(
+        database_url=sqlite_url, backend="diffusers", admin_tokens="ops:ops-token"
+    )
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as api:
+        detailed = api.get("/health", headers={"Authorization": "Bearer ops-token"}).json()
+        public = api.get("/health").json()
+    device = detailed["device"]
+    assert device["type"] == "cpu" and device["note"] == CPU_NOTE
+    assert device["torch"] == torch.__version__ and device["dtype"] == "float32"
+    assert device["memory"]["total"] >= device["memory"]["used"] > 0
+    assert device["utilization_percent"] is None and device["temperature_c"] is None
+    assert device["loaded_models"] == [
+        {
+            "name": "a-tiny.safetensors",
+            "architecture": "sd15",
+            "unet": "float32",
+            "vae": "float32",
+            "text_encoder": "float32",
+        }
+    ]
+    assert device["age_seconds"] >= 0
+    assert "device" not in public  # the detailed view is for admins
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_on_cuda_the_device_facts_name_the_gpu_and_its_memory(models_dir: Path) -> None:
+    backend = make_backend(models_dir, device="cuda")
+    try:
+        await backend.generate("txt2img", SMALL)
+        device = await backend.catalogue_entry("device")
+        assert device["type"] == "cuda" and device["name"] == torch.cuda.get_device_name()
+        assert device["memory"]["total"] > device["memory"]["free"] > 0
+        assert device["loaded_models"][0]["unet"] == "float16"
+        if device["nvml"] == "ok":
+            assert 0 <= device["utilization_percent"] <= 100 and device["temperature_c"] > 0
+    finally:
+        await backend.aclose()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -183,7 +183,10 @@ async def test_hires_second_pass_takes_its_own_prompt_sampler_and_upscaler(
     )
     assert pixels(same).shape == (128, 128, 3) and pixels(other).shape == (96, 96, 3)
     text = infotext(other)
-    assert "Hires sampler: DPM++ 2M, Hires prompt: a [dog|cow], Hires upscale: 1.5" in text
+    assert (  # A1111 names the schedule DPM++ 2M runs, as Euler runs none
+        "Hires sampler: DPM++ 2M, Hires prompt: a [dog|cow], Hires schedule type: Karras, "
+        "Hires upscale: 1.5" in text
+    )
 
 
 async def test_hires_with_no_denoising_returns_the_first_pass_upscaled(

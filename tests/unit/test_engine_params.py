@@ -27,7 +27,7 @@ def params(kind: str = "txt2img", **body: object) -> Params:
 
 def test_sampler_names_resolve_like_a1111_with_suffixes_aliases_and_automatic() -> None:
     assert resolve("DPM++ 2M Karras").schedule == "karras"
-    assert resolve("DPM++ 2M Karras").schedule_label == "Automatic"  # karras is its default
+    assert resolve("DPM++ 2M Karras").schedule_label == "Karras"  # A1111 names the default
     assert resolve("DPM++ 2M", "Exponential").schedule_label == "Exponential"
     assert resolve("k_euler_a").sampler.name == "Euler a"
     assert resolve("Euler", "sgm uniform").schedule == "sgm_uniform"
