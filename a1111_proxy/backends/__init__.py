@@ -5,21 +5,27 @@ from __future__ import annotations
 from a1111_proxy.backends.base import (
     REFRESHES,
     Backend,
+    Batch,
+    Batching,
     BackendError,
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
     Progress,
     Refresh,
+    Runner,
 )
 
 __all__ = [
     "REFRESHES",
     "Backend",
+    "Batch",
+    "Batching",
     "BackendError",
     "BackendProtocolError",
     "BackendRejected",
     "BackendUnavailable",
     "Progress",
     "Refresh",
+    "Runner",
 ]
