@@ -264,9 +264,7 @@ class Worker:
             return claims
         # ENGINE_BATCH_WAIT_MS: give compatible jobs a moment to arrive, then take them too.
         await first_of(self._stop.wait(), timeout=self.batch_wait_seconds)
-        more = await self.repo.claim(
-            self.worker_id, name, batch=slot.batch - len(claims), key=key
-        )
+        more = await self.repo.claim(self.worker_id, name, batch=slot.batch - len(claims), key=key)
         return claims + [c for _, c in more]
 
     async def _reserve_free_slots(self) -> list[Slot]:
