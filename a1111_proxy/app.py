@@ -16,6 +16,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.downloads import DownloadStore
 from a1111_proxy.errors import EXCEPTION_HANDLERS
 from a1111_proxy.jobs import JobRepository, TenantLimits
+from a1111_proxy.jobs.intake import BatchKey
 from a1111_proxy.middleware import BodyLimit, TokenAuth
 from a1111_proxy.migrate import head_revision
 from a1111_proxy.model_info import ModelInfoStore
@@ -25,6 +26,15 @@ from a1111_proxy.settings import Settings
 from a1111_proxy.thumbnails import ThumbnailCache
 from a1111_proxy.waiter import JobWaiter
 from a1111_proxy.wakeup import NOTIFY_CHANNEL, PROGRESS_CHANNEL, make_wakeup
+
+
+def batch_keys(settings: Settings) -> BatchKey | None:
+    """The engine's batch key for each new job, when its worker batches (ENGINE_MAX_BATCH)."""
+    if settings.backend != "diffusers" or settings.engine_max_batch < 2:
+        return None
+    from a1111_proxy.engine.compat import batch_key  # plain Python: no torch in the API
+
+    return batch_key
 
 
 def make_lifespan(
@@ -41,6 +51,7 @@ def make_lifespan(
             lease_seconds=settings.lease_seconds,
             catalogue=catalogue,
             limits=TenantLimits(settings.tenant_max_queued, settings.tenant_submits_per_minute),
+            batch_key=batch_keys(settings),
         )
         # One wakeup source per process, shared by wait mode and every event stream.
         wakeup = make_wakeup(

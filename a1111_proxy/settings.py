@@ -378,6 +378,21 @@ class Settings(BaseSettings):
     engine_preview_steps: int = Field(
         5, ge=0, description="bundled engine: a cheap live preview every N steps; 0: none"
     )
+    engine_max_batch: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="bundled engine: up to this many compatible queued jobs (same checkpoint, "
+        "size, sampler, steps, CFG, LoRA set, ...) are claimed together and run as one batch, "
+        "each with its own prompt, seeds, progress and webhooks; 1: one job at a time",
+    )
+    engine_batch_wait_ms: int = Field(
+        0,
+        ge=0,
+        le=10000,
+        description="bundled engine: how long a batch that is not full waits for compatible "
+        "jobs to join before it starts; 0: never (a lone job is never delayed)",
+    )
 
     # The fake backend (BACKEND=fake).
     fake_seconds: float = Field(

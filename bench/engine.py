@@ -10,7 +10,9 @@ Runs the real DiffusersBackend (the same code path a job takes) offline on model
 
 For each: it/s (denoising steps per second, CFG on) and per-image latency of our engine against a
 bare diffusers pipeline call with the same weights, device, precision, sampler, size and steps in
-the same process, and their ratio (target >= 0.97); median of a few runs after a warm-up. Uses
+the same process, and their ratio (target >= 0.97); median of a few runs after a warm-up. Then
+cross-request batching: --jobs compatible jobs (own prompts and seeds) run as one engine batch
+against the same jobs one at a time, images/s and their ratio. Uses
 CUDA when torch sees it (`--device cpu` to force), fp16 there, fp32 on the CPU.
 
 Run: `.venv/bin/python bench/engine.py [--real] [--steps 20] [--runs 3] [--device cuda]`.
@@ -169,6 +171,42 @@ async def compare(
     print(f"  batch 4: {four / 4 * 1000:.1f} ms per image, {args.steps / four:.2f} it/s")
 
 
+async def measure_batching(
+    backend: DiffusersBackend, label: str, checkpoint: str, size: int, args: argparse.Namespace
+) -> None:
+    """N compatible jobs (own prompts and seeds) as one engine batch against the same jobs one
+    at a time, in the same run: images per second and their ratio."""
+    bodies = [
+        {
+            **BODY,
+            "prompt": f"a photo of thing {n}",
+            "seed": 100 + n,
+            "steps": args.steps,
+            "width": size,
+            "height": size,
+            "override_settings": {"sd_model_checkpoint": checkpoint},
+        }
+        for n in range(args.jobs)
+    ]
+    await backend.generate("txt2img", {**bodies[0], "steps": 2})  # load + warm up
+    alone, together = [], []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        for body in bodies:
+            await backend.generate("txt2img", body)
+        alone.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        batch = backend.batch([("txt2img", body) for body in bodies])
+        runs = zip(batch.runners, bodies, strict=True)
+        await asyncio.gather(*(runner.generate("txt2img", body) for runner, body in runs))
+        together.append(time.perf_counter() - t)
+    one, many = args.jobs / statistics.median(alone), args.jobs / statistics.median(together)
+    print(
+        f"{label} {size}x{size}, {args.steps} steps, {args.jobs} compatible jobs: "
+        f"one at a time {one:.2f} images/s, one batch {many:.2f} images/s, ratio {many / one:.2f}"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -180,6 +218,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--jobs", type=int, default=8, help="compatible jobs in the batch run")
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, CUDA: "
@@ -196,10 +235,12 @@ async def main() -> None:
                 skeletons=skeletons,
                 compile=args.compile,
                 preview_steps=5,
+                max_batch=64,
             )
         )
         try:
             await compare(backend, "tiny SD1.5", "tiny15", skeletons["sd15"], 64, args)
+            await measure_batching(backend, "tiny SD1.5", "tiny15", 64, args)
             if args.real:
                 for arch, name, size in (("sd15", "real15", 512), ("sdxl", "realxl", 1024)):
                     folder = root / "models" / "Stable-diffusion" / name
@@ -207,6 +248,7 @@ async def main() -> None:
                     backend.models.catalog.checkpoints = backend.models.catalog.scan()
                     label = "real-size SD1.5" if arch == "sd15" else "real-size SDXL"
                     await compare(backend, label, name, folder, size, args)
+                    await measure_batching(backend, label, name, size, args)
         finally:
             await backend.aclose()
 

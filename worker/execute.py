@@ -21,10 +21,10 @@ from sqlalchemy.exc import OperationalError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from a1111_proxy.backends import (
-    Backend,
     BackendError,
     BackendProtocolError,
     BackendUnavailable,
+    Runner,
 )
 from a1111_proxy.jobs import GENERATIONS, Claim, JobRepository, error_json, retry_delay
 from a1111_proxy.logs import job_id_var
@@ -47,7 +47,7 @@ class LeaseLost(Exception):
 
 async def execute(
     claim: Claim,
-    backend: Backend,
+    backend: Runner,
     repo: JobRepository,
     timing: Timing,
     on_backend_free: Callable[[], Awaitable[None]] | None = None,
@@ -90,7 +90,7 @@ async def execute(
 
 async def _watch(
     claim: Claim,
-    backend: Backend,
+    backend: Runner,
     repo: JobRepository,
     generation: asyncio.Task[Any],
     timing: Timing,
@@ -144,7 +144,7 @@ async def _watch(
             await _skip(claim, backend, repo)
 
 
-async def _skip(claim: Claim, backend: Backend, repo: JobRepository) -> None:
+async def _skip(claim: Claim, backend: Runner, repo: JobRepository) -> None:
     with contextlib.suppress(Exception):
         await backend.skip()
     await repo.clear_skip(claim)
@@ -163,7 +163,7 @@ def with_checkpoint(payload: dict[str, Any], checkpoint: str | None) -> dict[str
 
 
 async def _read_progress_unless_done(
-    backend: Backend, with_image: bool, generation: asyncio.Task[Any]
+    backend: Runner, with_image: bool, generation: asyncio.Task[Any]
 ) -> Any:
     """The backend's progress, or None as soon as the generation ends (the read is dropped)."""
     reading = asyncio.create_task(_read_progress(backend, with_image))
@@ -176,7 +176,7 @@ async def _read_progress_unless_done(
     return reading.result()
 
 
-async def _read_progress(backend: Backend, with_image: bool) -> Any:
+async def _read_progress(backend: Runner, with_image: bool) -> Any:
     try:
         return await backend.progress(with_image=with_image)
     except Exception as exc:  # progress is best-effort; the generation call decides the outcome
@@ -261,7 +261,7 @@ async def _persist(write: Any) -> bool:
 
 
 async def _give_back(
-    claim: Claim, backend: Backend, repo: JobRepository, generation: asyncio.Task[Any]
+    claim: Claim, backend: Runner, repo: JobRepository, generation: asyncio.Task[Any]
 ) -> None:
     """Shutdown: stop our generation on our slot, then let the job run again at once."""
     generation.cancel()

@@ -21,11 +21,11 @@ from typing import Any, Protocol
 
 from sqlalchemy.exc import OperationalError
 
-from a1111_proxy.backends import Backend
+from a1111_proxy.backends import Backend, Batching
 from a1111_proxy.jobs import Claim, JobRepository
 from a1111_proxy.wakeup import Wakeup
 from worker.catalogue import CatalogueKeeper
-from worker.execute import Timing, execute
+from worker.execute import Timing, execute, with_checkpoint
 
 log = logging.getLogger("a1111_proxy.worker")
 
@@ -65,6 +65,11 @@ class Slot:
     finishing: set[asyncio.Task[str]] = field(default_factory=set)
     reserved: bool = False  # a claim running now is looking for a job for it
 
+    @property
+    def batch(self) -> int:
+        """How many compatible jobs it runs at once (a backend that batches; else 1)."""
+        return self.backend.max_batch if isinstance(self.backend, Batching) else 1
+
     def free(self, now: float) -> bool:
         return (
             self.task is None
@@ -92,6 +97,7 @@ class Worker:
     wakeup: Wakeup
     timing: Timing = field(default_factory=Timing)
     reap_seconds: float = 5.0
+    batch_wait_seconds: float = 0.0  # a batch not full waits this long for company
     shutdown_grace_seconds: float = 30.0
     rest_seconds: float = 2.0  # a failing slot rests rest_seconds x failures (at most 30 s)
     keeper: CatalogueKeeper | None = None
@@ -222,16 +228,44 @@ class Worker:
             for slot in usable:
                 await self._apply_options(slot)
             began = time.perf_counter()
-            claimed = await self.repo.claim(
-                self.worker_id, [(slot.backend.name, slot.checkpoint) for slot in usable]
-            )
+            claimed = await self._claim(usable)
             took = time.perf_counter() - began
         finally:
             for slot in usable:
                 slot.reserved = False
+        by_slot: dict[int, list[Claim]] = {}
         for index, claim in claimed:
-            self._start(usable[index], claim, took)
+            by_slot.setdefault(index, []).append(claim)
+        for index, claims in by_slot.items():
+            if len(claims) == 1:
+                self._start(usable[index], claims[0], took)
+            else:
+                self._start_batch(usable[index], claims, took)
         return bool(claimed)
+
+    async def _claim(self, usable: list[Slot]) -> list[tuple[int, Claim]]:
+        """One claim for the slots that run one job at a time; one for each slot that batches
+        (the first due job and the compatible jobs behind it)."""
+        single = [i for i, slot in enumerate(usable) if slot.batch == 1]
+        claimed: list[tuple[int, Claim]] = []
+        if single:
+            slots = [(usable[i].backend.name, usable[i].checkpoint) for i in single]
+            claimed += [(single[n], c) for n, c in await self.repo.claim(self.worker_id, slots)]
+        for index, slot in enumerate(usable):
+            if slot.batch > 1:
+                claimed += [(index, c) for c in await self._claim_batch(slot)]
+        return claimed
+
+    async def _claim_batch(self, slot: Slot) -> list[Claim]:
+        name = [(slot.backend.name, slot.checkpoint)]
+        claims = [c for _, c in await self.repo.claim(self.worker_id, name, batch=slot.batch)]
+        key = claims[0].batch_key if claims else None
+        if key is None or len(claims) >= slot.batch or self.batch_wait_seconds <= 0:
+            return claims
+        # ENGINE_BATCH_WAIT_MS: give compatible jobs a moment to arrive, then take them too.
+        await first_of(self._stop.wait(), timeout=self.batch_wait_seconds)
+        more = await self.repo.claim(self.worker_id, name, batch=slot.batch - len(claims), key=key)
+        return claims + [c for _, c in more]
 
     async def _reserve_free_slots(self) -> list[Slot]:
         """The free slots, reserved; one that is down only if its probe says it is back."""
@@ -344,6 +378,47 @@ class Worker:
         )
         slot.task = task
         task.add_done_callback(lambda done: self._finished(slot, done, claim.id))
+
+    def _start_batch(self, slot: Slot, claims: list[Claim], claim_seconds: float) -> None:
+        """Run `claims` (compatible jobs) as one batch on `slot`: each job's own task (lease,
+        progress, cancel, result) drives its place in the backend's batch."""
+        assert isinstance(slot.backend, Batching)
+        log.info(
+            "jobs %s: one batch on %s (claimed in %.1f ms)",
+            ", ".join(c.id for c in claims),
+            slot.backend.name,
+            claim_seconds * 1000,
+        )
+        slot.claim, slot.state = claims[0], "busy"
+        slot.checkpoint = claims[0].checkpoint or slot.checkpoint
+        batch = slot.backend.batch(
+            [(c.type, with_checkpoint(c.payload, c.checkpoint)) for c in claims]
+        )
+
+        async def backend_free() -> None:
+            if batch.answered():  # the last job's answer: the engine is free
+                await self._backend_free(slot, task, claims[0])
+
+        async def run() -> str:
+            jobs = [
+                asyncio.create_task(
+                    execute(c, runner, self.repo, self.timing, on_backend_free=backend_free),
+                    name=f"job {c.id}",
+                )
+                for c, runner in zip(claims, batch.runners, strict=True)
+            ]
+            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            for claim, outcome in zip(claims, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    log.error("job %s: worker bug", claim.id, exc_info=outcome)
+            slot.jobs_done += max(0, outcomes.count("completed") - 1)
+            if "requeued" in outcomes:
+                return "requeued"
+            return "completed" if "completed" in outcomes else "error"
+
+        task = asyncio.create_task(run(), name=f"batch of {len(claims)}")
+        slot.task = task
+        task.add_done_callback(lambda done: self._finished(slot, done, claims[0].id))
 
     async def _backend_free(self, slot: Slot, task: asyncio.Task[str], claim: Claim) -> None:
         """The backend answered. When jobs were waiting, claim its next one and start it

@@ -59,6 +59,7 @@ def build_worker(settings: Settings, db: Database) -> Worker:
             stall_seconds=settings.stall_seconds,
         ),
         reap_seconds=settings.reap_seconds,
+        batch_wait_seconds=settings.engine_batch_wait_ms / 1000,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
         keeper=CatalogueKeeper(CatalogueStore(db), interval=settings.catalogue_seconds),
         chores=[*build_chores(settings, db), *build_upkeep(settings, repo)],
@@ -159,6 +160,7 @@ def _diffusers_backend(settings: Settings) -> Backend:
             compile=settings.engine_compile,
             cpu_offload=settings.engine_cpu_offload,
             preview_steps=settings.engine_preview_steps,
+            max_batch=settings.engine_max_batch,
         )
     )
 

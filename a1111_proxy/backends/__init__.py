@@ -9,8 +9,11 @@ from a1111_proxy.backends.base import (
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
+    Batch,
+    Batching,
     Progress,
     Refresh,
+    Runner,
 )
 
 __all__ = [
@@ -20,6 +23,9 @@ __all__ = [
     "BackendProtocolError",
     "BackendRejected",
     "BackendUnavailable",
+    "Batch",
+    "Batching",
     "Progress",
     "Refresh",
+    "Runner",
 ]

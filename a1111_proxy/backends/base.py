@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 # What POST /sdapi/v1/refresh-* asks the backends to rescan.
 Refresh = Literal["checkpoints", "loras", "vae", "embeddings"]
@@ -50,8 +50,8 @@ class Progress:
     steps: int | None = None
 
 
-class Backend(Protocol):
-    """One backend slot: runs one job at a time, and answers A1111's shapes.
+class Runner(Protocol):
+    """What runs one job: a backend slot, or one job's place in a batch (`Batching`).
 
     `generate` raises BackendUnavailable (worth another attempt later), BackendRejected or
     BackendProtocolError (final). The other calls are control calls: they may raise any
@@ -73,6 +73,10 @@ class Backend(Protocol):
     async def skip(self) -> None:
         """End the running batch at its next step; the job goes on with the next batch."""
         ...
+
+
+class Backend(Runner, Protocol):
+    """One backend slot: runs one job at a time, and answers A1111's shapes."""
 
     async def catalogue_entry(self, name: str) -> Any:
         """One catalogue entry by the name the API serves it under (`sd-models`, `samplers`,
@@ -99,3 +103,24 @@ class Backend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class Batch(Protocol):
+    """Jobs started together as one batch (`Batching.batch`): one runner per job, in order."""
+
+    runners: list[Runner]
+
+    def answered(self) -> bool:
+        """Every job of the batch has its answer (the backend is free for the next one)."""
+        ...
+
+
+@runtime_checkable
+class Batching(Protocol):
+    """A backend that runs up to `max_batch` compatible jobs (same batch key) as one batch."""
+
+    max_batch: int
+
+    def batch(self, jobs: list[tuple[str, dict[str, Any]]]) -> Batch:
+        """Start `jobs` ((kind, payload) each) as one batch; each job's runner answers it."""
+        ...

@@ -1,6 +1,7 @@
 """DiffusersBackend: the bundled engine as a backend slot (imports torch through the engine).
 
-One slot runs one job at a time on one device. The blocking pipeline runs in a single engine
+One slot runs one job, or one batch of compatible jobs (ENGINE_MAX_BATCH, engine/batch.py), at a
+time on one device. The blocking pipeline runs in a single engine
 thread, so a job that was cancelled while its thread still runs (shutdown) can never overlap the
 next one. Progress comes from the engine's per-step callback; interrupt stops at the next step.
 """
@@ -11,13 +12,16 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress, Refresh
+from a1111_proxy.backends.engine_batch import EngineBatch, JobPlace
 from a1111_proxy.engine import control, detect, device, hires, ip_adapter, memory
+from a1111_proxy.engine.batch import Member, generate_batch
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.controlnet import ControlNetCatalog
@@ -29,6 +33,11 @@ from a1111_proxy.engine.pipeline import RunState, generate
 from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES
 
 log = logging.getLogger("a1111_proxy.engine")
+
+
+def _unexpected(exc: BaseException) -> bool:
+    """Not one of the engine's own refusals: its traceback is worth keeping."""
+    return not isinstance(exc, InvalidParams | Canceled | torch.cuda.OutOfMemoryError)
 
 
 def _sd_model(catalog: Catalog, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -58,6 +67,8 @@ class DiffusersBackend:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._lock = asyncio.Lock()
         self._state: RunState | None = None
+        self.max_batch = config.max_batch
+        self._members: list[Member] = []  # the batch running now
 
     async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         if kind not in ("txt2img", "img2img"):
@@ -97,24 +108,84 @@ class DiffusersBackend:
     def _run(self, params: Params, state: RunState) -> dict[str, Any]:
         try:
             return generate(self.models, self.config, params, state)
-        except InvalidParams as exc:
-            raise BackendRejected(
-                f"the diffusers engine refused the {params.kind} request: {exc}"
-            ) from None
-        except Canceled:
-            raise BackendRejected("canceled while running") from None
-        except torch.cuda.OutOfMemoryError:
+        except Exception as exc:
+            raise self._refusal(params, exc) from (exc if _unexpected(exc) else None)
+
+    def _refusal(self, params: Params, exc: BaseException) -> BackendRejected:
+        """How a job's failure reads (A1111 answers 500 with the error; the job ends so)."""
+        if isinstance(exc, BackendRejected):
+            return exc
+        if isinstance(exc, InvalidParams):
+            return BackendRejected(f"the diffusers engine refused the {params.kind} request: {exc}")
+        if isinstance(exc, Canceled):
+            return BackendRejected("canceled while running")
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
             free_memory()
-            raise BackendRejected(
+            return BackendRejected(
                 f"the GPU ran out of memory for {params.batch_size} image(s) of "
                 f"{params.width}x{params.height} on {self.models.device}; lower batch_size or the "
-                "size, or set A1111_PROXY_ENGINE_CPU_OFFLOAD=true (memory was freed)"
-            ) from None
-        except Exception as exc:  # A1111 answers 500 with the error; this ends the job likewise
-            log.exception("the diffusers engine failed")
-            raise BackendRejected(
-                f"the diffusers engine failed: {type(exc).__name__}: {exc}"
-            ) from exc
+                "size (or ENGINE_MAX_BATCH), or set A1111_PROXY_ENGINE_CPU_OFFLOAD=true (memory "
+                "was freed)"
+            )
+        log.error("the diffusers engine failed", exc_info=exc)
+        return BackendRejected(f"the diffusers engine failed: {type(exc).__name__}: {exc}")
+
+    def batch(self, jobs: list[tuple[str, dict[str, Any]]]) -> EngineBatch:
+        """Start `jobs` as one batch (engine/batch.py) after the job running now; a job whose
+        body the engine refuses is answered at once, the others run."""
+        made = EngineBatch(self.name, len(jobs))
+        loop = asyncio.get_running_loop()
+        members = []
+        for place, (kind, payload) in zip(made.places, jobs, strict=True):
+            try:
+                params = Params.from_payload(kind, payload)
+            except InvalidParams as exc:
+                place.answer.set_exception(
+                    BackendRejected(f"the diffusers engine refused the {kind} request: {exc}")
+                )
+                continue
+            members.append(Member(params, place.state, self._answering(loop, place, params)))
+        made.task = asyncio.create_task(self._run_batch(made, members), name="engine batch")
+        return made
+
+    def _answering(
+        self, loop: asyncio.AbstractEventLoop, place: JobPlace, params: Params
+    ) -> Callable[[dict[str, Any] | BaseException], None]:
+        """The engine thread's way to answer `place` (on the event loop)."""
+
+        def settle(value: dict[str, Any] | BaseException) -> None:
+            if place.answer.done():
+                return
+            if isinstance(value, BaseException):
+                place.answer.set_exception(self._refusal(params, value))
+            else:
+                place.answer.set_result(value)
+
+        def answer(value: dict[str, Any] | BaseException) -> None:
+            loop.call_soon_threadsafe(settle, value)
+
+        return answer
+
+    async def _run_batch(self, made: EngineBatch, members: list[Member]) -> None:
+        if not members:
+            return
+        async with self._lock:
+            made.running, self._members = True, members
+            for member in members:
+                member.state.started_at = time.monotonic()
+            loop = asyncio.get_running_loop()
+            run = loop.run_in_executor(
+                self._thread, generate_batch, self.models, self.config, members
+            )
+            try:
+                await asyncio.shield(run)
+            except asyncio.CancelledError:
+                for member in members:
+                    member.state.cancel.set()
+                await asyncio.gather(run, return_exceptions=True)
+                raise
+            finally:
+                self._members = []
 
     async def progress(self, *, with_image: bool = False) -> Progress:
         state = self._state
@@ -226,5 +297,7 @@ class DiffusersBackend:
         state = self._state
         if state is not None:
             state.cancel.set()
+        for member in self._members:
+            member.state.cancel.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
         self.models.unload_all()

@@ -74,6 +74,9 @@ jobs = Table(
     Column("owner", String(200), nullable=True),
     # Its place among its priority's queued jobs (fair share across owners, jobs/turns.py).
     Column("turn", BigInteger, nullable=False, server_default=text("0")),
+    # What a job must share with others to run in one engine batch (engine/compat.py); NULL:
+    # it always runs alone.
+    Column("batch_key", String(64), nullable=True),
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
     Index(
@@ -96,6 +99,16 @@ jobs = Table(
     Index("ix_jobs_owner_turns", "owner", "status", "priority", "turn"),
     Index("ix_jobs_owner_seq", "owner", "seq"),  # a tenant's listing; its submit rate
     Index("ix_jobs_checkpoint_seq", "checkpoint", "seq"),  # a listing by model (?model=)
+    # A batch claim's companions: queued jobs with the head job's batch key.
+    Index(
+        "ix_jobs_batch_key",
+        "batch_key",
+        "priority",
+        "turn",
+        "seq",
+        postgresql_where=text("status = 'queued' AND batch_key IS NOT NULL"),
+        sqlite_where=text("status = 'queued' AND batch_key IS NOT NULL"),
+    ),
 )
 
 # The claim order (jobs/clauses.py QUEUE_ORDER), so that a claim reads its first rows only.

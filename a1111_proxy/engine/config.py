@@ -18,6 +18,7 @@ class EngineConfig:
     cpu_offload: str = "auto"
     vae_tiling_pixels: int = 1536 * 1536  # decode larger images in tiles
     preview_steps: int = 5  # a cheap live preview every N steps (0: none)
+    max_batch: int = 1  # compatible jobs run as one batch (engine/batch.py); 1: one at a time
     # Architecture -> diffusers config folder for single-file checkpoints; the package's own
     # skeletons when absent (tests point these at tiny models).
     skeletons: dict[str, Path] = field(default_factory=dict)

@@ -161,6 +161,17 @@ def generate(
             else first
         )
     state.job_no, state.step = state.job_count, 0
+    return answer(params, generation, inputs, made, units)
+
+
+def answer(
+    params: Params,
+    generation: Generation,
+    inputs: list[_Inputs],
+    made: list[Image.Image],
+    units: control.Control | None = None,
+) -> dict[str, Any]:
+    """A1111's response body for the images a job made (pasted back, with their infotexts)."""
     made = [_finish_image(image, inputs[i % len(inputs)]) for i, image in enumerate(made)]
     encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
     if units is not None and made:  # the extension appends its detected maps
@@ -306,21 +317,7 @@ def _run_batch(
     tracking = schedulers.Tracking(scheduler)
     pipe = _task_pipeline(loaded, task, scheduler)
     size = len(seeds)
-    resize_from = (
-        (params.seed_resize_from_w, params.seed_resize_from_h)
-        if params.seed_resize_from_w > 0 and params.seed_resize_from_h > 0
-        else None
-    )
-    drawn = noise.make(
-        seeds,
-        subseeds,
-        subseed_strength=params.subseed_strength,
-        shape=(4, params.height // 8, params.width // 8),
-        device=models.device,
-        source=params.randn_source,
-        ensd=params.eta_noise_seed_delta,
-        resize_from=resize_from,
-    )
+    drawn = initial_noise(models, params, seeds, subseeds)
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
     if params.sampler.sampler.brownian:
         tracking.brownian_seeds = seeds
@@ -374,6 +371,27 @@ def _run_batch(
     with torch.inference_mode():
         latents = list(pipe(**kwargs).images)
     return latents if output == "latent" else upscale.as_images(loaded.pipe, latents)
+
+
+def initial_noise(
+    models: Models, params: Params, seeds: list[int], subseeds: list[int]
+) -> noise.Noise:
+    """A1111's initial noise (and step-noise generators) for these images of the job."""
+    resize_from = (
+        (params.seed_resize_from_w, params.seed_resize_from_h)
+        if params.seed_resize_from_w > 0 and params.seed_resize_from_h > 0
+        else None
+    )
+    return noise.make(
+        seeds,
+        subseeds,
+        subseed_strength=params.subseed_strength,
+        shape=(4, params.height // 8, params.width // 8),
+        device=models.device,
+        source=params.randn_source,
+        ensd=params.eta_noise_seed_delta,
+        resize_from=resize_from,
+    )
 
 
 def _strength(params: Params) -> float | None:

@@ -29,6 +29,8 @@ from a1111_proxy.jobs.turns import assign_turns
 from a1111_proxy.wakeup import DUE, notify
 
 BATCH = 256  # jobs committed in one transaction at most
+# (type, body, checkpoint) -> the job's batch key (engine/compat.py), or None: it runs alone.
+BatchKey = Callable[[str, dict[str, Any], str | None], str | None]
 # A full queue has no known time at which it frees a place; a few seconds keeps clients polite.
 QUEUE_FULL_RETRY_SECONDS = 5
 
@@ -106,10 +108,12 @@ class JobIntake:
         *,
         max_attempts: int = 3,
         limits: TenantLimits = NO_LIMITS,
+        batch_key: BatchKey | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
         self.catalogue = catalogue
+        self.batch_key = batch_key
         self.max_attempts = max_attempts
         self.limits = limits
         self.clock = clock
@@ -201,6 +205,12 @@ class JobIntake:
                 _with_defaults(row, payload, defaults)
                 for row, payload in zip(rows, payloads, strict=True)
             ]
+        if self.batch_key is not None:
+            for row, payload in zip(rows, payloads, strict=True):
+                if row["type"] in GENERATIONS:
+                    row["batch_key"] = self.batch_key(
+                        row["type"], json.loads(payload), row["checkpoint"]
+                    )
         await assign_turns(conn, rows)
         inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
         by_id = {row.id: row for row in inserted}
@@ -261,6 +271,7 @@ class JobIntake:
             "updated_at": now,
             "deadline_at": None if new.timeout is None else now + new.timeout,
             "owner": new.owner,
+            "batch_key": None,
         }
 
 

@@ -38,6 +38,7 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    or_,
     select,
     update,
 )
@@ -86,16 +87,39 @@ _INSERT_IMAGES = insert(job_images)
 def _claim_statement(slots: int) -> Update:
     """Lease up to `slots` due jobs in queue order, returning what the worker needs of them.
     Binds: now, owner, prefix (of the lease tokens), expires, and backend for one slot."""
-    due = (
-        select(jobs.c.seq)
-        .where(_WAITING)
+    return _lease(_due(_WAITING, slots), one_slot=slots == 1)
+
+
+@functools.cache
+def _batch_claim_statement(size: int, keyed: bool) -> Update:
+    """Lease the first due job and up to `size - 1` more due jobs with its batch key, in queue
+    order, for one slot that runs them as one batch; `keyed`: up to `size` due jobs with the
+    bound batch key (a batch topped up). Binds as _claim_statement, and key when keyed."""
+    if keyed:
+        together = jobs.c.batch_key == bindparam("b_key", type_=String)
+    else:
+        head = _due(_WAITING, 1, jobs.c.batch_key, name="head")
+        together = or_(
+            jobs.c.seq == select(head.c.seq).scalar_subquery(),
+            jobs.c.batch_key == select(head.c.batch_key).scalar_subquery(),
+        )
+    return _lease(_due(and_(_WAITING, together), size), one_slot=True)
+
+
+def _due(where: ColumnElement[bool], limit: int, *columns: Any, name: str = "due") -> Any:
+    return (
+        select(jobs.c.seq, *columns)
+        .where(where)
         .order_by(*QUEUE_ORDER)
         # Written into the SQL (a few distinct statements): PostgreSQL's generic plan of a
         # bound LIMIT expects many rows and joins them by scanning the whole table.
-        .limit(literal_column(str(slots), Integer))
+        .limit(literal_column(str(limit), Integer))
         .with_for_update(skip_locked=True)
-        .cte("due")
+        .cte(name)
     )
+
+
+def _lease(due: Any, *, one_slot: bool) -> Update:
     # Whether more jobs wait than this claim takes: the worker then claims a slot's next job
     # the moment its backend answers, and otherwise stores the result first
     # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
@@ -123,7 +147,7 @@ def _claim_statement(slots: int) -> Update:
             started_at=func.coalesce(jobs.c.started_at, _NOW),
             updated_at=_NOW,
             # One slot (the usual case: a slot freed alone) needs no placing afterwards.
-            **({"backend": bindparam("b_backend")} if slots == 1 else {}),
+            **({"backend": bindparam("b_backend")} if one_slot else {}),
         )
         .returning(
             jobs.c.id,
@@ -134,6 +158,7 @@ def _claim_statement(slots: int) -> Update:
             jobs.c.priority,
             jobs.c.turn,
             jobs.c.lease_token,
+            jobs.c.batch_key,
             *WEBHOOK_COLUMNS,
             _PAYLOAD,
             more.label("more_queued"),
@@ -197,7 +222,9 @@ class JobMachine:
 
     # --- the claim ---------------------------------------------------------------------------
 
-    async def claim(self, owner: str, slots: Slots) -> list[tuple[int, Claim]]:
+    async def claim(
+        self, owner: str, slots: Slots, *, batch: int = 1, key: str | None = None
+    ) -> list[tuple[int, Claim]]:
         """Lease up to one due job per free slot (highest priority, then turn: owners take
         turns, then oldest) to `owner`.
 
@@ -207,18 +234,31 @@ class JobMachine:
         checkpoint when there is one, else to the first free slot. One short transaction
         claims, assigns and reads the payloads. Returns (slot index, claim) pairs. A backend
         is stored (and compared) by the name shown to people: its URL without credentials.
+
+        `batch` > 1 (one slot, a backend that batches): the first due job and up to `batch - 1`
+        more with its batch key, all for that slot, each with its own lease; with `key`, up to
+        `batch` due jobs with that batch key (a batch topped up).
         """
+        assert batch == 1 or len(slots) == 1, "a batch claim is for one slot"
         slots = [(backend_name(name), checkpoint) for name, checkpoint in slots]
         now = self.clock()
         async with self.db.writing() as conn:
             open_slots = await idle_slots(self.db, conn, owner, slots)
             if not open_slots:
                 return []
-            claimed = await self._claim_in(conn, owner, [slots[i] for i in open_slots], now)
+            claimed = await self._claim_in(
+                conn, owner, [slots[i] for i in open_slots], now, batch, key
+            )
         return [(open_slots[index], claim) for index, claim in claimed]
 
     async def _claim_in(
-        self, conn: AsyncConnection, owner: str, slots: Slots, now: float
+        self,
+        conn: AsyncConnection,
+        owner: str,
+        slots: Slots,
+        now: float,
+        batch: int = 1,
+        key: str | None = None,
     ) -> list[tuple[int, Claim]]:
         # One random prefix per claim plus the job's seq: a token no other claim ever had.
         values = {
@@ -228,11 +268,16 @@ class JobMachine:
             "b_expires": now + self.lease_seconds,
             "b_backend": slots[0][0],
         }
-        claimed = await conn.execute(_claim_statement(len(slots)), values)
+        if batch > 1:
+            values["b_key"] = key
+            statement = _batch_claim_statement(batch, keyed=key is not None)
+        else:
+            statement = _claim_statement(len(slots))
+        claimed = await conn.execute(statement, values)
         rows = sorted(claimed.all(), key=lambda r: (-r.priority, r.turn, r.seq))
         if not rows:
             return []
-        placed = place(rows, slots)
+        placed = [(0, row) for row in rows] if batch > 1 else place(rows, slots)
         if len(slots) > 1:
             await conn.execute(
                 update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),

@@ -119,6 +119,7 @@ class Claim:
     checkpoint: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)  # the body to send
     more_queued: bool = False  # other jobs were due when this one was claimed
+    batch_key: str | None = None  # what it shares with the jobs it may run with (one batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,7 @@ def claim_record(row: AnyRow, backend: str, *, more_queued: bool) -> Claim:
         row.checkpoint,
         _object(row.payload) or {},
         more_queued=more_queued,
+        batch_key=getattr(row, "batch_key", None),
     )
 
 

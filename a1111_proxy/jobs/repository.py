@@ -13,7 +13,7 @@ from a1111_proxy.db.engine import Database
 from a1111_proxy.deliveries import DeliveryRepository
 from a1111_proxy.jobs.clauses import JobFilter
 from a1111_proxy.jobs.control import JobControl
-from a1111_proxy.jobs.intake import NO_LIMITS, JobIntake, NewJob, Submitted, TenantLimits
+from a1111_proxy.jobs.intake import NO_LIMITS, BatchKey, JobIntake, NewJob, Submitted, TenantLimits
 from a1111_proxy.jobs.machine import JobMachine, Touch
 from a1111_proxy.jobs.metrics import JobMetrics, JobMetricsQueries
 from a1111_proxy.jobs.placement import Slots
@@ -33,6 +33,7 @@ class JobRepository:
         clock: Callable[[], float] = time.time,
         catalogue: CatalogueStore | None = None,
         limits: TenantLimits = NO_LIMITS,
+        batch_key: BatchKey | None = None,
     ) -> None:
         self.db = db
         self.deliveries = DeliveryRepository(db, clock=clock)
@@ -41,6 +42,7 @@ class JobRepository:
             catalogue or CatalogueStore(db, clock),
             max_attempts=max_attempts,
             limits=limits,
+            batch_key=batch_key,
             clock=clock,
         )
         self.machine = JobMachine(db, self.deliveries, lease_seconds=lease_seconds, clock=clock)
@@ -57,8 +59,10 @@ class JobRepository:
 
     # --- the worker's lease (machine.py) -----------------------------------------------------
 
-    async def claim(self, owner: str, slots: Slots) -> list[tuple[int, Claim]]:
-        return await self.machine.claim(owner, slots)
+    async def claim(
+        self, owner: str, slots: Slots, *, batch: int = 1, key: str | None = None
+    ) -> list[tuple[int, Claim]]:
+        return await self.machine.claim(owner, slots, batch=batch, key=key)
 
     async def touch(
         self,

@@ -1,0 +1,274 @@
+"""Cross-request batching (torch): several compatible jobs run as one pipeline call.
+
+The worker claims up to ENGINE_MAX_BATCH queued jobs with the same batch key (engine/compat.py)
+and the backend hands them here together. Each job keeps its own prompt, negative prompt, seeds
+and subseeds: its rows of the batch get the initial noise, step noise and conditioning they get
+when it runs alone (A1111's seed semantics), so its images are the same. A job that does not fit
+the shared call after all (hires fix, ControlNet, a mask, n_iter > 1, prompt editing, another LoRA
+set or size, an inpainting checkpoint) runs alone after it; jobs whose conditionings differ in
+length (a prompt past 75 tokens) run as separate batches.
+
+A job whose inputs fail (a bad init image) fails alone, before the batch starts. A job cancelled
+or interrupted during the batch ends at the next step: interrupted (or skipped), it answers with
+its rows' current estimate, decoded as when it runs alone; cancelled, with nothing. Its rows stay
+in the batch until the batch ends and are then thrown away: the samplers keep per-row history
+(multistep solvers, step noise) that cannot be cut without touching the other jobs' rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from a1111_proxy.engine import adapters, attention, conditioning, lora, noise, schedulers, upscale
+from a1111_proxy.engine.config import EngineConfig
+from a1111_proxy.engine.errors import Canceled
+from a1111_proxy.engine.infotext import Generation
+from a1111_proxy.engine.models import Loaded, Models
+from a1111_proxy.engine.params import Params
+from a1111_proxy.engine.pipeline import (
+    RunState,
+    _call_kwargs,
+    _Inputs,
+    _per_image,
+    _prepare_inputs,
+    _strength,
+    _task_pipeline,
+    answer,
+    generate,
+    initial_noise,
+)
+
+Answer = Callable[[dict[str, Any] | BaseException], None]
+
+
+@dataclass
+class Member:
+    """One job of a batch: `done` is called once, from the engine thread, with its answer."""
+
+    params: Params
+    state: RunState
+    done: Answer
+    answered: bool = False
+
+    def settle(self, value: dict[str, Any] | BaseException) -> None:
+        if not self.answered:
+            self.answered = True
+            self.done(value)
+
+
+@dataclass
+class _Ready:
+    """A member whose inputs and conditioning are prepared, and its rows of the batch."""
+
+    member: Member
+    generation: Generation
+    inputs: list[_Inputs]
+    embeds: conditioning.Conditioning
+    seeds: list[int]
+    subseeds: list[int]
+    rows: slice = field(default_factory=lambda: slice(0, 0))
+
+
+def generate_batch(models: Models, config: EngineConfig, members: list[Member]) -> None:
+    """Run `members` (compatible jobs) as few pipeline calls as their inputs allow; every
+    member is answered (its result, or the error that ended it)."""
+    try:
+        _generate(models, config, members)
+    except Exception as exc:  # a load or a pipeline failure: every job not yet answered
+        for member in members:
+            member.settle(exc)
+
+
+def _generate(models: Models, config: EngineConfig, members: list[Member]) -> None:
+    loaded = models.get(members[0].params.checkpoint)
+    shared = _shared(members[0].params, loaded)
+    together = [m for m in members if shared is not None and _shared(m.params, loaded) == shared]
+    alone = [m for m in members if m not in together]
+    if len(together) > 1:
+        hashes = adapters.activate(loaded.pipe, models.config.models_dir, together[0].params.loras)
+        ready = [r for r in (_prepare(models, loaded, m, hashes) for m in together) if r]
+        groups: dict[Any, list[_Ready]] = {}
+        for item in ready:
+            if item.embeds.scheduled:  # prompt editing: its conditioning changes per step
+                alone.append(item.member)
+            else:
+                groups.setdefault(_signature(item.embeds.first), []).append(item)
+        for group in groups.values():
+            _run_group(models, config, loaded, group)
+    else:
+        alone = members
+    for member in alone:
+        _run_alone(models, config, member)
+
+
+def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
+    """What every job of one pipeline call must share; None: this job runs alone."""
+    if (
+        params.hires is not None
+        or params.controlnet_units
+        or params.mask is not None
+        or params.n_iter != 1
+        or loaded.inpainting
+    ):
+        return None
+    return (
+        params.kind,
+        params.checkpoint,
+        params.width,
+        params.height,
+        params.sampler,
+        params.steps,
+        params.cfg_scale,
+        params.eta,
+        params.denoising_strength if params.kind == "img2img" else None,
+        params.randn_source,
+        params.eta_noise_seed_delta,
+        params.loras,
+    )
+
+
+def _signature(embeds: Any) -> tuple[Any, ...]:
+    parts = (embeds.cond, embeds.uncond, embeds.pooled, embeds.uncond_pooled)
+    return tuple(None if z is None else tuple(z.shape) for z in parts)
+
+
+def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None) -> _Ready | None:
+    """The member's inputs and conditioning; a failure ends this member only."""
+    params = member.params
+    try:
+        seeds, subseeds = params.all_seeds(), params.all_subseeds()
+        generation = Generation(params, loaded.info, seeds, subseeds)
+        inputs = [_prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
+        if hashes:
+            generation.extra["Lora hashes"] = hashes
+        embeds = conditioning.encode(
+            loaded.pipe,
+            lora.strip_tags(params.prompt),
+            lora.strip_tags(params.negative_prompt),
+            steps=conditioning.total_steps(params.sampler, params.steps),
+            clip_skip=params.clip_skip,
+            sdxl=loaded.sdxl,
+            pad_cond_uncond=params.pad_cond_uncond,
+        )
+    except Exception as exc:
+        member.settle(exc)
+        return None
+    member.state.job_count = 1
+    return _Ready(member, generation, inputs or [_Inputs()], embeds, seeds, subseeds)
+
+
+def _run_alone(models: Models, config: EngineConfig, member: Member) -> None:
+    if member.state.cancel.is_set():
+        member.settle(Canceled())
+        return
+    try:
+        member.settle(generate(models, config, member.params, member.state))
+    except Exception as exc:
+        member.settle(exc)
+
+
+def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list[_Ready]) -> None:
+    """One pipeline call for the group's rows, each member's rows in turn."""
+    start = 0
+    for item in group:
+        item.rows = slice(start, start + len(item.seeds))
+        start += len(item.seeds)
+    head = group[0].member.params
+    scheduler = schedulers.make(loaded.pipe.scheduler.config, head.sampler, sdxl=loaded.sdxl)
+    tracking = schedulers.Tracking(scheduler)
+    pipe = _task_pipeline(loaded, head.kind, scheduler)
+    drawn = [initial_noise(models, i.member.params, i.seeds, i.subseeds) for i in group]
+    latents = torch.cat([d.latents for d in drawn])
+    tracking.generators = [g for d in drawn for g in d.generators]
+    seeds = [s for item in group for s in item.seeds]
+    if head.sampler.sampler.brownian:
+        tracking.brownian_seeds = seeds
+    kwargs = _call_kwargs(pipe, head, group[0].embeds.first, start, models.dtype)
+    kwargs.update(_stacked(group, models.dtype))
+    kwargs["output_type"] = "latent"  # decoded below (engine/precision.py's fp32 fallback)
+    kwargs["generator"] = [
+        torch.Generator(noise.device_of(tracking.generators[0])).manual_seed(s) for s in seeds
+    ]
+    if head.kind == "txt2img":
+        kwargs["latents"] = latents  # fp32, as the steps keep them (engine/precision.py)
+    else:
+        images = [x for i in group for x in _per_image(i.inputs, len(i.seeds), "init")]
+        kwargs.update(image=images, strength=_strength(head))
+        tracking.noise = latents
+    kwargs["callback_on_step_end"] = _callback(group, tracking, config, models, loaded)
+    attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
+    if head.width * head.height > config.vae_tiling_pixels:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
+    if all(item.member.answered for item in group):
+        return
+    with torch.inference_mode():
+        made = upscale.as_images(loaded.pipe, list(pipe(**kwargs).images))
+    for item in group:
+        _answer(item, made[item.rows])
+
+
+def _stacked(group: list[_Ready], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each member's embeddings repeated for its rows, the members one after another."""
+
+    def rows(name: str) -> torch.Tensor:
+        parts = [getattr(i.embeds.first, name) for i in group]
+        return torch.cat(
+            [z.expand(len(i.seeds), *z.shape[1:]) for i, z in zip(group, parts, strict=True)]
+        ).to(dtype)
+
+    stacked = {"prompt_embeds": rows("cond"), "negative_prompt_embeds": rows("uncond")}
+    if group[0].embeds.first.pooled is not None:
+        stacked["pooled_prompt_embeds"] = rows("pooled")
+        stacked["negative_pooled_prompt_embeds"] = rows("uncond_pooled")
+    return stacked
+
+
+def _answer(item: _Ready, made: list[Any]) -> None:
+    member = item.member
+    if member.answered:
+        return
+    member.state.job_no, member.state.step = member.state.job_count, 0
+    try:
+        member.settle(answer(member.params, item.generation, item.inputs, made))
+    except Exception as exc:
+        member.settle(exc)
+
+
+def _callback(
+    group: list[_Ready],
+    tracking: schedulers.Tracking,
+    config: EngineConfig,
+    models: Models,
+    loaded: Loaded,
+) -> Any:
+    """Each member's progress and preview; a member cancelled or interrupted ends here."""
+
+    def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        x0 = tracking.last_x0
+        latents = tensors["latents"]
+        estimate = x0 if x0 is not None and x0.shape == latents.shape else latents
+        preview = config.preview_steps and (i + 1) % config.preview_steps == 0
+        for item in group:
+            state = item.member.state
+            if item.member.answered:
+                continue
+            state.step, state.steps = i + 1, getattr(pipe, "num_timesteps", 0) or state.steps
+            if preview:
+                first = estimate[item.rows.start]
+                state.current_image = models.previews.png_base64(first, sdxl=loaded.sdxl)
+            if state.cancel.is_set():
+                item.member.settle(Canceled())
+            elif state.interrupt.is_set() or state.skip.is_set():
+                # A1111 keeps the current x0 estimate, as the job would alone.
+                _answer(item, upscale.as_images(loaded.pipe, estimate[item.rows]))
+        if all(item.member.answered for item in group):
+            pipe._interrupt = True  # nobody wants the rest
+        return tensors
+
+    return on_step_end
