@@ -30,16 +30,16 @@ from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models
 from a1111_proxy.engine.params import Params
 from a1111_proxy.engine.pipeline import (
+    Inputs,
     RunState,
-    _call_kwargs,
-    _Inputs,
-    _per_image,
-    _prepare_inputs,
-    _strength,
-    _task_pipeline,
     answer,
+    call_kwargs,
     generate,
     initial_noise,
+    per_image,
+    prepare_inputs,
+    run_strength,
+    task_pipeline,
 )
 
 Answer = Callable[[dict[str, Any] | BaseException], None]
@@ -66,7 +66,7 @@ class _Ready:
 
     member: Member
     generation: Generation
-    inputs: list[_Inputs]
+    inputs: list[Inputs]
     embeds: conditioning.Conditioning
     seeds: list[int]
     subseeds: list[int]
@@ -142,7 +142,7 @@ def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None)
     try:
         seeds, subseeds = params.all_seeds(), params.all_subseeds()
         generation = Generation(params, loaded.info, seeds, subseeds)
-        inputs = [_prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
+        inputs = [prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
         if hashes:
             generation.extra["Lora hashes"] = hashes
         embeds = conditioning.encode(
@@ -158,7 +158,7 @@ def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None)
         member.settle(exc)
         return None
     member.state.job_count = 1
-    return _Ready(member, generation, inputs or [_Inputs()], embeds, seeds, subseeds)
+    return _Ready(member, generation, inputs or [Inputs()], embeds, seeds, subseeds)
 
 
 def _run_alone(models: Models, config: EngineConfig, member: Member) -> None:
@@ -180,14 +180,14 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
     head = group[0].member.params
     scheduler = schedulers.make(loaded.pipe.scheduler.config, head.sampler, sdxl=loaded.sdxl)
     tracking = schedulers.Tracking(scheduler)
-    pipe = _task_pipeline(loaded, head.kind, scheduler)
+    pipe = task_pipeline(loaded, head.kind, scheduler)
     drawn = [initial_noise(models, i.member.params, i.seeds, i.subseeds) for i in group]
     latents = torch.cat([d.latents for d in drawn])
     tracking.generators = [g for d in drawn for g in d.generators]
     seeds = [s for item in group for s in item.seeds]
     if head.sampler.sampler.brownian:
         tracking.brownian_seeds = seeds
-    kwargs = _call_kwargs(pipe, head, group[0].embeds.first, start, models.dtype)
+    kwargs = call_kwargs(pipe, head, group[0].embeds.first, start, models.dtype)
     kwargs.update(_stacked(group, models.dtype))
     kwargs["output_type"] = "latent"  # decoded below (engine/precision.py's fp32 fallback)
     kwargs["generator"] = [
@@ -196,8 +196,8 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
     if head.kind == "txt2img":
         kwargs["latents"] = latents  # fp32, as the steps keep them (engine/precision.py)
     else:
-        images = [x for i in group for x in _per_image(i.inputs, len(i.seeds), "init")]
-        kwargs.update(image=images, strength=_strength(head))
+        images = [x for i in group for x in per_image(i.inputs, len(i.seeds), "init")]
+        kwargs.update(image=images, strength=run_strength(head))
         tracking.noise = latents
     kwargs["callback_on_step_end"] = _callback(group, tracking, config, models, loaded)
     attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention

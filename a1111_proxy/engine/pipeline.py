@@ -78,7 +78,7 @@ class RunState:
 
 
 @dataclass
-class _Inputs:
+class Inputs:
     """One img2img input image (with its mask), prepared once for all batches."""
 
     init: Image.Image | None = None  # what the pipeline starts from, at the job's size
@@ -97,8 +97,8 @@ def generate(
     loaded = models.get(params.checkpoint)
     seeds, subseeds = params.all_seeds(), params.all_subseeds()
     generation = Generation(params, loaded.info, seeds, subseeds)
-    inputs = [_prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
-    inputs = inputs or [_Inputs()]
+    inputs = [prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
+    inputs = inputs or [Inputs()]
     generation.is_using_inpainting_conditioning = loaded.inpainting
     # LoRA and ControlNet (engine/adapters.py, engine/control.py); every job sets the LoRAs.
     hashes = adapters.activate(loaded.pipe, models.config.models_dir, params.loras)
@@ -167,7 +167,7 @@ def generate(
 def answer(
     params: Params,
     generation: Generation,
-    inputs: list[_Inputs],
+    inputs: list[Inputs],
     made: list[Image.Image],
     units: control.Control | None = None,
 ) -> dict[str, Any]:
@@ -230,18 +230,16 @@ def _hires(
     )
     # ControlNet steers the second pass too, its control images fitted to the new size.
     steer = control.resized(units, second.width, second.height) if units is not None else None
-    inputs = [_Inputs(batch=start, control=steer, image_prompts=prompts)]
+    inputs = [Inputs(batch=start, control=steer, image_prompts=prompts)]
     return _run_batch(models, config, loaded, second, embeds, inputs, state, seeds, subseeds)
 
 
-def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
+def prepare_inputs(params: Params, generation: Generation, n: int) -> Inputs:
     """init_images[n]; with several, image n is the n-th of each batch (batch_size is their
     count)."""
     original = images.decode(params.init_images[n], f"init_images[{n}]").convert("RGB")
     if params.mask is None:
-        return _Inputs(
-            init=images.resize(original, params.resize_mode, params.width, params.height)
-        )
+        return Inputs(init=images.resize(original, params.resize_mode, params.width, params.height))
     mask = images.prepare_mask(
         images.decode(params.mask, "mask"),
         invert=params.inpainting_mask_invert,
@@ -257,7 +255,7 @@ def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
     if box is not None:
         box = images.expand_to_ratio(box, params.width, params.height, original.size)
         size = (params.width, params.height)
-        return _Inputs(
+        return Inputs(
             init=filled.crop(box).resize(size, Image.Resampling.LANCZOS),
             mask=mask.crop(box).resize(size, Image.Resampling.LANCZOS),
             original=original,
@@ -265,7 +263,7 @@ def _prepare_inputs(params: Params, generation: Generation, n: int) -> _Inputs:
             crop=box,
         )
     mode, w, h = params.resize_mode, params.width, params.height
-    return _Inputs(
+    return Inputs(
         init=images.resize(filled, mode, w, h),
         mask=images.resize(mask, mode, w, h),
         original=images.resize(original, mode, w, h),
@@ -287,7 +285,7 @@ def _fill(image: Image.Image, mask: Image.Image, params: Params) -> Image.Image:
     return image
 
 
-def _finish_image(image: Image.Image, inputs: _Inputs) -> Image.Image:
+def _finish_image(image: Image.Image, inputs: Inputs) -> Image.Image:
     if inputs.original is None or inputs.original_mask is None:
         return image
     if inputs.crop is not None:
@@ -306,7 +304,7 @@ def _run_batch(
     loaded: Loaded,
     params: Params,
     embeds: conditioning.Conditioning,
-    inputs: list[_Inputs],
+    inputs: list[Inputs],
     state: RunState,
     seeds: list[int],
     subseeds: list[int],
@@ -315,23 +313,23 @@ def _run_batch(
     task = _task(params, loaded, inputs[0])
     scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler, sdxl=loaded.sdxl)
     tracking = schedulers.Tracking(scheduler)
-    pipe = _task_pipeline(loaded, task, scheduler)
+    pipe = task_pipeline(loaded, task, scheduler)
     size = len(seeds)
     drawn = initial_noise(models, params, seeds, subseeds)
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
     if params.sampler.sampler.brownian:
         tracking.brownian_seeds = seeds
-    kwargs = _call_kwargs(pipe, params, embeds.first, size, models.dtype)
+    kwargs = call_kwargs(pipe, params, embeds.first, size, models.dtype)
     kwargs["output_type"] = "latent"  # decoded below (engine/precision.py's fp32 fallback)
     kwargs["generator"] = [
         torch.Generator(noise.device_of(drawn.generators[0])).manual_seed(s) for s in seeds
     ]
     # Only img2img has a strength: txt2img bodies carry hires fix's (webuiapi always sends 0.7).
-    strength = _strength(params) if params.kind == "img2img" else None
+    strength = run_strength(params) if params.kind == "img2img" else None
     if task == "txt2img":
         kwargs["latents"] = drawn.latents  # fp32, as the steps keep them (engine/precision.py)
     elif task == "img2img":
-        start = inputs[0].batch if inputs[0].batch is not None else _per_image(inputs, size, "init")
+        start = inputs[0].batch if inputs[0].batch is not None else per_image(inputs, size, "init")
         kwargs.update(image=start, strength=strength)
         tracking.noise = drawn.latents
     else:
@@ -339,8 +337,8 @@ def _run_batch(
         white = Image.new("L", (params.width, params.height), 255)
         strength = 1.0 if strength is None else strength
         kwargs.update(
-            image=[image or grey for image in _per_image(inputs, size, "init")],
-            mask_image=[mask or white for mask in _per_image(inputs, size, "mask")],
+            image=[image or grey for image in per_image(inputs, size, "init")],
+            mask_image=[mask or white for mask in per_image(inputs, size, "mask")],
             strength=strength,
             height=params.height,
             width=params.width,
@@ -394,7 +392,7 @@ def initial_noise(
     )
 
 
-def _strength(params: Params) -> float | None:
+def run_strength(params: Params) -> float | None:
     if params.denoising_strength is None:
         return None
     return img2img_strength(params.denoising_strength, params.steps)
@@ -409,25 +407,25 @@ def img2img_strength(denoising_strength: float, steps: int) -> float:
     return min((t_enc + 1.5) / steps, 1.0)  # diffusers runs int(steps * strength) = t_enc + 1
 
 
-def _per_image(inputs: list[_Inputs], size: int, name: str) -> list[Any]:
+def per_image(inputs: list[Inputs], size: int, name: str) -> list[Any]:
     """The batch's `name` images: the one input repeated, or one input per batch position."""
     return [getattr(inputs[i % len(inputs)], name) for i in range(size)]
 
 
-def _task(params: Params, loaded: Loaded, inputs: _Inputs) -> str:
+def _task(params: Params, loaded: Loaded, inputs: Inputs) -> str:
     if loaded.inpainting or inputs.mask is not None:
         return "inpaint"  # an inpainting UNet always takes a mask (all white for txt2img)
     return params.kind
 
 
-def _task_pipeline(loaded: Loaded, task: str, scheduler: Any) -> Any:
+def task_pipeline(loaded: Loaded, task: str, scheduler: Any) -> Any:
     """A pipeline of the task's class sharing the loaded model's weights, with this run's
     scheduler."""
     cls = getattr(diffusers, _TASKS[(loaded.sdxl, task)])
     return assemble(cls, loaded.pipe.components, scheduler=scheduler)
 
 
-def _call_kwargs(
+def call_kwargs(
     pipe: Any, params: Params, embeds: text.Embeds, size: int, dtype: torch.dtype
 ) -> dict[str, Any]:
     def batch(z: torch.Tensor) -> torch.Tensor:

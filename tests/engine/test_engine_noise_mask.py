@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -81,7 +82,8 @@ async def test_the_masked_region_is_re_imagined_and_the_rest_stays_close(
     change = np.abs(pixels(masked) - plain).mean(axis=(0, 2))  # per column
     inside, outside = change[: SIZE // 2 - 16].mean(), change[SIZE // 2 + 16 :].mean()
     assert inside > 10 and inside > 3 * outside, (inside, outside)  # UNet attention mixes a bit
-    assert "Noise mask: strength 1.0, steps 0%-50%" in masked["info"]
+    written = json.loads(masked["info"])["infotexts"][0]
+    assert 'Noise mask: "strength 1.0, steps 0%-50%"' in written  # quoted: it has a comma
 
 
 async def test_the_same_seed_gives_the_same_image_and_another_seed_another(

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from a1111_proxy.engine.errors import UnknownSampler
 from a1111_proxy.engine.infotext import Generation, ModelInfo, inpaint_fields
 from a1111_proxy.engine.params import Params
-from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES, SIGMA_SCHEDULES
+from a1111_proxy.engine.samplers import SAMPLERS, SCHEDULES, resolve
 
 # A1111 v1.10's sampler options that matter here (samplers_k_diffusion, samplers_timesteps,
 # samplers_data_lcm).
@@ -81,7 +82,9 @@ def _cases() -> list[tuple[str, str]]:
         for key, label in SCHEDULES.items():
             if key == "automatic":
                 continue
-            if key in SIGMA_SCHEDULES and not sampler.sigma_schedules:
+            try:
+                resolve(sampler.name, label)
+            except UnknownSampler:
                 continue  # the engine refuses these
             labels.append(label)
         cases += [(sampler.name, label) for label in labels]
