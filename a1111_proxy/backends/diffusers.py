@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import socket
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress, Refresh
-from a1111_proxy.engine import control, detect, hires, memory
+from a1111_proxy.engine import control, detect, embeddings, hires, memory, vae
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.controlnet import ControlNetCatalog
@@ -54,6 +55,7 @@ class DiffusersBackend:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._lock = asyncio.Lock()
         self._state: RunState | None = None
+        self._sd_vae = vae.AUTOMATIC[0]  # POST /options' sd_vae, for jobs that send none
 
     async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         if kind not in ("txt2img", "img2img"):
@@ -64,6 +66,8 @@ class DiffusersBackend:
             raise BackendRejected(
                 f"the diffusers engine refused the {kind} request: {exc}"
             ) from None
+        if params.sd_vae is None:
+            params = dataclasses.replace(params, sd_vae=self._sd_vae)
         async with self._lock:
             state = self._state = RunState()
             run = asyncio.get_running_loop().run_in_executor(self._thread, self._run, params, state)
@@ -164,6 +168,8 @@ class DiffusersBackend:
             "memory": lambda: memory.report(self.models.device),
             "scripts": lambda: {"txt2img": [], "img2img": []},
             "loras": lambda: LoraCatalog(models_dir).entries(),
+            "sd-vae": lambda: vae.entries(models_dir),
+            "embeddings": self._embeddings,
             "controlnet-version": lambda: ControlNetCatalog(models_dir).version(),
             "controlnet-model_list": lambda: ControlNetCatalog(models_dir).model_list(),
             "controlnet-module_list": lambda: ControlNetCatalog(models_dir).module_list(),
@@ -180,10 +186,26 @@ class DiffusersBackend:
             "sd_model_checkpoint": first.name if first else None,
             "samples_format": "png",
             "CLIP_stop_at_last_layers": 1,
+            "sd_vae": self._sd_vae,
         }
 
+    def _embeddings(self) -> dict[str, Any]:
+        """A1111's answer for its current model: the checkpoint used last, else the default."""
+        catalog = self.models.catalog
+        loaded = self.models.loaded()
+        try:
+            current = catalog.find(loaded[-1] if loaded else None)
+        except InvalidParams:  # no checkpoints: A1111 without a model loads every embedding
+            return embeddings.folder(self.config.models_dir).split(None).entries()
+        widths = embeddings.checkpoint_widths(current)
+        return embeddings.folder(self.config.models_dir).split(widths).entries()
+
     async def apply_options(self, options: dict[str, Any]) -> None:
-        """Nothing to set: a job's checkpoint comes with it (override_settings)."""
+        """`sd_vae` becomes the default of jobs that send none; the checkpoint comes with each
+        job (override_settings), and other options are the job's own."""
+        value = options.get("sd_vae")
+        if isinstance(value, str) and value:
+            self._sd_vae = value
 
     async def refresh(self, what: Refresh) -> None:
         """Rescan MODELS_DIR (LoRAs and ControlNets are read afresh for every answer)."""

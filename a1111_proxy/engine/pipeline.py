@@ -23,12 +23,14 @@ from a1111_proxy.engine import (
     attention,
     conditioning,
     control,
+    embeddings,
     images,
     lora,
     noise,
     schedulers,
     text,
     upscale,
+    vae,
 )
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled, InvalidParams
@@ -103,6 +105,11 @@ def generate(
     units = inputs[0].control = control.prepare(models, loaded, params)
     if units is not None:
         generation.extra.update(units.infotext)
+    # sd_vae and textual-inversion embeddings (engine/vae.py, engine/embeddings.py)
+    path = loaded.checkpoint.path
+    generation.vae = vae.apply(loaded.pipe, models.config.models_dir, params.sd_vae, path)
+    words = embeddings.vocabulary(models.config.models_dir, loaded.pipe, loaded.sdxl)
+    words.warn_skipped([params.prompt, params.negative_prompt])
     embeds = conditioning.encode(
         loaded.pipe,
         lora.strip_tags(params.prompt),
@@ -111,6 +118,7 @@ def generate(
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
         pad_cond_uncond=params.pad_cond_uncond,
+        vocabulary=words,
     )
     passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
     if params.hires:
@@ -137,12 +145,23 @@ def generate(
         )
         made += (
             _hires(
-                models, config, loaded, params, state, first, seeds[window], subseeds[window], units
+                models,
+                config,
+                loaded,
+                params,
+                state,
+                first,
+                seeds[window],
+                subseeds[window],
+                units,
+                words,
             )
             if params.hires
             else first
         )
     state.job_no, state.step = state.job_count, 0
+    if words.ti_hashes:
+        generation.extra["TI hashes"] = words.ti_hashes
     made = [_finish_image(image, inputs[i % len(inputs)]) for i, image in enumerate(made)]
     encoded = [images.encode_png(image, generation.infotext(i)) for i, image in enumerate(made)]
     if units is not None and made:  # the extension appends its detected maps
@@ -176,6 +195,7 @@ def _hires(
     seeds: list[int],
     subseeds: list[int],
     units: control.Control | None = None,
+    words: embeddings.Vocabulary | None = None,
 ) -> list[Image.Image]:
     """Hires fix's second pass (engine/hires.py, engine/upscale.py): upscale the first pass,
     then denoise it again at the new size, as img2img with its own noise from the same seeds."""
@@ -197,6 +217,7 @@ def _hires(
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
         pad_cond_uncond=params.pad_cond_uncond,
+        vocabulary=words,
     )
     # ControlNet steers the second pass too, its control images fitted to the new size.
     steer = control.resized(units, second.width, second.height) if units is not None else None
