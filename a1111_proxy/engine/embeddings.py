@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -325,9 +326,9 @@ class Vocabulary:
 
     def warn_skipped(self, prompts: Sequence[str]) -> None:
         """Say in the log when a prompt names an embedding this model cannot use."""
-        words = " ".join(prompts).lower()
+        words = " ".join(prompts)
         for name, embedding in self.split.skipped.items():
-            if name.lower() in words:
+            if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", words, re.IGNORECASE):
                 log.warning(
                     "the prompt names embedding %s, which does not fit this model (width %d); "
                     "it is read as words",

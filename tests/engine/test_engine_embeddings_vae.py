@@ -239,7 +239,7 @@ def test_prompt_editing_places_an_embedding_in_the_steps_that_name_it(
 
 @pytest.mark.anyio
 async def test_ti_hashes_name_the_embeddings_used_as_a1111_writes_them(
-    backend: DiffusersBackend, models_dir: Path
+    backend: DiffusersBackend, models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = models_dir / "models" / "embeddings"
     style = hash_file(folder / "tistyle.pt").sha256[:12]
@@ -252,8 +252,10 @@ async def test_ti_hashes_name_the_embeddings_used_as_a1111_writes_them(
     assert f'TI hashes: "tistyle: {style}, tineg: {neg}", Version: ' in infotext(used)
     assert "TI hashes" not in infotext(await run(backend, SD15))
     # SDXL: each of its two text encoders adds the names again, as in A1111.
-    sdxl = await run(backend, XL, prompt="a tixl cat, tistyle")
+    with caplog.at_level(logging.WARNING, logger="a1111_proxy.engine"):
+        sdxl = await run(backend, XL, prompt="a tixl cat, tistyle")
     assert f'TI hashes: "tixl: {xl}, tixl: {xl}", Version: ' in infotext(sdxl)
+    assert "the prompt names embedding tistyle, which does not fit this model" in caplog.text
 
 
 @pytest.mark.anyio
