@@ -201,6 +201,8 @@ class EmbeddingFolder:
         key = (str(path), stat.st_size, stat.st_mtime)
         with self._lock:
             if key not in self._read:
+                for old in [k for k in self._read if k[0] == key[0]]:  # an older version
+                    del self._read[old]
                 try:
                     self._read[key] = read(path)
                 except UnreadableEmbedding as exc:
