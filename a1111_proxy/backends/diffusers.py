@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import socket
 import time
@@ -20,7 +21,7 @@ import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress, Refresh
 from a1111_proxy.backends.engine_batch import EngineBatch, JobPlace
-from a1111_proxy.engine import control, detect, device, hires, ip_adapter, memory
+from a1111_proxy.engine import control, detect, device, embeddings, hires, ip_adapter, memory, vae
 from a1111_proxy.engine.batch import Member, generate_batch
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
 from a1111_proxy.engine.config import EngineConfig
@@ -69,12 +70,13 @@ class DiffusersBackend:
         self._state: RunState | None = None
         self.max_batch = config.max_batch
         self._members: list[Member] = []  # the batch running now
+        self._sd_vae = vae.AUTOMATIC[0]  # POST /options' sd_vae, for jobs that send none
 
     async def generate(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         if kind not in ("txt2img", "img2img"):
             return await self._other_job(kind, payload)
         try:
-            params = Params.from_payload(kind, payload)
+            params = self._params(kind, payload)
         except InvalidParams as exc:
             raise BackendRejected(
                 f"the diffusers engine refused the {kind} request: {exc}"
@@ -130,6 +132,13 @@ class DiffusersBackend:
         log.error("the diffusers engine failed", exc_info=exc)
         return BackendRejected(f"the diffusers engine failed: {type(exc).__name__}: {exc}")
 
+    def _params(self, kind: str, payload: dict[str, Any]) -> Params:
+        """The job's parameters, with POST /options' sd_vae when it names none."""
+        params = Params.from_payload(kind, payload)
+        if params.sd_vae is None:
+            params = dataclasses.replace(params, sd_vae=self._sd_vae)
+        return params
+
     def batch(self, jobs: list[tuple[str, dict[str, Any]]]) -> EngineBatch:
         """Start `jobs` as one batch (engine/batch.py) after the job running now; a job whose
         body the engine refuses is answered at once, the others run."""
@@ -138,7 +147,7 @@ class DiffusersBackend:
         members = []
         for place, (kind, payload) in zip(made.places, jobs, strict=True):
             try:
-                params = Params.from_payload(kind, payload)
+                params = self._params(kind, payload)
             except InvalidParams as exc:
                 place.answer.set_exception(
                     BackendRejected(f"the diffusers engine refused the {kind} request: {exc}")
@@ -240,6 +249,8 @@ class DiffusersBackend:
             "device": lambda: device.facts(self.models),
             "scripts": lambda: {"txt2img": [], "img2img": []},
             "loras": lambda: LoraCatalog(models_dir).entries(),
+            "sd-vae": lambda: vae.entries(models_dir),
+            "embeddings": self._embeddings,
             "controlnet-version": lambda: ControlNetCatalog(models_dir).version(),
             "controlnet-model_list": lambda: ControlNetCatalog(models_dir).model_list(),
             "controlnet-module_list": lambda: ControlNetCatalog(models_dir).module_list(),
@@ -256,10 +267,26 @@ class DiffusersBackend:
             "sd_model_checkpoint": first.name if first else None,
             "samples_format": "png",
             "CLIP_stop_at_last_layers": 1,
+            "sd_vae": self._sd_vae,
         }
 
+    def _embeddings(self) -> dict[str, Any]:
+        """A1111's answer for its current model: the checkpoint used last, else the default."""
+        catalog = self.models.catalog
+        loaded = self.models.loaded()
+        try:
+            current = catalog.find(loaded[-1] if loaded else None)
+        except InvalidParams:  # no checkpoints: A1111 without a model loads every embedding
+            return embeddings.folder(self.config.models_dir).split(None).entries()
+        widths = embeddings.checkpoint_widths(current)
+        return embeddings.folder(self.config.models_dir).split(widths).entries()
+
     async def apply_options(self, options: dict[str, Any]) -> None:
-        """Nothing to set: a job's checkpoint comes with it (override_settings)."""
+        """`sd_vae` becomes the default of jobs that send none; the checkpoint comes with each
+        job (override_settings), and other options are the job's own."""
+        value = options.get("sd_vae")
+        if isinstance(value, str) and value:
+            self._sd_vae = value
 
     async def refresh(self, what: Refresh) -> None:
         """Rescan MODELS_DIR (LoRAs and ControlNets are read afresh for every answer)."""

@@ -40,6 +40,7 @@ from a1111_proxy.engine.pipeline import (
     prepare_inputs,
     run_strength,
     task_pipeline,
+    vae_and_embeddings,
 )
 
 Answer = Callable[[dict[str, Any] | BaseException], None]
@@ -128,6 +129,7 @@ def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
         params.randn_source,
         params.eta_noise_seed_delta,
         params.loras,
+        params.sd_vae,
     )
 
 
@@ -145,6 +147,7 @@ def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None)
         inputs = [prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
         if hashes:
             generation.extra["Lora hashes"] = hashes
+        words = vae_and_embeddings(models, loaded, params, generation)
         embeds = conditioning.encode(
             loaded.pipe,
             lora.strip_tags(params.prompt),
@@ -153,10 +156,13 @@ def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None)
             clip_skip=params.clip_skip,
             sdxl=loaded.sdxl,
             pad_cond_uncond=params.pad_cond_uncond,
+            vocabulary=words,
         )
     except Exception as exc:
         member.settle(exc)
         return None
+    if words.ti_hashes:
+        generation.extra["TI hashes"] = words.ti_hashes
     member.state.job_count = 1
     return _Ready(member, generation, inputs or [Inputs()], embeds, seeds, subseeds)
 

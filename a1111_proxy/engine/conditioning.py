@@ -18,6 +18,7 @@ import diffusers
 import torch
 
 from a1111_proxy.engine import schedule, text
+from a1111_proxy.engine.embeddings import ANY, SDXL_KEYS, Vocabulary
 from a1111_proxy.engine.samplers import Resolved
 
 Encoded = tuple[torch.Tensor, torch.Tensor | None]  # (1, 77*k, C) and SDXL's pooled (1, P)
@@ -93,22 +94,25 @@ def encode(
     sdxl: bool,
     hires_steps: int | None = None,
     pad_cond_uncond: bool = False,
+    vocabulary: Vocabulary | None = None,
 ) -> Conditioning:
     """steps: the first pass's total steps; hires_steps: the second pass's, when encoding for
-    hires fix (A1111 counts its edits on from the first pass)."""
+    hires fix (A1111 counts its edits on from the first pass). `vocabulary`: the embeddings the
+    prompts may name; it records those used for the infotext's TI hashes."""
     cond = schedule.prompt_schedule(prompt, steps, hires_steps)
     uncond = schedule.prompt_schedule(negative, steps, hires_steps)
     if len(cond) == 1 and len(uncond) == 1:  # the common case: exactly the unscheduled path
-        return Conditioning(
-            text.encode(
-                pipe,
-                cond[0][1],
-                uncond[0][1],
-                clip_skip=clip_skip,
-                sdxl=sdxl,
-                pad_cond_uncond=pad_cond_uncond,
-            )
+        fixed = text.encode(
+            pipe,
+            cond[0][1],
+            uncond[0][1],
+            clip_skip=clip_skip,
+            sdxl=sdxl,
+            pad_cond_uncond=pad_cond_uncond,
+            vocabulary=vocabulary,
         )
+        _record(vocabulary, sdxl, cond, uncond)
+        return Conditioning(fixed)
     encoded: dict[tuple[str, bool], Encoded] = {}
 
     # A1111 zeroes an SDXL negative only when every text of its schedule is empty.
@@ -118,7 +122,7 @@ def encode(
         key = (words, negative and zero_negative)
         if key not in encoded:
             encoded[key] = text.encode_one(
-                pipe, words, clip_skip=clip_skip, sdxl=sdxl, negative=key[1]
+                pipe, words, clip_skip=clip_skip, sdxl=sdxl, negative=key[1], vocabulary=vocabulary
             )
         return encoded[key]
 
@@ -134,7 +138,26 @@ def encode(
             pairs[key] = text.Embeds(c, u, pooled, u_pooled)
         return pairs[key]
 
+    for _, words in cond:  # every text now (each is used by some step): TI hashes need all
+        embed(words)
+    for _, words in uncond:
+        embed(words, negative=True)
+    _record(vocabulary, sdxl, cond, uncond)
     return Conditioning(pick(0), pick)
+
+
+def _record(
+    vocabulary: Vocabulary | None,
+    sdxl: bool,
+    cond: list[tuple[int, str]],
+    uncond: list[tuple[int, str]],
+) -> None:
+    """TI hashes in A1111's order: it encodes the negative side, then the prompt's, each side's
+    texts in one call per text encoder."""
+    if vocabulary is not None:
+        keys = SDXL_KEYS if sdxl else (ANY,)
+        vocabulary.record([words for _, words in uncond], keys)
+        vocabulary.record([words for _, words in cond], keys)
 
 
 def _text_at(entries: list[tuple[int, str]], step: int) -> str:

@@ -26,6 +26,12 @@ class ModelInfo:
     hash: str | None  # A1111's "Model hash": sha256[:10] of the file (None for diffusers folders)
 
 
+@dataclass(frozen=True)
+class VaeInfo:
+    name: str  # A1111's "VAE": the VAE file's name, extension included
+    hash: str  # A1111's "VAE hash": sha256[:10] of the file
+
+
 @dataclass
 class Generation:
     """What one job produced, for the infotext and `info`."""
@@ -37,6 +43,7 @@ class Generation:
     extra: dict[str, Any] = field(default_factory=dict)  # A1111's extra_generation_params
     job_timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     is_using_inpainting_conditioning: bool = False
+    vae: VaeInfo | None = None  # a VAE from sd_vae; None: the checkpoint's own
 
     def infotext(self, index: int) -> str:
         p = self.params
@@ -49,6 +56,8 @@ class Generation:
             "Size": f"{p.width}x{p.height}",
             "Model hash": self.model.hash,
             "Model": self.model.name,
+            "VAE hash": self.vae.hash if self.vae else None,
+            "VAE": self.vae.name if self.vae else None,
             "Variation seed": self.subseeds[index] if p.subseed_strength else None,
             "Variation seed strength": p.subseed_strength or None,
             "Seed resize from": _seed_resize(p),
@@ -93,8 +102,8 @@ class Generation:
             "face_restoration_model": None,
             "sd_model_name": self.model.name,
             "sd_model_hash": self.model.hash,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_vae_name": self.vae.name if self.vae else None,
+            "sd_vae_hash": self.vae.hash if self.vae else None,
             "seed_resize_from_w": p.seed_resize_from_w,
             "seed_resize_from_h": p.seed_resize_from_h,
             "denoising_strength": p.denoising_strength,

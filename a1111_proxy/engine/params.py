@@ -90,6 +90,7 @@ class Params:
     pad_cond_uncond: bool = False  # A1111's option: pad prompt/negative to one length
     image_prompts: tuple[ImagePromptUnit, ...] = ()  # IP-Adapter units (engine/ip_adapter.py)
     noise_mask: NoiseMask | None = None  # our extension (engine/noise_mask.py)
+    sd_vae: str | None = None  # A1111's option (engine/vae.py); None: the backend's default
 
     @property
     def count(self) -> int:
@@ -138,6 +139,7 @@ class Params:
                 settings, "eta_noise_seed_delta", 0, low=0, high=2**32
             ),
             pad_cond_uncond=bool(settings.get("pad_cond_uncond", False)),
+            sd_vae=_sd_vae(settings),
             send_images=request.send_images,
             noise_mask=request.noise_mask,
             styles=list(request.styles or []),
@@ -263,6 +265,18 @@ def _int_setting(settings: dict[str, Any], key: str, default: int, *, low: int, 
     if not low <= number <= high:
         raise InvalidParams(f"override_settings.{key} must be from {low} to {high} (got {number})")
     return number
+
+
+def _sd_vae(settings: dict[str, Any]) -> str | None:
+    value = settings.get("sd_vae")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidParams(
+            f"override_settings.sd_vae must be a VAE file name, 'Automatic' or 'None' (got "
+            f"{value!r})"
+        )
+    return value
 
 
 def _randn_source(settings: dict[str, Any]) -> RandnSource:

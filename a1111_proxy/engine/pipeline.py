@@ -23,6 +23,7 @@ from a1111_proxy.engine import (
     attention,
     conditioning,
     control,
+    embeddings,
     images,
     ip_adapter,
     lora,
@@ -32,6 +33,7 @@ from a1111_proxy.engine import (
     schedulers,
     text,
     upscale,
+    vae,
 )
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled, InvalidParams
@@ -112,6 +114,7 @@ def generate(
         generation.extra.update(prompts.infotext)
     if params.noise_mask is not None:
         generation.extra["Noise mask"] = noise_mask.describe(params.noise_mask)
+    words = vae_and_embeddings(models, loaded, params, generation)
     embeds = conditioning.encode(
         loaded.pipe,
         lora.strip_tags(params.prompt),
@@ -120,6 +123,7 @@ def generate(
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
         pad_cond_uncond=params.pad_cond_uncond,
+        vocabulary=words,
     )
     passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
     if params.hires:
@@ -156,11 +160,14 @@ def generate(
                 subseeds[window],
                 units,
                 prompts,
+                words,
             )
             if params.hires
             else first
         )
     state.job_no, state.step = state.job_count, 0
+    if words.ti_hashes:
+        generation.extra["TI hashes"] = words.ti_hashes
     return answer(params, generation, inputs, made, units)
 
 
@@ -185,6 +192,19 @@ def answer(
     }
 
 
+def vae_and_embeddings(
+    models: Models, loaded: Loaded, params: Params, generation: Generation
+) -> embeddings.Vocabulary:
+    """Put the job's sd_vae in place (engine/vae.py); the textual-inversion embeddings its
+    prompts may name (engine/embeddings.py)."""
+    models_dir = models.config.models_dir
+    path = loaded.checkpoint.path
+    generation.vae = vae.apply(loaded.pipe, models_dir, params.sd_vae, path)
+    words = embeddings.vocabulary(models_dir, loaded.pipe, loaded.sdxl)
+    words.warn_skipped([params.prompt, params.negative_prompt])
+    return words
+
+
 def _check_hires(params: Params, loaded: Loaded, generation: Generation) -> None:
     if loaded.inpainting:
         raise InvalidParams(
@@ -206,6 +226,7 @@ def _hires(
     subseeds: list[int],
     units: control.Control | None = None,
     prompts: ip_adapter.ImagePrompts | None = None,
+    words: embeddings.Vocabulary | None = None,
 ) -> list[Image.Image]:
     """Hires fix's second pass (engine/hires.py, engine/upscale.py): upscale the first pass,
     then denoise it again at the new size, as img2img with its own noise from the same seeds."""
@@ -227,6 +248,7 @@ def _hires(
         clip_skip=params.clip_skip,
         sdxl=loaded.sdxl,
         pad_cond_uncond=params.pad_cond_uncond,
+        vocabulary=words,
     )
     # ControlNet steers the second pass too, its control images fitted to the new size.
     steer = control.resized(units, second.width, second.height) if units is not None else None

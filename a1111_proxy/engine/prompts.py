@@ -8,7 +8,7 @@ CLIP chunking (A1111 is AGPL; this is not its code). `(text)` weighs 1.1, `[text
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +67,25 @@ def _merge(res: list[list[Any]]) -> list[tuple[str, float]]:
 
 
 @dataclass(frozen=True)
+class Found:
+    """A textual-inversion embedding found in a fragment's tokens (engine/embeddings.py)."""
+
+    name: str
+    tokens: int  # how many of the fragment's tokens its name spans
+    vectors: int  # how many token positions its vectors take
+
+
+# (a fragment's token ids, a position in them) -> the embedding whose name starts there
+FindEmbedding = Callable[[Sequence[int], int], Found | None]
+PLACEHOLDER = 0  # the token id an embedding's positions carry (A1111's), its vectors go over it
+
+
+@dataclass(frozen=True)
 class Chunk:
     ids: list[int]  # BOS + 75 tokens + EOS = 77
     weights: list[float]
+    # (offset among the 75 tokens, embedding name): its vectors go at offset + 1 (after BOS)
+    fixes: tuple[tuple[int, str], ...] = ()
 
 
 def chunks(
@@ -79,30 +95,44 @@ def chunks(
     bos: int,
     eos: int,
     comma: int | None,
+    find: FindEmbedding | None = None,
 ) -> list[Chunk]:
     """Pack each fragment's token ids into 75-token chunks as A1111 does: a BREAK closes a
-    chunk; a full chunk moves the words after its last comma (within 20 tokens) to the next."""
+    chunk; a full chunk moves the words after its last comma (within 20 tokens) to the next.
+    An embedding's k vectors take k positions, all in one chunk: one that does not fit in what
+    is left of a chunk starts the next."""
     out: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []
     last_comma = -1
 
     def close() -> None:
-        nonlocal ids, weights, last_comma
+        nonlocal ids, weights, fixes, last_comma
         pad = CHUNK - len(ids)
-        out.append(Chunk([bos, *ids, *[eos] * (pad + 1)], [1.0, *weights, *[1.0] * (pad + 1)]))
-        ids, weights, last_comma = [], [], -1
+        out.append(
+            Chunk(
+                [bos, *ids, *[eos] * (pad + 1)],
+                [1.0, *weights, *[1.0] * (pad + 1)],
+                tuple(fixes),
+            )
+        )
+        ids, weights, fixes, last_comma = [], [], [], -1
 
     for (text, weight), tokens in zip(parsed, token_ids, strict=True):
         if weight == -1 and text == BREAK:
             close()
             continue
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
             elif (
                 len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK
             ):
+                # A1111 moves the tokens but leaves an embedding's fix in the closed chunk
+                # (where its vectors then overwrite padding); done alike for the same result.
                 cut = last_comma + 1
                 moved_ids, moved_weights = ids[cut:], weights[cut:]
                 ids, weights = ids[:cut], weights[:cut]
@@ -110,8 +140,18 @@ def chunks(
                 ids, weights = moved_ids, moved_weights
             if len(ids) == CHUNK:
                 close()
-            ids.append(token)
-            weights.append(weight)
+            found = find(tokens, position) if find is not None else None
+            if found is None:
+                ids.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            if len(ids) + found.vectors > CHUNK:
+                close()
+            fixes.append((len(ids), found.name))
+            ids += [PLACEHOLDER] * found.vectors
+            weights += [weight] * found.vectors
+            position += found.tokens
     if ids or not out:
         close()
     return out

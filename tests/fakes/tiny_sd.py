@@ -280,6 +280,13 @@ def _unet_block_key(parts: list[str], per: int, unet: UNet2DConditionModel) -> s
     return f"output_blocks.{layer}.{sub}.{rest}"
 
 
+def write_single_file_vae(model: AutoencoderKL, path: Path) -> None:
+    """A VAE as A1111 users have it in models/VAE: its state dict alone, in LDM key names
+    (`encoder.down.0.block.0...`, no prefix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in _vae_to_ldm(model).items()}, str(path))
+
+
 _VAE_FIXED = {"conv_norm_out": "norm_out"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
 

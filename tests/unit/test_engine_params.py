@@ -9,6 +9,7 @@ import random
 import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from a1111_proxy.engine.catalog import Catalog, architecture
 from a1111_proxy.engine.errors import InvalidParams, UnknownSampler
 from a1111_proxy.engine.infotext import Generation, ModelInfo
 from a1111_proxy.engine.params import Params
-from a1111_proxy.engine.prompts import chunks, parse_attention
+from a1111_proxy.engine.prompts import Found, chunks, parse_attention
 from a1111_proxy.engine.samplers import resolve
 
 
@@ -252,6 +253,30 @@ def test_chunks_are_75_tokens_with_break_and_comma_backtrack() -> None:
     tokens = [10] * 70 + [3] + [11] * 10  # a comma at 70, then 10 words: they move on together
     out = chunks([("long", 1.0)], [tokens], bos=1, eos=2, comma=3)
     assert out[0].ids[1:73] == [10] * 70 + [3] + [2] and out[1].ids[1:11] == [11] * 10
+
+
+def find_emb(tokens: Sequence[int], position: int) -> Found | None:
+    """An embedding named by the tokens 8, 9, with 3 vectors."""
+    return Found("emb", 2, 3) if list(tokens[position : position + 2]) == [8, 9] else None
+
+
+def test_an_embedding_takes_as_many_positions_as_vectors_all_in_one_chunk() -> None:
+    parsed = [("x", 1.0), ("y", 1.3)]
+    out = chunks(parsed, [[5] * 72, [8, 9, 6]], bos=1, eos=2, comma=None, find=find_emb)
+    assert out[0].ids[73:76] == [0, 0, 0] and out[0].weights[73:76] == [1.3] * 3  # fits: 75
+    assert out[0].fixes == ((72, "emb"),) and out[1].ids[:3] == [1, 6, 2]
+    out = chunks(parsed, [[5] * 73, [8, 9, 6]], bos=1, eos=2, comma=None, find=find_emb)
+    assert out[0].ids[73:] == [5, 2, 2, 2] and out[0].fixes == ()  # 2 places left: it moves on
+    assert out[1].ids[:6] == [1, 0, 0, 0, 6, 2] and out[1].fixes == ((0, "emb"),)
+
+
+def test_a_comma_backtrack_moves_an_embeddings_positions_but_not_its_vectors_as_in_a1111() -> None:
+    # sd_hijack_clip.tokenize_line moves the tokens after the last comma to the next chunk and
+    # leaves chunk.fixes where they were: the vectors land on the first chunk's padding.
+    tokens = [5] * 60 + [3, 8, 9] + [5] * 11 + [7]
+    out = chunks([("x", 1.0)], [tokens], bos=1, eos=2, comma=3, find=find_emb)
+    assert out[0].ids[1:63] == [5] * 60 + [3, 2] and out[0].fixes == ((61, "emb"),)
+    assert out[1].ids[1:16] == [0, 0, 0, *[5] * 11, 7] and out[1].fixes == ()
 
 
 def write_safetensors_header(path: Path, tensors: dict[str, list[int]]) -> None:
