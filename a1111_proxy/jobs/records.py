@@ -26,12 +26,10 @@ from a1111_proxy.redaction import backend_name, scrub_all
 TERMINAL = frozenset({"completed", "error", "canceled"})
 GENERATIONS = frozenset({"txt2img", "img2img"})
 
-# Columns the API shows; never the payload, the secret, image data or the claim's `turn`.
-JOB_COLUMNS = tuple(
-    c
-    for c in jobs.c
-    if c.name not in {"webhook_secret", "lease_token", "request_hash", "idempotency_key", "turn"}
-)
+# Columns the API shows; never the payload, the secret, image data, or what only claims read
+# (`turn`, `batch_key`).
+_HIDDEN = {"webhook_secret", "lease_token", "request_hash", "idempotency_key", "turn", "batch_key"}
+JOB_COLUMNS = tuple(c for c in jobs.c if c.name not in _HIDDEN)
 _NAMES = tuple(c.name for c in JOB_COLUMNS)  # JobRecord's fields, in this order
 _COUNT = len(_NAMES)
 _REQUEST, _RESULT, _ERROR, _EVENTS, _BACKEND = (
