@@ -384,10 +384,12 @@ class Worker:
         progress, cancel, result) drives its place in the backend's batch."""
         assert isinstance(slot.backend, Batching)
         log.info(
-            "jobs %s: one batch on %s (claimed in %.1f ms)",
+            "jobs %s: one batch of %d on %s (claimed in %.1f ms)",
             ", ".join(c.id for c in claims),
+            len(claims),
             slot.backend.name,
             claim_seconds * 1000,
+            extra={"job_ids": [c.id for c in claims], "batch_size": len(claims)},
         )
         slot.claim, slot.state = claims[0], "busy"
         slot.checkpoint = claims[0].checkpoint or slot.checkpoint

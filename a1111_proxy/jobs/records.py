@@ -26,11 +26,13 @@ from a1111_proxy.redaction import backend_name, scrub_all
 TERMINAL = frozenset({"completed", "error", "canceled"})
 GENERATIONS = frozenset({"txt2img", "img2img"})
 
-# Columns the API shows; never the payload, the secret, image data or the claim's `turn`.
+# Columns the API shows; never the payload, the secret, image data, the claim's `turn` or the
+# engine's `batch_key` (the worker reads it from its claim).
 JOB_COLUMNS = tuple(
     c
     for c in jobs.c
-    if c.name not in {"webhook_secret", "lease_token", "request_hash", "idempotency_key", "turn"}
+    if c.name
+    not in {"webhook_secret", "lease_token", "request_hash", "idempotency_key", "turn", "batch_key"}
 )
 _NAMES = tuple(c.name for c in JOB_COLUMNS)  # JobRecord's fields, in this order
 _COUNT = len(_NAMES)
