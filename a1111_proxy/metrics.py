@@ -122,6 +122,14 @@ def _backend_families(jobs: JobMetrics, workers: list[WorkerRecord]) -> Iterator
         for candidate in SLOT_STATES:
             state.add_metric([name, candidate], 1 if candidate == now else 0)
     yield state
+    running = GaugeMetricFamily(
+        "a1111_proxy_backend_running_jobs",
+        "Jobs running on each backend now (more than 1: compatible jobs as one engine batch)",
+        labels=["backend"],
+    )
+    for name in sorted(reports):
+        running.add_metric([name], jobs.busy_backends.get(name, 0))
+    yield running
     yield GaugeMetricFamily(
         "a1111_proxy_workers", "Workers with a recent heartbeat", value=len(workers)
     )

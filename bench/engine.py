@@ -4,15 +4,17 @@ Runs the real DiffusersBackend (the same code path a job takes) offline on model
 
   tiny   the tests' tiny random-weight SD1.5 (single-file checkpoint), 64x64: measures the
          engine's own overhead per step and per image (prompt encoding, PNG, infotext).
-  real   (--real) random-weight models with real SD1.5 (512x512) and SDXL (1024x1024) shapes built
-         from the shipped config skeletons - on a GPU this gives the real it/s (timing equals real
-         weights); on a CPU it is very slow.
+  real   (--real) random-weight models with real SD1.5 (512x512, 20 steps) and SDXL (1024x1024,
+         30 steps) shapes built from the shipped config skeletons - on a GPU this gives the real
+         it/s (timing equals real weights); on a CPU it is very slow.
 
 For each: it/s (denoising steps per second, CFG on) and per-image latency of our engine against a
 bare diffusers pipeline call with the same weights, device, precision, sampler, size and steps in
 the same process, and their ratio (target >= 0.97); median of a few runs after a warm-up. Then
-cross-request batching: --jobs compatible jobs (own prompts and seeds) run as one engine batch
-against the same jobs one at a time, images/s and their ratio. Uses
+cross-request batching through the HTTP API (`a1111-proxy serve` and a worker process on a
+SQLite file, bench/harness.py): --jobs compatible jobs (own prompts and seeds) submitted
+together, run one at a time (ENGINE_MAX_BATCH=1) and as one batch, images/s and their ratio;
+with --real also the batch's images/s against bare diffusers at batch 1 (goal >= 4x). Uses
 CUDA when torch sees it (`--device cpu` to force), fp16 there, fp32 on the CPU.
 
 Run: `.venv/bin/python bench/engine.py [--real] [--steps 20] [--runs 3] [--device cuda]`.
@@ -25,15 +27,19 @@ import asyncio
 import inspect
 import json
 import os
+import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx
 import torch
 
 from a1111_proxy.backends.diffusers import DiffusersBackend
@@ -46,6 +52,8 @@ def build_tiny(root: Path) -> dict[str, Path]:
 
     source = tiny_sd.sd15(root / "configs" / "sd15")
     tiny_sd.write_single_file(source, root / "models" / "Stable-diffusion" / "tiny15.safetensors")
+    # A worker process has no test skeletons: the API scenario uses the diffusers folder.
+    shutil.copytree(root / "configs" / "sd15", root / "models" / "Stable-diffusion" / "tinyapi")
     return {"sd15": root / "configs" / "sd15"}
 
 
@@ -81,6 +89,9 @@ def build_real(arch: str, folder: Path, dtype: torch.dtype) -> None:
     pipe = pipeline(**parts, **extra)
     pipe.to(dtype).save_pretrained(folder)
 
+
+# --real: (architecture, checkpoint, size, steps), as the issue measures them.
+REAL = (("sd15", "real15", 512, 20), ("sdxl", "realxl", 1024, 30))
 
 BODY = {
     "prompt": "a lighthouse at dusk, (oil painting:1.2)",
@@ -154,7 +165,9 @@ async def compare(
     folder: Path,
     size: int,
     args: argparse.Namespace,
-) -> None:
+) -> float:
+    """Our engine against bare diffusers at batch 1 (in this process); returns bare diffusers'
+    seconds per image."""
     ours = await measure_ours(backend, checkpoint, size, args.steps, args.runs)
     four = await measure_ours(backend, checkpoint, size, args.steps, args.runs, batch=4)
     backend.models.unload_all()
@@ -169,42 +182,92 @@ async def compare(
     print(f"  plain diffusers:    {args.steps / plain:7.2f} it/s, {plain * 1000:9.1f} ms per image")
     print(f"  ratio (ours / plain it/s): {plain / ours:.3f}   (target >= 0.97)")
     print(f"  batch 4: {four / 4 * 1000:.1f} ms per image, {args.steps / four:.2f} it/s")
+    return plain
 
 
-async def measure_batching(
-    backend: DiffusersBackend, label: str, checkpoint: str, size: int, args: argparse.Namespace
-) -> None:
-    """N compatible jobs (own prompts and seeds) as one engine batch against the same jobs one
-    at a time, in the same run: images per second and their ratio."""
-    bodies = [
+def batch_bodies(checkpoint: str, size: int, steps: int, jobs: int) -> list[dict[str, Any]]:
+    """N compatible jobs: the same shape, each with its own prompt and seed."""
+    return [
         {
             **BODY,
             "prompt": f"a photo of thing {n}",
             "seed": 100 + n,
-            "steps": args.steps,
+            "steps": steps,
             "width": size,
             "height": size,
             "override_settings": {"sd_model_checkpoint": checkpoint},
         }
-        for n in range(args.jobs)
+        for n in range(jobs)
     ]
-    await backend.generate("txt2img", {**bodies[0], "steps": 2})  # load + warm up
-    alone, together = [], []
-    for _ in range(args.runs):
-        t = time.perf_counter()
-        for body in bodies:
-            await backend.generate("txt2img", body)
-        alone.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        batch = backend.batch([("txt2img", body) for body in bodies])
-        runs = zip(batch.runners, bodies, strict=True)
-        await asyncio.gather(*(runner.generate("txt2img", body) for runner, body in runs))
-        together.append(time.perf_counter() - t)
-    one, many = args.jobs / statistics.median(alone), args.jobs / statistics.median(together)
+
+
+def run_together(api: httpx.Client, bodies: list[dict[str, Any]]) -> float:
+    """Submit `bodies` together (202 + job each), wait until every one completed: seconds."""
+    began = time.perf_counter()
+    ids = []
+    for body in bodies:
+        response = api.post("/sdapi/v1/txt2img", json=body, headers={"Prefer": "respond-async"})
+        response.raise_for_status()
+        ids.append(response.json()["id"])
+    for job_id in ids:
+        while (status := api.get(f"/sdapi/v1/jobs/{job_id}").json()["status"]) in (
+            "queued",
+            "processing",
+        ):
+            time.sleep(0.01)
+        if status != "completed":
+            raise RuntimeError(f"job {job_id} ended {status}")
+    return time.perf_counter() - began
+
+
+def measure_api_batching(
+    root: Path, label: str, checkpoint: str, size: int, args: argparse.Namespace
+) -> float:
+    """Through the HTTP API and a worker process: N compatible jobs submitted together, run one
+    at a time (ENGINE_MAX_BATCH=1) and as one batch (ENGINE_MAX_BATCH=N, with a short
+    ENGINE_BATCH_WAIT_MS so that the first job claimed waits for the others' submits), in the
+    same run. Prints images/s of each and their ratio; returns the batched images/s."""
+    from bench.harness import deployment
+
+    bodies = batch_bodies(checkpoint, size, args.steps, args.jobs)
+    figures = {}
+    for mode, env in (
+        ("one at a time", {"ENGINE_MAX_BATCH": "1"}),
+        ("one batch", {"ENGINE_MAX_BATCH": str(args.jobs), "ENGINE_BATCH_WAIT_MS": "250"}),
+    ):
+        settings = {
+            "BACKEND": "diffusers",
+            "MODELS_DIR": str(root / "models"),
+            "ENGINE_DEVICE": args.device,
+            "ENGINE_COMPILE": str(args.compile).lower(),
+            **env,
+        }
+        name = f"{checkpoint}-{env['ENGINE_MAX_BATCH']}"
+        with (
+            deployment(
+                root / "deployments",
+                name,
+                log_level="info",
+                workers=1,
+                backends=[],
+                env={f"A1111_PROXY_{k}": v for k, v in settings.items()},
+            ) as found,
+            httpx.Client(base_url=found.api_url, timeout=600) as api,
+        ):
+            run_together(api, [{**bodies[0], "steps": 2}])  # load + warm up
+            times = [run_together(api, bodies) for _ in range(args.runs)]
+            logs = [p.output() for p in found.stack.procs if p.log_path.stem.startswith("worker")]
+            batches = re.findall(r"one batch of (\d+)", "".join(logs))
+        figures[mode] = args.jobs / statistics.median(times)
+        shown = f", batches of {', '.join(batches)}" if batches else ""
+        print(f"  through the API, {mode}: {figures[mode]:.2f} images/s{shown}")
+    one, many = figures["one at a time"], figures["one batch"]
     print(
-        f"{label} {size}x{size}, {args.steps} steps, {args.jobs} compatible jobs: "
-        f"one at a time {one:.2f} images/s, one batch {many:.2f} images/s, ratio {many / one:.2f}"
+        f"{label} {size}x{size}, {args.steps} steps, {args.jobs} compatible jobs through the "
+        f"API: one at a time {one:.2f} images/s, one batch {many:.2f} images/s, "
+        f"ratio {many / one:.2f}"
     )
+    return many
 
 
 async def main() -> None:
@@ -240,15 +303,26 @@ async def main() -> None:
         )
         try:
             await compare(backend, "tiny SD1.5", "tiny15", skeletons["sd15"], 64, args)
-            await measure_batching(backend, "tiny SD1.5", "tiny15", 64, args)
+            backend.models.unload_all()
+            # Its own thread: the harness runs alembic, which starts an event loop of its own.
+            await asyncio.to_thread(measure_api_batching, root, "tiny SD1.5", "tinyapi", 64, args)
             if args.real:
-                for arch, name, size in (("sd15", "real15", 512), ("sdxl", "realxl", 1024)):
+                for arch, name, size, steps in REAL:
+                    real = argparse.Namespace(**{**vars(args), "steps": steps})
                     folder = root / "models" / "Stable-diffusion" / name
                     build_real(arch, folder, backend.models.dtype)
                     backend.models.catalog.checkpoints = backend.models.catalog.scan()
                     label = "real-size SD1.5" if arch == "sd15" else "real-size SDXL"
-                    await compare(backend, label, name, folder, size, args)
-                    await measure_batching(backend, label, name, size, args)
+                    plain = await compare(backend, label, name, folder, size, real)
+                    backend.models.unload_all()
+                    free_memory()
+                    many = await asyncio.to_thread(
+                        measure_api_batching, root, label, name, size, real
+                    )
+                    print(
+                        f"  {args.jobs} jobs as one batch against bare diffusers at batch 1: "
+                        f"{many * plain:.2f}x images/s   (goal >= 4)"
+                    )
         finally:
             await backend.aclose()
 

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -98,6 +98,8 @@ class Worker:
     timing: Timing = field(default_factory=Timing)
     reap_seconds: float = 5.0
     batch_wait_seconds: float = 0.0  # a batch not full waits this long for company
+    # How it waits for company (tests pass a wait they end by hand).
+    wait_for_company: Callable[[float], Awaitable[None]] = asyncio.sleep
     shutdown_grace_seconds: float = 30.0
     rest_seconds: float = 2.0  # a failing slot rests rest_seconds x failures (at most 30 s)
     keeper: CatalogueKeeper | None = None
@@ -263,7 +265,7 @@ class Worker:
         if key is None or len(claims) >= slot.batch or self.batch_wait_seconds <= 0:
             return claims
         # ENGINE_BATCH_WAIT_MS: give compatible jobs a moment to arrive, then take them too.
-        await first_of(self._stop.wait(), timeout=self.batch_wait_seconds)
+        await first_of(self._stop.wait(), self.wait_for_company(self.batch_wait_seconds))
         more = await self.repo.claim(self.worker_id, name, batch=slot.batch - len(claims), key=key)
         return claims + [c for _, c in more]
 
@@ -384,10 +386,12 @@ class Worker:
         progress, cancel, result) drives its place in the backend's batch."""
         assert isinstance(slot.backend, Batching)
         log.info(
-            "jobs %s: one batch on %s (claimed in %.1f ms)",
+            "jobs %s: one batch of %d on %s (claimed in %.1f ms)",
             ", ".join(c.id for c in claims),
+            len(claims),
             slot.backend.name,
             claim_seconds * 1000,
+            extra={"job_ids": [c.id for c in claims], "batch_size": len(claims)},
         )
         slot.claim, slot.state = claims[0], "busy"
         slot.checkpoint = claims[0].checkpoint or slot.checkpoint
@@ -539,8 +543,9 @@ class Worker:
                 log.exception("%s failed; trying again in %.0f s", action.__qualname__, seconds)
 
 
-async def first_of(*aws: Any, timeout: float) -> None:
-    """Returns once the first of `aws` is done, or after `timeout` seconds; cancels the rest."""
+async def first_of(*aws: Any, timeout: float | None = None) -> None:
+    """Returns once the first of `aws` is done, or after `timeout` seconds (None: no limit);
+    cancels the rest."""
     tasks = [asyncio.ensure_future(aw) for aw in aws]
     try:
         await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

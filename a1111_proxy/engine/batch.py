@@ -13,10 +13,12 @@ or interrupted during the batch ends at the next step: interrupted (or skipped),
 its rows' current estimate, decoded as when it runs alone; cancelled, with nothing. Its rows stay
 in the batch until the batch ends and are then thrown away: the samplers keep per-row history
 (multistep solvers, step noise) that cannot be cut without touching the other jobs' rows.
+A batch that runs out of memory is run again one job at a time (each as it runs alone).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +29,7 @@ from a1111_proxy.engine import adapters, attention, conditioning, lora, noise, s
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled
 from a1111_proxy.engine.infotext import Generation
-from a1111_proxy.engine.models import Loaded, Models
+from a1111_proxy.engine.models import Loaded, Models, free_memory
 from a1111_proxy.engine.params import Params
 from a1111_proxy.engine.pipeline import (
     Inputs,
@@ -42,6 +44,8 @@ from a1111_proxy.engine.pipeline import (
     task_pipeline,
     vae_and_embeddings,
 )
+
+log = logging.getLogger("a1111_proxy.engine")
 
 Answer = Callable[[dict[str, Any] | BaseException], None]
 
@@ -213,10 +217,34 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         pipe.vae.disable_tiling()
     if all(item.member.answered for item in group):
         return
-    with torch.inference_mode():
-        made = upscale.as_images(loaded.pipe, list(pipe(**kwargs).images))
+    try:
+        with torch.inference_mode():
+            made = upscale.as_images(loaded.pipe, list(pipe(**kwargs).images))
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        del exc  # its traceback holds the batch's tensors
+        _one_at_a_time(models, config, group)
+        return
     for item in group:
         _answer(item, made[item.rows])
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error, or a RuntimeError saying so (MPS, oneDNN, older CUDA)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def _one_at_a_time(models: Models, config: EngineConfig, group: list[_Ready]) -> None:
+    """The batch did not fit: its jobs not yet answered run alone, one after another (each
+    gets the images it gets alone; one that does not fit alone fails alone)."""
+    free_memory()
+    waiting = [item.member for item in group if not item.member.answered]
+    log.warning("a batch of %d jobs ran out of memory; running them one at a time", len(waiting))
+    for member in waiting:
+        _run_alone(models, config, member)
 
 
 def _stacked(group: list[_Ready], dtype: torch.dtype) -> dict[str, torch.Tensor]:

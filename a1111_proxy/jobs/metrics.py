@@ -31,7 +31,7 @@ class JobMetrics:
     by_status: dict[str, int]
     due: int  # queued and due now
     oldest_due_age: float  # seconds the oldest due job has waited; 0 when none
-    busy_backends: dict[str, int]  # backend name -> jobs running on it (0 or 1)
+    busy_backends: dict[str, int]  # backend name -> jobs running on it (more than 1: a batch)
     claim_latency: Histogram
     durations: dict[str, Histogram]  # by end status
 

@@ -21,6 +21,7 @@ pytest.importorskip("torch", reason="the engine tests need the engine extra (tor
 pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
 
 import numpy as np
+import torch
 
 from a1111_proxy.backends import BackendRejected
 from a1111_proxy.backends.diffusers import DiffusersBackend
@@ -184,3 +185,36 @@ async def test_the_worker_runs_compatible_jobs_as_one_batch_and_others_alone(
             assert_same_images(result, one)
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)"),
+    ],
+    ids=["OutOfMemoryError", "RuntimeError"],
+)
+async def test_a_batch_that_runs_out_of_memory_runs_its_jobs_one_at_a_time(
+    backend: DiffusersBackend, error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    alone = [await backend.generate("txt2img", body) for body in JOBS]
+    unet = backend.models.get("tiny15").pipe.unet
+    too_big: list[int] = []
+
+    def out_of_memory(module: Any, args: tuple[Any, ...]) -> None:
+        rows = args[0].shape[0]  # CFG doubles them: each job alone has at most 4
+        if rows > 4:
+            too_big.append(rows)
+            raise error
+
+    hook = unet.register_forward_pre_hook(out_of_memory)
+    try:
+        with caplog.at_level(logging.WARNING, logger="a1111_proxy.engine"):
+            batched = await run_batch(backend, JOBS)
+    finally:
+        hook.remove()
+    assert too_big == [8]  # the batch's first step; then each job alone
+    assert "a batch of 3 jobs ran out of memory" in caplog.text
+    for one, other in zip(batched, alone, strict=True):
+        assert_same_images(one, other)

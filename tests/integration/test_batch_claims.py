@@ -11,6 +11,7 @@ import pytest
 
 from a1111_proxy.engine.compat import batch_key
 from a1111_proxy.jobs import JobRepository, NewJob
+from a1111_proxy.schemas import render_job
 from tests.fakes.clock import Clock
 
 pytestmark = pytest.mark.anyio
@@ -69,3 +70,12 @@ async def test_a_batch_is_topped_up_with_jobs_of_its_key_only(repo: JobRepositor
     later = await submit(repo, prompt="b")
     more = await repo.claim("w", SLOT, batch=3, key=head.batch_key)
     assert head.id == first and [c.id for _, c in more] == [later]
+
+
+async def test_a_job_with_a_batch_key_is_shown_whole_with_its_result(repo: JobRepository) -> None:
+    job_id = await submit(repo, prompt="a")
+    [(_, claim)] = await repo.claim("w", SLOT, batch=4)
+    assert claim.batch_key is not None
+    assert await repo.complete(claim, {"images": [], "info": "{}"}, [b"png"])
+    view = render_job(await repo.get(job_id), [b"png"])
+    assert "render_error" not in view and view["result"]["info"] == "{}"

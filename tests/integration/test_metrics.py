@@ -106,6 +106,8 @@ def test_metrics_show_jobs_queue_latency_durations_backends_and_webhooks(
     assert value("a1111_proxy_backend_state", backend="http://a", state="busy") == 1
     assert value("a1111_proxy_backend_state", backend="http://a", state="idle") == 0
     assert value("a1111_proxy_backend_state", backend="http://b", state="down") == 1
+    assert value("a1111_proxy_backend_running_jobs", backend="http://a") == 1
+    assert value("a1111_proxy_backend_running_jobs", backend="http://b") == 0
     assert value("a1111_proxy_workers") == 2
     assert value("a1111_proxy_webhook_deliveries", event="completed", status="pending") == 1
 
