@@ -75,3 +75,61 @@ async def test_writes_returning_rows_counts_and_errors_are_the_drivers_own(db: D
         ids = (await conn.execute(select(workers.c.id).order_by(workers.c.id))).scalars().all()
         streamed = [r.id async for r in await conn.stream(select(workers.c.id))]
     assert ids == ["w1", "w2", "w3"] and sorted(streamed) == ids
+
+
+def sqlite_file(url: str) -> str:
+    from a1111_proxy.db.engine import sqlite_path
+
+    path = sqlite_path(url)
+    assert path is not None
+    return str(path)
+
+
+async def test_a_write_waits_for_another_processes_writer_lock_and_goes_on_when_it_is_released(
+    db: Database, sqlite_url: str
+) -> None:
+    """Writers of every process queue on `<database>-writer` (flock), woken by the kernel when
+    it is released, instead of meeting SQLite's busy handler, which sleeps up to 100 ms a try.
+    The lock is taken here on a file descriptor of its own, as another process holds it."""
+    import asyncio
+    import fcntl
+    import os
+
+    async with db.writing() as conn:  # the first write makes the lock file
+        await conn.execute(text("SELECT 1"))
+    other = os.open(f"{sqlite_file(sqlite_url)}-writer", os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+
+        async def write() -> None:
+            async with db.writing() as conn:
+                await conn.execute(
+                    insert(workers).values(id="w1", started_at=1.0, heartbeat_at=1.0, slots="[]")
+                )
+
+        writing = asyncio.create_task(write())
+        await asyncio.sleep(0.3)
+        assert not writing.done()  # it waits for the lock, not beside it
+        fcntl.flock(other, fcntl.LOCK_UN)
+        await asyncio.wait_for(writing, 10)
+        # ...and the lock is free again once it committed.
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+    async with db.reading() as conn:
+        assert (await conn.execute(select(workers.c.id))).scalars().all() == ["w1"]
+
+
+async def test_a_failed_write_releases_the_writer_lock(db: Database, sqlite_url: str) -> None:
+    import fcntl
+    import os
+
+    with pytest.raises(RuntimeError):
+        async with db.writing() as conn:
+            await conn.execute(text("SELECT 1"))
+            raise RuntimeError("the caller's own error: rolled back")
+    other = os.open(f"{sqlite_file(sqlite_url)}-writer", os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if held
+    finally:
+        os.close(other)
