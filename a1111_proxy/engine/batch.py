@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from a1111_proxy.engine import adapters, attention, conditioning, lora, noise, schedulers, upscale
+from a1111_proxy.engine import adapters, attention, conditioning, noise, schedulers, upscale
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled
 from a1111_proxy.engine.infotext import Generation
@@ -36,6 +36,7 @@ from a1111_proxy.engine.pipeline import (
     RunState,
     answer,
     call_kwargs,
+    encode_prompts,
     generate,
     initial_noise,
     per_image,
@@ -152,16 +153,7 @@ def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None)
         if hashes:
             generation.extra["Lora hashes"] = hashes
         words = vae_and_embeddings(models, loaded, params, generation)
-        embeds = conditioning.encode(
-            loaded.pipe,
-            lora.strip_tags(params.prompt),
-            lora.strip_tags(params.negative_prompt),
-            steps=conditioning.total_steps(params.sampler, params.steps),
-            clip_skip=params.clip_skip,
-            sdxl=loaded.sdxl,
-            pad_cond_uncond=params.pad_cond_uncond,
-            vocabulary=words,
-        )
+        embeds = encode_prompts(loaded, params, words)
     except Exception as exc:
         member.settle(exc)
         return None

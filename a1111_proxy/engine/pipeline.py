@@ -115,16 +115,7 @@ def generate(
     if params.noise_mask is not None:
         generation.extra["Noise mask"] = noise_mask.describe(params.noise_mask)
     words = vae_and_embeddings(models, loaded, params, generation)
-    embeds = conditioning.encode(
-        loaded.pipe,
-        lora.strip_tags(params.prompt),
-        lora.strip_tags(params.negative_prompt),
-        steps=conditioning.total_steps(params.sampler, params.steps),
-        clip_skip=params.clip_skip,
-        sdxl=loaded.sdxl,
-        pad_cond_uncond=params.pad_cond_uncond,
-        vocabulary=words,
-    )
+    embeds = encode_prompts(loaded, params, words)
     passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
     if params.hires:
         _check_hires(params, loaded, generation)
@@ -190,6 +181,22 @@ def answer(
         "parameters": params.parameters,
         "info": generation.info(len(made)),
     }
+
+
+def encode_prompts(
+    loaded: Loaded, params: Params, words: embeddings.Vocabulary
+) -> conditioning.Conditioning:
+    """The job's prompt and negative prompt, per step (prompt editing), LoRA tags left out."""
+    return conditioning.encode(
+        loaded.pipe,
+        lora.strip_tags(params.prompt),
+        lora.strip_tags(params.negative_prompt),
+        steps=conditioning.total_steps(params.sampler, params.steps),
+        clip_skip=params.clip_skip,
+        sdxl=loaded.sdxl,
+        pad_cond_uncond=params.pad_cond_uncond,
+        vocabulary=words,
+    )
 
 
 def vae_and_embeddings(

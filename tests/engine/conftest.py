@@ -96,3 +96,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     from tests.fakes import tiny_sd
 
     return TinyModels(tiny_sd, tmp_path_factory.mktemp("tiny-models"))
+
+
+def cpu_backend(root: Path, kinds: tuple[str, ...] = ("sd15",), **config: Any) -> Any:
+    """The engine on the CPU over `root`'s layout: MODELS_DIR `root/models`, the config
+    skeletons of `kinds` under `root/configs` (as the module fixtures lay them out)."""
+    from a1111_proxy.backends.diffusers import DiffusersBackend
+    from a1111_proxy.engine.config import EngineConfig
+
+    skeletons = {kind: root / "configs" / kind for kind in kinds}
+    return DiffusersBackend(
+        EngineConfig(models_dir=root / "models", device="cpu", skeletons=skeletons, **config)
+    )

@@ -30,7 +30,6 @@ from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.catalogue import CatalogueStore  # noqa: E402
 from a1111_proxy.db.engine import Database  # noqa: E402
 from a1111_proxy.engine import conditioning, embeddings, text  # noqa: E402
-from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.hashes import hash_file  # noqa: E402
 from tests.fakes import tiny_sd  # noqa: E402
 from tests.servers import ASYNC, serve  # noqa: E402
@@ -38,6 +37,8 @@ from worker.catalogue import CatalogueKeeper  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
+
+from tests.engine.conftest import cpu_backend  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7, "prompt": "a cat"}
@@ -101,14 +102,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
-    made = DiffusersBackend(
-        EngineConfig(
-            models_dir=models_dir / "models",
-            device="cpu",
-            skeletons={kind: models_dir / "configs" / kind for kind in ("sd15", "sdxl")},
-            preview_steps=0,
-        )
-    )
+    made = cpu_backend(models_dir, ("sd15", "sdxl"), preview_steps=0)
     yield made
     await made.aclose()
 

@@ -27,7 +27,6 @@ from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.catalogue import CatalogueStore  # noqa: E402
 from a1111_proxy.db.engine import Database  # noqa: E402
 from a1111_proxy.engine import ip_adapter  # noqa: E402
-from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.engine.image_prompts import ImagePromptUnit  # noqa: E402
 from a1111_proxy.jobs import JobRepository  # noqa: E402
 from a1111_proxy.wakeup import make_wakeup  # noqa: E402
@@ -39,6 +38,8 @@ from worker.loop import Worker  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
+
+from tests.engine.conftest import cpu_backend  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 7, "prompt": "a cat", "cfg_scale": 5}
@@ -63,13 +64,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
 
 @pytest.fixture
 async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
-    made = DiffusersBackend(
-        EngineConfig(
-            models_dir=models_dir / "models",
-            device="cpu",
-            skeletons={"sd15": models_dir / "configs" / "sd15"},
-        )
-    )
+    made = cpu_backend(models_dir)
     yield made
     await made.aclose()
 

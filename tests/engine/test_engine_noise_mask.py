@@ -22,12 +22,13 @@ from PIL import Image  # noqa: E402
 
 from a1111_proxy.app import create_app  # noqa: E402
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
-from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.engine.params import problems  # noqa: E402
 from tests.servers import ASYNC, serve  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
+
+from tests.engine.conftest import cpu_backend  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SIZE = 128
@@ -46,13 +47,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
 
 @pytest.fixture
 async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
-    made = DiffusersBackend(
-        EngineConfig(
-            models_dir=models_dir / "models",
-            device="cpu",
-            skeletons={"sd15": models_dir / "configs" / "sd15"},
-        )
-    )
+    made = cpu_backend(models_dir)
     yield made
     await made.aclose()
 

@@ -23,10 +23,11 @@ from PIL import Image  # noqa: E402
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import conditioning, text  # noqa: E402
-from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
+
+from tests.engine.conftest import cpu_backend  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7}
@@ -50,14 +51,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
-    made = DiffusersBackend(
-        EngineConfig(
-            models_dir=models_dir / "models",
-            device="cpu",
-            skeletons={"sd15": models_dir / "configs" / "sd15"},
-            preview_steps=0,
-        )
-    )
+    made = cpu_backend(models_dir, preview_steps=0)
     yield made
     await made.aclose()
 

@@ -24,11 +24,12 @@ from scipy import stats  # noqa: E402
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import samplers, schedulers  # noqa: E402
-from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.engine.errors import UnknownSampler  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
+
+from tests.engine.conftest import cpu_backend  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 
@@ -160,14 +161,7 @@ async def backend(
     root = tmp_path_factory.mktemp("schedules")
     source = tiny_models.sd15(root / "configs" / "sd15")
     tiny_models.write_single_file(source, root / "models" / "Stable-diffusion" / "t.safetensors")
-    made = DiffusersBackend(
-        EngineConfig(
-            models_dir=root / "models",
-            device="cpu",
-            skeletons={"sd15": root / "configs" / "sd15"},
-            preview_steps=0,
-        )
-    )
+    made = cpu_backend(root, preview_steps=0)
     yield made
     await made.aclose()
 
