@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from a1111_proxy.backends.base import BackendRejected, Progress, Refresh
-from a1111_proxy.backends.engine_batch import EngineBatch, JobPlace
+from a1111_proxy.backends.engine_batch import EngineBatch, JobPlace, progress_of
 from a1111_proxy.engine import control, detect, device, embeddings, hires, ip_adapter, memory, vae
 from a1111_proxy.engine.batch import Member, generate_batch
 from a1111_proxy.engine.catalog import Catalog, Checkpoint
@@ -197,15 +197,7 @@ class DiffusersBackend:
                 self._members = []
 
     async def progress(self, *, with_image: bool = False) -> Progress:
-        state = self._state
-        if state is None:
-            return Progress(progress=0.0, eta_relative=None, started=False)
-        return Progress(
-            progress=state.progress,
-            eta_relative=state.eta,
-            started=True,
-            current_image=state.current_image if with_image else None,
-        )
+        return progress_of(self._state, with_image=with_image)
 
     async def interrupt(self) -> None:
         state = self._state

@@ -49,15 +49,8 @@ class JobPlace:
         return result
 
     async def progress(self, *, with_image: bool = False) -> Progress:
-        state = self.state
-        if not self.batch.running or self.answer.done():
-            return Progress(progress=0.0, eta_relative=None, started=False)
-        return Progress(
-            progress=state.progress,
-            eta_relative=state.eta,
-            started=True,
-            current_image=state.current_image if with_image else None,
-        )
+        running = self.batch.running and not self.answer.done()
+        return progress_of(self.state if running else None, with_image=with_image)
 
     async def interrupt(self) -> None:
         self.state.interrupt.set()
@@ -70,3 +63,15 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
     """An answer nobody awaits any more (its job was given up) is not an unhandled error."""
     if not future.cancelled():
         future.exception()
+
+
+def progress_of(state: RunState | None, *, with_image: bool) -> Progress:
+    """A1111's progress of the engine's run `state` (None: nothing running)."""
+    if state is None:
+        return Progress(progress=0.0, eta_relative=None, started=False)
+    return Progress(
+        progress=state.progress,
+        eta_relative=state.eta,
+        started=True,
+        current_image=state.current_image if with_image else None,
+    )
