@@ -190,7 +190,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
     head = group[0].member.params
     scheduler = schedulers.make(loaded.pipe.scheduler.config, head.sampler, sdxl=loaded.sdxl)
     tracking = schedulers.Tracking(scheduler)
-    pipe = task_pipeline(loaded, head.kind, scheduler)
+    pipe = task_pipeline(loaded, head.kind, scheduler, (head.height, head.width, start))
     drawn = [initial_noise(models, i.member.params, i.seeds, i.subseeds) for i in group]
     latents = torch.cat([d.latents for d in drawn])
     tracking.generators = [g for d in drawn for g in d.generators]

@@ -21,6 +21,7 @@ from PIL import Image
 from a1111_proxy.engine import (
     adapters,
     attention,
+    compiled,
     conditioning,
     control,
     embeddings,
@@ -335,8 +336,8 @@ def _run_batch(
     task = _task(params, loaded, inputs[0])
     scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler, sdxl=loaded.sdxl)
     tracking = schedulers.Tracking(scheduler)
-    pipe = task_pipeline(loaded, task, scheduler)
     size = len(seeds)
+    pipe = task_pipeline(loaded, task, scheduler, (params.height, params.width, size))
     drawn = initial_noise(models, params, seeds, subseeds)
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
     if params.sampler.sampler.brownian:
@@ -440,11 +441,14 @@ def _task(params: Params, loaded: Loaded, inputs: Inputs) -> str:
     return params.kind
 
 
-def task_pipeline(loaded: Loaded, task: str, scheduler: Any) -> Any:
+def task_pipeline(loaded: Loaded, task: str, scheduler: Any, bucket: compiled.Bucket) -> Any:
     """A pipeline of the task's class sharing the loaded model's weights, with this run's
-    scheduler."""
+    scheduler; under ENGINE_COMPILE, with the UNet compiled for `bucket` (engine/compiled.py)."""
     cls = getattr(diffusers, _TASKS[(loaded.sdxl, task)])
-    return assemble(cls, loaded.pipe.components, scheduler=scheduler)
+    if loaded.buckets is None:
+        return assemble(cls, loaded.pipe.components, scheduler=scheduler)
+    unet = loaded.buckets.unet(loaded.pipe.unet, bucket)
+    return assemble(cls, loaded.pipe.components, scheduler=scheduler, unet=unet)
 
 
 def call_kwargs(

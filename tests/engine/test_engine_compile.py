@@ -1,0 +1,78 @@
+"""ENGINE_COMPILE on the tiny models, on the CPU: one compiled UNet per (height, width, batch
+rows) bucket, reused by later jobs of the bucket. The compiler is torch.compile with dynamo's
+"eager" backend (it traces the UNet as it would for inductor, then runs the captured graphs
+as they are), wrapped to count what it compiles."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the engine tests need the engine extra (torch)")
+pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
+
+from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
+from tests.engine.test_engine import make_backend, models_dir, pixels  # noqa: E402, F401
+
+pytestmark = [pytest.mark.anyio, pytest.mark.engine]
+SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+
+
+class CountingCompiler:
+    """torch.compile on dynamo's eager backend; counts the compiled wrappers it makes and the
+    graphs dynamo hands the backend (a new graph means dynamo traced again)."""
+
+    def __init__(self) -> None:
+        self.wrappers = 0
+        self.graphs = 0
+
+    def __call__(self, unet: Any) -> Any:
+        self.wrappers += 1
+
+        def backend(graph: Any, example_inputs: Any) -> Any:
+            self.graphs += 1
+            return graph.forward
+
+        return torch.compile(unet, backend=backend, dynamic=False)
+
+
+@pytest.fixture
+async def compiling(models_dir: Path) -> AsyncIterator[tuple[DiffusersBackend, CountingCompiler]]:  # noqa: F811
+    made = make_backend(models_dir, compile=True)
+    compiler = made.models.compiler = CountingCompiler()
+    yield made, compiler
+    await made.aclose()
+    torch._dynamo.reset()
+
+
+async def test_a_bucket_compiles_once_and_later_jobs_of_it_compile_nothing(
+    compiling: tuple[DiffusersBackend, CountingCompiler],
+) -> None:
+    backend, compiler = compiling
+    first = await backend.generate("txt2img", SMALL)
+    wrappers, graphs = compiler.wrappers, compiler.graphs
+    again = await backend.generate("txt2img", {**SMALL, "prompt": "a dog", "seed": 8})
+    assert (wrappers, compiler.wrappers, compiler.graphs) == (1, 1, graphs) and graphs > 0
+    await backend.generate("txt2img", {**SMALL, "width": 72})  # another size: its own bucket
+    assert compiler.wrappers == 2 and compiler.graphs > graphs
+    await backend.generate("txt2img", {**SMALL, "batch_size": 2})  # other rows: its own too
+    buckets = backend.models.get(None).buckets
+    assert buckets is not None and buckets.buckets == [(64, 64, 1), (64, 72, 1), (64, 64, 2)]
+    assert pixels(first).shape == pixels(again).shape == (64, 64, 3)
+
+
+async def test_a_compiled_unet_makes_the_image_the_eager_one_makes(
+    compiling: tuple[DiffusersBackend, CountingCompiler],
+    models_dir: Path,  # noqa: F811
+) -> None:
+    backend, _ = compiling
+    plain = make_backend(models_dir)
+    try:
+        eager = await plain.generate("txt2img", SMALL)
+    finally:
+        await plain.aclose()
+    compiled = await backend.generate("txt2img", SMALL)
+    assert abs(pixels(compiled) - pixels(eager)).max() <= 1
