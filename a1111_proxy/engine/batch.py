@@ -94,16 +94,17 @@ def _generate(models: Models, config: EngineConfig, members: list[Member]) -> No
     together = [m for m in members if shared is not None and _shared(m.params, loaded) == shared]
     alone = [m for m in members if m not in together]
     if len(together) > 1:
-        hashes = adapters.activate(loaded.pipe, models.config.models_dir, together[0].params.loras)
-        ready = [r for r in (_prepare(models, loaded, m, hashes) for m in together) if r]
-        groups: dict[Any, list[_Ready]] = {}
-        for item in ready:
-            if item.embeds.scheduled:  # prompt editing: its conditioning changes per step
-                alone.append(item.member)
-            else:
-                groups.setdefault(_signature(item.embeds.first), []).append(item)
-        for group in groups.values():
-            _run_group(models, config, loaded, group)
+        uses = together[0].params.loras  # merged into the weights for the batch (adapters.py)
+        with adapters.fused(loaded.pipe, models.config.models_dir, uses) as hashes:
+            ready = [r for r in (_prepare(models, loaded, m, hashes) for m in together) if r]
+            groups: dict[Any, list[_Ready]] = {}
+            for item in ready:
+                if item.embeds.scheduled:  # prompt editing: its conditioning changes per step
+                    alone.append(item.member)
+                else:
+                    groups.setdefault(_signature(item.embeds.first), []).append(item)
+            for group in groups.values():
+                _run_group(models, config, loaded, group)
     else:
         alone = members
     for member in alone:

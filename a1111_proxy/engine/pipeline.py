@@ -98,16 +98,27 @@ def generate(
     models: Models, config: EngineConfig, params: Params, state: RunState
 ) -> dict[str, Any]:
     loaded = models.get(params.checkpoint)
+    # LoRA (engine/adapters.py): every job sets its LoRAs, merged into the weights while it runs.
+    with adapters.fused(loaded.pipe, models.config.models_dir, params.loras) as hashes:
+        return _generate(models, config, params, state, loaded, hashes)
+
+
+def _generate(
+    models: Models,
+    config: EngineConfig,
+    params: Params,
+    state: RunState,
+    loaded: Loaded,
+    hashes: str | None,
+) -> dict[str, Any]:
     seeds, subseeds = params.all_seeds(), params.all_subseeds()
     generation = Generation(params, loaded.info, seeds, subseeds)
     inputs = [prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
     inputs = inputs or [Inputs()]
     generation.is_using_inpainting_conditioning = loaded.inpainting
-    # LoRA and ControlNet (engine/adapters.py, engine/control.py); every job sets the LoRAs.
-    hashes = adapters.activate(loaded.pipe, models.config.models_dir, params.loras)
     if hashes:
         generation.extra["Lora hashes"] = hashes
-    units = inputs[0].control = control.prepare(models, loaded, params)
+    units = inputs[0].control = control.prepare(models, loaded, params)  # engine/control.py
     if units is not None:
         generation.extra.update(units.infotext)
     prompts = inputs[0].image_prompts = ip_adapter.prepare(models, loaded, params)
