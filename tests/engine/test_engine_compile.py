@@ -5,9 +5,10 @@ as they are), wrapped to count what it compiles."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,6 +17,9 @@ pytest.importorskip("diffusers", reason="the engine tests need the engine extra 
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from tests.engine.test_engine import make_backend, models_dir, pixels  # noqa: E402, F401
+
+if TYPE_CHECKING:
+    from tests.engine.conftest import TinyModels
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
@@ -76,3 +80,36 @@ async def test_a_compiled_unet_makes_the_image_the_eager_one_makes(
         await plain.aclose()
     compiled = await backend.generate("txt2img", SMALL)
     assert abs(pixels(compiled) - pixels(eager)).max() <= 1
+
+
+async def test_a_compiled_unet_runs_a_jobs_merged_lora_and_the_next_job_is_as_on_a_fresh_engine(
+    compiling: tuple[DiffusersBackend, CountingCompiler],
+    models_dir: Path,  # noqa: F811
+    tiny_models: TinyModels,
+) -> None:
+    source = tiny_models.sd15(models_dir / "configs" / "sd15")
+    tiny_models.kohya_lora(source, models_dir / "models" / "Lora" / "style.safetensors", seed=1)
+    backend, compiler = compiling
+    fresh = await backend.generate("txt2img", SMALL)
+    styled = await backend.generate("txt2img", {**SMALL, "prompt": "a cat <lora:style:1>"})
+    after = await backend.generate("txt2img", SMALL)
+    assert abs(pixels(styled) - pixels(fresh)).max() > 10
+    assert abs(pixels(after) - pixels(fresh)).max() == 0 and compiler.wrappers == 1
+
+
+async def test_a_batch_of_jobs_compiles_one_bucket_for_its_rows_together(
+    models_dir: Path,  # noqa: F811
+) -> None:
+    backend = make_backend(models_dir, compile=True, max_batch=4)
+    compiler = backend.models.compiler = CountingCompiler()
+    bodies = [{**SMALL, "seed": 1}, {**SMALL, "prompt": "a dog", "batch_size": 2}]
+    try:
+        batch = backend.batch([("txt2img", body) for body in bodies])
+        runs = [r.generate("txt2img", b) for r, b in zip(batch.runners, bodies, strict=True)]
+        results = await asyncio.gather(*runs)
+        buckets = backend.models.get(None).buckets
+    finally:
+        await backend.aclose()
+        torch._dynamo.reset()
+    assert [len(result["images"]) for result in results] == [1, 2]
+    assert buckets is not None and buckets.buckets == [(64, 64, 3)] and compiler.wrappers == 1
