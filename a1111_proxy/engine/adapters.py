@@ -84,7 +84,8 @@ def _merge(pipe: Any) -> None:
 def _active(layer: Any) -> bool:
     """Whether one of the layer's active adapters has weights here (a te-only LoRA has none in
     the UNet's layers)."""
-    return not layer.disable_adapters and any(a in layer.lora_A for a in layer.active_adapters)
+    weights = getattr(layer, "lora_A", {})
+    return not layer.disable_adapters and any(a in weights for a in layer.active_adapters)
 
 
 def _keep_original(base: Any) -> None:

@@ -8,9 +8,10 @@ of the same bucket reuse it and compile nothing. The loaded model's own UNet sta
 compiled wrappers share its weights (LoRA fused into them, attention processors set on it), and
 a job outside every bucket (a hires fix's second pass at a new size) gets a bucket of its own.
 
-Dynamo keeps at most `torch._dynamo.config.recompile_limit` (8) compiled versions of one code
-object; past that it runs the UNet eagerly (with a warning), so a deployment with many sizes
-should raise it or keep compilation off.
+Dynamo keeps at most `torch._dynamo.config.recompile_limit` (8 by default) compiled versions of
+one code object, and every bucket's wrapper compiles the same UNet code (with our attention
+processors adding variants); past the limit it runs the UNet eagerly. The engine raises the limit
+to RECOMPILE_LIMIT when it compiles, so that the buckets of a server's usual sizes all fit.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ log = logging.getLogger("a1111_proxy.engine")
 
 Bucket = tuple[int, int, int]  # height, width, batch rows
 Compiler = Callable[[Any], Any]  # an eager UNet -> its compiled stand-in
+RECOMPILE_LIMIT = 64  # compiled versions dynamo keeps per code object (its default is 8)
 
 
 def compile_unet(unet: Any) -> Any:
     """torch.compile with static shapes (one graph per bucket, no dynamic-shape guards)."""
     import torch
+    import torch._dynamo.config
 
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
     return torch.compile(unet, dynamic=False)
 
 

@@ -113,3 +113,18 @@ async def test_a_batch_of_jobs_compiles_one_bucket_for_its_rows_together(
         torch._dynamo.reset()
     assert [len(result["images"]) for result in results] == [1, 2]
     assert buckets is not None and buckets.buckets == [(64, 64, 3)] and compiler.wrappers == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_the_default_compiler_wraps_the_unet_and_lets_dynamo_keep_every_buckets_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch._dynamo.config
+
+    from a1111_proxy.engine import compiled
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    unet = torch.nn.Linear(2, 2)
+    wrapped = compiled.compile_unet(unet)
+    assert compiled.eager(wrapped) is unet and compiled.eager(unet) is unet
+    assert torch._dynamo.config.recompile_limit == compiled.RECOMPILE_LIMIT
