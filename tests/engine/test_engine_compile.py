@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+HIRES = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5, "hr_second_pass_steps": 1}
 
 
 class CountingCompiler:
@@ -63,8 +64,10 @@ async def test_a_bucket_compiles_once_and_later_jobs_of_it_compile_nothing(
     await backend.generate("txt2img", {**SMALL, "width": 72})  # another size: its own bucket
     assert compiler.wrappers == 2 and compiler.graphs > graphs
     await backend.generate("txt2img", {**SMALL, "batch_size": 2})  # other rows: its own too
+    await backend.generate("txt2img", {**SMALL, **HIRES})  # the second pass at 128x128
     buckets = backend.models.get(None).buckets
-    assert buckets is not None and buckets.buckets == [(64, 64, 1), (64, 72, 1), (64, 64, 2)]
+    assert buckets is not None
+    assert buckets.buckets == [(64, 64, 1), (64, 72, 1), (64, 64, 2), (128, 128, 1)]
     assert pixels(first).shape == pixels(again).shape == (64, 64, 3)
 
 
