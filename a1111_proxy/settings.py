@@ -367,7 +367,9 @@ class Settings(BaseSettings):
         description="bundled engine: checkpoints kept loaded (the least recently used is dropped)",
     )
     engine_compile: bool = Field(
-        False, description="bundled engine: `torch.compile` the UNet (slow first run per size)"
+        False,
+        description="bundled engine: `torch.compile` the UNet, once per (size, batch rows) bucket "
+        "and reused by later jobs of it (slow first job per bucket)",
     )
     engine_cpu_offload: Literal["auto", "true", "false"] = Field(
         "auto",

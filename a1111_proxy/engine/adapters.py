@@ -5,6 +5,13 @@ LoRAs with their weights, or none at all (a job without LoRAs must not inherit t
 Adapters stay loaded, least recently used dropped first, so a LoRA used again costs only
 `set_adapters`. Our own prompt encoding (`text.py`) calls the same text encoder modules, so the
 text-encoder weight applies to it.
+
+While a job runs (`fused`), its LoRAs are merged into the weights they touch, as A1111 does: the
+layers then run as plain layers (no extra low-rank matmuls each step, and nothing per-adapter
+for torch.compile to guard on). Afterwards each touched weight gets its original back from a
+copy made the first time the layer was fused (kept in host memory, as A1111's backup is), so the
+next job sees exactly the weights it would on a fresh engine: subtracting the delta again, as
+peft's unmerge does, leaves rounding behind.
 """
 
 from __future__ import annotations
@@ -12,8 +19,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from weakref import WeakKeyDictionary
+
+import torch
 
 from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.lora import LoraCatalog, LoraFile, LoraUse, metadata
@@ -23,6 +34,8 @@ log = logging.getLogger("a1111_proxy.engine")
 MAX_ADAPTERS = 8  # adapters kept loaded per model; each costs its LoRA's size in memory
 
 _per_pipe: WeakKeyDictionary[Any, Adapters] = WeakKeyDictionary()
+_merged: WeakKeyDictionary[Any, list[Any]] = WeakKeyDictionary()  # pipe -> its merged layers
+_originals: WeakKeyDictionary[Any, dict[str, torch.Tensor]] = WeakKeyDictionary()  # base layer
 _catalogs: dict[str, LoraCatalog] = {}
 _hashes: dict[tuple[str, int, float], str] = {}
 _lock = threading.Lock()
@@ -39,6 +52,61 @@ def activate(pipe: Any, models_dir: Any, uses: tuple[LoraUse, ...]) -> str | Non
     files = [(catalog.find(use.name), use) for use in uses]
     adapters.activate(pipe, files)
     return ", ".join(f"{_infotext_name(f)}: {lora_hash(f)}" for f, _ in files) or None
+
+
+@contextmanager
+def fused(pipe: Any, models_dir: Any, uses: tuple[LoraUse, ...]) -> Iterator[str | None]:
+    """`activate` the job's LoRAs and merge them into the weights while the block runs; the
+    original weights come back after, exactly. Yields the `Lora hashes` value, or None. A job
+    run inside another's block (a batch's fallback to one job at a time) first gives the
+    weights back, so LoRAs are never merged twice."""
+    restore(pipe)
+    try:
+        hashes = activate(pipe, models_dir, uses)
+        if uses:
+            _merge(pipe)
+        yield hashes
+    finally:
+        restore(pipe)
+
+
+def _merge(pipe: Any) -> None:
+    layers = _merged.setdefault(pipe, [])
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, part, None)
+        for module in model.modules() if model is not None else ():
+            if hasattr(module, "merged_adapters") and _active(module):
+                _keep_original(module.get_base_layer())
+                layers.append(module)  # before merging: restore() covers a half-done merge
+                module.merge()
+
+
+def _active(layer: Any) -> bool:
+    """Whether one of the layer's active adapters has weights here (a te-only LoRA has none in
+    the UNet's layers)."""
+    weights = getattr(layer, "lora_A", {})
+    return not layer.disable_adapters and any(a in weights for a in layer.active_adapters)
+
+
+def _keep_original(base: Any) -> None:
+    if base not in _originals:
+        pin = torch.cuda.is_available()
+        _originals[base] = {
+            name: p.detach().to("cpu", copy=True).pin_memory()
+            if pin
+            else p.detach().to("cpu", copy=True)
+            for name, p in base.named_parameters(recurse=False)
+        }
+
+
+def restore(pipe: Any) -> None:
+    """Give every layer merged by `fused` its original weights back, exactly."""
+    for module in _merged.pop(pipe, []):
+        base = module.get_base_layer()
+        with torch.no_grad():
+            for name, p in base.named_parameters(recurse=False):
+                p.copy_(_originals[base][name], non_blocking=False)
+        module.merged_adapters.clear()
 
 
 class Adapters:

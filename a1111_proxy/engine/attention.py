@@ -44,6 +44,7 @@ class SkipPadding(AttnProcessor2_0):
 def install(model: Any) -> None:
     """Put SkipPadding on every cross-attention layer of a UNet or ControlNet(s), once."""
     for net in getattr(model, "nets", None) or [model]:
+        net = getattr(net, "_orig_mod", net)  # under ENGINE_COMPILE (engine/compiled.py)
         processors = getattr(net, "attn_processors", None)
         if not processors:
             continue

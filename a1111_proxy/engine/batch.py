@@ -95,16 +95,17 @@ def _generate(models: Models, config: EngineConfig, members: list[Member]) -> No
     together = [m for m in members if shared is not None and _shared(m.params, loaded) == shared]
     alone = [m for m in members if m not in together]
     if len(together) > 1:
-        hashes = adapters.activate(loaded.pipe, models.config.models_dir, together[0].params.loras)
-        ready = [r for r in (_prepare(models, loaded, m, hashes) for m in together) if r]
-        groups: dict[Any, list[_Ready]] = {}
-        for item in ready:
-            if item.embeds.scheduled:  # prompt editing: its conditioning changes per step
-                alone.append(item.member)
-            else:
-                groups.setdefault(_signature(item.embeds.first), []).append(item)
-        for group in groups.values():
-            _run_group(models, config, loaded, group)
+        uses = together[0].params.loras  # merged into the weights for the batch (adapters.py)
+        with adapters.fused(loaded.pipe, models.config.models_dir, uses) as hashes:
+            ready = [r for r in (_prepare(models, loaded, m, hashes) for m in together) if r]
+            groups: dict[Any, list[_Ready]] = {}
+            for item in ready:
+                if item.embeds.scheduled:  # prompt editing: its conditioning changes per step
+                    alone.append(item.member)
+                else:
+                    groups.setdefault(_signature(item.embeds.first), []).append(item)
+            for group in groups.values():
+                _run_group(models, config, loaded, group)
     else:
         alone = members
     for member in alone:
@@ -182,7 +183,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
     head = group[0].member.params
     scheduler = schedulers.make(loaded.pipe.scheduler.config, head.sampler, sdxl=loaded.sdxl)
     tracking = schedulers.Tracking(scheduler)
-    pipe = task_pipeline(loaded, head.kind, scheduler)
+    pipe = task_pipeline(loaded, head.kind, scheduler, (head.height, head.width, start))
     drawn = [initial_noise(models, i.member.params, i.seeds, i.subseeds) for i in group]
     latents = torch.cat([d.latents for d in drawn])
     tracking.generators = [g for d in drawn for g in d.generators]

@@ -427,6 +427,7 @@ def install(unet: Any, found: ImagePrompts | None, *, cfg: bool, pipe: Any) -> A
     Returns the step hook that moves their step, or None when there are none."""
     if found is None:
         return None
+    unet = getattr(unet, "_orig_mod", unet)  # under ENGINE_COMPILE (engine/compiled.py)
     cross = _cross_attentions(unet)
     steering = Steering(found.prompts, cfg, [module.heads for _, module in cross], pipe)
     processors = dict(unet.attn_processors)

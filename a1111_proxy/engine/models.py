@@ -2,8 +2,9 @@
 
 Single-file checkpoints load with `from_single_file(config=<skeleton>)`, so nothing is fetched
 from the hub; diffusers folders with `from_pretrained`. Each loaded model is placed on the device
-once, with the speed-ups decided once (channels_last, SDPA by default, optional torch.compile or
-CPU offload); runs then share its components.
+once, with the speed-ups decided once (channels_last, SDPA by default, CPU offload); runs then
+share its components. ENGINE_COMPILE compiles the UNet per size bucket as jobs need it
+(engine/compiled.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import transformers
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from a1111_proxy.engine.catalog import Catalog, Checkpoint, architecture
+from a1111_proxy.engine.compiled import Buckets, Compiler, compile_unet
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.infotext import ModelInfo
@@ -47,6 +49,7 @@ class Loaded:
     architecture: str
     pipe: Any  # a StableDiffusionPipeline or StableDiffusionXLPipeline
     sha256: str | None
+    buckets: Buckets | None = None  # ENGINE_COMPILE's compiled UNets (engine/compiled.py)
 
     @property
     def sdxl(self) -> bool:
@@ -96,6 +99,7 @@ class Models:
         self.previews = Previews(config.models_dir, self.device, self.dtype)
         # A1111's dtype_vae: float32 once a half-precision decode made NaNs (precision.py).
         self.vae_fp32 = False
+        self.compiler: Compiler = compile_unet  # ENGINE_COMPILE's, per bucket (compiled.py)
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._current: str | None = None
         self._lock = threading.Lock()
@@ -160,7 +164,8 @@ class Models:
                 f"cannot load checkpoint {checkpoint.name} as {arch}: {type(exc).__name__}: {exc}"
             ) from exc
         self._place(pipe, sdxl=arch.startswith("sdxl"))
-        return Loaded(checkpoint, arch, pipe, self.catalog.sha256(checkpoint))
+        buckets = Buckets(self.compiler) if self.config.compile else None
+        return Loaded(checkpoint, arch, pipe, self.catalog.sha256(checkpoint), buckets)
 
     def _from_files(self, cls: Any, checkpoint: Checkpoint, arch: str) -> Any:
         extra: dict[str, Any] = {}
@@ -199,8 +204,6 @@ class Models:
             log.info("the SDXL VAE runs in float32 (its config's force_upcast)")
         keep_latents_fp32(pipe.unet)
         match_vae_input(pipe.vae)
-        if self.config.compile:
-            pipe.unet = torch.compile(pipe.unet, dynamic=False)
 
     def _offload(self, pipe: Any) -> bool:
         if self.config.cpu_offload != "auto":

@@ -21,6 +21,7 @@ from PIL import Image
 from a1111_proxy.engine import (
     adapters,
     attention,
+    compiled,
     conditioning,
     control,
     embeddings,
@@ -97,16 +98,27 @@ def generate(
     models: Models, config: EngineConfig, params: Params, state: RunState
 ) -> dict[str, Any]:
     loaded = models.get(params.checkpoint)
+    # LoRA (engine/adapters.py): every job sets its LoRAs, merged into the weights while it runs.
+    with adapters.fused(loaded.pipe, models.config.models_dir, params.loras) as hashes:
+        return _generate(models, config, params, state, loaded, hashes)
+
+
+def _generate(
+    models: Models,
+    config: EngineConfig,
+    params: Params,
+    state: RunState,
+    loaded: Loaded,
+    hashes: str | None,
+) -> dict[str, Any]:
     seeds, subseeds = params.all_seeds(), params.all_subseeds()
     generation = Generation(params, loaded.info, seeds, subseeds)
     inputs = [prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
     inputs = inputs or [Inputs()]
     generation.is_using_inpainting_conditioning = loaded.inpainting
-    # LoRA and ControlNet (engine/adapters.py, engine/control.py); every job sets the LoRAs.
-    hashes = adapters.activate(loaded.pipe, models.config.models_dir, params.loras)
     if hashes:
         generation.extra["Lora hashes"] = hashes
-    units = inputs[0].control = control.prepare(models, loaded, params)
+    units = inputs[0].control = control.prepare(models, loaded, params)  # engine/control.py
     if units is not None:
         generation.extra.update(units.infotext)
     prompts = inputs[0].image_prompts = ip_adapter.prepare(models, loaded, params)
@@ -342,8 +354,8 @@ def _run_batch(
     task = _task(params, loaded, inputs[0])
     scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler, sdxl=loaded.sdxl)
     tracking = schedulers.Tracking(scheduler)
-    pipe = task_pipeline(loaded, task, scheduler)
     size = len(seeds)
+    pipe = task_pipeline(loaded, task, scheduler, (params.height, params.width, size))
     drawn = initial_noise(models, params, seeds, subseeds)
     tracking.generators = drawn.generators  # step noise continues from A1111's generators
     if params.sampler.sampler.brownian:
@@ -447,11 +459,14 @@ def _task(params: Params, loaded: Loaded, inputs: Inputs) -> str:
     return params.kind
 
 
-def task_pipeline(loaded: Loaded, task: str, scheduler: Any) -> Any:
+def task_pipeline(loaded: Loaded, task: str, scheduler: Any, bucket: compiled.Bucket) -> Any:
     """A pipeline of the task's class sharing the loaded model's weights, with this run's
-    scheduler."""
+    scheduler; under ENGINE_COMPILE, with the UNet compiled for `bucket` (engine/compiled.py)."""
     cls = getattr(diffusers, _TASKS[(loaded.sdxl, task)])
-    return assemble(cls, loaded.pipe.components, scheduler=scheduler)
+    if loaded.buckets is None:
+        return assemble(cls, loaded.pipe.components, scheduler=scheduler)
+    unet = loaded.buckets.unet(loaded.pipe.unet, bucket)
+    return assemble(cls, loaded.pipe.components, scheduler=scheduler, unet=unet)
 
 
 def call_kwargs(

@@ -27,7 +27,7 @@ from a1111_proxy.backends import BackendRejected  # noqa: E402
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.catalogue import CatalogueStore  # noqa: E402
 from a1111_proxy.db.engine import Database  # noqa: E402
-from a1111_proxy.engine import adapters  # noqa: E402
+from a1111_proxy.engine import adapters, lora  # noqa: E402
 from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 from a1111_proxy.hashes import hash_file  # noqa: E402
 from tests.servers import ASYNC, serve  # noqa: E402
@@ -149,6 +149,39 @@ async def test_loaded_loras_are_bounded_and_an_evicted_one_comes_back_the_same(
     pipe = backend.models.get("tiny15").pipe
     assert [len(names) for names in pipe.get_list_adapters().values()] == [1, 1]  # unet, te
     assert differ(again, styled) == 0 and differ(both, styled) > 0
+
+
+def base_weights(pipe: Any) -> dict[str, Any]:
+    """The UNet's and text encoder's own weights (peft's `base_layer`s), copied."""
+    parts = {"unet": pipe.unet, "te": pipe.text_encoder}
+    return {
+        f"{part}.{name.replace('.base_layer', '')}": p.detach().clone()
+        for part, model in parts.items()
+        for name, p in model.named_parameters()
+        if "lora_" not in name
+    }
+
+
+def changed(before: dict[str, Any], pipe: Any) -> set[str]:
+    now = base_weights(pipe)
+    return {name for name, p in before.items() if not torch.equal(p, now[name])}
+
+
+async def test_a_jobs_loras_are_merged_into_the_weights_while_it_runs_and_exactly_undone_after(
+    backend: DiffusersBackend, models_dir: Path
+) -> None:
+    fresh = await backend.generate("txt2img", {**SMALL, **SD15})
+    pipe = backend.models.get("tiny15").pipe
+    before = base_weights(pipe)
+    uses = lora.parse_uses("<lora:style:0.7> <lora:face:1:0.5>")
+    with adapters.fused(pipe, models_dir / "models", uses):
+        merged = changed(before, pipe)
+    assert any(n.startswith("unet.") for n in merged) and any(n.startswith("te.") for n in merged)
+    assert changed(before, pipe) == set()  # bit for bit, not W + d - d
+    styled = await backend.generate("txt2img", {**SMALL, **SD15, "prompt": "a <lora:style:0.7>"})
+    after = await backend.generate("txt2img", {**SMALL, **SD15})
+    assert differ(styled, fresh) > 10 and differ(after, fresh) == 0
+    assert changed(before, pipe) == set()
 
 
 async def test_an_unknown_or_unsupported_lora_fails_the_job_naming_it(
