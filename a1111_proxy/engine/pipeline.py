@@ -27,6 +27,7 @@ from a1111_proxy.engine import (
     images,
     ip_adapter,
     lora,
+    masked_content,
     noise,
     noise_mask,
     precision,
@@ -294,16 +295,10 @@ def prepare_inputs(params: Params, generation: Generation, n: int) -> Inputs:
 
 
 def _fill(image: Image.Image, mask: Image.Image, params: Params) -> Image.Image:
-    """A1111's "masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing (the last
-    two approximated in pixel space: random colours, mid grey)."""
-    if params.inpainting_fill == 0:
+    """A1111's "masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing; A1111
+    fills the pixels for all but 1, then 2 and 3 in latents (engine/masked_content.py)."""
+    if params.inpainting_fill != 1:
         return images.fill_masked(image, mask)
-    if params.inpainting_fill == 2:
-        generator = torch.Generator().manual_seed(params.seed)
-        pixels = torch.randint(0, 256, (image.height, image.width, 3), generator=generator)
-        return Image.composite(Image.fromarray(pixels.byte().numpy()), image, mask)
-    if params.inpainting_fill == 3:
-        return Image.composite(Image.new("RGB", image.size, (127, 127, 127)), image, mask)
     return image
 
 
@@ -368,6 +363,16 @@ def _run_batch(
         if strength >= 1.0:
             kwargs["latents"] = drawn.latents
         tracking.noise = drawn.latents
+        if inputs[0].mask is not None:
+            tracking.fill = masked_content.make(
+                params.inpainting_fill,
+                per_image(inputs, size, "mask"),
+                params.all_seeds()[:size],  # A1111: the first batch's seeds, every batch
+                width=params.width,
+                height=params.height,
+                device=models.device,
+                source=params.randn_source,
+            )
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
     embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
     if inputs[0].control is not None:

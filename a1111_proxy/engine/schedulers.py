@@ -20,6 +20,7 @@ import diffusers
 import torch
 
 from a1111_proxy.engine import sigmas, two_stage
+from a1111_proxy.engine.masked_content import LatentFill
 from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
 
@@ -103,6 +104,7 @@ class Tracking:
         self.noise: torch.Tensor | None = None  # A1111's initial noise, for add_noise
         self.generators: list[Generator] | None = None  # A1111's, for the step noise
         self.brownian_seeds: list[int] | None = None  # SDE samplers: A1111's seeded trees
+        self.fill: LatentFill | None = None  # inpainting's latent noise / latent nothing
         self._brownian: BrownianNoise | None = None
         self._step, self._add_noise = scheduler.step, scheduler.add_noise
         # On this instance only; wraps() keeps the signatures, which pipelines inspect to decide
@@ -168,6 +170,8 @@ class Tracking:
     ) -> torch.Tensor:
         if self.noise is not None and self.noise.shape == noise.shape:
             noise = self.noise.to(device=noise.device)
+        if self.fill is not None and self.fill.fits(original):
+            original = self.fill(original)  # the encoded image as A1111's init_latent
         # fp32, as A1111 keeps the sampler's latents whatever the UNet's dtype (precision.py)
         noisy: torch.Tensor = self._add_noise(original.float(), noise.float(), timesteps)
         return noisy
