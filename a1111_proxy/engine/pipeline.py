@@ -86,7 +86,7 @@ class Inputs:
 
     init: Image.Image | None = None  # what the pipeline starts from, at the job's size
     mask: Image.Image | None = None  # blurred, at the job's size
-    original: Image.Image | None = None  # for pasting back and the final overlay
+    original: Image.Image | None = None  # for pasting back and the overlay; resize mode 3's
     original_mask: Image.Image | None = None
     crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
     batch: upscale.Batch | None = None  # hires fix: each image's own start (images or latents)
@@ -262,7 +262,10 @@ def prepare_inputs(params: Params, generation: Generation, n: int) -> Inputs:
     count)."""
     original = images.decode(params.init_images[n], f"init_images[{n}]").convert("RGB")
     if params.mask is None:
-        return Inputs(init=images.resize(original, params.resize_mode, params.width, params.height))
+        init = images.resize(original, params.resize_mode, params.width, params.height)
+        if params.resize_mode == images.LATENT_RESIZE:  # img2img resizes it as latents
+            return Inputs(init=init, original=original)
+        return Inputs(init=init)
     mask = images.prepare_mask(
         images.decode(params.mask, "mask"),
         invert=params.inpainting_mask_invert,
@@ -347,6 +350,14 @@ def _run_batch(
         kwargs["latents"] = drawn.latents  # fp32, as the steps keep them (engine/precision.py)
     elif task == "img2img":
         start = inputs[0].batch if inputs[0].batch is not None else per_image(inputs, size, "init")
+        if inputs[0].batch is None and params.resize_mode == images.LATENT_RESIZE:
+            start = upscale.encoded_to_size(
+                loaded.pipe,
+                per_image(inputs, size, "original"),
+                params.width,
+                params.height,
+                kwargs["generator"],
+            )
         kwargs.update(image=start, strength=strength)
         tracking.noise = drawn.latents
     else:
