@@ -83,6 +83,11 @@ class TwoStageScheduler(KDPM2AncestralDiscreteScheduler):
         self._begin_index = None
 
     @property
+    def state_in_first_order(self) -> bool:
+        """Not between a step's two evaluations (what step hooks must not disturb)."""
+        return self._start is None
+
+    @property
     def init_noise_sigma(self) -> torch.Tensor:
         return self.flat_sigmas[0].cpu()  # k-diffusion: x = noise * sigmas[0]
 

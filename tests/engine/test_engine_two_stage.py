@@ -222,3 +222,14 @@ async def test_dpmpp_2s_a_runs_txt2img_and_img2img_through_the_pipelines(
         },
     )
     assert (pixels(edited) != pixels(made)).any()
+
+
+def test_between_a_steps_two_evaluations_the_scheduler_says_it_is_mid_step(sd15: Any) -> None:
+    scheduler = schedulers.make(sd15.scheduler.config, samplers.resolve("DPM++ 2S a"))
+    scheduler.set_timesteps(3)
+    x = torch.ones((1, 4, 8, 8)) * scheduler.init_noise_sigma
+    seen = []
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+        seen.append(scheduler.state_in_first_order)  # what engine/noise_mask.py asks
+    assert seen == [False, True, False, True, True]
