@@ -233,3 +233,19 @@ def test_between_a_steps_two_evaluations_the_scheduler_says_it_is_mid_step(sd15:
         x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
         seen.append(scheduler.state_in_first_order)  # what engine/noise_mask.py asks
     assert seen == [False, True, False, True, True]
+
+
+def test_with_the_nv_source_dpmpp_2s_a_draws_its_step_noise_from_philox(sd15: Any) -> None:
+    from a1111_proxy.engine.noise import Philox
+
+    scheduler = schedulers.make(sd15.scheduler.config, samplers.resolve("DPM++ 2S a"))
+    scheduler.set_timesteps(4)
+    start = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    made = engine(scheduler, start, [Philox(s) for s in SEEDS])
+    generators = [Philox(s) for s in SEEDS]
+
+    def image_rng() -> Any:
+        return torch.stack([g.randn((4, 8, 8)) for g in generators]).double()
+
+    expected = reference("DPM++ 2S a", a1111_sigmas(karras, 4, False), start.double(), image_rng)
+    torch.testing.assert_close(made.double(), expected, rtol=1e-4, atol=1e-4)
