@@ -4,9 +4,9 @@ The worker claims up to ENGINE_MAX_BATCH queued jobs with the same batch key (en
 and the backend hands them here together. Each job keeps its own prompt, negative prompt, seeds
 and subseeds: its rows of the batch get the initial noise, step noise and conditioning they get
 when it runs alone (A1111's seed semantics), so its images are the same. A job that does not fit
-the shared call after all (hires fix, ControlNet, a mask, n_iter > 1, prompt editing, another LoRA
-set or size, an inpainting checkpoint) runs alone after it; jobs whose conditionings differ in
-length (a prompt past 75 tokens) run as separate batches.
+the shared call after all (hires fix, ControlNet, a mask, resize mode 3, n_iter > 1, prompt
+editing, another LoRA set or size, an inpainting checkpoint) runs alone after it; jobs whose
+conditionings differ in length (a prompt past 75 tokens) run as separate batches.
 
 A job whose inputs fail (a bad init image) fails alone, before the batch starts. A job cancelled
 or interrupted during the batch ends at the next step: interrupted (or skipped), it answers with
@@ -28,6 +28,7 @@ import torch
 from a1111_proxy.engine import adapters, attention, conditioning, noise, schedulers, upscale
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled
+from a1111_proxy.engine.images import LATENT_RESIZE
 from a1111_proxy.engine.infotext import Generation
 from a1111_proxy.engine.models import Loaded, Models, free_memory
 from a1111_proxy.engine.params import Params
@@ -118,6 +119,7 @@ def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
         params.hires is not None
         or params.controlnet_units
         or params.mask is not None
+        or params.resize_mode == LATENT_RESIZE  # its start is encoded per image
         or params.n_iter != 1
         or loaded.inpainting
     ):

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import diffusers
 import torch
 
-from a1111_proxy.engine import schedule, text
+from a1111_proxy.engine import schedule, schedulers, text
 from a1111_proxy.engine.embeddings import ANY, SDXL_KEYS, Vocabulary
 from a1111_proxy.engine.samplers import Resolved
 
@@ -26,8 +25,9 @@ Encoded = tuple[torch.Tensor, torch.Tensor | None]  # (1, 77*k, C) and SDXL's po
 
 def total_steps(sampler: Resolved, steps: int) -> int:
     """Model evaluations in a run of `steps`: A1111 schedules prompts over these, and a second
-    order sampler (Heun, DPM2, DPM++ SDE) makes 2 * steps - 1 of them, in diffusers too."""
-    order = getattr(getattr(diffusers, sampler.sampler.scheduler_class), "order", 1)
+    order sampler (Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE) makes 2 * steps - 1 of them, in
+    diffusers too."""
+    order = getattr(schedulers.scheduler_class(sampler.sampler.scheduler_class), "order", 1)
     return steps * 2 - 1 if order == 2 else steps
 
 

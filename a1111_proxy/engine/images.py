@@ -39,7 +39,8 @@ def encode_png(image: Image.Image, infotext: str | None) -> bytes:
 
 
 def resize(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
-    """A1111's resize modes: 0 just resize, 1 crop and resize, 2 resize and fill, 3 as 0."""
+    """A1111's resize modes: 0 just resize, 1 crop and resize, 2 resize and fill, 3 as 0
+    (plain img2img resizes its latents instead: upscale.encoded_to_size)."""
     if mode == CROP_AND_RESIZE:
         return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
     if mode == RESIZE_AND_FILL:

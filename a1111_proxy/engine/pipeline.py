@@ -28,6 +28,7 @@ from a1111_proxy.engine import (
     images,
     ip_adapter,
     lora,
+    masked_content,
     noise,
     noise_mask,
     precision,
@@ -86,7 +87,7 @@ class Inputs:
 
     init: Image.Image | None = None  # what the pipeline starts from, at the job's size
     mask: Image.Image | None = None  # blurred, at the job's size
-    original: Image.Image | None = None  # for pasting back and the final overlay
+    original: Image.Image | None = None  # for pasting back and the overlay; resize mode 3's
     original_mask: Image.Image | None = None
     crop: tuple[int, int, int, int] | None = None  # "Only masked": where the result goes
     batch: upscale.Batch | None = None  # hires fix: each image's own start (images or latents)
@@ -280,7 +281,10 @@ def prepare_inputs(params: Params, generation: Generation, n: int) -> Inputs:
     count)."""
     original = images.decode(params.init_images[n], f"init_images[{n}]").convert("RGB")
     if params.mask is None:
-        return Inputs(init=images.resize(original, params.resize_mode, params.width, params.height))
+        init = images.resize(original, params.resize_mode, params.width, params.height)
+        if params.resize_mode == images.LATENT_RESIZE:  # img2img resizes it as latents
+            return Inputs(init=init, original=original)
+        return Inputs(init=init)
     mask = images.prepare_mask(
         images.decode(params.mask, "mask"),
         invert=params.inpainting_mask_invert,
@@ -313,16 +317,10 @@ def prepare_inputs(params: Params, generation: Generation, n: int) -> Inputs:
 
 
 def _fill(image: Image.Image, mask: Image.Image, params: Params) -> Image.Image:
-    """A1111's "masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing (the last
-    two approximated in pixel space: random colours, mid grey)."""
-    if params.inpainting_fill == 0:
+    """A1111's "masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing; A1111
+    fills the pixels for all but 1, then 2 and 3 in latents (engine/masked_content.py)."""
+    if params.inpainting_fill != 1:
         return images.fill_masked(image, mask)
-    if params.inpainting_fill == 2:
-        generator = torch.Generator().manual_seed(params.seed)
-        pixels = torch.randint(0, 256, (image.height, image.width, 3), generator=generator)
-        return Image.composite(Image.fromarray(pixels.byte().numpy()), image, mask)
-    if params.inpainting_fill == 3:
-        return Image.composite(Image.new("RGB", image.size, (127, 127, 127)), image, mask)
     return image
 
 
@@ -371,6 +369,14 @@ def _run_batch(
         kwargs["latents"] = drawn.latents  # fp32, as the steps keep them (engine/precision.py)
     elif task == "img2img":
         start = inputs[0].batch if inputs[0].batch is not None else per_image(inputs, size, "init")
+        if inputs[0].batch is None and params.resize_mode == images.LATENT_RESIZE:
+            start = upscale.encoded_to_size(
+                loaded.pipe,
+                per_image(inputs, size, "original"),
+                params.width,
+                params.height,
+                kwargs["generator"],
+            )
         kwargs.update(image=start, strength=strength)
         tracking.noise = drawn.latents
     else:
@@ -387,6 +393,16 @@ def _run_batch(
         if strength >= 1.0:
             kwargs["latents"] = drawn.latents
         tracking.noise = drawn.latents
+        if inputs[0].mask is not None:
+            tracking.fill = masked_content.make(
+                params.inpainting_fill,
+                per_image(inputs, size, "mask"),
+                params.all_seeds()[:size],  # A1111: the first batch's seeds, every batch
+                width=params.width,
+                height=params.height,
+                device=models.device,
+                source=params.randn_source,
+            )
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
     embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
     if inputs[0].control is not None:

@@ -16,7 +16,7 @@ from a1111_proxy.engine.errors import UnknownSampler
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    scheduler_class: str  # a diffusers scheduler class name
+    scheduler_class: str  # a diffusers scheduler class name, or engine/two_stage.py's
     default_schedule: str  # what "Automatic" means for this sampler
     kwargs: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
@@ -24,9 +24,11 @@ class Sampler:
     sigma_schedules: bool = True
     # A1111's "brownian_noise": step noise from a Brownian tree seeded with the image seeds.
     brownian: bool = False
-    # Steps on one sigma at a time: runs every schedule of sigmas.py (A1111's k-diffusion
-    # samplers but Heun, DPM2 and DPM++ SDE, whose diffusers classes interleave sigmas).
+    # Steps through any list of sigmas: runs every schedule of sigmas.py (A1111's k-diffusion
+    # samplers but Heun and DPM++ SDE, whose diffusers classes interleave sigmas themselves).
     stepwise: bool = False
+    # A1111's option: the schedule for steps + 1, less its next-to-last sigma.
+    discard_next_to_last_sigma: bool = False
     # A1111's "uses_ensd": ancestral samplers, whose infotext carries ENSD when eta is not 0.
     uses_ensd: bool = False
     # A1111's timesteps samplers (DDIM, PLMS, UniPC) pick no schedule of their own.
@@ -67,12 +69,12 @@ SAMPLERS: tuple[Sampler, ...] = (
         brownian=True,
         stepwise=True,
     ),
-    # diffusers has no ancestral 2S; the single-step solver is the nearest (an approximation).
+    # diffusers has no DPM++ 2S a: engine/two_stage.py's, as DPM2 and DPM2 a.
     Sampler(
         "DPM++ 2S a",
-        "DPMSolverSinglestepScheduler",
+        "DPMPP2SAncestralScheduler",
         "karras",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        {},
         ("k_dpmpp_2s_a",),
         stepwise=True,
         uses_ensd=True,
@@ -85,6 +87,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("k_dpmpp_3m_sde",),
         brownian=True,
         stepwise=True,
+        discard_next_to_last_sigma=True,
     ),
     Sampler(
         "Euler a",
@@ -99,9 +102,24 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler", "EulerDiscreteScheduler", "uniform", {}, ("k_euler",), stepwise=True),
     Sampler("LMS", "LMSDiscreteScheduler", "uniform", {}, ("k_lms",), stepwise=True),
     Sampler("Heun", "HeunDiscreteScheduler", "uniform", {}, ("k_heun",)),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", "karras", {}, ("k_dpm_2",)),
     Sampler(
-        "DPM2 a", "KDPM2AncestralDiscreteScheduler", "karras", {}, ("k_dpm_2_a",), uses_ensd=True
+        "DPM2",
+        "DPM2Scheduler",
+        "karras",
+        {},
+        ("k_dpm_2",),
+        stepwise=True,
+        discard_next_to_last_sigma=True,
+    ),
+    Sampler(
+        "DPM2 a",
+        "DPM2AncestralScheduler",
+        "karras",
+        {},
+        ("k_dpm_2_a",),
+        stepwise=True,
+        uses_ensd=True,
+        discard_next_to_last_sigma=True,
     ),
     Sampler(
         "DDIM",

@@ -19,7 +19,8 @@ from typing import Any
 import diffusers
 import torch
 
-from a1111_proxy.engine import sigmas
+from a1111_proxy.engine import sigmas, two_stage
+from a1111_proxy.engine.masked_content import LatentFill
 from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
 
@@ -35,7 +36,7 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
     """A fresh scheduler for `resolved`; its sigmas from sigmas.py where the diffusers class
     cannot make the schedule (`sdxl`: which Align Your Steps table)."""
     sampler = resolved.sampler
-    cls = getattr(diffusers, sampler.scheduler_class)
+    cls = scheduler_class(sampler.scheduler_class)
     wanted: dict[str, Any] = dict(sampler.kwargs)
     wanted["timestep_spacing"] = _SPACING.get(resolved.schedule, "linspace")
     if resolved.schedule == "ddim":  # A1111's timesteps samplers: t = range(0, 1000, 1000 // n) + 1
@@ -57,7 +58,14 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
     scheduler = cls.from_config(config)
     if formula:
         sigmas.install(scheduler, resolved.schedule, sdxl)
+    if sampler.discard_next_to_last_sigma:
+        sigmas.discard_next_to_last(scheduler)
     return scheduler
+
+
+def scheduler_class(name: str) -> Any:
+    """A diffusers scheduler class, or one of engine/two_stage.py's, by name."""
+    return two_stage.CLASSES.get(name) or getattr(diffusers, name)
 
 
 # Step noise a scheduler's `randn_tensor` gives instead of its own, while set: how the ancestral
@@ -96,6 +104,7 @@ class Tracking:
         self.noise: torch.Tensor | None = None  # A1111's initial noise, for add_noise
         self.generators: list[Generator] | None = None  # A1111's, for the step noise
         self.brownian_seeds: list[int] | None = None  # SDE samplers: A1111's seeded trees
+        self.fill: LatentFill | None = None  # inpainting's latent noise / latent nothing
         self._brownian: BrownianNoise | None = None
         self._step, self._add_noise = scheduler.step, scheduler.add_noise
         # On this instance only; wraps() keeps the signatures, which pipelines inspect to decide
@@ -161,6 +170,8 @@ class Tracking:
     ) -> torch.Tensor:
         if self.noise is not None and self.noise.shape == noise.shape:
             noise = self.noise.to(device=noise.device)
+        if self.fill is not None and self.fill.fits(original):
+            original = self.fill(original)  # the encoded image as A1111's init_latent
         # fp32, as A1111 keeps the sampler's latents whatever the UNet's dtype (precision.py)
         noisy: torch.Tensor = self._add_noise(original.float(), noise.float(), timesteps)
         return noisy

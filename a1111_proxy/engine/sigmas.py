@@ -119,9 +119,38 @@ def install(scheduler: Any, name: str, sdxl: bool) -> None:
     @functools.wraps(own)
     def set_timesteps(num_inference_steps: int, device: Any = None, **kwargs: Any) -> None:
         own(num_inference_steps, device=device, **kwargs)
-        sigmas = schedule(name, num_inference_steps, trained, sdxl)
-        device = scheduler.sigmas.device if device is None else device
-        scheduler.sigmas = sigmas.to(device=device)
-        scheduler.timesteps = sigma_to_t(sigmas[:-1], trained).to(device=device)
+        put(scheduler, schedule(name, num_inference_steps, trained, sdxl), device)
+
+    scheduler.set_timesteps = set_timesteps
+
+
+def put(
+    scheduler: Any, sigmas: torch.Tensor, device: Any, timesteps: torch.Tensor | None = None
+) -> None:
+    """Make `scheduler` step through `sigmas` (at `timesteps`, or k-diffusion's for them): a
+    two-stage one (engine/two_stage.py) interleaves them itself."""
+    if hasattr(scheduler, "use_sigmas"):
+        scheduler.use_sigmas(sigmas, device)
+        return
+    device = scheduler.sigmas.device if device is None else device
+    if timesteps is None:
+        timesteps = sigma_to_t(sigmas[:-1], trained_sigmas(scheduler.config))
+    scheduler.sigmas = sigmas.to(device=device)
+    scheduler.timesteps = timesteps.to(device=device)
+
+
+def discard_next_to_last(scheduler: Any) -> None:
+    """A1111's `discard_next_to_last_sigma` (DPM2, DPM2 a, DPM++ 3M SDE): the schedule for one
+    step more, without its next-to-last sigma; the steps stay as asked."""
+    own = scheduler.set_timesteps
+
+    @functools.wraps(own)
+    def set_timesteps(num_inference_steps: int, device: Any = None, **kwargs: Any) -> None:
+        own(num_inference_steps + 1, device=device, **kwargs)
+        made = getattr(scheduler, "flat_sigmas", scheduler.sigmas)
+        kept = torch.cat([made[:-2], made[-1:]])
+        timesteps = None if hasattr(scheduler, "use_sigmas") else scheduler.timesteps[:-1]
+        put(scheduler, kept, device, timesteps)
+        scheduler.num_inference_steps = num_inference_steps
 
     scheduler.set_timesteps = set_timesteps

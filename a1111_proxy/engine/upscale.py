@@ -4,6 +4,7 @@ Latent modes interpolate the first pass's latents (torch `interpolate`, with A11
 antialiasing); image upscalers resize the decoded images (Lanczos, Nearest; "None" is a plain
 Lanczos resize). Both are then cropped to hr_resize_x x hr_resize_y when that changes the aspect
 ratio. The second pass is an img2img run at the new size: `second_pass_params` says with what.
+img2img's latent resize mode (3) interpolates an init image's latents the same way.
 """
 
 from __future__ import annotations
@@ -97,6 +98,33 @@ def second_pass_params(params: Params, hires: Hires) -> Params | None:
         height=height * LATENT_FACTOR,
         hires=None,
     )
+
+
+@torch.inference_mode()
+def encoded_to_size(
+    pipe: Any, images: list[Image.Image], width: int, height: int, generators: list[Any]
+) -> torch.Tensor:
+    """img2img's resize mode 3, "Just resize (latent upscale)", as A1111's img2img init: each
+    image encoded at its own size (rounded down to a multiple of 8, as the pipelines take it),
+    then its latents interpolated bilinearly to the job's size."""
+    vae = pipe.vae
+    made = []
+    for image, generator in zip(images, generators, strict=True):
+        pixels = pipe.image_processor.preprocess(image).to(device=vae.device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator).float()
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            latents = latents - torch.tensor(mean).view(shape).to(latents)
+            latents = (
+                latents * vae.config.scaling_factor / torch.tensor(std).view(shape).to(latents)
+            )
+        else:
+            latents = latents * vae.config.scaling_factor
+        size = (height // LATENT_FACTOR, width // LATENT_FACTOR)
+        made.append(torch.nn.functional.interpolate(latents, size=size, mode="bilinear"))
+    return torch.cat(made)
 
 
 @torch.inference_mode()

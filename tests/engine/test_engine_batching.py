@@ -94,6 +94,28 @@ async def test_img2img_jobs_batch_with_their_own_init_images(backend: DiffusersB
         assert_same_images(one, other)
 
 
+async def test_img2img_jobs_in_latent_resize_mode_run_alone_with_their_latent_start(
+    backend: DiffusersBackend,
+) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [
+        png_b64(Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)))
+        for _ in range(2)
+    ]
+    bodies = [
+        {"prompt": "p", "seed": n, "init_images": [image], "denoising_strength": 0.3, **SHARED}
+        for n, image in enumerate(images)
+    ]
+    bodies = [{**body, "resize_mode": 3} for body in bodies]
+    alone = [await backend.generate("img2img", body) for body in bodies]
+    batch = backend.batch([("img2img", body) for body in bodies])
+    batched = [await r.generate("img2img", b) for r, b in zip(batch.runners, bodies, strict=True)]
+    for one, other in zip(batched, alone, strict=True):
+        assert np.array_equal(pixels(one), pixels(other))
+
+
 async def test_a_bad_init_image_fails_its_own_job_only(backend: DiffusersBackend) -> None:
     from PIL import Image
 
