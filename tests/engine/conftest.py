@@ -108,3 +108,10 @@ def cpu_backend(root: Path, kinds: tuple[str, ...] = ("sd15",), **config: Any) -
     return DiffusersBackend(
         EngineConfig(models_dir=root / "models", device="cpu", skeletons=skeletons, **config)
     )
+
+
+def tiny_sd15_root(root: Path, tiny_models: TinyModels) -> Path:
+    """`root` laid out for cpu_backend: the tiny SD1.5 as a single checkpoint file."""
+    source = tiny_models.sd15(root / "configs" / "sd15")
+    tiny_models.write_single_file(source, root / "models" / "Stable-diffusion" / "t.safetensors")
+    return root

@@ -27,6 +27,8 @@ from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
+from tests.engine.results import infotext, pixels  # noqa: E402
+
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SD15 = {"override_settings": {"sd_model_checkpoint": "tiny15"}}
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 7, **SD15}
@@ -68,15 +70,6 @@ async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
 async def image(backend: DiffusersBackend, **body: Any) -> np.ndarray:
     result = await backend.generate("txt2img", {**SMALL, **body})
     return pixels(result)
-
-
-def pixels(result: dict[str, Any]) -> np.ndarray:
-    png = Image.open(io.BytesIO(base64.b64decode(result["images"][0])))
-    return np.asarray(png.convert("RGB"), dtype=np.int16)
-
-
-def infotext(result: dict[str, Any]) -> str:
-    return str(json.loads(result["info"])["infotexts"][0])
 
 
 async def test_an_edit_at_the_last_step_is_the_first_prompt_and_at_step_0_the_second(

@@ -4,9 +4,7 @@ on tiny random-weight models on the CPU, offline."""
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 import json
 import logging
 import shutil
@@ -21,7 +19,6 @@ pytest.importorskip("diffusers", reason="the engine tests need the engine extra 
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from a1111_proxy.app import create_app  # noqa: E402
@@ -39,6 +36,7 @@ if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
 from tests.engine.conftest import cpu_backend  # noqa: E402
+from tests.engine.results import infotext, pixels  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7, "prompt": "a cat"}
@@ -107,17 +105,8 @@ async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
     await made.aclose()
 
 
-def pixels(result: dict[str, Any], n: int = 0) -> Any:
-    png = Image.open(io.BytesIO(base64.b64decode(result["images"][n])))
-    return np.asarray(png.convert("RGB"), dtype=np.int16)
-
-
 def differ(a: dict[str, Any], b: dict[str, Any]) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
-
-
-def infotext(result: dict[str, Any]) -> str:
-    return str(json.loads(result["info"])["infotexts"][0])
 
 
 async def run(backend: DiffusersBackend, settings: dict[str, Any], **body: Any) -> dict[str, Any]:

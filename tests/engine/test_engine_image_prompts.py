@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
 from tests.engine.conftest import cpu_backend  # noqa: E402
+from tests.engine.results import pixels  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 7, "prompt": "a cat", "cfg_scale": 5}
@@ -84,11 +85,6 @@ UNIT = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_
 
 def prompted(*units: dict[str, Any]) -> dict[str, Any]:
     return {**SMALL, **SD15, "alwayson_scripts": {"controlnet": {"args": list(units)}}}
-
-
-def pixels(result: dict[str, Any]) -> np.ndarray:
-    image = Image.open(io.BytesIO(base64.b64decode(result["images"][0])))
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def differ(a: dict[str, Any], b: dict[str, Any]) -> int:

@@ -4,8 +4,6 @@ SD1.5 on the CPU."""
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +17,12 @@ from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import masked_content, samplers, schedulers  # noqa: E402
-from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
+
+from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
+from tests.engine.results import pixels, png_b64  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 SEEDS = [21, 22]
@@ -93,30 +93,10 @@ def anyio_backend() -> str:
 async def backend(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
 ) -> AsyncIterator[DiffusersBackend]:
-    root = tmp_path_factory.mktemp("masked-content")
-    source = tiny_models.sd15(root / "configs" / "sd15")
-    tiny_models.write_single_file(source, root / "models" / "Stable-diffusion" / "t.safetensors")
-    made = DiffusersBackend(
-        EngineConfig(
-            models_dir=root / "models",
-            device="cpu",
-            skeletons={"sd15": root / "configs" / "sd15"},
-            preview_steps=0,
-        )
-    )
+    root = tiny_sd15_root(tmp_path_factory.mktemp("masked-content"), tiny_models)
+    made = cpu_backend(root, preview_steps=0)
     yield made
     await made.aclose()
-
-
-def b64png(image: Image.Image) -> str:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode("ascii")
-
-
-def pixels(result: dict[str, Any]) -> Any:
-    png = Image.open(io.BytesIO(base64.b64decode(result["images"][0])))
-    return np.asarray(png.convert("RGB"), dtype=np.int16)
 
 
 @pytest.mark.anyio
@@ -134,8 +114,8 @@ async def test_latent_noise_and_latent_nothing_each_start_the_masked_area_differ
         "height": 64,
         "seed": 5,
         "denoising_strength": 0.6,
-        "init_images": [b64png(init)],
-        "mask": b64png(mask),
+        "init_images": [png_b64(init)],
+        "mask": png_b64(mask),
     }
     made = {
         fill: pixels(await backend.generate("img2img", {**body, "inpainting_fill": fill}))

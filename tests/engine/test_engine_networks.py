@@ -36,6 +36,8 @@ from worker.catalogue import CatalogueKeeper  # noqa: E402
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
+from tests.engine.results import infotext, pixels  # noqa: E402
+
 pytestmark = [pytest.mark.anyio, pytest.mark.engine]
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7, "prompt": "a cat"}
 
@@ -83,17 +85,8 @@ async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
     await made.aclose()
 
 
-def pixels(result: dict[str, Any], n: int = 0) -> np.ndarray:
-    image = Image.open(io.BytesIO(base64.b64decode(result["images"][n])))
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 def differ(a: dict[str, Any], b: dict[str, Any]) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
-
-
-def infotext(result: dict[str, Any]) -> str:
-    return str(json.loads(result["info"])["infotexts"][0])
 
 
 XL = {"override_settings": {"sd_model_checkpoint": "xl"}}

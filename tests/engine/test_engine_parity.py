@@ -4,10 +4,7 @@ the engine's values against it."""
 
 from __future__ import annotations
 
-import base64
 import inspect
-import io
-import json
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +25,7 @@ if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
 from tests.engine.conftest import cpu_backend  # noqa: E402
+from tests.engine.results import pixels  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 7}
@@ -54,15 +52,6 @@ async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
     made = cpu_backend(models_dir, preview_steps=0)
     yield made
     await made.aclose()
-
-
-def pixels(result: dict[str, Any], n: int = 0) -> Any:
-    png = Image.open(io.BytesIO(base64.b64decode(result["images"][n])))
-    return np.asarray(png.convert("RGB"), dtype=np.int16)
-
-
-def infotext(result: dict[str, Any], n: int = 0) -> str:
-    return str(json.loads(result["info"])["infotexts"][n])
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +100,6 @@ def test_img2img_runs_a1111s_steps_from_a1111s_starting_sigma(
     sd15: Any, strength: float, steps: int
 ) -> None:
     import diffusers
-    from PIL import Image
 
     from a1111_proxy.engine import pipeline, samplers, schedulers
 

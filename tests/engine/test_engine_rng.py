@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="the engine tests need the engine ex
 pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
 
 from a1111_proxy.engine import noise, samplers, schedulers  # noqa: E402
-from tests.engine.conftest import cpu_backend  # noqa: E402
+from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 CPU = torch.device("cpu")
@@ -121,9 +121,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 async def backend(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Any:
 
-    root = tmp_path_factory.mktemp("rng")
-    source = tiny_models.sd15(root / "configs" / "sd15")
-    tiny_models.write_single_file(source, root / "models" / "Stable-diffusion" / "t.safetensors")
+    root = tiny_sd15_root(tmp_path_factory.mktemp("rng"), tiny_models)
     made = cpu_backend(root, preview_steps=0)
     yield made
     await made.aclose()

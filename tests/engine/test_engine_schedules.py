@@ -29,7 +29,7 @@ from a1111_proxy.engine.errors import UnknownSampler  # noqa: E402
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
-from tests.engine.conftest import cpu_backend  # noqa: E402
+from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 
@@ -158,9 +158,7 @@ def anyio_backend() -> str:
 async def backend(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
 ) -> AsyncIterator[DiffusersBackend]:
-    root = tmp_path_factory.mktemp("schedules")
-    source = tiny_models.sd15(root / "configs" / "sd15")
-    tiny_models.write_single_file(source, root / "models" / "Stable-diffusion" / "t.safetensors")
+    root = tiny_sd15_root(tmp_path_factory.mktemp("schedules"), tiny_models)
     made = cpu_backend(root, preview_steps=0)
     yield made
     await made.aclose()

@@ -5,8 +5,6 @@ random-weight SD1.5 on the CPU."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 from collections.abc import AsyncIterator, Callable
@@ -18,14 +16,15 @@ torch = pytest.importorskip("torch", reason="the engine tests need the engine ex
 pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import conditioning, samplers, schedulers  # noqa: E402
-from a1111_proxy.engine.config import EngineConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
+
+from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
+from tests.engine.results import pixels  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 SEEDS = [11, 12]
@@ -183,24 +182,10 @@ def anyio_backend() -> str:
 async def backend(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
 ) -> AsyncIterator[DiffusersBackend]:
-    root = tmp_path_factory.mktemp("two-stage")
-    source = tiny_models.sd15(root / "configs" / "sd15")
-    tiny_models.write_single_file(source, root / "models" / "Stable-diffusion" / "t.safetensors")
-    made = DiffusersBackend(
-        EngineConfig(
-            models_dir=root / "models",
-            device="cpu",
-            skeletons={"sd15": root / "configs" / "sd15"},
-            preview_steps=0,
-        )
-    )
+    root = tiny_sd15_root(tmp_path_factory.mktemp("two-stage"), tiny_models)
+    made = cpu_backend(root, preview_steps=0)
     yield made
     await made.aclose()
-
-
-def pixels(result: dict[str, Any]) -> Any:
-    png = Image.open(io.BytesIO(base64.b64decode(result["images"][0])))
-    return np.asarray(png.convert("RGB"), dtype=np.int16)
 
 
 @pytest.mark.anyio
