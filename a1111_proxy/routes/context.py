@@ -174,10 +174,14 @@ async def read_catalogue(request: Request, name: str) -> tuple[Any, dict[str, st
     fetched: an empty list would look like a backend without models."""
     store = catalogue(request)
     entry = await store.entry(name)
+    if entry is None and await store.ever_fetched():
+        # Read again: the worker may have stored it between the two reads above (it stores
+        # the model list first), and None would then read as a backend without models.
+        entry = await store.entry(name)
+        if entry is None:
+            return None, {}
     if entry is not None:
         return entry.body, {"Age": str(max(0, int(time.time() - entry.fetched_at)))}
-    if await store.ever_fetched():
-        return None, {}
     outage = await backends(request).outage()
     why = outage.reason if outage is not None else "the worker has not reached a backend yet"
     raise CatalogueNotReady(

@@ -73,3 +73,30 @@ def test_a_choice_parameter_outside_its_choices_is_refused_listing_them() -> Non
     assert refused.value.errors == [
         {"loc": ["query", "status"], "type": "enum", "msg": "must be one of queued, failed"}
     ]
+
+
+class StoreStoredMeanwhile:
+    """A catalogue store whose model list a worker stores between the route's two reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def entry(self, name: str) -> object:
+        from a1111_proxy.catalogue import Entry
+
+        self.reads += 1
+        return None if self.reads == 1 else Entry([{"title": "m.safetensors"}], 0.0)
+
+    async def ever_fetched(self) -> bool:
+        return self.reads >= 1  # stored by now
+
+
+@pytest.mark.anyio
+async def test_a_model_list_stored_between_the_routes_reads_is_answered_not_read_as_empty() -> None:
+    from a1111_proxy.routes.context import read_catalogue
+
+    request = Request(
+        {"type": "http", "headers": [], "state": {"catalogue": StoreStoredMeanwhile()}}
+    )
+    body, headers = await read_catalogue(request, "sd-models")
+    assert body == [{"title": "m.safetensors"}] and "Age" in headers
