@@ -47,8 +47,10 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
         if flag in accepted:
             config[flag] = False
     sigma_flag = _SIGMA_FLAGS.get(resolved.schedule)
-    formula = resolved.schedule in sigmas.OWN or (
-        sigma_flag is not None and sigma_flag not in accepted
+    formula = (
+        resolved.schedule in sigmas.OWN
+        or (sigma_flag is not None and sigma_flag not in accepted)
+        or (resolved.schedule in sigmas.UNIFORM and sampler.scheduler_class in sigmas.SHORT_LINSPACE)
     )
     if formula and not sampler.stepwise:
         raise ValueError(f"{sampler.name} cannot use the {resolved.schedule} schedule")
