@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 torch = pytest.importorskip("torch", reason="the engine tests need the engine extra (torch)")
-diffusers = pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
+diffusers = pytest.importorskip(
+    "diffusers", reason="the engine tests need the engine extra (diffusers)"
+)
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import images, samplers, schedulers  # noqa: E402
 from a1111_proxy.engine.infotext import Generation, ModelInfo  # noqa: E402
 from a1111_proxy.engine.params import Params  # noqa: E402
 from a1111_proxy.engine.pipeline import prepare_inputs  # noqa: E402
-from tests.engine.results import png_b64  # noqa: E402
+from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
+from tests.engine.results import pixels, png_b64  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.engine.conftest import TinyModels
 
 # SD 1.x's noise schedule, as its scheduler_config.json gives it.
 SD15_SCHEDULER = {
@@ -85,3 +94,71 @@ def test_dpmpp_multistep_samplers_on_uniform_and_normal_end_on_the_smallest_sigm
     assert scheduler.sigmas.shape == expected.shape
     torch.testing.assert_close(scheduler.sigmas.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scheduler.timesteps.double(), ts, rtol=0, atol=1e-3)
+
+
+def _a1111_ddim(model: Any, x: torch.Tensor, steps: int, alphas_cumprod: torch.Tensor) -> Any:
+    """A1111's CompVisSampler.get_timesteps and sd_samplers_timesteps_impl.ddim (eta 0), with
+    the timesteps it evaluated."""
+    timesteps = torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()
+    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    s_x = x.new_ones((x.shape[0], 1, 1, 1))
+    evaluated = []
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        evaluated.append(int(timesteps[index]))
+        e_t = model(x, timesteps[index].item())
+        a_t = alphas[index].item() * s_x
+        a_prev = alphas_prev[index].item() * s_x
+        sigma_t = 0.0 * s_x  # eta 0
+        sqrt_one_minus_at = sqrt_one_minus_alphas[index].item() * s_x
+        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
+        x = a_prev.sqrt() * pred_x0 + dir_xt
+    return x, evaluated
+
+
+@pytest.mark.parametrize("steps", [30, 7, 20, 9])
+def test_ddim_walks_a1111s_timesteps_when_steps_do_not_divide_1000(steps: int) -> None:
+    scheduler = schedulers.make(
+        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config, samplers.resolve("DDIM")
+    )
+    scheduler.set_timesteps(steps)
+
+    def model(x: torch.Tensor, t: float) -> torch.Tensor:
+        return 0.3 * x + torch.cos(x * 3 + t / 100)
+
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    expected, evaluated = _a1111_ddim(model, start, steps, scheduler.alphas_cumprod)
+    x = start
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, float(t)), t, x).prev_sample
+    assert [int(t) for t in scheduler.timesteps] == evaluated
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def backend(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
+) -> AsyncIterator[DiffusersBackend]:
+    made = cpu_backend(tiny_sd15_root(tmp_path_factory.mktemp("parity"), tiny_models))
+    yield made
+    await made.aclose()
+
+
+@pytest.mark.anyio
+async def test_ddim_on_a1111s_timesteps_runs_txt2img_and_img2img(backend: DiffusersBackend) -> None:
+    body = {"prompt": "a cat", "sampler_name": "DDIM", "steps": 7, "width": 64, "height": 64}
+    first = await backend.generate("txt2img", {**body, "seed": 3})
+    again = await backend.generate(
+        "img2img",
+        {**body, "seed": 4, "init_images": [first["images"][0]], "denoising_strength": 0.5},
+    )
+    assert np.isfinite(pixels(first)).all() and np.isfinite(pixels(again)).all()
+    assert (pixels(first) != pixels(again)).any()
