@@ -132,6 +132,12 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     return filled
 
 
+def doubled(mask: Image.Image) -> Image.Image:
+    """A1111's mask_for_overlay for a whole-picture inpaint: the blurred, resized mask with its
+    values doubled (clipped at 255), so the generated image covers the inner half of the blur."""
+    return mask.convert("L").point(lambda v: min(v * 2, 255))
+
+
 def overlay(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
     """Keep the original outside the (blurred) mask, as A1111's inpainting result does."""
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), mask)

@@ -312,7 +312,7 @@ def prepare_inputs(params: Params, generation: Generation, n: int) -> Inputs:
         init=images.resize(filled, mode, w, h),
         mask=images.resize(mask, mode, w, h),
         original=images.resize(original, mode, w, h),
-        original_mask=images.resize(mask, mode, w, h),
+        original_mask=images.doubled(images.resize(mask, mode, w, h)),
     )
 
 

@@ -16,7 +16,7 @@ from a1111_proxy.engine.errors import UnknownSampler
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    scheduler_class: str  # a diffusers scheduler class name, or engine/two_stage.py's
+    scheduler_class: str  # a diffusers scheduler class name, or engine/two_stage.py's or ddim.py's
     default_schedule: str  # what "Automatic" means for this sampler
     kwargs: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
@@ -123,7 +123,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     ),
     Sampler(
         "DDIM",
-        "DDIMScheduler",
+        "A1111DDIMScheduler",
         "ddim",
         {"set_alpha_to_one": False},
         ("ddim",),

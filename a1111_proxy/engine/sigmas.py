@@ -24,6 +24,10 @@ AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.11
 # exponential only for the samplers whose diffusers class has no flag for them (Euler a).
 OWN = frozenset({"polyexponential", "kl_optimal", "align_your_steps"})
 FORMULAS = OWN | {"karras", "exponential", "beta"}
+# Uniform and Normal from k-diffusion's formula on the classes whose own linspace timesteps stop
+# one step short of t = 0, skipping the smallest sigma that A1111's schedule ends on.
+UNIFORM = frozenset({"uniform", "normal"})
+SHORT_LINSPACE = frozenset({"DPMSolverMultistepScheduler"})
 
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -70,6 +74,17 @@ def beta(
     return _then_zero(torch.tensor(sigma_min + shares * (sigma_max - sigma_min)))
 
 
+def uniform(n: int, trained: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's DiscreteSchedule.get_sigmas, A1111's Uniform (and its Normal, whose
+    linspace from sigma_to_t(sigma_max) to sigma_to_t(sigma_min) is the same walk): n timesteps
+    from the last trained one down to 0, each sigma interpolated between the trained log sigmas,
+    so the schedule reaches the smallest trained sigma before 0."""
+    t = torch.linspace(len(trained) - 1, 0, n)
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    log_trained = trained.log()
+    return _then_zero(((1 - w) * log_trained[low] + w * log_trained[high]).exp())
+
+
 def _then_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas.float(), sigmas.new_zeros(1).float()])
 
@@ -87,6 +102,8 @@ def trained_sigmas(config: Any) -> torch.Tensor:
 
 def schedule(name: str, n: int, trained: torch.Tensor, sdxl: bool) -> torch.Tensor:
     low, high = float(trained[0]), float(trained[-1])
+    if name in UNIFORM:
+        return uniform(n, trained)
     if name == "align_your_steps":
         return align_your_steps(n, sdxl)
     formula = {
