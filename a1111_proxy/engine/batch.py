@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from a1111_proxy.engine import adapters, attention, conditioning, noise, schedulers, upscale
+from a1111_proxy.engine import adapters, attention, conditioning, schedulers, upscale
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import Canceled
 from a1111_proxy.engine.images import LATENT_RESIZE
@@ -44,6 +44,8 @@ from a1111_proxy.engine.pipeline import (
     prepare_inputs,
     run_strength,
     task_pipeline,
+    throwaway_generators,
+    tile_vae,
     vae_and_embeddings,
 )
 
@@ -195,9 +197,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
     kwargs = call_kwargs(pipe, head, group[0].embeds.first, start, models.dtype)
     kwargs.update(_stacked(group, models.dtype))
     kwargs["output_type"] = "latent"  # decoded below (engine/precision.py's fp32 fallback)
-    kwargs["generator"] = [
-        torch.Generator(noise.device_of(tracking.generators[0])).manual_seed(s) for s in seeds
-    ]
+    kwargs["generator"] = throwaway_generators(tracking.generators, seeds)
     if head.kind == "txt2img":
         kwargs["latents"] = latents  # fp32, as the steps keep them (engine/precision.py)
     else:
@@ -206,10 +206,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         tracking.noise = latents
     kwargs["callback_on_step_end"] = _callback(group, tracking, config, models, loaded)
     attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
-    if head.width * head.height > config.vae_tiling_pixels:
-        pipe.vae.enable_tiling()
-    else:
-        pipe.vae.disable_tiling()
+    tile_vae(pipe, config, head.width, head.height)
     if all(item.member.answered for item in group):
         return
     try:

@@ -360,9 +360,7 @@ def _run_batch(
         tracking.brownian_seeds = seeds
     kwargs = call_kwargs(pipe, params, embeds.first, size, models.dtype)
     kwargs["output_type"] = "latent"  # decoded below (engine/precision.py's fp32 fallback)
-    kwargs["generator"] = [
-        torch.Generator(noise.device_of(drawn.generators[0])).manual_seed(s) for s in seeds
-    ]
+    kwargs["generator"] = throwaway_generators(drawn.generators, seeds)
     # Only img2img has a strength: txt2img bodies carry hires fix's (webuiapi always sends 0.7).
     strength = run_strength(params) if params.kind == "img2img" else None
     if task == "txt2img":
@@ -418,14 +416,24 @@ def _run_batch(
         noise_mask.injector(params, seeds, tracking),
     ]
     kwargs["callback_on_step_end"] = _before(hooks, kwargs["callback_on_step_end"])
-    pixels = params.width * params.height
-    if pixels > config.vae_tiling_pixels:
-        pipe.vae.enable_tiling()
-    else:
-        pipe.vae.disable_tiling()
+    tile_vae(pipe, config, params.width, params.height)
     with torch.inference_mode():
         latents = list(pipe(**kwargs).images)
     return latents if output == "latent" else upscale.as_images(loaded.pipe, latents)
+
+
+def throwaway_generators(generators: list[noise.Generator], seeds: list[int]) -> list[Any]:
+    """For what a pipeline draws itself (A1111's noise comes from `generators`), on their
+    device."""
+    return [torch.Generator(noise.device_of(generators[0])).manual_seed(s) for s in seeds]
+
+
+def tile_vae(pipe: Any, config: EngineConfig, width: int, height: int) -> None:
+    """Decode in tiles above the engine's vae_tiling_pixels, whole below."""
+    if width * height > config.vae_tiling_pixels:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
 
 
 def initial_noise(
