@@ -371,6 +371,14 @@ class Settings(BaseSettings):
         description="bundled engine: `torch.compile` the UNet, once per (size, batch rows) bucket "
         "and reused by later jobs of it (slow first job per bucket)",
     )
+    engine_compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"
+    ] = Field(
+        "default",
+        description="bundled engine: `torch.compile`'s mode with ENGINE_COMPILE: `reduce-overhead` "
+        "adds CUDA graphs (fewer kernel launches; more GPU memory per bucket), the `max-autotune` "
+        "modes also tune kernels (minutes per bucket); see docs/engine.md",
+    )
     engine_cpu_offload: Literal["auto", "true", "false"] = Field(
         "auto",
         description="bundled engine: offload idle parts to the CPU (CUDA only); `auto` "

@@ -17,7 +17,15 @@ together, run one at a time (ENGINE_MAX_BATCH=1) and as one batch, images/s and 
 with --real also the batch's images/s against bare diffusers at batch 1 (goal >= 4x). Uses
 CUDA when torch sees it (`--device cpu` to force), fp16 there, fp32 on the CPU.
 
-Run: `.venv/bin/python bench/engine.py [--real] [--steps 20] [--runs 3] [--device cuda]`.
+The batched run's images are compared with the same jobs' images one at a time (the largest
+pixel difference, and the share of pixels that differ by more than 1 of 255): equal on the CPU
+within 1/255, within float tolerance on a GPU.
+
+Run: `.venv/bin/python bench/engine.py [--real] [--steps 20] [--runs 3] [--device cuda]`;
+`--compile [--compile-mode reduce-overhead]` compiles the UNet (ENGINE_COMPILE); `--skip-tiny`,
+`--only sd15|sdxl`, `--no-api` and `--no-batch4` pick scenarios; `--dry` runs the real-shape models
+at 64x64 (SDXL 128x128) with 2 steps, to check the script on a CPU. bench/gpu.sh is how the GPU
+figures in docs/performance.md were taken.
 """
 
 from __future__ import annotations
@@ -40,7 +48,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+import numpy as np
 import torch
+from PIL import Image
 
 from a1111_proxy.backends.diffusers import DiffusersBackend
 from a1111_proxy.engine.config import EngineConfig
@@ -53,8 +63,19 @@ def build_tiny(root: Path) -> dict[str, Path]:
     source = tiny_sd.sd15(root / "configs" / "sd15")
     tiny_sd.write_single_file(source, root / "models" / "Stable-diffusion" / "tiny15.safetensors")
     # A worker process has no test skeletons: the API scenario uses the diffusers folder.
-    shutil.copytree(root / "configs" / "sd15", root / "models" / "Stable-diffusion" / "tinyapi")
+    shutil.copytree(
+        root / "configs" / "sd15",
+        root / "models" / "Stable-diffusion" / "tinyapi",
+        dirs_exist_ok=True,
+    )
     return {"sd15": root / "configs" / "sd15"}
+
+
+def pixels_of(b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
 def build_real(arch: str, folder: Path, dtype: torch.dtype) -> None:
@@ -169,19 +190,25 @@ async def compare(
     """Our engine against bare diffusers at batch 1 (in this process); returns bare diffusers'
     seconds per image."""
     ours = await measure_ours(backend, checkpoint, size, args.steps, args.runs)
-    four = await measure_ours(backend, checkpoint, size, args.steps, args.runs, batch=4)
+    four = (
+        None
+        if args.no_batch4
+        else await measure_ours(backend, checkpoint, size, args.steps, args.runs, batch=4)
+    )
     backend.models.unload_all()
     plain = measure_plain(
         folder, backend.models.device, backend.models.dtype, size, args.steps, args.runs
     )
+    compiled = f", compiled ({args.compile_mode})" if args.compile else ""
     print(
         f"{label} {size}x{size}, {args.steps} steps, Euler a, batch 1 ({backend.name}, "
-        f"{backend.models.dtype}):"
+        f"{backend.models.dtype}{compiled}):"
     )
     print(f"  a1111-proxy engine: {args.steps / ours:7.2f} it/s, {ours * 1000:9.1f} ms per image")
     print(f"  plain diffusers:    {args.steps / plain:7.2f} it/s, {plain * 1000:9.1f} ms per image")
     print(f"  ratio (ours / plain it/s): {plain / ours:.3f}   (target >= 0.97)")
-    print(f"  batch 4: {four / 4 * 1000:.1f} ms per image, {args.steps / four:.2f} it/s")
+    if four is not None:
+        print(f"  batch 4: {four / 4 * 1000:.1f} ms per image, {args.steps / four:.2f} it/s")
     return plain
 
 
@@ -201,8 +228,11 @@ def batch_bodies(checkpoint: str, size: int, steps: int, jobs: int) -> list[dict
     ]
 
 
-def run_together(api: httpx.Client, bodies: list[dict[str, Any]]) -> float:
-    """Submit `bodies` together (202 + job each), wait until every one completed: seconds."""
+def run_together(
+    api: httpx.Client, bodies: list[dict[str, Any]], images: list[str] | None = None
+) -> float:
+    """Submit `bodies` together (202 + job each), wait until every one completed: seconds.
+    With `images`, appends each job's first image (base64 PNG), in the bodies' order."""
     began = time.perf_counter()
     ids = []
     for body in bodies:
@@ -217,7 +247,24 @@ def run_together(api: httpx.Client, bodies: list[dict[str, Any]]) -> float:
             time.sleep(0.01)
         if status != "completed":
             raise RuntimeError(f"job {job_id} ended {status}")
-    return time.perf_counter() - began
+    took = time.perf_counter() - began
+    if images is not None:
+        for job_id in ids:
+            images.append(api.get(f"/sdapi/v1/jobs/{job_id}").json()["result"]["images"][0])
+    return took
+
+
+def print_differences(alone: list[str], batched: list[str]) -> None:
+    """Each job's image batched against its image one at a time."""
+    worst, share = 0, 0.0
+    for a, b in zip(alone, batched, strict=True):
+        diff = np.abs(pixels_of(a) - pixels_of(b))
+        worst = max(worst, int(diff.max()))
+        share = max(share, float((diff > 1).mean()))
+    print(
+        f"  batched against alone, {len(alone)} jobs: largest pixel difference {worst}/255, "
+        f"at most {share:.2%} of a job's pixels differ by more than 1"
+    )
 
 
 def measure_api_batching(
@@ -231,6 +278,7 @@ def measure_api_batching(
 
     bodies = batch_bodies(checkpoint, size, args.steps, args.jobs)
     figures = {}
+    images: dict[str, list[str]] = {}
     for mode, env in (
         ("one at a time", {"ENGINE_MAX_BATCH": "1"}),
         ("one batch", {"ENGINE_MAX_BATCH": str(args.jobs), "ENGINE_BATCH_WAIT_MS": "250"}),
@@ -240,6 +288,7 @@ def measure_api_batching(
             "MODELS_DIR": str(root / "models"),
             "ENGINE_DEVICE": args.device,
             "ENGINE_COMPILE": str(args.compile).lower(),
+            "ENGINE_COMPILE_MODE": args.compile_mode,
             **env,
         }
         name = f"{checkpoint}-{env['ENGINE_MAX_BATCH']}"
@@ -255,12 +304,15 @@ def measure_api_batching(
             httpx.Client(base_url=found.api_url, timeout=600) as api,
         ):
             run_together(api, [{**bodies[0], "steps": 2}])  # load + warm up
-            times = [run_together(api, bodies) for _ in range(args.runs)]
+            times = [run_together(api, bodies) for _ in range(args.runs - 1)]
+            images[mode] = []
+            times.append(run_together(api, bodies, images[mode]))
             logs = [p.output() for p in found.stack.procs if p.log_path.stem.startswith("worker")]
             batches = re.findall(r"one batch of (\d+)", "".join(logs))
         figures[mode] = args.jobs / statistics.median(times)
         shown = f", batches of {', '.join(batches)}" if batches else ""
         print(f"  through the API, {mode}: {figures[mode]:.2f} images/s{shown}")
+    print_differences(images["one at a time"], images["one batch"])
     one, many = figures["one at a time"], figures["one batch"]
     print(
         f"{label} {size}x{size}, {args.steps} steps, {args.jobs} compatible jobs through the "
@@ -281,6 +333,20 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--compile-mode", default="default", help="ENGINE_COMPILE_MODE")
+    parser.add_argument("--skip-tiny", action="store_true", help="no tiny-model scenarios")
+    parser.add_argument("--only", choices=("sd15", "sdxl"), help="with --real: one architecture")
+    parser.add_argument("--no-api", action="store_true", help="no batching through the API")
+    parser.add_argument("--no-batch4", action="store_true", help="no batch-4 engine figure")
+    parser.add_argument(
+        "--keep", type=Path, help="build the models here, and reuse them on the next run"
+    )
+    parser.add_argument(
+        "--build-only", action="store_true", help="with --real --keep: build the models, no runs"
+    )
+    parser.add_argument(
+        "--dry", action="store_true", help="real shapes at 64x64 / 128x128, 2 steps (CPU check)"
+    )
     parser.add_argument("--jobs", type=int, default=8, help="compatible jobs in the batch run")
     args = parser.parse_args()
     print(
@@ -289,7 +355,8 @@ async def main() -> None:
         f"{torch.get_num_threads()} CPU threads, load average {os.getloadavg()[0]:.1f}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
+        shutil.rmtree(root / "deployments", ignore_errors=True)
         skeletons = build_tiny(root)
         backend = DiffusersBackend(
             EngineConfig(
@@ -297,25 +364,39 @@ async def main() -> None:
                 device=args.device,
                 skeletons=skeletons,
                 compile=args.compile,
+                compile_mode=args.compile_mode,
                 preview_steps=5,
                 max_batch=64,
             )
         )
         try:
-            await compare(backend, "tiny SD1.5", "tiny15", skeletons["sd15"], 64, args)
-            backend.models.unload_all()
-            # Its own thread: the harness runs alembic, which starts an event loop of its own.
-            await asyncio.to_thread(measure_api_batching, root, "tiny SD1.5", "tinyapi", 64, args)
+            if not args.skip_tiny and not args.build_only:
+                await compare(backend, "tiny SD1.5", "tiny15", skeletons["sd15"], 64, args)
+                backend.models.unload_all()
+                # Its own thread: the harness runs alembic, which starts an event loop of its own.
+                if not args.no_api:
+                    await asyncio.to_thread(
+                        measure_api_batching, root, "tiny SD1.5", "tinyapi", 64, args
+                    )
             if args.real:
                 for arch, name, size, steps in REAL:
+                    if args.only and arch != args.only:
+                        continue
+                    if args.dry:
+                        size, steps = size // 8, 2
                     real = argparse.Namespace(**{**vars(args), "steps": steps})
                     folder = root / "models" / "Stable-diffusion" / name
-                    build_real(arch, folder, backend.models.dtype)
+                    if not (folder / "model_index.json").exists():
+                        build_real(arch, folder, backend.models.dtype)
+                    if args.build_only:
+                        continue
                     backend.models.catalog.checkpoints = backend.models.catalog.scan()
                     label = "real-size SD1.5" if arch == "sd15" else "real-size SDXL"
                     plain = await compare(backend, label, name, folder, size, real)
                     backend.models.unload_all()
                     free_memory()
+                    if args.no_api:
+                        continue
                     many = await asyncio.to_thread(
                         measure_api_batching, root, label, name, size, real
                     )

@@ -158,6 +158,7 @@ def _diffusers_backend(settings: Settings) -> Backend:
             dtype=settings.engine_dtype,
             cached_models=settings.engine_cached_models,
             compile=settings.engine_compile,
+            compile_mode=settings.engine_compile_mode,
             cpu_offload=settings.engine_cpu_offload,
             preview_steps=settings.engine_preview_steps,
             max_batch=settings.engine_max_batch,

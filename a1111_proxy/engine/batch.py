@@ -205,7 +205,8 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         kwargs.update(image=images, strength=run_strength(head))
         tracking.noise = latents
     kwargs["callback_on_step_end"] = _callback(group, tracking, config, models, loaded)
-    attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
+    # Zero padding of prompt/negative stays out of attention (decided once for the batch).
+    attention.install(pipe.unet, masking=any(item.embeds.padded for item in group))
     tile_vae(pipe, config, head.width, head.height)
     if all(item.member.answered for item in group):
         return

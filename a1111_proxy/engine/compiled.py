@@ -16,6 +16,7 @@ to RECOMPILE_LIMIT when it compiles, so that the buckets of a server's usual siz
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -27,14 +28,20 @@ Compiler = Callable[[Any], Any]  # an eager UNet -> its compiled stand-in
 RECOMPILE_LIMIT = 64  # compiled versions dynamo keeps per code object (its default is 8)
 
 
-def compile_unet(unet: Any) -> Any:
-    """torch.compile with static shapes (one graph per bucket, no dynamic-shape guards)."""
+def compile_unet(unet: Any, mode: str = "default") -> Any:
+    """torch.compile with static shapes (one graph per bucket, no dynamic-shape guards), in
+    ENGINE_COMPILE_MODE's mode."""
     import torch
     import torch._dynamo.config
 
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
-    return torch.compile(unet, dynamic=False)
+    return torch.compile(unet, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def unet_compiler(mode: str) -> Compiler:
+    """The compiler for ENGINE_COMPILE_MODE `mode`."""
+    return functools.partial(compile_unet, mode=mode)
 
 
 class Buckets:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from a1111_proxy.engine import schedule, schedulers, text
+from a1111_proxy.engine import attention, schedule, schedulers, text
 from a1111_proxy.engine.embeddings import ANY, SDXL_KEYS, Vocabulary
 from a1111_proxy.engine.samplers import Resolved
 
@@ -45,6 +45,12 @@ class Conditioning:
     @property
     def scheduled(self) -> bool:
         return self._pick is not None
+
+    @property
+    def padded(self) -> bool:
+        """Whether cross-attention must leave out zero padding (engine/attention.py): a prompt
+        and a negative prompt of different lengths; with prompt editing, always."""
+        return self.scheduled or attention.padded(self.first.cond, self.first.uncond)
 
     def at(self, step: int) -> text.Embeds:
         """The embeddings for the 0-based sampling step."""

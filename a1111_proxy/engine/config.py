@@ -13,6 +13,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32
     cached_models: int = 1  # checkpoints kept loaded
     compile: bool = False  # torch.compile the UNet (slow first run per image size)
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead, max-autotune...
     # Move idle components to the CPU (CUDA only): "auto" when the GPU's free memory cannot hold
     # the model plus working room (decided once, at load), "true" always, "false" never.
     cpu_offload: str = "auto"

@@ -423,7 +423,7 @@ class ImagePromptAttention:
 
 def install(unet: Any, found: ImagePrompts | None, *, cfg: bool, pipe: Any) -> Any:
     """Put the run's image prompts on the UNet's cross-attention layers (after
-    attention.install, which puts plain SkipPadding back on the next run without them).
+    attention.install, which puts its own processors back on the next run without them).
     Returns the step hook that moves their step, or None when there are none."""
     if found is None:
         return None

@@ -23,7 +23,7 @@ import transformers
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from a1111_proxy.engine.catalog import Catalog, Checkpoint, architecture
-from a1111_proxy.engine.compiled import Buckets, Compiler, compile_unet
+from a1111_proxy.engine.compiled import Buckets, Compiler, unet_compiler
 from a1111_proxy.engine.config import EngineConfig
 from a1111_proxy.engine.errors import InvalidParams
 from a1111_proxy.engine.infotext import ModelInfo
@@ -99,7 +99,8 @@ class Models:
         self.previews = Previews(config.models_dir, self.device, self.dtype)
         # A1111's dtype_vae: float32 once a half-precision decode made NaNs (precision.py).
         self.vae_fp32 = False
-        self.compiler: Compiler = compile_unet  # ENGINE_COMPILE's, per bucket (compiled.py)
+        # ENGINE_COMPILE's, per bucket, in ENGINE_COMPILE_MODE's mode (compiled.py)
+        self.compiler: Compiler = unet_compiler(config.compile_mode)
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._current: str | None = None
         self._lock = threading.Lock()

@@ -406,9 +406,10 @@ def _run_batch(
     if inputs[0].control is not None:
         pipe = control.with_controlnet(pipe, inputs[0].control)
         kwargs.update(control.call_kwargs(inputs[0].control, task))
-    attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
+    # Zero padding of prompt/negative stays out of attention (decided once for the job).
+    attention.install(pipe.unet, masking=embeds.padded)
     if getattr(pipe, "controlnet", None) is not None:
-        attention.install(pipe.controlnet)
+        attention.install(pipe.controlnet, masking=embeds.padded)
         precision.keep_latents_fp32(pipe.controlnet, fp32_output=False)
     # Image prompts and the noise mask (engine/ip_adapter.py, engine/noise_mask.py) step first.
     hooks = [

@@ -286,3 +286,39 @@ def test_unipc_runs_a1111s_bh1_variant_to_the_smallest_trained_sigma_without_nan
             eps = sd15.unet(x, t, encoder_hidden_states=torch.ones(1, 77, 32)).sample
         x = scheduler.step(eps, t, x).prev_sample
     assert torch.isfinite(x).all()
+
+
+def test_only_a_prompt_and_negative_of_different_lengths_need_their_padding_masked(
+    sd15: Any, xl: Any
+) -> None:
+    from a1111_proxy.engine import attention
+
+    same = text.encode(sd15, "a red house", "blurry", clip_skip=1, sdxl=False)
+    apart = text.encode(sd15, LONG, "blurry", clip_skip=1, sdxl=False)
+    zero_negative = text.encode(xl, "a red house", "", clip_skip=1, sdxl=True)
+    assert not attention.padded(same.cond, same.uncond)
+    assert attention.padded(apart.cond, apart.uncond)
+    # SDXL's empty negative prompt is zeros throughout: masking all of it changes nothing.
+    assert not attention.padded(zero_negative.cond, zero_negative.uncond)
+
+
+@pytest.mark.anyio
+async def test_a_job_runs_diffusers_own_cross_attention_unless_its_prompts_are_padded(
+    backend: DiffusersBackend,
+) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from a1111_proxy.engine.attention import SkipPadding
+
+    def cross_attention() -> set[type]:
+        unet = backend.models.get(None).pipe.unet
+        return {type(p) for name, p in unet.attn_processors.items() if "attn2" in name}
+
+    padded = await backend.generate("txt2img", {**SMALL, "prompt": LONG, "negative_prompt": "x"})
+    assert cross_attention() == {SkipPadding}
+    plain = await backend.generate("txt2img", {**SMALL, "prompt": "a red house"})
+    assert cross_attention() == {AttnProcessor2_0}
+    again = await backend.generate("txt2img", {**SMALL, "prompt": LONG, "negative_prompt": "x"})
+    assert cross_attention() == {SkipPadding}
+    assert np.array_equal(pixels(padded), pixels(again))
+    assert not np.array_equal(pixels(plain), pixels(padded))
