@@ -37,14 +37,14 @@ if [ "$phase" = first ] || [ "$phase" = all ]; then
     # The real-size models are built (on the CPU) while the smoke run goes; nothing is timed then.
     "${real[@]}" --build-only >"$out/build.log" 2>&1 &
     builder=$!
-    step smoke 120 "$py" bench/gpu_smoke.py
+    step smoke 100 "$py" bench/gpu_smoke.py
     wait $builder
     echo "== models built: exit $? $(date +%T)"
-    step sd15 170 "${real[@]}" --only sd15 --runs 3 --jobs 8
-    step sd15-compile 110 "${real[@]}" --only sd15 --no-api --no-batch4 --runs 3 --compile
-    step sd15-compile-ro 110 "${real[@]}" --only sd15 --no-api --no-batch4 --runs 3 --compile \
+    step sd15 150 "${real[@]}" --only sd15 --runs 3 --jobs 8
+    step sd15-compile 100 "${real[@]}" --only sd15 --no-api --no-batch4 --runs 3 --compile
+    step sd15-compile-ro 100 "${real[@]}" --only sd15 --no-api --no-batch4 --runs 3 --compile \
         --compile-mode reduce-overhead
 fi
 if [ "$phase" = second ] || [ "$phase" = all ]; then
-    step sdxl 260 "${real[@]}" --only sdxl --no-batch4 --runs 2 --jobs 8
+    step sdxl 250 "${real[@]}" --only sdxl --no-batch4 --runs 2 --jobs 8
 fi
