@@ -94,7 +94,7 @@ class Proc:
         self._log = open(log, "ab")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", module, *args],
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, **env, "PYTHONPATH": _python_path()},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=log.parent,
@@ -148,3 +148,8 @@ def wait_for(predicate, timeout: float = 20, interval: float = 0.02, what: str =
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _python_path() -> str:
+    """The repository first, then whatever PYTHONPATH the caller had (packages kept apart)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
