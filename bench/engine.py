@@ -337,6 +337,7 @@ async def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true", help="no tiny-model scenarios")
     parser.add_argument("--only", choices=("sd15", "sdxl"), help="with --real: one architecture")
     parser.add_argument("--no-api", action="store_true", help="no batching through the API")
+    parser.add_argument("--api-only", action="store_true", help="only batching through the API")
     parser.add_argument("--no-batch4", action="store_true", help="no batch-4 engine figure")
     parser.add_argument(
         "--keep", type=Path, help="build the models here, and reuse them on the next run"
@@ -392,7 +393,11 @@ async def main() -> None:
                         continue
                     backend.models.catalog.checkpoints = backend.models.catalog.scan()
                     label = "real-size SD1.5" if arch == "sd15" else "real-size SDXL"
-                    plain = await compare(backend, label, name, folder, size, real)
+                    plain = (
+                        await compare(backend, label, name, folder, size, real)
+                        if not args.api_only
+                        else float("nan")
+                    )
                     backend.models.unload_all()
                     free_memory()
                     if args.no_api:

@@ -48,6 +48,10 @@ fi
 if [ "$phase" = second ]; then  # the batching scenario again, after a first run that had none
     step sd15-api 130 "${real[@]}" --only sd15 --no-batch4 --runs 3 --jobs 8
 fi
+if [ "$phase" = compiled ] || [ "$phase" = all ]; then  # batching on the compiled UNet
+    step sd15-api-compiled 250 "${real[@]}" --only sd15 --api-only --runs 3 --jobs 8 --compile \
+        --compile-mode reduce-overhead
+fi
 if [ "$phase" = second ] || [ "$phase" = all ]; then
     step sdxl 290 "${real[@]}" --only sdxl --no-batch4 --runs 2 --jobs 8
 fi
