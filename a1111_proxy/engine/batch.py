@@ -38,6 +38,7 @@ from a1111_proxy.engine.pipeline import (
     answer,
     call_kwargs,
     encode_prompts,
+    enter_img2img,
     generate,
     initial_noise,
     per_image,
@@ -206,6 +207,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         tracking.noise = latents
     kwargs["callback_on_step_end"] = _callback(group, tracking, config, models, loaded)
     attention.install(pipe.unet)  # zero padding of prompt/negative stays out of attention
+    enter_img2img(pipe, head)
     tile_vae(pipe, config, head.width, head.height)
     if all(item.member.answered for item in group):
         return

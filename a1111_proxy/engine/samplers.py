@@ -16,7 +16,7 @@ from a1111_proxy.engine.errors import UnknownSampler
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    scheduler_class: str  # a diffusers scheduler class name, or engine/two_stage.py's or ddim.py's
+    scheduler_class: str  # a diffusers scheduler class, or two_stage.py's, ddim.py's, plms.py's
     default_schedule: str  # what "Automatic" means for this sampler
     kwargs: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
@@ -132,9 +132,9 @@ SAMPLERS: tuple[Sampler, ...] = (
     ),
     Sampler(
         "PLMS",
-        "PNDMScheduler",
+        "A1111PLMSScheduler",
         "ddim",
-        {"skip_prk_steps": True},
+        {"set_alpha_to_one": False},
         ("plms",),
         sigma_schedules=False,
         timesteps=True,

@@ -19,7 +19,7 @@ from typing import Any
 import diffusers
 import torch
 
-from a1111_proxy.engine import ddim, sigmas, two_stage
+from a1111_proxy.engine import ddim, plms, sigmas, two_stage
 from a1111_proxy.engine.masked_content import LatentFill
 from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
@@ -39,8 +39,6 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
     cls = scheduler_class(sampler.scheduler_class)
     wanted: dict[str, Any] = dict(sampler.kwargs)
     wanted["timestep_spacing"] = _SPACING.get(resolved.schedule, "linspace")
-    if resolved.schedule == "ddim":  # PLMS: t = range(0, 1000, 1000 // n) + 1 (DDIM: ddim.py)
-        wanted["steps_offset"] = 1
     accepted = set(inspect.signature(cls.__init__).parameters)
     config = {k: v for k, v in dict(base_config).items() if k in accepted}
     for flag in _SIGMA_FLAGS.values():
@@ -68,8 +66,10 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
 
 
 def scheduler_class(name: str) -> Any:
-    """A diffusers scheduler class, or one of engine/two_stage.py's or ddim.py's, by name."""
-    return two_stage.CLASSES.get(name) or ddim.CLASSES.get(name) or getattr(diffusers, name)
+    """A diffusers scheduler class, or one of engine/two_stage.py's, ddim.py's or plms.py's, by
+    name."""
+    ours = two_stage.CLASSES.get(name) or ddim.CLASSES.get(name) or plms.CLASSES.get(name)
+    return ours or getattr(diffusers, name)
 
 
 # Step noise a scheduler's `randn_tensor` gives instead of its own, while set: how the ancestral
