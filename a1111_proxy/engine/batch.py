@@ -136,6 +136,8 @@ def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
         params.steps,
         params.cfg_scale,
         params.eta,
+        params.eta_ancestral,
+        params.eta_ddim,
         params.denoising_strength if params.kind == "img2img" else None,
         params.randn_source,
         params.eta_noise_seed_delta,
@@ -186,7 +188,12 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         item.rows = slice(start, start + len(item.seeds))
         start += len(item.seeds)
     head = group[0].member.params
-    scheduler = schedulers.make(loaded.pipe.scheduler.config, head.sampler, sdxl=loaded.sdxl)
+    scheduler = schedulers.make(
+        loaded.pipe.scheduler.config,
+        head.sampler,
+        sdxl=loaded.sdxl,
+        eta_value=head.eta_for(head.sampler.sampler),
+    )
     tracking = schedulers.Tracking(scheduler)
     pipe = task_pipeline(loaded, head.kind, scheduler, (head.height, head.width, start))
     drawn = [initial_noise(models, i.member.params, i.seeds, i.subseeds) for i in group]

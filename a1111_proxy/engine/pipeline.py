@@ -351,7 +351,12 @@ def _run_batch(
     output: str = "pil",  # "latent" for hires fix's latent upscalers
 ) -> list[Any]:
     task = _task(params, loaded, inputs[0])
-    scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler, sdxl=loaded.sdxl)
+    scheduler = schedulers.make(
+        loaded.pipe.scheduler.config,
+        params.sampler,
+        sdxl=loaded.sdxl,
+        eta_value=params.eta_for(params.sampler.sampler),
+    )
     tracking = schedulers.Tracking(scheduler)
     size = len(seeds)
     pipe = task_pipeline(loaded, task, scheduler, (params.height, params.width, size))
@@ -525,8 +530,9 @@ def call_kwargs(
             pooled_prompt_embeds=batch(embeds.pooled),
             negative_pooled_prompt_embeds=batch(embeds.uncond_pooled),
         )
-    if params.eta is not None:
-        kwargs["eta"] = params.eta
+    eta = params.eta_for(params.sampler.sampler)
+    if eta is not None:
+        kwargs["eta"] = eta  # what DDIM's step takes (the others' eta is their scheduler's)
     return kwargs
 
 

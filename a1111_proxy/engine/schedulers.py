@@ -19,7 +19,7 @@ from typing import Any
 import diffusers
 import torch
 
-from a1111_proxy.engine import ddim, plms, sigmas, two_stage
+from a1111_proxy.engine import ddim, eta, plms, sigmas, two_stage
 from a1111_proxy.engine.masked_content import LatentFill
 from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
@@ -32,9 +32,12 @@ _SIGMA_FLAGS = {
 }
 
 
-def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
+def make(
+    base_config: Any, resolved: Resolved, *, sdxl: bool = False, eta_value: float | None = None
+) -> Any:
     """A fresh scheduler for `resolved`; its sigmas from sigmas.py where the diffusers class
-    cannot make the schedule (`sdxl`: which Align Your Steps table)."""
+    cannot make the schedule (`sdxl`: which Align Your Steps table); `eta_value`: the eta it
+    runs with (Params.eta_for; DDIM takes its eta from the pipeline call instead)."""
     sampler = resolved.sampler
     cls = scheduler_class(sampler.scheduler_class)
     wanted: dict[str, Any] = dict(sampler.kwargs)
@@ -58,6 +61,7 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
         wanted[sigma_flag] = True
     config.update({k: v for k, v in wanted.items() if k in accepted})
     scheduler = cls.from_config(config)
+    eta.apply(scheduler, eta_value)
     if formula:
         sigmas.install(scheduler, resolved.schedule, sdxl)
     if sampler.discard_next_to_last_sigma:
@@ -66,10 +70,12 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
 
 
 def scheduler_class(name: str) -> Any:
-    """A diffusers scheduler class, or one of engine/two_stage.py's, ddim.py's or plms.py's, by
-    name."""
-    ours = two_stage.CLASSES.get(name) or ddim.CLASSES.get(name) or plms.CLASSES.get(name)
-    return ours or getattr(diffusers, name)
+    """A diffusers scheduler class, or one of engine/two_stage.py's, ddim.py's, plms.py's or
+    eta.py's, by name."""
+    for ours in (two_stage.CLASSES, ddim.CLASSES, plms.CLASSES, eta.CLASSES):
+        if name in ours:
+            return ours[name]
+    return getattr(diffusers, name)
 
 
 # Step noise a scheduler's `randn_tensor` gives instead of its own, while set: how the ancestral

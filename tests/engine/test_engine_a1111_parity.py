@@ -332,3 +332,130 @@ async def test_ddim_on_a1111s_timesteps_runs_txt2img_and_img2img(backend: Diffus
     )
     assert np.isfinite(pixels(first)).all() and np.isfinite(pixels(again)).all()
     assert (pixels(first) != pixels(again)).any()
+
+
+def _ancestral_step(sigma: Any, sigma_next: Any, eta: float) -> tuple[Any, Any]:
+    """k-diffusion's get_ancestral_step."""
+    if not eta:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - up**2) ** 0.5, up
+
+
+def _eps(x: torch.Tensor) -> torch.Tensor:
+    return 0.05 * x + 0.5 * torch.tanh(x)
+
+
+def _k_euler_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
+    """k-diffusion's sample_euler_ancestral (an eps model)."""
+    for i in range(len(sigmas) - 1):
+        denoised = x - sigmas[i] * _eps(x)
+        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + torch.randn(x.shape, generator=g) * up
+    return x
+
+
+def _k_dpm_2_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
+    """k-diffusion's sample_dpm_2_ancestral."""
+    for i in range(len(sigmas) - 1):
+        denoised = x - sigmas[i] * _eps(x)
+        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        d = (x - denoised) / sigmas[i]
+        if down == 0:
+            x = x + d * (down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(torch.as_tensor(down).log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = (x_2 - (x_2 - sigma_mid * _eps(x_2))) / sigma_mid
+            x = x + d_2 * (down - sigmas[i])
+        if sigmas[i + 1] > 0:  # k-diffusion draws at the last step too, after all the others
+            x = x + torch.randn(x.shape, generator=g) * up
+    return x
+
+
+def _k_dpmpp_2s_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
+    """k-diffusion's sample_dpmpp_2s_ancestral."""
+    for i in range(len(sigmas) - 1):
+        denoised = x - sigmas[i] * _eps(x)
+        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        else:
+            t, t_next = -sigmas[i].log(), -torch.as_tensor(down).log()
+            h = t_next - t
+            s = t + h / 2
+            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
+            denoised_2 = x_2 - (-s).exp() * _eps(x_2)
+            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + torch.randn(x.shape, generator=g) * up
+    return x
+
+
+_K_ANCESTRAL = {
+    "Euler a": _k_euler_ancestral,
+    "DPM2 a": _k_dpm_2_ancestral,
+    "DPM++ 2S a": _k_dpmpp_2s_ancestral,
+}
+
+
+@pytest.mark.parametrize("sampler", list(_K_ANCESTRAL))
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_the_ancestral_samplers_step_with_the_eta_asked_as_k_diffusion(
+    sampler: str, eta: float
+) -> None:
+    scheduler = schedulers.make(
+        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
+        samplers.resolve(sampler),
+        eta_value=eta,
+    )
+    scheduler.set_timesteps(8)
+    sigmas = getattr(scheduler, "flat_sigmas", scheduler.sigmas)
+    start = _latents(11) * sigmas[0]
+    x = start
+    ours = torch.Generator().manual_seed(3)
+    for t in scheduler.timesteps:
+        x = scheduler.step(_eps(x), t, x, generator=ours).prev_sample
+    expected = _K_ANCESTRAL[sampler](start, sigmas, eta, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
+
+
+def _infotext(kind: str, body: dict[str, Any]) -> str:
+    params = Params.from_payload(kind, {"prompt": "a cat", **body}, rng=random.Random(0))
+    return Generation(params, ModelInfo("m", None), [1], [2]).infotext(0)
+
+
+def test_eta_is_written_as_a1111_writes_it_for_the_samplers_that_take_one() -> None:
+    assert "Eta: 0.5" in _infotext("txt2img", {"sampler_name": "Euler a", "eta": 0.5})
+    assert "Eta" not in _infotext("txt2img", {"sampler_name": "Euler a", "eta": 1.0})
+    assert "Eta" not in _infotext("txt2img", {"sampler_name": "Euler", "eta": 0.5})
+    options = {"override_settings": {"eta_ancestral": 0.25}}
+    assert "Eta: 0.25" in _infotext("txt2img", {"sampler_name": "DPM++ 2M SDE", **options})
+    assert "Eta: 0.75" in _infotext("txt2img", {"sampler_name": "DPM2 a", "eta": 0.75, **options})
+    assert "Eta DDIM: 0.3" in _infotext(
+        "txt2img", {"sampler_name": "DDIM", "override_settings": {"eta_ddim": 0.3}}
+    )
+    assert "Eta DDIM: 1.0" in _infotext("txt2img", {"sampler_name": "DDIM", "eta": 1.0})
+    assert "Eta" not in _infotext("txt2img", {"sampler_name": "DDIM"})
+    assert "Eta" not in _infotext("txt2img", {"sampler_name": "PLMS", "eta": 0.5})
+
+
+def test_ensd_is_written_only_when_the_ancestral_sampler_runs_with_an_eta() -> None:
+    delta = {"override_settings": {"eta_noise_seed_delta": 31337}}
+    assert "ENSD: 31337" in _infotext("txt2img", {"sampler_name": "Euler a", **delta})
+    assert "ENSD" not in _infotext("txt2img", {"sampler_name": "Euler a", "eta": 0.0, **delta})
+    zero = {"override_settings": {"eta_noise_seed_delta": 31337, "eta_ancestral": 0}}
+    assert "ENSD" not in _infotext("txt2img", {"sampler_name": "Euler a", **zero})
+
+
+@pytest.mark.anyio
+async def test_euler_a_with_eta_0_gives_eulers_image(backend: DiffusersBackend) -> None:
+    body = {"prompt": "a cat", "steps": 6, "width": 64, "height": 64, "seed": 5}
+    euler = await backend.generate("txt2img", {**body, "sampler_name": "Euler"})
+    still = await backend.generate("txt2img", {**body, "sampler_name": "Euler a", "eta": 0})
+    noisy = await backend.generate("txt2img", {**body, "sampler_name": "Euler a"})
+    a, b, c = (pixels(r).astype(np.int16) for r in (euler, still, noisy))
+    assert np.abs(a - b).max() <= 1
+    assert np.abs(a - c).mean() > 5
