@@ -74,7 +74,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     ),
     Sampler(
         "DPM++ 2M SDE",
-        "DPMSolverMultistepScheduler",
+        "SDEMultistepScheduler",  # engine/eta.py's, as the two below
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m_sde",),
@@ -84,7 +84,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     ),
     Sampler(
         "DPM++ 2M SDE Heun",
-        "DPMSolverMultistepScheduler",
+        "SDEMultistepScheduler",
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
         ("k_dpmpp_2m_sde_heun",),
@@ -103,11 +103,18 @@ SAMPLERS: tuple[Sampler, ...] = (
         uses_ensd=True,
         eta_option="eta_ancestral",
     ),
+    # k-diffusion's 3M SDE: its second step is phi_2's ("heun"), and it takes order 3 up to the
+    # step before sigma 0 however few the steps (no lower_order_final).
     Sampler(
         "DPM++ 3M SDE",
-        "DPMSolverMultistepScheduler",
+        "SDEMultistepScheduler",
         "exponential",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        {
+            "algorithm_type": "sde-dpmsolver++",
+            "solver_order": 3,
+            "solver_type": "heun",
+            "lower_order_final": False,
+        },
         ("k_dpmpp_3m_sde",),
         brownian=True,
         stepwise=True,

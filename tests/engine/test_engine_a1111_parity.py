@@ -459,3 +459,64 @@ async def test_euler_a_with_eta_0_gives_eulers_image(backend: DiffusersBackend) 
     a, b, c = (pixels(r).astype(np.int16) for r in (euler, still, noisy))
     assert np.abs(a - b).max() <= 1
     assert np.abs(a - c).mean() > 5
+
+
+def _k_dpmpp_sde_multistep(
+    x: torch.Tensor, sigmas: Any, eta: float, noises: list[torch.Tensor], kind: str
+) -> torch.Tensor:
+    """k-diffusion's sample_dpmpp_2m_sde (kind "midpoint" or "heun") and sample_dpmpp_3m_sde
+    (kind "3m"), an eps model taking x / sqrt(sigma^2 + 1), noises[i] as the step's noise."""
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    for i in range(len(sigmas) - 1):
+        denoised = x - sigmas[i] * _eps(x / (sigmas[i] ** 2 + 1) ** 0.5)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            h = None
+        else:
+            h = -sigmas[i + 1].log() + sigmas[i].log()
+            eta_h = eta * h
+            h_eta = h + eta_h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h_eta).expm1().neg() * denoised
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            if kind == "3m" and h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                d = (denoised - denoised_1) / (h_1 / h)
+                if kind == "midpoint":
+                    x = x + 0.5 * (-h_eta).expm1().neg() * d
+                else:
+                    x = x + phi_2 * d
+            if eta:
+                x = x + noises[i] * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt()
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+@pytest.mark.parametrize(
+    ("sampler", "kind"),
+    [("DPM++ 2M SDE", "midpoint"), ("DPM++ 2M SDE Heun", "heun"), ("DPM++ 3M SDE", "3m")],
+)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_the_multistep_sde_samplers_step_with_the_eta_asked_as_k_diffusion(
+    sampler: str, kind: str, eta: float
+) -> None:
+    scheduler = schedulers.make(
+        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
+        samplers.resolve(sampler),
+        eta_value=eta,
+    )
+    scheduler.set_timesteps(8)
+    sigmas = scheduler.sigmas
+    noises = [_latents(20 + i) for i in range(len(sigmas))]
+    start = _latents(12) * sigmas[0]
+    x = start / (sigmas[0] ** 2 + 1) ** 0.5  # diffusers' multistep latents: VP form
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(_eps(x), t, x, variance_noise=noises[i]).prev_sample
+    expected = _k_dpmpp_sde_multistep(start, sigmas, eta, noises, kind)
+    torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
