@@ -6,9 +6,9 @@ request's `eta`, else the option `eta_ancestral` (k-diffusion's, default 1) or `
 sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)) and
 sigma_down = sqrt(sigma_next^2 - sigma_up^2) (get_ancestral_step); the SDE solvers scale their
 noise and the h of their exponential terms by it. Here: Euler a (diffusers' Euler ancestral
-with that step), DPM++ 2M SDE / 2M SDE Heun / 3M SDE (diffusers' multistep solver with
-k-diffusion's step), and `apply`, which gives a run's scheduler the eta (engine/two_stage.py's
-take it as an attribute).
+with that step), DPM++ SDE (diffusers', with the eta), DPM++ 2M SDE / 2M SDE Heun / 3M SDE
+(diffusers' multistep solver with k-diffusion's step), and `apply`, which gives a run's
+scheduler the eta (engine/two_stage.py's take it as an attribute).
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import (
+    BrownianTreeNoiseSampler,
+    DPMSolverSDEScheduler,
+    DPMSolverSDESchedulerOutput,
+)
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteScheduler,
     EulerAncestralDiscreteSchedulerOutput,
@@ -74,6 +79,62 @@ class EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
         if not return_dict:
             return (prev, x0)
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _denoised(
+        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        if self.config["prediction_type"] == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        return sample - sigma * model_output
+
+
+class SDEScheduler(DPMSolverSDEScheduler):
+    """A1111's DPM++ SDE (k-diffusion's sample_dpmpp_sde, r = 1/2) with its eta: both of a
+    step's moves, to the midpoint and to the next sigma, ancestral with that eta; at eta 1,
+    diffusers' own step."""
+
+    eta = 1.0
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+        s_noise: float = 1.0,
+    ) -> Any:
+        if self.eta == 1.0:
+            return super().step(model_output, timestep, sample, return_dict, s_noise)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i: int = self.step_index  # type: ignore[assignment]  # set just above
+        first = self.state_in_first_order
+        sigma, sigma_next = self.sigmas[i - int(not first)], self.sigmas[i + int(first)]
+        noise: Any = self.noise_sampler
+        if noise is None:
+            low, high = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
+            noise = BrownianTreeNoiseSampler(
+                sample, low.item(), high.item(), self.noise_sampler_seed
+            )
+            self.noise_sampler = noise
+        t, t_next = sigma.log().neg(), sigma_next.log().neg()
+        mid = (t + (t_next - t) * 0.5).neg().exp()
+        x0 = self._denoised(model_output, sample, sigma if first else mid)
+        if sigma_next == 0:
+            prev = sample + (sample - x0) / sigma * (sigma_next - sigma)
+        else:
+            start = sample if first else self.sample
+            to = mid if first else sigma_next
+            down, up = ancestral_step(sigma, to, self.eta)
+            t_down = down.log().neg()
+            prev = (t_down.neg().exp() / t.neg().exp()) * start - (t - t_down).expm1() * x0
+            prev = prev + noise(sigma, to) * s_noise * up
+            kept: Any = (sample, mid) if first else (None, None)
+            self.sample, self.mid_point_sigma = kept
+        self._step_index = i + 1  # type: ignore[assignment]
+        if not return_dict:
+            return (prev, x0)
+        return DPMSolverSDESchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def _denoised(
         self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
@@ -189,5 +250,5 @@ def apply(scheduler: Any, eta: float | None) -> None:
 
 
 CLASSES: dict[str, type[Any]] = {
-    cls.__name__: cls for cls in (EulerAncestralScheduler, SDEMultistepScheduler)
+    cls.__name__: cls for cls in (EulerAncestralScheduler, SDEScheduler, SDEMultistepScheduler)
 }

@@ -65,7 +65,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     ),
     Sampler(
         "DPM++ SDE",
-        "DPMSolverSDEScheduler",
+        "SDEScheduler",  # engine/eta.py's: diffusers' with A1111's eta
         "karras",
         {},
         ("k_dpmpp_sde",),

@@ -520,3 +520,50 @@ def test_the_multistep_sde_samplers_step_with_the_eta_asked_as_k_diffusion(
         x = scheduler.step(_eps(x), t, x, variance_noise=noises[i]).prev_sample
     expected = _k_dpmpp_sde_multistep(start, sigmas, eta, noises, kind)
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
+
+
+def _smooth_noise(sigma: Any, sigma_next: Any) -> torch.Tensor:
+    """A noise sampler that two float roundings of the same sigmas agree on."""
+    return torch.sin(_latents(30) * 7 + float(sigma) + 2 * float(sigma_next))
+
+
+def _k_dpmpp_sde(x: torch.Tensor, sigmas: Any, eta: float) -> torch.Tensor:
+    """k-diffusion's sample_dpmpp_sde (r = 1/2), an eps model taking x / sqrt(sigma^2 + 1)."""
+
+    def denoise(x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        return x - sigma * _eps(x / (sigma**2 + 1) ** 0.5)
+
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+            continue
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        s = t + (t_next - t) * 0.5
+        sd, su = _ancestral_step((-t).exp(), (-s).exp(), eta)
+        s_ = -torch.as_tensor(sd).log()
+        x_2 = ((-s_).exp() / (-t).exp()) * x - (t - s_).expm1() * denoised
+        x_2 = x_2 + _smooth_noise((-t).exp(), (-s).exp()) * su
+        denoised_2 = denoise(x_2, (-s).exp())
+        sd, su = _ancestral_step((-t).exp(), (-t_next).exp(), eta)
+        t_next_ = -torch.as_tensor(sd).log()
+        x = ((-t_next_).exp() / (-t).exp()) * x - (t - t_next_).expm1() * denoised_2
+        x = x + _smooth_noise((-t).exp(), (-t_next).exp()) * su
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_dpmpp_sde_steps_with_the_eta_asked_as_k_diffusion(eta: float) -> None:
+    scheduler = schedulers.make(
+        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
+        samplers.resolve("DPM++ SDE"),
+        eta_value=eta,
+    )
+    scheduler.set_timesteps(6)
+    scheduler.noise_sampler = _smooth_noise
+    sigmas = torch.cat([scheduler.sigmas[0::2], scheduler.sigmas[-1:]])
+    start = _latents(13) * sigmas[0]
+    x = start
+    for t in scheduler.timesteps:
+        x = scheduler.step(_eps(scheduler.scale_model_input(x, t)), t, x).prev_sample
+    torch.testing.assert_close(x, _k_dpmpp_sde(start, sigmas, eta), rtol=1e-4, atol=1e-4)
