@@ -86,9 +86,16 @@ _STEP_NOISE: contextvars.ContextVar[Callable[[tuple[int, ...], torch.device], to
 
 
 def _takes_step_noise(scheduler: Any) -> None:
-    """Route the randn_tensor of `scheduler`'s module through _STEP_NOISE (once per module;
-    without a value set it is diffusers' own)."""
-    module = sys.modules[type(scheduler).__module__]
+    """Route the randn_tensor of `scheduler`'s module through _STEP_NOISE, and of its base
+    classes' (the engine's schedulers step with diffusers' code too), once per module; without
+    a value set it is diffusers' own."""
+    for cls in type(scheduler).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is not None and cls.__module__.startswith(("diffusers.", "a1111_proxy.")):
+            _route(module)
+
+
+def _route(module: Any) -> None:
     own = getattr(module, "randn_tensor", None)
     if own is None or getattr(own, "_a1111_step_noise", False):
         return
