@@ -40,22 +40,20 @@ class TimestepsScheduler(DDIMScheduler):
     `timesteps` holds the evaluated ones, descending; `_indices` their places in the walk."""
 
     t_enc: int | None = None  # img2img: set before the pipeline calls set_timesteps
+    _done = 0  # evaluations stepped since set_timesteps
+    _noised_at: tuple[int, int] | None = None  # img2img: (first timestep, the one noised at)
 
     def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
         walk = timesteps(num_inference_steps, self.config["num_train_timesteps"])
         self.num_inference_steps = num_inference_steps  # type: ignore[assignment]  # None in diffusers
         self._walk = walk
-        top = len(walk) - 1 if self.t_enc is None else min(self.t_enc, len(walk) - 1) - 1
+        # txt2img evaluates from the top; img2img is noised at t[t_enc], evaluated from below it.
+        entered = len(walk) - 1 if self.t_enc is None else min(self.t_enc, len(walk) - 1)
+        top = entered if self.t_enc is None else entered - 1
         self._indices = list(range(top, 0, -1))
-        self._noised_at: tuple[int, int] | None = None  # img2img: (first timestep, noised at)
-        if self.t_enc is not None:
-            entered = walk[min(self.t_enc, len(walk) - 1)]
-            self._noised_at = (walk[top] if self._indices else entered, entered)
         # Nothing to evaluate (img2img's t_enc <= 1, or 1 step): one step that changes nothing.
-        if self._indices:
-            order = self._layout()
-        else:
-            order = [self._noised_at[1] if self._noised_at else walk[0]]
+        order = self._layout() if self._indices else [walk[entered]]
+        self._noised_at = None if self.t_enc is None else (order[0], walk[entered])
         self.timesteps = torch.tensor(order, dtype=torch.int64, device=device)
         self._done = 0
 
