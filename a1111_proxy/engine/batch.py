@@ -38,6 +38,7 @@ from a1111_proxy.engine.pipeline import (
     answer,
     call_kwargs,
     encode_prompts,
+    enter_img2img,
     generate,
     initial_noise,
     per_image,
@@ -135,6 +136,8 @@ def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
         params.steps,
         params.cfg_scale,
         params.eta,
+        params.eta_ancestral,
+        params.eta_ddim,
         params.denoising_strength if params.kind == "img2img" else None,
         params.randn_source,
         params.eta_noise_seed_delta,
@@ -185,7 +188,12 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         item.rows = slice(start, start + len(item.seeds))
         start += len(item.seeds)
     head = group[0].member.params
-    scheduler = schedulers.make(loaded.pipe.scheduler.config, head.sampler, sdxl=loaded.sdxl)
+    scheduler = schedulers.make(
+        loaded.pipe.scheduler.config,
+        head.sampler,
+        sdxl=loaded.sdxl,
+        eta_value=head.eta_for(head.sampler.sampler),
+    )
     tracking = schedulers.Tracking(scheduler)
     pipe = task_pipeline(loaded, head.kind, scheduler, (head.height, head.width, start))
     drawn = [initial_noise(models, i.member.params, i.seeds, i.subseeds) for i in group]
@@ -207,6 +215,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
     kwargs["callback_on_step_end"] = _callback(group, tracking, config, models, loaded)
     # Zero padding of prompt/negative stays out of attention (decided once for the batch).
     attention.install(pipe.unet, masking=any(item.embeds.padded for item in group))
+    enter_img2img(pipe, head)
     tile_vae(pipe, config, head.width, head.height)
     if all(item.member.answered for item in group):
         return

@@ -68,7 +68,7 @@ class Generation:
             "ENSD": p.eta_noise_seed_delta if _uses_ensd(p) else None,
             "RNG": p.randn_source if p.randn_source != "GPU" else None,
         }
-        for key, value in self.extra.items():
+        for key, value in {**self.extra, **eta_fields(p)}.items():
             fields.setdefault(key, value)
         fields["Version"] = VERSION
         line = ", ".join(
@@ -122,7 +122,8 @@ class Generation:
         """A1111's p.extra_generation_params: its k-diffusion samplers add the schedule they
         ran when sampling (after what img2img's init and the networks wrote)."""
         used = self.params.sampler.schedule_used
-        return {**self.extra, "Schedule type": used} if used is not None else dict(self.extra)
+        schedule = {"Schedule type": used} if used is not None else {}
+        return {**self.extra, **schedule, **eta_fields(self.params)}
 
 
 _MASKED_CONTENT = {0: "fill", 2: "latent noise", 3: "latent nothing"}  # 1 "original": none
@@ -143,10 +144,27 @@ def inpaint_fields(p: Params, *, only_masked: bool) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
 
+def eta_fields(p: Params) -> dict[str, float]:
+    """What A1111's samplers write when they start (Sampler.initialize): the eta they run with,
+    as "Eta" or "Eta DDIM", where the sampler takes one and it is not the sampler's default;
+    hires fix's sampler adds its own."""
+    fields: dict[str, float] = {}
+    for resolved in [p.sampler] + ([p.hires.sampler] if p.hires is not None else []):
+        sampler = resolved.sampler
+        eta = p.eta_for(sampler)
+        if eta is not None and eta != sampler.eta_default:
+            fields[sampler.eta_label] = eta
+    return fields
+
+
 def _uses_ensd(p: Params) -> bool:
     """A1111's is_sampler_using_eta_noise_seed_delta: a delta is set, the sampler is one that
-    uses it (the ancestral ones), and eta is not 0 (unset means A1111's eta_ancestral, 1)."""
-    return p.eta_noise_seed_delta != 0 and p.sampler.sampler.uses_ensd and p.eta != 0
+    uses it (the ancestral ones), and the eta it runs with is not 0."""
+    return (
+        p.eta_noise_seed_delta != 0
+        and p.sampler.sampler.uses_ensd
+        and p.eta_for(p.sampler.sampler) != 0
+    )
 
 
 def _seed_resize(p: Params) -> str | None:

@@ -89,7 +89,7 @@ def _next_timestep(scheduler: Any, t: Any) -> torch.Tensor | None:
     """The timestep the latents are at after the step at `t` (None after the last)."""
     timesteps: torch.Tensor = scheduler.timesteps
     index = getattr(scheduler, "step_index", None)
-    if index is None:  # DDIM, PNDM: no index; the position after t's
+    if index is None:  # a scheduler without a step index: the position after t's
         where = (timesteps == torch.as_tensor(t, device=timesteps.device)).nonzero()
         if not len(where):
             return None

@@ -19,7 +19,7 @@ from a1111_proxy.engine.controlnet import ControlUnit
 from a1111_proxy.engine.errors import HiresError, InvalidParams, UnknownSampler
 from a1111_proxy.engine.image_prompts import ImagePromptUnit
 from a1111_proxy.engine.lora import LoraUse
-from a1111_proxy.engine.samplers import Resolved, resolve
+from a1111_proxy.engine.samplers import Resolved, Sampler, resolve
 from a1111_proxy.schemas import REQUEST_MODELS, Img2ImgRequest, NoiseMask, Txt2ImgRequest
 
 Kind = Literal["txt2img", "img2img"]
@@ -91,6 +91,17 @@ class Params:
     image_prompts: tuple[ImagePromptUnit, ...] = ()  # IP-Adapter units (engine/ip_adapter.py)
     noise_mask: NoiseMask | None = None  # our extension (engine/noise_mask.py)
     sd_vae: str | None = None  # A1111's option (engine/vae.py); None: the backend's default
+    eta_ancestral: float = 1.0  # A1111's options: the eta of a request without one
+    eta_ddim: float = 0.0
+
+    def eta_for(self, sampler: Sampler) -> float | None:
+        """The eta `sampler` runs with (A1111's Sampler.initialize: the request's, else the
+        option the sampler reads); None for a sampler that takes no eta."""
+        if sampler.eta_option is None:
+            return None
+        if self.eta is not None:
+            return self.eta
+        return self.eta_ddim if sampler.eta_option == "eta_ddim" else self.eta_ancestral
 
     @property
     def count(self) -> int:
@@ -140,6 +151,8 @@ class Params:
             ),
             pad_cond_uncond=bool(settings.get("pad_cond_uncond", False)),
             sd_vae=_sd_vae(settings),
+            eta_ancestral=_float_setting(settings, "eta_ancestral", 1.0),
+            eta_ddim=_float_setting(settings, "eta_ddim", 0.0),
             send_images=request.send_images,
             noise_mask=request.noise_mask,
             styles=list(request.styles or []),
@@ -264,6 +277,17 @@ def _int_setting(settings: dict[str, Any], key: str, default: int, *, low: int, 
         ) from None
     if not low <= number <= high:
         raise InvalidParams(f"override_settings.{key} must be from {low} to {high} (got {number})")
+    return number
+
+
+def _float_setting(settings: dict[str, Any], key: str, default: float) -> float:
+    value = settings.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParams(f"override_settings.{key} must be a number (got {value!r})") from None
+    if number < 0:
+        raise InvalidParams(f"override_settings.{key} must not be negative (got {number})")
     return number
 
 

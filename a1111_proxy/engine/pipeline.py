@@ -24,6 +24,7 @@ from a1111_proxy.engine import (
     compiled,
     conditioning,
     control,
+    ddim,
     embeddings,
     images,
     ip_adapter,
@@ -350,7 +351,12 @@ def _run_batch(
     output: str = "pil",  # "latent" for hires fix's latent upscalers
 ) -> list[Any]:
     task = _task(params, loaded, inputs[0])
-    scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler, sdxl=loaded.sdxl)
+    scheduler = schedulers.make(
+        loaded.pipe.scheduler.config,
+        params.sampler,
+        sdxl=loaded.sdxl,
+        eta_value=params.eta_for(params.sampler.sampler),
+    )
     tracking = schedulers.Tracking(scheduler)
     size = len(seeds)
     pipe = task_pipeline(loaded, task, scheduler, (params.height, params.width, size))
@@ -417,6 +423,7 @@ def _run_batch(
         noise_mask.injector(params, seeds, tracking),
     ]
     kwargs["callback_on_step_end"] = _before(hooks, kwargs["callback_on_step_end"])
+    enter_img2img(pipe, params)
     tile_vae(pipe, config, params.width, params.height)
     with torch.inference_mode():
         latents = list(pipe(**kwargs).images)
@@ -427,6 +434,16 @@ def throwaway_generators(generators: list[noise.Generator], seeds: list[int]) ->
     """For what a pipeline draws itself (A1111's noise comes from `generators`), on their
     device."""
     return [torch.Generator(noise.device_of(generators[0])).manual_seed(s) for s in seeds]
+
+
+def enter_img2img(pipe: Any, params: Params) -> None:
+    """DDIM and PLMS enter img2img (and hires fix's second pass) as A1111's sample_img2img
+    does (engine/ddim.py); the other samplers by the strength."""
+    scheduler = pipe.scheduler
+    if params.kind != "img2img" or params.denoising_strength is None:
+        return
+    if isinstance(scheduler, ddim.TimestepsScheduler):
+        ddim.enter_img2img(pipe, scheduler, params.denoising_strength, params.steps)
 
 
 def tile_vae(pipe: Any, config: EngineConfig, width: int, height: int) -> None:
@@ -514,8 +531,9 @@ def call_kwargs(
             pooled_prompt_embeds=batch(embeds.pooled),
             negative_pooled_prompt_embeds=batch(embeds.uncond_pooled),
         )
-    if params.eta is not None:
-        kwargs["eta"] = params.eta
+    eta = params.eta_for(params.sampler.sampler)
+    if eta is not None:
+        kwargs["eta"] = eta  # what DDIM's step takes (the others' eta is their scheduler's)
     return kwargs
 
 

@@ -16,7 +16,7 @@ from a1111_proxy.engine.errors import UnknownSampler
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    scheduler_class: str  # a diffusers scheduler class name, or engine/two_stage.py's or ddim.py's
+    scheduler_class: str  # a diffusers scheduler class, or one of the engine's (schedulers.py)
     default_schedule: str  # what "Automatic" means for this sampler
     kwargs: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
@@ -33,6 +33,19 @@ class Sampler:
     uses_ensd: bool = False
     # A1111's timesteps samplers (DDIM, PLMS, UniPC) pick no schedule of their own.
     timesteps: bool = False
+    # The option a request without `eta` takes it from, where the sampler's function has an
+    # eta: "eta_ancestral" (k-diffusion's, default 1) or "eta_ddim" (DDIM's, default 0).
+    eta_option: str | None = None
+
+    @property
+    def eta_default(self) -> float:
+        """A1111's eta_default: an eta other than it is written in the infotext."""
+        return 0.0 if self.eta_option == "eta_ddim" else 1.0
+
+    @property
+    def eta_label(self) -> str:
+        """A1111's eta_infotext_field."""
+        return "Eta DDIM" if self.eta_option == "eta_ddim" else "Eta"
 
     @property
     def names_its_schedule(self) -> bool:
@@ -50,24 +63,34 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("k_dpmpp_2m",),
         stepwise=True,
     ),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", "karras", {}, ("k_dpmpp_sde",), brownian=True),
+    Sampler(
+        "DPM++ SDE",
+        "SDEScheduler",  # engine/eta.py's: diffusers' with A1111's eta
+        "karras",
+        {},
+        ("k_dpmpp_sde",),
+        brownian=True,
+        eta_option="eta_ancestral",
+    ),
     Sampler(
         "DPM++ 2M SDE",
-        "DPMSolverMultistepScheduler",
+        "SDEMultistepScheduler",  # engine/eta.py's, as the two below
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
         ("k_dpmpp_2m_sde",),
         brownian=True,
         stepwise=True,
+        eta_option="eta_ancestral",
     ),
     Sampler(
         "DPM++ 2M SDE Heun",
-        "DPMSolverMultistepScheduler",
+        "SDEMultistepScheduler",
         "exponential",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
         ("k_dpmpp_2m_sde_heun",),
         brownian=True,
         stepwise=True,
+        eta_option="eta_ancestral",
     ),
     # diffusers has no DPM++ 2S a: engine/two_stage.py's, as DPM2 and DPM2 a.
     Sampler(
@@ -78,26 +101,36 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("k_dpmpp_2s_a",),
         stepwise=True,
         uses_ensd=True,
+        eta_option="eta_ancestral",
     ),
+    # k-diffusion's 3M SDE: its second step is phi_2's ("heun"), and it takes order 3 up to the
+    # step before sigma 0 however few the steps (no lower_order_final).
     Sampler(
         "DPM++ 3M SDE",
-        "DPMSolverMultistepScheduler",
+        "SDEMultistepScheduler",
         "exponential",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        {
+            "algorithm_type": "sde-dpmsolver++",
+            "solver_order": 3,
+            "solver_type": "heun",
+            "lower_order_final": False,
+        },
         ("k_dpmpp_3m_sde",),
         brownian=True,
         stepwise=True,
         discard_next_to_last_sigma=True,
+        eta_option="eta_ancestral",
     ),
     Sampler(
         "Euler a",
-        "EulerAncestralDiscreteScheduler",
+        "EulerAncestralScheduler",  # engine/eta.py's: diffusers' with A1111's eta
         "uniform",
         {},
         ("k_euler_a", "k_euler_ancestral"),
         sigma_schedules=False,
         stepwise=True,
         uses_ensd=True,
+        eta_option="eta_ancestral",
     ),
     Sampler("Euler", "EulerDiscreteScheduler", "uniform", {}, ("k_euler",), stepwise=True),
     Sampler("LMS", "LMSDiscreteScheduler", "uniform", {}, ("k_lms",), stepwise=True),
@@ -120,6 +153,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         stepwise=True,
         uses_ensd=True,
         discard_next_to_last_sigma=True,
+        eta_option="eta_ancestral",
     ),
     Sampler(
         "DDIM",
@@ -129,12 +163,13 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("ddim",),
         sigma_schedules=False,
         timesteps=True,
+        eta_option="eta_ddim",
     ),
     Sampler(
         "PLMS",
-        "PNDMScheduler",
+        "A1111PLMSScheduler",
         "ddim",
-        {"skip_prk_steps": True},
+        {"set_alpha_to_one": False},
         ("plms",),
         sigma_schedules=False,
         timesteps=True,

@@ -19,7 +19,7 @@ from typing import Any
 import diffusers
 import torch
 
-from a1111_proxy.engine import ddim, sigmas, two_stage
+from a1111_proxy.engine import ddim, eta, plms, sigmas, two_stage
 from a1111_proxy.engine.masked_content import LatentFill
 from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
@@ -32,15 +32,16 @@ _SIGMA_FLAGS = {
 }
 
 
-def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
+def make(
+    base_config: Any, resolved: Resolved, *, sdxl: bool = False, eta_value: float | None = None
+) -> Any:
     """A fresh scheduler for `resolved`; its sigmas from sigmas.py where the diffusers class
-    cannot make the schedule (`sdxl`: which Align Your Steps table)."""
+    cannot make the schedule (`sdxl`: which Align Your Steps table); `eta_value`: the eta it
+    runs with (Params.eta_for; DDIM takes its eta from the pipeline call instead)."""
     sampler = resolved.sampler
     cls = scheduler_class(sampler.scheduler_class)
     wanted: dict[str, Any] = dict(sampler.kwargs)
     wanted["timestep_spacing"] = _SPACING.get(resolved.schedule, "linspace")
-    if resolved.schedule == "ddim":  # PLMS: t = range(0, 1000, 1000 // n) + 1 (DDIM: ddim.py)
-        wanted["steps_offset"] = 1
     accepted = set(inspect.signature(cls.__init__).parameters)
     config = {k: v for k, v in dict(base_config).items() if k in accepted}
     for flag in _SIGMA_FLAGS.values():
@@ -60,6 +61,7 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
         wanted[sigma_flag] = True
     config.update({k: v for k, v in wanted.items() if k in accepted})
     scheduler = cls.from_config(config)
+    eta.apply(scheduler, eta_value)
     if formula:
         sigmas.install(scheduler, resolved.schedule, sdxl)
     if sampler.discard_next_to_last_sigma:
@@ -68,8 +70,12 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
 
 
 def scheduler_class(name: str) -> Any:
-    """A diffusers scheduler class, or one of engine/two_stage.py's or ddim.py's, by name."""
-    return two_stage.CLASSES.get(name) or ddim.CLASSES.get(name) or getattr(diffusers, name)
+    """A diffusers scheduler class, or one of engine/two_stage.py's, ddim.py's, plms.py's or
+    eta.py's, by name."""
+    for ours in (two_stage.CLASSES, ddim.CLASSES, plms.CLASSES, eta.CLASSES):
+        if name in ours:
+            return ours[name]
+    return getattr(diffusers, name)
 
 
 # Step noise a scheduler's `randn_tensor` gives instead of its own, while set: how the ancestral
@@ -80,9 +86,16 @@ _STEP_NOISE: contextvars.ContextVar[Callable[[tuple[int, ...], torch.device], to
 
 
 def _takes_step_noise(scheduler: Any) -> None:
-    """Route the randn_tensor of `scheduler`'s module through _STEP_NOISE (once per module;
-    without a value set it is diffusers' own)."""
-    module = sys.modules[type(scheduler).__module__]
+    """Route the randn_tensor of `scheduler`'s module through _STEP_NOISE, and of its base
+    classes' (the engine's schedulers step with diffusers' code too), once per module; without
+    a value set it is diffusers' own."""
+    for cls in type(scheduler).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is not None and cls.__module__.startswith(("diffusers.", "a1111_proxy.")):
+            _route(module)
+
+
+def _route(module: Any) -> None:
     own = getattr(module, "randn_tensor", None)
     if own is None or getattr(own, "_a1111_step_noise", False):
         return

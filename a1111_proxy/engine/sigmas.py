@@ -27,7 +27,7 @@ FORMULAS = OWN | {"karras", "exponential", "beta"}
 # Uniform and Normal from k-diffusion's formula on the classes whose own linspace timesteps stop
 # one step short of t = 0, skipping the smallest sigma that A1111's schedule ends on.
 UNIFORM = frozenset({"uniform", "normal"})
-SHORT_LINSPACE = frozenset({"DPMSolverMultistepScheduler"})
+SHORT_LINSPACE = frozenset({"DPMSolverMultistepScheduler", "SDEMultistepScheduler"})
 
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
