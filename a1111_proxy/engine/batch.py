@@ -124,6 +124,7 @@ def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
         or params.resize_mode == LATENT_RESIZE  # its start is encoded per image
         or params.n_iter != 1
         or loaded.inpainting
+        or params.sampler.sampler.couples_batch  # DPM adaptive
     ):
         return None
     return (
@@ -157,6 +158,7 @@ def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None)
         inputs = [prepare_inputs(params, generation, n) for n in range(len(params.init_images))]
         if hashes:
             generation.extra["Lora hashes"] = hashes
+        generation.note_eta()
         words = vae_and_embeddings(models, loaded, params, generation)
         embeds = encode_prompts(loaded, params, words)
     except Exception as exc:
@@ -185,7 +187,13 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         item.rows = slice(start, start + len(item.seeds))
         start += len(item.seeds)
     head = group[0].member.params
-    scheduler = schedulers.make(loaded.pipe.scheduler.config, head.sampler, sdxl=loaded.sdxl)
+    scheduler = schedulers.make(
+        loaded.pipe.scheduler.config,
+        head.sampler,
+        sdxl=loaded.sdxl,
+        eta=head.eta,
+        img2img=head.kind == "img2img",
+    )
     tracking = schedulers.Tracking(scheduler)
     pipe = task_pipeline(loaded, head.kind, scheduler, (head.height, head.width, start))
     drawn = [initial_noise(models, i.member.params, i.seeds, i.subseeds) for i in group]

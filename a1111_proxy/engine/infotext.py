@@ -45,6 +45,13 @@ class Generation:
     is_using_inpainting_conditioning: bool = False
     vae: VaeInfo | None = None  # a VAE from sd_vae; None: the checkpoint's own
 
+    def note_eta(self) -> None:
+        """A1111's "Eta" extra parameter, set as sampling starts: for the samplers that take the
+        request's eta, when it is not A1111's default 1."""
+        p = self.params
+        if p.sampler.sampler.eta and p.eta is not None and p.eta != 1.0:
+            self.extra["Eta"] = p.eta
+
     def infotext(self, index: int) -> str:
         p = self.params
         fields: dict[str, Any] = {

@@ -127,6 +127,7 @@ def _generate(
         generation.extra.update(prompts.infotext)
     if params.noise_mask is not None:
         generation.extra["Noise mask"] = noise_mask.describe(params.noise_mask)
+    generation.note_eta()
     words = vae_and_embeddings(models, loaded, params, generation)
     embeds = encode_prompts(loaded, params, words)
     passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
@@ -350,7 +351,13 @@ def _run_batch(
     output: str = "pil",  # "latent" for hires fix's latent upscalers
 ) -> list[Any]:
     task = _task(params, loaded, inputs[0])
-    scheduler = schedulers.make(loaded.pipe.scheduler.config, params.sampler, sdxl=loaded.sdxl)
+    scheduler = schedulers.make(
+        loaded.pipe.scheduler.config,
+        params.sampler,
+        sdxl=loaded.sdxl,
+        eta=params.eta,
+        img2img=params.kind == "img2img",
+    )
     tracking = schedulers.Tracking(scheduler)
     size = len(seeds)
     pipe = task_pipeline(loaded, task, scheduler, (params.height, params.width, size))
@@ -542,6 +549,9 @@ def _callback(
 ) -> Any:
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         state.step, state.steps = i + 1, getattr(pipe, "num_timesteps", 0) or state.steps
+        share = getattr(pipe.scheduler, "share_done", None)
+        if share is not None:  # DPM adaptive: its evaluations are not the steps
+            state.step = min(state.steps, round(share * state.steps))
         x0 = tracking.last_x0
         if config.preview_steps and (i + 1) % config.preview_steps == 0:
             state.current_image = models.previews.png_base64(

@@ -33,6 +33,11 @@ class Sampler:
     uses_ensd: bool = False
     # A1111's timesteps samplers (DDIM, PLMS, UniPC) pick no schedule of their own.
     timesteps: bool = False
+    # Takes the request's eta (unset: A1111's eta_ancestral, 1), written as "Eta" when not 1.
+    eta: bool = False
+    # Its steps depend on every image of the batch together (DPM adaptive's error norm), so a
+    # job's images would change in a batch with other jobs: it always runs alone.
+    couples_batch: bool = False
 
     @property
     def names_its_schedule(self) -> bool:
@@ -150,6 +155,29 @@ SAMPLERS: tuple[Sampler, ...] = (
         timesteps=True,
     ),
     Sampler("LCM", "LCMScheduler", "uniform", {}, ("k_lcm", "lcm"), sigma_schedules=False),
+    # k-diffusion's DPM-Solver loops and A1111's Restart: engine/dpm_solver.py, restart.py.
+    Sampler(
+        "DPM fast",
+        "DPMFastScheduler",
+        "uniform",
+        {},
+        ("k_dpm_fast",),
+        stepwise=True,
+        uses_ensd=True,
+        eta=True,
+    ),
+    Sampler(
+        "DPM adaptive",
+        "DPMAdaptiveScheduler",
+        "uniform",
+        {},
+        ("k_dpm_ad",),
+        stepwise=True,
+        uses_ensd=True,
+        eta=True,
+        couples_batch=True,
+    ),
+    Sampler("Restart", "RestartScheduler", "karras", {}, ("restart",), stepwise=True),
 )
 
 # A1111 schedule name -> label; the ones diffusers can follow.
@@ -168,7 +196,7 @@ SCHEDULES: dict[str, str] = {
     "align_your_steps": "Align Your Steps",
 }
 SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}
-UNSUPPORTED_SAMPLERS = ("DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
+UNSUPPORTED_SAMPLERS = ("DDIM CFG++",)
 SIGMA_SCHEDULES = frozenset({"karras", "exponential", "beta"})
 # Made by sigmas.py: for the stepwise samplers only.
 FORMULA_SCHEDULES = frozenset({"polyexponential", "kl_optimal", "align_your_steps"})
@@ -222,8 +250,7 @@ def resolve(sampler_name: str | None, schedule: str | None = None) -> Resolved:
             f"{', '.join(s.name for s in SAMPLERS)} (each optionally with a schedule such as "
             f"'Karras': {', '.join(SCHEDULES.values())})"
             + (
-                " - A1111's DPM fast, DPM adaptive, Restart and DDIM CFG++ have no diffusers "
-                "equivalent"
+                " - A1111's DDIM CFG++ has no diffusers equivalent"
                 if name in UNSUPPORTED_SAMPLERS
                 else ""
             )

@@ -19,10 +19,11 @@ from typing import Any
 import diffusers
 import torch
 
-from a1111_proxy.engine import ddim, sigmas, two_stage
+from a1111_proxy.engine import ddim, dpm_solver, restart, sigmas, two_stage
 from a1111_proxy.engine.masked_content import LatentFill
 from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
+from a1111_proxy.engine.sampling_loop import LoopScheduler
 
 _SPACING = {"sgm_uniform": "trailing", "simple": "trailing", "ddim": "leading"}
 _SIGMA_FLAGS = {
@@ -32,9 +33,18 @@ _SIGMA_FLAGS = {
 }
 
 
-def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
+def make(
+    base_config: Any,
+    resolved: Resolved,
+    *,
+    sdxl: bool = False,
+    eta: float | None = None,
+    img2img: bool = False,
+) -> Any:
     """A fresh scheduler for `resolved`; its sigmas from sigmas.py where the diffusers class
-    cannot make the schedule (`sdxl`: which Align Your Steps table)."""
+    cannot make the schedule (`sdxl`: which Align Your Steps table). The sampling loops
+    (engine/sampling_loop.py) also take the request's `eta` (None: A1111's 1) and whether the
+    run is img2img (A1111 gives DPM fast / adaptive other bounds there)."""
     sampler = resolved.sampler
     cls = scheduler_class(sampler.scheduler_class)
     wanted: dict[str, Any] = dict(sampler.kwargs)
@@ -64,12 +74,17 @@ def make(base_config: Any, resolved: Resolved, *, sdxl: bool = False) -> Any:
         sigmas.install(scheduler, resolved.schedule, sdxl)
     if sampler.discard_next_to_last_sigma:
         sigmas.discard_next_to_last(scheduler)
+    if isinstance(scheduler, LoopScheduler):
+        scheduler.eta = 1.0 if eta is None else eta
+        scheduler.img2img = img2img
     return scheduler
 
 
 def scheduler_class(name: str) -> Any:
-    """A diffusers scheduler class, or one of engine/two_stage.py's or ddim.py's, by name."""
-    return two_stage.CLASSES.get(name) or ddim.CLASSES.get(name) or getattr(diffusers, name)
+    """A diffusers scheduler class, or one of the engine's own (two_stage.py, ddim.py,
+    dpm_solver.py, restart.py), by name."""
+    own = {**two_stage.CLASSES, **ddim.CLASSES, **dpm_solver.CLASSES, **restart.CLASSES}
+    return own.get(name) or getattr(diffusers, name)
 
 
 # Step noise a scheduler's `randn_tensor` gives instead of its own, while set: how the ancestral
