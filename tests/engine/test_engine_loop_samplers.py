@@ -175,7 +175,7 @@ class DPMSolver:
                 su = (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
             else:
                 t_next_, su = t_next, 0.0
-            eps, eps_cache = self.eps(eps_cache, "eps", x, t)
+            eps, eps_cache = self.eps(eps_cache, "eps", x, t)  # noqa: RUF059  # as k-diffusion
             if orders[i] == 1:
                 x, eps_cache = self.dpm_solver_1_step(x, t, t_next_, eps_cache=eps_cache)
             elif orders[i] == 2:
@@ -201,7 +201,7 @@ class DPMSolver:
                 su = (self.sigma(t) ** 2 - self.sigma(t_) ** 2) ** 0.5
             else:
                 t_, su = t, 0.0
-            eps, eps_cache = self.eps(eps_cache, "eps", x, s)
+            eps, eps_cache = self.eps(eps_cache, "eps", x, s)  # noqa: RUF059  # as k-diffusion
             x_low, eps_cache = self.dpm_solver_2_step(x, s, t_, r1=1 / 3, eps_cache=eps_cache)
             x_high, eps_cache = self.dpm_solver_3_step(x, s, t_, eps_cache=eps_cache)
             delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
@@ -254,9 +254,7 @@ def restart_sampler(x: Any, sigmas: Any, randn_like: Callable[[Any], Any]) -> tu
         if steps >= 36:
             restart_steps = steps // 4
             restart_times = 2
-        sigmas = karras(
-            steps - restart_steps * restart_times, sigmas[-2].item(), sigmas[0].item()
-        )
+        sigmas = karras(steps - restart_steps * restart_times, sigmas[-2].item(), sigmas[0].item())
         restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
     else:
         restart_list = {}
@@ -274,7 +272,7 @@ def restart_sampler(x: Any, sigmas: Any, randn_like: Callable[[Any], Any]) -> tu
                 )[:-1]
                 while restart_times > 0:
                     restart_times -= 1
-                    step_list.extend(zip(sigma_restart[:-1], sigma_restart[1:], strict=True))
+                    step_list.extend(zip(sigma_restart[:-1], sigma_restart[1:], strict=True))  # noqa: RUF007
     last_sigma = None
     for old_sigma, new_sigma in step_list:
         if last_sigma is None:
@@ -355,7 +353,9 @@ def test_dpm_fast_and_adaptive_img2img_run_between_sigma_scheds_first_and_next_t
     assert calls == expected_calls
 
 
-@pytest.mark.parametrize(("steps", "schedule"), [(8, None), (24, None), (40, None), (24, "Uniform")])
+@pytest.mark.parametrize(
+    ("steps", "schedule"), [(8, None), (24, None), (40, None), (24, "Uniform")]
+)
 def test_restart_runs_a1111s_restart_sampler_with_fresh_noise_from_the_images_generators(
     steps: int, schedule: str | None
 ) -> None:
@@ -363,7 +363,9 @@ def test_restart_runs_a1111s_restart_sampler_with_fresh_noise_from_the_images_ge
     scheduler = make("Restart", steps, schedule)
     made, calls = engine(scheduler, start * scheduler.init_noise_sigma, SEEDS)
     low, high = trained()[0].item(), trained()[-1].item()
-    sigmas = karras(steps, low, high) if schedule is None else engine_sigmas.uniform(steps, trained())
+    sigmas = (
+        karras(steps, low, high) if schedule is None else engine_sigmas.uniform(steps, trained())
+    )
     draw = image_rng(SEEDS)
     expected, expected_calls = restart_sampler(start * sigmas[0], sigmas, lambda x: draw())
     torch.testing.assert_close(made, expected, rtol=1e-5, atol=1e-5)
@@ -440,11 +442,11 @@ async def test_the_loop_samplers_make_the_same_image_for_a_seed_and_say_so_in_th
 
 
 @pytest.mark.anyio
-async def test_dpm_fast_takes_the_requests_eta_and_writes_it_as_a1111_does(
+async def test_dpm_fast_takes_the_requests_eta_and_writes_it_as_a1111s_float(
     backend: DiffusersBackend,
 ) -> None:
     body = {"prompt": "a cat", "steps": 5, "width": 64, "height": 64, "seed": 3}
     ancestral = await backend.generate("txt2img", {**body, "sampler_name": "DPM fast"})
     plain = await backend.generate("txt2img", {**body, "sampler_name": "DPM fast", "eta": 0})
     assert not np.array_equal(pixels(ancestral), pixels(plain))
-    assert "Eta: 0," in json.loads(plain["info"])["infotexts"][0]
+    assert "Eta: 0.0," in json.loads(plain["info"])["infotexts"][0]
