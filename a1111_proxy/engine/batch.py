@@ -124,7 +124,7 @@ def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
         or params.resize_mode == LATENT_RESIZE  # its start is encoded per image
         or params.n_iter != 1
         or loaded.inpainting
-        or params.sampler.sampler.couples_batch  # DPM adaptive
+        or params.sampler.sampler.adaptive  # DPM adaptive
     ):
         return None
     return (

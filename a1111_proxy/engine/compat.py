@@ -69,11 +69,11 @@ def _batchable(body: dict[str, Any]) -> bool:
         or (body.get("n_iter") or 1) != 1
         or body.get("script_name")
         or (isinstance(scripts, dict) and any(_has_args(v) for v in scripts.values()))
-        or _couples_batch(body)
+        or _adaptive(body)
     )
 
 
-def _couples_batch(body: dict[str, Any]) -> bool:
+def _adaptive(body: dict[str, Any]) -> bool:
     """DPM adaptive sizes its steps over the whole batch: another job's rows would change it."""
     try:
         resolved = samplers.resolve(
@@ -81,7 +81,7 @@ def _couples_batch(body: dict[str, Any]) -> bool:
         )
     except UnknownSampler:
         return True  # refused when it runs
-    return resolved.sampler.couples_batch
+    return resolved.sampler.adaptive
 
 
 def _has_args(script: Any) -> bool:

@@ -35,9 +35,10 @@ class Sampler:
     timesteps: bool = False
     # Takes the request's eta (unset: A1111's eta_ancestral, 1), written as "Eta" when not 1.
     eta: bool = False
-    # Its steps depend on every image of the batch together (DPM adaptive's error norm), so a
-    # job's images would change in a batch with other jobs: it always runs alone.
-    couples_batch: bool = False
+    # DPM adaptive: its steps follow the model, sized over every image of the batch together,
+    # so a job's images would change in a batch with other jobs (it always runs alone), and no
+    # step count is known ahead (ControlNet's guidance start/end cannot be placed).
+    adaptive: bool = False
 
     @property
     def names_its_schedule(self) -> bool:
@@ -175,7 +176,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         stepwise=True,
         uses_ensd=True,
         eta=True,
-        couples_batch=True,
+        adaptive=True,
     ),
     Sampler("Restart", "RestartScheduler", "karras", {}, ("restart",), stepwise=True),
 )

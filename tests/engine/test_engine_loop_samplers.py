@@ -393,6 +393,18 @@ def test_dpm_adaptive_jobs_never_share_a_batch_and_dpm_fast_jobs_do() -> None:
     assert compat.batch_key("txt2img", {**body, "sampler_name": "Restart"}, "m") is not None
 
 
+def test_dpm_adaptive_reports_how_far_it_is_from_sigma_max_to_sigma_min() -> None:
+    scheduler = make("DPM adaptive", 6)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5)) * 14.6
+    shares = []
+    for t in scheduler.timesteps:
+        eps = 0.3 * scheduler.scale_model_input(x, t) + 0.1
+        x = scheduler.step(eps, t, x).prev_sample
+        shares.append(scheduler.share_done)
+    assert len(shares) > 6  # more evaluations than steps: progress cannot count them
+    assert shares == sorted(shares) and shares[0] == 0.0 and shares[-1] == pytest.approx(1.0)
+
+
 def test_an_interrupted_loop_stops_handing_out_timesteps() -> None:
     scheduler = make("DPM fast", 6)
     seen = []
