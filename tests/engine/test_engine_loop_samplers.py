@@ -5,6 +5,8 @@ on a toy model; then through the backend on the tiny random-weight SD1.5 on the 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +18,7 @@ torch = pytest.importorskip("torch", reason="the engine tests need the engine ex
 pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
 
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import compat, conditioning, samplers, schedulers  # noqa: E402
@@ -451,6 +454,38 @@ async def test_the_loop_samplers_make_the_same_image_for_a_seed_and_say_so_in_th
         {**body, "sampler_name": name, "denoising_strength": 0.5, "init_images": made["images"]},
     )
     assert (pixels(edited) != pixels(made)).any() and np.isfinite(pixels(edited)).all()
+
+
+def half_mask() -> str:
+    """White on the left half (re-imagined), black on the right (kept), as a PNG."""
+    image = Image.new("L", (64, 64), 0)
+    image.paste(255, (0, 0, 32, 64))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["DPM fast", "DPM adaptive", "Restart"])
+async def test_the_loop_samplers_run_hires_fix_a_mask_and_the_noise_mask(
+    backend: DiffusersBackend, name: str
+) -> None:
+    body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3}
+    body["sampler_name"] = name
+    hires = {"enable_hr": True, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
+    upscaled = await backend.generate("txt2img", {**body, **hires, "hr_scale": 1.5})
+    assert pixels(upscaled).shape[:2] == (96, 96) and np.isfinite(pixels(upscaled)).all()
+    made = await backend.generate("txt2img", body)
+    mask = half_mask()
+    edited = await backend.generate(
+        "img2img",
+        {**body, "init_images": made["images"], "mask": mask, "denoising_strength": 0.75},
+    )
+    changed = np.abs(pixels(edited) - pixels(made)).mean(axis=(0, 2))
+    assert changed[:24].mean() > changed[40:].mean()  # the kept right half stays closer
+    noise_mask = {"mask": mask, "strength": 1.0, "start": 0.0, "end": 1.0}
+    masked = await backend.generate("txt2img", {**body, "noise_mask": noise_mask})
+    assert not np.array_equal(pixels(masked), pixels(made))
 
 
 @pytest.mark.anyio
