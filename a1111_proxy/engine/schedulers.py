@@ -95,11 +95,13 @@ _STEP_NOISE: contextvars.ContextVar[Callable[[tuple[int, ...], torch.device], to
 
 
 def _takes_step_noise(scheduler: Any) -> None:
-    """Route the randn_tensor of `scheduler`'s module through _STEP_NOISE (once per module;
-    without a value set it is diffusers' own)."""
-    module = sys.modules[type(scheduler).__module__]
+    """Route the randn_tensor of `scheduler`'s module (or of the nearest base class's that
+    draws with it, as engine/sampling_loop.py's) through _STEP_NOISE (once per module; without a
+    value set it is diffusers' own)."""
+    modules = [sys.modules[cls.__module__] for cls in type(scheduler).__mro__]
+    module = next((m for m in modules if hasattr(m, "randn_tensor")), None)
     own = getattr(module, "randn_tensor", None)
-    if own is None or getattr(own, "_a1111_step_noise", False):
+    if module is None or own is None or getattr(own, "_a1111_step_noise", False):
         return
 
     @functools.wraps(own)

@@ -378,6 +378,34 @@ def test_restart_runs_a1111s_restart_sampler_with_fresh_noise_from_the_images_ge
         assert not torch.allclose(made, other)
 
 
+@pytest.mark.parametrize("name", ["DPM fast", "Restart"])
+def test_with_the_nv_source_the_loops_draw_their_step_noise_from_philox(name: str) -> None:
+    from a1111_proxy.engine.noise import Philox
+
+    steps = 21  # Restart: a restart, so fresh noise
+    start = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    scheduler = make(name, steps)
+    tracking = schedulers.Tracking(scheduler)
+    tracking.generators = [Philox(s) for s in SEEDS]
+    x = start * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = 0.3 * scheduler.scale_model_input(x, t) + 0.1
+        x = scheduler.step(eps, t, x, generator=None).prev_sample
+    generators = [Philox(s) for s in SEEDS]
+
+    def nv(*_: Any) -> Any:
+        return torch.stack([g.randn((4, 8, 8)) for g in generators])
+
+    low, high = trained()[0].item(), trained()[-1].item()
+    if name == "DPM fast":
+        x0 = start * engine_sigmas.uniform(steps, trained())[0]
+        expected, _ = sample_dpm(name, x0, low, high, steps, 1.0, nv)
+    else:
+        sigmas = karras(steps, low, high)
+        expected, _ = restart_sampler(start * sigmas[0], sigmas, nv)
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_restart_schedules_prompt_editing_over_twice_the_steps_as_a_second_order_sampler() -> None:
     assert conditioning.total_steps(samplers.resolve("Restart"), 10) == 19
     assert conditioning.total_steps(samplers.resolve("DPM fast"), 10) == 10
