@@ -125,6 +125,7 @@ def _shared(params: Params, loaded: Loaded) -> tuple[Any, ...] | None:
         or params.resize_mode == LATENT_RESIZE  # its start is encoded per image
         or params.n_iter != 1
         or loaded.inpainting
+        or params.sampler.sampler.adaptive  # DPM adaptive
     ):
         return None
     return (
@@ -193,6 +194,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
         head.sampler,
         sdxl=loaded.sdxl,
         eta_value=head.eta_for(head.sampler.sampler),
+        img2img=head.kind == "img2img",
     )
     tracking = schedulers.Tracking(scheduler)
     pipe = task_pipeline(loaded, head.kind, scheduler, (head.height, head.width, start))

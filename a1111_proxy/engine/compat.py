@@ -5,8 +5,9 @@ Two jobs with the same key differ only in what each job of a batch keeps for its
 and negative prompt, seeds and subseeds, batch size and init images. Everything else (checkpoint,
 size, sampler and schedule, steps, CFG, the LoRA set, override_settings, ...) is in the key, so an
 unknown field keeps jobs apart rather than together. Jobs the engine always runs alone (hires
-fix, a mask, a noise mask, n_iter > 1, scripts, ControlNet and image prompts) get no key. The
-engine checks again before it batches (engine/batch.py): the key only picks the candidates.
+fix, a mask, a noise mask, n_iter > 1, scripts, ControlNet and image prompts, DPM adaptive) get
+no key. The engine checks again before it batches (engine/batch.py): the key only picks the
+candidates.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import hashlib
 import json
 from typing import Any
 
-from a1111_proxy.engine import lora
-from a1111_proxy.engine.errors import InvalidParams
+from a1111_proxy.engine import lora, samplers
+from a1111_proxy.engine.errors import InvalidParams, UnknownSampler
 
 # What each job of a batch keeps for itself (per-row noise, conditioning and inputs), and what
 # the engine does not read at all.
@@ -68,7 +69,19 @@ def _batchable(body: dict[str, Any]) -> bool:
         or (body.get("n_iter") or 1) != 1
         or body.get("script_name")
         or (isinstance(scripts, dict) and any(_has_args(v) for v in scripts.values()))
+        or _adaptive(body)
     )
+
+
+def _adaptive(body: dict[str, Any]) -> bool:
+    """DPM adaptive sizes its steps over the whole batch: another job's rows would change it."""
+    try:
+        resolved = samplers.resolve(
+            body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler")
+        )
+    except UnknownSampler:
+        return True  # refused when it runs
+    return resolved.sampler.adaptive
 
 
 def _has_args(script: Any) -> bool:

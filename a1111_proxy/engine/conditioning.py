@@ -26,9 +26,10 @@ Encoded = tuple[torch.Tensor, torch.Tensor | None]  # (1, 77*k, C) and SDXL's po
 def total_steps(sampler: Resolved, steps: int) -> int:
     """Model evaluations in a run of `steps`: A1111 schedules prompts over these, and a second
     order sampler (Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE) makes 2 * steps - 1 of them, in
-    diffusers too."""
-    order = getattr(schedulers.scheduler_class(sampler.sampler.scheduler_class), "order", 1)
-    return steps * 2 - 1 if order == 2 else steps
+    diffusers too (Restart, second order to A1111, as many; its restarts make more)."""
+    cls = schedulers.scheduler_class(sampler.sampler.scheduler_class)
+    second_order = getattr(cls, "order", 1) == 2 or getattr(cls, "second_order", False)
+    return steps * 2 - 1 if second_order else steps
 
 
 class Conditioning:

@@ -238,8 +238,19 @@ def _with_networks(params: Params, request: Txt2ImgRequest) -> Params:
             )
     uses = () if request.disable_extra_networks else lora.parse_uses(request.prompt or "")
     units = controlnet.parse_units(request.alwayson_scripts)
+    if units and _runs_adaptive(params):
+        raise InvalidParams(
+            "ControlNet does not run with the DPM adaptive sampler in the diffusers engine (its "
+            "step count is not known ahead, so guidance start/end cannot be placed); pick "
+            "another sampler (DPM fast, DPM++ 2M, ...)"
+        )
     prompts = image_prompts.parse_units(request.alwayson_scripts)
     return dataclasses.replace(params, loras=uses, controlnet_units=units, image_prompts=prompts)
+
+
+def _runs_adaptive(params: Params) -> bool:
+    passes = [params.sampler] + ([params.hires.sampler] if params.hires else [])
+    return any(resolved.sampler.adaptive for resolved in passes)
 
 
 def _sampler(request: Txt2ImgRequest) -> Resolved:

@@ -356,6 +356,7 @@ def _run_batch(
         params.sampler,
         sdxl=loaded.sdxl,
         eta_value=params.eta_for(params.sampler.sampler),
+        img2img=params.kind == "img2img",
     )
     tracking = schedulers.Tracking(scheduler)
     size = len(seeds)
@@ -561,6 +562,9 @@ def _callback(
 ) -> Any:
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         state.step, state.steps = i + 1, getattr(pipe, "num_timesteps", 0) or state.steps
+        share = getattr(pipe.scheduler, "share_done", None)
+        if share is not None:  # DPM adaptive: its evaluations are not the steps
+            state.step = min(state.steps, round(share * state.steps))
         x0 = tracking.last_x0
         if config.preview_steps and (i + 1) % config.preview_steps == 0:
             state.current_image = models.previews.png_base64(

@@ -47,6 +47,11 @@ class Sampler:
         """A1111's eta_infotext_field."""
         return "Eta DDIM" if self.eta_option == "eta_ddim" else "Eta"
 
+    # DPM adaptive: its steps follow the model, sized over every image of the batch together,
+    # so a job's images would change in a batch with other jobs (it always runs alone), and no
+    # step count is known ahead (ControlNet's guidance start/end cannot be placed).
+    adaptive: bool = False
+
     @property
     def names_its_schedule(self) -> bool:
         """Whether A1111 gives this sampler a schedule of its own (options' `scheduler`), which
@@ -185,6 +190,29 @@ SAMPLERS: tuple[Sampler, ...] = (
         timesteps=True,
     ),
     Sampler("LCM", "LCMScheduler", "uniform", {}, ("k_lcm", "lcm"), sigma_schedules=False),
+    # k-diffusion's DPM-Solver loops and A1111's Restart: engine/dpm_solver.py, restart.py.
+    Sampler(
+        "DPM fast",
+        "DPMFastScheduler",
+        "uniform",
+        {},
+        ("k_dpm_fast",),
+        stepwise=True,
+        uses_ensd=True,
+        eta_option="eta_ancestral",
+    ),
+    Sampler(
+        "DPM adaptive",
+        "DPMAdaptiveScheduler",
+        "uniform",
+        {},
+        ("k_dpm_ad",),
+        stepwise=True,
+        uses_ensd=True,
+        eta_option="eta_ancestral",
+        adaptive=True,
+    ),
+    Sampler("Restart", "RestartScheduler", "karras", {}, ("restart",), stepwise=True),
 )
 
 # A1111 schedule name -> label; the ones diffusers can follow.
@@ -203,7 +231,7 @@ SCHEDULES: dict[str, str] = {
     "align_your_steps": "Align Your Steps",
 }
 SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}
-UNSUPPORTED_SAMPLERS = ("DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
+UNSUPPORTED_SAMPLERS = ("DDIM CFG++",)
 SIGMA_SCHEDULES = frozenset({"karras", "exponential", "beta"})
 # Made by sigmas.py: for the stepwise samplers only.
 FORMULA_SCHEDULES = frozenset({"polyexponential", "kl_optimal", "align_your_steps"})
@@ -257,8 +285,7 @@ def resolve(sampler_name: str | None, schedule: str | None = None) -> Resolved:
             f"{', '.join(s.name for s in SAMPLERS)} (each optionally with a schedule such as "
             f"'Karras': {', '.join(SCHEDULES.values())})"
             + (
-                " - A1111's DPM fast, DPM adaptive, Restart and DDIM CFG++ have no diffusers "
-                "equivalent"
+                " - A1111's DDIM CFG++ has no diffusers equivalent"
                 if name in UNSUPPORTED_SAMPLERS
                 else ""
             )

@@ -19,10 +19,11 @@ from typing import Any
 import diffusers
 import torch
 
-from a1111_proxy.engine import ddim, eta, plms, sigmas, two_stage
+from a1111_proxy.engine import ddim, dpm_solver, eta, plms, restart, sigmas, two_stage
 from a1111_proxy.engine.masked_content import LatentFill
 from a1111_proxy.engine.noise import BrownianNoise, Generator, Philox, draw
 from a1111_proxy.engine.samplers import Resolved
+from a1111_proxy.engine.sampling_loop import LoopScheduler
 
 _SPACING = {"sgm_uniform": "trailing", "simple": "trailing", "ddim": "leading"}
 _SIGMA_FLAGS = {
@@ -33,11 +34,18 @@ _SIGMA_FLAGS = {
 
 
 def make(
-    base_config: Any, resolved: Resolved, *, sdxl: bool = False, eta_value: float | None = None
+    base_config: Any,
+    resolved: Resolved,
+    *,
+    sdxl: bool = False,
+    eta_value: float | None = None,
+    img2img: bool = False,
 ) -> Any:
     """A fresh scheduler for `resolved`; its sigmas from sigmas.py where the diffusers class
     cannot make the schedule (`sdxl`: which Align Your Steps table); `eta_value`: the eta it
-    runs with (Params.eta_for; DDIM takes its eta from the pipeline call instead)."""
+    runs with (Params.eta_for; DDIM takes its eta from the pipeline call instead). The sampling
+    loops (engine/sampling_loop.py) also take whether the run is img2img (A1111 gives DPM fast /
+    adaptive other bounds there)."""
     sampler = resolved.sampler
     cls = scheduler_class(sampler.scheduler_class)
     wanted: dict[str, Any] = dict(sampler.kwargs)
@@ -66,13 +74,23 @@ def make(
         sigmas.install(scheduler, resolved.schedule, sdxl)
     if sampler.discard_next_to_last_sigma:
         sigmas.discard_next_to_last(scheduler)
+    if isinstance(scheduler, LoopScheduler):
+        scheduler.eta = 1.0 if eta_value is None else eta_value
+        scheduler.img2img = img2img
     return scheduler
 
 
 def scheduler_class(name: str) -> Any:
-    """A diffusers scheduler class, or one of engine/two_stage.py's, ddim.py's, plms.py's or
-    eta.py's, by name."""
-    for ours in (two_stage.CLASSES, ddim.CLASSES, plms.CLASSES, eta.CLASSES):
+    """A diffusers scheduler class, or one of the engine's own (two_stage.py, ddim.py, plms.py,
+    eta.py, dpm_solver.py, restart.py), by name."""
+    for ours in (
+        two_stage.CLASSES,
+        ddim.CLASSES,
+        plms.CLASSES,
+        eta.CLASSES,
+        dpm_solver.CLASSES,
+        restart.CLASSES,
+    ):
         if name in ours:
             return ours[name]
     return getattr(diffusers, name)
@@ -97,7 +115,7 @@ def _takes_step_noise(scheduler: Any) -> None:
 
 def _route(module: Any) -> None:
     own = getattr(module, "randn_tensor", None)
-    if own is None or getattr(own, "_a1111_step_noise", False):
+    if module is None or own is None or getattr(own, "_a1111_step_noise", False):
         return
 
     @functools.wraps(own)

@@ -70,11 +70,14 @@ async def run_batch(backend: DiffusersBackend, bodies: list[dict[str, Any]]) -> 
     return await asyncio.gather(*runs, return_exceptions=True)
 
 
+# DPM adaptive runs each job alone (its steps are sized over the whole batch).
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM fast", "DPM adaptive", "Restart"])
 async def test_each_job_of_a_batch_gets_the_images_it_gets_alone(
-    backend: DiffusersBackend,
+    backend: DiffusersBackend, sampler: str
 ) -> None:
-    alone = [await backend.generate("txt2img", body) for body in JOBS]
-    batched = await run_batch(backend, JOBS)
+    jobs = [{**body, "sampler_name": sampler} for body in JOBS]
+    alone = [await backend.generate("txt2img", body) for body in jobs]
+    batched = await run_batch(backend, jobs)
     for one, other in zip(batched, alone, strict=True):
         assert_same_images(one, other)
 

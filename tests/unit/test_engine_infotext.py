@@ -31,6 +31,9 @@ A1111_OPTIONS: dict[str, dict[str, Any]] = {
     "Heun": {},
     "DPM2": {"scheduler": "karras"},
     "DPM2 a": {"scheduler": "karras", "uses_ensd": True},
+    "DPM fast": {"uses_ensd": True},
+    "DPM adaptive": {"uses_ensd": True},
+    "Restart": {"scheduler": "karras"},
     "LCM": {},
 }
 A1111_TIMESTEPS = {"DDIM": {}, "PLMS": {}, "UniPC": {}}
@@ -218,3 +221,18 @@ def test_the_hires_schedule_type_is_written_where_a1111_writes_it(
     )
     assert p.hires is not None
     assert p.hires.infotext(p.prompt, p.negative_prompt).get("Hires schedule type") == written
+
+
+@pytest.mark.parametrize(
+    ("sampler", "eta", "written"),
+    [("DPM fast", 0.5, "0.5"), ("DPM adaptive", 0.0, "0.0"), ("DPM fast", 1.0, None)],
+)
+def test_the_dpm_solvers_write_a_requests_eta_unless_it_is_a1111s_default(
+    sampler: str, eta: float, written: str | None
+) -> None:
+    gen = generation(params(sampler_name=sampler, eta=eta, seed=1))
+    gen.note_eta()
+    assert fields(gen.infotext(0)).get("Eta") == written
+    unset = generation(params(sampler_name=sampler, seed=1))
+    unset.note_eta()
+    assert "Eta" not in fields(unset.infotext(0))

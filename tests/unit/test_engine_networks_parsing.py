@@ -204,3 +204,19 @@ def test_checking_lora_and_controlnet_requests_needs_neither_torch_nor_numpy() -
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_controlnet_with_dpm_adaptive_is_refused_naming_the_samplers_that_run_it() -> None:
+    scripts = {"controlnet": {"args": [unit()]}}
+    found = problems(
+        "txt2img", {"prompt": "a", "sampler_name": "DPM adaptive", "alwayson_scripts": scripts}
+    )
+    assert found and "DPM adaptive" in found[0] and "DPM fast" in found[0]
+    hires = {"enable_hr": True, "hr_sampler_name": "DPM adaptive", "alwayson_scripts": scripts}
+    assert problems("txt2img", {"prompt": "a", **hires})
+    assert (
+        problems(
+            "txt2img", {"prompt": "a", "sampler_name": "DPM fast", "alwayson_scripts": scripts}
+        )
+        == []
+    )

@@ -39,7 +39,7 @@ def test_an_unknown_sampler_is_refused_with_the_valid_names() -> None:
     with pytest.raises(UnknownSampler, match=r"unknown sampler 'Nope'.*DPM\+\+ 2M.*Euler a"):
         resolve("Nope")
     with pytest.raises(UnknownSampler, match="no diffusers equivalent"):
-        resolve("DPM adaptive")
+        resolve("DDIM CFG++")
     with pytest.raises(UnknownSampler, match="unknown schedule type 'Karras Exp'"):
         resolve("Euler", "Karras Exp")
 
