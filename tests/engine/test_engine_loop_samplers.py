@@ -318,7 +318,7 @@ def test_dpm_fast_and_adaptive_txt2img_run_k_diffusions_loop_from_the_models_sig
     name: str, steps: int, eta: float
 ) -> None:
     start = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
-    scheduler = make(name, steps, eta=eta)
+    scheduler = make(name, steps, eta_value=eta)
     made, calls = engine(scheduler, start * scheduler.init_noise_sigma, SEEDS)
     sigmas = trained()
     expected, expected_calls = sample_dpm(
