@@ -231,8 +231,6 @@ def test_the_dpm_solvers_write_a_requests_eta_unless_it_is_a1111s_default(
     sampler: str, eta: float, written: str | None
 ) -> None:
     gen = generation(params(sampler_name=sampler, eta=eta, seed=1))
-    gen.note_eta()
     assert fields(gen.infotext(0)).get("Eta") == written
     unset = generation(params(sampler_name=sampler, seed=1))
-    unset.note_eta()
     assert "Eta" not in fields(unset.infotext(0))
