@@ -5,15 +5,18 @@ for the worker (default checkpoint, options to apply, refresh requests). The onl
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import String, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
+from a1111_proxy.db.sqlite_driver import Prepared, positional
 from a1111_proxy.db.tables import catalogue, controls
 from a1111_proxy.db.upsert import insert_missing, upsert
 from a1111_proxy.wakeup import WORK_CHANNEL
@@ -136,15 +139,7 @@ class CatalogueStore:
         caller's transaction: a job submitted in it takes what was set before it was stored."""
         keys = [DEFAULT_CHECKPOINT, *(TENANT_OPTIONS + owner for owner in owners)]
         query = select(controls.c.key, controls.c.value).where(controls.c.key.in_(keys))
-        found = {key: json.loads(value) for key, value in (await conn.execute(query)).all()}
-        return SubmitDefaults(
-            found.get(DEFAULT_CHECKPOINT) or None,
-            {
-                key.removeprefix(TENANT_OPTIONS): value
-                for key, value in found.items()
-                if key.startswith(TENANT_OPTIONS)
-            },
-        )
+        return _submit_defaults((await conn.execute(query)).all())
 
     async def tenant_options(self, tenant: str) -> dict[str, Any]:
         """What `tenant` set with POST /options: {"checkpoint": ..., "options": {...}}."""
@@ -238,3 +233,32 @@ def checkpoint_names(model: dict[str, Any]) -> set[str]:
         (model.get("sha256") or "")[:10] or None,
     }
     return {str(n) for n in names if n}
+
+
+def submit_defaults_sqlite(connection: sqlite3.Connection, owners: set[str]) -> SubmitDefaults:
+    """CatalogueStore.submit_defaults_in with sqlite3 itself, on the connection's thread, in its
+    transaction (the submit path's one round trip: jobs/intake.py)."""
+    keys = [DEFAULT_CHECKPOINT, *(TENANT_OPTIONS + owner for owner in owners)]
+    prepared = _defaults_prepared()
+    found = connection.execute(prepared.sql, prepared.args(keys=json.dumps(keys))).fetchall()
+    return _submit_defaults(found)
+
+
+@cache
+def _defaults_prepared() -> Prepared:
+    keys = func.json_each(bindparam("keys", type_=String)).table_valued("value").alias("k")
+    query = select(controls.c.key, controls.c.value)
+    return positional(query.where(controls.c.key.in_(select(keys.c.value))))
+
+
+def _submit_defaults(rows: Iterable[Any]) -> SubmitDefaults:
+    """SubmitDefaults from the (key, value) rows of the controls read."""
+    found = {key: json.loads(value) for key, value in rows}
+    return SubmitDefaults(
+        found.get(DEFAULT_CHECKPOINT) or None,
+        {
+            key.removeprefix(TENANT_OPTIONS): value
+            for key, value in found.items()
+            if key.startswith(TENANT_OPTIONS)
+        },
+    )

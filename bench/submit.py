@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         run_wrk(d.api_url, args.connections, 2, args.threads)  # warm-up
         spy = start_profile(args.profile, d.api_pid, args.seconds) if args.profile else None
+        cpu_before = api_cpu_seconds(d.api_pid)
         figures = run_wrk(d.api_url, args.connections, args.seconds, args.threads)
+        figures["CPU"] = api_cpu_seconds(d.api_pid) - cpu_before
         if spy is not None:
             spy.wait(timeout=60)
     rate = (figures["REQUESTS"] - figures["NON2XX"]) / figures["SECONDS"]
@@ -129,9 +131,28 @@ def main(argv: list[str] | None = None) -> int:
         f"p99.9 {figures['P99.9'] * 1000:.1f} ms   non-2xx {figures['NON2XX']:.0f}   "
         f"socket errors {figures['ERRORS']:.0f}"
     )
+    print(
+        f"  API CPU per submit {1e6 * figures['CPU'] / max(1.0, figures['REQUESTS']):.0f} us "
+        f"(user + system time of the API's processes, all threads, over the run)"
+    )
     if args.profile:
         print_profile(Path(args.profile))
     return 0
+
+
+def api_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the API process and its children (SERVE_PROCESSES > 1)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    total = 0.0
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def start_profile(path: str, pid: int, seconds: int) -> subprocess.Popen[bytes]:

@@ -15,19 +15,37 @@ from a1111_proxy.db.engine import Database
 
 @contextlib.contextmanager
 def sent(db: Database, picks: Callable[[str], bool]) -> Iterator[list[tuple[str, Any]]]:
-    """The statements (with their parameters) sent on `db`'s write engine that `picks` picks."""
+    """The statements (with their parameters) sent on `db`'s write engine that `picks` picks:
+    through SQLAlchemy, and on SQLite also those the store runs with sqlite3 itself on the
+    connection's thread (the submit path), as sqlite3 traces them (their values written in)."""
     found: list[tuple[str, Any]] = []
 
     def listen(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
         if picks(statement):
             found.append((statement, params))
 
+    def trace(statement: str) -> None:
+        if picks(statement):
+            found.append((statement, ()))
+
+    def on_checkout(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.driver_connection._conn.set_trace_callback(trace)
+
+    def on_checkin(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.driver_connection._conn.set_trace_callback(None)
+
     engine = db.write_engine.sync_engine
     event.listen(engine, "before_cursor_execute", listen)
+    if db.is_sqlite:
+        event.listen(engine, "checkout", on_checkout)
+        event.listen(engine, "checkin", on_checkin)
     try:
         yield found
     finally:
         event.remove(engine, "before_cursor_execute", listen)
+        if db.is_sqlite:
+            event.remove(engine, "checkout", on_checkout)
+            event.remove(engine, "checkin", on_checkin)
 
 
 async def plan(db: Database, statement: str, params: Any) -> str:

@@ -16,6 +16,12 @@ the write lock, which made the slowest of many concurrent submits from several p
 hundreds of milliseconds. Other programs writing the file (the sqlite3 shell, a backup) still
 meet SQLite's busy handler as before.
 
+`on_connection_thread` runs a whole function of sqlite3 calls on a connection's thread, inside
+its current transaction: many statements for one round trip, each a statement sqlite3 has
+prepared before (its statement cache), with no SQLAlchemy compile or parameter processing. The
+submit path stores a group of jobs this way; `positional` turns a SQLAlchemy statement into the
+SQL text and parameter order it takes, so the tables stay defined in one place.
+
 `READ_DBAPI` is for read-only transactions: their deferred BEGIN and their ROLLBACK run in the
 caller's thread too (in WAL mode neither waits for a lock nor touches a file), so a read is one
 round trip per SELECT and nothing else.
@@ -27,13 +33,20 @@ import fcntl
 import os
 import sqlite3
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import aiosqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+T = TypeVar("T")
 
 
 class Cursor(aiosqlite.Cursor):
@@ -46,16 +59,22 @@ class Cursor(aiosqlite.Cursor):
             self._rows = None
             self._cursor.execute(sql)
             return self
-        if sql == "BEGIN IMMEDIATE":
+        connection: Connection = self._conn  # type: ignore[assignment]
+        if sql == "BEGIN IMMEDIATE":  # issued in the round trip of the first statement
             self._rows = None
-            await self._conn._execute(self._conn.begin_writing, self._cursor)  # type: ignore[attr-defined,no-untyped-call]
+            connection.begin_pending = True
             return self
-        run = partial(_execute_and_fetch, self._cursor, sql, parameters or ())
-        self._rows = await self._conn._execute(run)  # type: ignore[no-untyped-call]  # aiosqlite's
+        run = partial(
+            connection.run_statement, connection.take_begin(), self._cursor, sql, parameters or ()
+        )
+        self._rows = await connection._execute(run)  # type: ignore[no-untyped-call]  # aiosqlite's
         return self
 
     async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> Cursor:
         self._rows = None
+        connection: Connection = self._conn  # type: ignore[assignment]
+        if connection.take_begin():
+            await connection._execute(connection.begin_writing, self._cursor)  # type: ignore[no-untyped-call]
         await super().executemany(sql, parameters)
         return self
 
@@ -90,9 +109,45 @@ def _execute_and_fetch(cursor: sqlite3.Cursor, sql: str, parameters: Any) -> lis
 
 class Connection(aiosqlite.Connection):
     writer_lock: int | None = None  # the open lock file (see the module's doc), if any
+    # BEGIN IMMEDIATE was asked for and is not issued yet: the first statement's round trip
+    # issues it (a write transaction costs one round trip fewer; it still holds the lock
+    # before its first statement, reads included).
+    begin_pending = False
 
     def cursor(self) -> Cursor:  # type: ignore[override]  # SQLAlchemy enters it: no await
         return Cursor(self, self._conn.cursor())
+
+    def take_begin(self) -> bool:
+        """Whether a BEGIN IMMEDIATE is due (the caller's round trip issues it)."""
+        begin, self.begin_pending = self.begin_pending, False
+        return begin
+
+    def run_statement(
+        self, begin: bool, cursor: sqlite3.Cursor, sql: str, parameters: Any
+    ) -> list[Any] | None:
+        """On the connection's thread: BEGIN IMMEDIATE if due, then the statement and its rows."""
+        if begin:
+            self.begin_writing(cursor)
+        return _execute_and_fetch(cursor, sql, parameters)
+
+    async def in_one_trip(self, call: Callable[[sqlite3.Connection], T], *, commit: bool) -> T:
+        """`call(connection)` on the connection's thread, after BEGIN IMMEDIATE if due; with
+        `commit`, the transaction commits in the same round trip (the caller's commit then
+        finds nothing left to do)."""
+        return await self._execute(self._trip, self.take_begin(), call, commit)  # type: ignore[no-any-return,no-untyped-call]
+
+    def _trip(self, begin: bool, call: Callable[[sqlite3.Connection], T], commit: bool) -> T:
+        if begin:
+            cursor = self._conn.cursor()
+            try:
+                self.begin_writing(cursor)
+            finally:
+                cursor.close()
+        result = call(self._conn)
+        if commit and self._conn.in_transaction:
+            self._conn.commit()
+            self._release()
+        return result
 
     def begin_writing(self, cursor: sqlite3.Cursor) -> None:
         """On the connection's thread: wait for the writer lock, then BEGIN IMMEDIATE."""
@@ -109,6 +164,8 @@ class Connection(aiosqlite.Connection):
             fcntl.flock(self.writer_lock, fcntl.LOCK_UN)
 
     async def commit(self) -> None:
+        if self.take_begin() or not self._conn.in_transaction:
+            return  # no statement ran, or its last round trip committed (in_one_trip)
         try:
             await super().commit()
         finally:
@@ -116,6 +173,7 @@ class Connection(aiosqlite.Connection):
                 self._release()
 
     async def rollback(self) -> None:
+        self.take_begin()
         if self._conn.in_transaction:  # not the pool's reset after a commit: nothing to undo
             await super().rollback()
         self._release()
@@ -175,6 +233,41 @@ def _module(kind: type[Connection]) -> types.ModuleType:
     module.__dict__.update({name: getattr(aiosqlite, name) for name in aiosqlite.__all__})
     module.__dict__.update(connect=partial(connector, kind), Connection=kind, Cursor=Cursor)
     return module
+
+
+async def on_connection_thread(
+    conn: AsyncConnection, call: Callable[[sqlite3.Connection], T], *, commit: bool = False
+) -> T:
+    """`call(connection)` on the thread of `conn`'s sqlite3 connection, in its transaction, in
+    one round trip; with `commit`, the transaction commits in that round trip too."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    if not isinstance(driver, Connection):
+        raise TypeError(f"not a connection of this driver: {type(driver).__name__}")
+    return await driver.in_one_trip(call, commit=commit)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A SQLAlchemy statement as sqlite3 takes it: its text, with `?` placeholders, and its
+    parameters' names in order (`defaults`: the values the statement itself binds)."""
+
+    sql: str
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    def args(self, **values: Any) -> list[Any]:
+        return [values[name] if name in values else self.defaults[name] for name in self.names]
+
+
+def positional(statement: ClauseElement, columns: Sequence[str] | None = None) -> Prepared:
+    """`statement` for sqlite3; `columns`: those an INSERT or UPDATE sets, by name."""
+    compiled = statement.compile(
+        dialect=sqlite.dialect(paramstyle="qmark"),
+        column_keys=None if columns is None else list(columns),
+    )
+    assert isinstance(compiled, SQLCompiler)
+    return Prepared(compiled.string, tuple(compiled.positiontup or ()), dict(compiled.params))
 
 
 DBAPI = AsyncAdapt_aiosqlite_dbapi(_module(Connection), sqlite3)

@@ -3,6 +3,11 @@
 Submits without an idempotency key are committed in groups: each request still waits for its
 own commit, but concurrent requests share one transaction. A job that names no checkpoint
 takes the default one (POST /options) read in the same transaction (catalogue.py owns it).
+
+On SQLite a group's turns, jobs and payloads are stored in one round trip to the connection's
+thread, with statements sqlite3 keeps prepared (`_store_sqlite`); each job's record is made from
+the values stored rather than read back. On PostgreSQL they are SQLAlchemy statements, each one
+round trip, for the group. The statements are compiled from the same table definitions.
 """
 
 from __future__ import annotations
@@ -10,22 +15,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache, partial
 from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from a1111_proxy.catalogue import CatalogueStore, SubmitDefaults
+from a1111_proxy.catalogue import CatalogueStore, SubmitDefaults, submit_defaults_sqlite
 from a1111_proxy.db.engine import Database
+from a1111_proxy.db.sqlite_driver import Prepared, on_connection_thread, positional
 from a1111_proxy.db.tables import job_payloads, jobs
 from a1111_proxy.errors import IdempotencyKeyReused, TenantLimitReached
-from a1111_proxy.jobs.records import GENERATIONS, JOB_COLUMNS, AnyRow, JobRecord, job_record
-from a1111_proxy.jobs.turns import assign_turns
+from a1111_proxy.jobs.records import GENERATIONS, JOB_COLUMNS, JobRecord, job_record, stored_record
+from a1111_proxy.jobs.turns import assign_turns, assign_turns_sqlite
 from a1111_proxy.wakeup import DUE, notify
 
 BATCH = 256  # jobs committed in one transaction at most
@@ -117,18 +125,18 @@ class JobIntake:
         self.max_attempts = max_attempts
         self.limits = limits
         self.clock = clock
-        self._batch: list[tuple[NewJob, asyncio.Future[AnyRow]]] = []
+        self._batch: list[tuple[NewJob, asyncio.Future[JobRecord]]] = []
         self._batch_task: asyncio.Task[None] | None = None
 
     async def submit(self, new: NewJob) -> Submitted:
         """Store a new job durably; return once it is committed."""
         if new.idempotency_key is not None:
             return await self._submit_idempotent(new)
-        future: asyncio.Future[AnyRow] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[JobRecord] = asyncio.get_running_loop().create_future()
         self._batch.append((new, future))
         if self._batch_task is None or self._batch_task.done():
             self._batch_task = asyncio.create_task(self._drain_batches())
-        return Submitted(job_record(await future), replayed=False)
+        return Submitted(await future, replayed=False)
 
     async def _drain_batches(self) -> None:
         while self._batch:
@@ -148,15 +156,34 @@ class JobIntake:
                 else:
                     future.set_result(outcome)
 
-    async def _insert_many(self, batch: Sequence[NewJob]) -> list[AnyRow | TenantLimitReached]:
+    async def _insert_many(self, batch: Sequence[NewJob]) -> list[JobRecord | TenantLimitReached]:
         """Store the jobs that their tenants' limits admit, in one transaction; each of the
         others gets the TenantLimitReached that refused it."""
         now = self.clock()
+        if self.db.is_sqlite and not self.limits.on:
+            return list(await self._insert_in_one_trip(batch, now))
         async with self.db.writing() as conn:
             refused = await self._refused(conn, batch, now) if self.limits.on else {}
             admitted = [new for index, new in enumerate(batch) if index not in refused]
             stored = iter(await self._insert_in(conn, admitted, now) if admitted else [])
         return [refused[index] if index in refused else next(stored) for index in range(len(batch))]
+
+    async def _insert_in_one_trip(self, batch: Sequence[NewJob], now: float) -> list[JobRecord]:
+        """SQLite without tenant limits: BEGIN IMMEDIATE, the defaults read, the turns, the
+        inserts and COMMIT in one round trip to the connection's thread."""
+        rows = [self._job_values(new, now) for new in batch]
+        payloads = [new.payload for new in batch]
+
+        def store(connection: sqlite3.Connection) -> None:
+            defaults = None
+            if any(row["type"] in GENERATIONS for row in rows):
+                defaults = submit_defaults_sqlite(connection, _owners(rows))
+            self._complete(rows, payloads, defaults)
+            _store_sqlite(rows, payloads, connection)
+
+        async with self.db.writing() as conn:
+            await on_connection_thread(conn, store, commit=True)
+        return [stored_record(row) for row in rows]
 
     async def _refused(
         self, conn: AsyncConnection, batch: Sequence[NewJob], now: float
@@ -194,23 +221,17 @@ class JobIntake:
 
     async def _insert_in(
         self, conn: AsyncConnection, batch: Sequence[NewJob], now: float
-    ) -> list[AnyRow]:
+    ) -> list[JobRecord]:
         rows = [self._job_values(new, now) for new in batch]
         payloads = [new.payload for new in batch]
+        defaults = None
         if any(row["type"] in GENERATIONS for row in rows):
             # Read in the same transaction: a job takes the defaults set before it was stored.
-            owners = {row["owner"] for row in rows if row["owner"] is not None}
-            defaults = await self.catalogue.submit_defaults_in(conn, owners)
-            payloads = [
-                _with_defaults(row, payload, defaults)
-                for row, payload in zip(rows, payloads, strict=True)
-            ]
-        if self.batch_key is not None:
-            for row, payload in zip(rows, payloads, strict=True):
-                if row["type"] in GENERATIONS:
-                    row["batch_key"] = self.batch_key(
-                        row["type"], json.loads(payload), row["checkpoint"]
-                    )
+            defaults = await self.catalogue.submit_defaults_in(conn, _owners(rows))
+        self._complete(rows, payloads, defaults)
+        if self.db.is_sqlite:
+            await on_connection_thread(conn, partial(_store_sqlite, rows, payloads))
+            return [stored_record(row) for row in rows]
         await assign_turns(conn, rows)
         inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
         by_id = {row.id: row for row in inserted}
@@ -222,15 +243,15 @@ class JobIntake:
             ],
         )
         await notify(self.db, conn, *DUE)
-        return [by_id[r["id"]] for r in rows]
+        return [job_record(by_id[r["id"]]) for r in rows]
 
     async def _submit_idempotent(self, new: NewJob) -> Submitted:
         try:
             [row] = await self._insert_many([new])
             if isinstance(row, TenantLimitReached):
                 raise row
-            return Submitted(job_record(row), replayed=False)
-        except IntegrityError:
+            return Submitted(row, replayed=False)
+        except (IntegrityError, sqlite3.IntegrityError):
             pass  # the key exists: replay the job it made, if the body is the same
         async with self.db.reading() as conn:
             existing = (
@@ -244,10 +265,25 @@ class JobIntake:
             [row] = await self._insert_many([new])
             if isinstance(row, TenantLimitReached):
                 raise row
-            return Submitted(job_record(row), replayed=False)
+            return Submitted(row, replayed=False)
         if existing.request_hash != new.request_hash:
             raise IdempotencyKeyReused()
         return Submitted(job_record(existing), replayed=True)
+
+    def _complete(
+        self, rows: list[dict[str, Any]], payloads: list[str], defaults: SubmitDefaults | None
+    ) -> None:
+        """Give the generations among `rows` the defaults POST /options set (in `payloads`, in
+        place) and their batch keys."""
+        if defaults is not None:
+            for index, row in enumerate(rows):
+                payloads[index] = _with_defaults(row, payloads[index], defaults)
+        if self.batch_key is not None:
+            for row, payload in zip(rows, payloads, strict=True):
+                if row["type"] in GENERATIONS:
+                    row["batch_key"] = self.batch_key(
+                        row["type"], json.loads(payload), row["checkpoint"]
+                    )
 
     def _job_values(self, new: NewJob, now: float) -> dict[str, Any]:
         return {
@@ -273,6 +309,30 @@ class JobIntake:
             "owner": new.owner,
             "batch_key": None,
         }
+
+
+def _store_sqlite(rows: list[dict[str, Any]], payloads: list[str], db: sqlite3.Connection) -> None:
+    """On the connection's thread, in the open transaction: give the rows their turns, insert
+    them and their payloads, and set each row's `seq`."""
+    assign_turns_sqlite(db, rows)
+    job, payload_of = _sqlite_inserts(tuple(rows[0]))
+    cursor = db.cursor()
+    for row, payload in zip(rows, payloads, strict=True):
+        [(row["seq"],)] = cursor.execute(job.sql, [row[name] for name in job.names]).fetchall()
+        cursor.execute(payload_of.sql, (row["seq"], payload))
+    cursor.close()
+
+
+@cache
+def _sqlite_inserts(columns: tuple[str, ...]) -> tuple[Prepared, Prepared]:
+    """The job INSERT setting `columns` (RETURNING its seq), and the payload INSERT."""
+    payload = positional(insert(job_payloads), ("job_seq", "body"))
+    assert payload.names == ("job_seq", "body")
+    return positional(insert(jobs).returning(jobs.c.seq), columns), payload
+
+
+def _owners(rows: Sequence[dict[str, Any]]) -> set[str]:
+    return {row["owner"] for row in rows if row["owner"] is not None}
 
 
 def _tenant_key(new: NewJob) -> str | None:

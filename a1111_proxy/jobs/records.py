@@ -137,6 +137,12 @@ def job_record(row: AnyRow, *, with_result: bool = True) -> JobRecord:
     return _decode(list(row[:_COUNT]), with_result=with_result)
 
 
+def stored_record(values: dict[str, Any]) -> JobRecord:
+    """The record of a job just stored from `values` (its columns by name, `seq` included;
+    those not given are None): what reading the row back would give."""
+    return _decode([values.get(name) for name in _NAMES])
+
+
 def snapshot_columns(row: AnyRow) -> dict[str, Any]:
     """A job row's columns as the webhook outbox stores them (undecoded, so that every
     attempt of a message sends the same bytes)."""

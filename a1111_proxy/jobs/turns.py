@@ -32,8 +32,10 @@ A job's priority never changes once it is queued; a change would have to give it
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
@@ -49,6 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from a1111_proxy.db.sqlite_driver import Prepared, positional
 from a1111_proxy.db.tables import jobs
 from a1111_proxy.jobs.clauses import in_status
 
@@ -57,13 +60,30 @@ Group = tuple[str | None, int]  # (owner, priority)
 
 async def assign_turns(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     """Give each row its `turn` (rows about to be inserted together, in their order)."""
-    groups = list(dict.fromkeys((row["owner"], row["priority"]) for row in rows))
+    groups = _groups(rows)
     query, params = _lookup(conn.dialect.name, groups)
-    firsts = dict(zip(groups, (await conn.execute(query, params)).scalars(), strict=True))
+    _give_turns(rows, groups, list((await conn.execute(query, params)).scalars()))
+
+
+def assign_turns_sqlite(connection: sqlite3.Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """assign_turns with sqlite3 itself, on the connection's thread, in its transaction (the
+    submit path's one round trip: intake.py)."""
+    groups = _groups(rows)
+    prepared = _sqlite_prepared()
+    found = connection.execute(prepared.sql, prepared.args(groups=json.dumps(groups))).fetchall()
+    _give_turns(rows, groups, [turn for (turn,) in found])
+
+
+def _groups(rows: Sequence[dict[str, Any]]) -> list[Group]:
+    return list(dict.fromkeys((row["owner"], row["priority"]) for row in rows))
+
+
+def _give_turns(rows: Sequence[dict[str, Any]], groups: list[Group], firsts: list[int]) -> None:
+    first = dict(zip(groups, firsts, strict=True))
     taken: Counter[Group] = Counter()
     for row in rows:
         group = (row["owner"], row["priority"])
-        row["turn"] = firsts[group] + taken[group]
+        row["turn"] = first[group] + taken[group]
         taken[group] += 1
 
 
@@ -112,3 +132,8 @@ def _sqlite() -> Select[Any]:
 
 
 _POSTGRESQL, _SQLITE = _postgresql(), _sqlite()
+
+
+@cache
+def _sqlite_prepared() -> Prepared:
+    return positional(_SQLITE)

@@ -46,10 +46,29 @@ async def test_a_statement_and_its_rows_take_one_round_trip_to_the_connections_t
         async with conn.begin():
             rows = (await conn.execute(text("SELECT 1 UNION SELECT 2 ORDER BY 1"))).all()
     assert [tuple(row) for row in rows] == [(1,), (2,)]
-    # BEGIN IMMEDIATE (it may wait for the lock), the statement, COMMIT (it may write), and no
-    # rollback when the pool takes the connection back; aiosqlite alone makes 4 round trips of
-    # each statement (open a cursor, execute, fetch, close), and one for that rollback.
-    assert len(sent) == 3
+    # BEGIN IMMEDIATE (it may wait for the lock) with the statement, then COMMIT (it may write),
+    # and no rollback when the pool takes the connection back; aiosqlite alone makes 4 round
+    # trips of each statement (open a cursor, execute, fetch, close), one of BEGIN, and one for
+    # that rollback.
+    assert len(sent) == 2
+
+
+async def test_a_transaction_whose_statements_run_in_one_trip_commits_in_it_too(
+    db: Database,
+) -> None:
+    from a1111_proxy.db.sqlite_driver import on_connection_thread
+
+    def store(connection: Any) -> int:
+        connection.execute("INSERT INTO workers VALUES ('w1', 1.0, 1.0, '[]')")
+        return int(connection.execute("SELECT count(*) FROM workers").fetchone()[0])
+
+    async with db.write_engine.connect() as conn:
+        sent = await count_round_trips(conn)
+        async with conn.begin():
+            assert await on_connection_thread(conn, store, commit=True) == 1
+    assert len(sent) == 1  # BEGIN IMMEDIATE, the statements and COMMIT
+    async with db.reading() as conn:
+        assert (await conn.execute(select(workers.c.id))).scalars().all() == ["w1"]
 
 
 async def test_a_read_is_one_round_trip_per_select_and_nothing_else(db: Database) -> None:
