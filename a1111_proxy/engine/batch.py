@@ -3,16 +3,20 @@
 The worker claims up to ENGINE_MAX_BATCH queued jobs with the same batch key (engine/compat.py)
 and the backend hands them here together. Each job keeps its own prompt, negative prompt, seeds
 and subseeds: its rows of the batch get the initial noise, step noise and conditioning they get
-when it runs alone (A1111's seed semantics), so its images are the same. A job that does not fit
-the shared call after all (hires fix, ControlNet, a mask, resize mode 3, n_iter > 1, prompt
-editing, another LoRA set or size, an inpainting checkpoint) runs alone after it; jobs whose
-conditionings differ in length (a prompt past 75 tokens) run as separate batches.
+when it runs alone (A1111's seed semantics), so its images are the same. Hires fix runs both
+passes batched (each job's rows upscaled in between, its hires prompts in the second pass);
+ControlNet units of the same layout steer each job's rows with its own control images. A job
+that does not fit the shared call after all (a mask, image prompts, resize mode 3, n_iter > 1,
+prompt editing, another LoRA set, size, hires fix or ControlNet layout, an inpainting
+checkpoint) runs alone after it; jobs whose conditionings differ in length (a prompt past 75
+tokens) run as separate batches.
 
 A job whose inputs fail (a bad init image) fails alone, before the batch starts. A job cancelled
 or interrupted during the batch ends at the next step: interrupted (or skipped), it answers with
 its rows' current estimate, decoded as when it runs alone; cancelled, with nothing. Its rows stay
-in the batch until the batch ends and are then thrown away: the samplers keep per-row history
-(multistep solvers, step noise) that cannot be cut without touching the other jobs' rows.
+in the pipeline call until it ends and are then thrown away: the samplers keep per-row history
+(multistep solvers, step noise) that cannot be cut without touching the other jobs' rows. Hires
+fix's second pass is a new call: it runs only the jobs still wanted.
 A batch that runs out of memory is run again one job at a time (each as it runs alone).
 """
 
@@ -213,7 +217,7 @@ def _run_group(models: Models, config: EngineConfig, loaded: Loaded, group: list
     if head.kind == "img2img":
         starts = [per_image(i.inputs, len(i.seeds), "init") for i in group]
     passes = [i.member.params for i in group]
-    embeds = [i.embeds.first for i in group]
+    embeds = [i.embeds for i in group]
     first = _call(models, config, loaded, group, passes, embeds, [i.units for i in group], starts)
     if first is None:
         return
@@ -262,7 +266,7 @@ def _second_pass(
         item.member.state.job_no, item.member.state.step = 1, 0
     width, height = second[0].width, second[0].height
     units = [None if i.units is None else control.resized(i.units, width, height) for i in going]
-    embeds = [i.hires_embeds.first for i in going if i.hires_embeds is not None]
+    embeds = [i.hires_embeds for i in going if i.hires_embeds is not None]
     starts = [i.start for i in going]
     made = _call(models, config, loaded, going, second, embeds, units, starts)
     if made is None:
@@ -278,7 +282,7 @@ def _call(
     loaded: Loaded,
     group: list[_Ready],
     passes: list[Params],
-    embeds: list[text.Embeds],
+    conditionings: list[conditioning.Conditioning],
     units: list[control.Control | None],
     starts: list[Any] | None,
 ) -> list[torch.Tensor] | None:
@@ -308,6 +312,7 @@ def _call(
     seeds = [s for item in group for s in item.seeds]
     if head.sampler.sampler.brownian:
         tracking.brownian_seeds = seeds
+    embeds = [c.first for c in conditionings]
     kwargs = call_kwargs(pipe, head, embeds[0], rows, models.dtype)
     kwargs.update(_stacked(group, embeds, models.dtype))
     kwargs["output_type"] = "latent"  # decoded by the caller (engine/precision.py's fallback)
@@ -318,7 +323,7 @@ def _call(
         kwargs.update(image=_joined(starts), strength=run_strength(head))
         tracking.noise = latents
     kwargs["callback_on_step_end"] = _callback(group, tracking, config, models, loaded)
-    padded = any(e.padded for item in group for e in (item.embeds, item.hires_embeds) if e)
+    padded = any(c.padded for c in conditionings)
     if units[0] is not None:
         steering = [u for u in units if u is not None]
         counts = [len(item.seeds) for item in group]

@@ -20,17 +20,17 @@ import pytest
 pytest.importorskip("torch", reason="the engine tests need the engine extra (torch)")
 pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw
 
-from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
-from a1111_proxy.engine.batch import Member, generate_batch  # noqa: E402
-from a1111_proxy.engine.compat import batch_key  # noqa: E402
-from a1111_proxy.engine.params import Params  # noqa: E402
-from a1111_proxy.engine.pipeline import RunState, generate  # noqa: E402
-from tests.engine.results import pixels  # noqa: E402
-from tests.engine.test_engine import make_backend  # noqa: E402
-from tests.engine.test_engine_batching import assert_same_images, run_batch  # noqa: E402
+from a1111_proxy.backends.diffusers import DiffusersBackend
+from a1111_proxy.engine.batch import Member, generate_batch
+from a1111_proxy.engine.compat import batch_key
+from a1111_proxy.engine.params import Params
+from a1111_proxy.engine.pipeline import RunState, generate
+from tests.engine.results import pixels
+from tests.engine.test_engine import make_backend
+from tests.engine.test_engine_batching import assert_same_images, run_batch
 
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
@@ -61,7 +61,8 @@ JOBS: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels) -> Iterator[Path]:
-    """MODELS_DIR with the tiny SD1.5 checkpoint and two ControlNets made for it."""
+    """MODELS_DIR with the tiny SD1.5 checkpoint and two ControlNets made for it, and the tiny
+    SDXL checkpoint with one."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("batching-networks")
     models = root / "models"
@@ -69,6 +70,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
     tiny_models.write_single_file(sd15, models / "Stable-diffusion" / "tiny15.safetensors")
     tiny_models.controlnet(sd15, models / "ControlNet" / "tiny_scribble", seed=1)
     tiny_models.controlnet(sd15, models / "ControlNet" / "tiny_canny", seed=2)
+    sdxl = tiny_models.sdxl(root / "configs" / "sdxl")
+    tiny_models.write_single_file(sdxl, models / "Stable-diffusion" / "xl.safetensors")
+    tiny_models.controlnet(sdxl, models / "ControlNet" / "xl_canny", seed=3)
     yield root
 
 
@@ -82,12 +86,14 @@ async def backend(models_dir: Path) -> AsyncIterator[DiffusersBackend]:
 class Rows:
     """The row counts (CFG's halves included) and latent sizes each model was called with."""
 
-    def __init__(self, backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self, backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch, checkpoint: str = "tiny15"
+    ) -> None:
         from diffusers import ControlNetModel
 
         self.unet: list[tuple[int, int]] = []
         self.controlnet: list[tuple[int, int]] = []
-        unet = backend.models.get("tiny15").pipe.unet
+        unet = backend.models.get(checkpoint).pipe.unet
         self.hook = unet.register_forward_pre_hook(
             lambda module, args: self.unet.append((args[0].shape[0], args[0].shape[-1]))
         )
@@ -185,6 +191,51 @@ async def test_controlnet_jobs_run_as_one_batch_each_steered_by_its_own_control_
     # Each job's own control image steers it: another job's sketch gives another image.
     swapped = await backend.generate("txt2img", with_units(jobs[0], sketch("box"), *units))
     assert np.abs(pixels(swapped) - pixels(alone[0])).max() > 10
+
+
+async def test_img2img_controlnet_jobs_batch_each_steered_by_its_own_init_image(
+    backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit without an image steers with the job's init image (the extension's img2img)."""
+    unit = {**SCRIBBLE, "image": None}
+    bodies = [
+        {**body, "init_images": [sketch(shape)], "denoising_strength": 0.8}
+        for body, shape in zip(JOBS, ["ellipse", "box", "line"], strict=True)
+    ]
+    jobs = [{**b, "alwayson_scripts": {"ControlNet": {"args": [unit]}}} for b in bodies]
+    assert len({batch_key("img2img", body, "tiny15") for body in jobs}) == 1
+    alone = [await backend.generate("img2img", body) for body in jobs]
+    rows = Rows(backend, monkeypatch)
+    try:
+        batch = backend.batch([("img2img", body) for body in jobs])
+        runners = zip(batch.runners, jobs, strict=True)
+        batched = [await runner.generate("img2img", body) for runner, body in runners]
+    finally:
+        rows.close()
+    # A1111 runs int(0.8 * 3) + 1 steps of img2img
+    assert rows.unet == rows.controlnet == [(8, 8)] * 3
+    for one, other in zip(batched, alone, strict=True):
+        assert_same_images(one, other)
+
+
+async def test_sdxl_hires_controlnet_jobs_batch_with_their_pooled_prompts_and_control_images(
+    backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    xl = {"override_settings": {"sd_model_checkpoint": "xl"}}
+    unit = {**CANNY, "model": "xl_canny"}
+    jobs = [
+        with_units({**body, **xl, **HIRES}, sketch(shape), unit)
+        for body, shape in zip(JOBS[:2], ["ellipse", "box"], strict=True)
+    ]
+    alone = [await backend.generate("txt2img", body) for body in jobs]
+    rows = Rows(backend, monkeypatch, "xl")
+    try:
+        batched = await run_batch(backend, jobs)
+    finally:
+        rows.close()
+    assert rows.unet == rows.controlnet == [(6, 8)] * 3 + [(6, 16)] * 2  # 3 rows, CFG doubled
+    for one, other in zip(batched, alone, strict=True):
+        assert_same_images(one, other)
 
 
 def members_of(params: list[Params], answers: dict[int, Any]) -> list[Member]:
