@@ -254,7 +254,8 @@ def _second_pass(
         else:
             item.start = upscale.upscale(own, hires)
             going.append(item)
-    passes = [upscale.second_pass_params(i.member.params, hires) for i in going]
+    # Each member's own second pass (its hires prompts; the rest is the same for all).
+    passes = [upscale.second_pass_params(i.member.params, _hires(i)) for i in going]
     second = [p for p in passes if p is not None]
     if len(second) < len(going):  # strength 0: nothing to denoise
         for item in going:
@@ -274,6 +275,11 @@ def _second_pass(
     images = upscale.as_images(loaded.pipe, made)
     for item in going:
         _answer(item, images[item.rows])
+
+
+def _hires(item: _Ready) -> Hires:
+    assert item.member.params.hires is not None
+    return item.member.params.hires
 
 
 def _call(
