@@ -231,14 +231,28 @@ def with_controlnet(pipe: Any, control: Control) -> Any:
     return assemble(cls, pipe.components, controlnet=nets)
 
 
-def call_kwargs(control: Control, task: str) -> dict[str, Any]:
+def per_row(controls: list[Control], counts: list[int]) -> list[list[Image.Image]]:
+    """A batch of jobs with the same units (engine/batch.py): each row's control images (one
+    per unit), each job's for its `counts` rows, the jobs one after another."""
+    return [c.images for c, count in zip(controls, counts, strict=True) for _ in range(count)]
+
+
+def call_kwargs(
+    control: Control, task: str, rows: list[list[Image.Image]] | None = None
+) -> dict[str, Any]:
+    """The pipeline's ControlNet arguments: `control`'s images for every row, or `rows`' own
+    (per_row: diffusers takes one image per row, and per row one list per unit for several)."""
     single = len(control.units) == 1
 
     def per_unit(values: list[Any]) -> Any:
         return values[0] if single else values
 
+    if rows is None:
+        images = per_unit(control.images)
+    else:
+        images = [row[0] for row in rows] if single else rows
     return {
-        "image" if task == "txt2img" else "control_image": per_unit(control.images),
+        "image" if task == "txt2img" else "control_image": images,
         "controlnet_conditioning_scale": per_unit([u.weight for u in control.units]),
         "control_guidance_start": per_unit([u.guidance_start for u in control.units]),
         "control_guidance_end": per_unit([u.guidance_end for u in control.units]),

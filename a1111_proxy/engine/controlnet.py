@@ -169,6 +169,27 @@ def parse_units(alwayson_scripts: dict[str, Any] | None) -> tuple[ControlUnit, .
     )
 
 
+# What a unit may carry as its control image (and the mask the engine does not read).
+IMAGE_FIELDS = frozenset({"image", "input_image", "mask", "mask_image"})
+
+
+def layout(alwayson_scripts: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The enabled ControlNet units without their images: what jobs of one engine batch share
+    (each job's control image is an input of its own rows). None: a job that runs alone, for
+    an IP-Adapter unit (image prompts are not batched) or a malformed unit (refused when it
+    runs)."""
+    try:
+        enabled = enabled_args(alwayson_scripts)
+    except InvalidParams:
+        return None
+    if any(is_ip_adapter(arg) for _, arg in enabled):
+        return None
+    return [
+        {"index": i, **{key: value for key, value in arg.items() if key not in IMAGE_FIELDS}}
+        for i, arg in enabled
+    ]
+
+
 def enabled_args(alwayson_scripts: dict[str, Any] | None) -> list[tuple[int, dict[str, Any]]]:
     """The enabled units of `alwayson_scripts.ControlNet.args` as (index, unit dict)."""
     for title, value in (alwayson_scripts or {}).items():

@@ -132,7 +132,7 @@ def _generate(
     embeds = encode_prompts(loaded, params, words)
     passes = 2 if params.hires else 1  # A1111 counts hires fix's second pass as a job
     if params.hires:
-        _check_hires(params, loaded, generation)
+        check_hires(params, loaded, generation)
     state.job_count = params.n_iter * passes
     made: list[Image.Image] = []
     for batch in range(params.n_iter):
@@ -226,7 +226,8 @@ def vae_and_embeddings(
     return words
 
 
-def _check_hires(params: Params, loaded: Loaded, generation: Generation) -> None:
+def check_hires(params: Params, loaded: Loaded, generation: Generation) -> None:
+    """Refuse hires fix on an inpainting checkpoint; write its infotext fields."""
     if loaded.inpainting:
         raise InvalidParams(
             "hires fix (enable_hr) does not run on an inpainting checkpoint; pick a regular "
@@ -260,7 +261,20 @@ def _hires(
     second = upscale.second_pass_params(params, hires)
     if second is None:
         return upscale.as_images(loaded.pipe, start)
-    embeds = conditioning.encode(
+    embeds = hires_prompts(loaded, params, words)
+    # ControlNet steers the second pass too, its control images fitted to the new size.
+    steer = control.resized(units, second.width, second.height) if units is not None else None
+    inputs = [Inputs(batch=start, control=steer, image_prompts=prompts)]
+    return _run_batch(models, config, loaded, second, embeds, inputs, state, seeds, subseeds)
+
+
+def hires_prompts(
+    loaded: Loaded, params: Params, words: embeddings.Vocabulary | None
+) -> conditioning.Conditioning:
+    """Hires fix's prompt and negative prompt for its second pass, LoRA tags left out."""
+    hires = params.hires
+    assert hires is not None
+    return conditioning.encode(
         loaded.pipe,
         lora.strip_tags(hires.prompt),
         lora.strip_tags(hires.negative_prompt),
@@ -271,10 +285,6 @@ def _hires(
         pad_cond_uncond=params.pad_cond_uncond,
         vocabulary=words,
     )
-    # ControlNet steers the second pass too, its control images fitted to the new size.
-    steer = control.resized(units, second.width, second.height) if units is not None else None
-    inputs = [Inputs(batch=start, control=steer, image_prompts=prompts)]
-    return _run_batch(models, config, loaded, second, embeds, inputs, state, seeds, subseeds)
 
 
 def prepare_inputs(params: Params, generation: Generation, n: int) -> Inputs:
@@ -411,13 +421,11 @@ def _run_batch(
     kwargs["callback_on_step_end"] = _callback(state, tracking, config, models, loaded.sdxl)
     embeds.attach(kwargs, size, models.dtype)  # prompt editing: the conditioning per step
     if inputs[0].control is not None:
-        pipe = control.with_controlnet(pipe, inputs[0].control)
-        kwargs.update(control.call_kwargs(inputs[0].control, task))
+        units = inputs[0].control
+        arguments = control.call_kwargs(units, task)
+        pipe = steered(pipe, units, kwargs, arguments, masking=embeds.padded)
     # Zero padding of prompt/negative stays out of attention (decided once for the job).
     attention.install(pipe.unet, masking=embeds.padded)
-    if getattr(pipe, "controlnet", None) is not None:
-        attention.install(pipe.controlnet, masking=embeds.padded)
-        precision.keep_latents_fp32(pipe.controlnet, fp32_output=False)
     # Image prompts and the noise mask (engine/ip_adapter.py, engine/noise_mask.py) step first.
     hooks = [
         ip_adapter.install(pipe.unet, inputs[0].image_prompts, cfg=params.cfg_scale > 1, pipe=pipe),
@@ -429,6 +437,23 @@ def _run_batch(
     with torch.inference_mode():
         latents = list(pipe(**kwargs).images)
     return latents if output == "latent" else upscale.as_images(loaded.pipe, latents)
+
+
+def steered(
+    pipe: Any,
+    units: control.Control,
+    kwargs: dict[str, Any],
+    arguments: dict[str, Any],
+    *,
+    masking: bool,
+) -> Any:
+    """`pipe` as its ControlNet pipeline steered by `units` (engine/control.py), their call
+    `arguments` added to `kwargs`."""
+    pipe = control.with_controlnet(pipe, units)
+    kwargs.update(arguments)
+    attention.install(pipe.controlnet, masking=masking)
+    precision.keep_latents_fp32(pipe.controlnet, fp32_output=False)
+    return pipe
 
 
 def throwaway_generators(generators: list[noise.Generator], seeds: list[int]) -> list[Any]:

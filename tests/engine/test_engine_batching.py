@@ -172,7 +172,7 @@ def test_jobs_that_differ_in_what_a_batch_shares_get_different_keys() -> None:
     assert batch_key("txt2img", {**JOBS[0], "prompt": "a <lora:x:1>"}, "tiny15") != key
     assert batch_key("txt2img", JOBS[0], "other") != key
     assert batch_key("img2img", JOBS[0], "tiny15") != key
-    for alone in ({"enable_hr": True}, {"n_iter": 2}, {"script_name": "x/y/z plot"}):
+    for alone in ({"n_iter": 2}, {"script_name": "x/y/z plot"}, {"mask": "bWFzaw=="}):
         assert batch_key("txt2img", {**JOBS[0], **alone}, "tiny15") is None
 
 
