@@ -140,10 +140,14 @@ class Txt2ImgRequest(_Lenient):
     force_task_id: str | None = None
     sampler_index: str = "Euler"
     script_name: str | None = None
-    script_args: list[Any] = []
+    # Factories with the default shown in the spec: pydantic deep-copies a mutable default on
+    # every validation, a cost on every submit.
+    script_args: list[Any] = Field(default_factory=list, json_schema_extra={"default": []})
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict[str, Any] = {}
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"default": {}}
+    )
     infotext: str | None = None
     noise_mask: NoiseMask | None = Field(
         None,
@@ -232,6 +236,10 @@ def _sendable_host(url: str, host: str) -> None:
         ) from None
 
 
+def _completed_only() -> list[WebhookEvent]:
+    return ["completed"]
+
+
 class ProxyFields(BaseModel):
     """Fields a1111-proxy adds to A1111's body; they are never sent on to A1111."""
 
@@ -249,7 +257,9 @@ class ProxyFields(BaseModel):
         description="a1111-proxy extension: key that signs this job's webhooks (never shown back)",
     )
     webhook_events: list[WebhookEvent] = Field(
-        ["completed"], description="a1111-proxy extension: which webhook events to send"
+        default_factory=_completed_only,
+        json_schema_extra={"default": ["completed"]},
+        description="a1111-proxy extension: which webhook events to send",
     )
     priority: LooseInt = Field(
         0, ge=-100, le=100, description="a1111-proxy extension: higher runs first, then older first"
@@ -323,14 +333,27 @@ def without_credentials(value: Any) -> Any:
     return value
 
 
+def _shown(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: _shown(item)
+            for key, item in value.items()
+            if not (isinstance(key, str) and key.lower() in CREDENTIAL_KEYS)
+        }
+    if isinstance(value, list):
+        return [_shown(item) for item in value]
+    return omit_images(value)
+
+
 # Where the stored request keeps the opt-in resizes (IMAGE_MAX_SIDE) of its input images; the
 # job view shows them as `input_images_resized`, never inside `request`.
 RESIZED_KEY = "__a1111_proxy_input_images_resized__"
 
 
 def stored_request(body: dict[str, Any], resized: list[dict[str, Any]]) -> dict[str, Any]:
-    """The body as stored for users to see: images left out, and the resizes, if any, noted."""
-    stored: dict[str, Any] = omit_images(body)
+    """The body as stored for users to see: credentials and images left out (one walk of
+    `without_credentials` and `omit_images`), and the resizes, if any, noted."""
+    stored: dict[str, Any] = _shown(body)
     if resized:
         stored[RESIZED_KEY] = resized
     return stored
@@ -402,6 +425,21 @@ def _job_view(row: JobRecord, images: list[bytes] | None, *, with_result: bool) 
         "queue_position": None,  # filled in by the detail view while queued
         "input_images_resized": resized,
     }
+
+
+def job_json(row: JobRecord) -> bytes:
+    """`render_job(row)` as a response body, encoded once, as Starlette's JSONResponse
+    encodes (the submit path's answer: one encoding of the request instead of two)."""
+    if row.damage is None:
+        try:
+            return json_bytes(_job_view(row, None, with_result=True))
+        except (ValueError, TypeError, RecursionError):
+            pass  # render_job says what, and shows what it can
+    return json_bytes(render_job(row))
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def unencodable(value: Any) -> str | None:

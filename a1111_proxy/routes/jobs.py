@@ -18,7 +18,7 @@ from a1111_proxy.catalogue import checkpoint_names, find_checkpoint
 from a1111_proxy.db.tables import STATUSES
 from a1111_proxy.errors import InvalidRequest, JobNotFound, validation_detail
 from a1111_proxy.images import ImageRules, Resized, check_images, fetch_image_urls
-from a1111_proxy.jobs import TERMINAL, JobFilter, JobRepository, NewJob
+from a1111_proxy.jobs import TERMINAL, JobFilter, JobRecord, JobRepository, NewJob
 from a1111_proxy.routes import context
 from a1111_proxy.routes.context import (
     caller,
@@ -34,9 +34,9 @@ from a1111_proxy.schemas import (
     REQUEST_MODELS,
     Caps,
     ProxyFields,
+    job_json,
     render_job,
     stored_request,
-    without_credentials,
 )
 from a1111_proxy.settings import Settings
 
@@ -69,7 +69,7 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         request, default_wait=wait_by_default, has_webhook=proxy.webhook_url is not None
     )
     payload = json.dumps(a1111_body)
-    shown = stored_request(without_credentials(a1111_body), [item.as_dict() for item in resized])
+    shown = stored_request(a1111_body, [item.as_dict() for item in resized])
     new = NewJob(
         type=kind,
         # Most bodies carry no image or credential to leave out: then the two are the same text.
@@ -93,7 +93,11 @@ async def submit(request: Request, kind: str, *, wait_by_default: bool = False) 
         return await answer_when_done(request, submitted.job, wait, headers)
     status = 200 if submitted.replayed else 202
     # No queue_position here (a count per submit would slow bulk submits): GET the job for it.
-    return JSONResponse(render_job(submitted.job), status_code=status, headers=headers)
+    return job_response(submitted.job, status, headers)
+
+
+def job_response(row: JobRecord, status: int, headers: dict[str, str]) -> Response:
+    return Response(job_json(row), status, headers, media_type="application/json")
 
 
 def _requested_checkpoint(body: dict[str, Any]) -> str | None:
@@ -170,7 +174,7 @@ async def answer_when_done(
     finally:
         gone.cancel()
     if row.status not in TERMINAL:
-        return JSONResponse(render_job(row), status_code=202, headers=headers)
+        return job_response(row, 202, headers)
     return a1111_answer(row, await repo.images(row.seq), headers)
 
 
