@@ -67,6 +67,38 @@ async def test_concurrent_submits_are_each_committed_once(repo: JobRepository) -
     assert len(await repo.page(limit=200)) == 100
 
 
+async def test_submits_that_arrive_together_are_stored_in_one_round_trip_on_sqlite(
+    sqlite_url: str,
+) -> None:
+    """BEGIN IMMEDIATE, the defaults read, the turns, the inserts and COMMIT of a group of
+    submits run in one call on SQLite's thread; every job is there, in order, with its turn."""
+    db = Database(sqlite_url)
+    try:
+        repo = JobRepository(db)
+        await repo.submit(new_job("warm-up"))  # the pool's one write connection now exists
+        async with db.write_engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+        trips: list[Any] = []
+        forward = driver._execute
+
+        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            trips.append(fn)
+            return await forward(fn, *args, **kwargs)
+
+        driver._execute = counted
+        submitted = await asyncio.gather(*(repo.submit(new_job(f"p{i}")) for i in range(20)))
+        assert len(trips) == 1
+        stored = {job.id: job for job in await repo.page(limit=50)}
+        for result in submitted:  # the records handed out are what was stored
+            assert stored[result.job.id] == result.job
+        claimed = [(await claim_next(repo, "w", f"http://s{n}")) for n in range(21)]
+        assert [c.payload["prompt"] for c in claimed if c] == ["warm-up"] + [
+            f"p{i}" for i in range(20)
+        ]
+    finally:
+        await db.dispose()
+
+
 async def test_a_worker_that_lost_its_lease_can_no_longer_change_the_job(
     repo: JobRepository, clock: Clock
 ) -> None:
