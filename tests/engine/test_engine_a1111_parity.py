@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -21,7 +20,6 @@ from a1111_proxy.engine import ddim, images, samplers, schedulers, upscale  # no
 from a1111_proxy.engine.infotext import Generation, ModelInfo  # noqa: E402
 from a1111_proxy.engine.params import Params  # noqa: E402
 from a1111_proxy.engine.pipeline import enter_img2img, prepare_inputs  # noqa: E402
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 from tests.engine.results import pixels, png_b64  # noqa: E402
 
 if TYPE_CHECKING:
@@ -313,20 +311,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> AsyncIterator[DiffusersBackend]:
-    made = cpu_backend(tiny_sd15_root(tmp_path_factory.mktemp("parity"), tiny_models))
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
-async def test_ddim_on_a1111s_timesteps_runs_txt2img_and_img2img(backend: DiffusersBackend) -> None:
+async def test_ddim_on_a1111s_timesteps_runs_txt2img_and_img2img(
+    sd15_backend: DiffusersBackend,
+) -> None:
     body = {"prompt": "a cat", "sampler_name": "DDIM", "steps": 7, "width": 64, "height": 64}
-    first = await backend.generate("txt2img", {**body, "seed": 3})
-    again = await backend.generate(
+    first = await sd15_backend.generate("txt2img", {**body, "seed": 3})
+    again = await sd15_backend.generate(
         "img2img",
         {**body, "seed": 4, "init_images": [first["images"][0]], "denoising_strength": 0.5},
     )
@@ -451,11 +442,11 @@ def test_ensd_is_written_only_when_the_ancestral_sampler_runs_with_an_eta() -> N
 
 
 @pytest.mark.anyio
-async def test_euler_a_with_eta_0_gives_eulers_image(backend: DiffusersBackend) -> None:
+async def test_euler_a_with_eta_0_gives_eulers_image(sd15_backend: DiffusersBackend) -> None:
     body = {"prompt": "a cat", "steps": 6, "width": 64, "height": 64, "seed": 5}
-    euler = await backend.generate("txt2img", {**body, "sampler_name": "Euler"})
-    still = await backend.generate("txt2img", {**body, "sampler_name": "Euler a", "eta": 0})
-    noisy = await backend.generate("txt2img", {**body, "sampler_name": "Euler a"})
+    euler = await sd15_backend.generate("txt2img", {**body, "sampler_name": "Euler"})
+    still = await sd15_backend.generate("txt2img", {**body, "sampler_name": "Euler a", "eta": 0})
+    noisy = await sd15_backend.generate("txt2img", {**body, "sampler_name": "Euler a"})
     a, b, c = (pixels(r).astype(np.int16) for r in (euler, still, noisy))
     assert np.abs(a - b).max() <= 1
     assert np.abs(a - c).mean() > 5
