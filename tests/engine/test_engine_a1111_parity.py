@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -337,59 +338,53 @@ def _eps(x: torch.Tensor) -> torch.Tensor:
     return 0.05 * x + 0.5 * torch.tanh(x)
 
 
-def _k_euler_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
-    """k-diffusion's sample_euler_ancestral (an eps model)."""
+def _k_ancestral(
+    move: Callable[[torch.Tensor, torch.Tensor, Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: Any,
+    eta: float,
+    g: Any,
+) -> torch.Tensor:
+    """k-diffusion's ancestral sample_* loop (an eps model): each step moves x from sigma to
+    sigma_down by the sampler's `move(x, denoised, sigma, sigma_down)`, then adds noise."""
     for i in range(len(sigmas) - 1):
         denoised = x - sigmas[i] * _eps(x)
         down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + torch.randn(x.shape, generator=g) * up
-    return x
-
-
-def _k_dpm_2_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
-    """k-diffusion's sample_dpm_2_ancestral."""
-    for i in range(len(sigmas) - 1):
-        denoised = x - sigmas[i] * _eps(x)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        d = (x - denoised) / sigmas[i]
-        if down == 0:
-            x = x + d * (down - sigmas[i])
-        else:
-            sigma_mid = sigmas[i].log().lerp(torch.as_tensor(down).log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = (x_2 - (x_2 - sigma_mid * _eps(x_2))) / sigma_mid
-            x = x + d_2 * (down - sigmas[i])
+        x = move(x, denoised, sigmas[i], down)
         if sigmas[i + 1] > 0:  # k-diffusion draws at the last step too, after all the others
             x = x + torch.randn(x.shape, generator=g) * up
     return x
 
 
-def _k_dpmpp_2s_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
-    """k-diffusion's sample_dpmpp_2s_ancestral."""
-    for i in range(len(sigmas) - 1):
-        denoised = x - sigmas[i] * _eps(x)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        if down == 0:
-            x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
-        else:
-            t, t_next = -sigmas[i].log(), -torch.as_tensor(down).log()
-            h = t_next - t
-            s = t + h / 2
-            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
-            denoised_2 = x_2 - (-s).exp() * _eps(x_2)
-            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
-        if sigmas[i + 1] > 0:
-            x = x + torch.randn(x.shape, generator=g) * up
-    return x
+def _euler_move(x: torch.Tensor, denoised: torch.Tensor, sigma: Any, down: Any) -> torch.Tensor:
+    """sample_euler_ancestral's move (and the others' where sigma_down is 0)."""
+    return x + (x - denoised) / sigma * (down - sigma)
 
 
-_K_ANCESTRAL = {
-    "Euler a": _k_euler_ancestral,
-    "DPM2 a": _k_dpm_2_ancestral,
-    "DPM++ 2S a": _k_dpmpp_2s_ancestral,
-}
+def _dpm_2_move(x: torch.Tensor, denoised: torch.Tensor, sigma: Any, down: Any) -> torch.Tensor:
+    """sample_dpm_2_ancestral's move."""
+    if down == 0:
+        return _euler_move(x, denoised, sigma, down)
+    d = (x - denoised) / sigma
+    sigma_mid = sigma.log().lerp(torch.as_tensor(down).log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = (x_2 - (x_2 - sigma_mid * _eps(x_2))) / sigma_mid
+    return x + d_2 * (down - sigma)
+
+
+def _dpmpp_2s_move(x: torch.Tensor, denoised: torch.Tensor, sigma: Any, down: Any) -> torch.Tensor:
+    """sample_dpmpp_2s_ancestral's move."""
+    if down == 0:
+        return _euler_move(x, denoised, sigma, down)
+    t, t_next = -sigma.log(), -torch.as_tensor(down).log()
+    h = t_next - t
+    s = t + h / 2
+    x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
+    denoised_2 = x_2 - (-s).exp() * _eps(x_2)
+    return ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+
+
+_K_ANCESTRAL = {"Euler a": _euler_move, "DPM2 a": _dpm_2_move, "DPM++ 2S a": _dpmpp_2s_move}
 
 
 @pytest.mark.parametrize("sampler", list(_K_ANCESTRAL))
@@ -409,7 +404,9 @@ def test_the_ancestral_samplers_step_with_the_eta_asked_as_k_diffusion(
     ours = torch.Generator().manual_seed(3)
     for t in scheduler.timesteps:
         x = scheduler.step(_eps(x), t, x, generator=ours).prev_sample
-    expected = _K_ANCESTRAL[sampler](start, sigmas, eta, torch.Generator().manual_seed(3))
+    expected = _k_ancestral(
+        _K_ANCESTRAL[sampler], start, sigmas, eta, torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
 
 
