@@ -326,6 +326,17 @@ async def test_ddim_on_a1111s_timesteps_runs_txt2img_and_img2img(
     assert (pixels(first) != pixels(again)).any()
 
 
+def _sd15_scheduler(sampler: str, steps: int, eta: float) -> Any:
+    """The engine's scheduler for `sampler` with `eta` on SD1.5's noise schedule, for `steps`."""
+    scheduler = schedulers.make(
+        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
+        samplers.resolve(sampler),
+        eta_value=eta,
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
 def _ancestral_step(sigma: Any, sigma_next: Any, eta: float) -> tuple[Any, Any]:
     """k-diffusion's get_ancestral_step."""
     if not eta:
@@ -392,12 +403,7 @@ _K_ANCESTRAL = {"Euler a": _euler_move, "DPM2 a": _dpm_2_move, "DPM++ 2S a": _dp
 def test_the_ancestral_samplers_step_with_the_eta_asked_as_k_diffusion(
     sampler: str, eta: float
 ) -> None:
-    scheduler = schedulers.make(
-        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
-        samplers.resolve(sampler),
-        eta_value=eta,
-    )
-    scheduler.set_timesteps(8)
+    scheduler = _sd15_scheduler(sampler, 8, eta)
     sigmas = getattr(scheduler, "flat_sigmas", scheduler.sigmas)
     start = _latents(11) * sigmas[0]
     x = start
@@ -494,12 +500,7 @@ def _k_dpmpp_sde_multistep(
 def test_the_multistep_sde_samplers_step_with_the_eta_asked_as_k_diffusion(
     sampler: str, kind: str, eta: float
 ) -> None:
-    scheduler = schedulers.make(
-        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
-        samplers.resolve(sampler),
-        eta_value=eta,
-    )
-    scheduler.set_timesteps(8)
+    scheduler = _sd15_scheduler(sampler, 8, eta)
     sigmas = scheduler.sigmas
     noises = [_latents(20 + i) for i in range(len(sigmas))]
     start = _latents(12) * sigmas[0]
@@ -542,12 +543,7 @@ def _k_dpmpp_sde(x: torch.Tensor, sigmas: Any, eta: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_dpmpp_sde_steps_with_the_eta_asked_as_k_diffusion(eta: float) -> None:
-    scheduler = schedulers.make(
-        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
-        samplers.resolve("DPM++ SDE"),
-        eta_value=eta,
-    )
-    scheduler.set_timesteps(6)
+    scheduler = _sd15_scheduler("DPM++ SDE", 6, eta)
     scheduler.noise_sampler = _smooth_noise
     sigmas = torch.cat([scheduler.sigmas[0::2], scheduler.sigmas[-1:]])
     start = _latents(13) * sigmas[0]
