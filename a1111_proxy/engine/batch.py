@@ -51,6 +51,7 @@ from a1111_proxy.engine.pipeline import (
     initial_noise,
     per_image,
     prepare_inputs,
+    run_scheduler,
     run_strength,
     steered,
     task_pipeline,
@@ -301,13 +302,7 @@ def _call(
         item.rows = slice(rows, rows + len(item.seeds))
         rows += len(item.seeds)
     head = passes[0]
-    scheduler = schedulers.make(
-        loaded.pipe.scheduler.config,
-        head.sampler,
-        sdxl=loaded.sdxl,
-        eta_value=head.eta_for(head.sampler.sampler),
-        img2img=head.kind == "img2img",
-    )
+    scheduler = run_scheduler(loaded, head)
     tracking = schedulers.Tracking(scheduler)
     pipe = task_pipeline(loaded, head.kind, scheduler, (head.height, head.width, rows))
     drawn = [

@@ -28,6 +28,8 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from a1111_proxy.engine import sigmas as schedules
+
 
 def ancestral_step(
     sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float
@@ -63,7 +65,7 @@ class EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
         i: int = self.step_index
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         sample = sample.to(torch.float32)
-        x0 = self._denoised(model_output, sample, sigma)
+        x0 = schedules.denoised(self.config, model_output, sample, sigma)
         down, up = ancestral_step(sigma, sigma_next, self.eta)
         prev = sample + (sample - x0) / sigma * (down - sigma)
         if sigma_next > 0:
@@ -79,13 +81,6 @@ class EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
         if not return_dict:
             return (prev, x0)
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def _denoised(
-        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
-    ) -> torch.Tensor:
-        if self.config["prediction_type"] == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return sample - sigma * model_output
 
 
 class SDEScheduler(DPMSolverSDEScheduler):
@@ -119,7 +114,7 @@ class SDEScheduler(DPMSolverSDEScheduler):
             self.noise_sampler = noise
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
         mid = (t + (t_next - t) * 0.5).neg().exp()
-        x0 = self._denoised(model_output, sample, sigma if first else mid)
+        x0 = schedules.denoised(self.config, model_output, sample, sigma if first else mid)
         if sigma_next == 0:
             prev = sample + (sample - x0) / sigma * (sigma_next - sigma)
         else:
@@ -135,13 +130,6 @@ class SDEScheduler(DPMSolverSDEScheduler):
         if not return_dict:
             return (prev, x0)
         return DPMSolverSDESchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def _denoised(
-        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
-    ) -> torch.Tensor:
-        if self.config["prediction_type"] == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return sample - sigma * model_output
 
 
 class SDEMultistepScheduler(DPMSolverMultistepScheduler):

@@ -361,13 +361,7 @@ def _run_batch(
     output: str = "pil",  # "latent" for hires fix's latent upscalers
 ) -> list[Any]:
     task = _task(params, loaded, inputs[0])
-    scheduler = schedulers.make(
-        loaded.pipe.scheduler.config,
-        params.sampler,
-        sdxl=loaded.sdxl,
-        eta_value=params.eta_for(params.sampler.sampler),
-        img2img=params.kind == "img2img",
-    )
+    scheduler = run_scheduler(loaded, params)
     tracking = schedulers.Tracking(scheduler)
     size = len(seeds)
     pipe = task_pipeline(loaded, task, scheduler, (params.height, params.width, size))
@@ -525,6 +519,18 @@ def _task(params: Params, loaded: Loaded, inputs: Inputs) -> str:
     if loaded.inpainting or inputs.mask is not None:
         return "inpaint"  # an inpainting UNet always takes a mask (all white for txt2img)
     return params.kind
+
+
+def run_scheduler(loaded: Loaded, params: Params) -> Any:
+    """A fresh scheduler for one pipeline call of `params` on `loaded`: its sampler, schedule
+    and eta, and whether the call is img2img."""
+    return schedulers.make(
+        loaded.pipe.scheduler.config,
+        params.sampler,
+        sdxl=loaded.sdxl,
+        eta_value=params.eta_for(params.sampler.sampler),
+        img2img=params.kind == "img2img",
+    )
 
 
 def task_pipeline(loaded: Loaded, task: str, scheduler: Any, bucket: compiled.Bucket) -> Any:

@@ -145,7 +145,9 @@ class LoopScheduler(EulerDiscreteScheduler):
     ) -> Any:
         asked = self.pending()
         assert asked is not None and self._loop is not None, "the sampling loop has ended"
-        denoised = self._denoised(model_output, sample, asked.sigma.to(sample.device))
+        denoised = schedules.denoised(
+            self.config, model_output, sample, asked.sigma.to(sample.device)
+        )
         self._generator, self._shape = generator, tuple(model_output.shape)
         self._device = sample.device
         self._evaluated.append(self.timestep_of(asked.sigma))
@@ -178,14 +180,6 @@ class LoopScheduler(EulerDiscreteScheduler):
             self._shape, generator=self._generator, device=self._device, dtype=torch.float32
         )
         return drawn
-
-    def _denoised(
-        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
-    ) -> torch.Tensor:
-        """CompVisDenoiser's (or CompVisVDenoiser's) denoised estimate from the UNet's output."""
-        if self.config["prediction_type"] == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return sample - sigma * model_output
 
 
 class LoopTimesteps:

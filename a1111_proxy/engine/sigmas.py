@@ -128,6 +128,16 @@ def sigma_to_t(sigmas: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
     return (1 - w) * low + w * high
 
 
+def denoised(
+    config: Any, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """k-diffusion's CompVisDenoiser (CompVisVDenoiser for a v-prediction `config`): the
+    denoised estimate from the UNet's output at `sample`, which is at `sigma`."""
+    if config["prediction_type"] == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return sample - sigma * model_output
+
+
 def install(scheduler: Any, name: str, sdxl: bool) -> None:
     """Make `scheduler` (one run's) step through A1111's `name` schedule."""
     trained = trained_sigmas(scheduler.config)

@@ -110,7 +110,7 @@ class TwoStageScheduler(KDPM2AncestralDiscreteScheduler):
         j: int = self._step_index  # type: ignore[assignment]
         i, stage = self._plan[j]
         sigma = self._evaluated[j].to(sample.device)
-        denoised = self._denoised(model_output, sample, sigma)
+        denoised = schedules.denoised(self.config, model_output, sample, sigma)
         now, down, up = (t[i].to(sample.device) for t in (self._now, self._down, self._up))
         if stage == 0 and down == 0:  # Euler to sigma_down (0)
             x = sample + (sample - denoised) / now * (down - now)
@@ -133,13 +133,6 @@ class TwoStageScheduler(KDPM2AncestralDiscreteScheduler):
         if not return_dict:
             return (x, denoised)
         return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=x, pred_original_sample=denoised)
-
-    def _denoised(
-        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor
-    ) -> torch.Tensor:
-        if self.config["prediction_type"] == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return sample - sigma * model_output
 
 
 class DPMPP2SAncestralScheduler(TwoStageScheduler):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -115,3 +115,17 @@ def tiny_sd15_root(root: Path, tiny_models: TinyModels) -> Path:
     source = tiny_models.sd15(root / "configs" / "sd15")
     tiny_models.write_single_file(source, root / "models" / "Stable-diffusion" / "t.safetensors")
     return root
+
+
+@pytest.fixture(scope="module")
+async def sd15_backend(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_models: TinyModels,
+) -> AsyncIterator[Any]:
+    """One module's engine on the CPU over the tiny SD1.5, without live previews; closed after
+    the module. The module sets a module-scoped `anyio_backend` (this fixture outlives a test)."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    made = cpu_backend(tiny_sd15_root(folder, tiny_models), preview_steps=0)
+    yield made
+    await made.aclose()

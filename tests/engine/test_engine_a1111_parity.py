@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -21,7 +21,6 @@ from a1111_proxy.engine import ddim, images, samplers, schedulers, upscale  # no
 from a1111_proxy.engine.infotext import Generation, ModelInfo  # noqa: E402
 from a1111_proxy.engine.params import Params  # noqa: E402
 from a1111_proxy.engine.pipeline import enter_img2img, prepare_inputs  # noqa: E402
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 from tests.engine.results import pixels, png_b64  # noqa: E402
 
 if TYPE_CHECKING:
@@ -313,25 +312,29 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> AsyncIterator[DiffusersBackend]:
-    made = cpu_backend(tiny_sd15_root(tmp_path_factory.mktemp("parity"), tiny_models))
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
-async def test_ddim_on_a1111s_timesteps_runs_txt2img_and_img2img(backend: DiffusersBackend) -> None:
+async def test_ddim_on_a1111s_timesteps_runs_txt2img_and_img2img(
+    sd15_backend: DiffusersBackend,
+) -> None:
     body = {"prompt": "a cat", "sampler_name": "DDIM", "steps": 7, "width": 64, "height": 64}
-    first = await backend.generate("txt2img", {**body, "seed": 3})
-    again = await backend.generate(
+    first = await sd15_backend.generate("txt2img", {**body, "seed": 3})
+    again = await sd15_backend.generate(
         "img2img",
         {**body, "seed": 4, "init_images": [first["images"][0]], "denoising_strength": 0.5},
     )
     assert np.isfinite(pixels(first)).all() and np.isfinite(pixels(again)).all()
     assert (pixels(first) != pixels(again)).any()
+
+
+def _sd15_scheduler(sampler: str, steps: int, eta: float) -> Any:
+    """The engine's scheduler for `sampler` with `eta` on SD1.5's noise schedule, for `steps`."""
+    scheduler = schedulers.make(
+        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
+        samplers.resolve(sampler),
+        eta_value=eta,
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
 
 
 def _ancestral_step(sigma: Any, sigma_next: Any, eta: float) -> tuple[Any, Any]:
@@ -346,59 +349,53 @@ def _eps(x: torch.Tensor) -> torch.Tensor:
     return 0.05 * x + 0.5 * torch.tanh(x)
 
 
-def _k_euler_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
-    """k-diffusion's sample_euler_ancestral (an eps model)."""
+def _k_ancestral(
+    move: Callable[[torch.Tensor, torch.Tensor, Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: Any,
+    eta: float,
+    g: Any,
+) -> torch.Tensor:
+    """k-diffusion's ancestral sample_* loop (an eps model): each step moves x from sigma to
+    sigma_down by the sampler's `move(x, denoised, sigma, sigma_down)`, then adds noise."""
     for i in range(len(sigmas) - 1):
         denoised = x - sigmas[i] * _eps(x)
         down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + torch.randn(x.shape, generator=g) * up
-    return x
-
-
-def _k_dpm_2_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
-    """k-diffusion's sample_dpm_2_ancestral."""
-    for i in range(len(sigmas) - 1):
-        denoised = x - sigmas[i] * _eps(x)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        d = (x - denoised) / sigmas[i]
-        if down == 0:
-            x = x + d * (down - sigmas[i])
-        else:
-            sigma_mid = sigmas[i].log().lerp(torch.as_tensor(down).log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = (x_2 - (x_2 - sigma_mid * _eps(x_2))) / sigma_mid
-            x = x + d_2 * (down - sigmas[i])
+        x = move(x, denoised, sigmas[i], down)
         if sigmas[i + 1] > 0:  # k-diffusion draws at the last step too, after all the others
             x = x + torch.randn(x.shape, generator=g) * up
     return x
 
 
-def _k_dpmpp_2s_ancestral(x: torch.Tensor, sigmas: Any, eta: float, g: Any) -> torch.Tensor:
-    """k-diffusion's sample_dpmpp_2s_ancestral."""
-    for i in range(len(sigmas) - 1):
-        denoised = x - sigmas[i] * _eps(x)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        if down == 0:
-            x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
-        else:
-            t, t_next = -sigmas[i].log(), -torch.as_tensor(down).log()
-            h = t_next - t
-            s = t + h / 2
-            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
-            denoised_2 = x_2 - (-s).exp() * _eps(x_2)
-            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
-        if sigmas[i + 1] > 0:
-            x = x + torch.randn(x.shape, generator=g) * up
-    return x
+def _euler_move(x: torch.Tensor, denoised: torch.Tensor, sigma: Any, down: Any) -> torch.Tensor:
+    """sample_euler_ancestral's move (and the others' where sigma_down is 0)."""
+    return x + (x - denoised) / sigma * (down - sigma)
 
 
-_K_ANCESTRAL = {
-    "Euler a": _k_euler_ancestral,
-    "DPM2 a": _k_dpm_2_ancestral,
-    "DPM++ 2S a": _k_dpmpp_2s_ancestral,
-}
+def _dpm_2_move(x: torch.Tensor, denoised: torch.Tensor, sigma: Any, down: Any) -> torch.Tensor:
+    """sample_dpm_2_ancestral's move."""
+    if down == 0:
+        return _euler_move(x, denoised, sigma, down)
+    d = (x - denoised) / sigma
+    sigma_mid = sigma.log().lerp(torch.as_tensor(down).log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = (x_2 - (x_2 - sigma_mid * _eps(x_2))) / sigma_mid
+    return x + d_2 * (down - sigma)
+
+
+def _dpmpp_2s_move(x: torch.Tensor, denoised: torch.Tensor, sigma: Any, down: Any) -> torch.Tensor:
+    """sample_dpmpp_2s_ancestral's move."""
+    if down == 0:
+        return _euler_move(x, denoised, sigma, down)
+    t, t_next = -sigma.log(), -torch.as_tensor(down).log()
+    h = t_next - t
+    s = t + h / 2
+    x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
+    denoised_2 = x_2 - (-s).exp() * _eps(x_2)
+    return ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+
+
+_K_ANCESTRAL = {"Euler a": _euler_move, "DPM2 a": _dpm_2_move, "DPM++ 2S a": _dpmpp_2s_move}
 
 
 @pytest.mark.parametrize("sampler", list(_K_ANCESTRAL))
@@ -406,19 +403,16 @@ _K_ANCESTRAL = {
 def test_the_ancestral_samplers_step_with_the_eta_asked_as_k_diffusion(
     sampler: str, eta: float
 ) -> None:
-    scheduler = schedulers.make(
-        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
-        samplers.resolve(sampler),
-        eta_value=eta,
-    )
-    scheduler.set_timesteps(8)
+    scheduler = _sd15_scheduler(sampler, 8, eta)
     sigmas = getattr(scheduler, "flat_sigmas", scheduler.sigmas)
     start = _latents(11) * sigmas[0]
     x = start
     ours = torch.Generator().manual_seed(3)
     for t in scheduler.timesteps:
         x = scheduler.step(_eps(x), t, x, generator=ours).prev_sample
-    expected = _K_ANCESTRAL[sampler](start, sigmas, eta, torch.Generator().manual_seed(3))
+    expected = _k_ancestral(
+        _K_ANCESTRAL[sampler], start, sigmas, eta, torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -451,11 +445,11 @@ def test_ensd_is_written_only_when_the_ancestral_sampler_runs_with_an_eta() -> N
 
 
 @pytest.mark.anyio
-async def test_euler_a_with_eta_0_gives_eulers_image(backend: DiffusersBackend) -> None:
+async def test_euler_a_with_eta_0_gives_eulers_image(sd15_backend: DiffusersBackend) -> None:
     body = {"prompt": "a cat", "steps": 6, "width": 64, "height": 64, "seed": 5}
-    euler = await backend.generate("txt2img", {**body, "sampler_name": "Euler"})
-    still = await backend.generate("txt2img", {**body, "sampler_name": "Euler a", "eta": 0})
-    noisy = await backend.generate("txt2img", {**body, "sampler_name": "Euler a"})
+    euler = await sd15_backend.generate("txt2img", {**body, "sampler_name": "Euler"})
+    still = await sd15_backend.generate("txt2img", {**body, "sampler_name": "Euler a", "eta": 0})
+    noisy = await sd15_backend.generate("txt2img", {**body, "sampler_name": "Euler a"})
     a, b, c = (pixels(r).astype(np.int16) for r in (euler, still, noisy))
     assert np.abs(a - b).max() <= 1
     assert np.abs(a - c).mean() > 5
@@ -506,12 +500,7 @@ def _k_dpmpp_sde_multistep(
 def test_the_multistep_sde_samplers_step_with_the_eta_asked_as_k_diffusion(
     sampler: str, kind: str, eta: float
 ) -> None:
-    scheduler = schedulers.make(
-        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
-        samplers.resolve(sampler),
-        eta_value=eta,
-    )
-    scheduler.set_timesteps(8)
+    scheduler = _sd15_scheduler(sampler, 8, eta)
     sigmas = scheduler.sigmas
     noises = [_latents(20 + i) for i in range(len(sigmas))]
     start = _latents(12) * sigmas[0]
@@ -554,12 +543,7 @@ def _k_dpmpp_sde(x: torch.Tensor, sigmas: Any, eta: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_dpmpp_sde_steps_with_the_eta_asked_as_k_diffusion(eta: float) -> None:
-    scheduler = schedulers.make(
-        diffusers.DDIMScheduler.from_config(SD15_SCHEDULER).config,
-        samplers.resolve("DPM++ SDE"),
-        eta_value=eta,
-    )
-    scheduler.set_timesteps(6)
+    scheduler = _sd15_scheduler("DPM++ SDE", 6, eta)
     scheduler.noise_sampler = _smooth_noise
     sigmas = torch.cat([scheduler.sigmas[0::2], scheduler.sigmas[-1:]])
     start = _latents(13) * sigmas[0]

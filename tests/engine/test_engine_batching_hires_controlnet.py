@@ -109,6 +109,23 @@ class Rows:
         self.hook.remove()
 
 
+async def alone_then_batched(
+    backend: DiffusersBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    jobs: list[dict[str, Any]],
+    checkpoint: str = "tiny15",
+) -> tuple[list[Any], list[Any], Rows]:
+    """Each txt2img job's answer run alone, then all of theirs run as one batch, with the rows
+    the models were called with in the batch."""
+    alone = [await backend.generate("txt2img", body) for body in jobs]
+    rows = Rows(backend, monkeypatch, checkpoint)
+    try:
+        batched = await run_batch(backend, jobs)
+    finally:
+        rows.close()
+    return alone, batched, rows
+
+
 def sketch(shape: str) -> str:
     image = Image.new("RGB", (96, 64), "white")  # not the job's size: resized by the unit
     draw = ImageDraw.Draw(image)
@@ -146,12 +163,7 @@ async def test_hires_jobs_run_both_passes_as_one_batch_each_with_the_images_it_g
 ) -> None:
     jobs = [{**body, **HIRES, "hr_upscaler": upscaler} for body in JOBS]
     assert len({batch_key("txt2img", body, "tiny15") for body in jobs}) == 1
-    alone = [await backend.generate("txt2img", body) for body in jobs]
-    rows = Rows(backend, monkeypatch)
-    try:
-        batched = await run_batch(backend, jobs)
-    finally:
-        rows.close()
+    alone, batched, rows = await alone_then_batched(backend, monkeypatch, jobs)
     # 3 first-pass steps at 8x8 latents, then 2 second-pass steps at 16x16, all 8 rows at once
     assert rows.unet == [(8, 8)] * 3 + [(8, 16)] * 2
     for one, other in zip(batched, alone, strict=True):
@@ -176,12 +188,7 @@ async def test_controlnet_jobs_run_as_one_batch_each_steered_by_its_own_control_
         for body, shape in zip(JOBS, shapes, strict=True)
     ]
     assert len({batch_key("txt2img", body, "tiny15") for body in jobs}) == 1
-    alone = [await backend.generate("txt2img", body) for body in jobs]
-    rows = Rows(backend, monkeypatch)
-    try:
-        batched = await run_batch(backend, jobs)
-    finally:
-        rows.close()
+    alone, batched, rows = await alone_then_batched(backend, monkeypatch, jobs)
     steps = [(8, 8)] * 3 + ([(8, 16)] * 2 if hires else [])
     assert rows.unet == steps and rows.controlnet == [s for s in steps for _ in units]
     for one, other in zip(batched, alone, strict=True):
@@ -227,12 +234,7 @@ async def test_sdxl_hires_controlnet_jobs_batch_with_their_pooled_prompts_and_co
         with_units({**body, **xl, **HIRES}, sketch(shape), unit)
         for body, shape in zip(JOBS[:2], ["ellipse", "box"], strict=True)
     ]
-    alone = [await backend.generate("txt2img", body) for body in jobs]
-    rows = Rows(backend, monkeypatch, "xl")
-    try:
-        batched = await run_batch(backend, jobs)
-    finally:
-        rows.close()
+    alone, batched, rows = await alone_then_batched(backend, monkeypatch, jobs, "xl")
     assert rows.unet == rows.controlnet == [(6, 8)] * 3 + [(6, 16)] * 2  # 3 rows, CFG doubled
     for one, other in zip(batched, alone, strict=True):
         assert_same_images(one, other)

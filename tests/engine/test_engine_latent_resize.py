@@ -4,7 +4,6 @@ job's size), on the tiny random-weight SD1.5 on the CPU."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -21,7 +20,6 @@ from a1111_proxy.engine import upscale  # noqa: E402
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 from tests.engine.results import pixels, png_b64  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
@@ -55,19 +53,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> AsyncIterator[DiffusersBackend]:
-    root = tiny_sd15_root(tmp_path_factory.mktemp("latent-resize"), tiny_models)
-    made = cpu_backend(root, preview_steps=0)
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
 async def test_img2img_in_resize_mode_3_starts_from_the_interpolated_latents(
-    backend: DiffusersBackend,
+    sd15_backend: DiffusersBackend,
 ) -> None:
     body = {
         "prompt": "a cat",
@@ -78,8 +66,8 @@ async def test_img2img_in_resize_mode_3_starts_from_the_interpolated_latents(
         "denoising_strength": 0.3,
         "init_images": [png_b64(init_image())],
     }
-    latent = pixels(await backend.generate("img2img", {**body, "resize_mode": 3}))
-    again = pixels(await backend.generate("img2img", {**body, "resize_mode": 3}))
-    plain = pixels(await backend.generate("img2img", {**body, "resize_mode": 0}))
+    latent = pixels(await sd15_backend.generate("img2img", {**body, "resize_mode": 3}))
+    again = pixels(await sd15_backend.generate("img2img", {**body, "resize_mode": 3}))
+    plain = pixels(await sd15_backend.generate("img2img", {**body, "resize_mode": 0}))
     assert latent.shape == (64, 64, 3) and np.array_equal(latent, again)
     assert (latent != plain).any()

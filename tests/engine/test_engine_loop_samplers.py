@@ -1,7 +1,7 @@
 """DPM fast, DPM adaptive (engine/dpm_solver.py) and Restart (engine/restart.py), run through
 engine/sampling_loop.py, against k-diffusion's DPMSolver (sample_dpm_fast, sample_dpm_adaptive)
 and A1111 v1.10's restart_sampler (modules/sd_samplers_extra.py), written out here as they are,
-on a toy model; then through the backend on the tiny random-weight SD1.5 on the CPU."""
+on a toy model; then through the engine on the tiny random-weight SD1.5 on the CPU."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import base64
 import io
 import json
 import math
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -23,11 +23,6 @@ from PIL import Image  # noqa: E402
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import compat, conditioning, samplers, schedulers  # noqa: E402
 from a1111_proxy.engine import sigmas as engine_sigmas  # noqa: E402
-
-if TYPE_CHECKING:
-    from tests.engine.conftest import TinyModels
-
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 from tests.engine.results import pixels  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
@@ -452,32 +447,22 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> AsyncIterator[DiffusersBackend]:
-    root = tiny_sd15_root(tmp_path_factory.mktemp("loop-samplers"), tiny_models)
-    made = cpu_backend(root, preview_steps=0)
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", ["DPM fast", "DPM adaptive", "Restart"])
 async def test_the_loop_samplers_make_the_same_image_for_a_seed_and_say_so_in_the_infotext(
-    backend: DiffusersBackend, name: str
+    sd15_backend: DiffusersBackend, name: str
 ) -> None:
     body = {"prompt": "a cat", "steps": 5, "width": 64, "height": 64, "seed": 3}
-    made = await backend.generate("txt2img", {**body, "sampler_name": name})
-    again = await backend.generate("txt2img", {**body, "sampler_name": name})
-    other = await backend.generate("txt2img", {**body, "sampler_name": name, "seed": 4})
+    made = await sd15_backend.generate("txt2img", {**body, "sampler_name": name})
+    again = await sd15_backend.generate("txt2img", {**body, "sampler_name": name})
+    other = await sd15_backend.generate("txt2img", {**body, "sampler_name": name, "seed": 4})
     assert np.array_equal(pixels(made), pixels(again)) and np.isfinite(pixels(made)).all()
     assert not np.array_equal(pixels(made), pixels(other))
     infotext = json.loads(made["info"])["infotexts"][0]
     assert f"Sampler: {name}," in infotext and "Eta" not in infotext
-    listed = await backend.catalogue_entry("samplers")
+    listed = await sd15_backend.catalogue_entry("samplers")
     assert name in [s["name"] for s in listed]
-    edited = await backend.generate(
+    edited = await sd15_backend.generate(
         "img2img",
         {**body, "sampler_name": name, "denoising_strength": 0.5, "init_images": made["images"]},
     )
@@ -496,32 +481,32 @@ def half_mask() -> str:
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", ["DPM fast", "DPM adaptive", "Restart"])
 async def test_the_loop_samplers_run_hires_fix_a_mask_and_the_noise_mask(
-    backend: DiffusersBackend, name: str
+    sd15_backend: DiffusersBackend, name: str
 ) -> None:
     body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3}
     body["sampler_name"] = name
     hires = {"enable_hr": True, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
-    upscaled = await backend.generate("txt2img", {**body, **hires, "hr_scale": 1.5})
+    upscaled = await sd15_backend.generate("txt2img", {**body, **hires, "hr_scale": 1.5})
     assert pixels(upscaled).shape[:2] == (96, 96) and np.isfinite(pixels(upscaled)).all()
-    made = await backend.generate("txt2img", body)
+    made = await sd15_backend.generate("txt2img", body)
     mask = half_mask()
-    edited = await backend.generate(
+    edited = await sd15_backend.generate(
         "img2img",
         {**body, "init_images": made["images"], "mask": mask, "denoising_strength": 0.75},
     )
     changed = np.abs(pixels(edited) - pixels(made)).mean(axis=(0, 2))
     assert changed[:24].mean() > changed[40:].mean()  # the kept right half stays closer
     noise_mask = {"mask": mask, "strength": 1.0, "start": 0.0, "end": 1.0}
-    masked = await backend.generate("txt2img", {**body, "noise_mask": noise_mask})
+    masked = await sd15_backend.generate("txt2img", {**body, "noise_mask": noise_mask})
     assert not np.array_equal(pixels(masked), pixels(made))
 
 
 @pytest.mark.anyio
 async def test_dpm_fast_takes_the_requests_eta_and_writes_it_as_a1111s_float(
-    backend: DiffusersBackend,
+    sd15_backend: DiffusersBackend,
 ) -> None:
     body = {"prompt": "a cat", "steps": 5, "width": 64, "height": 64, "seed": 3}
-    ancestral = await backend.generate("txt2img", {**body, "sampler_name": "DPM fast"})
-    plain = await backend.generate("txt2img", {**body, "sampler_name": "DPM fast", "eta": 0})
+    ancestral = await sd15_backend.generate("txt2img", {**body, "sampler_name": "DPM fast"})
+    plain = await sd15_backend.generate("txt2img", {**body, "sampler_name": "DPM fast", "eta": 0})
     assert not np.array_equal(pixels(ancestral), pixels(plain))
     assert "Eta: 0.0," in json.loads(plain["info"])["infotexts"][0]

@@ -4,8 +4,7 @@ SD1.5 on the CPU."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -17,11 +16,6 @@ from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 from a1111_proxy.backends.diffusers import DiffusersBackend  # noqa: E402
 from a1111_proxy.engine import masked_content, samplers, schedulers  # noqa: E402
-
-if TYPE_CHECKING:
-    from tests.engine.conftest import TinyModels
-
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 from tests.engine.results import pixels, png_b64  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
@@ -89,19 +83,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> AsyncIterator[DiffusersBackend]:
-    root = tiny_sd15_root(tmp_path_factory.mktemp("masked-content"), tiny_models)
-    made = cpu_backend(root, preview_steps=0)
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
 async def test_latent_noise_and_latent_nothing_each_start_the_masked_area_differently(
-    backend: DiffusersBackend,
+    sd15_backend: DiffusersBackend,
 ) -> None:
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -118,10 +102,10 @@ async def test_latent_noise_and_latent_nothing_each_start_the_masked_area_differ
         "mask": png_b64(mask),
     }
     made = {
-        fill: pixels(await backend.generate("img2img", {**body, "inpainting_fill": fill}))
+        fill: pixels(await sd15_backend.generate("img2img", {**body, "inpainting_fill": fill}))
         for fill in (0, 2, 3)
     }
-    again = pixels(await backend.generate("img2img", {**body, "inpainting_fill": 2}))
+    again = pixels(await sd15_backend.generate("img2img", {**body, "inpainting_fill": 2}))
     assert np.array_equal(made[2], again)
     assert (made[2] != made[0]).any() and (made[3] != made[0]).any()
     assert (made[2] != made[3]).any()

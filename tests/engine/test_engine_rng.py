@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch", reason="the engine tests need the engine ex
 pytest.importorskip("diffusers", reason="the engine tests need the engine extra (diffusers)")
 
 from a1111_proxy.engine import noise, samplers, schedulers  # noqa: E402
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 CPU = torch.device("cpu")
@@ -118,22 +117,20 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Any:
-
-    root = tiny_sd15_root(tmp_path_factory.mktemp("rng"), tiny_models)
-    made = cpu_backend(root, preview_steps=0)
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
-async def test_a_generation_on_the_nv_source_is_repeatable_and_says_rng_nv(backend: Any) -> None:
+async def test_a_generation_on_the_nv_source_is_repeatable_and_says_rng_nv(
+    sd15_backend: Any,
+) -> None:
     import json
 
     body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 3}
     nv = {**body, "sampler_name": "Euler a", "override_settings": {"randn_source": "NV"}}
-    first, again = await backend.generate("txt2img", nv), await backend.generate("txt2img", nv)
-    cpu = await backend.generate("txt2img", {**nv, "override_settings": {"randn_source": "CPU"}})
+    first, again = (
+        await sd15_backend.generate("txt2img", nv),
+        await sd15_backend.generate("txt2img", nv),
+    )
+    cpu = await sd15_backend.generate(
+        "txt2img", {**nv, "override_settings": {"randn_source": "CPU"}}
+    )
     assert first["images"] == again["images"] and first["images"] != cpu["images"]
     assert "RNG: NV" in json.loads(first["info"])["infotexts"][0]

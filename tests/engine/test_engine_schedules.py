@@ -10,7 +10,6 @@ import io
 import itertools
 import json
 import math
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -29,7 +28,6 @@ from a1111_proxy.engine.errors import UnknownSampler  # noqa: E402
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
 
@@ -154,23 +152,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> AsyncIterator[DiffusersBackend]:
-    root = tiny_sd15_root(tmp_path_factory.mktemp("schedules"), tiny_models)
-    made = cpu_backend(root, preview_steps=0)
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
 async def test_a_generation_on_align_your_steps_names_it_in_the_infotext_and_differs_from_uniform(
-    backend: DiffusersBackend,
+    sd15_backend: DiffusersBackend,
 ) -> None:
     body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3}
-    ays = await backend.generate("txt2img", {**body, "scheduler": "Align Your Steps"})
-    uniform = await backend.generate("txt2img", {**body, "scheduler": "Uniform"})
+    ays = await sd15_backend.generate("txt2img", {**body, "scheduler": "Align Your Steps"})
+    uniform = await sd15_backend.generate("txt2img", {**body, "scheduler": "Uniform"})
     assert "Schedule type: Align Your Steps" in json.loads(ays["info"])["infotexts"][0]
 
     def pixels(result: dict[str, Any]) -> Any:
@@ -178,5 +166,5 @@ async def test_a_generation_on_align_your_steps_names_it_in_the_infotext_and_dif
         return np.asarray(png.convert("RGB"), dtype=np.int16)
 
     assert np.isfinite(pixels(ays)).all() and (pixels(ays) != pixels(uniform)).any()
-    listed = {entry["name"] for entry in await backend.catalogue_entry("schedulers")}
+    listed = {entry["name"] for entry in await sd15_backend.catalogue_entry("schedulers")}
     assert {"polyexponential", "kl_optimal", "align_your_steps"} <= listed

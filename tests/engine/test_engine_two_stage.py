@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -23,7 +23,6 @@ from a1111_proxy.engine import conditioning, samplers, schedulers  # noqa: E402
 if TYPE_CHECKING:
     from tests.engine.conftest import TinyModels
 
-from tests.engine.conftest import cpu_backend, tiny_sd15_root  # noqa: E402
 from tests.engine.results import pixels  # noqa: E402
 
 pytestmark = [pytest.mark.engine]
@@ -178,26 +177,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def backend(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
-) -> AsyncIterator[DiffusersBackend]:
-    root = tiny_sd15_root(tmp_path_factory.mktemp("two-stage"), tiny_models)
-    made = cpu_backend(root, preview_steps=0)
-    yield made
-    await made.aclose()
-
-
 @pytest.mark.anyio
 async def test_dpmpp_2s_a_runs_txt2img_and_img2img_through_the_pipelines(
-    backend: DiffusersBackend,
+    sd15_backend: DiffusersBackend,
 ) -> None:
     body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 3}
-    made = await backend.generate("txt2img", {**body, "sampler_name": "DPM++ 2S a"})
-    again = await backend.generate("txt2img", {**body, "sampler_name": "DPM++ 2S a"})
+    made = await sd15_backend.generate("txt2img", {**body, "sampler_name": "DPM++ 2S a"})
+    again = await sd15_backend.generate("txt2img", {**body, "sampler_name": "DPM++ 2S a"})
     assert np.array_equal(pixels(made), pixels(again)) and np.isfinite(pixels(made)).all()
     assert "Sampler: DPM++ 2S a" in json.loads(made["info"])["infotexts"][0]
-    edited = await backend.generate(
+    edited = await sd15_backend.generate(
         "img2img",
         {
             **body,
