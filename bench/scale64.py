@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -189,17 +190,30 @@ def warm_up(port: int, backends: int) -> None:
     asyncio.run(submit_all(port, [body] * backends, min(backends, 32)))
 
 
-def claim_times(root: Path) -> tuple[list[float], Counter[str]]:
-    """The claim durations the workers logged (one per claimed job: a claim of k jobs is
-    counted k times), and how many jobs each worker claimed."""
+def claim_times(root: Path, since: float) -> tuple[list[float], list[float], Counter[str]]:
+    """The claim durations the workers logged from `since` on (the measured run, not the
+    warm-up): one per claimed job (a claim of k jobs counted k times), and one per claim
+    transaction (each logs `claim_jobs`, and its jobs' lines follow each other); and how many
+    jobs each worker claimed."""
     took: list[float] = []
+    per_claim: list[float] = []
     per_worker: Counter[str] = Counter()
     for log in sorted(root.glob("worker*.log")):
+        rest = 0  # lines left of the claim whose first line was counted
         for line in log.read_text(errors="replace").splitlines():
-            if '"claim_ms"' in line:
-                took.append(json.loads(line)["claim_ms"] / 1000)
-                per_worker[log.stem] += 1
-    return took, per_worker
+            if '"claim_ms"' not in line:
+                continue
+            record = json.loads(line)
+            if datetime.fromisoformat(record["time"].replace("Z", "+00:00")).timestamp() < since:
+                continue
+            took.append(record["claim_ms"] / 1000)
+            per_worker[log.stem] += 1
+            if rest > 0:
+                rest -= 1
+            else:
+                rest = int(record.get("claim_jobs", 1)) - 1
+                per_claim.append(record["claim_ms"] / 1000)
+    return took, per_claim, per_worker
 
 
 def process_cpu(deployment: Deployment, dsn: str) -> dict[str, float]:
@@ -241,8 +255,12 @@ def run(args: argparse.Namespace, root: Path) -> None:
         cpu1, commits1, load1 = process_cpu(d, dsn), asyncio.run(commits(dsn)), psutil.getloadavg()
         jobs = asyncio.run(finished_jobs(dsn, first - 0.001))
         reports = fleet_reports(d.fake_urls)
-        claims, per_worker = claim_times(d.dir)
+        claims, per_claim, per_worker = claim_times(d.dir, first)
     print_figures(args, first, done_at, jobs, reports, claims, per_worker, samples)
+    print(
+        f"  claim, each transaction once ({len(per_claim)} claims): "
+        f"p50 {ms(pct(per_claim, 50)):.1f} ms, p99 {ms(pct(per_claim, 99)):.1f} ms"
+    )
     print(
         f"  database: {(commits1 - commits0) / (done_at - first):.0f} transactions/s "
         f"({(commits1 - commits0) / len(jobs):.1f} a job); "

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,11 +26,15 @@ from a1111_proxy.jobs import Claim, JobRepository
 from a1111_proxy.wakeup import Wakeup
 from worker.catalogue import CatalogueKeeper
 from worker.execute import Timing, execute, with_checkpoint
+from worker.shares import GRACE_SECONDS, Shares
 
 log = logging.getLogger("a1111_proxy.worker")
 
 IDLE_RECHECK_SECONDS = 1.0  # look for due jobs at least this often (retries scheduled later)
 WORKER_BEAT_SECONDS = 5.0
+# A worker silent this long no longer owns a share of the backends it lists (shares.py).
+SHARE_STALE_SECONDS = 3 * WORKER_BEAT_SECONDS
+SHARE_READ_SECONDS = 1.0
 
 
 class Chore(Protocol):
@@ -44,7 +48,7 @@ class Chore(Protocol):
     async def aclose(self) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)  # a slot is itself (kept in sets), whatever its state
 class Slot:
     backend: Backend
     task: asyncio.Task[str] | None = None
@@ -114,6 +118,11 @@ class Worker:
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._side_claims: set[asyncio.Task[None]] = set()  # see _backend_free
+        self.shares = Shares(self.worker_id)
+        self._shares_read_at = float("-inf")
+        self._others_later: asyncio.Task[None] | None = None  # see _fill_slots
+        self._answered: set[Slot] = set()  # see _claim_next
+        self._handing_over: asyncio.Task[None] | None = None
         self.started_at = time.time()
 
     def stop(self) -> None:
@@ -198,6 +207,7 @@ class Worker:
             self.wakeup.catch_up()
             try:
                 await self._read_requests()
+                await self._read_shares()
                 # Then wait, whether it claimed or not: a claim takes a job for every free slot
                 # it can fill; what frees a slot or queues a job later wakes this loop.
                 await self._fill_slots()
@@ -213,8 +223,11 @@ class Worker:
                 waiters.append(self.wakeup.wait(IDLE_RECHECK_SECONDS))
             await first_of(*waiters, timeout=IDLE_RECHECK_SECONDS)
 
-    async def _fill_slots(self) -> bool:
-        """Claim a job for every free slot, in one transaction. True if any was claimed.
+    async def _fill_slots(self, *, answered: Collection[Slot] = (), everyone: bool = False) -> bool:
+        """Claim a job for every free slot of this worker's share (shares.py; `answered`, the
+        slots whose backends just answered, are always in it; `everyone`: every free slot), in one
+        transaction. True if any was claimed. The others are claimed GRACE_SECONDS later, if
+        jobs are still waiting then.
 
         The slots are reserved while it runs: a claim that starts meanwhile (a backend answered)
         runs beside it, for the slots that are free then, instead of waiting for it; so a
@@ -223,7 +236,13 @@ class Worker:
         if self._stop.is_set():
             return False
         usable = await self._reserve_free_slots()
+        later = [] if everyone else [s for s in usable if not self._in_share(s, answered)]
+        for slot in later:
+            slot.reserved = False
+        usable = [slot for slot in usable if slot not in later]
         if not usable:
+            if later:
+                self._claim_others_later()
             return False
         try:
             await self._apply_checkpoint_request(usable)
@@ -240,10 +259,31 @@ class Worker:
             by_slot.setdefault(index, []).append(claim)
         for index, claims in by_slot.items():
             if len(claims) == 1:
-                self._start(usable[index], claims[0], took)
+                self._start(usable[index], claims[0], took, len(claimed))
             else:
                 self._start_batch(usable[index], claims, took)
+        if later and any(claim.more_queued for _, claim in claimed):
+            self._claim_others_later()
         return bool(claimed)
+
+    def _in_share(self, slot: Slot, answered: Collection[Slot]) -> bool:
+        return slot in answered or self.shares.owns(slot.backend.name)
+
+    def _claim_others_later(self) -> None:
+        """In GRACE_SECONDS, claim for every free slot (the other workers' shares among them),
+        if jobs are still waiting then; once at a time."""
+        if self._others_later is not None and not self._others_later.done():
+            return
+
+        async def claim_others() -> None:
+            await first_of(self._stop.wait(), timeout=GRACE_SECONDS)
+            with contextlib.suppress(OperationalError):  # the dispatcher tries again
+                if await self.repo.has_due_job():
+                    await self._fill_slots(everyone=True)
+
+        self._others_later = asyncio.create_task(claim_others(), name="claim-others")
+        self._side_claims.add(self._others_later)
+        self._others_later.add_done_callback(self._side_claims.discard)
 
     async def _claim(self, usable: list[Slot]) -> list[tuple[int, Claim]]:
         """One claim for the slots that run one job at a time; one for each slot that batches
@@ -355,16 +395,21 @@ class Worker:
             if slot.backend in silent and slot.state == "idle":
                 self._rest_down(slot, "did not answer the catalogue fetch")
 
-    def _start(self, slot: Slot, claim: Claim, claim_seconds: float) -> None:
+    def _start(self, slot: Slot, claim: Claim, claim_seconds: float, claimed: int = 1) -> None:
         """Run `claim` on `slot`; `claim_seconds`: how long its claim transaction took (logged:
-        a claim that waits on others' locks or on the database shows there)."""
+        a claim that waits on others' locks or on the database shows there), `claimed`: how
+        many jobs that transaction claimed."""
         log.info(
             "job %s: attempt %d on %s (claimed in %.1f ms)",
             claim.id,
             claim.attempts,
             slot.backend.name,
             claim_seconds * 1000,
-            extra={"job_id": claim.id, "claim_ms": round(claim_seconds * 1000, 2)},
+            extra={
+                "job_id": claim.id,
+                "claim_ms": round(claim_seconds * 1000, 2),
+                "claim_jobs": claimed,
+            },
         )
         slot.claim, slot.state = claim, "busy"
         slot.checkpoint = claim.checkpoint or slot.checkpoint
@@ -446,13 +491,29 @@ class Worker:
         await asyncio.wait({claiming}, timeout=self.timing.heartbeat_seconds / 2)
 
     async def _claim_next(self, slot: Slot) -> None:
+        """Claim the next job of a backend that answered. Backends that answer while such a
+        claim runs are claimed for together, in one claim right after it: when many answer at
+        once (backends in step, as after a burst of submits), one transaction serves them
+        instead of one each side by side, which made each wait for the others on the event
+        loop, the connection pool and the database."""
         if not slot.free(time.monotonic()):
             return  # a claim that started meanwhile has it (or has given it its next job)
-        try:
-            await self._fill_slots()
-        except Exception as exc:  # the dispatcher tries again
-            log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
-            self._slot_freed.set()
+        slot.reserved = True  # for the claim that serves it, not the dispatcher's meanwhile
+        self._answered.add(slot)
+        if self._handing_over is None or self._handing_over.done():
+            self._handing_over = asyncio.create_task(self._hand_over(), name="hand-over")
+        await asyncio.shield(self._handing_over)
+
+    async def _hand_over(self) -> None:
+        while self._answered:
+            answered, self._answered = self._answered, set()
+            for slot in answered:
+                slot.reserved = False  # _fill_slots reserves them again, at once
+            try:
+                await self._fill_slots(answered=answered)
+            except Exception as exc:  # the dispatcher tries again
+                log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
+                self._slot_freed.set()
 
     def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
         outcome = (
@@ -522,6 +583,16 @@ class Worker:
         await self.repo.beat_worker(
             self.worker_id, self.started_at, [slot.describe() for slot in self.slots]
         )
+
+    async def _read_shares(self) -> None:
+        """Which backends are this worker's share, from the live workers' heartbeats: read by
+        the dispatcher at most every SHARE_READ_SECONDS (workers that start together learn of
+        each other within a second), never on a backend's hand-over to its next job."""
+        if len(self.slots) < 2 or time.monotonic() < self._shares_read_at + SHARE_READ_SECONDS:
+            return
+        self._shares_read_at = time.monotonic()
+        live = await self.repo.live_workers(SHARE_STALE_SECONDS)
+        self.shares.update([slot.backend.name for slot in self.slots], live)
 
     async def _reap(self) -> None:
         for job_id, status in await self.repo.reap_expired():
