@@ -269,6 +269,17 @@ class Worker:
     def _in_share(self, slot: Slot, answered: Collection[Slot]) -> bool:
         return slot in answered or self.shares.owns(slot.backend.name)
 
+    def _nudge_owner(self) -> None:
+        """Wake the workers: a backend of another's share is idle (see _backend_free)."""
+
+        async def nudge() -> None:
+            with contextlib.suppress(OperationalError):  # its dispatcher wakes each second
+                await self.repo.nudge_workers()
+
+        task = asyncio.create_task(nudge(), name="nudge")
+        self._side_claims.add(task)
+        task.add_done_callback(self._side_claims.discard)
+
     def _claim_others_later(self) -> None:
         """In GRACE_SECONDS, claim for every free slot (the other workers' shares among them),
         if jobs are still waiting then; once at a time."""
@@ -483,7 +494,9 @@ class Worker:
         slot.task, slot.claim, slot.state, slot.failures = None, None, "idle", 0
         # The dispatcher is told (_slot_freed) only once this job has stored its result
         # (_finished): an empty claim of its own must not hold the writer before that store.
-        if not claim.more_queued:
+        # A backend of another worker's share is left to that worker (told once the result
+        # is stored), so that shares settle after workers start or stop.
+        if not claim.more_queued or not self.shares.owns(slot.backend.name):
             return
         claiming = asyncio.create_task(self._claim_next(slot), name="claim-next")
         self._side_claims.add(claiming)
@@ -528,6 +541,8 @@ class Worker:
             slot.jobs_done += outcome == "completed"
             if slot.free(time.monotonic()):  # no claim gave it its next job: claim one now
                 self._slot_freed.set()
+                if not self.shares.owns(slot.backend.name):
+                    self._nudge_owner()
             return
         slot.task, slot.claim = None, None
         if outcome == "requeued":  # the backend was unavailable: rest this slot, then probe

@@ -21,6 +21,7 @@ from a1111_proxy.jobs.reads import JobReads
 from a1111_proxy.jobs.records import Claim, JobPage, JobRecord, JobState, WorkerRecord
 from a1111_proxy.jobs.retention import Retention
 from a1111_proxy.jobs.workers import WorkerRegistry
+from a1111_proxy.wakeup import WORK_CHANNEL, notify
 
 
 class JobRepository:
@@ -213,6 +214,14 @@ class JobRepository:
 
     async def forget_worker(self, worker_id: str) -> None:
         await self.workers.forget(worker_id)
+
+    async def nudge_workers(self) -> None:
+        """Wake the workers' dispatchers (a backend was left for the worker whose share it is:
+        worker/shares.py). PostgreSQL: a NOTIFY on their channel; SQLite: every commit wakes
+        them already."""
+        if not self.db.is_sqlite:
+            async with self.db.writing() as conn:
+                await notify(self.db, conn, WORK_CHANNEL)
 
     async def live_workers(self, stale_after: float) -> list[WorkerRecord]:
         return await self.workers.live(stale_after)

@@ -80,6 +80,33 @@ async def test_the_share_of_a_worker_that_claims_nothing_is_claimed_by_the_other
         await asyncio.wait_for(run, 10)
 
 
+async def test_a_worker_that_joins_gets_its_share_as_the_backends_finish_their_jobs(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    first = make_worker(repo, list[Backend](fakes), database_url)
+    runs = [asyncio.create_task(first.run())]
+    ids = [await submit(repo, fake_seconds=300) for _ in range(2 * len(fakes))]
+    try:
+        await wait_until(lambda: all_running(repo, ids[: len(fakes)]))  # all on the first
+        joined = make_worker(repo, list[Backend](fakes), database_url)
+        runs.append(asyncio.create_task(joined.run()))
+        await wait_until(lambda: _both(knows_its_share(first, 2), knows_its_share(joined, 2)))
+        for fake in fakes:  # the first worker's jobs end; the next ones go by share
+            fake.finish_current()
+        await wait_until(lambda: all_running(repo, ids[len(fakes) :]))
+        owner = {w.worker_id: w for w in (first, joined)}
+        for job_id in ids[len(fakes) :]:
+            job = await repo.get(job_id)
+            assert job.lease_owner is not None
+            assert job.backend in (owner[job.lease_owner].shares.owned or ()), job.lease_owner
+    finally:
+        for worker in (first, *([joined] if len(runs) > 1 else [])):
+            worker.stop()
+        for fake in fakes:
+            fake.finish_current()
+        await asyncio.wait_for(asyncio.gather(*runs), 10)
+
+
 async def test_a_backend_that_answers_while_a_claim_runs_is_served_by_one_claim_after_it(
     repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
