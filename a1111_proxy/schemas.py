@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -320,29 +321,18 @@ def omit_images(value: Any) -> Any:
 CREDENTIAL_KEYS = frozenset({"auth", "api_key", "password", "token"})
 
 
-def without_credentials(value: Any) -> Any:
-    """`value` with every credential key (at any depth, in any letter case) left out."""
+def without_credentials(value: Any, leaf: Callable[[Any], Any] = lambda item: item) -> Any:
+    """`value` with every credential key (at any depth, in any letter case) left out; `leaf`
+    applied to every other value that is neither an object nor a list."""
     if isinstance(value, dict):
         return {
-            key: without_credentials(item)
+            key: without_credentials(item, leaf)
             for key, item in value.items()
             if not (isinstance(key, str) and key.lower() in CREDENTIAL_KEYS)
         }
     if isinstance(value, list):
-        return [without_credentials(item) for item in value]
-    return value
-
-
-def _shown(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            key: _shown(item)
-            for key, item in value.items()
-            if not (isinstance(key, str) and key.lower() in CREDENTIAL_KEYS)
-        }
-    if isinstance(value, list):
-        return [_shown(item) for item in value]
-    return omit_images(value)
+        return [without_credentials(item, leaf) for item in value]
+    return leaf(value)
 
 
 # Where the stored request keeps the opt-in resizes (IMAGE_MAX_SIDE) of its input images; the
@@ -353,7 +343,7 @@ RESIZED_KEY = "__a1111_proxy_input_images_resized__"
 def stored_request(body: dict[str, Any], resized: list[dict[str, Any]]) -> dict[str, Any]:
     """The body as stored for users to see: credentials and images left out (one walk of
     `without_credentials` and `omit_images`), and the resizes, if any, noted."""
-    stored: dict[str, Any] = _shown(body)
+    stored: dict[str, Any] = without_credentials(body, omit_images)
     if resized:
         stored[RESIZED_KEY] = resized
     return stored

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
 
@@ -76,3 +77,18 @@ def _sql_literal(value: Any) -> str:
     if isinstance(value, list):
         return "ARRAY[" + ", ".join(_sql_literal(item) for item in value) + "]"
     return repr(value)
+
+
+async def count_round_trips(conn: AsyncConnection) -> list[Any]:
+    """Every call that the SQLite driver connection under `conn` sends to its thread, from now
+    on (also after `conn` is given back: the pool keeps the driver connection)."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    sent: list[Any] = []
+    forward = driver._execute
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(fn)
+        return await forward(fn, *args, **kwargs)
+
+    driver._execute = counted
+    return sent

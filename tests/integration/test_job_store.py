@@ -15,6 +15,7 @@ from a1111_proxy.errors import IdempotencyKeyReused
 from a1111_proxy.jobs import JobRepository, NewJob
 from tests.claims import claim_next
 from tests.fakes.clock import Clock
+from tests.plans import count_round_trips
 
 pytestmark = pytest.mark.anyio
 
@@ -77,15 +78,7 @@ async def test_submits_that_arrive_together_are_stored_in_one_round_trip_on_sqli
         repo = JobRepository(db)
         await repo.submit(new_job("warm-up"))  # the pool's one write connection now exists
         async with db.write_engine.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
-        trips: list[Any] = []
-        forward = driver._execute
-
-        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            trips.append(fn)
-            return await forward(fn, *args, **kwargs)
-
-        driver._execute = counted
+            trips = await count_round_trips(conn)
         submitted = await asyncio.gather(*(repo.submit(new_job(f"p{i}")) for i in range(20)))
         assert len(trips) == 1
         stored = {job.id: job for job in await repo.page(limit=50)}

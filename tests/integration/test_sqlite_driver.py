@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import workers
+from tests.plans import count_round_trips
 
 pytestmark = pytest.mark.anyio
 
@@ -22,20 +22,6 @@ async def db(sqlite_url: str) -> AsyncIterator[Database]:
     made = Database(sqlite_url)
     yield made
     await made.dispose()
-
-
-async def count_round_trips(conn: AsyncConnection) -> list[Any]:
-    """Every call that the driver connection under `conn` sends to its thread, from now on."""
-    driver = (await conn.get_raw_connection()).driver_connection
-    sent: list[Any] = []
-    forward = driver._execute
-
-    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(fn)
-        return await forward(fn, *args, **kwargs)
-
-    driver._execute = counted
-    return sent
 
 
 async def test_a_statement_and_its_rows_take_one_round_trip_to_the_connections_thread(
