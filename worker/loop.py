@@ -35,6 +35,9 @@ WORKER_BEAT_SECONDS = 5.0
 # A worker silent this long no longer owns a share of the backends it lists (shares.py).
 SHARE_STALE_SECONDS = 3 * WORKER_BEAT_SECONDS
 SHARE_READ_SECONDS = 1.0
+# How long a backend that answered waits for a claim made for others that answered before it
+# (then it is claimed for beside that claim): see Worker._claim_next.
+HAND_OVER_WAIT_SECONDS = 0.1
 
 
 class Chore(Protocol):
@@ -508,25 +511,33 @@ class Worker:
         claim runs are claimed for together, in one claim right after it: when many answer at
         once (backends in step, as after a burst of submits), one transaction serves them
         instead of one each side by side, which made each wait for the others on the event
-        loop, the connection pool and the database."""
+        loop, the connection pool and the database. A claim that takes longer than
+        HAND_OVER_WAIT_SECONDS (a lock held elsewhere, a busy database) is not waited for:
+        the backends that answered meanwhile are claimed for beside it."""
         if not slot.free(time.monotonic()):
             return  # a claim that started meanwhile has it (or has given it its next job)
         slot.reserved = True  # for the claim that serves it, not the dispatcher's meanwhile
         self._answered.add(slot)
         if self._handing_over is None or self._handing_over.done():
-            self._handing_over = asyncio.create_task(self._hand_over(), name="hand-over")
-        await asyncio.shield(self._handing_over)
+            self._handing_over = asyncio.create_task(self._hand_over(), name="claim-next")
+        ahead = self._handing_over
+        await asyncio.wait({ahead}, timeout=HAND_OVER_WAIT_SECONDS)
+        if not ahead.done() and slot in self._answered:
+            await self._claim_answered()  # with the others that answered meanwhile
 
     async def _hand_over(self) -> None:
         while self._answered:
-            answered, self._answered = self._answered, set()
-            for slot in answered:
-                slot.reserved = False  # _fill_slots reserves them again, at once
-            try:
-                await self._fill_slots(answered=answered)
-            except Exception as exc:  # the dispatcher tries again
-                log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
-                self._slot_freed.set()
+            await self._claim_answered()
+
+    async def _claim_answered(self) -> None:
+        answered, self._answered = self._answered, set()
+        for slot in answered:
+            slot.reserved = False  # _fill_slots reserves them again, at once
+        try:
+            await self._fill_slots(answered=answered)
+        except Exception as exc:  # the dispatcher tries again
+            log.warning("could not claim the next job at once (%s); the dispatcher will", exc)
+            self._slot_freed.set()
 
     def _finished(self, slot: Slot, task: asyncio.Task[str], job_id: str) -> None:
         outcome = (
