@@ -233,16 +233,17 @@ class Worker:
         jobs are still waiting then.
 
         The slots are reserved while it runs: a claim that starts meanwhile (a backend answered)
-        runs beside it, for the slots that are free then, instead of waiting for it; so a
-        backend's next job never waits for a claim made for other backends, and no slot is
-        looked at by two claims."""
+        runs beside it, for the slots that are free then; so no slot is looked at by two claims,
+        and a backend's next job waits for a claim made for other backends at most
+        HAND_OVER_WAIT_SECONDS (_claim_next)."""
         if self._stop.is_set():
             return False
-        usable = await self._reserve_free_slots()
-        later = [] if everyone else [s for s in usable if not self._in_share(s, answered)]
+        usable: list[Slot] = []
+        later: list[Slot] = []
+        for slot in await self._reserve_free_slots():
+            (usable if everyone or self._in_share(slot, answered) else later).append(slot)
         for slot in later:
             slot.reserved = False
-        usable = [slot for slot in usable if slot not in later]
         if not usable:
             if later:
                 self._claim_others_later()
@@ -260,9 +261,11 @@ class Worker:
         by_slot: dict[int, list[Claim]] = {}
         for index, claim in claimed:
             by_slot.setdefault(index, []).append(claim)
+        # How many jobs the claim of the one-job slots took (each batching slot has its own).
+        alone = len([index for index, _ in claimed if usable[index].batch == 1])
         for index, claims in by_slot.items():
             if len(claims) == 1:
-                self._start(usable[index], claims[0], took, len(claimed))
+                self._start(usable[index], claims[0], took, alone)
             else:
                 self._start_batch(usable[index], claims, took)
         if later and any(claim.more_queued for _, claim in claimed):

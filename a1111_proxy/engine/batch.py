@@ -196,9 +196,9 @@ def _prepare(models: Models, loaded: Loaded, member: Member, hashes: str | None)
     if words.ti_hashes:
         generation.extra["TI hashes"] = words.ti_hashes
     member.state.job_count = 2 if params.hires else 1  # A1111 counts the second pass as a job
-    ready = _Ready(member, generation, inputs or [Inputs()], embeds, seeds, subseeds, units)
-    ready.hires_embeds = hires_embeds
-    return ready
+    return _Ready(
+        member, generation, inputs or [Inputs()], embeds, seeds, subseeds, units, hires_embeds
+    )
 
 
 def _run_alone(models: Models, config: EngineConfig, member: Member) -> None:

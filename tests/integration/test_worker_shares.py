@@ -5,7 +5,9 @@ claimed for in one transaction."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -37,22 +39,12 @@ async def all_running(repo: JobRepository, ids: list[str]) -> bool:
     return all([(await repo.get(job_id)).status == "processing" for job_id in ids])
 
 
-async def test_two_workers_listing_the_same_backends_each_take_the_jobs_of_their_own_share(
-    repo: JobRepository, fakes: list[FakeBackend], database_url: str
-) -> None:
-    workers = [make_worker(repo, list[Backend](fakes), database_url) for _ in range(2)]
+@contextlib.asynccontextmanager
+async def running(fakes: list[FakeBackend], *workers: Worker) -> AsyncIterator[None]:
+    """The workers run inside; then they stop, the fakes' generations end, and they are done."""
     runs = [asyncio.create_task(worker.run()) for worker in workers]
     try:
-        await wait_until(
-            lambda: _both(knows_its_share(workers[0], 2), knows_its_share(workers[1], 2))
-        )
-        ids = [await submit(repo, fake_seconds=300) for _ in fakes]
-        await wait_until(lambda: all_running(repo, ids))
-        owner = {w.worker_id: w for w in workers}
-        for job_id in ids:
-            job = await repo.get(job_id)
-            assert job.lease_owner is not None and job.backend is not None
-            assert job.backend in (owner[job.lease_owner].shares.owned or ()), job.lease_owner
+        yield
     finally:
         for worker in workers:
             worker.stop()
@@ -61,50 +53,54 @@ async def test_two_workers_listing_the_same_backends_each_take_the_jobs_of_their
         await asyncio.wait_for(asyncio.gather(*runs), 10)
 
 
+async def each_runs_on_its_share(repo: JobRepository, ids: list[str], *workers: Worker) -> None:
+    owner = {worker.worker_id: worker for worker in workers}
+    for job_id in ids:
+        job = await repo.get(job_id)
+        assert job.lease_owner is not None and job.backend is not None
+        assert job.backend in (owner[job.lease_owner].shares.owned or ()), job.lease_owner
+
+
+async def test_two_workers_listing_the_same_backends_each_take_the_jobs_of_their_own_share(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str
+) -> None:
+    workers = [make_worker(repo, list[Backend](fakes), database_url) for _ in range(2)]
+    async with running(fakes, *workers):
+        await wait_until(
+            lambda: _both(knows_its_share(workers[0], 2), knows_its_share(workers[1], 2))
+        )
+        ids = [await submit(repo, fake_seconds=300) for _ in fakes]
+        await wait_until(lambda: all_running(repo, ids))
+        await each_runs_on_its_share(repo, ids, *workers)
+
+
 async def test_the_share_of_a_worker_that_claims_nothing_is_claimed_by_the_others(
     repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
     # A worker alive by its heartbeat that never claims (stuck, or its dispatcher asleep).
     await repo.beat_worker("silent", time.time(), [{"backend": fake.name} for fake in fakes])
     worker = make_worker(repo, list[Backend](fakes), database_url)
-    run = asyncio.create_task(worker.run())
-    try:
+    async with running(fakes, worker):
         await wait_until(lambda: knows_its_share(worker, 2))
         ids = [await submit(repo, fake_seconds=300) for _ in fakes]
         await wait_until(lambda: all_running(repo, ids))
         assert {job.lease_owner for job in [await repo.get(i) for i in ids]} == {worker.worker_id}
-    finally:
-        worker.stop()
-        for fake in fakes:
-            fake.finish_current()
-        await asyncio.wait_for(run, 10)
 
 
 async def test_a_worker_that_joins_gets_its_share_as_the_backends_finish_their_jobs(
     repo: JobRepository, fakes: list[FakeBackend], database_url: str
 ) -> None:
     first = make_worker(repo, list[Backend](fakes), database_url)
-    runs = [asyncio.create_task(first.run())]
     ids = [await submit(repo, fake_seconds=300) for _ in range(2 * len(fakes))]
-    try:
+    async with running(fakes, first):
         await wait_until(lambda: all_running(repo, ids[: len(fakes)]))  # all on the first
         joined = make_worker(repo, list[Backend](fakes), database_url)
-        runs.append(asyncio.create_task(joined.run()))
-        await wait_until(lambda: _both(knows_its_share(first, 2), knows_its_share(joined, 2)))
-        for fake in fakes:  # the first worker's jobs end; the next ones go by share
-            fake.finish_current()
-        await wait_until(lambda: all_running(repo, ids[len(fakes) :]))
-        owner = {w.worker_id: w for w in (first, joined)}
-        for job_id in ids[len(fakes) :]:
-            job = await repo.get(job_id)
-            assert job.lease_owner is not None
-            assert job.backend in (owner[job.lease_owner].shares.owned or ()), job.lease_owner
-    finally:
-        for worker in (first, *([joined] if len(runs) > 1 else [])):
-            worker.stop()
-        for fake in fakes:
-            fake.finish_current()
-        await asyncio.wait_for(asyncio.gather(*runs), 10)
+        async with running(fakes, joined):
+            await wait_until(lambda: _both(knows_its_share(first, 2), knows_its_share(joined, 2)))
+            for fake in fakes:  # the first worker's jobs end; the next ones go by share
+                fake.finish_current()
+            await wait_until(lambda: all_running(repo, ids[len(fakes) :]))
+            await each_runs_on_its_share(repo, ids[len(fakes) :], first, joined)
 
 
 async def test_backends_that_answer_while_a_claim_runs_are_served_together_by_one_claim(
@@ -113,8 +109,7 @@ async def test_backends_that_answer_while_a_claim_runs_are_served_together_by_on
     worker = make_worker(repo, list[Backend](fakes), database_url)
     first = [await submit(repo, fake_seconds=300) for _ in fakes]
     second = [await submit(repo, fake_seconds=300) for _ in fakes]
-    run = asyncio.create_task(worker.run())
-    try:
+    async with running(fakes, worker):
         await wait_until(lambda: all_running(repo, first))
         entered: list[int] = []
         gate = asyncio.Event()
@@ -136,11 +131,6 @@ async def test_backends_that_answer_while_a_claim_runs_are_served_together_by_on
         gate.set()
         await wait_until(lambda: all_running(repo, second))
         assert entered == [1, 3]  # not one claim each
-    finally:
-        worker.stop()
-        for fake in fakes:
-            fake.finish_current()
-        await asyncio.wait_for(run, 10)
 
 
 async def _async(value: object) -> object:
