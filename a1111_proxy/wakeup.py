@@ -57,6 +57,16 @@ async def notify(db: Database, conn: AsyncConnection, *channels: str) -> None:
         await conn.execute(select(*(func.pg_notify(channel, "") for channel in named)))
 
 
+def notifying(*channels: str) -> list[Any]:
+    """PostgreSQL: columns that NOTIFY `channels` (NOTIFY_CHANNEL when none is named), for the
+    RETURNING of a write that changes one row: the NOTIFY rides with that statement (a round
+    trip less than notify()) and is sent when its transaction commits, if it changed a row."""
+    return [
+        func.pg_notify(channel, "").label(f"notify_{channel}")
+        for channel in channels or (NOTIFY_CHANNEL,)
+    ]
+
+
 class Wakeup(Protocol):
     # True when wait() returning False means no commit happened at all (SQLite's data_version);
     # PostgreSQL only hears the channels it listens on.

@@ -10,7 +10,10 @@ handed out, and replaced when the server no longer answers it (a restart, an idl
 proxy in between). One used more recently is handed out as it is: SQLAlchemy's pre-ping on
 every checkout costs three round trips (BEGIN, the ping, ROLLBACK) on asyncpg, as many as the
 work of a short transaction, and a restart takes longer than PING_IDLE_SECONDS, so a connection
-from before it has been idle that long when the server is back.
+from before it has been idle that long when the server is back. Reads, and writes of one
+statement (`writing_alone`), run in autocommit: one round trip each, where asyncpg would add a
+BEGIN and a COMMIT or ROLLBACK (under READ COMMITTED every statement has a snapshot of its own
+either way).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class Database:
         else:
             self.write_engine = create_async_engine(url, pool_size=10, max_overflow=10, echo=echo)
             _ping_when_idle(self.write_engine, ping_idle_seconds)
-            self.read_engine = self.write_engine
+            # The same pool: a connection is in autocommit while checked out from this one.
+            self.read_engine = self.write_engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def is_sqlite(self) -> bool:
@@ -82,13 +86,21 @@ class Database:
             yield conn
 
     @asynccontextmanager
+    async def writing_alone(self) -> AsyncIterator[AsyncConnection]:
+        """A write of one statement, its own transaction: on PostgreSQL in autocommit (one
+        round trip); on SQLite, writing()."""
+        engine = self.write_engine if self.is_sqlite else self.read_engine
+        async with engine.begin() if self.is_sqlite else engine.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncConnection]:
         async with self.read_engine.connect() as conn:
             yield conn
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()
-        if self.read_engine is not self.write_engine:
+        if self.is_sqlite:  # PostgreSQL's read engine shares the write engine's pool
             await self.read_engine.dispose()
 
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Update,
     and_,
+    any_,
     bindparam,
     cast,
     delete,
@@ -42,6 +43,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -55,11 +57,11 @@ from a1111_proxy.jobs.clauses import (
     cancel_error,
     not_expired,
 )
-from a1111_proxy.jobs.outbox import announce
+from a1111_proxy.jobs.outbox import announce, announces
 from a1111_proxy.jobs.placement import Slots, idle_slots, place
 from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
 from a1111_proxy.redaction import backend_name
-from a1111_proxy.wakeup import DUE, PROGRESS_CHANNEL, notify
+from a1111_proxy.wakeup import DUE, PROGRESS_CHANNEL, notify, notifying
 
 # The job's A1111 body, read in the claim's own UPDATE ... RETURNING (one statement less).
 _PAYLOAD = (
@@ -81,17 +83,18 @@ _FENCED = and_(
     jobs.c.status == "processing",
 )
 _INSERT_IMAGES = insert(job_images)
+_SEQS = ARRAY(Integer)
 
 
 @functools.cache
-def _claim_statement(slots: int) -> Update:
+def _claim_statement(slots: int, postgres: bool) -> Update:
     """Lease up to `slots` due jobs in queue order, returning what the worker needs of them.
     Binds: now, owner, prefix (of the lease tokens), expires, and backend for one slot."""
-    return _lease(_due(_WAITING, slots), one_slot=slots == 1)
+    return _lease(_due(_WAITING, slots), one_slot=slots == 1, postgres=postgres)
 
 
 @functools.cache
-def _batch_claim_statement(size: int, keyed: bool) -> Update:
+def _batch_claim_statement(size: int, keyed: bool, postgres: bool) -> Update:
     """Lease the first due job and up to `size - 1` more due jobs with its batch key, in queue
     order, for one slot that runs them as one batch; `keyed`: up to `size` due jobs with the
     bound batch key (a batch topped up). Binds as _claim_statement, and key when keyed."""
@@ -103,7 +106,7 @@ def _batch_claim_statement(size: int, keyed: bool) -> Update:
             jobs.c.seq == select(head.c.seq).scalar_subquery(),
             jobs.c.batch_key == select(head.c.batch_key).scalar_subquery(),
         )
-    return _lease(_due(and_(_WAITING, together), size), one_slot=True)
+    return _lease(_due(and_(_WAITING, together), size), one_slot=True, postgres=postgres)
 
 
 def _due(where: ColumnElement[bool], limit: int, *columns: Any, name: str = "due") -> Any:
@@ -119,7 +122,7 @@ def _due(where: ColumnElement[bool], limit: int, *columns: Any, name: str = "due
     )
 
 
-def _lease(due: Any, *, one_slot: bool) -> Update:
+def _lease(due: Any, *, one_slot: bool, postgres: bool) -> Update:
     # Whether more jobs wait than this claim takes: the worker then claims a slot's next job
     # the moment its backend answers, and otherwise stores the result first
     # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
@@ -132,10 +135,17 @@ def _lease(due: Any, *, one_slot: bool) -> Update:
         .limit(1)
     )
     more = exists(beyond)
+    taken = and_(jobs.c.seq == due.c.seq, QUEUED)
+    if postgres:
+        # By primary key alone, whatever the statistics say: a table whose queue grew since
+        # its last ANALYZE looks nearly empty to the planner, which then walks every queued
+        # row (once for each row of the CTE, with a join). The rows are queued: the CTE's FOR
+        # UPDATE took them queued in their latest version, and holds them.
+        taken = jobs.c.seq == any_(func.array(select(due.c.seq).scalar_subquery(), type_=_SEQS))
     return (
         update(jobs)
         # A CTE, so PostgreSQL evaluates the LIMITed, locked select exactly once.
-        .where(jobs.c.seq == due.c.seq, QUEUED)
+        .where(taken)
         .values(
             status="processing",
             attempts=jobs.c.attempts + 1,
@@ -167,10 +177,11 @@ def _lease(due: Any, *, one_slot: bool) -> Update:
 
 
 @functools.cache
-def _complete_statement(status: str) -> Update:
+def _complete_statement(status: str, notify: bool) -> Update:
     """End the lease holder's job `status` (completed, or canceled with a partial answer),
-    storing the answer; `completed` only while no cancel was asked for. Binds: seq, token,
-    now, result, image_count, error."""
+    storing the answer; `completed` only while no cancel was asked for; `notify`
+    (PostgreSQL): NOTIFY the waiters in the same statement. Binds: seq, token, now, result,
+    image_count, error."""
     fenced = _FENCED
     if status == "completed":
         fenced = and_(fenced, jobs.c.cancel_requested_at.is_(None))
@@ -189,8 +200,25 @@ def _complete_statement(status: str) -> Update:
             updated_at=_NOW,
             **NO_LEASE,
         )
-        .returning(*WEBHOOK_COLUMNS)
+        .returning(*WEBHOOK_COLUMNS, *(notifying() if notify else ()))
     )
+
+
+@functools.cache
+def _touch_statement(progress: bool, notify: bool) -> Update:
+    """Renew the lease holder's lease (with `progress`: store progress and ETA), returning what
+    was asked of the job; `notify` (PostgreSQL): NOTIFY PROGRESS_CHANNEL in the same statement.
+    Binds: seq, token, now, expires, and progress and eta with `progress`."""
+    values: dict[str, Any] = {
+        "lease_expires_at": bindparam("b_expires", type_=Double),
+        "updated_at": _NOW,
+    }
+    if progress:
+        values["progress"] = bindparam("b_progress", type_=Double)
+        values["eta_relative"] = bindparam("b_eta", type_=Double)
+    told = notifying(PROGRESS_CHANNEL) if notify else []
+    returned = (jobs.c.cancel_requested_at, jobs.c.skip_requested_at, *WEBHOOK_COLUMNS, *told)
+    return update(jobs).where(_FENCED).values(**values).returning(*returned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,9 +298,9 @@ class JobMachine:
         }
         if batch > 1:
             values["b_key"] = key
-            statement = _batch_claim_statement(batch, keyed=key is not None)
+            statement = _batch_claim_statement(batch, key is not None, not self.db.is_sqlite)
         else:
-            statement = _claim_statement(len(slots))
+            statement = _claim_statement(len(slots), not self.db.is_sqlite)
         claimed = await conn.execute(statement, values)
         rows = sorted(claimed.all(), key=lambda r: (-r.priority, r.turn, r.seq))
         if not rows:
@@ -287,7 +315,15 @@ class JobMachine:
         if any(announced):
             await notify(self.db, conn)
         return [
-            (index, claim_record(row, slots[index][0], more_queued=bool(row.more_queued)))
+            (
+                index,
+                claim_record(
+                    row,
+                    slots[index][0],
+                    more_queued=bool(row.more_queued),
+                    progress_webhook=announces(row, "progress"),
+                ),
+            )
             for index, row in placed
         ]
 
@@ -309,20 +345,25 @@ class JobMachine:
         preview: str | None = None,
     ) -> Touch:
         """Renew the lease (and store progress and the live preview); learn whether a cancel
-        or a skip was asked for."""
+        or a skip was asked for. Progress alone, of a job without progress webhooks, is one
+        statement (on PostgreSQL one round trip, its NOTIFY included)."""
         now = self.clock()
-        values: dict[str, Any] = {"lease_expires_at": now + self.lease_seconds, "updated_at": now}
+        values: dict[str, Any] = {
+            "b_seq": claim.seq,
+            "b_token": claim.token,
+            "b_now": now,
+            "b_expires": now + self.lease_seconds,
+        }
         if progress is not None:
-            values["progress"] = max(0.0, min(1.0, progress))
-            values["eta_relative"] = eta
-        stmt = (
-            update(jobs)
-            .where(self._fenced(claim))
-            .values(**values)
-            .returning(jobs.c.cancel_requested_at, jobs.c.skip_requested_at, *WEBHOOK_COLUMNS)
-        )
+            values["b_progress"] = max(0.0, min(1.0, progress))
+            values["b_eta"] = eta
+        told = progress is not None or preview is not None
+        statement = _touch_statement(progress is not None, told and not self.db.is_sqlite)
+        if preview is None and not claim.progress_webhook:
+            async with self.db.writing_alone() as conn:
+                return _touch((await conn.execute(statement, values)).one_or_none())
         async with self.db.writing() as conn:
-            row = (await conn.execute(stmt)).one_or_none()
+            row = (await conn.execute(statement, values)).one_or_none()
             if row is not None and progress is not None:
                 if await announce(self.deliveries, conn, row, "progress", now):
                     await notify(self.db, conn)
@@ -331,8 +372,6 @@ class JobMachine:
                 await conn.execute(
                     insert(job_previews).values(job_seq=claim.seq, image=preview, updated_at=now)
                 )
-            if row is not None and (progress is not None or preview is not None):
-                await notify(self.db, conn, PROGRESS_CHANNEL)
         return _touch(row)
 
     async def requests(self, claim: Claim) -> Touch:
@@ -371,7 +410,8 @@ class JobMachine:
             "b_error": error,
         }
         async with self.db.writing() as conn:
-            done = (await conn.execute(_complete_statement(status), values)).one_or_none()
+            statement = _complete_statement(status, not self.db.is_sqlite)
+            done = (await conn.execute(statement, values)).one_or_none()
             if done is None:
                 return False  # nothing was written
             # A job's images are written here only, once: the fence lets one write through.
@@ -381,7 +421,6 @@ class JobMachine:
                     [{"job_seq": claim.seq, "n": n, "data": data} for n, data in enumerate(images)],
                 )
             await announce(self.deliveries, conn, done, "completed", now)
-            await notify(self.db, conn)
         return True
 
     async def finish(self, claim: Claim, status: str, error: str | None) -> bool:

@@ -17,10 +17,15 @@ async def announce(
 
     `job` carries clauses.WEBHOOK_COLUMNS. Progress is throttled per job. True: queued.
     """
-    if not job.webhook_url or not wants(decode_events(job.webhook_events), event):
+    if not announces(job, event):
         return False
     if event == "progress" and not await deliveries.progress_due(conn, job.seq, now):
         return False
     snapshot = (await conn.execute(select(*JOB_COLUMNS).where(jobs.c.seq == job.seq))).one()
     await deliveries.add(conn, snapshot_columns(snapshot), event, now)
     return True
+
+
+def announces(job: AnyRow, event: str) -> bool:
+    """Did the job (a row with clauses.WEBHOOK_COLUMNS) ask for `event`'s webhook message?"""
+    return bool(job.webhook_url) and wants(decode_events(job.webhook_events), event)

@@ -35,16 +35,15 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
     The owner's own jobs do not count: its slots are free only when their backend has
     answered (a job still storing its result no longer occupies the backend).
     SQLite serialises write transactions, so reading is enough. PostgreSQL runs claims of
-    several workers at once: each takes a transaction-scoped advisory lock per backend that
-    looks idle (`_lock_idle`), then looks again under the locks, so two claims never both see
-    a backend idle.
+    several workers at once: one call (`_lock_idle`) takes a transaction-scoped advisory lock
+    per backend that looks idle, then looks again under the locks, so two claims never both
+    see a backend idle.
     """
     names = sorted({name for name, _ in slots})
-    if not db.is_sqlite:
-        names = await _lock_idle(conn, owner, names)
-        if not names:
-            return []
-    free = set(names) - await _busy(conn, owner, names)
+    if db.is_sqlite:
+        free = set(names) - await _busy(conn, owner, names)
+    else:
+        free = await _lock_idle(conn, owner, names)
     taken: set[str] = set()
     indexes = []
     for index, (name, _) in enumerate(slots):
@@ -54,29 +53,25 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
     return indexes
 
 
-# The backends of `names` that run no job of another worker, each locked (in the order of the
-# lock keys, so that two claims never deadlock) until the transaction ends. A backend busy at
-# the statement's start is left alone: workers sharing many backends then lock only the few
-# that are idle, instead of queueing behind each other's locks on all of them; the worker whose
-# job ends there NOTIFYs when it has stored it, and the claims that follow see it idle.
-_LOCK_IDLE = text(
-    "SELECT name, pg_advisory_xact_lock(:space, key) FROM ("
-    "SELECT DISTINCT name, hashtext(name) AS key FROM unnest(CAST(:names AS text[])) AS name "
-    "WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.status = 'processing' "
-    "AND jobs.backend = name AND jobs.lease_owner <> :owner)) AS idle "
-    "ORDER BY key"
-)
+# The backends of `names` that run no job of another worker, each locked until the transaction
+# ends (the function is made by the migration claim_backends_function). A backend busy at the
+# call's start is left alone: workers sharing many backends lock only the few that are idle. So
+# is one whose lock another claim holds at this moment (a try-lock): that claim gives it a job
+# if one waits, and no claim ever waits for another. After the locks, a second look (a fresh
+# snapshot) sees every claim that held one of them before; the worker whose job ends on a
+# backend NOTIFYs when it has stored it, and the claims that follow see it idle.
+_LOCK_IDLE = text("SELECT a1111_proxy_idle_backends(CAST(:names AS text[]), :owner, :space)")
 
 
-async def _lock_idle(conn: AsyncConnection, owner: str, names: list[str]) -> list[str]:
-    """PostgreSQL: lock the backends among `names` that look idle; their names."""
+async def _lock_idle(conn: AsyncConnection, owner: str, names: list[str]) -> set[str]:
+    """PostgreSQL: the backends among `names` that are idle, each locked."""
     params = {"names": names, "owner": owner, "space": ADVISORY_SPACE}
-    return sorted(set((await conn.execute(_LOCK_IDLE, params)).scalars()))
+    return set((await conn.execute(_LOCK_IDLE, params)).scalars())
 
 
 async def _busy(conn: AsyncConnection, owner: str, names: list[str]) -> set[str]:
-    """Which of `names` run a job of another worker (a fresh look: after the locks are held,
-    it sees every claim that held one of them before)."""
+    """SQLite: which of `names` run a job of another worker (write transactions are
+    serialised, so this look sees every claim before it)."""
     return set((await conn.execute(_BUSY, {"b_names": names, "b_owner": owner})).scalars())
 
 

@@ -118,6 +118,7 @@ class Claim:
     payload: dict[str, Any] = field(default_factory=dict)  # the body to send
     more_queued: bool = False  # other jobs were due when this one was claimed
     batch_key: str | None = None  # what it shares with the jobs it may run with (one batch)
+    progress_webhook: bool = False  # its progress goes out as webhook messages too
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +184,9 @@ def job_state(row: AnyRow) -> JobState:
     )
 
 
-def claim_record(row: AnyRow, backend: str, *, more_queued: bool) -> Claim:
+def claim_record(
+    row: AnyRow, backend: str, *, more_queued: bool, progress_webhook: bool = False
+) -> Claim:
     """A claimed row (the claim's RETURNING columns) as the worker's Claim."""
     return Claim(
         row.seq,
@@ -197,6 +200,7 @@ def claim_record(row: AnyRow, backend: str, *, more_queued: bool) -> Claim:
         _object(row.payload) or {},
         more_queued=more_queued,
         batch_key=getattr(row, "batch_key", None),
+        progress_webhook=progress_webhook,
     )
 
 

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.backends import Backend
@@ -19,7 +18,7 @@ from a1111_proxy.backends.fake import FakeBackend
 from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import Claim, JobRepository, NewJob
 from a1111_proxy.jobs.placement import Slots
-from a1111_proxy.wakeup import NOTIFY_CHANNEL, WORK_CHANNEL, make_wakeup
+from a1111_proxy.wakeup import NOTIFY_CHANNEL, PROGRESS_CHANNEL, WORK_CHANNEL, make_wakeup
 from tests.claims import claim_next
 from tests.fakes.a1111_fleet import FleetMember, fleet
 from worker.execute import Timing
@@ -48,18 +47,12 @@ class HeldCommits(Database):
             await self.release.wait()
 
 
-async def lock_waiters(db: Database) -> int:
-    """PostgreSQL: transactions waiting for an advisory lock (a claim's, on a backend)."""
-    query = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-    async with db.reading() as conn:
-        return int((await conn.execute(query)).scalar_one())
-
-
-async def test_a_claim_that_waited_for_another_claim_of_its_backend_finds_it_taken(
+async def test_a_claim_made_while_another_claim_of_its_backend_is_open_takes_no_job_there(
     database_url: str,
 ) -> None:
     """Worker B looks while worker A's claim of the shared backend has not committed yet:
-    the backend looks idle to B, but B must wait for A's claim and then see A's job there."""
+    the backend looks idle to B, but B must not give it a job (PostgreSQL: A holds the
+    backend's lock, and B leaves it to A without waiting; SQLite: B begins after A commits)."""
     held, other = HeldCommits(database_url), Database(database_url)
     one, two = JobRepository(held), JobRepository(other)
     for i in range(2):
@@ -71,8 +64,7 @@ async def test_a_claim_that_waited_for_another_claim_of_its_backend_finds_it_tak
         second = asyncio.create_task(claim_next(two, "worker-b", SHARED))
         if not held.is_sqlite:  # SQLite: B cannot begin before A commits
             async with asyncio.timeout(30):
-                while not second.done() and await lock_waiters(other) == 0:
-                    await asyncio.sleep(0.01)
+                assert await second is None  # A's claim holds the backend: B waits for nothing
         held.release.set()
         assert await first is not None
         assert await second is None  # the backend runs A's job
@@ -152,27 +144,31 @@ async def test_a_claim_says_whether_more_jobs_wait_than_it_took(database_url: st
 async def test_a_job_that_ends_wakes_the_api_but_no_worker_and_a_queued_one_wakes_both(
     database_url: str,
 ) -> None:
-    """PostgreSQL: workers' claimers listen on WORK_CHANNEL, the API on NOTIFY_CHANNEL."""
+    """PostgreSQL: workers' claimers listen on WORK_CHANNEL, the API on NOTIFY_CHANNEL (and
+    its progress streams on PROGRESS_CHANNEL: progress stored, not a lease renewed alone)."""
     db = Database(database_url)
     if db.is_sqlite:
         await db.dispose()
         pytest.skip("SQLite has no channels: a waiter sees every commit (data_version)")
     heard: list[str] = []
     listener = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
-    for channel in (NOTIFY_CHANNEL, WORK_CHANNEL):
+    for channel in (NOTIFY_CHANNEL, WORK_CHANNEL, PROGRESS_CHANNEL):
         await listener.add_listener(channel, lambda *args: heard.append(args[2]))
     repo = JobRepository(db)
     try:
         body = json.dumps({"prompt": "a fox"})
         await repo.submit(NewJob("txt2img", request=body, payload=body))
         claim = await claim_next(repo, "worker-a", SHARED)
-        assert claim is not None and await repo.complete(claim, {"images": []}, [])
+        assert claim is not None
+        assert (await repo.touch(claim)).alive and (await repo.touch(claim, progress=0.5)).alive
+        assert await repo.complete(claim, {"images": []}, [])
         await repo.submit(NewJob("txt2img", request=body, payload=body))
         async with asyncio.timeout(30):  # notifications arrive in the order of the commits
             while heard.count(WORK_CHANNEL) < 2:
                 await asyncio.sleep(0.01)
         submitted = [NOTIFY_CHANNEL, WORK_CHANNEL]
-        assert heard == [*submitted, NOTIFY_CHANNEL, *submitted]  # the end: the API's only
+        # The end: the API's only.
+        assert heard == [*submitted, PROGRESS_CHANNEL, NOTIFY_CHANNEL, *submitted]
     finally:
         await listener.close()
         await db.dispose()
