@@ -19,7 +19,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from sqlalchemy import (
     Double,
     Integer,
     String,
+    Text,
     Update,
     and_,
     any_,
@@ -58,7 +59,7 @@ from a1111_proxy.jobs.clauses import (
     not_expired,
 )
 from a1111_proxy.jobs.outbox import announce, announces
-from a1111_proxy.jobs.placement import Slots, idle_slots, place
+from a1111_proxy.jobs.placement import Slots, idle_backends, idle_slots, place
 from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
 from a1111_proxy.redaction import backend_name
 from a1111_proxy.wakeup import DUE, PROGRESS_CHANNEL, notify, notifying
@@ -84,6 +85,7 @@ _FENCED = and_(
 )
 _INSERT_IMAGES = insert(job_images)
 _SEQS = ARRAY(Integer)
+_NAMES: BindParameter[Any] = bindparam("b_names", type_=ARRAY(Text))
 
 
 @functools.cache
@@ -91,6 +93,34 @@ def _claim_statement(slots: int, postgres: bool) -> Update:
     """Lease up to `slots` due jobs in queue order, returning what the worker needs of them.
     Binds: now, owner, prefix (of the lease tokens), expires, and backend for one slot."""
     return _lease(_due(_WAITING, slots), one_slot=slots == 1, postgres=postgres)
+
+
+@functools.cache
+def _claim_placed_statement() -> Update:
+    """PostgreSQL, one statement for all of a claim: lock the backends among the bound names
+    that are idle (placement.idle_backends, which looks again under the locks), lease as many
+    due jobs in queue order as there are, and give the k-th job the k-th of those backends in
+    the order of the names (what place() does when no slot has a job's checkpoint). Binds:
+    names, owner, now, prefix, expires."""
+    idle = idle_backends(_NAMES, bindparam("b_owner", type_=Text))
+    room = select(func.count()).select_from(idle).scalar_subquery()
+    due = (
+        select(jobs.c.seq, jobs.c.priority, jobs.c.turn)
+        .where(_WAITING)
+        .order_by(*QUEUE_ORDER)
+        .limit(room)  # no more jobs locked than backends: none held for nothing
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    rank = func.row_number().over(order_by=(due.c.priority.desc(), due.c.turn, due.c.seq))
+    # Materialized: ranked once, not once for each job it gives a backend.
+    ranked = select(due.c.seq, rank.label("n")).cte("ranked").prefix_with("MATERIALIZED")
+    backend = (
+        select(idle.c.name)
+        .where(idle.c.n == ranked.c.n, ranked.c.seq == jobs.c.seq)
+        .scalar_subquery()
+    )
+    return _lease(due, one_slot=False, postgres=True, backend=backend)
 
 
 @functools.cache
@@ -122,7 +152,7 @@ def _due(where: ColumnElement[bool], limit: int, *columns: Any, name: str = "due
     )
 
 
-def _lease(due: Any, *, one_slot: bool, postgres: bool) -> Update:
+def _lease(due: Any, *, one_slot: bool, postgres: bool, backend: Any = None) -> Update:
     # Whether more jobs wait than this claim takes: the worker then claims a slot's next job
     # the moment its backend answers, and otherwise stores the result first
     # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
@@ -158,6 +188,7 @@ def _lease(due: Any, *, one_slot: bool, postgres: bool) -> Update:
             updated_at=_NOW,
             # One slot (the usual case: a slot freed alone) needs no placing afterwards.
             **({"backend": bindparam("b_backend")} if one_slot else {}),
+            **({"backend": backend} if backend is not None else {}),
         )
         .returning(
             jobs.c.id,
@@ -169,6 +200,7 @@ def _lease(due: Any, *, one_slot: bool, postgres: bool) -> Update:
             jobs.c.turn,
             jobs.c.lease_token,
             jobs.c.batch_key,
+            jobs.c.backend,
             *WEBHOOK_COLUMNS,
             _PAYLOAD,
             more.label("more_queued"),
@@ -271,6 +303,8 @@ class JobMachine:
         slots = [(backend_name(name), checkpoint) for name, checkpoint in slots]
         now = self.clock()
         async with self.db.writing() as conn:
+            if batch == 1 and not self.db.is_sqlite:
+                return await self._claim_placed(conn, owner, slots, now)
             open_slots = await idle_slots(self.db, conn, owner, slots)
             if not open_slots:
                 return []
@@ -278,6 +312,32 @@ class JobMachine:
                 conn, owner, [slots[i] for i in open_slots], now, batch, key
             )
         return [(open_slots[index], claim) for index, claim in claimed]
+
+    def _lease_values(self, owner: str, now: float) -> dict[str, Any]:
+        # One random prefix per claim plus the job's seq: a token no other claim ever had.
+        return {
+            "b_now": now,
+            "b_owner": owner,
+            "b_prefix": uuid.uuid4().hex[:16] + ":",
+            "b_expires": now + self.lease_seconds,
+        }
+
+    async def _claim_placed(
+        self, conn: AsyncConnection, owner: str, slots: Slots, now: float
+    ) -> list[tuple[int, Claim]]:
+        """PostgreSQL: the whole claim in one statement (_claim_placed_statement); a second
+        one only when a slot that last ran a job's checkpoint should take it instead."""
+        first: dict[str, int] = {}  # a URL listed twice is still one backend
+        for index, (name, _) in enumerate(slots):
+            first.setdefault(name, index)
+        values = {**self._lease_values(owner, now), "b_names": list(first)}
+        claimed = await conn.execute(_claim_placed_statement(), values)
+        rows = sorted(claimed.all(), key=lambda r: (-r.priority, r.turn, r.seq))
+        if not rows:
+            return []
+        given = [first[row.backend] for row in rows]
+        placed = [(given[i], row) for i, row in place(rows, [slots[i] for i in given])]
+        return await self._claimed(conn, slots, placed, now, stored=given)
 
     async def _claim_in(
         self,
@@ -288,14 +348,7 @@ class JobMachine:
         batch: int = 1,
         key: str | None = None,
     ) -> list[tuple[int, Claim]]:
-        # One random prefix per claim plus the job's seq: a token no other claim ever had.
-        values = {
-            "b_now": now,
-            "b_owner": owner,
-            "b_prefix": uuid.uuid4().hex[:16] + ":",
-            "b_expires": now + self.lease_seconds,
-            "b_backend": slots[0][0],
-        }
+        values = {**self._lease_values(owner, now), "b_backend": slots[0][0]}
         if batch > 1:
             values["b_key"] = key
             statement = _batch_claim_statement(batch, key is not None, not self.db.is_sqlite)
@@ -306,10 +359,32 @@ class JobMachine:
         if not rows:
             return []
         placed = [(0, row) for row in rows] if batch > 1 else place(rows, slots)
-        if len(slots) > 1:
+        # The statement stores the backend of a claim for one slot only.
+        stored = [0 if len(slots) == 1 else None for _ in placed]
+        return await self._claimed(conn, slots, placed, now, stored=stored)
+
+    async def _claimed(
+        self,
+        conn: AsyncConnection,
+        slots: Slots,
+        placed: list[tuple[int, AnyRow]],
+        now: float,
+        *,
+        stored: Sequence[int | None],
+    ) -> list[tuple[int, Claim]]:
+        """The claimed rows (`placed`: each with its slot, in queue order) as the worker's
+        claims: each one's backend stored where the claim stored another or none (`stored`:
+        the slot whose backend it stored for each), its `started` webhook message queued."""
+        rows = [row for _, row in placed]
+        moved = [
+            {"s": row.seq, "b": slots[index][0]}
+            for (index, row), before in zip(placed, stored, strict=True)
+            if before != index
+        ]
+        if moved:
             await conn.execute(
                 update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b")),
-                [{"s": row.seq, "b": slots[index][0]} for index, row in placed],
+                moved,
             )
         announced = [await announce(self.deliveries, conn, row, "started", now) for row in rows]
         if any(announced):
