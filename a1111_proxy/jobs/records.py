@@ -119,6 +119,7 @@ class Claim:
     more_queued: bool = False  # other jobs were due when this one was claimed
     batch_key: str | None = None  # what it shares with the jobs it may run with (one batch)
     progress_webhook: bool = False  # its progress goes out as webhook messages too
+    end_webhook: bool = True  # its end does (True unless the claim read that it does not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +186,12 @@ def job_state(row: AnyRow) -> JobState:
 
 
 def claim_record(
-    row: AnyRow, backend: str, *, more_queued: bool, progress_webhook: bool = False
+    row: AnyRow,
+    backend: str,
+    *,
+    more_queued: bool,
+    progress_webhook: bool = False,
+    end_webhook: bool = True,
 ) -> Claim:
     """A claimed row (the claim's RETURNING columns) as the worker's Claim."""
     return Claim(
@@ -201,6 +207,7 @@ def claim_record(
         more_queued=more_queued,
         batch_key=getattr(row, "batch_key", None),
         progress_webhook=progress_webhook,
+        end_webhook=end_webhook,
     )
 
 
