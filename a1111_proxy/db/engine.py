@@ -34,8 +34,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from a1111_proxy.db.sqlite_driver import DBAPI, READ_DBAPI
 
 SQLITE_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
+    # First: switching to WAL needs a lock another connection may hold at that moment, and
+    # without a busy timeout it fails at once ("database is locked") instead of waiting.
     "PRAGMA busy_timeout=10000",
+    "PRAGMA journal_mode=WAL",
     "PRAGMA foreign_keys=ON",
 )
 PING_IDLE_SECONDS = 1.0
