@@ -89,13 +89,16 @@ _FENCED = and_(
 _INSERT_IMAGES = insert(job_images)
 _SEQS = ARRAY(Integer)
 _NAMES: BindParameter[Any] = bindparam("b_names", type_=ARRAY(Text))
+_BACKEND: BindParameter[Any] = bindparam("b_backend", type_=String)
 
 
 @functools.cache
-def _claim_statement(slots: int, postgres: bool) -> Update:
-    """Lease up to `slots` due jobs in queue order, returning what the worker needs of them.
-    Binds: now, owner, prefix (of the lease tokens), expires, and backend for one slot."""
-    return _lease(_due(_WAITING, slots), one_slot=slots == 1, postgres=postgres)
+def _claim_statement(slots: int) -> Update:
+    """SQLite (PostgreSQL: _claim_placed_statement): lease up to `slots` due jobs in queue
+    order, returning what the worker needs of them. Binds: now, owner, prefix (of the lease
+    tokens), expires, and backend for one slot (one slot, the usual case: a slot freed alone,
+    needs no placing afterwards)."""
+    return _lease(_due(_WAITING, slots), postgres=False, backend=_BACKEND if slots == 1 else None)
 
 
 @functools.cache
@@ -123,7 +126,7 @@ def _claim_placed_statement() -> Update:
         .where(idle.c.n == ranked.c.n, ranked.c.seq == jobs.c.seq)
         .scalar_subquery()
     )
-    return _lease(due, one_slot=False, postgres=True, backend=backend)
+    return _lease(due, postgres=True, backend=backend)
 
 
 @functools.cache
@@ -139,7 +142,7 @@ def _batch_claim_statement(size: int, keyed: bool, postgres: bool) -> Update:
             jobs.c.seq == select(head.c.seq).scalar_subquery(),
             jobs.c.batch_key == select(head.c.batch_key).scalar_subquery(),
         )
-    return _lease(_due(and_(_WAITING, together), size), one_slot=True, postgres=postgres)
+    return _lease(_due(and_(_WAITING, together), size), postgres=postgres, backend=_BACKEND)
 
 
 def _due(where: ColumnElement[bool], limit: int, *columns: Any, name: str = "due") -> Any:
@@ -155,7 +158,9 @@ def _due(where: ColumnElement[bool], limit: int, *columns: Any, name: str = "due
     )
 
 
-def _lease(due: Any, *, one_slot: bool, postgres: bool, backend: Any = None) -> Update:
+def _lease(due: Any, *, postgres: bool, backend: Any) -> Update:
+    """The UPDATE that leases `due`'s jobs; `backend`: what to store as their backend (None:
+    placed afterwards)."""
     # Whether more jobs wait than this claim takes: the worker then claims a slot's next job
     # the moment its backend answers, and otherwise stores the result first
     # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
@@ -189,8 +194,6 @@ def _lease(due: Any, *, one_slot: bool, postgres: bool, backend: Any = None) -> 
             eta_relative=None,
             started_at=func.coalesce(jobs.c.started_at, _NOW),
             updated_at=_NOW,
-            # One slot (the usual case: a slot freed alone) needs no placing afterwards.
-            **({"backend": bindparam("b_backend")} if one_slot else {}),
             **({"backend": backend} if backend is not None else {}),
         )
         .returning(
@@ -376,7 +379,7 @@ class JobMachine:
             values["b_key"] = key
             statement = _batch_claim_statement(batch, key is not None, not self.db.is_sqlite)
         else:
-            statement = _claim_statement(len(slots), not self.db.is_sqlite)
+            statement = _claim_statement(len(slots))
         claimed = await conn.execute(statement, values)
         rows = sorted(claimed.all(), key=lambda r: (-r.priority, r.turn, r.seq))
         if not rows:

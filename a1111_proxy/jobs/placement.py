@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import Text, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -61,22 +62,22 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
 # if one waits, and no claim ever waits for another. After the locks, a second look (a fresh
 # snapshot) sees every claim that held one of them before; the worker whose job ends on a
 # backend NOTIFYs when it has stored it, and the claims that follow see it idle.
-_LOCK_IDLE = text("SELECT a1111_proxy_idle_backends(CAST(:names AS text[]), :owner, :space)")
-
-
 def idle_backends(names: Any, owner: Any) -> Any:
     """PostgreSQL, for a claim's statement: a CTE `idle` of the backends among `names` (a
-    text[]) that run no job of a worker other than `owner`, each locked as _LOCK_IDLE locks
-    them, numbered (`n`, from 1) in the order of `names`."""
+    text[]) that run no job of a worker other than `owner`, each locked (see above),
+    numbered (`n`, from 1) in the order of `names`."""
     found = func.a1111_proxy_idle_backends(names, owner, ADVISORY_SPACE).table_valued("name")
     order = func.array_position(names, found.c.name)
     return select(found.c.name, func.row_number().over(order_by=order).label("n")).cte("idle")
 
 
+_IDLE = idle_backends(bindparam("b_names", type_=ARRAY(Text)), bindparam("b_owner"))
+_LOCK_IDLE = select(_IDLE.c.name)  # built once (see machine.py's statements)
+
+
 async def _lock_idle(conn: AsyncConnection, owner: str, names: list[str]) -> set[str]:
     """PostgreSQL: the backends among `names` that are idle, each locked."""
-    params = {"names": names, "owner": owner, "space": ADVISORY_SPACE}
-    return set((await conn.execute(_LOCK_IDLE, params)).scalars())
+    return set((await conn.execute(_LOCK_IDLE, {"b_names": names, "b_owner": owner})).scalars())
 
 
 async def _busy(conn: AsyncConnection, owner: str, names: list[str]) -> set[str]:
