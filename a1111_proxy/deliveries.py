@@ -29,7 +29,9 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Row,
+    Text,
     and_,
+    cast,
     delete,
     exists,
     func,
@@ -40,6 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -157,6 +160,50 @@ class DeliveryRepository:
             )
         )
         await notify(self.db, conn, OUTBOX_CHANNEL)
+
+    @staticmethod
+    def adding(written: Any, snapshot: Any, event: str, now: Any) -> tuple[Any, Any]:
+        """PostgreSQL, for a statement that changes jobs: add() as two CTEs, for each row of
+        `written` (a CTE of the changed jobs, with their seq, webhook_url and webhook_events)
+        whose job asked for `event`; `snapshot`: the row's columns as JSON text (a column of
+        `written`'s). Returns (superseded, queued): add the first to the statement; the second
+        returns the queued messages' seq, for a NOTIFY of OUTBOX_CHANNEL when there are any."""
+        asked = and_(
+            written.c.webhook_url.is_not(None),
+            cast(written.c.webhook_events, JSONB).has_key(literal_column(f"'{event}'")),
+        )
+        superseded = (
+            update(_d)
+            .where(
+                _d.c.job_seq.in_(select(written.c.seq).where(asked)),
+                _d.c.status == "pending",
+                _d.c.event.in_(INTERMEDIATE),
+            )
+            .values(status="superseded", next_attempt_at=None, updated_at=now)
+            .cte("superseded")
+        )
+        # The message id as new_message_id() makes it: msg_ and 32 hex digits.
+        message_id = literal_column("'msg_'", Text).concat(
+            func.replace(cast(func.gen_random_uuid(), Text), "-", "")
+        )
+        rows = select(
+            message_id,
+            written.c.seq,
+            literal_column(f"'{event}'"),
+            written.c.webhook_url,
+            snapshot,
+            now,
+            literal_column("'pending'"),
+            literal_column("'scheduled'"),
+            literal_column("0"),
+            now,
+            now,
+            now,
+        ).where(asked)
+        columns = ["id", "job_seq", "event", "url", "data", "occurred_at", "status", "trigger"]
+        columns += ["attempts", "next_attempt_at", "created_at", "updated_at"]
+        queued = insert(_d).from_select(columns, rows).returning(_d.c.seq).cte("queued")
+        return superseded, queued
 
     def undelivered(self, job_seq: ColumnElement[int]) -> ColumnElement[bool]:
         """SQL for another table's query: the job `job_seq` (a column there) has a message

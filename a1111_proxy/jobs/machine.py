@@ -61,9 +61,9 @@ from a1111_proxy.jobs.clauses import (
     cancel_error,
     not_expired,
 )
-from a1111_proxy.jobs.outbox import announce, announces
+from a1111_proxy.jobs.outbox import announce, announces, announcing
 from a1111_proxy.jobs.placement import Slots, idle_backends, idle_slots, place
-from a1111_proxy.jobs.records import AnyRow, Claim, claim_record
+from a1111_proxy.jobs.records import JOB_COLUMNS, AnyRow, Claim, claim_record
 from a1111_proxy.redaction import backend_name
 from a1111_proxy.wakeup import DUE, PROGRESS_CHANNEL, notify, notifying
 
@@ -102,12 +102,14 @@ def _claim_statement(slots: int) -> Update:
 
 
 @functools.cache
-def _claim_placed_statement() -> Update:
+def _claim_placed_statement(alone: bool) -> Any:
     """PostgreSQL, one statement for all of a claim: lock the backends among the bound names
     that are idle (placement.idle_backends, which looks again under the locks), lease as many
     due jobs in queue order as there are, and give the k-th job the k-th of those backends in
-    the order of the names (what place() does when no slot has a job's checkpoint). Binds:
-    names, owner, now, prefix, expires."""
+    the order of the names (what place() does when no slot has a job's checkpoint). `alone`:
+    the statement is its own transaction (autocommit), so it also queues the claimed jobs'
+    `started` webhook messages (outbox.announcing). Binds: names, owner, now, prefix,
+    expires."""
     idle = idle_backends(_NAMES, bindparam("b_owner", type_=Text))
     room = select(func.count()).select_from(idle).scalar_subquery()
     due = (
@@ -126,7 +128,14 @@ def _claim_placed_statement() -> Update:
         .where(idle.c.n == ranked.c.n, ranked.c.seq == jobs.c.seq)
         .scalar_subquery()
     )
-    return _lease(due, postgres=True, backend=backend)
+    if not alone:
+        return _lease(due, postgres=True, backend=backend)
+    # The snapshot's columns too, for the messages.
+    claimed = _lease(due, postgres=True, backend=backend, snapshot=True).cte("claimed")
+    ctes, told = announcing(claimed, "started", _NOW)
+    returned = [claimed.c[c.key] for c in _CLAIMED]
+    returned += [claimed.c.payload, claimed.c.more_queued]
+    return select(*returned, *told).add_cte(*ctes)
 
 
 @functools.cache
@@ -158,9 +167,26 @@ def _due(where: ColumnElement[bool], limit: int, *columns: Any, name: str = "due
     )
 
 
-def _lease(due: Any, *, postgres: bool, backend: Any) -> Update:
+# What a claim returns of each job it leased (payload and more_queued besides).
+_CLAIMED = (
+    jobs.c.id,
+    jobs.c.type,
+    jobs.c.attempts,
+    jobs.c.max_attempts,
+    jobs.c.checkpoint,
+    jobs.c.priority,
+    jobs.c.turn,
+    jobs.c.lease_token,
+    jobs.c.batch_key,
+    jobs.c.backend,
+    *WEBHOOK_COLUMNS,
+)
+_SNAPSHOT = tuple(c for c in JOB_COLUMNS if c.key not in {c.key for c in _CLAIMED})
+
+
+def _lease(due: Any, *, postgres: bool, backend: Any, snapshot: bool = False) -> Update:
     """The UPDATE that leases `due`'s jobs; `backend`: what to store as their backend (None:
-    placed afterwards)."""
+    placed afterwards); `snapshot`: return all of JOB_COLUMNS too."""
     # Whether more jobs wait than this claim takes: the worker then claims a slot's next job
     # the moment its backend answers, and otherwise stores the result first
     # (worker/loop.py). Read by the same statement (its snapshot: jobs that other claims
@@ -197,17 +223,8 @@ def _lease(due: Any, *, postgres: bool, backend: Any) -> Update:
             **({"backend": backend} if backend is not None else {}),
         )
         .returning(
-            jobs.c.id,
-            jobs.c.type,
-            jobs.c.attempts,
-            jobs.c.max_attempts,
-            jobs.c.checkpoint,
-            jobs.c.priority,
-            jobs.c.turn,
-            jobs.c.lease_token,
-            jobs.c.batch_key,
-            jobs.c.backend,
-            *WEBHOOK_COLUMNS,
+            *_CLAIMED,
+            *(_SNAPSHOT if snapshot else ()),
             _PAYLOAD,
             more.label("more_queued"),
         )
@@ -279,6 +296,21 @@ def _touch_statement(progress: bool, notify: bool) -> Update:
     return update(jobs).where(_FENCED).values(**values).returning(*returned)
 
 
+def _in_queue_order(rows: Sequence[AnyRow]) -> list[AnyRow]:
+    return sorted(rows, key=lambda r: (-r.priority, r.turn, r.seq))
+
+
+def _claim(row: AnyRow, backend: str) -> Claim:
+    """A claimed row as the worker's claim of it on `backend`."""
+    return claim_record(
+        row,
+        backend,
+        more_queued=bool(row.more_queued),
+        progress_webhook=announces(row, "progress"),
+        end_webhook=announces(row, "completed"),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Touch:
     alive: bool  # False: the lease is lost, stop and touch nothing
@@ -328,9 +360,9 @@ class JobMachine:
         assert batch == 1 or len(slots) == 1, "a batch claim is for one slot"
         slots = [(backend_name(name), checkpoint) for name, checkpoint in slots]
         now = self.clock()
+        if batch == 1 and not self.db.is_sqlite:
+            return await self._claim_placed(owner, slots, now)
         async with self.db.writing() as conn:
-            if batch == 1 and not self.db.is_sqlite:
-                return await self._claim_placed(conn, owner, slots, now)
             open_slots = await idle_slots(self.db, conn, owner, slots)
             if not open_slots:
                 return []
@@ -348,22 +380,29 @@ class JobMachine:
             "b_expires": now + self.lease_seconds,
         }
 
-    async def _claim_placed(
-        self, conn: AsyncConnection, owner: str, slots: Slots, now: float
-    ) -> list[tuple[int, Claim]]:
-        """PostgreSQL: the whole claim in one statement (_claim_placed_statement); a second
-        one only when a slot that last ran a job's checkpoint should take it instead."""
+    async def _claim_placed(self, owner: str, slots: Slots, now: float) -> list[tuple[int, Claim]]:
+        """PostgreSQL: the whole claim in one statement (_claim_placed_statement). Where no
+        job could go to another of the backends it finds idle (the slots last ran the same
+        checkpoint, or none), that statement is its own transaction, in autocommit: one round
+        trip, where BEGIN and COMMIT made three. Otherwise a second statement in the same
+        transaction moves a job to a slot that last ran its checkpoint."""
         first: dict[str, int] = {}  # a URL listed twice is still one backend
         for index, (name, _) in enumerate(slots):
             first.setdefault(name, index)
         values = {**self._lease_values(owner, now), "b_names": list(first)}
-        claimed = await conn.execute(_claim_placed_statement(), values)
-        rows = sorted(claimed.all(), key=lambda r: (-r.priority, r.turn, r.seq))
-        if not rows:
-            return []
-        given = [first[row.backend] for row in rows]
-        placed = [(given[i], row) for i, row in place(rows, [slots[i] for i in given])]
-        return await self._claimed(conn, slots, placed, now, stored=given)
+        if len({checkpoint for _, checkpoint in slots}) == 1:
+            async with self.db.writing_alone() as conn:
+                claimed = await conn.execute(_claim_placed_statement(True), values)
+                rows = _in_queue_order(claimed.all())
+            return [(first[row.backend], _claim(row, row.backend)) for row in rows]
+        async with self.db.writing() as conn:
+            claimed = await conn.execute(_claim_placed_statement(False), values)
+            rows = _in_queue_order(claimed.all())
+            if not rows:
+                return []
+            given = [first[row.backend] for row in rows]
+            placed = [(given[i], row) for i, row in place(rows, [slots[i] for i in given])]
+            return await self._claimed(conn, slots, placed, now, stored=given)
 
     async def _claim_in(
         self,
@@ -380,8 +419,7 @@ class JobMachine:
             statement = _batch_claim_statement(batch, key is not None, not self.db.is_sqlite)
         else:
             statement = _claim_statement(len(slots))
-        claimed = await conn.execute(statement, values)
-        rows = sorted(claimed.all(), key=lambda r: (-r.priority, r.turn, r.seq))
+        rows = _in_queue_order((await conn.execute(statement, values)).all())
         if not rows:
             return []
         placed = [(0, row) for row in rows] if batch > 1 else place(rows, slots)
@@ -415,19 +453,7 @@ class JobMachine:
         announced = [await announce(self.deliveries, conn, row, "started", now) for row in rows]
         if any(announced):
             await notify(self.db, conn)
-        return [
-            (
-                index,
-                claim_record(
-                    row,
-                    slots[index][0],
-                    more_queued=bool(row.more_queued),
-                    progress_webhook=announces(row, "progress"),
-                    end_webhook=announces(row, "completed"),
-                ),
-            )
-            for index, row in placed
-        ]
+        return [(index, _claim(row, slots[index][0])) for index, row in placed]
 
     # --- the lease holder's writes, each fenced by its token ---------------------------------
 

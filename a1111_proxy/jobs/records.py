@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import ColumnElement, Row, Text, cast, func, literal_column
 
 from a1111_proxy.db.tables import jobs
 from a1111_proxy.redaction import backend_name, scrub_all
@@ -149,6 +149,15 @@ def snapshot_columns(row: AnyRow) -> dict[str, Any]:
     """A job row's columns as the webhook outbox stores them (undecoded, so that every
     attempt of a message sends the same bytes)."""
     return dict(row._mapping)
+
+
+def snapshot_json(written: Any) -> ColumnElement[str]:
+    """PostgreSQL: snapshot_columns() as JSON, in SQL, for a statement that changes jobs
+    (`written`: a CTE of the changed rows with the columns of JOB_COLUMNS)."""
+    pairs: list[Any] = []
+    for name in _NAMES:
+        pairs += [literal_column(f"'{name}'"), written.c[name]]
+    return cast(func.json_build_object(*pairs), Text)
 
 
 def snapshot_record(data: str) -> JobRecord:

@@ -32,7 +32,8 @@ SHARED = "http://shared-a1111:7860"
 
 class HeldCommits(Database):
     """A database whose write transactions, once done, wait for `release` before they commit
-    (`holding` is set meanwhile): a claim caught between its writes and its commit."""
+    (`holding` is set meanwhile): a claim caught between its writes and its commit, its
+    statements in autocommit included."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -45,6 +46,12 @@ class HeldCommits(Database):
             yield conn
             self.holding.set()
             await self.release.wait()
+
+    @asynccontextmanager
+    async def writing_alone(self) -> AsyncIterator[AsyncConnection]:
+        # A statement in autocommit commits as it ends: held here as a transaction would be.
+        async with self.writing() as conn:
+            yield conn
 
 
 async def test_a_claim_made_while_another_claim_of_its_backend_is_open_takes_no_job_there(

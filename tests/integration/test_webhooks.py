@@ -7,14 +7,16 @@ import asyncio
 import base64
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from a1111_proxy.jobs import JobRepository, NewJob
-from a1111_proxy.wakeup import make_wakeup
+from a1111_proxy.wakeup import NOTIFY_CHANNEL, OUTBOX_CHANNEL, make_wakeup
 from a1111_proxy.webhooks import RetryPolicy
 from tests.claims import claim_next
 from tests.fakes.a1111 import FakeA1111
@@ -252,6 +254,52 @@ async def test_a_newer_message_supersedes_pending_started_and_progress_ones(
         ("progress", "superseded"),
         ("completed", "pending"),
     ]
+
+
+async def test_a_job_claimed_again_supersedes_the_unsent_started_message_of_its_attempt_before(
+    repo: JobRepository,
+) -> None:
+    """The claim queues `started` in its own statement on PostgreSQL (in autocommit): it must
+    do what the transaction's announce() does, message ids and superseding included."""
+    job_id = await submit(repo, "http://127.0.0.1:9/hook", events=["started", "completed"])
+    first = await claim_next(repo, "w", "b")
+    assert first is not None
+    assert await repo.release(first)  # back in the queue (a worker shutting down)
+    second = await claim_next(repo, "w", "b")
+    assert second is not None and second.token != first.token
+    messages = [d for d, _ in await deliveries(repo, job_id)]
+    assert [(d.event, d.status) for d in messages] == [
+        ("started", "superseded"),
+        ("started", "pending"),
+    ]
+    assert all(re.fullmatch("msg_[0-9a-f]{32}", d.id) for d in messages)
+    assert len({d.id for d in messages}) == 2
+
+
+async def test_a_claim_wakes_the_sender_only_when_it_queued_a_started_message(
+    repo: JobRepository, database_url: str
+) -> None:
+    """PostgreSQL: the senders listen on OUTBOX_CHANNEL (and the API on NOTIFY_CHANNEL); a
+    claim NOTIFYs them only when it queued a message."""
+    if repo.db.is_sqlite:
+        pytest.skip("SQLite has no channels: a waiter sees every commit (data_version)")
+    heard: list[str] = []
+    listener = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await submit(repo, None)
+        await submit(repo, "http://127.0.0.1:9/hook", events=["started"])
+        for channel in (NOTIFY_CHANNEL, OUTBOX_CHANNEL):
+            await listener.add_listener(channel, lambda *args: heard.append(args[2]))
+        assert await claim_next(repo, "w", "b") is not None  # the job without a webhook
+        await listener.execute("SELECT 1")  # a round trip: what was sent before has arrived
+        assert heard == []
+        assert await claim_next(repo, "w", "c") is not None  # the job with one
+        async with asyncio.timeout(30):
+            while len(heard) < 2:
+                await asyncio.sleep(0.01)
+        assert sorted(heard) == sorted([NOTIFY_CHANNEL, OUTBOX_CHANNEL])
+    finally:
+        await listener.close()
 
 
 async def test_a_job_that_ended_while_no_sender_ran_is_announced_when_one_starts(
