@@ -74,6 +74,8 @@ def _sql_literal(value: Any) -> str:
         return "NULL"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list) and all(item is None for item in value):
+        return "'{" + ",".join("NULL" for _ in value) + "}'"  # of the parameter's array type
     if isinstance(value, list):
         return "ARRAY[" + ", ".join(_sql_literal(item) for item in value) + "]"
     return repr(value)

@@ -16,8 +16,8 @@ moment when the queue is empty, so that a retried job is not put behind newcomer
 0 again. The queue view (reads.py) shows this same order.
 
 Jobs stored together (a grouped commit, intake.py) read the next turn of each owner and priority
-among them in one small statement before their INSERT; each owner's jobs then follow on from
-each other. The groups travel as one array (PostgreSQL's unnest, SQLite's json_each), so the
+among them in one small statement before their INSERT (on PostgreSQL, a CTE of that INSERT:
+`first_turns`); each owner's jobs then follow on from each other. The groups travel as one array (PostgreSQL's unnest, SQLite's json_each), so the
 statement is the same whatever their number: prepared and planned once. Each group reads one
 index entry (ix_jobs_owner_turns, ix_jobs_queue; the running jobs only when nothing is queued
 at its priority). Written as subqueries in the INSERT (per row), or as one column per group,
@@ -94,17 +94,27 @@ def _lookup(dialect: str, groups: list[Group]) -> tuple[Select[Any], dict[str, A
     return _POSTGRESQL, {"owners": [o for o, _ in groups], "priorities": [p for _, p in groups]}
 
 
+def first_turns(groups: Any) -> Any:
+    """PostgreSQL, for a statement that stores jobs: a CTE `turns` of the next turn (`turn`)
+    of each group of `groups` (a relation of distinct owner, priority)."""
+    turn = _next_turn(groups.c.owner, groups.c.priority)
+    return select(groups.c.owner, groups.c.priority, turn.label("turn")).cte("turns")
+
+
 def _next_turns(owner: Any, priority: Any, n: Any) -> Select[Any]:
     """The next turn of each group (owner, priority; n its order) of a table-valued function."""
+    return select(_next_turn(owner, priority)).order_by(n)
+
+
+def _next_turn(owner: Any, priority: Any) -> ColumnElement[int]:
     named = _turn(func.max, "queued", priority, jobs.c.owner == owner)
     ownerless = _turn(func.max, "queued", priority, and_(owner.is_(None), jobs.c.owner.is_(None)))
-    turn = func.coalesce(
+    return func.coalesce(
         func.coalesce(named, ownerless) + 1,
         _turn(func.min, "queued", priority),
         _turn(func.max, "processing", priority),
         0,
     )
-    return select(turn).order_by(n)
 
 
 def _turn(aggregate: Any, status: str, priority: Any, *terms: Any) -> ColumnElement[int]:
