@@ -17,15 +17,15 @@ moment when the queue is empty, so that a retried job is not put behind newcomer
 
 Jobs stored together (a grouped commit, intake.py) read the next turn of each owner and priority
 among them in one small statement before their INSERT (on PostgreSQL, a CTE of that INSERT:
-`first_turns`); each owner's jobs then follow on from each other. The groups travel as one
-array (PostgreSQL's unnest, SQLite's json_each), so the statement is the same whatever their
-number: prepared and planned once. Each group reads one index entry (ix_jobs_owner_turns,
-ix_jobs_queue; the running jobs only when nothing is queued at its priority). Written as subqueries in the INSERT (per row), or as one column per group,
-it cost PostgreSQL about a millisecond of planning per row or group of each new shape.
-Two submits of one owner committed at the same moment by two API processes on PostgreSQL can
-take the same turn (each reads before the other commits): that owner then gets two jobs in one
-turn, once; no job is lost or held back. Jobs without an owner (stored by code that gives none,
-or before owners were recorded: the migration numbered those) count as one owner.
+`first_turns`); each owner's jobs then follow on from each other. The groups travel as one array
+(PostgreSQL's unnest, SQLite's json_each), so the statement is the same whatever their number:
+prepared and planned once. Each group reads one index entry (ix_jobs_owner_turns, ix_jobs_queue; the
+running jobs only when nothing is queued at its priority). Written as subqueries in the INSERT (per
+row), or as one column per group, it cost PostgreSQL about a millisecond of planning per row or
+group of each new shape. Two submits of one owner committed at the same moment by two API processes
+on PostgreSQL can take the same turn (each reads before the other commits): that owner then gets two
+jobs in one turn, once; no job is lost or held back. Jobs without an owner (stored by code that
+gives none, or before owners were recorded: the migration numbered those) count as one owner.
 A job's priority never changes once it is queued; a change would have to give it a new turn.
 """
 
