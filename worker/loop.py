@@ -36,8 +36,7 @@ WORKER_BEAT_SECONDS = 5.0
 SHARE_STALE_SECONDS = 3 * WORKER_BEAT_SECONDS
 SHARE_READ_SECONDS = 1.0
 # How long a backend that answered waits for a claim made for others that answered before it
-# (then it is claimed for beside that claim), and how long a finished job's result waits for
-# the claims of the backends that answered with it: see Worker._claim_next, _backend_free.
+# (then it is claimed for beside that claim): see Worker._claim_next.
 HAND_OVER_WAIT_SECONDS = 0.1
 
 
@@ -509,13 +508,6 @@ class Worker:
         self._side_claims.add(claiming)
         claiming.add_done_callback(self._side_claims.discard)
         await asyncio.wait({claiming}, timeout=self.timing.heartbeat_seconds / 2)
-        # Backends that answered in the same moment (in step, after a burst) have their next
-        # jobs claimed before this result is stored, for up to HAND_OVER_WAIT_SECONDS: the
-        # stores would otherwise hold up their claims on the event loop and the database,
-        # and an idle backend costs more than a result seen a moment later.
-        ahead = self._handing_over
-        if ahead is not None and not ahead.done():
-            await asyncio.wait({ahead}, timeout=HAND_OVER_WAIT_SECONDS)
 
     async def _claim_next(self, slot: Slot) -> None:
         """Claim the next job of a backend that answered. Backends that answer while such a
