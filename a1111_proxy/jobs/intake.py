@@ -4,13 +4,14 @@ Submits without an idempotency key are committed in groups: each request still w
 own commit, but concurrent requests share one transaction. A job that names no checkpoint
 takes the default one (POST /options) read in the same transaction (catalogue.py owns it).
 
-On SQLite a group's turns, jobs and payloads are stored in one round trip to the connection's
-thread, with statements sqlite3 keeps prepared (`_store_sqlite`); each job's record is made from
-the values stored rather than read back. On PostgreSQL the defaults are read first, then the
-group's turns, jobs, payloads and NOTIFY are one statement in autocommit (`_store_postgresql`,
-its values bound as one array per column): two round trips for any number of jobs. With tenant
-limits on, their reads and the stores share one transaction (SQLAlchemy statements, one round
-trip each). The statements are compiled from the same table definitions.
+On SQLite a group's tenant limits, turns, jobs and payloads are read and stored in one round
+trip to the connection's thread, with statements sqlite3 keeps prepared (`_store_sqlite`); each
+job's record is made from the values stored rather than read back. On PostgreSQL the defaults
+are read first, then the group's turns, jobs, payloads and NOTIFY are one statement in
+autocommit (`_store_postgresql`, its values bound as one array per column): two round trips for
+any number of jobs; with tenant limits on, their reads and the stores share one transaction
+(SQLAlchemy statements, one round trip each). The statements are compiled from the same table
+definitions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 from typing import Any
 
 from sqlalchemy import ARRAY, Select, Text, and_, bindparam, func, insert, select
@@ -163,23 +164,34 @@ class JobIntake:
         """Store the jobs that their tenants' limits admit, in one transaction; each of the
         others gets the TenantLimitReached that refused it."""
         now = self.clock()
-        if self.db.is_sqlite and not self.limits.on:
-            return list(await self._insert_in_one_trip(batch, now))
+        if self.db.is_sqlite:
+            return await self._insert_in_one_trip(batch, now)
         if not self.limits.on:
             return list(await self._insert_in_one_statement(batch, now))
         async with self.db.writing() as conn:
-            refused = await self._refused(conn, batch, now) if self.limits.on else {}
+            used = {owner: await self._usage(conn, owner, now) for owner in _tenants(batch)}
+            refused = self._refused(batch, used, now)
             admitted = [new for index, new in enumerate(batch) if index not in refused]
             stored = iter(await self._insert_in(conn, admitted, now) if admitted else [])
         return [refused[index] if index in refused else next(stored) for index in range(len(batch))]
 
-    async def _insert_in_one_trip(self, batch: Sequence[NewJob], now: float) -> list[JobRecord]:
-        """SQLite without tenant limits: BEGIN IMMEDIATE, the defaults read, the turns, the
-        inserts and COMMIT in one round trip to the connection's thread."""
-        rows = [self._job_values(new, now) for new in batch]
-        payloads = [new.payload for new in batch]
+    async def _insert_in_one_trip(
+        self, batch: Sequence[NewJob], now: float
+    ) -> list[JobRecord | TenantLimitReached]:
+        """SQLite: BEGIN IMMEDIATE, the tenants' use of their limits, the defaults read, the
+        turns, the inserts and COMMIT in one round trip to the connection's thread."""
+        refused: dict[int, TenantLimitReached] = {}
+        rows: list[dict[str, Any]] = []
 
         def store(connection: sqlite3.Connection) -> None:
+            if self.limits.on:
+                used = {o: self._usage_sqlite(connection, o, now) for o in _tenants(batch)}
+                refused.update(self._refused(batch, used, now))
+            admitted = [new for index, new in enumerate(batch) if index not in refused]
+            rows.extend(self._job_values(new, now) for new in admitted)
+            payloads = [new.payload for new in admitted]
+            if not rows:
+                return
             defaults = None
             if any(row["type"] in GENERATIONS for row in rows):
                 defaults = submit_defaults_sqlite(connection, _owners(rows))
@@ -188,7 +200,8 @@ class JobIntake:
 
         async with self.db.writing() as conn:
             await on_connection_thread(conn, store, commit=True)
-        return [stored_record(row) for row in rows]
+        stored = iter([stored_record(row) for row in rows])
+        return [refused[index] if index in refused else next(stored) for index in range(len(batch))]
 
     async def _insert_in_one_statement(
         self, batch: Sequence[NewJob], now: float
@@ -211,16 +224,14 @@ class JobIntake:
         by_id = {row.id: row for row in stored}
         return [job_record(by_id[row["id"]]) for row in rows]
 
-    async def _refused(
-        self, conn: AsyncConnection, batch: Sequence[NewJob], now: float
+    def _refused(
+        self, batch: Sequence[NewJob], used: dict[str | None, Usage], now: float
     ) -> dict[int, TenantLimitReached]:
         """Which of `batch` their tenant's limits refuse (by index), counting the jobs stored
-        and those admitted before them in the batch."""
+        (`used`: each tenant's use, read in the transaction) and those admitted before them in
+        the batch."""
         refused: dict[int, TenantLimitReached] = {}
-        used: dict[str | None, Usage] = {}
         for index, new in enumerate(batch):
-            if new.owner not in used:
-                used[new.owner] = await self._usage(conn, new.owner, now)
             usage = used[new.owner]
             reason = usage.refusal(self.limits, now)
             if reason is not None:
@@ -233,21 +244,33 @@ class JobIntake:
         """The tenant's queued jobs (up to the limit) and the times of its latest submits (up
         to the rate): reads bounded by the limits, on the (owner, status) and (owner, seq)
         indexes."""
-        mine = jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
         queued = 0
         if self.limits.max_queued:
-            query = select(jobs.c.seq).where(mine, jobs.c.status == "queued")
-            queued = len((await conn.execute(query.limit(self.limits.max_queued))).all())
+            query = _usage_query("queued", owner, self.limits.max_queued)
+            queued = len((await conn.execute(query)).all())
         recent: list[float] = []
         if self.limits.per_minute:
-            latest = select(jobs.c.created_at).where(mine).order_by(jobs.c.seq.desc())
-            found = await conn.execute(latest.limit(self.limits.per_minute))
+            found = await conn.execute(_usage_query("recent", owner, self.limits.per_minute))
             recent = sorted(at for at in found.scalars() if at > now - 60)
+        return Usage(queued, recent)
+
+    def _usage_sqlite(self, connection: sqlite3.Connection, owner: str | None, now: float) -> Usage:
+        """_usage with sqlite3 itself, on the connection's thread, in its transaction."""
+        queued = 0
+        if self.limits.max_queued:
+            prepared = _usage_prepared("queued", owner is None, self.limits.max_queued)
+            queued = len(connection.execute(prepared.sql, prepared.args(owner=owner)).fetchall())
+        recent: list[float] = []
+        if self.limits.per_minute:
+            prepared = _usage_prepared("recent", owner is None, self.limits.per_minute)
+            found = connection.execute(prepared.sql, prepared.args(owner=owner)).fetchall()
+            recent = sorted(at for (at,) in found if at > now - 60)
         return Usage(queued, recent)
 
     async def _insert_in(
         self, conn: AsyncConnection, batch: Sequence[NewJob], now: float
     ) -> list[JobRecord]:
+        """PostgreSQL with tenant limits: the stores, in the transaction that read the limits."""
         rows = [self._job_values(new, now) for new in batch]
         payloads = [new.payload for new in batch]
         defaults = None
@@ -255,9 +278,6 @@ class JobIntake:
             # Read in the same transaction: a job takes the defaults set before it was stored.
             defaults = await self.catalogue.submit_defaults_in(conn, _owners(rows))
         self._complete(rows, payloads, defaults)
-        if self.db.is_sqlite:
-            await on_connection_thread(conn, partial(_store_sqlite, rows, payloads))
-            return [stored_record(row) for row in rows]
         await assign_turns(conn, rows)
         inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
         by_id = {row.id: row for row in inserted}
@@ -399,6 +419,25 @@ def _store_postgresql(columns: tuple[str, ...]) -> Select[Any]:
     return select(*(inserted.c[c.key] for c in JOB_COLUMNS), *told).add_cte(
         payloads.cte("payloads")
     )
+
+
+def _usage_query(what: str, owner: Any, limit: int) -> Select[Any]:
+    """A tenant's queued jobs (`what` queued), or the times of its latest submits (recent), up
+    to `limit`. `owner`: its name (or a bound parameter), None for the jobs without one."""
+    mine = jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
+    if what == "queued":
+        return select(jobs.c.seq).where(mine, jobs.c.status == "queued").limit(limit)
+    return select(jobs.c.created_at).where(mine).order_by(jobs.c.seq.desc()).limit(limit)
+
+
+@cache
+def _usage_prepared(what: str, ownerless: bool, limit: int) -> Prepared:
+    """_usage_query for sqlite3 (binds: owner, unless `ownerless`)."""
+    return positional(_usage_query(what, None if ownerless else bindparam("owner"), limit))
+
+
+def _tenants(batch: Sequence[NewJob]) -> list[str | None]:
+    return list(dict.fromkeys(new.owner for new in batch))
 
 
 def _owners(rows: Sequence[dict[str, Any]]) -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import pytest
 
 from a1111_proxy.db.engine import Database
-from a1111_proxy.errors import IdempotencyKeyReused
-from a1111_proxy.jobs import JobRepository, NewJob
+from a1111_proxy.errors import IdempotencyKeyReused, TenantLimitReached
+from a1111_proxy.jobs import JobRepository, NewJob, TenantLimits
 from tests.claims import claim_next
 from tests.fakes.clock import Clock
 from tests.plans import count_round_trips
@@ -88,6 +89,32 @@ async def test_submits_that_arrive_together_are_stored_in_one_round_trip_on_sqli
         assert [c.payload["prompt"] for c in claimed if c] == ["warm-up"] + [
             f"p{i}" for i in range(20)
         ]
+    finally:
+        await db.dispose()
+
+
+async def test_submits_under_tenant_limits_are_stored_in_one_round_trip_on_sqlite(
+    sqlite_url: str,
+) -> None:
+    """With TENANT_MAX_QUEUED and TENANT_SUBMITS_PER_MINUTE on, the tenants' use of their
+    limits is read in the same call on SQLite's thread, and counts the whole group."""
+    db = Database(sqlite_url)
+    try:
+        repo = JobRepository(db, limits=TenantLimits(max_queued=3, per_minute=5))
+        alice = dataclasses.replace(new_job("a"), owner="alice")
+        await repo.submit(alice)  # the pool's one write connection now exists
+        async with db.write_engine.connect() as conn:
+            trips = await count_round_trips(conn)
+        group = [alice] * 4 + [dataclasses.replace(new_job("n"), owner=None)] * 2
+        outcomes = await asyncio.gather(
+            *(repo.submit(new) for new in group), return_exceptions=True
+        )
+        assert len(trips) == 1
+        refused = [o for o in outcomes if isinstance(o, TenantLimitReached)]
+        assert len(refused) == 2 and "TENANT_MAX_QUEUED" in str(refused[0])  # 1 stored + 2 more
+        assert len([o for o in outcomes if not isinstance(o, BaseException)]) == 4
+        owners = sorted(str(job.owner) for job in await repo.page(limit=50))
+        assert owners == ["None", "None", "alice", "alice", "alice"]
     finally:
         await db.dispose()
 
