@@ -9,9 +9,8 @@ trip to the connection's thread, with statements sqlite3 keeps prepared (`_store
 job's record is made from the values stored rather than read back. On PostgreSQL the defaults
 are read first, then the group's turns, jobs, payloads and NOTIFY are one statement in
 autocommit (`_store_postgresql`, its values bound as one array per column): two round trips for
-any number of jobs; with tenant limits on, their reads and the stores share one transaction
-(SQLAlchemy statements, one round trip each). The statements are compiled from the same table
-definitions.
+any number of jobs, and with tenant limits on, their reads (two per tenant) before them. The
+statements are compiled from the same table definitions.
 """
 
 from __future__ import annotations
@@ -37,8 +36,8 @@ from a1111_proxy.db.sqlite_driver import Prepared, on_connection_thread, positio
 from a1111_proxy.db.tables import job_payloads, jobs
 from a1111_proxy.errors import IdempotencyKeyReused, TenantLimitReached
 from a1111_proxy.jobs.records import GENERATIONS, JOB_COLUMNS, JobRecord, job_record, stored_record
-from a1111_proxy.jobs.turns import assign_turns, assign_turns_sqlite, first_turns
-from a1111_proxy.wakeup import DUE, notify
+from a1111_proxy.jobs.turns import assign_turns_sqlite, first_turns
+from a1111_proxy.wakeup import DUE
 
 BATCH = 256  # jobs committed in one transaction at most
 # (type, body, checkpoint) -> the job's batch key (engine/compat.py), or None: it runs alone.
@@ -168,11 +167,15 @@ class JobIntake:
             return await self._insert_in_one_trip(batch, now)
         if not self.limits.on:
             return list(await self._insert_in_one_statement(batch, now))
-        async with self.db.writing() as conn:
+        # PostgreSQL: the limits are read just before the store. This process stores one group
+        # at a time, so each group's reads see the groups before it; API processes that store
+        # at the same moment may each admit a tenant's last place (as in one READ COMMITTED
+        # transaction: neither would see the other's uncommitted jobs).
+        async with self.db.reading() as conn:
             used = {owner: await self._usage(conn, owner, now) for owner in _tenants(batch)}
-            refused = self._refused(batch, used, now)
-            admitted = [new for index, new in enumerate(batch) if index not in refused]
-            stored = iter(await self._insert_in(conn, admitted, now) if admitted else [])
+        refused = self._refused(batch, used, now)
+        admitted = [new for index, new in enumerate(batch) if index not in refused]
+        stored = iter(await self._insert_in_one_statement(admitted, now) if admitted else [])
         return [refused[index] if index in refused else next(stored) for index in range(len(batch))]
 
     async def _insert_in_one_trip(
@@ -206,9 +209,9 @@ class JobIntake:
     async def _insert_in_one_statement(
         self, batch: Sequence[NewJob], now: float
     ) -> list[JobRecord]:
-        """PostgreSQL without tenant limits: the defaults read, then the turns, the inserts
-        and the NOTIFY in one statement in autocommit (_store_postgresql): two round trips,
-        where a transaction took seven."""
+        """PostgreSQL: the defaults read, then the turns, the inserts and the NOTIFY in one
+        statement in autocommit (_store_postgresql): two round trips, where a transaction
+        took seven."""
         rows = [self._job_values(new, now) for new in batch]
         payloads = [new.payload for new in batch]
         defaults = None
@@ -266,30 +269,6 @@ class JobIntake:
             found = connection.execute(prepared.sql, prepared.args(owner=owner)).fetchall()
             recent = sorted(at for (at,) in found if at > now - 60)
         return Usage(queued, recent)
-
-    async def _insert_in(
-        self, conn: AsyncConnection, batch: Sequence[NewJob], now: float
-    ) -> list[JobRecord]:
-        """PostgreSQL with tenant limits: the stores, in the transaction that read the limits."""
-        rows = [self._job_values(new, now) for new in batch]
-        payloads = [new.payload for new in batch]
-        defaults = None
-        if any(row["type"] in GENERATIONS for row in rows):
-            # Read in the same transaction: a job takes the defaults set before it was stored.
-            defaults = await self.catalogue.submit_defaults_in(conn, _owners(rows))
-        self._complete(rows, payloads, defaults)
-        await assign_turns(conn, rows)
-        inserted = (await conn.execute(insert(jobs).returning(*JOB_COLUMNS), rows)).all()
-        by_id = {row.id: row for row in inserted}
-        await conn.execute(
-            insert(job_payloads),
-            [
-                {"job_seq": by_id[r["id"]].seq, "body": payload}
-                for r, payload in zip(rows, payloads, strict=True)
-            ],
-        )
-        await notify(self.db, conn, *DUE)
-        return [job_record(by_id[r["id"]]) for r in rows]
 
     async def _submit_idempotent(self, new: NewJob) -> Submitted:
         try:

@@ -39,9 +39,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
     ColumnElement,
-    Integer,
     Select,
     String,
     and_,
@@ -49,7 +47,6 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.sqlite_driver import Prepared, positional
 from a1111_proxy.db.tables import jobs
@@ -58,16 +55,10 @@ from a1111_proxy.jobs.clauses import in_status
 Group = tuple[str | None, int]  # (owner, priority)
 
 
-async def assign_turns(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    """Give each row its `turn` (rows about to be inserted together, in their order)."""
-    groups = _groups(rows)
-    query, params = _lookup(conn.dialect.name, groups)
-    _give_turns(rows, groups, list((await conn.execute(query, params)).scalars()))
-
-
 def assign_turns_sqlite(connection: sqlite3.Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """assign_turns with sqlite3 itself, on the connection's thread, in its transaction (the
-    submit path's one round trip: intake.py)."""
+    """Give each row its `turn` (rows about to be inserted together, in their order), with
+    sqlite3 itself, on the connection's thread, in its transaction (the submit path's one round
+    trip: intake.py)."""
     groups = _groups(rows)
     prepared = _sqlite_prepared()
     found = connection.execute(prepared.sql, prepared.args(groups=json.dumps(groups))).fetchall()
@@ -85,13 +76,6 @@ def _give_turns(rows: Sequence[dict[str, Any]], groups: list[Group], firsts: lis
         group = (row["owner"], row["priority"])
         row["turn"] = first[group] + taken[group]
         taken[group] += 1
-
-
-def _lookup(dialect: str, groups: list[Group]) -> tuple[Select[Any], dict[str, Any]]:
-    """The statement for this database, and the groups as it binds them (as one array)."""
-    if dialect == "sqlite":
-        return _SQLITE, {"groups": json.dumps(groups)}
-    return _POSTGRESQL, {"owners": [o for o, _ in groups], "priorities": [p for _, p in groups]}
 
 
 def first_turns(groups: Any) -> Any:
@@ -123,17 +107,6 @@ def _turn(aggregate: Any, status: str, priority: Any, *terms: Any) -> ColumnElem
     return query.where(*terms).scalar_subquery()
 
 
-def _postgresql() -> Select[Any]:
-    groups = (
-        func.unnest(
-            bindparam("owners", type_=ARRAY(String)), bindparam("priorities", type_=ARRAY(Integer))
-        )
-        .table_valued("owner", "priority", with_ordinality="n")
-        .render_derived(name="g")
-    )
-    return _next_turns(groups.c.owner, groups.c.priority, groups.c.n).select_from(groups)
-
-
 def _sqlite() -> Select[Any]:
     groups = func.json_each(bindparam("groups", type_=String)).table_valued("key", "value")
     group = groups.alias("g")
@@ -141,7 +114,7 @@ def _sqlite() -> Select[Any]:
     return _next_turns(owner, priority, group.c.key).select_from(group)
 
 
-_POSTGRESQL, _SQLITE = _postgresql(), _sqlite()
+_SQLITE = _sqlite()
 
 
 @cache
