@@ -135,8 +135,8 @@ class CatalogueStore:
         return None if value is None else json.loads(value)
 
     async def submit_defaults_in(self, conn: AsyncConnection, owners: set[str]) -> SubmitDefaults:
-        """The defaults POST /options set (globally, and by these tenants), read in the
-        caller's transaction: a job submitted in it takes what was set before it was stored."""
+        """The defaults POST /options set (globally, and by these tenants), read on `conn`
+        just before the jobs are stored: a job takes what was set before it was stored."""
         keys = [DEFAULT_CHECKPOINT, *(TENANT_OPTIONS + owner for owner in owners)]
         query = select(controls.c.key, controls.c.value).where(controls.c.key.in_(keys))
         return _submit_defaults((await conn.execute(query)).all())

@@ -2,7 +2,7 @@
 
 Submits without an idempotency key are committed in groups: each request still waits for its
 own commit, but concurrent requests share one transaction. A job that names no checkpoint
-takes the default one (POST /options) read in the same transaction (catalogue.py owns it).
+takes the default one (POST /options) read as it is stored (catalogue.py owns it).
 
 On SQLite a group's tenant limits, turns, jobs and payloads are read and stored in one round
 trip to the connection's thread, with statements sqlite3 keeps prepared (`_store_sqlite`); each
@@ -160,7 +160,7 @@ class JobIntake:
                     future.set_result(outcome)
 
     async def _insert_many(self, batch: Sequence[NewJob]) -> list[JobRecord | TenantLimitReached]:
-        """Store the jobs that their tenants' limits admit, in one transaction; each of the
+        """Store the jobs that their tenants' limits admit, committed together; each of the
         others gets the TenantLimitReached that refused it."""
         now = self.clock()
         if self.db.is_sqlite:
