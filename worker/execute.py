@@ -95,15 +95,20 @@ async def _watch(
     generation: asyncio.Task[Any],
     timing: Timing,
 ) -> bool:
-    """Wait for the generation, storing progress and renewing the lease. True: cancel asked."""
+    """Wait for the generation, storing progress and renewing the lease. True: cancel asked.
+
+    A live preview is fetched (at most every `preview_seconds`) only while someone looks at
+    one (Touch.preview_wanted): for nobody, it would cost the A1111 an image encode, and us its
+    transfer and a write."""
     last_write = last_busy = last_preview = time.monotonic()
     last_seen: tuple[float, float | None] | None = None
+    watched = False  # someone looks at the live preview (as the last touch said)
     while True:
         done, _ = await asyncio.wait({generation}, timeout=timing.progress_seconds)
         if done:
             return False
         now = time.monotonic()
-        want_image = now - last_preview >= timing.preview_seconds
+        want_image = watched and now - last_preview >= timing.preview_seconds
         progress = await _read_progress_unless_done(backend, want_image, generation)
         if generation.done():  # never make a finished job wait for a progress read
             return False
@@ -138,6 +143,7 @@ async def _watch(
             continue
         if not touch.alive:
             raise LeaseLost()
+        watched = touch.preview_wanted
         if touch.cancel_requested:
             return True
         if touch.skip_requested:

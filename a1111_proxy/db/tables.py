@@ -77,6 +77,9 @@ jobs = Table(
     # What a job must share with others to run in one engine batch (engine/compat.py); NULL:
     # it always runs alone.
     Column("batch_key", String(64), nullable=True),
+    # Until when someone looks at its live preview (an event stream, A1111's /progress): its
+    # worker fetches previews only before then (jobs/control.py watch_preview).
+    Column("preview_wanted_until", Double, nullable=True),
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
     Index(

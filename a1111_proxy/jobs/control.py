@@ -1,7 +1,8 @@
 """JobControl: the state changes made from outside a worker's lease.
 
 The API's cancel (at once for a queued job; a running one is asked to stop), A1111's /interrupt
-and /skip over a caller's running jobs, and the worker's two sweeps: leases that ran out (the
+and /skip over a caller's running jobs, the API's note that someone looks at a job's live
+preview (watch_preview), and the worker's two sweeps: leases that ran out (the
 worker died) and deadlines that passed. With machine.py, the only code that changes a job's
 status; each status change queues its webhook message in the same transaction (outbox.py).
 """
@@ -29,6 +30,11 @@ from a1111_proxy.jobs.outbox import announce
 from a1111_proxy.jobs.records import JOB_COLUMNS, TERMINAL, JobRecord, error_json, job_record
 from a1111_proxy.wakeup import DUE, notify
 
+# A job's worker fetches live previews for this long after someone last looked at one; a
+# watcher renews it when less than half is left (so at most one write per job every 10 s for
+# each API process, however often the watcher polls).
+PREVIEW_WATCH_SECONDS = 20.0
+
 
 class JobControl:
     def __init__(
@@ -41,6 +47,7 @@ class JobControl:
         self.db = db
         self.deliveries = deliveries
         self.clock = clock
+        self._watched: dict[int, float] = {}  # job seq -> the preview watch this process stored
 
     # --- cancel, interrupt, skip (the API's side) --------------------------------------------
 
@@ -121,6 +128,25 @@ class JobControl:
         )
         async with self.db.writing() as conn:
             return (await conn.execute(stmt)).rowcount
+
+    async def watch_preview(self, seq: int) -> None:
+        """Someone looks at the job's live preview (its event stream, A1111's /progress with
+        its image): its worker fetches previews for the next PREVIEW_WATCH_SECONDS. Only
+        then, because a preview costs the A1111 an image encode, and us its transfer and a
+        write, once a second for every running job."""
+        now = self.clock()
+        if self._watched.get(seq, 0.0) - now > PREVIEW_WATCH_SECONDS / 2:
+            return
+        until = now + PREVIEW_WATCH_SECONDS
+        stmt = (
+            update(jobs)
+            .where(jobs.c.seq == seq, jobs.c.status.in_(("queued", "processing")))
+            .values(preview_wanted_until=until)
+        )
+        async with self.db.writing_alone() as conn:
+            await conn.execute(stmt)
+        self._watched = {s: t for s, t in self._watched.items() if t > now}
+        self._watched[seq] = until
 
     # --- sweeps: lost leases and deadlines ---------------------------------------------------
 

@@ -279,6 +279,10 @@ def _complete_alone_statement(status: str) -> Select[Any]:
     return select(done.c.seq).add_cte(images.cte("images"))
 
 
+# What was asked of a running job from outside its lease (Touch).
+_ASKED = (jobs.c.cancel_requested_at, jobs.c.skip_requested_at, jobs.c.preview_wanted_until)
+
+
 @functools.cache
 def _touch_statement(progress: bool, notify: bool) -> Update:
     """Renew the lease holder's lease (with `progress`: store progress and ETA), returning what
@@ -292,7 +296,7 @@ def _touch_statement(progress: bool, notify: bool) -> Update:
         values["progress"] = bindparam("b_progress", type_=Double)
         values["eta_relative"] = bindparam("b_eta", type_=Double)
     told = notifying(PROGRESS_CHANNEL) if notify else []
-    returned = (jobs.c.cancel_requested_at, jobs.c.skip_requested_at, *WEBHOOK_COLUMNS, *told)
+    returned = (*_ASKED, *WEBHOOK_COLUMNS, *told)
     return update(jobs).where(_FENCED).values(**values).returning(*returned)
 
 
@@ -316,6 +320,7 @@ class Touch:
     alive: bool  # False: the lease is lost, stop and touch nothing
     cancel_requested: bool
     skip_requested: bool = False
+    preview_wanted: bool = False  # someone looks at its live preview now
 
 
 def retry_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -473,8 +478,9 @@ class JobMachine:
         preview: str | None = None,
     ) -> Touch:
         """Renew the lease (and store progress and the live preview); learn whether a cancel
-        or a skip was asked for. Progress alone, of a job without progress webhooks, is one
-        statement (on PostgreSQL one round trip, its NOTIFY included)."""
+        or a skip was asked for, and whether someone looks at the live preview. Progress
+        alone, of a job without progress webhooks, is one statement (on PostgreSQL one round
+        trip, its NOTIFY included)."""
         now = self.clock()
         values: dict[str, Any] = {
             "b_seq": claim.seq,
@@ -489,7 +495,7 @@ class JobMachine:
         statement = _touch_statement(progress is not None, told and not self.db.is_sqlite)
         if preview is None and not claim.progress_webhook:
             async with self.db.writing_alone() as conn:
-                return _touch((await conn.execute(statement, values)).one_or_none())
+                return _touch((await conn.execute(statement, values)).one_or_none(), now)
         async with self.db.writing() as conn:
             row = (await conn.execute(statement, values)).one_or_none()
             if row is not None and progress is not None:
@@ -500,15 +506,13 @@ class JobMachine:
                 await conn.execute(
                     insert(job_previews).values(job_seq=claim.seq, image=preview, updated_at=now)
                 )
-        return _touch(row)
+        return _touch(row, now)
 
     async def requests(self, claim: Claim) -> Touch:
-        """A read-only look at what was asked of a running job (cancel, skip)."""
-        query = select(jobs.c.cancel_requested_at, jobs.c.skip_requested_at).where(
-            self._fenced(claim)
-        )
+        """A read-only look at what was asked of a running job (cancel, skip, a preview)."""
+        query = select(*_ASKED).where(self._fenced(claim))
         async with self.db.reading() as conn:
-            return _touch((await conn.execute(query)).one_or_none())
+            return _touch((await conn.execute(query)).one_or_none(), self.clock())
 
     async def clear_skip(self, claim: Claim) -> None:
         stmt = update(jobs).where(self._fenced(claim)).values(skip_requested_at=None)
@@ -611,11 +615,12 @@ class JobMachine:
         return done
 
 
-def _touch(row: AnyRow | None) -> Touch:
+def _touch(row: AnyRow | None, now: float) -> Touch:
     if row is None:
         return Touch(alive=False, cancel_requested=False)
     return Touch(
         alive=True,
         cancel_requested=row.cancel_requested_at is not None,
         skip_requested=row.skip_requested_at is not None,
+        preview_wanted=(row.preview_wanted_until or 0.0) > now,
     )

@@ -26,9 +26,17 @@ from a1111_proxy.redaction import backend_name, scrub_all
 TERMINAL = frozenset({"completed", "error", "canceled"})
 GENERATIONS = frozenset({"txt2img", "img2img"})
 
-# Columns the API shows; never the payload, the secret, image data, or what only claims read
-# (`turn`, `batch_key`).
-_HIDDEN = {"webhook_secret", "lease_token", "request_hash", "idempotency_key", "turn", "batch_key"}
+# Columns the API shows; never the payload, the secret, image data, or what only claims and
+# workers read (`turn`, `batch_key`, `preview_wanted_until`).
+_HIDDEN = {
+    "webhook_secret",
+    "lease_token",
+    "request_hash",
+    "idempotency_key",
+    "turn",
+    "batch_key",
+    "preview_wanted_until",
+}
 JOB_COLUMNS = tuple(c for c in jobs.c if c.name not in _HIDDEN)
 _NAMES = tuple(c.name for c in JOB_COLUMNS)  # JobRecord's fields, in this order
 _COUNT = len(_NAMES)

@@ -106,6 +106,8 @@ async def progress(request: Request) -> Response:
         )
     job = running[0]
     skip_image = bool_param(request, "skip_current_image", default=False)
+    if not skip_image:
+        await repo.watch_preview(job.seq)  # the worker fetches previews while someone looks
     steps = requested_steps(job)
     state = {
         **IDLE_STATE,

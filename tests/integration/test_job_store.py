@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from a1111_proxy.db.engine import Database
+from a1111_proxy.db.tables import jobs
 from a1111_proxy.errors import IdempotencyKeyReused, TenantLimitReached
 from a1111_proxy.jobs import JobRepository, NewJob, TenantLimits
 from tests.claims import claim_next
@@ -251,6 +253,44 @@ async def test_a_job_canceled_while_its_worker_died_ends_canceled(
     await repo.cancel(job_id)
     clock.advance(31)
     assert await repo.reap_expired() == [(job_id, "canceled")]
+
+
+async def test_a_preview_watch_is_written_once_per_half_window_and_lapses_unless_renewed(
+    repo: JobRepository, db: Database, clock: Clock
+) -> None:
+    await repo.submit(new_job("watched"))
+    claim = await claim_next(repo, "w", "http://slot")
+    assert claim is not None
+    assert not (await repo.requests(claim)).preview_wanted  # nobody looks: no previews
+
+    async def stored() -> float | None:
+        async with db.reading() as conn:
+            query = select(jobs.c.preview_wanted_until).where(jobs.c.seq == claim.seq)
+            return (await conn.execute(query)).scalar_one()
+
+    await repo.watch_preview(claim.seq)
+    assert (await repo.requests(claim)).preview_wanted
+    assert await stored() == clock.now + 20
+    written = await stored()
+    clock.advance(9)  # a client polling /progress every moment: no write while half is left
+    await repo.watch_preview(claim.seq)
+    assert await stored() == written
+    clock.advance(2)
+    await repo.watch_preview(claim.seq)
+    assert await stored() == clock.now + 20
+    clock.advance(21)  # the watcher went away
+    touch = await repo.touch(claim, progress=0.5)
+    assert touch.alive and not touch.preview_wanted
+
+
+async def test_a_finished_job_is_not_marked_watched(repo: JobRepository, db: Database) -> None:
+    submitted = await repo.submit(new_job("done"))
+    await repo.cancel(submitted.job.id)
+    row = await repo.get(submitted.job.id)
+    await repo.watch_preview(row.seq)
+    async with db.reading() as conn:
+        query = select(jobs.c.preview_wanted_until).where(jobs.c.seq == row.seq)
+        assert (await conn.execute(query)).scalar_one() is None
 
 
 async def test_requeue_hides_the_job_until_its_backoff_is_over(

@@ -4,11 +4,14 @@ is about A1111's HTTP API against the fake A1111, a real HTTP server."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -18,6 +21,7 @@ from a1111_proxy.backends.a1111 import CATALOGUE_PATHS, A1111Backend
 from a1111_proxy.backends.fake import FakeBackend
 from a1111_proxy.catalogue import ENTRIES
 from a1111_proxy.db.engine import Database
+from a1111_proxy.db.tables import job_previews, jobs
 from a1111_proxy.jobs import JobRepository, NewJob
 from a1111_proxy.wakeup import make_wakeup
 from tests.fakes.a1111 import FakeA1111
@@ -118,6 +122,47 @@ async def test_progress_is_stored_while_the_generation_runs(
     fake.finish_current()
     await run
     assert (await repo.get(job_id)).status == "completed"
+
+
+async def test_a_live_preview_is_fetched_only_while_someone_looks_at_the_job(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str, db: Database
+) -> None:
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    worker = make_worker(repo, [fake], database_url)
+    worker.timing = dataclasses.replace(FAST, preview_seconds=0.05)
+    run = asyncio.create_task(worker.run_until_empty())
+    progressed: list[float] = []
+
+    async def progress_stored(times: int) -> bool:
+        row = await repo.get(job_id)
+        if row.progress > (progressed[-1] if progressed else 0):
+            progressed.append(row.progress)
+        return len(progressed) >= times
+
+    await wait_until(lambda: progress_stored(5))  # many ticks, a preview due at each
+    seq = (await repo.get(job_id)).seq
+    assert await repo.preview(seq) is None  # nobody looked: none fetched
+
+    await repo.watch_preview(seq)  # an event stream or A1111's /progress looks
+    await wait_until(lambda: repo.preview(seq))
+    assert base64.b64decode(await repo.preview(seq) or "").startswith(b"\x89PNG")
+
+    async with db.writing() as conn:  # the watch lapses (nobody renewed it)
+        await conn.execute(update(jobs).values(preview_wanted_until=0.0))
+    await asyncio.sleep(0.1)  # a tick of the worker's may have fetched one meanwhile
+    last = await _preview_time(db, seq)
+    progressed.clear()
+    await wait_until(lambda: progress_stored(5))
+    assert await _preview_time(db, seq) == last  # none fetched since
+    fake.finish_current()
+    await run
+
+
+async def _preview_time(db: Database, seq: int) -> float:
+    async with db.reading() as conn:
+        query = select(job_previews.c.updated_at).where(job_previews.c.job_seq == seq)
+        return (await conn.execute(query)).scalar_one()
 
 
 async def test_canceling_a_running_job_interrupts_its_slot_and_ends_it_canceled(
