@@ -44,6 +44,7 @@ def make_lifespan(
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         # The engine is made here so that it binds to the server's event loop.
         db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        db.start_checkpoints()
         catalogue = CatalogueStore(db)
         repo = JobRepository(
             db,

@@ -168,6 +168,7 @@ def _diffusers_backend(settings: Settings) -> Backend:
 
 async def run(settings: Settings) -> int:
     db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    db.start_checkpoints()
     worker = build_worker(settings, db)
     sender = build_sender(settings, worker.repo)
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ SQLite has one writer at a time. A deferred transaction that reads and then writ
 SQLITE_BUSY at once, whatever busy_timeout says, so every write transaction here begins
 IMMEDIATE, on a write engine with a single pooled connection (writers queue in-process, which is
 fairer than SQLite's busy-sleep). Reads use a separate engine and never block the writer (WAL).
+The WAL's checkpoints run in the background (`start_checkpoints`), never inside a commit.
 
 PostgreSQL: a pooled connection that sat unused for PING_IDLE_SECONDS is pinged before it is
 handed out, and replaced when the server no longer answers it (a restart, an idle timeout of a
@@ -18,6 +19,8 @@ either way).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from a1111_proxy.db.checkpoints import WAL_KEEP_BYTES, WalCheckpoints
 from a1111_proxy.db.sqlite_driver import DBAPI, READ_DBAPI
 
 SQLITE_PRAGMAS = (
@@ -39,6 +43,9 @@ SQLITE_PRAGMAS = (
     "PRAGMA busy_timeout=10000",
     "PRAGMA journal_mode=WAL",
     "PRAGMA foreign_keys=ON",
+    # Checkpoints run in the background, never inside a commit (db/checkpoints.py).
+    "PRAGMA wal_autocheckpoint=0",
+    f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}",
 )
 PING_IDLE_SECONDS = 1.0
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
@@ -61,6 +68,8 @@ class Database:
         (PostgreSQL): how long a pooled connection may sit unused before it is pinged."""
         self.url = url
         self.dialect = make_url(url).get_backend_name()
+        self._checkpoints: WalCheckpoints | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
         if self.is_sqlite:
             check_sqlite_version()
             ensure_sqlite_dir(url)
@@ -71,6 +80,9 @@ class Database:
             self.read_engine = _sqlite_engine(
                 url, "BEGIN", pragmas, pool_size=4, echo=echo, reads=True
             )
+            path = sqlite_path(url)
+            if path is not None and make_url(url).query.get("mode") != "ro":
+                self._checkpoints = WalCheckpoints(path)
         else:
             self.write_engine = create_async_engine(url, pool_size=10, max_overflow=10, echo=echo)
             _ping_when_idle(self.write_engine, ping_idle_seconds)
@@ -100,7 +112,20 @@ class Database:
         async with self.read_engine.connect() as conn:
             yield conn
 
+    def start_checkpoints(self) -> None:
+        """SQLite: run the WAL's checkpoints in the background from now until dispose() (a
+        long-running process that writes: the API's and the worker's; db/checkpoints.py)."""
+        if self._checkpoints is not None and self._checkpointing is None:
+            self._checkpointing = asyncio.create_task(
+                self._checkpoints.run(), name="wal-checkpoints"
+            )
+
     async def dispose(self) -> None:
+        if self._checkpointing is not None:
+            self._checkpointing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointing
+            self._checkpointing = None
         await self.write_engine.dispose()
         if self.is_sqlite:  # PostgreSQL's read engine shares the write engine's pool
             await self.read_engine.dispose()

@@ -4,8 +4,11 @@ one SQLite file. Crashes are real signals: SIGKILL, SIGSTOP/SIGCONT, SIGTERM."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -54,6 +57,38 @@ def test_a_submitted_job_runs_on_a1111_and_returns_its_exact_response(
     assert png.content == base64.b64decode(result["images"][1]) and b"Seed: 6" in png.content
     listed = api.get("/sdapi/v1/jobs").json()["jobs"][0]
     assert listed["id"] == job_id and listed["result"] is None  # never image data in a list
+
+
+def test_what_the_api_and_the_worker_commit_reaches_the_database_file_within_a_second(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Not only the WAL (db/checkpoints.py): the database file is what a power cut leaves."""
+    stack.start_api()
+    job_id = stack.submit()
+    wait_for(
+        lambda: _status_in_database_file(tmp_path, job_id) == "queued",
+        timeout=3,
+        what="the API's checkpoint",
+    )
+    assert stack.api_proc is not None
+    stack.api_proc.stop(timeout=5)  # from here on the worker writes alone
+    stack.start_worker()
+    wait_for(
+        lambda: _status_in_database_file(tmp_path, job_id) == "completed",
+        timeout=15,
+        what="the worker's checkpoint",
+    )
+
+
+def _status_in_database_file(tmp_path: Path, job_id: str) -> str | None:
+    alone = tmp_path / "alone.db"
+    shutil.copyfile(tmp_path / "jobs.db", alone)  # without its -wal
+    try:
+        with contextlib.closing(sqlite3.connect(alone)) as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    except sqlite3.DatabaseError:  # copied in the middle of a checkpoint: look again
+        return None
+    return row[0] if row else None
 
 
 def test_health_reports_the_worker_and_its_backend_slots(
