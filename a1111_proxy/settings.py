@@ -386,7 +386,10 @@ class Settings(BaseSettings):
         "of them (at least 2 GiB) for working room; `true` always, `false` never",
     )
     engine_preview_steps: int = Field(
-        5, ge=0, description="bundled engine: a cheap live preview every N steps; 0: none"
+        5,
+        ge=0,
+        description="bundled engine: a cheap live preview every N steps while someone "
+        "watches the job; 0: none",
     )
     engine_max_batch: int = Field(
         4,

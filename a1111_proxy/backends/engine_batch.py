@@ -8,6 +8,7 @@ job's result, progress() reads its own steps and preview, interrupt() and skip()
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from a1111_proxy.backends.base import Progress, Runner
@@ -69,6 +70,8 @@ def progress_of(state: RunState | None, *, with_image: bool) -> Progress:
     """A1111's progress of the engine's run `state` (None: nothing running)."""
     if state is None:
         return Progress(progress=0.0, eta_relative=None, started=False)
+    if with_image:  # the engine makes previews while they are asked for (RunState.preview_due)
+        state.preview_asked_at = time.monotonic()
     return Progress(
         progress=state.progress,
         eta_relative=state.eta,

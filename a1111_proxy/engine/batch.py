@@ -413,13 +413,12 @@ def _callback(
         x0 = tracking.last_x0
         latents = tensors["latents"]
         estimate = x0 if x0 is not None and x0.shape == latents.shape else latents
-        preview = config.preview_steps and (i + 1) % config.preview_steps == 0
         for item in group:
             state = item.member.state
             if item.member.answered:
                 continue
             state.step, state.steps = i + 1, getattr(pipe, "num_timesteps", 0) or state.steps
-            if preview:
+            if state.preview_due(i + 1, config.preview_steps):
                 first = estimate[item.rows.start]
                 state.current_image = models.previews.png_base64(first, sdxl=loaded.sdxl)
             if state.cancel.is_set():

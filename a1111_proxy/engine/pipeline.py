@@ -54,6 +54,11 @@ _TASKS = {
 }
 
 
+# The engine makes live previews while the last read asking for one is this recent (the worker
+# asks every second while someone looks at the job).
+PREVIEW_INTEREST_SECONDS = 5.0
+
+
 @dataclass
 class RunState:
     """Shared between the engine thread (writes) and the event loop (reads)."""
@@ -67,6 +72,22 @@ class RunState:
     step: int = 0
     steps: int = 0
     current_image: str | None = None
+    preview_asked_at: float | None = None  # monotonic: the last progress read with its image
+    preview_step: int | None = None  # the step of the last preview made
+
+    def preview_due(self, step: int, every: int) -> bool:
+        """Whether to make a live preview at `step` (1-based): `every` steps (0: never), and
+        only while someone asks for one (the worker reads it only while someone looks at the
+        job): a preview costs a decode, a copy off the device and a PNG. The first after a
+        pause in the asks is made at once."""
+        asked = self.preview_asked_at
+        if not every or asked is None or time.monotonic() - asked > PREVIEW_INTEREST_SECONDS:
+            return False
+        last = self.preview_step
+        if last is None or last > step or step - last >= every:
+            self.preview_step = step
+            return True
+        return False
 
     @property
     def progress(self) -> float:
@@ -597,7 +618,7 @@ def _callback(
         if share is not None:  # DPM adaptive: its evaluations are not the steps
             state.step = min(state.steps, round(share * state.steps))
         x0 = tracking.last_x0
-        if config.preview_steps and (i + 1) % config.preview_steps == 0:
+        if state.preview_due(i + 1, config.preview_steps):
             state.current_image = models.previews.png_base64(
                 (x0 if x0 is not None else tensors["latents"])[0], sdxl=sdxl
             )

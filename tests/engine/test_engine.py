@@ -371,6 +371,27 @@ async def wait_until(backend: DiffusersBackend, run: asyncio.Task, done: Any) ->
     return progress
 
 
+async def test_the_engine_makes_live_previews_only_while_someone_asks_for_them(
+    models_dir: Path,
+) -> None:
+    backend = make_backend(models_dir, preview_steps=1)
+    try:
+        run = asyncio.create_task(
+            backend.generate("txt2img", {"prompt": "a cat", **SMALL, "steps": 500})
+        )
+        while (await backend.progress()).progress < 0.02:  # progress only, as nobody looks
+            assert not run.done(), run
+            await asyncio.sleep(0.01)
+        asked = await backend.progress(with_image=True)
+        assert asked.progress >= 0.02 and asked.current_image is None  # none made so far
+        progress = await wait_until(backend, run, lambda p: p.current_image)  # now they are
+        Image.open(io.BytesIO(base64.b64decode(progress.current_image))).verify()
+        await backend.interrupt()
+        await asyncio.wait_for(run, 30)
+    finally:
+        await backend.aclose()
+
+
 async def test_skip_ends_the_current_batch_with_its_image_and_the_next_batch_runs(
     backend: DiffusersBackend,
 ) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,17 @@ def test_an_interrupted_or_cancelled_job_ends_at_the_next_step_and_the_others_ar
     assert np.abs(pixels(interrupted) - pixels(alone[0])).max() > 1  # one step's estimate
     assert "Canceled" in type(canceled).__name__
     assert_same_images(finished, alone[1])
+
+
+def test_in_a_batch_only_the_job_someone_watches_gets_live_previews(
+    models_dir: Path,  # noqa: F811
+) -> None:
+    backend = make_backend(models_dir, preview_steps=1)
+    params = [Params.from_payload("txt2img", body) for body in JOBS]
+    members = [Member(p, RunState(), lambda value: None) for p in params]
+    members[1].state.preview_asked_at = time.monotonic()  # its progress was read with its image
+    generate_batch(backend.models, backend.config, members)
+    assert [m.state.current_image is not None for m in members] == [False, True, False]
 
 
 def test_jobs_that_differ_in_what_a_batch_shares_get_different_keys() -> None:
