@@ -9,10 +9,12 @@ status; each status change queues its webhook message in the same transaction (o
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from sqlalchemy import case, literal, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
@@ -29,6 +31,8 @@ from a1111_proxy.jobs.clauses import (
 from a1111_proxy.jobs.outbox import announce
 from a1111_proxy.jobs.records import JOB_COLUMNS, TERMINAL, JobRecord, error_json, job_record
 from a1111_proxy.wakeup import DUE, notify
+
+log = logging.getLogger("a1111_proxy.jobs")
 
 # A job's worker fetches live previews for this long after someone last looked at one; a
 # watcher renews it when less than half is left (so at most one write per job every 10 s for
@@ -143,8 +147,12 @@ class JobControl:
             .where(jobs.c.seq == seq, jobs.c.status.in_(("queued", "processing")))
             .values(preview_wanted_until=until)
         )
-        async with self.db.writing_alone() as conn:
-            await conn.execute(stmt)
+        try:
+            async with self.db.writing_alone() as conn:
+                await conn.execute(stmt)
+        except OperationalError as exc:  # best effort: the stream or the read goes on without
+            log.warning("could not note that job %s is watched: %s", seq, exc.orig or exc)
+            return
         self._watched = {s: t for s, t in self._watched.items() if t > now}
         self._watched[seq] = until
 

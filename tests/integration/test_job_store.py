@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.tables import jobs
@@ -281,6 +284,27 @@ async def test_a_preview_watch_is_written_once_per_half_window_and_lapses_unless
     clock.advance(21)  # the watcher went away
     touch = await repo.touch(claim, progress=0.5)
     assert touch.alive and not touch.preview_wanted
+
+
+async def test_a_watch_the_database_refuses_is_logged_not_raised_and_tried_again(
+    repo: JobRepository, db: Database, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    submitted = await repo.submit(new_job("watched while the database is locked"))
+    row = await repo.get(submitted.job.id)
+
+    @contextlib.asynccontextmanager
+    async def refused() -> AsyncIterator[None]:
+        raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        yield
+
+    monkeypatch.setattr(db, "writing_alone", refused)
+    await repo.watch_preview(row.seq)  # an event stream or /progress goes on
+    assert "could not note that job" in caplog.text
+    monkeypatch.undo()
+    await repo.watch_preview(row.seq)
+    async with db.reading() as conn:
+        query = select(jobs.c.preview_wanted_until).where(jobs.c.seq == row.seq)
+        assert (await conn.execute(query)).scalar_one() is not None
 
 
 async def test_a_finished_job_is_not_marked_watched(repo: JobRepository, db: Database) -> None:
