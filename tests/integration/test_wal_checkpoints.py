@@ -94,7 +94,7 @@ async def test_a_thousand_pages_waiting_are_checkpointed_at_once(tmp_path: Path)
 async def test_sustained_writes_start_the_wal_over_instead_of_growing_it(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
     db = Database(f"sqlite+aiosqlite:///{path}")
-    checkpoints = WalCheckpoints(path, interval=0.05, catch_up_frames=200)
+    checkpoints = WalCheckpoints(path, interval=0.05, frames=50, catch_up_frames=200)
     stop = asyncio.Event()
 
     async def write_without_pause() -> int:
