@@ -6,9 +6,12 @@ sustained writes do not grow the WAL without end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -50,73 +53,51 @@ async def test_a_commit_never_runs_a_checkpoint_itself(tmp_path: Path) -> None:
         await db.dispose()
 
 
-async def checkpointing(checkpoints: WalCheckpoints) -> asyncio.Task[None]:
-    return asyncio.create_task(checkpoints.run())
-
-
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+@contextlib.asynccontextmanager
+async def checkpointed(path: Path, **options: Any) -> AsyncIterator[Database]:
+    """The database at `path`, its WAL checkpointed in the background as `options` say."""
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    running = asyncio.create_task(WalCheckpoints(path, **options).run())
+    try:
+        yield db
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await db.dispose()
 
 
 async def test_a_few_commits_reach_the_database_file_after_the_sync_interval_not_sooner(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "jobs.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    running = await checkpointing(WalCheckpoints(path, interval=0.05, sync_seconds=1.0))
-    try:
+    async with checkpointed(path, interval=0.05, sync_seconds=1.0) as db:
         await fill(db, 20)
         await asyncio.sleep(0.5)  # ten rounds: a quiet queue costs no checkpoint (no fsync)
         assert rows_in_the_database_file_alone(path, tmp_path) == 0
         async with asyncio.timeout(3):
             while rows_in_the_database_file_alone(path, tmp_path) < 20:
                 await asyncio.sleep(0.05)
-    finally:
-        await stop(running)
-        await db.dispose()
 
 
 async def test_a_thousand_pages_waiting_are_checkpointed_at_once(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    running = await checkpointing(WalCheckpoints(path, interval=0.05, frames=100))
-    try:
+    async with checkpointed(path, interval=0.05, frames=100) as db:
         await fill(db, 150)
         async with asyncio.timeout(2):  # long before SYNC_SECONDS
             while rows_in_the_database_file_alone(path, tmp_path) < 100:
                 await asyncio.sleep(0.05)
-    finally:
-        await stop(running)
-        await db.dispose()
 
 
 async def test_sustained_writes_start_the_wal_over_instead_of_growing_it(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    checkpoints = WalCheckpoints(path, interval=0.05, frames=50, catch_up_frames=200)
-    stop = asyncio.Event()
-
-    async def write_without_pause() -> int:
-        done = 0
-        while not stop.is_set():
+    options = {"interval": 0.05, "frames": 50, "catch_up_frames": 200}
+    largest = written = 0
+    async with checkpointed(path, **options) as db:
+        end = asyncio.get_running_loop().time() + 3
+        while asyncio.get_running_loop().time() < end:  # writes that never pause
             await fill(db, 10)
-            done += 10
-        return done
-
-    writing = asyncio.create_task(write_without_pause())
-    running = asyncio.create_task(checkpoints.run())
-    largest = 0
-    try:
-        for _ in range(300):
-            await asyncio.sleep(0.01)
+            written += 10
             largest = max(largest, Path(f"{path}-wal").stat().st_size)
-    finally:
-        stop.set()
-        written = await writing
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await db.dispose()
     assert written > 1000  # five times the catch-up size went through the WAL
     # Each row a page of its own: a WAL that never started over would have held them all.
     assert largest < written // 2 * 4096
