@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["normal", "full"] = Field(
         "normal",
         description="SQLite's durability (WAL mode): `normal`, an acknowledged job survives any "
-        "crash of our processes and reaches the disk at the next checkpoint (a power cut may "
-        "lose the last moments); `full`, each commit is fsynced before the answer (survives a "
+        "crash of our processes and reaches the disk at the next checkpoint, within about 5 s "
+        "(a power cut may lose the last few seconds); `full`, each commit is fsynced before the answer (survives a "
         "power cut; each submit batch waits for the disk)",
     )
     host: str = Field("127.0.0.1", description="where the API listens")
