@@ -6,14 +6,16 @@ past 1,000 pages, so that commit, and every write queued behind it (a group of s
 for its 202), waits for the disk's fsync: on a cloud VM's disk, whose fsyncs stall for 50-400 ms
 now and then, that made the slowest submits take 200-300 ms. Our connections turn that off
 (`PRAGMA wal_autocheckpoint=0`, db/engine.py) and each API and worker process runs this loop:
-every CHECKPOINT_SECONDS it reads how many pages wait in the WAL (from the `-shm` file's
-header), and when CHECKPOINT_FRAMES wait, or some have waited SYNC_SECONDS, it runs a PASSIVE
-checkpoint on a connection of its own, in a thread. A PASSIVE checkpoint waits for no reader
-and no writer, so writes go on while it syncs. With `SQLITE_SYNCHRONOUS=normal` it is also when
-commits reach the disk: within about SYNC_SECONDS, where SQLite's default left them unsynced
-until the WAL had grown by 1,000 pages, minutes on a quiet queue. (A checkpoint every round
-instead cost a quiet queue an fsync twice a second, and on the same disk some of its commits
-waited 70-250 ms for it.)
+every CHECKPOINT_SECONDS it looks at the WAL file (stat only) and, when it changed, runs a
+PASSIVE checkpoint on a connection of its own, in a thread, once it has grown by
+CHECKPOINT_FRAMES pages, or the last checkpoint found that many (busy writes: every round), or
+it changed SYNC_SECONDS ago. A PASSIVE checkpoint waits for no reader and no writer, so writes
+go on while it syncs. With `SQLITE_SYNCHRONOUS=normal` it is also when commits reach the disk:
+within about SYNC_SECONDS, where SQLite's default left them unsynced until the WAL had grown by
+1,000 pages, minutes on a quiet queue. (A checkpoint every round instead cost a quiet queue an
+fsync twice a second, and on the same disk some of its commits waited 70-250 ms for it.) This
+loop never opens the database's files itself: closing a descriptor drops every POSIX lock the
+process holds on that file, SQLite's own included.
 
 The WAL starts over from its beginning at the first write that begins after a checkpoint
 copied all of it (and is cut back to WAL_KEEP_BYTES then). Writes that never pause always have
@@ -37,7 +39,6 @@ import fcntl
 import logging
 import os
 import sqlite3
-import struct
 import time
 from pathlib import Path
 
@@ -50,8 +51,7 @@ CATCH_UP_FRAMES = 8192  # pages (32 MiB of 4 KiB pages) in a WAL that did not st
 RESTART_WAIT_SECONDS = 0.1  # how long a catch-up waits for readers older than it
 # A WAL that starts over is cut back to this (journal_size_limit, set by db/engine.py).
 WAL_KEEP_BYTES = 64 * 1024 * 1024
-# The `-shm` file's first bytes: two copies of the 48-byte WAL-index header, then nBackfill.
-_SHM_HEAD = 100
+PAGE_BYTES = 4096  # SQLite's default page size (the WAL grows by a page and a small header)
 
 
 class WalCheckpoints:
@@ -66,12 +66,14 @@ class WalCheckpoints:
         catch_up_frames: int = CATCH_UP_FRAMES,
     ) -> None:
         self.path = path
-        self.shm = Path(f"{path}-shm")
+        self.wal = Path(f"{path}-wal")
         self.interval = interval
         self.frames = frames
         self.sync_seconds = sync_seconds
         self.catch_up_frames = catch_up_frames
-        self._pending_since: float | None = None  # monotonic: since when pages wait
+        self._done: tuple[int, int] | None = None  # the WAL's (size, mtime) last checkpointed
+        self._changed_since: float | None = None  # monotonic: since when it changed after that
+        self._last_frames = 0  # pages in the WAL at the last checkpoint
         self._conn: sqlite3.Connection | None = None
         self._running: asyncio.Future[None] | None = None  # a checkpoint in its thread now
 
@@ -85,7 +87,11 @@ class WalCheckpoints:
             self.close()
 
     async def checkpoint_if_due(self) -> None:
-        if not self.due(time.monotonic()):
+        try:
+            stat = self.wal.stat()  # never open the -wal or -shm file here (see due())
+        except FileNotFoundError:
+            return  # no WAL yet (or the last connection closed and removed it)
+        if not self.due((stat.st_size, stat.st_mtime_ns), time.monotonic()):
             return
         self._running = asyncio.ensure_future(asyncio.to_thread(self._checkpoint))
         try:
@@ -93,33 +99,24 @@ class WalCheckpoints:
         except sqlite3.Error as exc:  # a full disk, a damaged file: say so, try again later
             log.warning("WAL checkpoint of %s failed (%s); retrying", self.path, exc)
             return
-        self._pending_since = None
+        self._done = (stat.st_size, stat.st_mtime_ns)
+        self._changed_since = None
 
-    def due(self, now: float) -> bool:
-        """Whether the WAL holds CHECKPOINT_FRAMES pages not yet copied, or has held some for
-        SYNC_SECONDS. Read from the WAL-index header in the `-shm` file (SQLite's documented
-        layout, walformat.html: the header's mxFrame and the checkpoint's nBackfill), so that a
-        quiet queue costs no checkpoint, and so no fsync, every round."""
-        pending = self.pending_frames()
-        if pending <= 0:
-            self._pending_since = None
+    def due(self, wal: tuple[int, int], now: float) -> bool:
+        """Whether a checkpoint is due, from the WAL file's (size, mtime) and what the last
+        checkpoint found: nothing when the WAL did not change since; else once it changed
+        SYNC_SECONDS ago, or at once when it grew by CHECKPOINT_FRAMES pages or the last
+        checkpoint found that many (writes are busy: keep up every round). A quiet queue so
+        costs an fsync every few seconds, not twice a second. Only stat(): opening and closing
+        a file of the database would drop SQLite's POSIX locks on it in this process."""
+        if wal == self._done:
+            self._changed_since = None
             return False
-        if self._pending_since is None:
-            self._pending_since = now
-        return pending >= self.frames or now - self._pending_since >= self.sync_seconds
-
-    def pending_frames(self) -> int:
-        """Pages in the WAL not yet copied into the database file (0: none, or no WAL)."""
-        try:
-            with open(self.shm, "rb") as shm:
-                head = shm.read(_SHM_HEAD)
-        except FileNotFoundError:
-            return 0
-        if len(head) < _SHM_HEAD or head[:48] != head[48:96]:
-            return self.frames  # being written this very moment: look as if due
-        mx_frame: int = struct.unpack_from("=I", head, 16)[0]
-        backfilled: int = struct.unpack_from("=I", head, 96)[0]
-        return max(0, mx_frame - backfilled)
+        if self._changed_since is None:
+            self._changed_since = now
+        grown = wal[0] - (self._done[0] if self._done else 0) >= self.frames * PAGE_BYTES
+        busy = self._last_frames >= self.frames
+        return busy or grown or now - self._changed_since >= self.sync_seconds
 
     def _checkpoint(self) -> None:
         """In its thread: a checkpoint; and when the WAL did not start over since the last
@@ -128,6 +125,7 @@ class WalCheckpoints:
         readers), after which the next write starts the WAL over."""
         conn = self._connection()
         frames, _ = self._run(conn, "PASSIVE")
+        self._last_frames = frames
         if frames > self.catch_up_frames:
             lock = os.open(f"{self.path}-writer", os.O_RDWR | os.O_CREAT, 0o600)
             try:
