@@ -43,8 +43,8 @@ class Settings(BaseSettings):
         "normal",
         description="SQLite's durability (WAL mode): `normal`, an acknowledged job survives any "
         "crash of our processes and reaches the disk at the next checkpoint, within about 5 s "
-        "(a power cut may lose the last few seconds); `full`, each commit is fsynced before the answer (survives a "
-        "power cut; each submit batch waits for the disk)",
+        "(a power cut may lose the last few seconds); `full`, each commit is fsynced before "
+        "the answer (survives a power cut; each submit batch waits for the disk)",
     )
     host: str = Field("127.0.0.1", description="where the API listens")
     port: int = Field(7861, ge=0, le=65535, description="the API's port")
