@@ -96,7 +96,7 @@ class WalCheckpoints:
         self._running = asyncio.ensure_future(asyncio.to_thread(self._checkpoint))
         try:
             await asyncio.shield(self._running)  # stopped meanwhile, it still ends in its thread
-        except sqlite3.Error as exc:  # a full disk, a damaged file: say so, try again later
+        except (sqlite3.Error, OSError) as exc:  # a full disk, a damaged file: say so, retry
             log.warning("WAL checkpoint of %s failed (%s); retrying", self.path, exc)
             return
         self._done = (stat.st_size, stat.st_mtime_ns)
