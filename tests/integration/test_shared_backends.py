@@ -17,9 +17,10 @@ from a1111_proxy.backends.a1111 import A1111Backend
 from a1111_proxy.backends.fake import FakeBackend
 from a1111_proxy.db.engine import Database
 from a1111_proxy.jobs import Claim, JobRepository, NewJob
-from a1111_proxy.jobs.placement import Slots
+from a1111_proxy.jobs.placement import ADVISORY_SPACE, Slots
 from a1111_proxy.wakeup import NOTIFY_CHANNEL, PROGRESS_CHANNEL, WORK_CHANNEL, make_wakeup
 from tests.claims import claim_next
+from tests.conftest import _truncate_pg
 from tests.fakes.a1111_fleet import FleetMember, fleet
 from worker.execute import Timing
 from worker.loop import Worker
@@ -79,6 +80,54 @@ async def test_a_claim_made_while_another_claim_of_its_backend_is_open_takes_no_
         held.release.set()
         await held.dispose()
         await other.dispose()
+
+
+# Stands in for PostgreSQL's pg_try_advisory_xact_lock (found first on the search path): before
+# taking the lock, the backend starts a job of another worker, as when that worker's claim
+# commits between this claim's first look and its lock.
+_STARTED_MEANWHILE = """
+CREATE FUNCTION meanwhile.pg_try_advisory_xact_lock(space integer, key integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE public.jobs SET status = 'processing', backend = 'http://one',
+        lease_owner = 'worker-b', lease_token = 'b:1', lease_expires_at = 1e12
+    WHERE seq = (SELECT min(seq) FROM public.jobs);
+    RETURN pg_catalog.pg_try_advisory_xact_lock(space, key);
+END
+$$
+"""
+
+
+@pytest.fixture
+def empty_pg(postgres_url: str) -> str:
+    _truncate_pg(postgres_url)
+    return postgres_url
+
+
+@pytest.mark.postgres
+async def test_a_backend_that_starts_a_job_between_a_claims_look_and_its_lock_is_left_alone(
+    empty_pg: str,
+) -> None:
+    """PostgreSQL: the claim's function looks again once it holds a backend's lock; a backend
+    another worker gave a job meanwhile is not returned as idle (else it would run two)."""
+    postgres_url = empty_pg
+    repo = JobRepository(Database(postgres_url))
+    body = json.dumps({"prompt": "p"})
+    await repo.submit(NewJob("txt2img", request=body, payload=body))
+    await repo.db.dispose()
+    conn = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg", "postgresql"))
+    idle = "SELECT * FROM a1111_proxy_idle_backends($1::text[], 'worker-a', $2)"
+    try:
+        async with conn.transaction():  # the backend idle throughout: it is returned
+            assert await conn.fetchval(idle, ["http://one"], ADVISORY_SPACE) == "http://one"
+        await conn.execute("CREATE SCHEMA meanwhile")
+        await conn.execute(_STARTED_MEANWHILE)
+        await conn.execute("SET search_path = meanwhile, pg_catalog, public")
+        async with conn.transaction():
+            assert await conn.fetch(idle, ["http://one"], ADVISORY_SPACE) == []
+    finally:
+        await conn.execute("DROP SCHEMA IF EXISTS meanwhile CASCADE")
+        await conn.close()
 
 
 @pytest.fixture
