@@ -35,7 +35,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from a1111_proxy.db.checkpoints import WAL_KEEP_BYTES, WalCheckpoints
-from a1111_proxy.db.sqlite_driver import DBAPI, READ_DBAPI
+from a1111_proxy.db.sqlite_driver import BEGINS, DBAPI, READ_DBAPI
 
 SQLITE_PRAGMAS = (
     # First: switching to WAL needs a lock another connection may hold at that moment, and
@@ -177,9 +177,13 @@ def _sqlite_engine(
             cursor.execute(pragma)
         cursor.close()
 
+    assert begin in BEGINS
+
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+        # To the driver itself: as a statement, SQLAlchemy's work for it cost more than a
+        # read's SELECT (the driver runs neither BEGIN in a round trip of its own anyway).
+        conn.connection.driver_connection.begin(begin)
 
     return engine
 

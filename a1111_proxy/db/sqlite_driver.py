@@ -33,9 +33,10 @@ import fcntl
 import os
 import sqlite3
 import types
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -47,6 +48,9 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 T = TypeVar("T")
+BEGINS = ("BEGIN", "BEGIN IMMEDIATE")  # how our engines begin (db/engine.py): see Connection.begin
+# Whether a round trip commits: always, never, or as its result says.
+Commit = bool | Callable[[T], bool]
 
 
 class Cursor(aiosqlite.Cursor):
@@ -55,14 +59,10 @@ class Cursor(aiosqlite.Cursor):
     _rows: list[Any] | None = None
 
     async def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> Cursor:
-        if sql == "BEGIN":  # deferred: takes no lock, reads nothing
-            self._rows = None
-            self._cursor.execute(sql)
-            return self
         connection: Connection = self._conn  # type: ignore[assignment]
-        if sql == "BEGIN IMMEDIATE":  # issued in the round trip of the first statement
+        if sql in BEGINS:
             self._rows = None
-            connection.begin_pending = True
+            connection.begin(sql)
             return self
         run = partial(
             connection.run_statement, connection.take_begin(), self._cursor, sql, parameters or ()
@@ -117,6 +117,14 @@ class Connection(aiosqlite.Connection):
     def cursor(self) -> Cursor:  # type: ignore[override]  # SQLAlchemy enters it: no await
         return Cursor(self, self._conn.cursor())
 
+    def begin(self, sql: str) -> None:
+        """BEGIN (deferred: takes no lock, reads nothing) at once, in the caller's thread;
+        BEGIN IMMEDIATE in the round trip of the first statement."""
+        if sql == "BEGIN":
+            self._conn.execute(sql)
+        else:
+            self.begin_pending = True
+
     def take_begin(self) -> bool:
         """Whether a BEGIN IMMEDIATE is due (the caller's round trip issues it)."""
         begin, self.begin_pending = self.begin_pending, False
@@ -130,13 +138,13 @@ class Connection(aiosqlite.Connection):
             self.begin_writing(cursor)
         return _execute_and_fetch(cursor, sql, parameters)
 
-    async def in_one_trip(self, call: Callable[[sqlite3.Connection], T], *, commit: bool) -> T:
+    async def in_one_trip(self, call: Callable[[sqlite3.Connection], T], *, commit: Commit[T]) -> T:
         """`call(connection)` on the connection's thread, after BEGIN IMMEDIATE if due; with
-        `commit`, the transaction commits in the same round trip (the caller's commit then
-        finds nothing left to do)."""
+        `commit` (or when `commit(result)` says so), the transaction commits in the same round
+        trip (the caller's commit then finds nothing left to do)."""
         return await self._execute(self._trip, self.take_begin(), call, commit)  # type: ignore[no-any-return,no-untyped-call]
 
-    def _trip(self, begin: bool, call: Callable[[sqlite3.Connection], T], commit: bool) -> T:
+    def _trip(self, begin: bool, call: Callable[[sqlite3.Connection], T], commit: Commit[T]) -> T:
         if begin:
             cursor = self._conn.cursor()
             try:
@@ -144,6 +152,8 @@ class Connection(aiosqlite.Connection):
             finally:
                 cursor.close()
         result = call(self._conn)
+        if callable(commit):
+            commit = commit(result)
         if commit and self._conn.in_transaction:
             self._conn.commit()
             self._release()
@@ -236,15 +246,28 @@ def _module(kind: type[Connection]) -> types.ModuleType:
 
 
 async def on_connection_thread(
-    conn: AsyncConnection, call: Callable[[sqlite3.Connection], T], *, commit: bool = False
+    conn: AsyncConnection, call: Callable[[sqlite3.Connection], T], *, commit: Commit[T] = False
 ) -> T:
     """`call(connection)` on the thread of `conn`'s sqlite3 connection, in its transaction, in
-    one round trip; with `commit`, the transaction commits in that round trip too."""
+    one round trip; with `commit` (or when `commit(result)` says so: work that must go on in
+    the transaction otherwise), the transaction commits in that round trip too."""
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     if not isinstance(driver, Connection):
         raise TypeError(f"not a connection of this driver: {type(driver).__name__}")
     return await driver.in_one_trip(call, commit=commit)
+
+
+def named_rows(cursor: sqlite3.Cursor) -> list[Any]:
+    """The rows of `cursor`'s statement, each with its columns by name as SQLAlchemy's rows
+    have them (`row.seq`), so that code reading rows takes either."""
+    kind = _row_type(tuple(column[0] for column in cursor.description or ()))
+    return [kind._make(row) for row in cursor.fetchall()]
+
+
+@cache
+def _row_type(names: tuple[str, ...]) -> Any:
+    return namedtuple("Row", names, rename=True)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
+from a1111_proxy.db.sqlite_driver import Prepared, named_rows, on_connection_thread, positional
 from a1111_proxy.db.tables import job_images, job_payloads, job_previews, jobs
 from a1111_proxy.deliveries import DeliveryRepository
 from a1111_proxy.jobs.clauses import (
@@ -62,7 +64,13 @@ from a1111_proxy.jobs.clauses import (
     not_expired,
 )
 from a1111_proxy.jobs.outbox import announce, announces, announcing
-from a1111_proxy.jobs.placement import Slots, idle_backends, idle_slots, place
+from a1111_proxy.jobs.placement import (
+    Slots,
+    idle_backends,
+    idle_slots,
+    idle_slots_sqlite,
+    place,
+)
 from a1111_proxy.jobs.records import JOB_COLUMNS, AnyRow, Claim, claim_record
 from a1111_proxy.redaction import backend_name
 from a1111_proxy.wakeup import DUE, PROGRESS_CHANNEL, notify, notifying
@@ -99,6 +107,30 @@ def _claim_statement(slots: int) -> Update:
     tokens), expires, and backend for one slot (one slot, the usual case: a slot freed alone,
     needs no placing afterwards)."""
     return _lease(_due(_WAITING, slots), postgres=False, backend=_BACKEND if slots == 1 else None)
+
+
+@functools.cache
+def _claim_prepared(slots: int) -> Prepared:
+    return positional(_claim_statement(slots))
+
+
+@functools.cache
+def _move_prepared() -> Prepared:
+    """Store a claimed job's backend (its slot chosen after the lease). Binds: s, b."""
+    moved = update(jobs).where(jobs.c.seq == bindparam("s")).values(backend=bindparam("b"))
+    return positional(moved, ("backend",))
+
+
+@functools.cache
+def _complete_prepared(status: str) -> Prepared:
+    return positional(_complete_statement(status, False))
+
+
+@functools.cache
+def _images_prepared() -> Prepared:
+    images = positional(_INSERT_IMAGES, ("job_seq", "n", "data"))
+    assert images.names == ("job_seq", "n", "data")
+    return images
 
 
 @functools.cache
@@ -365,7 +397,9 @@ class JobMachine:
         assert batch == 1 or len(slots) == 1, "a batch claim is for one slot"
         slots = [(backend_name(name), checkpoint) for name, checkpoint in slots]
         now = self.clock()
-        if batch == 1 and not self.db.is_sqlite:
+        if batch == 1:
+            if self.db.is_sqlite:
+                return await self._claim_in_one_trip(owner, slots, now)
             return await self._claim_placed(owner, slots, now)
         async with self.db.writing() as conn:
             open_slots = await idle_slots(self.db, conn, owner, slots)
@@ -384,6 +418,40 @@ class JobMachine:
             "b_prefix": uuid.uuid4().hex[:16] + ":",
             "b_expires": now + self.lease_seconds,
         }
+
+    async def _claim_in_one_trip(
+        self, owner: str, slots: Slots, now: float
+    ) -> list[tuple[int, Claim]]:
+        """SQLite: BEGIN IMMEDIATE, the look at which backends are idle, the lease, the placing
+        and COMMIT in one round trip to the connection's thread, with sqlite3 itself
+        (SQLAlchemy's work for each of four statements cost more than the statements). Jobs
+        that asked for a `started` webhook message have it queued before the commit."""
+        values = self._lease_values(owner, now)
+
+        def lease(connection: sqlite3.Connection) -> list[tuple[int, AnyRow]]:
+            open_slots = idle_slots_sqlite(connection, owner, slots)
+            if not open_slots:
+                return []
+            given = [slots[i] for i in open_slots]
+            leasing = _claim_prepared(len(given))
+            found = connection.execute(leasing.sql, leasing.args(**values, b_backend=given[0][0]))
+            rows = _in_queue_order(named_rows(found))
+            placed = [(0, row) for row in rows] if len(given) == 1 else place(rows, given)
+            if len(given) > 1:  # the statement stored no backend
+                moving = _move_prepared()
+                moves = [moving.args(s=row.seq, b=given[i][0]) for i, row in placed]
+                connection.executemany(moving.sql, moves)
+            return [(open_slots[i], row) for i, row in placed]
+
+        def unannounced(placed: list[tuple[int, AnyRow]]) -> bool:
+            return not any(announces(row, "started") for _, row in placed)
+
+        async with self.db.writing() as conn:
+            placed = await on_connection_thread(conn, lease, commit=unannounced)
+            if not unannounced(placed):
+                for _, row in placed:
+                    await announce(self.deliveries, conn, row, "started", now)
+        return [(index, _claim(row, slots[index][0])) for index, row in placed]
 
     async def _claim_placed(self, owner: str, slots: Slots, now: float) -> list[tuple[int, Claim]]:
         """PostgreSQL: the whole claim in one statement (_claim_placed_statement). Where no
@@ -541,7 +609,9 @@ class JobMachine:
             "b_image_count": len(images),
             "b_error": error,
         }
-        if not self.db.is_sqlite and not claim.end_webhook:
+        if self.db.is_sqlite:
+            return await self._complete_in_one_trip(claim, values, images, status, now)
+        if not claim.end_webhook:
             # One statement, its images and NOTIFY included: one round trip, not four.
             values["b_ns"] = list(range(len(images)))
             values["b_images"] = images
@@ -561,6 +631,31 @@ class JobMachine:
                 )
             await announce(self.deliveries, conn, done, "completed", now)
         return True
+
+    async def _complete_in_one_trip(
+        self, claim: Claim, values: dict[str, Any], images: list[bytes], status: str, now: float
+    ) -> bool:
+        """SQLite: complete() in one round trip to the connection's thread, its images and
+        COMMIT included (the `completed` webhook message, when asked for, before the commit)."""
+        ending = _complete_prepared(status)
+
+        def store(connection: sqlite3.Connection) -> AnyRow | None:
+            ended: list[AnyRow] = named_rows(connection.execute(ending.sql, ending.args(**values)))
+            if not ended:
+                return None  # nothing was written
+            # A job's images are written here only, once: the fence lets one write through.
+            rows = [(claim.seq, n, data) for n, data in enumerate(images)]
+            connection.executemany(_images_prepared().sql, rows)
+            return ended[0]
+
+        def unannounced(done: AnyRow | None) -> bool:
+            return done is None or not announces(done, "completed")
+
+        async with self.db.writing() as conn:
+            done = await on_connection_thread(conn, store, commit=unannounced)
+            if done is not None and not unannounced(done):
+                await announce(self.deliveries, conn, done, "completed", now)
+        return done is not None
 
     async def finish(self, claim: Claim, status: str, error: str | None) -> bool:
         """End the job `error` or `canceled`. False: the lease was lost."""

@@ -3,14 +3,18 @@ which slot each claimed job goes to."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Text, bindparam, func, select
+from sqlalchemy import String, Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database
+from a1111_proxy.db.sqlite_driver import Prepared, positional
 from a1111_proxy.db.tables import jobs
 from a1111_proxy.jobs.records import AnyRow
 
@@ -46,13 +50,43 @@ async def idle_slots(db: Database, conn: AsyncConnection, owner: str, slots: Slo
         free = set(names) - await _busy(conn, owner, names)
     else:
         free = await _lock_idle(conn, owner, names)
+    return _open(slots, free)
+
+
+def idle_slots_sqlite(connection: sqlite3.Connection, owner: str, slots: Slots) -> list[int]:
+    """idle_slots on SQLite with sqlite3 itself, on the connection's thread, in its write
+    transaction (a claim's one round trip: machine.py)."""
+    names = sorted({name for name, _ in slots})
+    busy = _busy_prepared()
+    found = connection.execute(busy.sql, busy.args(b_names=json.dumps(names), b_owner=owner))
+    return _open(slots, set(names) - {name for (name,) in found})
+
+
+def _open(slots: Slots, free: set[str]) -> list[int]:
+    """Indexes of `slots` whose backend is `free`, each backend once (a URL listed twice is
+    still one backend)."""
     taken: set[str] = set()
     indexes = []
     for index, (name, _) in enumerate(slots):
-        if name in free and name not in taken:  # a URL listed twice is still one backend
+        if name in free and name not in taken:
             taken.add(name)
             indexes.append(index)
     return indexes
+
+
+@cache
+def _busy_prepared() -> Prepared:
+    """_BUSY for sqlite3: the names bound as one JSON array."""
+    names = func.json_each(bindparam("b_names", type_=String)).table_valued("value").alias("n")
+    return positional(
+        select(jobs.c.backend)
+        .distinct()
+        .where(
+            jobs.c.status == "processing",
+            jobs.c.backend.in_(select(names.c.value)),
+            jobs.c.lease_owner != bindparam("b_owner"),
+        )
+    )
 
 
 # The backends of `names` that run no job of another worker, each locked until the transaction
