@@ -134,6 +134,11 @@ def _images_prepared() -> Prepared:
 
 
 @functools.cache
+def _touch_prepared(progress: bool) -> Prepared:
+    return positional(_touch_statement(progress, False))
+
+
+@functools.cache
 def _claim_placed_statement(alone: bool) -> Any:
     """PostgreSQL, one statement for all of a claim: lock the backends among the bound names
     that are idle (placement.idle_backends, which looks again under the locks), lease as many
@@ -562,6 +567,8 @@ class JobMachine:
         told = progress is not None or preview is not None
         statement = _touch_statement(progress is not None, told and not self.db.is_sqlite)
         if preview is None and not claim.progress_webhook:
+            if self.db.is_sqlite:
+                return _touch(await self._touch_in_one_trip(progress is not None, values), now)
             async with self.db.writing_alone() as conn:
                 return _touch((await conn.execute(statement, values)).one_or_none(), now)
         async with self.db.writing() as conn:
@@ -575,6 +582,19 @@ class JobMachine:
                     insert(job_previews).values(job_seq=claim.seq, image=preview, updated_at=now)
                 )
         return _touch(row, now)
+
+    async def _touch_in_one_trip(self, progress: bool, values: dict[str, Any]) -> AnyRow | None:
+        """SQLite: the touch's statement and COMMIT in one round trip, with sqlite3 itself."""
+        touching = _touch_prepared(progress)
+
+        def touch(connection: sqlite3.Connection) -> AnyRow | None:
+            found: list[AnyRow] = named_rows(
+                connection.execute(touching.sql, touching.args(**values))
+            )
+            return found[0] if found else None
+
+        async with self.db.writing() as conn:
+            return await on_connection_thread(conn, touch, commit=True)
 
     async def requests(self, claim: Claim) -> Touch:
         """A read-only look at what was asked of a running job (cancel, skip, a preview)."""
