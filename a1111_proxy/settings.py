@@ -293,7 +293,9 @@ class Settings(BaseSettings):
         0.5,
         gt=0,
         description="how often a running job's progress is read from its backend "
-        "(and stored when it changed)",
+        "(and stored when it changed) while someone looks at the job or asked for its progress "
+        "webhooks; otherwise every 5 s "
+        "([api.md](api.md#progress-and-live-previews-only-while-someone-looks))",
     )
     shutdown_grace_seconds: float = Field(
         30.0,

@@ -39,6 +39,9 @@ class Timing:
     interrupt_grace_seconds: float = 30.0
     stall_seconds: float = 600.0
     preview_seconds: float = 1.0  # how often a live preview is asked for while a job runs
+    # How often progress is read while nobody looks at the job (Touch.progress_wanted): often
+    # enough for a list of jobs and the stall check, not twice a second for nobody.
+    unwatched_progress_seconds: float = 5.0
 
 
 class LeaseLost(Exception):
@@ -97,28 +100,38 @@ async def _watch(
 ) -> bool:
     """Wait for the generation, storing progress and renewing the lease. True: cancel asked.
 
-    A live preview is fetched (at most every `preview_seconds`) only while someone looks at
-    one (Touch.preview_wanted): for nobody, it would cost the A1111 an image encode, and us its
-    transfer and a write."""
+    What was asked of the job (a cancel, a skip, a watcher) is looked at every
+    `progress_seconds`. Progress is read from the A1111 and stored as often only while
+    someone looks at the job or its progress webhooks were asked for (Touch.progress_wanted),
+    otherwise every `unwatched_progress_seconds` (the first read is at the first tick either
+    way); a live preview is fetched (at most every `preview_seconds`) only while someone looks
+    at one (Touch.preview_wanted). For nobody, each would cost the A1111 a request (a preview:
+    an image encode), and us its transfer and a write."""
     last_write = last_busy = last_preview = time.monotonic()
+    last_read = float("-inf")
     last_seen: tuple[float, float | None] | None = None
     watched = False  # someone looks at the live preview (as the last touch said)
+    followed = claim.progress_webhook  # someone looks at the progress
     while True:
         done, _ = await asyncio.wait({generation}, timeout=timing.progress_seconds)
         if done:
             return False
         now = time.monotonic()
         want_image = watched and now - last_preview >= timing.preview_seconds
-        progress = await _read_progress_unless_done(backend, want_image, generation)
-        if generation.done():  # never make a finished job wait for a progress read
-            return False
+        read = followed or want_image or now - last_read >= timing.unwatched_progress_seconds
+        progress = None
+        if read:
+            last_read = now
+            progress = await _read_progress_unless_done(backend, want_image, generation)
+            if generation.done():  # never make a finished job wait for a progress read
+                return False
         seen = (progress.progress, progress.eta_relative) if progress else None
         preview = progress.current_image if progress and want_image else None
         if want_image:
             last_preview = now
         if progress is not None and progress.started:
             last_busy = now
-        elif now - last_busy > timing.stall_seconds:
+        elif read and now - last_busy > timing.stall_seconds:
             generation.cancel()
             raise BackendUnavailable(
                 f"A1111 at {backend.name} took the {claim.type} request but has shown no "
@@ -144,6 +157,7 @@ async def _watch(
         if not touch.alive:
             raise LeaseLost()
         watched = touch.preview_wanted
+        followed = touch.progress_wanted or claim.progress_webhook
         if touch.cancel_requested:
             return True
         if touch.skip_requested:

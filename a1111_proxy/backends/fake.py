@@ -185,6 +185,7 @@ class FakeBackend:
         self.completed = 0  # generations that ran to their end (not interrupted)
         self.interrupts = 0
         self.skips = 0
+        self.progress_reads = 0
         self.in_flight = 0  # generations asked for and not answered yet (one runs at a time)
         self.max_in_flight = 0
         self.checkpoint_calls_while_generating = 0  # the worker never makes one
@@ -244,6 +245,7 @@ class FakeBackend:
 
     async def progress(self, *, with_image: bool = False) -> Progress:
         self._reachable()
+        self.progress_reads += 1
         run = self.current
         if run is None:
             return Progress(progress=0.0, eta_relative=None, started=False)

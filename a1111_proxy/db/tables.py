@@ -78,8 +78,11 @@ jobs = Table(
     # it always runs alone.
     Column("batch_key", String(64), nullable=True),
     # Until when someone looks at its live preview (an event stream, A1111's /progress): its
-    # worker fetches previews only before then (jobs/control.py watch_preview).
+    # worker fetches previews only before then (jobs/control.py watch).
     Column("preview_wanted_until", Double, nullable=True),
+    # Until when someone looks at its progress (the above, or a read of the job): its worker
+    # reads progress from its A1111 at PROGRESS_SECONDS only before then (jobs/control.py).
+    Column("progress_wanted_until", Double, nullable=True),
     CheckConstraint(f"status IN {STATUSES!r}", name="status"),
     CheckConstraint("(status = 'processing') = (lease_token IS NOT NULL)", name="lease"),
     Index(

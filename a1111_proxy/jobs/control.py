@@ -1,8 +1,8 @@
 """JobControl: the state changes made from outside a worker's lease.
 
 The API's cancel (at once for a queued job; a running one is asked to stop), A1111's /interrupt
-and /skip over a caller's running jobs, the API's note that someone looks at a job's live
-preview (watch_preview), and the worker's two sweeps: leases that ran out (the
+and /skip over a caller's running jobs, the API's note that someone looks at a job's progress
+or live preview (watch), and the worker's two sweeps: leases that ran out (the
 worker died) and deadlines that passed. With machine.py, the only code that changes a job's
 status; each status change queues its webhook message in the same transaction (outbox.py).
 """
@@ -34,10 +34,10 @@ from a1111_proxy.wakeup import DUE, notify
 
 log = logging.getLogger("a1111_proxy.jobs")
 
-# A job's worker fetches live previews for this long after someone last looked at one; a
-# watcher renews it when less than half is left (so at most one write per job every 10 s for
-# each API process, however often the watcher polls).
-PREVIEW_WATCH_SECONDS = 20.0
+# A job's worker reads its progress often (and fetches live previews, when those were looked
+# at) for this long after someone last looked; a watcher renews it when less than half is left
+# (so at most one write per job every 10 s for each API process, however often it polls).
+WATCH_SECONDS = 20.0
 
 
 class JobControl:
@@ -51,7 +51,8 @@ class JobControl:
         self.db = db
         self.deliveries = deliveries
         self.clock = clock
-        self._watched: dict[int, float] = {}  # job seq -> the preview watch this process stored
+        # (job seq, with its preview) -> the watch this process stored
+        self._watched: dict[tuple[int, bool], float] = {}
 
     # --- cancel, interrupt, skip (the API's side) --------------------------------------------
 
@@ -133,19 +134,24 @@ class JobControl:
         async with self.db.writing() as conn:
             return (await conn.execute(stmt)).rowcount
 
-    async def watch_preview(self, seq: int) -> None:
-        """Someone looks at the job's live preview (its event stream, A1111's /progress with
-        its image): its worker fetches previews for the next PREVIEW_WATCH_SECONDS. Only
-        then, because a preview costs the A1111 an image encode, and us its transfer and a
-        write, once a second for every running job."""
+    async def watch(self, seq: int, *, preview: bool = False) -> None:
+        """Someone looks at the job's progress (a read of the job), or with `preview` at its
+        live preview too (its event stream, A1111's /progress with its image): for the next
+        WATCH_SECONDS its worker reads its progress every PROGRESS_SECONDS, not every few
+        seconds, and fetches its previews. Only then, because a progress read is a request to
+        the A1111 and a write here, twice a second for every running job, and a preview costs
+        the A1111 an image encode besides."""
         now = self.clock()
-        if self._watched.get(seq, 0.0) - now > PREVIEW_WATCH_SECONDS / 2:
+        if self._watched.get((seq, preview), 0.0) - now > WATCH_SECONDS / 2:
             return
-        until = now + PREVIEW_WATCH_SECONDS
+        until = now + WATCH_SECONDS
+        wanted = {"progress_wanted_until": until}
+        if preview:
+            wanted["preview_wanted_until"] = until
         stmt = (
             update(jobs)
             .where(jobs.c.seq == seq, jobs.c.status.in_(("queued", "processing")))
-            .values(preview_wanted_until=until)
+            .values(**wanted)
         )
         try:
             async with self.db.writing_alone() as conn:
@@ -154,7 +160,9 @@ class JobControl:
             log.warning("could not note that job %s is watched: %s", seq, exc.orig or exc)
             return
         self._watched = {s: t for s, t in self._watched.items() if t > now}
-        self._watched[seq] = until
+        self._watched[(seq, preview)] = until
+        if preview:  # it covers the progress too
+            self._watched[(seq, False)] = until
 
     # --- sweeps: lost leases and deadlines ---------------------------------------------------
 

@@ -317,7 +317,12 @@ def _complete_alone_statement(status: str) -> Select[Any]:
 
 
 # What was asked of a running job from outside its lease (Touch).
-_ASKED = (jobs.c.cancel_requested_at, jobs.c.skip_requested_at, jobs.c.preview_wanted_until)
+_ASKED = (
+    jobs.c.cancel_requested_at,
+    jobs.c.skip_requested_at,
+    jobs.c.preview_wanted_until,
+    jobs.c.progress_wanted_until,
+)
 
 
 @functools.cache
@@ -358,6 +363,7 @@ class Touch:
     cancel_requested: bool
     skip_requested: bool = False
     preview_wanted: bool = False  # someone looks at its live preview now
+    progress_wanted: bool = False  # someone looks at its progress now (or its preview)
 
 
 def retry_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -738,4 +744,5 @@ def _touch(row: AnyRow | None, now: float) -> Touch:
         cancel_requested=row.cancel_requested_at is not None,
         skip_requested=row.skip_requested_at is not None,
         preview_wanted=(row.preview_wanted_until or 0.0) > now,
+        progress_wanted=(row.progress_wanted_until or 0.0) > now,
     )

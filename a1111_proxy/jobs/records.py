@@ -27,7 +27,7 @@ TERMINAL = frozenset({"completed", "error", "canceled"})
 GENERATIONS = frozenset({"txt2img", "img2img"})
 
 # Columns the API shows; never the payload, the secret, image data, or what only claims and
-# workers read (`turn`, `batch_key`, `preview_wanted_until`).
+# workers read (`turn`, `batch_key`, the watches).
 _HIDDEN = {
     "webhook_secret",
     "lease_token",
@@ -36,6 +36,7 @@ _HIDDEN = {
     "turn",
     "batch_key",
     "preview_wanted_until",
+    "progress_wanted_until",
 }
 JOB_COLUMNS = tuple(c for c in jobs.c if c.name not in _HIDDEN)
 _NAMES = tuple(c.name for c in JOB_COLUMNS)  # JobRecord's fields, in this order

@@ -115,8 +115,8 @@ class JobRepository:
     async def skip_running(self, *, owner: str | None, job_id: str | None = None) -> int:
         return await self.control.skip_running(owner=owner, job_id=job_id)
 
-    async def watch_preview(self, seq: int) -> None:
-        await self.control.watch_preview(seq)
+    async def watch(self, seq: int, *, preview: bool = False) -> None:
+        await self.control.watch(seq, preview=preview)
 
     async def reap_expired(self) -> list[tuple[str, str]]:
         return await self.control.reap_expired()

@@ -106,8 +106,8 @@ async def progress(request: Request) -> Response:
         )
     job = running[0]
     skip_image = bool_param(request, "skip_current_image", default=False)
-    if not skip_image:
-        await repo.watch_preview(job.seq)  # the worker fetches previews while someone looks
+    # The worker reads progress often, and fetches previews when asked for, while someone looks.
+    await repo.watch(job.seq, preview=not skip_image)
     steps = requested_steps(job)
     state = {
         **IDLE_STATE,

@@ -14,7 +14,7 @@ event is answered 204 (EventSource stops reconnecting on 204).
 
 The stream learns everything from the database through the process's one JobWaiter pump, so it
 works behind any API process; it holds no database connection while it waits. While it is open,
-the job's worker fetches live previews (JobControl.watch_preview); nobody watching, it does not.
+the job's worker fetches live previews (JobControl.watch); nobody watching, it does not.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class JobStream:
             if snap is not None and self.state is not None:
                 self._seen(snap)  # resuming: no old progress again
             while snap is not None:
-                if snap.status not in TERMINAL:  # the worker fetches previews while we look
-                    await self.repo.watch_preview(snap.seq)
+                if snap.status not in TERMINAL:  # the worker reads progress, previews while we look
+                    await self.repo.watch(snap.seq, preview=True)
                 async for event in self._changes(snap):
                     yield event
                 if self.done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Callable, Iterator
@@ -10,6 +11,9 @@ import httpx
 import pytest
 
 from a1111_proxy.app import create_app
+from a1111_proxy.db.engine import Database
+from a1111_proxy.jobs import JobRepository
+from tests.claims import claim_next
 from tests.servers import ASYNC, serve
 
 
@@ -47,6 +51,34 @@ def test_submitting_txt2img_answers_202_with_the_queued_job_and_its_location(
     assert response.headers["location"] == f"/sdapi/v1/jobs/{job['id']}"
     assert job["created_at"].endswith("Z") and job["request"] == {"prompt": "a cat", "steps": 20}
     assert api.get(response.headers["location"]).json()["id"] == job["id"]
+
+
+def test_reading_a_running_job_asks_its_worker_for_progress_and_progress_with_image_for_previews(
+    api: httpx.Client, sqlite_url: str
+) -> None:
+    jobs = [api.post("/sdapi/v1/txt2img", json={"prompt": f"cat {n}"}).json() for n in range(4)]
+
+    async def run(look: Callable[[], object]) -> tuple[bool, bool]:
+        """The next job runs (the only one running) while `look` is done; then it ends."""
+        db = Database(sqlite_url)
+        try:
+            repo = JobRepository(db)
+            claim = await claim_next(repo, "a-worker", "http://slot")
+            assert claim is not None
+            look()
+            asked = await repo.requests(claim)
+            await repo.finish(claim, "canceled", None)
+            return asked.progress_wanted, asked.preview_wanted
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(run(lambda: None)) == (False, False)  # nobody looks
+    second = f"/sdapi/v1/jobs/{jobs[1]['id']}"
+    assert asyncio.run(run(lambda: api.get(second))) == (True, False)
+    # A1111's /progress asks for previews unless told to skip the image.
+    skip = {"skip_current_image": "true"}
+    assert asyncio.run(run(lambda: api.get("/sdapi/v1/progress", params=skip))) == (True, False)
+    assert asyncio.run(run(lambda: api.get("/sdapi/v1/progress"))) == (True, True)
 
 
 def test_a1111_bodies_are_parsed_leniently_and_unknown_keys_are_kept(api: httpx.Client) -> None:

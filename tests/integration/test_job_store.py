@@ -271,19 +271,35 @@ async def test_a_preview_watch_is_written_once_per_half_window_and_lapses_unless
             query = select(jobs.c.preview_wanted_until).where(jobs.c.seq == claim.seq)
             return (await conn.execute(query)).scalar_one()
 
-    await repo.watch_preview(claim.seq)
+    await repo.watch(claim.seq, preview=True)
     assert (await repo.requests(claim)).preview_wanted
     assert await stored() == clock.now + 20
     written = await stored()
     clock.advance(9)  # a client polling /progress every moment: no write while half is left
-    await repo.watch_preview(claim.seq)
+    await repo.watch(claim.seq, preview=True)
     assert await stored() == written
     clock.advance(2)
-    await repo.watch_preview(claim.seq)
+    await repo.watch(claim.seq, preview=True)
     assert await stored() == clock.now + 20
     clock.advance(21)  # the watcher went away
     touch = await repo.touch(claim, progress=0.5)
     assert touch.alive and not touch.preview_wanted
+
+
+async def test_a_read_of_the_job_asks_for_its_progress_and_a_preview_watch_for_both(
+    repo: JobRepository,
+) -> None:
+    await repo.submit(new_job("watched"))
+    claim = await claim_next(repo, "w", "http://slot")
+    assert claim is not None
+    asked = await repo.requests(claim)
+    assert not asked.progress_wanted and not asked.preview_wanted  # nobody looks
+    await repo.watch(claim.seq)  # GET /sdapi/v1/jobs/{id}
+    asked = await repo.requests(claim)
+    assert asked.progress_wanted and not asked.preview_wanted
+    await repo.watch(claim.seq, preview=True)  # at once after: an event stream is not held back
+    asked = await repo.requests(claim)
+    assert asked.progress_wanted and asked.preview_wanted
 
 
 async def test_a_watch_the_database_refuses_is_logged_not_raised_and_tried_again(
@@ -298,10 +314,10 @@ async def test_a_watch_the_database_refuses_is_logged_not_raised_and_tried_again
         yield
 
     monkeypatch.setattr(db, "writing_alone", refused)
-    await repo.watch_preview(row.seq)  # an event stream or /progress goes on
+    await repo.watch(row.seq, preview=True)  # an event stream or /progress goes on
     assert "could not note that job" in caplog.text
     monkeypatch.undo()
-    await repo.watch_preview(row.seq)
+    await repo.watch(row.seq, preview=True)
     async with db.reading() as conn:
         query = select(jobs.c.preview_wanted_until).where(jobs.c.seq == row.seq)
         assert (await conn.execute(query)).scalar_one() is not None
@@ -311,7 +327,7 @@ async def test_a_finished_job_is_not_marked_watched(repo: JobRepository, db: Dat
     submitted = await repo.submit(new_job("done"))
     await repo.cancel(submitted.job.id)
     row = await repo.get(submitted.job.id)
-    await repo.watch_preview(row.seq)
+    await repo.watch(row.seq, preview=True)
     async with db.reading() as conn:
         query = select(jobs.c.preview_wanted_until).where(jobs.c.seq == row.seq)
         assert (await conn.execute(query)).scalar_one() is None

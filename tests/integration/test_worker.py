@@ -32,7 +32,11 @@ from worker.loop import Worker
 pytestmark = pytest.mark.anyio
 
 FAST = Timing(
-    progress_seconds=0.02, heartbeat_seconds=0.2, interrupt_grace_seconds=5, stall_seconds=0.5
+    progress_seconds=0.02,
+    heartbeat_seconds=0.2,
+    interrupt_grace_seconds=5,
+    stall_seconds=0.5,
+    unwatched_progress_seconds=0.1,
 )
 
 
@@ -144,7 +148,7 @@ async def test_a_live_preview_is_fetched_only_while_someone_looks_at_the_job(
     seq = (await repo.get(job_id)).seq
     assert await repo.preview(seq) is None  # nobody looked: none fetched
 
-    await repo.watch_preview(seq)  # an event stream or A1111's /progress looks
+    await repo.watch(seq, preview=True)  # an event stream or A1111's /progress looks
     await wait_until(lambda: repo.preview(seq))
     assert base64.b64decode(await repo.preview(seq) or "").startswith(b"\x89PNG")
 
@@ -155,6 +159,38 @@ async def test_a_live_preview_is_fetched_only_while_someone_looks_at_the_job(
     progressed.clear()
     await wait_until(lambda: progress_stored(5))
     assert await _preview_time(db, seq) == last  # none fetched since
+    fake.finish_current()
+    await run
+
+
+async def test_progress_is_read_at_every_tick_only_while_someone_looks_at_the_job(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str, db: Database
+) -> None:
+    """Nobody looks: the A1111's progress is read every `unwatched_progress_seconds` (each a
+    request to the A1111 and a write here), not at every tick; a read of the job, until its
+    watch lapses, makes the worker read it at every tick."""
+    fake = fakes[0]
+    job_id = await submit(repo, fake_seconds=300)
+    worker = make_worker(repo, [fake], database_url)
+    worker.timing = dataclasses.replace(FAST, unwatched_progress_seconds=5.0)
+    run = asyncio.create_task(worker.run_until_empty())
+
+    async def reads_over(seconds: float) -> int:
+        before = fake.progress_reads
+        await asyncio.sleep(seconds)
+        return fake.progress_reads - before
+
+    await wait_until(lambda: _async(fake.progress_reads >= 1))  # the first tick reads
+    assert await reads_over(1.0) == 0  # 50 ticks, nobody looks
+    seq = (await repo.get(job_id)).seq
+    await repo.watch(seq)  # GET /sdapi/v1/jobs/{id} looks
+    await wait_until(lambda: _async(fake.progress_reads >= 2))
+    assert await reads_over(0.5) >= 5
+    async with db.writing() as conn:  # the watch lapses (nobody renewed it)
+        await conn.execute(update(jobs).values(progress_wanted_until=0.0))
+    await asyncio.sleep(0.1)  # a tick of the worker's may have read it meanwhile
+    assert await reads_over(1.0) == 0
+    assert (await repo.get(job_id)).status == "processing"  # the lease was renewed meanwhile
     fake.finish_current()
     await run
 
