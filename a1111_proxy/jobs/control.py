@@ -140,7 +140,12 @@ class JobControl:
         WATCH_SECONDS its worker reads its progress every PROGRESS_SECONDS, not every few
         seconds, and fetches its previews. Only then, because a progress read is a request to
         the A1111 and a write here, twice a second for every running job, and a preview costs
-        the A1111 an image encode besides."""
+        the A1111 an image encode besides.
+
+        Only a running job is marked (its worker's first progress read comes at its first tick
+        anyway): on PostgreSQL the write locks the row for a moment, and a claim passes over a
+        locked queued job (SKIP LOCKED), so marking queued jobs made a claim miss a job that a
+        client was polling and leave it waiting for the next look at the queue."""
         now = self.clock()
         if self._watched.get((seq, preview), 0.0) - now > WATCH_SECONDS / 2:
             return
@@ -148,16 +153,14 @@ class JobControl:
         wanted = {"progress_wanted_until": until}
         if preview:
             wanted["preview_wanted_until"] = until
-        stmt = (
-            update(jobs)
-            .where(jobs.c.seq == seq, jobs.c.status.in_(("queued", "processing")))
-            .values(**wanted)
-        )
+        stmt = update(jobs).where(jobs.c.seq == seq, jobs.c.status == "processing").values(**wanted)
         try:
             async with self.db.writing_alone() as conn:
-                await conn.execute(stmt)
+                marked = (await conn.execute(stmt)).rowcount
         except OperationalError as exc:  # best effort: the stream or the read goes on without
             log.warning("could not note that job %s is watched: %s", seq, exc.orig or exc)
+            return
+        if not marked:  # not running (yet): the next look tries again
             return
         self._watched = {s: t for s, t in self._watched.items() if t > now}
         self._watched[(seq, preview)] = until

@@ -117,7 +117,7 @@ class JobStream:
             if snap is not None and self.state is not None:
                 self._seen(snap)  # resuming: no old progress again
             while snap is not None:
-                if snap.status not in TERMINAL:  # the worker reads progress, previews while we look
+                if snap.status == "processing":  # its worker reads progress, previews while we look
                     await self.repo.watch(snap.seq, preview=True)
                 async for event in self._changes(snap):
                     yield event

@@ -422,7 +422,7 @@ async def get_job(request: Request) -> Response:
     repo = context.repo(request)
     # A completed job's images, or those A1111 answered an interrupted one with (canceled).
     row, images = await context.find_job_shown(request, request.path_params["job_id"])
-    if row.status not in TERMINAL:  # its worker reads its progress often while someone looks
+    if row.status == "processing":  # its worker reads its progress often while someone looks
         await repo.watch(row.seq)
     view = await render_with_position(repo, row, images)
     if row.status == "queued":

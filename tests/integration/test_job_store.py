@@ -305,8 +305,9 @@ async def test_a_read_of_the_job_asks_for_its_progress_and_a_preview_watch_for_b
 async def test_a_watch_the_database_refuses_is_logged_not_raised_and_tried_again(
     repo: JobRepository, db: Database, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    submitted = await repo.submit(new_job("watched while the database is locked"))
-    row = await repo.get(submitted.job.id)
+    await repo.submit(new_job("watched while the database is locked"))
+    claim = await claim_next(repo, "w", "http://slot")
+    assert claim is not None
 
     @contextlib.asynccontextmanager
     async def refused() -> AsyncIterator[None]:
@@ -314,13 +315,26 @@ async def test_a_watch_the_database_refuses_is_logged_not_raised_and_tried_again
         yield
 
     monkeypatch.setattr(db, "writing_alone", refused)
-    await repo.watch(row.seq, preview=True)  # an event stream or /progress goes on
+    await repo.watch(claim.seq, preview=True)  # an event stream or /progress goes on
     assert "could not note that job" in caplog.text
     monkeypatch.undo()
-    await repo.watch(row.seq, preview=True)
-    async with db.reading() as conn:
-        query = select(jobs.c.preview_wanted_until).where(jobs.c.seq == row.seq)
-        assert (await conn.execute(query)).scalar_one() is not None
+    await repo.watch(claim.seq, preview=True)
+    assert (await repo.requests(claim)).preview_wanted
+
+
+async def test_a_queued_job_is_not_marked_watched_until_it_runs(repo: JobRepository) -> None:
+    """On PostgreSQL the mark's write would lock the queued row just as a claim looks for it,
+    and the claim passes over locked rows: the job would wait for the next look at the queue."""
+    submitted = await repo.submit(new_job("polled while queued"))
+    row = await repo.get(submitted.job.id)
+    await repo.watch(row.seq, preview=True)  # a client polls it, or streams its events
+    claim = await claim_next(repo, "w", "http://slot")
+    assert claim is not None
+    asked = await repo.requests(claim)
+    assert not asked.progress_wanted and not asked.preview_wanted
+    await repo.watch(row.seq, preview=True)  # the next look, once it runs: not held back
+    asked = await repo.requests(claim)
+    assert asked.progress_wanted and asked.preview_wanted
 
 
 async def test_a_finished_job_is_not_marked_watched(repo: JobRepository, db: Database) -> None:
