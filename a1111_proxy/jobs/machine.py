@@ -603,7 +603,7 @@ class JobMachine:
             return await on_connection_thread(conn, touch, commit=True)
 
     async def requests(self, claim: Claim) -> Touch:
-        """A read-only look at what was asked of a running job (cancel, skip, a preview)."""
+        """A read-only look at what was asked of a running job (cancel, skip, a watcher)."""
         query = select(*_ASKED).where(self._fenced(claim))
         async with self.db.reading() as conn:
             return _touch((await conn.execute(query)).one_or_none(), self.clock())
