@@ -22,14 +22,15 @@ ADVISORY_SPACE = 7861_0001  # first key of our advisory locks (one per backend, 
 
 Slots = Sequence[tuple[str, str | None]]  # (backend name, checkpoint it last ran)
 
-# The backends among b_names that run a job of a worker other than b_owner (built once: see
-# machine.py's statements).
+# SQLite: the backends among b_names (a JSON array) that run a job of a worker other than
+# b_owner (built once: see machine.py's statements; run by SQLAlchemy or by sqlite3 itself).
+_NAMED = func.json_each(bindparam("b_names", type_=String)).table_valued("value").alias("n")
 _BUSY = (
     select(jobs.c.backend)
     .distinct()
     .where(
         jobs.c.status == "processing",
-        jobs.c.backend.in_(bindparam("b_names", expanding=True)),
+        jobs.c.backend.in_(select(_NAMED.c.value)),
         jobs.c.lease_owner != bindparam("b_owner"),
     )
 )
@@ -76,17 +77,7 @@ def _open(slots: Slots, free: set[str]) -> list[int]:
 
 @cache
 def _busy_prepared() -> Prepared:
-    """_BUSY for sqlite3: the names bound as one JSON array."""
-    names = func.json_each(bindparam("b_names", type_=String)).table_valued("value").alias("n")
-    return positional(
-        select(jobs.c.backend)
-        .distinct()
-        .where(
-            jobs.c.status == "processing",
-            jobs.c.backend.in_(select(names.c.value)),
-            jobs.c.lease_owner != bindparam("b_owner"),
-        )
-    )
+    return positional(_BUSY)
 
 
 # The backends of `names` that run no job of another worker, each locked until the transaction
@@ -117,7 +108,8 @@ async def _lock_idle(conn: AsyncConnection, owner: str, names: list[str]) -> set
 async def _busy(conn: AsyncConnection, owner: str, names: list[str]) -> set[str]:
     """SQLite: which of `names` run a job of another worker (write transactions are
     serialised, so this look sees every claim before it)."""
-    return set((await conn.execute(_BUSY, {"b_names": names, "b_owner": owner})).scalars())
+    found = await conn.execute(_BUSY, {"b_names": json.dumps(names), "b_owner": owner})
+    return set(found.scalars())
 
 
 def place(rows: list[AnyRow], slots: Slots) -> list[tuple[int, AnyRow]]:
