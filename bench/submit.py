@@ -170,8 +170,8 @@ def print_profile(path: Path, top: int = 25) -> None:
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [f for f in stack.split(";") if not f.startswith("process ")]
-        if not frames or ("MainThread" not in stack and "thread" in frames[0].lower()):
-            pass
+        if not frames or not count.isdigit():  # a frame's name with a line break in it
+            continue
         n = int(count)
         total += n
         own[frames[-1]] = own.get(frames[-1], 0) + n
