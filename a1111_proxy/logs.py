@@ -115,7 +115,7 @@ def configure(level: str, log_format: str = "auto", stream: IO[str] | None = Non
     # The logging HOWTO's "Optimization": no line shows the caller's file and line, nor the
     # thread or process, so records need not collect them (the caller's frame walk cost more
     # than formatting the line, for every request's access line at info).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
