@@ -14,7 +14,9 @@ every move to a terminal status `completed`, each when the job's `webhook_events
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import itertools
 import json
 import random
 import sqlite3
@@ -323,6 +325,16 @@ _ASKED = (
     jobs.c.preview_wanted_until,
     jobs.c.progress_wanted_until,
 )
+# What was asked of running jobs, by seq (binds b_seqs): each row's lease is checked against
+# its claim's token by _held.
+_ASKED_OF = select(jobs.c.seq, jobs.c.lease_token, *_ASKED).where(
+    jobs.c.seq.in_(bindparam("b_seqs", expanding=True)), jobs.c.status == "processing"
+)
+
+
+def _held(row: AnyRow | None, token: str) -> AnyRow | None:
+    """`row` if the lease `token` holds it (the fence of _FENCED), else None."""
+    return row if row is not None and row.lease_token == token else None
 
 
 @functools.cache
@@ -385,6 +397,8 @@ class JobMachine:
         self.deliveries = deliveries
         self.lease_seconds = lease_seconds
         self.clock = clock
+        self._asking: dict[tuple[int, str], list[asyncio.Future[Touch]]] | None = None
+        self._reading: set[asyncio.Task[None]] = set()
 
     # --- the claim ---------------------------------------------------------------------------
 
@@ -603,10 +617,49 @@ class JobMachine:
             return await on_connection_thread(conn, touch, commit=True)
 
     async def requests(self, claim: Claim) -> Touch:
-        """A read-only look at what was asked of a running job (cancel, skip, a watcher)."""
-        query = select(*_ASKED).where(self._fenced(claim))
+        """A read-only look at what was asked of a running job (cancel, skip, a watcher).
+
+        The looks of one moment (a worker's jobs tick together) are one read: each caller
+        waits for the read that the first of them starts at the event loop's next turn."""
+        if self._asking is None:
+            self._asking = {}
+            asyncio.get_running_loop().call_soon(self._start_asking)
+        waiter: asyncio.Future[Touch] = asyncio.get_running_loop().create_future()
+        self._asking.setdefault((claim.seq, claim.token), []).append(waiter)
+        return await waiter
+
+    def _start_asking(self) -> None:
+        asking, self._asking = self._asking or {}, None
+        reading = asyncio.create_task(self._answer(asking))
+        self._reading.add(reading)
+        reading.add_done_callback(self._reading.discard)
+
+    async def _answer(self, asking: dict[tuple[int, str], list[asyncio.Future[Touch]]]) -> None:
+        waiting = list(itertools.chain.from_iterable(asking.values()))
+        try:
+            touches = await self._requests_of(list(asking))
+        except asyncio.CancelledError:
+            for waiter in waiting:
+                waiter.cancel()
+            raise
+        except Exception as exc:  # each caller gets the read's failure, as its own would
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for lease, waiters in asking.items():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(touches[lease])
+
+    async def _requests_of(self, leases: list[tuple[int, str]]) -> dict[tuple[int, str], Touch]:
+        """What was asked of each leased job (seq, lease token), in one read; a job whose
+        lease is another's (or that is no longer processing) is not alive."""
+        seqs = sorted({seq for seq, _ in leases})
         async with self.db.reading() as conn:
-            return _touch((await conn.execute(query)).one_or_none(), self.clock())
+            rows = {row.seq: row for row in await conn.execute(_ASKED_OF, {"b_seqs": seqs})}
+        now = self.clock()
+        return {lease: _touch(_held(rows.get(lease[0]), lease[1]), now) for lease in leases}
 
     async def clear_skip(self, claim: Claim) -> None:
         stmt = update(jobs).where(self._fenced(claim)).values(skip_requested_at=None)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 
 from a1111_proxy.db.engine import Database
@@ -194,6 +194,39 @@ async def test_a_stale_worker_changes_nothing_while_the_rerun_of_its_job_is_stil
     done = await repo.get(job_id)
     assert done.status == "completed" and done.result["info"] == "rerun"
     assert await repo.images(done.seq) == [b"png-b"]
+
+
+async def test_the_looks_of_running_jobs_at_one_moment_are_one_read_each_fenced_by_its_lease(
+    repo: JobRepository, clock: Clock
+) -> None:
+    """A worker's jobs tick together; what was asked of each (a cancel, a skip) is read for all
+    of them at once, and a stale worker asking beside the rerun of its job is still refused."""
+    body = json.dumps({"prompt": "cat"})
+    ids = [(await repo.submit(NewJob("txt2img", body, body, owner=o))).job.id for o in "abc"]
+    stale = await claim_next(repo, "worker-a", "http://slot-0")
+    assert stale is not None and stale.id == ids[0]
+    clock.advance(31)
+    assert await repo.reap_expired() == [(ids[0], "queued")]
+    claims = [await claim_next(repo, "worker-b", f"http://slot-{n}") for n in range(3)]
+    assert [c.id for c in claims if c] == ids
+    rerun, skipped, canceled = claims
+    assert await repo.skip_running(owner="b") == 1
+    assert await repo.cancel(ids[2]) is not None
+
+    statements: list[str] = []
+    engine = repo.db.read_engine.sync_engine
+    listen = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        asked = await asyncio.gather(*(repo.requests(c) for c in (stale, *claims)))
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    assert len([s for s in statements if "cancel_requested_at" in s]) == 1
+    alive = [touch.alive for touch in asked]
+    assert alive == [False, True, True, True]  # the stale lease, then each current one
+    assert [t.skip_requested for t in asked[1:]] == [False, True, False]
+    assert [t.cancel_requested for t in asked[1:]] == [False, False, True]
+    assert rerun.token != stale.token and skipped and canceled
 
 
 async def test_an_expired_lease_requeues_until_attempts_run_out_then_errors_worker_lost(

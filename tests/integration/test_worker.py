@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -193,6 +193,36 @@ async def test_progress_is_read_at_every_tick_only_while_someone_looks_at_the_jo
     assert (await repo.get(job_id)).status == "processing"  # the lease was renewed meanwhile
     fake.finish_current()
     await run
+
+
+async def test_the_jobs_a_worker_runs_look_at_what_was_asked_of_them_in_one_read_a_tick(
+    repo: JobRepository, fakes: list[FakeBackend], database_url: str, db: Database
+) -> None:
+    """Three jobs nobody watches, on three slots: each tick is one read of the three jobs'
+    cancels and skips (their ticks are shared), not one read per job; a cancel still lands."""
+    ids = [await submit(repo, fake_seconds=300) for _ in fakes]
+    worker = make_worker(repo, list(fakes), database_url)
+    worker.timing = dataclasses.replace(FAST, progress_seconds=0.1, heartbeat_seconds=30.0)
+    worker.timing = dataclasses.replace(worker.timing, unwatched_progress_seconds=30.0)
+    run = asyncio.create_task(worker.run_until_empty())
+    await wait_until(lambda: _async(all(fake.current is not None for fake in fakes)))
+    await asyncio.sleep(0.3)  # past each job's first tick (its first progress read and write)
+
+    looks: list[str] = []
+    engine = db.read_engine.sync_engine
+    listen = lambda *args: looks.append(args[2]) if "cancel_requested_at" in args[2] else None  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        await asyncio.sleep(1.0)  # 10 ticks
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    assert 3 <= len(looks) <= 15, looks  # one a tick (30 if each job read on its own)
+    assert await repo.cancel(ids[1]) is not None
+    await wait_until(lambda: _status_is(repo, ids[1], "canceled"))
+    for fake in (fakes[0], fakes[2]):
+        fake.finish_current()
+    await run
+    assert [(await repo.get(i)).status for i in ids] == ["completed", "canceled", "completed"]
 
 
 async def _preview_time(db: Database, seq: int) -> float:
