@@ -101,25 +101,26 @@ async def _watch(
     """Wait for the generation, storing progress and renewing the lease. True: cancel asked.
 
     What was asked of the job (a cancel, a skip, a watcher) is looked at every
-    `progress_seconds`, on ticks all of a worker's jobs share (the first between half an
-    interval and one and a half after the job starts). Progress is read from the A1111 and
-    stored as often only while someone looks at the job or its progress webhooks were asked
-    for (Touch.progress_wanted), otherwise every `unwatched_progress_seconds` (the first read
-    is at the first tick either way); a live preview is fetched (at most every
-    `preview_seconds`) only while someone looks at one (Touch.preview_wanted). For nobody,
-    each would cost the A1111 a request (a preview: an image encode), and us its transfer and
-    a write."""
+    `progress_seconds`: first `progress_seconds` after the job starts (which spreads the
+    first progress reads of jobs started together), then on ticks all of a worker's jobs
+    share (the second between half an interval and one and a half after the first).
+    Progress is read from the A1111 and stored as often only while someone looks at the job
+    or its progress webhooks were asked for (Touch.progress_wanted), otherwise every
+    `unwatched_progress_seconds` (the first read is at the first tick either way); a live
+    preview is fetched (at most every `preview_seconds`) only while someone looks at one
+    (Touch.preview_wanted). For nobody, each would cost the A1111 a request (a preview: an
+    image encode), and us its transfer and a write."""
     last_write = last_busy = last_preview = time.monotonic()
     last_read = float("-inf")
     last_seen: tuple[float, float | None] | None = None
     watched = False  # someone looks at the live preview (as the last touch said)
     followed = claim.progress_webhook  # someone looks at the progress
-    tick = _next_tick(timing.progress_seconds, at_least=timing.progress_seconds / 2)
+    tick = timing.progress_seconds  # the first: its own, so that starts spread the first reads
     while True:
         done, _ = await asyncio.wait({generation}, timeout=tick)
         if done:
             return False
-        tick = _next_tick(timing.progress_seconds)
+        tick = _next_tick(timing.progress_seconds, at_least=timing.progress_seconds / 2)
         now = time.monotonic()
         want_image = watched and now - last_preview >= timing.preview_seconds
         read = followed or want_image or now - last_read >= timing.unwatched_progress_seconds
