@@ -325,6 +325,7 @@ _ASKED = (
     jobs.c.preview_wanted_until,
     jobs.c.progress_wanted_until,
 )
+ASK_WINDOW_SECONDS = 0.005  # the looks at running jobs' asks that one read answers
 # What was asked of running jobs, by seq (binds b_seqs): each row's lease is checked against
 # its claim's token by _held.
 _ASKED_OF = select(jobs.c.seq, jobs.c.lease_token, *_ASKED).where(
@@ -620,10 +621,11 @@ class JobMachine:
         """A read-only look at what was asked of a running job (cancel, skip, a watcher).
 
         The looks of one moment (a worker's jobs tick together) are one read: each caller
-        waits for the read that the first of them starts at the event loop's next turn."""
+        waits for the read that the first of them starts ASK_WINDOW_SECONDS later (their
+        timers, set a few microseconds apart, may fire in different turns of the loop)."""
         if self._asking is None:
             self._asking = {}
-            asyncio.get_running_loop().call_soon(self._start_asking)
+            asyncio.get_running_loop().call_later(ASK_WINDOW_SECONDS, self._start_asking)
         waiter: asyncio.Future[Touch] = asyncio.get_running_loop().create_future()
         self._asking.setdefault((claim.seq, claim.token), []).append(waiter)
         return await waiter
