@@ -58,8 +58,9 @@ def in_status(status: str) -> ColumnElement[bool]:
 QUEUED = in_status("queued")
 
 
-def queued_ahead_of(seq: int, priority: int) -> ColumnElement[bool]:
-    """WHERE term: jobs before job `seq` (of `priority`) in QUEUE_ORDER."""
+def queued_ahead_of(seq: Any, priority: Any) -> ColumnElement[bool]:
+    """WHERE term: jobs before job `seq` (of `priority`) in QUEUE_ORDER (values or bound
+    parameters)."""
     turn = select(jobs.c.turn).where(jobs.c.seq == seq).scalar_subquery()
     earlier = or_(jobs.c.turn < turn, and_(jobs.c.turn == turn, jobs.c.seq < seq))
     return or_(jobs.c.priority > priority, and_(jobs.c.priority == priority, earlier))

@@ -7,6 +7,8 @@ snapshots that event streams and wait mode poll (JobState).
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 from sqlalchemy import Select, bindparam, func, select, text
 
 from a1111_proxy.db.engine import Database
+from a1111_proxy.db.sqlite_driver import Prepared, named_rows, on_connection_thread, positional
 from a1111_proxy.db.tables import job_images, job_previews, jobs
 from a1111_proxy.jobs.clauses import (
     PROMPT_SCAN,
@@ -45,6 +48,40 @@ _IMAGES = (
     .where(job_images.c.job_seq == bindparam("b_seq"))
     .order_by(job_images.c.n)
 )
+# How many queued jobs are ahead of a job (binds b_seq, b_priority): a queued job's poll.
+_AHEAD = (
+    select(func.count())
+    .select_from(jobs)
+    .where(QUEUED, queued_ahead_of(bindparam("b_seq"), bindparam("b_priority")))
+)
+
+
+@functools.cache
+def _shown_prepared(owned: bool) -> tuple[Prepared, Prepared]:
+    """SQLite: the job (by id, and owner if `owned`) and its images, as sqlite3 takes them."""
+    return positional(_OWNED_JOB if owned else _JOB), positional(_IMAGES)
+
+
+def _shown_sqlite(
+    connection: sqlite3.Connection, job_id: str, owner: str | None
+) -> tuple[Any, list[bytes] | None] | None:
+    """On the connection's thread, in one read transaction: the job and its images if any."""
+    job, images = _shown_prepared(owner is not None)
+    began = not connection.in_transaction
+    if began:
+        connection.execute("BEGIN")  # one snapshot for the job and its images
+    try:
+        found = named_rows(connection.execute(job.sql, job.args(b_id=job_id, b_owner=owner)))
+        if not found:
+            return None
+        row = found[0]
+        if not row.image_count:
+            return row, None
+        data = connection.execute(images.sql, images.args(b_seq=row.seq)).fetchall()
+        return row, [image for (image,) in data]
+    finally:
+        if began:
+            connection.rollback()
 
 
 class JobReads:
@@ -135,6 +172,12 @@ class JobReads:
     ) -> tuple[JobRecord, list[bytes] | None] | None:
         """The job (only `owner`'s, if given) and its images if it has any, in one read: what
         GET /jobs/{id} shows, for a client polling it."""
+        if self.db.is_sqlite:  # one round trip to the connection's thread, with sqlite3
+            async with self.db.reading() as conn:
+                found = await on_connection_thread(
+                    conn, lambda connection: _shown_sqlite(connection, job_id, owner)
+                )
+            return None if found is None else (job_record(found[0]), found[1])
         query = _JOB if owner is None else _OWNED_JOB
         async with self.db.reading() as conn:
             row = (await conn.execute(query, {"b_id": job_id, "b_owner": owner})).one_or_none()
@@ -188,10 +231,9 @@ class JobReads:
         backoff keep their place: they are claimed in this order once due."""
         if job.status != "queued":
             return None
-        ahead = queued_ahead_of(job.seq, job.priority)
-        query = select(func.count()).select_from(jobs).where(QUEUED, ahead)
+        values = {"b_seq": job.seq, "b_priority": job.priority}
         async with self.db.reading() as conn:
-            return int((await conn.execute(query)).scalar_one()) + 1
+            return int((await conn.execute(_AHEAD, values)).scalar_one()) + 1
 
     async def running(self) -> list[JobRecord]:
         query = (
