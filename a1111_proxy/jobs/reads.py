@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select, text
+from sqlalchemy import Select, bindparam, func, or_, select, text
 
 from a1111_proxy.db.engine import Database
 from a1111_proxy.db.sqlite_driver import Prepared, named_rows, on_connection_thread, positional
@@ -24,7 +24,7 @@ from a1111_proxy.jobs.clauses import (
     QUEUED,
     JobFilter,
     deadline_sweep_due,
-    of_owner,
+    in_status,
     prompt_like,
     prompt_matches,
     queued_ahead_of,
@@ -54,6 +54,57 @@ _AHEAD = (
     .select_from(jobs)
     .where(QUEUED, queued_ahead_of(bindparam("b_seq"), bindparam("b_priority")))
 )
+
+
+# A1111's /progress: a caller's oldest running job, or the running job by id; how many of a
+# caller's jobs are queued or running; a job's live preview.
+_RUNNING_OF = (
+    select(*JOB_COLUMNS)
+    .where(jobs.c.owner == bindparam("b_owner"), in_status("processing"))
+    .order_by(jobs.c.started_at)
+    .limit(1)
+)
+_RUNNING_JOB = select(*JOB_COLUMNS).where(jobs.c.id == bindparam("b_id"), in_status("processing"))
+_ACTIVE_COUNT = (
+    select(func.count())
+    .select_from(jobs)
+    .where(jobs.c.owner == bindparam("b_owner"), or_(QUEUED, in_status("processing")))
+)
+_PREVIEW = select(job_previews.c.image).where(job_previews.c.job_seq == bindparam("b_seq"))
+
+
+@functools.cache
+def _progress_prepared(by_id: bool) -> tuple[Prepared, Prepared, Prepared]:
+    return (
+        positional(_RUNNING_JOB if by_id else _RUNNING_OF),
+        positional(_ACTIVE_COUNT),
+        positional(_PREVIEW),
+    )
+
+
+def _progress_sqlite(
+    connection: sqlite3.Connection,
+    by_id: bool,
+    picked: dict[str, Any],
+    owner: str,
+    with_preview: bool,
+) -> tuple[Any, int, str | None]:
+    """On the connection's thread, in one read transaction: JobReads.progress_of."""
+    running, active, previews = _progress_prepared(by_id)
+    began = not connection.in_transaction
+    if began:
+        connection.execute("BEGIN")  # one snapshot for the three
+    try:
+        found = named_rows(connection.execute(running.sql, running.args(**picked)))
+        [(count,)] = connection.execute(active.sql, active.args(b_owner=owner)).fetchall()
+        preview = None
+        if found and with_preview:
+            image = connection.execute(previews.sql, previews.args(b_seq=found[0].seq)).fetchone()
+            preview = None if image is None else image[0]
+        return (found[0] if found else None), int(count), preview
+    finally:
+        if began:
+            connection.rollback()
 
 
 @functools.cache
@@ -194,26 +245,32 @@ class JobReads:
             row = (await conn.execute(_OWNED_JOB, {"b_id": job_id, "b_owner": owner})).one_or_none()
         return None if row is None else job_record(row)
 
-    async def running_of(self, owner: str | None, job_id: str | None = None) -> list[JobRecord]:
-        """`owner`'s running jobs, oldest start first (`job_id`: only that one)."""
-        query = (
-            select(*JOB_COLUMNS)
-            .where(*of_owner(owner, job_id), jobs.c.status == "processing")
-            .order_by(jobs.c.started_at)
+    async def progress_of(
+        self, owner: str, job_id: str | None, *, with_preview: bool
+    ) -> tuple[JobRecord | None, int, str | None]:
+        """What A1111's /progress shows a caller, in one read: the job it reports (`owner`'s
+        oldest running one, or `job_id` if it runs), how many of `owner`'s jobs are queued or
+        running, and (`with_preview`) the job's live preview."""
+        job_query = (
+            (_RUNNING_JOB, {"b_id": job_id}) if job_id else (_RUNNING_OF, {"b_owner": owner})
         )
-        async with self.db.reading() as conn:
-            rows = (await conn.execute(query)).all()
-        return [job_record(row) for row in rows]
-
-    async def active_count_of(self, owner: str) -> int:
-        """How many of `owner`'s jobs are queued or running."""
-        query = (
-            select(func.count())
-            .select_from(jobs)
-            .where(jobs.c.owner == owner, jobs.c.status.in_(("queued", "processing")))
-        )
-        async with self.db.reading() as conn:
-            return int((await conn.execute(query)).scalar_one())
+        if self.db.is_sqlite:  # one round trip to the connection's thread, with sqlite3
+            async with self.db.reading() as conn:
+                row, count, preview = await on_connection_thread(
+                    conn,
+                    lambda connection: _progress_sqlite(
+                        connection, job_id is not None, job_query[1], owner, with_preview
+                    ),
+                )
+        else:
+            async with self.db.reading() as conn:
+                row = (await conn.execute(*job_query)).first()
+                count = (await conn.execute(_ACTIVE_COUNT, {"b_owner": owner})).scalar_one()
+                preview = None
+                if row is not None and with_preview:
+                    found = await conn.execute(_PREVIEW, {"b_seq": row.seq})
+                    preview = found.scalar_one_or_none()
+        return (None if row is None else job_record(row)), int(count), preview
 
     # --- the queue ---------------------------------------------------------------------------
 

@@ -167,11 +167,10 @@ class JobRepository:
     ) -> tuple[JobRecord, list[bytes] | None] | None:
         return await self.reads.shown(job_id, owner)
 
-    async def running_of(self, owner: str | None, job_id: str | None = None) -> list[JobRecord]:
-        return await self.reads.running_of(owner, job_id)
-
-    async def active_count_of(self, owner: str) -> int:
-        return await self.reads.active_count_of(owner)
+    async def progress_of(
+        self, owner: str, job_id: str | None, *, with_preview: bool
+    ) -> tuple[JobRecord | None, int, str | None]:
+        return await self.reads.progress_of(owner, job_id, with_preview=with_preview)
 
     async def queued(self, limit: int) -> tuple[list[JobRecord], int]:
         return await self.reads.queued(limit)

@@ -90,11 +90,12 @@ async def progress(request: Request) -> Response:
     caller's oldest running job, or the one `job_id` names, and job_count counting the caller's
     queued and running jobs (0 and progress 0.0 when idle)."""
     repo = context.repo(request)
-    owner = caller(request).tenant
     picked = await _picked_job(request)
-    running = await repo.running_of(owner if picked is None else None, picked)
-    job_count = await repo.active_count_of(owner)
-    if not running:
+    skip_image = bool_param(request, "skip_current_image", default=False)
+    job, job_count, preview = await repo.progress_of(
+        caller(request).tenant, picked, with_preview=not skip_image
+    )
+    if job is None:
         return JSONResponse(
             {
                 "progress": 0.0,
@@ -104,8 +105,6 @@ async def progress(request: Request) -> Response:
                 "textinfo": None,
             }
         )
-    job = running[0]
-    skip_image = bool_param(request, "skip_current_image", default=False)
     # The worker reads progress often, and fetches previews when asked for, while someone looks.
     await repo.watch(job.seq, preview=not skip_image)
     steps = requested_steps(job)
@@ -125,7 +124,7 @@ async def progress(request: Request) -> Response:
             "progress": job.progress,
             "eta_relative": job.eta_relative or 0.0,
             "state": state,
-            "current_image": None if skip_image else await repo.preview(job.seq),
+            "current_image": preview,
             "textinfo": None,
         }
     )
