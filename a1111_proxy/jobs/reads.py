@@ -108,28 +108,33 @@ def _progress_sqlite(
 
 
 @functools.cache
-def _shown_prepared(owned: bool) -> tuple[Prepared, Prepared]:
-    """SQLite: the job (by id, and owner if `owned`) and its images, as sqlite3 takes them."""
-    return positional(_OWNED_JOB if owned else _JOB), positional(_IMAGES)
+def _shown_prepared(owned: bool) -> tuple[Prepared, Prepared, Prepared]:
+    """SQLite: the job (by id, and owner if `owned`), its images and its queue position's
+    count, as sqlite3 takes them."""
+    return positional(_OWNED_JOB if owned else _JOB), positional(_IMAGES), positional(_AHEAD)
 
 
 def _shown_sqlite(
     connection: sqlite3.Connection, job_id: str, owner: str | None
-) -> tuple[Any, list[bytes] | None] | None:
-    """On the connection's thread, in one read transaction: the job and its images if any."""
-    job, images = _shown_prepared(owner is not None)
+) -> tuple[Any, list[bytes] | None, int | None] | None:
+    """On the connection's thread, in one read transaction: JobReads.shown."""
+    job, images, ahead = _shown_prepared(owner is not None)
     began = not connection.in_transaction
     if began:
-        connection.execute("BEGIN")  # one snapshot for the job and its images
+        connection.execute("BEGIN")  # one snapshot for the job, its images and its place
     try:
         found = named_rows(connection.execute(job.sql, job.args(b_id=job_id, b_owner=owner)))
         if not found:
             return None
         row = found[0]
+        if row.status == "queued":
+            values = ahead.args(b_seq=row.seq, b_priority=row.priority)
+            [(count,)] = connection.execute(ahead.sql, values).fetchall()
+            return row, None, int(count) + 1
         if not row.image_count:
-            return row, None
+            return row, None, None
         data = connection.execute(images.sql, images.args(b_seq=row.seq)).fetchall()
-        return row, [image for (image,) in data]
+        return row, [image for (image,) in data], None
     finally:
         if began:
             connection.rollback()
@@ -220,24 +225,27 @@ class JobReads:
 
     async def shown(
         self, job_id: str, owner: str | None
-    ) -> tuple[JobRecord, list[bytes] | None] | None:
-        """The job (only `owner`'s, if given) and its images if it has any, in one read: what
-        GET /jobs/{id} shows, for a client polling it."""
+    ) -> tuple[JobRecord, list[bytes] | None, int | None] | None:
+        """The job (only `owner`'s, if given), its images if it has any, and its queue
+        position while queued, in one read: what GET /jobs/{id} shows a client polling it."""
         if self.db.is_sqlite:  # one round trip to the connection's thread, with sqlite3
             async with self.db.reading() as conn:
                 found = await on_connection_thread(
                     conn, lambda connection: _shown_sqlite(connection, job_id, owner)
                 )
-            return None if found is None else (job_record(found[0]), found[1])
+            return None if found is None else (job_record(found[0]), found[1], found[2])
         query = _JOB if owner is None else _OWNED_JOB
         async with self.db.reading() as conn:
             row = (await conn.execute(query, {"b_id": job_id, "b_owner": owner})).one_or_none()
             if row is None:
                 return None
-            images = None
-            if row.image_count:
+            images = position = None
+            if row.status == "queued":
+                values = {"b_seq": row.seq, "b_priority": row.priority}
+                position = int((await conn.execute(_AHEAD, values)).scalar_one()) + 1
+            elif row.image_count:
                 images = list((await conn.execute(_IMAGES, {"b_seq": row.seq})).scalars())
-        return job_record(row), images
+        return job_record(row), images, position
 
     async def owned(self, owner: str, job_id: str) -> JobRecord | None:
         """The job, if `owner` submitted it."""

@@ -164,7 +164,7 @@ class JobRepository:
 
     async def shown(
         self, job_id: str, owner: str | None
-    ) -> tuple[JobRecord, list[bytes] | None] | None:
+    ) -> tuple[JobRecord, list[bytes] | None, int | None] | None:
         return await self.reads.shown(job_id, owner)
 
     async def progress_of(

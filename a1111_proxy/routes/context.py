@@ -145,8 +145,11 @@ async def find_job(request: Request, job_id: str) -> JobRecord:
     return row
 
 
-async def find_job_shown(request: Request, job_id: str) -> tuple[JobRecord, list[bytes] | None]:
-    """find_job, with the job's images (None when it has none), read together."""
+async def find_job_shown(
+    request: Request, job_id: str
+) -> tuple[JobRecord, list[bytes] | None, int | None]:
+    """find_job, with the job's images (None when it has none) and its queue position (None
+    unless queued), read together."""
     found = await repo(request).shown(job_id, visible_owner(request))
     if found is None:
         raise _not_found(job_id)

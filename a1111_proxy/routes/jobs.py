@@ -421,10 +421,10 @@ def _fingerprint(body: dict[str, Any]) -> str:
 async def get_job(request: Request) -> Response:
     repo = context.repo(request)
     # A completed job's images, or those A1111 answered an interrupted one with (canceled).
-    row, images = await context.find_job_shown(request, request.path_params["job_id"])
+    row, images, position = await context.find_job_shown(request, request.path_params["job_id"])
     if row.status == "processing":  # its worker reads its progress often while someone looks
         await repo.watch(row.seq)
-    view = await render_with_position(repo, row, images)
+    view = render_job(row, images) | {"queue_position": position}
     if row.status == "queued":
         outage = await context.backends(request).outage()
         view["waiting_reason"] = outage.reason if outage is not None else None
