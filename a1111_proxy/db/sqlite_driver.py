@@ -258,6 +258,25 @@ async def on_connection_thread(
     return await driver.in_one_trip(call, commit=commit)
 
 
+async def read_on_connection_thread(
+    conn: AsyncConnection, call: Callable[[sqlite3.Connection], T]
+) -> T:
+    """`call(connection)` on the thread of `conn`'s sqlite3 connection, in one round trip,
+    its statements reading one snapshot (a read transaction of their own unless one is open)."""
+
+    def in_one_snapshot(connection: sqlite3.Connection) -> T:
+        began = not connection.in_transaction
+        if began:
+            connection.execute("BEGIN")
+        try:
+            return call(connection)
+        finally:
+            if began:
+                connection.rollback()
+
+    return await on_connection_thread(conn, in_one_snapshot)
+
+
 def named_rows(cursor: sqlite3.Cursor) -> list[Any]:
     """The rows of `cursor`'s statement, each with its columns by name as SQLAlchemy's rows
     have them (`row.seq`), so that code reading rows takes either."""

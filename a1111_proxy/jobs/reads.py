@@ -16,7 +16,12 @@ from typing import Any
 from sqlalchemy import Select, bindparam, func, or_, select, text
 
 from a1111_proxy.db.engine import Database
-from a1111_proxy.db.sqlite_driver import Prepared, named_rows, on_connection_thread, positional
+from a1111_proxy.db.sqlite_driver import (
+    Prepared,
+    named_rows,
+    positional,
+    read_on_connection_thread,
+)
 from a1111_proxy.db.tables import job_images, job_previews, jobs
 from a1111_proxy.jobs.clauses import (
     PROMPT_SCAN,
@@ -89,22 +94,15 @@ def _progress_sqlite(
     owner: str,
     with_preview: bool,
 ) -> tuple[Any, int, str | None]:
-    """On the connection's thread, in one read transaction: JobReads.progress_of."""
+    """On the connection's thread, in one snapshot: JobReads.progress_of."""
     running, active, previews = _progress_prepared(by_id)
-    began = not connection.in_transaction
-    if began:
-        connection.execute("BEGIN")  # one snapshot for the three
-    try:
-        found = named_rows(connection.execute(running.sql, running.args(**picked)))
-        [(count,)] = connection.execute(active.sql, active.args(b_owner=owner)).fetchall()
-        preview = None
-        if found and with_preview:
-            image = connection.execute(previews.sql, previews.args(b_seq=found[0].seq)).fetchone()
-            preview = None if image is None else image[0]
-        return (found[0] if found else None), int(count), preview
-    finally:
-        if began:
-            connection.rollback()
+    found = named_rows(connection.execute(running.sql, running.args(**picked)))
+    [(count,)] = connection.execute(active.sql, active.args(b_owner=owner)).fetchall()
+    preview = None
+    if found and with_preview:
+        image = connection.execute(previews.sql, previews.args(b_seq=found[0].seq)).fetchone()
+        preview = None if image is None else image[0]
+    return (found[0] if found else None), int(count), preview
 
 
 @functools.cache
@@ -117,27 +115,20 @@ def _shown_prepared(owned: bool) -> tuple[Prepared, Prepared, Prepared]:
 def _shown_sqlite(
     connection: sqlite3.Connection, job_id: str, owner: str | None
 ) -> tuple[Any, list[bytes] | None, int | None] | None:
-    """On the connection's thread, in one read transaction: JobReads.shown."""
+    """On the connection's thread, in one snapshot: JobReads.shown."""
     job, images, ahead = _shown_prepared(owner is not None)
-    began = not connection.in_transaction
-    if began:
-        connection.execute("BEGIN")  # one snapshot for the job, its images and its place
-    try:
-        found = named_rows(connection.execute(job.sql, job.args(b_id=job_id, b_owner=owner)))
-        if not found:
-            return None
-        row = found[0]
-        if row.status == "queued":
-            values = ahead.args(b_seq=row.seq, b_priority=row.priority)
-            [(count,)] = connection.execute(ahead.sql, values).fetchall()
-            return row, None, int(count) + 1
-        if not row.image_count:
-            return row, None, None
-        data = connection.execute(images.sql, images.args(b_seq=row.seq)).fetchall()
-        return row, [image for (image,) in data], None
-    finally:
-        if began:
-            connection.rollback()
+    found = named_rows(connection.execute(job.sql, job.args(b_id=job_id, b_owner=owner)))
+    if not found:
+        return None
+    row = found[0]
+    if row.status == "queued":
+        values = ahead.args(b_seq=row.seq, b_priority=row.priority)
+        [(count,)] = connection.execute(ahead.sql, values).fetchall()
+        return row, None, int(count) + 1
+    if not row.image_count:
+        return row, None, None
+    data = connection.execute(images.sql, images.args(b_seq=row.seq)).fetchall()
+    return row, [image for (image,) in data], None
 
 
 class JobReads:
@@ -230,7 +221,7 @@ class JobReads:
         position while queued, in one read: what GET /jobs/{id} shows a client polling it."""
         if self.db.is_sqlite:  # one round trip to the connection's thread, with sqlite3
             async with self.db.reading() as conn:
-                found = await on_connection_thread(
+                found = await read_on_connection_thread(
                     conn, lambda connection: _shown_sqlite(connection, job_id, owner)
                 )
             return None if found is None else (job_record(found[0]), found[1], found[2])
@@ -259,20 +250,19 @@ class JobReads:
         """What A1111's /progress shows a caller, in one read: the job it reports (`owner`'s
         oldest running one, or `job_id` if it runs), how many of `owner`'s jobs are queued or
         running, and (`with_preview`) the job's live preview."""
-        job_query = (
-            (_RUNNING_JOB, {"b_id": job_id}) if job_id else (_RUNNING_OF, {"b_owner": owner})
-        )
+        by_id = job_id is not None
+        picked = {"b_id": job_id} if by_id else {"b_owner": owner}
         if self.db.is_sqlite:  # one round trip to the connection's thread, with sqlite3
             async with self.db.reading() as conn:
-                row, count, preview = await on_connection_thread(
+                row, count, preview = await read_on_connection_thread(
                     conn,
                     lambda connection: _progress_sqlite(
-                        connection, job_id is not None, job_query[1], owner, with_preview
+                        connection, by_id, picked, owner, with_preview
                     ),
                 )
         else:
             async with self.db.reading() as conn:
-                row = (await conn.execute(*job_query)).first()
+                row = (await conn.execute(_RUNNING_JOB if by_id else _RUNNING_OF, picked)).first()
                 count = (await conn.execute(_ACTIVE_COUNT, {"b_owner": owner})).scalar_one()
                 preview = None
                 if row is not None and with_preview:

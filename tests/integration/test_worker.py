@@ -209,8 +209,12 @@ async def test_the_jobs_a_worker_runs_look_at_what_was_asked_of_them_in_one_read
     await asyncio.sleep(0.3)  # past each job's first tick (its first progress read and write)
 
     looks: list[str] = []
+
+    def listen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "cancel_requested_at" in statement:
+            looks.append(statement)
+
     engine = db.read_engine.sync_engine
-    listen = lambda *args: looks.append(args[2]) if "cancel_requested_at" in args[2] else None  # noqa: E731
     event.listen(engine, "before_cursor_execute", listen)
     try:
         await asyncio.sleep(1.0)  # 10 ticks
