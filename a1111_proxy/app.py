@@ -43,7 +43,7 @@ def make_lifespan(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         # The engine is made here so that it binds to the server's event loop.
-        db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        db = Database.for_settings(settings)
         db.start_checkpoints()
         catalogue = CatalogueStore(db)
         repo = JobRepository(

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from a1111_proxy.db.engine import unavailable, why_unavailable
 
 log = logging.getLogger("a1111_proxy")
 
@@ -199,6 +203,13 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return a1111_error(exc.status_code, "HTTPException", exc.detail, code, exc.headers)
 
 
+DATABASE_UNAVAILABLE = (
+    "the database is unavailable (the server's log says why); jobs already accepted are kept. "
+    "Please retry in a few seconds"
+)
+DATABASE_RETRY_SECONDS = 2
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return a1111_error(
@@ -206,8 +217,30 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    """503 while the database is away (a restart, a failover: db.engine.unavailable), with the
+    reason in the log only (it names hosts); any other database error is a bug of ours."""
+    if not unavailable(exc):
+        return await handle_unexpected(request, exc)
+    log.warning(
+        "database unavailable on %s %s: %s",
+        request.method,
+        request.url.path,
+        why_unavailable(exc),
+    )
+    headers = {"Retry-After": str(DATABASE_RETRY_SECONDS)}
+    return a1111_error(
+        503, "DatabaseUnavailable", DATABASE_UNAVAILABLE, "database_unavailable", headers
+    )
+
+
 EXCEPTION_HANDLERS = {
     ProxyError: handle_proxy_error,
     HTTPException: handle_http_exception,
+    # Not under Exception: starlette re-raises what that handler answers, and the server then
+    # drops the connection.
+    SQLAlchemyError: handle_database_error,
+    ConnectionError: handle_database_error,
+    socket.gaierror: handle_database_error,
     Exception: handle_unexpected,
 }

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         "(a power cut may lose the last few seconds); `full`, each commit is fsynced before "
         "the answer (survives a power cut; each submit batch waits for the disk)",
     )
+    database_pool_size: int = Field(
+        4,
+        ge=1,
+        le=100,
+        description="PostgreSQL: the connections each process keeps open for its transactions "
+        "(never more: one that finds them all busy waits for one); SQLite ignores it",
+    )
     host: str = Field("127.0.0.1", description="where the API listens")
     port: int = Field(7861, ge=0, le=65535, description="the API's port")
     serve_processes: int = Field(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import sqlite3
 import struct
@@ -33,6 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from a1111_proxy.db.engine import Database, sqlite_path
 
 # A job changed (submitted, started, ended...): the API's waiters and event streams listen here.
+log = logging.getLogger("a1111_proxy")
+
 NOTIFY_CHANNEL = "a1111_proxy_jobs"
 # Progress and previews: only the API's event streams listen here, so workers are not woken
 # several times a second by every running job's progress.
@@ -46,6 +49,8 @@ OUTBOX_CHANNEL = "a1111_proxy_outbox"
 WORK_CHANNEL = "a1111_proxy_work"
 # What a change that makes a job due NOTIFYs.
 DUE = (NOTIFY_CHANNEL, WORK_CHANNEL)
+RELISTEN_SECONDS = 0.25  # a dropped LISTEN connection is made again this soon,
+RELISTEN_MAX_SECONDS = 5.0  # then twice as long each try, up to this
 
 
 async def notify(db: Database, conn: AsyncConnection, *channels: str) -> None:
@@ -239,6 +244,11 @@ class FolderWatch:
 
 
 class PostgresWakeup:
+    """LISTEN on its own connection. A connection the server drops (a restart, a failover) is
+    made again, every RELISTEN_SECONDS at first and up to RELISTEN_MAX_SECONDS apart; the
+    waiters are woken when it drops and when it is back, since notifications may have been
+    missed in between (until then they wake on their own timeouts, as before a NOTIFY)."""
+
     sees_every_commit = False
 
     def __init__(self, url: str, channels: tuple[str, ...] = (NOTIFY_CHANNEL,)) -> None:
@@ -246,16 +256,47 @@ class PostgresWakeup:
         self.channels = channels
         self._event = asyncio.Event()
         self._conn: Any = None
+        self._closing = False
+        self._relistening: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self._listen()
+
+    async def _listen(self) -> None:
         import asyncpg
 
-        self._conn = await asyncpg.connect(self.dsn)
+        conn = await asyncpg.connect(self.dsn)
         for channel in self.channels:
-            await self._conn.add_listener(channel, self._on_notify)
+            await conn.add_listener(channel, self._on_notify)
+        conn.add_termination_listener(self._on_lost)
+        self._conn = conn
 
     def _on_notify(self, *_args: Any) -> None:
         self._event.set()
+
+    def _on_lost(self, _conn: Any) -> None:
+        self._conn = None
+        self._event.set()
+        if not self._closing and (self._relistening is None or self._relistening.done()):
+            self._relistening = asyncio.create_task(self._relisten(), name="relisten")
+
+    async def _relisten(self) -> None:
+        log.warning(
+            "lost the database connection that LISTENs for %s; connecting again",
+            ", ".join(self.channels),
+        )
+        delay = RELISTEN_SECONDS
+        while not self._closing:
+            await asyncio.sleep(delay)
+            try:
+                await self._listen()
+            except Exception as exc:
+                delay = min(delay * 2, RELISTEN_MAX_SECONDS)
+                log.debug("LISTEN again failed (%s); next try in %.1f s", exc, delay)
+                continue
+            log.info("listening for %s again", ", ".join(self.channels))
+            self._event.set()
+            return
 
     def catch_up(self) -> None:
         self._event.clear()
@@ -267,6 +308,11 @@ class PostgresWakeup:
         return woke
 
     async def close(self) -> None:
+        self._closing = True
+        if self._relistening is not None:
+            self._relistening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relistening
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()

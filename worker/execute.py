@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from a1111_proxy.backends import (
     BackendError,
@@ -26,6 +25,7 @@ from a1111_proxy.backends import (
     BackendUnavailable,
     Runner,
 )
+from a1111_proxy.db.engine import unavailable, why_unavailable
 from a1111_proxy.jobs import GENERATIONS, Claim, JobRepository, error_json, retry_delay
 from a1111_proxy.logs import job_id_var
 
@@ -115,6 +115,7 @@ async def _watch(
     last_seen: tuple[float, float | None] | None = None
     watched = False  # someone looks at the live preview (as the last touch said)
     followed = claim.progress_webhook  # someone looks at the progress
+    away = False  # the database did not answer the last touch
     tick = timing.progress_seconds  # the first: its own, so that starts spread the first reads
     while True:
         done, _ = await asyncio.wait({generation}, timeout=tick)
@@ -154,11 +155,18 @@ async def _watch(
                 last_write, last_seen = now, seen or last_seen
             else:
                 touch = await repo.requests(claim)
-        except OperationalError as exc:
-            # A busy or unreachable database: try again next tick. If it lasts past the lease,
-            # the lease expires and the job runs again, as it should.
-            log.warning("job %s: could not reach the database (%s)", claim.id, exc.orig or exc)
+        except Exception as exc:
+            # A busy or unreachable database: try again next tick (said once). If it lasts past
+            # the lease, the lease expires and the job runs again, as it should.
+            if not unavailable(exc):
+                raise
+            if not away:
+                log.warning("job %s: database unavailable (%s)", claim.id, why_unavailable(exc))
+            away = True
             continue
+        if away:
+            log.info("job %s: the database answers again", claim.id)
+            away = False
         if not touch.alive:
             raise LeaseLost()
         watched = touch.preview_wanted
@@ -283,7 +291,7 @@ async def _persist(write: Any) -> bool:
     """A job's final write, retried while the database is busy or away (a result that took
     minutes of GPU time is worth a few seconds of retrying); the lease bounds how long."""
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(OperationalError),
+        retry=retry_if_exception(unavailable),
         stop=stop_after_delay(20),
         wait=wait_exponential(multiplier=0.1, max=2),
         reraise=True,

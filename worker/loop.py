@@ -19,9 +19,8 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy.exc import OperationalError
-
 from a1111_proxy.backends import Backend, Batching
+from a1111_proxy.db.engine import unavailable, unless_unavailable, why_unavailable
 from a1111_proxy.jobs import Claim, JobRepository
 from a1111_proxy.wakeup import Wakeup
 from worker.catalogue import CatalogueKeeper
@@ -201,7 +200,7 @@ class Worker:
 
     async def _dispatch(self) -> None:
         for first in (self._reap, self._beat):
-            with contextlib.suppress(OperationalError):  # retried by their side tasks
+            with unless_unavailable():  # retried by their side tasks
                 await first()
         while not self._stop.is_set():
             self._slot_freed.clear()  # before claiming: a slot freed meanwhile is not missed
@@ -214,10 +213,13 @@ class Worker:
                 # Then wait, whether it claimed or not: a claim takes a job for every free slot
                 # it can fill; what frees a slot or queues a job later wakes this loop.
                 await self._fill_slots()
-            except OperationalError as exc:
+            except Exception as exc:
                 # Locked by a stuck process, or the database is away: keep trying, never die.
+                if not unavailable(exc):
+                    raise
                 log.warning(
-                    "database unavailable while claiming (%s); retrying in 1 s", exc.orig or exc
+                    "database unavailable while claiming (%s); retrying in 1 s",
+                    why_unavailable(exc),
                 )
                 await first_of(self._stop.wait(), timeout=1.0)
                 continue
@@ -279,7 +281,7 @@ class Worker:
         """Wake the workers: a backend of another's share is idle (see _backend_free)."""
 
         async def nudge() -> None:
-            with contextlib.suppress(OperationalError):  # its dispatcher wakes each second
+            with unless_unavailable():  # its dispatcher wakes each second
                 await self.repo.nudge_workers()
 
         task = asyncio.create_task(nudge(), name="nudge")
@@ -294,7 +296,7 @@ class Worker:
 
         async def claim_others() -> None:
             await first_of(self._stop.wait(), timeout=GRACE_SECONDS)
-            with contextlib.suppress(OperationalError):  # the dispatcher tries again
+            with unless_unavailable():  # the dispatcher tries again
                 if await self.repo.has_due_job():
                     await self._fill_slots(everyone=True)
 
@@ -639,8 +641,16 @@ class Worker:
             at_once = False
             try:
                 await action()
-            except Exception:
-                log.exception("%s failed; trying again in %.0f s", action.__qualname__, seconds)
+            except Exception as exc:
+                if not unavailable(exc):
+                    log.exception("%s failed; trying again in %.0f s", action.__qualname__, seconds)
+                    continue
+                log.warning(
+                    "%s: database unavailable (%s); trying again in %g s",
+                    action.__qualname__,
+                    why_unavailable(exc),
+                    seconds,
+                )
 
 
 async def first_of(*aws: Any, timeout: float | None = None) -> None:

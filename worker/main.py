@@ -167,7 +167,7 @@ def _diffusers_backend(settings: Settings) -> Backend:
 
 
 async def run(settings: Settings) -> int:
-    db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    db = Database.for_settings(settings)
     db.start_checkpoints()
     worker = build_worker(settings, db)
     sender = build_sender(settings, worker.repo)

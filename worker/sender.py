@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from a1111_proxy.db.engine import unavailable, why_unavailable
 from a1111_proxy.deliveries import Attempt, Delivery, Verdict
 from a1111_proxy.egress import (
     TOTAL_TIMEOUT_SECONDS,
@@ -144,8 +145,8 @@ class WebhookSender:
     async def _step(self) -> bool:
         try:
             return await self._start_due()
-        except Exception:
-            log.exception("webhook sender: claiming deliveries failed; trying again")
+        except Exception as exc:
+            _log_failure("claiming deliveries failed; trying again", exc)
             await asyncio.sleep(self.config.idle_seconds)
             return False
 
@@ -157,8 +158,8 @@ class WebhookSender:
             return self.config.idle_seconds
         try:
             outstanding = await self.deliveries.outstanding()
-        except Exception:
-            log.exception("webhook sender: looking for outstanding deliveries failed")
+        except Exception as exc:
+            _log_failure("looking for outstanding deliveries failed", exc)
             return self.config.idle_seconds
         return self.config.idle_seconds if outstanding else self.config.quiet_seconds
 
@@ -285,3 +286,11 @@ def _host_key(url: str) -> str:
         return httpx.URL(url).netloc.decode("ascii")
     except Exception:
         return url
+
+
+def _log_failure(what: str, exc: Exception) -> None:
+    """One line while the database is away (it says why); a traceback for anything else."""
+    if unavailable(exc):
+        log.warning("webhook sender: %s (database unavailable: %s)", what, why_unavailable(exc))
+    else:
+        log.exception("webhook sender: %s", what)

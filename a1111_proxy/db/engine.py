@@ -15,27 +15,50 @@ from before it has been idle that long when the server is back. Reads, and write
 statement (`writing_alone`), run in autocommit: one round trip each, where asyncpg would add a
 BEGIN and a COMMIT or ROLLBACK (under READ COMMITTED every statement has a snapshot of its own
 either way).
+
+A process keeps at most DATABASE_POOL_SIZE connections to PostgreSQL and never opens one beyond
+them: a transaction that finds them all busy waits for one (transactions here are short and never
+span network I/O). Connections opened for a burst and closed after it cost more than the wait:
+a PostgreSQL backend to fork, asyncpg's look at the array types, every statement prepared
+again, 10-20 ms of CPU on each side; and a few connections per process keep PostgreSQL's own
+contention low.
+
+`unavailable(exc)` tells a database that is away (a restart, a failover, a full pool, SQLite's
+lock held past busy_timeout) from a statement that failed: the API answers 503 for it, the
+worker waits and tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import (
+    TimeoutError as PoolTimeout,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from a1111_proxy.db.checkpoints import WAL_KEEP_BYTES, WalCheckpoints
 from a1111_proxy.db.sqlite_driver import BEGINS, DBAPI, READ_DBAPI
+
+if TYPE_CHECKING:
+    from a1111_proxy.settings import Settings
 
 SQLITE_PRAGMAS = (
     # First: switching to WAL needs a lock another connection may hold at that moment, and
@@ -48,6 +71,8 @@ SQLITE_PRAGMAS = (
     f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}",
 )
 PING_IDLE_SECONDS = 1.0
+POOL_SIZE = 4
+POOL_WAIT_SECONDS = 30.0
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 
@@ -61,11 +86,15 @@ class Database:
         echo: bool = False,
         sqlite_synchronous: str = "normal",
         ping_idle_seconds: float = PING_IDLE_SECONDS,
+        pool_size: int = POOL_SIZE,
     ) -> None:
         """`sqlite_synchronous` (SQLITE_SYNCHRONOUS): `normal`, a commit survives the process
         being killed and is on disk at the next WAL checkpoint; `full`, it is on disk (fsync)
         before the commit returns, so it survives a power cut too. `ping_idle_seconds`
-        (PostgreSQL): how long a pooled connection may sit unused before it is pinged."""
+        (PostgreSQL): how long a pooled connection may sit unused before it is pinged.
+        `pool_size` (DATABASE_POOL_SIZE, PostgreSQL): the connections kept open; a transaction
+        that finds them all busy waits for one rather than opening another (see the module's
+        docstring)."""
         self.url = url
         self.dialect = make_url(url).get_backend_name()
         self._checkpoints: WalCheckpoints | None = None
@@ -84,10 +113,22 @@ class Database:
             if path is not None and make_url(url).query.get("mode") != "ro":
                 self._checkpoints = WalCheckpoints(path)
         else:
-            self.write_engine = create_async_engine(url, pool_size=10, max_overflow=10, echo=echo)
+            self.write_engine = create_async_engine(
+                url, pool_size=pool_size, max_overflow=0, pool_timeout=POOL_WAIT_SECONDS, echo=echo
+            )
             _ping_when_idle(self.write_engine, ping_idle_seconds)
             # The same pool: a connection is in autocommit while checked out from this one.
             self.read_engine = self.write_engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Database:
+        """The database a long-running process (`serve`, `worker`) uses: DATABASE_URL with
+        SQLITE_SYNCHRONOUS and DATABASE_POOL_SIZE."""
+        return cls(
+            settings.database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            pool_size=settings.database_pool_size,
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -131,6 +172,32 @@ class Database:
             await self.read_engine.dispose()
 
 
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or dropped the connection (try
+    again later), rather than that it refused a statement."""
+    if isinstance(exc, PoolTimeout | OperationalError | InterfaceError):
+        # SQLAlchemy's TimeoutError: no pooled connection came free within POOL_WAIT_SECONDS.
+        return True
+    if isinstance(exc, DBAPIError):  # asyncpg's errors arrive as this base class
+        return exc.connection_invalidated or exc.statement is None  # dropped, or connecting
+    return isinstance(exc, ConnectionError | socket.gaierror)  # asyncpg's connect, unwrapped
+
+
+def why_unavailable(exc: BaseException) -> str:
+    """The driver's own words for `exc`, one line (never the statement or its values)."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
+@contextlib.contextmanager
+def unless_unavailable() -> Iterator[None]:
+    """Suppress an error that says the database is away (`unavailable`); raise any other."""
+    try:
+        yield
+    except Exception as exc:
+        if not unavailable(exc):
+            raise
+
+
 def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
     """Ping a pooled connection unused for `idle_seconds` before handing it out; the pool
     replaces it when the ping fails."""
@@ -142,6 +209,8 @@ def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
     @event.listens_for(engine.sync_engine, "checkout")
     def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         returned_at = record.info.pop("returned_at", None)
+        if dbapi_connection.driver_connection.is_closed():  # the server closed it meanwhile
+            raise DisconnectionError("a pooled connection was closed by the server")
         if returned_at is None or time.monotonic() - returned_at < idle_seconds:
             return  # new, or in use a moment ago
         try:

@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy import case, literal, select, update
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from a1111_proxy.db.engine import Database
+from a1111_proxy.db.engine import Database, unavailable, why_unavailable
 from a1111_proxy.db.tables import jobs
 from a1111_proxy.deliveries import DeliveryRepository
 from a1111_proxy.jobs.clauses import (
@@ -157,8 +156,10 @@ class JobControl:
         try:
             async with self.db.writing_alone() as conn:
                 marked = (await conn.execute(stmt)).rowcount
-        except OperationalError as exc:  # best effort: the stream or the read goes on without
-            log.warning("could not note that job %s is watched: %s", seq, exc.orig or exc)
+        except Exception as exc:  # best effort: the stream or the read goes on without
+            if not unavailable(exc):
+                raise
+            log.warning("could not note that job %s is watched: %s", seq, why_unavailable(exc))
             return
         if not marked:  # not running (yet): the next look tries again
             return
