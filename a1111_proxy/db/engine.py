@@ -47,7 +47,6 @@ from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
     InterfaceError,
-    OperationalError,
 )
 from sqlalchemy.exc import (
     TimeoutError as PoolTimeout,
@@ -172,14 +171,28 @@ class Database:
             await self.read_engine.dispose()
 
 
+# What says the database is away or not taking work now, rather than that a statement failed.
+# PostgreSQL SQLSTATEs: class 08 (connection exception), admin/crash shutdown and "cannot
+# connect now" (57P01-57P03, a server starting or stopping), too many connections (53300).
+PG_AWAY = ("08", "57P01", "57P02", "57P03", "53300")
+# sqlite3 primary result codes: BUSY, LOCKED (a lock held past busy_timeout), IOERR, FULL,
+# CANTOPEN, PROTOCOL. sqlite3 raises OperationalError for a missing table too, so the class
+# alone says nothing.
+SQLITE_AWAY = frozenset({5, 6, 10, 13, 14, 15})
+
+
 def unavailable(exc: BaseException) -> bool:
-    """Whether `exc` says the database could not be reached or dropped the connection (try
-    again later), rather than that it refused a statement."""
-    if isinstance(exc, PoolTimeout | OperationalError | InterfaceError):
-        # SQLAlchemy's TimeoutError: no pooled connection came free within POOL_WAIT_SECONDS.
+    """Whether `exc` says the database could not be reached, dropped the connection or cannot
+    take work now (try again later), rather than that it refused a statement (a bug)."""
+    if isinstance(exc, PoolTimeout):  # no pooled connection came free in POOL_WAIT_SECONDS
         return True
-    if isinstance(exc, DBAPIError):  # asyncpg's errors arrive as this base class
-        return exc.connection_invalidated or exc.statement is None  # dropped, or connecting
+    if isinstance(exc, DBAPIError):
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in SQLITE_AWAY
+        if exc.connection_invalidated or exc.statement is None or isinstance(exc, InterfaceError):
+            return True  # dropped; failed while connecting; asyncpg's "connection is closed"
+        return (getattr(exc.orig, "sqlstate", None) or "").startswith(PG_AWAY)
     return isinstance(exc, ConnectionError | socket.gaierror)  # asyncpg's connect, unwrapped
 
 
