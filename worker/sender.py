@@ -193,8 +193,8 @@ class WebhookSender:
             verdict = judge(delivery, answer, self.config.policy, self.deliveries.clock())
             kept = await self.deliveries.record(delivery, _logged(answer), verdict)
             _log_attempt(delivery, job, answer, verdict, kept)
-        except Exception:
-            log.exception("webhook %s: recording the attempt failed", delivery.id)
+        except Exception as exc:  # its lease runs out and the attempt is made again
+            _log_failure(f"recording the attempt of webhook {delivery.id} failed", exc)
 
     async def _attempt(self, delivery: Delivery, job: JobRecord | None) -> Answer:
         try:

@@ -5,6 +5,7 @@ failed (the browser tests then save a screenshot)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator, Iterator
 
 import httpx
@@ -19,7 +20,13 @@ from tests.stack import Stack
 def fake() -> Iterator[FakeA1111]:
     """One fake A1111 on loopback for the whole module (its processes are slow to start); its
     base URL is `fake.url`."""
-    fake = FakeA1111(service_time=0.05)
+    with serving(FakeA1111(service_time=0.05)) as fake:
+        yield fake
+
+
+@contextlib.contextmanager
+def serving(fake: FakeA1111) -> Iterator[FakeA1111]:
+    """`fake` on loopback for the block; its base URL is `fake.url`."""
     with serve(fake.app) as url:
         fake.url = url  # type: ignore[attr-defined]
         yield fake

@@ -19,8 +19,8 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import _pg, _truncate_pg
 from tests.fakes.a1111 import FakeA1111
+from tests.processes.conftest import serving
 from tests.relay import Relay
-from tests.servers import serve
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -37,9 +37,7 @@ def relay(postgres_url: str) -> Iterator[Relay]:
 
 @pytest.fixture
 def fake() -> Iterator[FakeA1111]:
-    made = FakeA1111(service_time=0.8)
-    with serve(made.app) as url:
-        made.url = url  # type: ignore[attr-defined]
+    with serving(FakeA1111(service_time=0.8)) as made:
         yield made
 
 

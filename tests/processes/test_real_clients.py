@@ -31,7 +31,8 @@ import webuiapi
 from PIL import Image
 
 from tests.fakes.a1111 import LATENT_UPSCALE_MODES, FakeA1111
-from tests.servers import free_port, serve, wait_for
+from tests.processes.conftest import serving
+from tests.servers import free_port, wait_for
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -51,8 +52,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def fake() -> Iterator[FakeA1111]:
     fake = FakeA1111(service_time=0.05)
     fake.catalogue["sd-vae"] = [VAE]
-    with serve(fake.app) as url:
-        fake.url = url  # type: ignore[attr-defined]
+    with serving(fake):
         yield fake
 
 
@@ -647,9 +647,7 @@ class TestNoBackendAnswers:
 
 @pytest.fixture(scope="class")
 def token_fake() -> Iterator[FakeA1111]:
-    fake = FakeA1111(service_time=0.05)
-    with serve(fake.app) as url:
-        fake.url = url  # type: ignore[attr-defined]
+    with serving(FakeA1111(service_time=0.05)) as fake:
         yield fake
 
 

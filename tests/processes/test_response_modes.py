@@ -14,6 +14,7 @@ import pytest
 
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.webhook_sink import WebhookSink
+from tests.processes.conftest import serving
 from tests.servers import ASYNC, free_port, serve, wait_for
 from tests.stack import Stack
 
@@ -24,9 +25,7 @@ BODY = {"prompt": "a lighthouse", "steps": 5}
 
 @pytest.fixture
 def fake() -> Iterator[FakeA1111]:
-    fake = FakeA1111(service_time=0.05)
-    with serve(fake.app) as url:
-        fake.url = url  # type: ignore[attr-defined]
+    with serving(FakeA1111(service_time=0.05)) as fake:
         yield fake
 
 
