@@ -19,6 +19,7 @@ import httpx
 import psutil
 import pytest
 
+from a1111_proxy.db.engine import POOL_SIZE
 from a1111_proxy.migrate import upgrade
 from tests.fakes.a1111 import FakeA1111
 from tests.servers import ASYNC, ROOT, free_port, serve, wait_for
@@ -202,6 +203,18 @@ def test_compose_runs_postgresql_api_and_worker_replicas_on_the_environments_a11
             "service_completed_successfully"
         )
     assert (ROOT / "deploy" / "nginx.conf").exists()
+
+
+def test_compose_lets_postgresql_take_the_connections_of_its_own_scaling_example() -> None:
+    """`--scale api=3 --scale worker=4` on a host of 8 cores or more (`serve` runs 8 API
+    processes then): each API process pools POOL_SIZE connections and LISTENs on one more, each
+    worker two more (its claimer's and its webhook sender's)."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    command = compose["services"]["postgres"]["command"]
+    allowed = int(command[command.index("-c") + 1].removeprefix("max_connections="))
+    assert 3 * 8 * (POOL_SIZE + 1) + 4 * (POOL_SIZE + 2) <= allowed
 
 
 def test_compose_gives_the_workers_and_a1111_one_models_volume_that_workers_may_write() -> None:
