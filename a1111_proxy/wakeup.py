@@ -33,9 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from a1111_proxy.db.engine import Database, sqlite_path
 
-# A job changed (submitted, started, ended...): the API's waiters and event streams listen here.
 log = logging.getLogger("a1111_proxy")
 
+# A job changed (submitted, started, ended...): the API's waiters and event streams listen here.
 NOTIFY_CHANNEL = "a1111_proxy_jobs"
 # Progress and previews: only the API's event streams listen here, so workers are not woken
 # several times a second by every running job's progress.
@@ -266,8 +266,12 @@ class PostgresWakeup:
         import asyncpg
 
         conn = await asyncpg.connect(self.dsn)
-        for channel in self.channels:
-            await conn.add_listener(channel, self._on_notify)
+        try:
+            for channel in self.channels:
+                await conn.add_listener(channel, self._on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
         conn.add_termination_listener(self._on_lost)
         self._conn = conn
 

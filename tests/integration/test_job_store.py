@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -342,9 +343,12 @@ async def test_a_watch_the_database_refuses_is_logged_not_raised_and_tried_again
     claim = await claim_next(repo, "w", "http://slot")
     assert claim is not None
 
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = sqlite3.SQLITE_BUSY  # as sqlite3 raises it past busy_timeout
+
     @contextlib.asynccontextmanager
     async def refused() -> AsyncIterator[None]:
-        raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        raise OperationalError("UPDATE jobs", {}, locked)
         yield
 
     monkeypatch.setattr(db, "writing_alone", refused)
