@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from a1111_proxy.db.engine import POOL_SIZE
 from a1111_proxy.redaction import backend_name
 
 CommaList = Annotated[list[str], NoDecode]
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
         "the answer (survives a power cut; each submit batch waits for the disk)",
     )
     database_pool_size: int = Field(
-        4,
+        POOL_SIZE,
         ge=1,
         le=100,
         description="PostgreSQL: the connections each process keeps open for its transactions "
